@@ -1,0 +1,254 @@
+"""Ahead-of-time compilation of Triton kernels for GPUs that are not here, checked against their limits.
+
+A component that ships Triton kernels registers a *build provider* under the entry-point group
+``llamatelemetry.kernel_builds``: a callable that takes a :class:`~llamatelemetry_core.device.DeviceInfo` and
+yields the :class:`KernelBuild` s (kernel, argument types, constexprs, warps, stages) the library would launch on
+that device. :func:`compile_build` compiles one for the device's compute capability with Triton's own compiler,
+which needs no GPU (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 75, 32))``), and checks what the
+compiled kernel needs against the device:
+
+* shared memory per block (a T4 allows 64 KiB, an A100 163 KiB, an H100 227 KiB);
+* threads per block (at most 1024);
+* registers: at most 255 per thread and 65536 per block (``ptxas -v`` reports them);
+* spills to local memory are reported, not failed.
+
+``python -m llamatelemetry_core.aot --device t4 --device a100 --device h100`` does this for every installed
+provider and exits non-zero when any build exceeds a limit; the ``t4`` nox session runs it in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamatelemetry_core.device import DeviceInfo, get_device_info, simulate_device
+from llamatelemetry_core.errors import CapabilityError, ConfigurationError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "MAX_REGISTERS_PER_BLOCK",
+    "MAX_REGISTERS_PER_THREAD",
+    "MAX_THREADS_PER_BLOCK",
+    "BuildProvider",
+    "CompileReport",
+    "KernelBuild",
+    "compile_build",
+    "discover_providers",
+    "main",
+]
+
+ENTRY_POINT_GROUP = "llamatelemetry.kernel_builds"
+MAX_THREADS_PER_BLOCK = 1024
+MAX_REGISTERS_PER_THREAD = 255
+MAX_REGISTERS_PER_BLOCK = 65536
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One launch configuration of one Triton kernel, as the library would launch it on some device.
+
+    ``signature`` maps each argument name to a Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``) or
+    ``"constexpr"``; ``constexprs`` gives the value of every constexpr argument.
+    """
+
+    name: str
+    kernel: Any
+    signature: Mapping[str, str]
+    constexprs: Mapping[str, int | float | bool | str] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        missing = [a for a, t in self.signature.items() if t == "constexpr" and a not in self.constexprs]
+        if missing:
+            raise ConfigurationError(
+                f"kernel build {self.name!r}: expected a value in constexprs for every constexpr argument, "
+                f"missing {missing}"
+            )
+
+
+BuildProvider = Callable[[DeviceInfo], Iterable[KernelBuild]]
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """What one build needs on one device, and which of the device's limits it exceeds."""
+
+    build: str
+    device: str
+    target: str
+    shared_memory_bytes: int
+    shared_memory_limit_bytes: int
+    threads_per_block: int
+    registers_per_thread: int | None
+    spill_bytes: int | None
+    problems: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _ptxas_path() -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return str(get_ptxas(75).path)
+    except (ImportError, AttributeError, TypeError):
+        pass
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return str(bundled) if bundled.exists() else shutil.which("ptxas")
+
+
+def _ptxas_resources(ptx: str) -> tuple[int | None, int | None, str | None]:
+    """(registers per thread, spill bytes, error) from ``ptxas -v`` on the kernel's PTX."""
+    ptxas = _ptxas_path()
+    target = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, flags=re.MULTILINE)
+    if ptxas is None or target is None:
+        return None, None, "ptxas not found: register use not checked"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx, encoding="utf-8")
+        proc = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={target.group(1)}", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if proc.returncode != 0:
+        return None, None, f"ptxas failed: {proc.stderr.strip()[-500:]}"
+    regs = re.search(r"Used (\d+) registers", proc.stderr)
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", proc.stderr)
+    return (int(regs.group(1)) if regs else None, sum(int(s) for s in spills) if spills else 0, None)
+
+
+def compile_build(build: KernelBuild, device: DeviceInfo) -> CompileReport:
+    """Compile ``build`` for ``device`` (real or simulated) and check it against the device's limits."""
+    if not device.is_cuda or device.compute_capability is None or device.shared_memory_per_block_bytes is None:
+        raise ConfigurationError(f"expected a CUDA device to compile for, got {device.name} ({device.kind})")
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        raise CapabilityError(f"compiling kernels ahead of time needs Triton: pip install triton ({exc})") from exc
+
+    major, minor = device.compute_capability
+    cc = major * 10 + minor
+    source = ASTSource(build.kernel, signature=dict(build.signature), constexprs=dict(build.constexprs))
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", cc, 32),
+        options={"num_warps": build.num_warps, "num_stages": build.num_stages},
+    )
+    shared = int(compiled.metadata.shared)
+    limit = device.shared_memory_per_block_bytes
+    threads = build.num_warps * 32
+    regs, spills, note = _ptxas_resources(compiled.asm["ptx"])
+    problems: list[str] = []
+    if shared > limit:
+        problems.append(
+            f"needs {shared} bytes of shared memory per block, {device.name} allows {limit}: "
+            f"use smaller blocks or fewer stages on this device"
+        )
+    if threads > MAX_THREADS_PER_BLOCK:
+        problems.append(f"launches {threads} threads per block, at most {MAX_THREADS_PER_BLOCK} are allowed")
+    if regs is not None:
+        if regs > MAX_REGISTERS_PER_THREAD:
+            problems.append(f"uses {regs} registers per thread, at most {MAX_REGISTERS_PER_THREAD}")
+        if regs * threads > MAX_REGISTERS_PER_BLOCK:
+            problems.append(
+                f"uses {regs} registers x {threads} threads = {regs * threads} per block, "
+                f"at most {MAX_REGISTERS_PER_BLOCK}: the launch would fail; use fewer warps"
+            )
+    notes = [note] if note else []
+    if spills:
+        notes.append(f"spills {spills} bytes to local memory")
+    return CompileReport(
+        build=build.name,
+        device=device.name,
+        target=f"sm_{cc}",
+        shared_memory_bytes=shared,
+        shared_memory_limit_bytes=limit,
+        threads_per_block=threads,
+        registers_per_thread=regs,
+        spill_bytes=spills,
+        problems=tuple(problems),
+        notes=tuple(notes),
+    )
+
+
+def discover_providers() -> dict[str, BuildProvider]:
+    """Every build provider installed under the ``llamatelemetry.kernel_builds`` entry-point group."""
+    found: dict[str, BuildProvider] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.load()
+    return found
+
+
+def compile_all(
+    device_keys: Sequence[str], providers: Mapping[str, BuildProvider] | None = None
+) -> list[CompileReport]:
+    """Compile every build of every provider for each simulated device in ``device_keys``."""
+    providers = discover_providers() if providers is None else providers
+    reports: list[CompileReport] = []
+    for key in device_keys:
+        with simulate_device(key):
+            device = get_device_info()
+            for provider in providers.values():
+                reports.extend(compile_build(build, device) for build in provider(device))
+    return reports
+
+
+def _format(report: CompileReport) -> str:
+    regs = "?" if report.registers_per_thread is None else str(report.registers_per_thread)
+    status = "ok" if report.ok else "FAIL"
+    line = (
+        f"{status:4} {report.target:7} {report.build:48} smem {report.shared_memory_bytes:>7}/"
+        f"{report.shared_memory_limit_bytes:<7} threads {report.threads_per_block:>4} regs {regs:>3}"
+    )
+    extra = [*report.problems, *report.notes]
+    return line + ("".join(f"\n       - {e}" for e in extra) if extra else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llamatelemetry_core.aot",
+        description="Compile every registered Triton kernel build for GPUs that need not be present.",
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        dest="devices",
+        metavar="KEY",
+        help="GPU to compile for, e.g. t4, a100, h100 (repeatable; default: t4)",
+    )
+    args = parser.parse_args(argv)
+    devices = args.devices or ["t4"]
+    providers = discover_providers()
+    reports = compile_all(devices, providers)
+    for report in reports:
+        print(_format(report))
+    failed = [r for r in reports if not r.ok]
+    print(
+        f"{len(reports)} kernel builds from {len(providers)} components "
+        f"({', '.join(sorted(providers)) or 'none installed'}) for {', '.join(devices)}: "
+        f"{len(reports) - len(failed)} fit, {len(failed)} exceed their device's limits"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

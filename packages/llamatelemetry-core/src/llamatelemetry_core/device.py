@@ -1,0 +1,290 @@
+"""Facts about the device a computation runs on: the real one, or a simulated one.
+
+:func:`get_device_info` answers for the current CUDA device, any given CUDA device, or the CPU. Every
+component asks it (never ``torch.cuda`` directly) when choosing what to run, so that simulating a device, with
+``LLAMATELEMETRY_SIMULATE_DEVICE=t4`` or ``with simulate_device("t4"):``, shows what that GPU would choose on any
+machine, a CPU-only one included. A simulated device carries the datasheet figures of
+:mod:`llamatelemetry_core.gpu_specs`; it runs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import platform
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from llamatelemetry_core.errors import CapabilityError, ConfigurationError
+from llamatelemetry_core.gpu_specs import GPU_SPECS, GPUSpec, architecture_name, find_spec, spec_by_key
+
+__all__ = [
+    "SIMULATE_ENV",
+    "DeviceInfo",
+    "PeakThroughput",
+    "cpu_device_info",
+    "get_device_info",
+    "real_device_info",
+    "simulate_device",
+    "simulated_device_key",
+]
+
+SIMULATE_ENV = "LLAMATELEMETRY_SIMULATE_DEVICE"
+_GIB = 1024**3
+_simulated: contextvars.ContextVar[str | None] = contextvars.ContextVar("llamatelemetry_simulated", default=None)
+
+
+@dataclass(frozen=True)
+class PeakThroughput:
+    """Datasheet peaks of one GPU model (dense; TFLOP/s, TOP/s, GB/s). ``None``: no tensor-core path."""
+
+    fp32_tflops: float
+    fp16_tflops: float | None
+    bf16_tflops: float | None
+    tf32_tflops: float | None
+    int8_tops: float | None
+    fp8_tflops: float | None
+    memory_bandwidth_gbps: float
+    source: str
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What llamatelemetry knows about one device.
+
+    ``sm_count`` is the number of streaming multiprocessors on a GPU and of logical cores on a CPU.
+    ``shared_memory_per_block_bytes`` is the most shared memory one block may opt into (``None`` on CPU).
+    ``peak`` holds datasheet figures when the GPU model is in the table, else ``None``.
+    """
+
+    kind: Literal["cuda", "cpu"]
+    name: str
+    index: int | None
+    compute_capability: tuple[int, int] | None
+    architecture: str
+    sm_count: int
+    total_memory_bytes: int
+    free_memory_bytes: int | None
+    shared_memory_per_block_bytes: int | None
+    supports_bf16: bool
+    supports_fp8: bool
+    supports_tf32: bool
+    has_tensor_cores: bool
+    peak: PeakThroughput | None
+    spec_key: str | None
+    simulated: bool = False
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    @property
+    def sm(self) -> int | None:
+        """Compute capability as one number (``75`` for 7.5), or ``None`` on CPU."""
+        if self.compute_capability is None:
+            return None
+        return self.compute_capability[0] * 10 + self.compute_capability[1]
+
+    def capability_at_least(self, major: int, minor: int = 0) -> bool:
+        """True on a CUDA device of compute capability >= ``major.minor``."""
+        return self.compute_capability is not None and self.compute_capability >= (major, minor)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["compute_capability"] = (
+            None if self.compute_capability is None else f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+        )
+        return data
+
+
+def _features(cc: tuple[int, int]) -> dict[str, bool]:
+    return {
+        "supports_bf16": cc >= (8, 0),
+        "supports_fp8": cc >= (8, 9),
+        "supports_tf32": cc >= (8, 0),
+        "has_tensor_cores": cc >= (7, 0),
+    }
+
+
+def _peak(spec: GPUSpec | None) -> PeakThroughput | None:
+    if spec is None:
+        return None
+    return PeakThroughput(
+        fp32_tflops=spec.fp32_tflops,
+        fp16_tflops=spec.fp16_tflops,
+        bf16_tflops=spec.bf16_tflops,
+        tf32_tflops=spec.tf32_tflops,
+        int8_tops=spec.int8_tops,
+        fp8_tflops=spec.fp8_tflops,
+        memory_bandwidth_gbps=spec.memory_bandwidth_gbps,
+        source=f"datasheet of {spec.name} (dense)",
+    )
+
+
+def _spec_device_info(spec: GPUSpec) -> DeviceInfo:
+    total = int(spec.memory_gb * 1e9)
+    return DeviceInfo(
+        kind="cuda",
+        name=f"{spec.name} (simulated)",
+        index=0,
+        compute_capability=spec.compute_capability,
+        architecture=architecture_name(*spec.compute_capability),
+        sm_count=spec.sm_count,
+        total_memory_bytes=total,
+        free_memory_bytes=total,
+        shared_memory_per_block_bytes=spec.shared_memory_per_block_kib * 1024,
+        peak=_peak(spec),
+        spec_key=spec.key,
+        simulated=True,
+        **_features(spec.compute_capability),
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def cpu_device_info() -> DeviceInfo:
+    """Facts about this machine's CPU as a device (no tensor cores, no datasheet peaks)."""
+    total = free = 0
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = page * os.sysconf("SC_PHYS_PAGES")
+        free = page * os.sysconf("SC_AVPHYS_PAGES")
+    return DeviceInfo(
+        kind="cpu",
+        name=_cpu_name(),
+        index=None,
+        compute_capability=None,
+        architecture=platform.machine() or "unknown",
+        sm_count=os.cpu_count() or 1,
+        total_memory_bytes=total,
+        free_memory_bytes=free or None,
+        shared_memory_per_block_bytes=None,
+        supports_bf16=True,
+        supports_fp8=False,
+        supports_tf32=False,
+        has_tensor_cores=False,
+        peak=None,
+        spec_key=None,
+    )
+
+
+def _cuda_device_info(index: int) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    cc = (int(props.major), int(props.minor))
+    total = int(props.total_memory)
+    spec = find_spec(props.name, total / _GIB)
+    free: int | None
+    try:
+        free = int(torch.cuda.mem_get_info(index)[0])
+    except RuntimeError:
+        free = None
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    if smem is None and spec is not None:
+        smem = spec.shared_memory_per_block_kib * 1024
+    return DeviceInfo(
+        kind="cuda",
+        name=str(props.name),
+        index=index,
+        compute_capability=cc,
+        architecture=architecture_name(*cc),
+        sm_count=int(props.multi_processor_count),
+        total_memory_bytes=total,
+        free_memory_bytes=free,
+        shared_memory_per_block_bytes=None if smem is None else int(smem),
+        peak=_peak(spec),
+        spec_key=None if spec is None else spec.key,
+        **_features(cc),
+    )
+
+
+def simulated_device_key() -> str | None:
+    """The key of the device being simulated (context manager first, then the environment), or ``None``."""
+    key = _simulated.get()
+    if key is None:
+        key = os.environ.get(SIMULATE_ENV, "").strip().lower() or None
+    if key is not None:
+        _validate_key(key)
+    return key
+
+
+def _validate_key(key: str) -> None:
+    if key != "cpu" and spec_by_key(key) is None:
+        known = ", ".join(["cpu", *(s.key for s in GPU_SPECS)])
+        raise ConfigurationError(
+            f"expected a device to simulate among {known}, got {key!r} "
+            f"(from simulate_device() or {SIMULATE_ENV}); pick one of those keys or unset {SIMULATE_ENV}"
+        )
+
+
+@contextlib.contextmanager
+def simulate_device(key: str) -> Iterator[DeviceInfo]:
+    """Within the block, :func:`get_device_info` answers as if the GPU ``key`` (or ``"cpu"``) were present.
+
+    Keys are those of :data:`~llamatelemetry_core.gpu_specs.GPU_SPECS` (``t4``, ``a100``, ``h100``, ...).
+    Simulation changes what is *chosen*; it does not make CUDA available. Thread- and task-local.
+    """
+    key = key.strip().lower()
+    _validate_key(key)
+    token = _simulated.set(key)
+    try:
+        yield get_device_info()
+    finally:
+        _simulated.reset(token)
+
+
+def _resolve_index(device: int | str | torch.device | None) -> int | None:
+    """The CUDA index ``device`` names, or ``None`` for the CPU."""
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        raise ConfigurationError(f"expected a CUDA or CPU device, got {dev}; llamatelemetry supports cuda and cpu")
+    if not torch.cuda.is_available():
+        raise CapabilityError(
+            f"asked about {dev} but CUDA is not available here (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda}); use a CUDA machine or simulate one with {SIMULATE_ENV}=t4"
+        )
+    given: int | None = dev.index  # None for a bare "cuda"
+    index = torch.cuda.current_device() if given is None else given
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise ConfigurationError(f"expected a CUDA device index in [0, {count}), got {index}")
+    return index
+
+
+def real_device_info(device: int | str | torch.device | None = None) -> DeviceInfo:
+    """Like :func:`get_device_info`, ignoring any simulation (for test skipping and diagnostics)."""
+    index = _resolve_index(device)
+    return cpu_device_info() if index is None else _cuda_device_info(index)
+
+
+def get_device_info(device: int | str | torch.device | None = None) -> DeviceInfo:
+    """Facts about ``device``: ``None`` means the current CUDA device, or the CPU when there is none.
+
+    While a device is simulated, ``None`` and any CUDA device answer with the simulated GPU (or the CPU when
+    simulating ``"cpu"``); an explicit CPU device always answers with the CPU.
+    """
+    key = simulated_device_key()
+    if key is not None:
+        explicit_cpu = device is not None and not isinstance(device, int) and torch.device(device).type == "cpu"
+        if key == "cpu" or explicit_cpu:
+            return cpu_device_info()
+        spec = spec_by_key(key)
+        assert spec is not None  # validated by simulated_device_key
+        return _spec_device_info(spec)
+    return real_device_info(device)

@@ -1,0 +1,174 @@
+"""What software is present and whether it can run here: Triton, flash-attn, PyTorch's SDPA backends.
+
+These answers are shared by the components' dispatch rules and by ``llamatelemetry doctor``. "Installed"
+means the package imports; "usable" means it can do work on this device, checked by running something where
+that is cheap (a tiny Triton kernel, a tiny SDPA call per backend), never assumed from a version number.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend
+
+from llamatelemetry_core.device import DeviceInfo, get_device_info
+
+__all__ = [
+    "TRITON_INTERPRET_ENV",
+    "PackageStatus",
+    "distribution_version",
+    "flash_attn_status",
+    "sdpa_backend_status",
+    "triton_devices",
+    "triton_interpreter_enabled",
+    "triton_status",
+]
+
+TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
+_FLASH_ATTN_MIN_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class PackageStatus:
+    """Whether an optional package is installed and can run on a device (``reason`` says why not)."""
+
+    name: str
+    installed: bool
+    version: str | None
+    usable: bool
+    reason: str | None
+
+
+def distribution_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or ``None`` when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors, slowly, in Python."""
+    return os.environ.get(TRITON_INTERPRET_ENV, "").strip().lower() in {"1", "true", "on", "yes"}
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"Triton is not installed ({exc}); install it with: pip install triton"
+    return None
+
+
+def triton_devices() -> frozenset[str]:
+    """Device kinds Triton kernels can run on in this process: ``cuda``, plus ``cpu`` under the interpreter.
+
+    Used as the ``devices`` of every Triton implementation, so that a CPU tensor takes the reference path
+    unless the interpreter is on.
+    """
+    return frozenset({"cuda", "cpu"}) if triton_interpreter_enabled() else frozenset({"cuda"})
+
+
+def _probe_triton_on(device: torch.device) -> str | None:
+    from llamatelemetry_core._triton_probe import run_probe
+
+    try:
+        run_probe(device)
+    except Exception as exc:  # any failure to compile or launch means "not usable"; the reason is reported
+        return f"a probe kernel failed on {device}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_status(device: DeviceInfo | None = None, *, probe: bool = True) -> PackageStatus:
+    """Is Triton installed, and can it run kernels on ``device`` (the current device by default)?
+
+    With ``probe=True`` a tiny kernel is compiled and run on the real device (or in the interpreter on CPU).
+    On a simulated device nothing can be run, so usability is judged from the device facts alone.
+    """
+    info = device if device is not None else get_device_info()
+    error = _triton_import_error()
+    if error is not None:
+        return PackageStatus("triton", False, None, False, error)
+    version = distribution_version("triton") or getattr(importlib.import_module("triton"), "__version__", None)
+    if info.kind == "cpu" and not triton_interpreter_enabled():
+        return PackageStatus(
+            "triton",
+            True,
+            version,
+            False,
+            f"no CUDA device; Triton kernels run on CPU only in the interpreter ({TRITON_INTERPRET_ENV}=1)",
+        )
+    if info.simulated or not probe:
+        return PackageStatus("triton", True, version, True, None)
+    target = torch.device("cpu") if info.kind == "cpu" else torch.device("cuda", info.index or 0)
+    reason = _probe_triton_on(target)
+    return PackageStatus("triton", True, version, reason is None, reason)
+
+
+def flash_attn_status(device: DeviceInfo | None = None) -> PackageStatus:
+    """Is the flash-attn package installed, and can it run on ``device``? (It needs an Ampere or newer GPU.)"""
+    info = device if device is not None else get_device_info()
+    try:
+        module = importlib.import_module("flash_attn")
+    except ImportError as exc:
+        return PackageStatus(
+            "flash-attn",
+            False,
+            None,
+            False,
+            f'flash-attn is not installed ({exc}); pip install "llamatelemetry-flashattn[flash-attn]"',
+        )
+    except Exception as exc:  # a broken CUDA extension raises OSError or RuntimeError on import
+        return PackageStatus("flash-attn", True, None, False, f"flash-attn fails to import: {exc}")
+    version = getattr(module, "__version__", None) or distribution_version("flash-attn")
+    if not info.is_cuda:
+        return PackageStatus("flash-attn", True, version, False, "flash-attn runs on CUDA GPUs only")
+    if not info.capability_at_least(*_FLASH_ATTN_MIN_CAPABILITY):
+        major, minor = _FLASH_ATTN_MIN_CAPABILITY
+        return PackageStatus(
+            "flash-attn",
+            True,
+            version,
+            False,
+            f"flash-attn 2 needs compute capability >= {major}.{minor}; {info.name} is "
+            f"{info.architecture} ({info.compute_capability})",
+        )
+    return PackageStatus("flash-attn", True, version, True, None)
+
+
+def _sdpa_backends() -> dict[str, SDPBackend]:
+    names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+    return {name: getattr(SDPBackend, attr) for name, attr in names.items() if hasattr(SDPBackend, attr)}
+
+
+def sdpa_backend_status(device: DeviceInfo | None = None) -> dict[str, str | None]:
+    """Which of PyTorch's SDPA backends run here: name -> ``None`` when it runs, else the reason.
+
+    Each backend is tried on a tiny causal fp16 call (fp32 on CPU) with only that backend allowed. On a
+    simulated device nothing can run, and every entry says so.
+    """
+    info = device if device is not None else get_device_info()
+    backends = _sdpa_backends()
+    if info.simulated:
+        return dict.fromkeys(backends, "not probed: the device is simulated")
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    dev = torch.device("cuda", info.index or 0) if info.is_cuda else torch.device("cpu")
+    dtype = torch.float16 if info.is_cuda else torch.float32
+    q = torch.randn(1, 2, 16, 64, device=dev, dtype=dtype)
+    result: dict[str, str | None] = {}
+    for name, backend in backends.items():
+        try:
+            with sdpa_kernel(backend):
+                scaled_dot_product_attention(q, q, q, is_causal=True)
+            result[name] = None
+        except RuntimeError as exc:
+            result[name] = str(exc).splitlines()[0][:200] or type(exc).__name__
+    return result

@@ -1,0 +1,435 @@
+"""Choosing an implementation of an operation, the same way for every operation.
+
+Each operation (``Operation``) has a pure-PyTorch *reference*: the specification, the CPU fallback and the test
+oracle. Faster implementations (Triton, flash-attn, SDPA, ...) register beside it with a priority and declare
+what they support: the device kinds they run on and checks over the call (capability, dtypes, shapes, installed
+packages). Dispatch takes the highest-priority implementation that supports the call:
+
+* An implementation whose device kind does not match the call is simply not applicable (a Triton kernel for a
+  CPU tensor): nothing is said.
+* A better implementation that targets this device but cannot run the call (Triton not installed, a GPU too old)
+  is skipped with one :class:`BackendFallbackWarning` per operation, implementation and reason.
+* An automatically chosen implementation may raise :class:`BackendUnavailableError` at run time (a kernel that
+  fails to compile, say); dispatch then warns once and falls back to the next one. Any other exception
+  propagates: a bug is never hidden behind a fallback.
+* An implementation requested explicitly, by the ``backend=`` argument of a public function or through
+  ``LLAMATELEMETRY_BACKEND``, either runs or raises :class:`BackendUnavailableError` saying why.
+
+``LLAMATELEMETRY_BACKEND`` holds either one implementation name, applied to every operation that has an
+implementation of that name (``reference`` forces every fallback), or a comma-separated list of
+``operation=implementation`` pairs, which are strict.
+
+Which implementation ran is observable: :func:`last_selection` for the latest call of an operation and
+:func:`record_selections` for every call inside a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+import threading
+import warnings
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
+from llamatelemetry_core.validation import dtype_name
+
+__all__ = [
+    "BACKEND_ENV",
+    "REFERENCE",
+    "BackendFallbackWarning",
+    "CallSpec",
+    "Candidate",
+    "Check",
+    "Implementation",
+    "Operation",
+    "Selection",
+    "SelectionRecorder",
+    "get_operation",
+    "last_selection",
+    "operations",
+    "record_selections",
+    "requires_dtypes",
+    "requires_min_capability",
+    "requires_module",
+    "reset_fallback_warnings",
+]
+
+BACKEND_ENV = "LLAMATELEMETRY_BACKEND"
+REFERENCE = "reference"
+
+
+class BackendFallbackWarning(UserWarning):
+    """A faster implementation could not run and a slower one was used instead."""
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """What an implementation needs to know about a call to say whether it supports it.
+
+    ``device`` is the device the call's tensors live on (simulated when a device is being simulated);
+    ``dtype`` the dtype of its main input; ``shapes`` the shapes of its tensor arguments in order; ``attrs``
+    any other facts an implementation may check (``causal``, ``head_dim``, ...).
+    """
+
+    device: DeviceInfo
+    dtype: torch.dtype | None = None
+    shapes: tuple[tuple[int, ...], ...] = ()
+    attrs: Mapping[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_tensors(cls, *tensors: torch.Tensor, **attrs: object) -> CallSpec:
+        """Describe a call by its tensors: the first one gives the device and the dtype."""
+        if not tensors:
+            raise ConfigurationError("expected at least one tensor to describe a call, got none")
+        first = tensors[0]
+        return cls(
+            device=get_device_info(first.device),
+            dtype=first.dtype,
+            shapes=tuple(tuple(t.shape) for t in tensors),
+            attrs=attrs,
+        )
+
+    @classmethod
+    def for_device(
+        cls, device: DeviceInfo | None = None, dtype: torch.dtype | None = None, **attrs: object
+    ) -> CallSpec:
+        """Describe a typical call on a device without tensors (what ``doctor`` asks about)."""
+        info = device if device is not None else get_device_info()
+        if dtype is None:
+            dtype = torch.float16 if info.is_cuda else torch.float32
+        return cls(device=info, dtype=dtype, attrs=attrs)
+
+
+Check = Callable[[CallSpec], "str | None"]
+"""A support check: ``None`` when the call is supported, else the reason it is not."""
+
+
+def requires_min_capability(major: int, minor: int = 0) -> Check:
+    """A check that passes on CUDA devices of compute capability >= ``major.minor``."""
+
+    def check(call: CallSpec) -> str | None:
+        if call.device.is_cuda and not call.device.capability_at_least(major, minor):
+            cc = call.device.compute_capability
+            got = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
+            return f"needs compute capability >= {major}.{minor}, {call.device.name} has {got}"
+        return None
+
+    return check
+
+
+def requires_dtypes(*dtypes: torch.dtype) -> Check:
+    """A check that passes when the call's dtype is one of ``dtypes``."""
+    allowed = frozenset(dtypes)
+
+    def check(call: CallSpec) -> str | None:
+        if call.dtype is not None and call.dtype not in allowed:
+            names = ", ".join(sorted(dtype_name(d) for d in allowed))
+            return f"supports dtypes {{{names}}}, not {dtype_name(call.dtype)}"
+        return None
+
+    return check
+
+
+_module_cache: dict[str, bool] = {}
+
+
+def requires_module(module: str, install: str) -> Check:
+    """A check that passes when ``module`` can be imported; its reason says how to install it."""
+
+    def check(call: CallSpec) -> str | None:
+        found = _module_cache.get(module)
+        if found is None:
+            found = importlib.util.find_spec(module) is not None
+            _module_cache[module] = found
+        return None if found else f"{module} is not installed ({install})"
+
+    return check
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One way to compute an operation."""
+
+    name: str
+    fn: Callable[..., Any]
+    priority: int
+    devices: frozenset[str] | Callable[[], frozenset[str]]
+    checks: tuple[Check, ...] = ()
+
+    def device_kinds(self) -> frozenset[str]:
+        return self.devices() if callable(self.devices) else self.devices
+
+    def unsupported_reason(self, call: CallSpec) -> str | None:
+        """Why this implementation cannot run ``call`` (``None``: it can)."""
+        kinds = self.device_kinds()
+        if call.device.kind not in kinds:
+            return f"runs on {', '.join(sorted(kinds)) or 'no device here'}, not {call.device.kind}"
+        for check in self.checks:
+            reason = check(call)
+            if reason is not None:
+                return reason
+        return None
+
+    def applies_to(self, call: CallSpec) -> bool:
+        return call.device.kind in self.device_kinds()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One implementation and whether it supports a given call (``reason`` is ``None`` when it does)."""
+
+    name: str
+    priority: int
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of one dispatch: which implementation ran, whether it was requested, what was skipped."""
+
+    operation: str
+    implementation: str
+    requested: bool
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+class SelectionRecorder:
+    """Collects the :class:`Selection` of every dispatch inside a :func:`record_selections` block."""
+
+    def __init__(self) -> None:
+        self.selections: list[Selection] = []
+
+    def implementations(self, operation: str) -> list[str]:
+        """Names of the implementations that ran for ``operation``, in call order."""
+        return [s.implementation for s in self.selections if s.operation == operation]
+
+    def last(self, operation: str) -> str:
+        """Name of the implementation that ran last for ``operation``; ``KeyError`` when it never ran."""
+        names = self.implementations(operation)
+        if not names:
+            seen = sorted({s.operation for s in self.selections})
+            raise KeyError(f"operation {operation!r} was not dispatched in this block; dispatched: {seen}")
+        return names[-1]
+
+
+_registry_lock = threading.Lock()
+_operations: dict[str, Operation] = {}
+_last: dict[str, Selection] = {}
+_warned: set[tuple[str, str, str]] = set()
+_recorders: contextvars.ContextVar[tuple[SelectionRecorder, ...]] = contextvars.ContextVar(
+    "llamatelemetry_recorders", default=()
+)
+
+
+@contextlib.contextmanager
+def record_selections() -> Iterator[SelectionRecorder]:
+    """Record every dispatch made in this block (this thread or task, nested blocks included)."""
+    recorder = SelectionRecorder()
+    token = _recorders.set((*_recorders.get(), recorder))
+    try:
+        yield recorder
+    finally:
+        _recorders.reset(token)
+
+
+def last_selection(operation: str) -> Selection | None:
+    """The latest dispatch of ``operation`` in this process, or ``None`` when it never ran."""
+    with _registry_lock:
+        return _last.get(operation)
+
+
+def reset_fallback_warnings() -> None:
+    """Forget which fallbacks were already warned about, so the next one warns again (for tests)."""
+    with _registry_lock:
+        _warned.clear()
+
+
+def operations() -> dict[str, Operation]:
+    """Every registered operation by name (components register theirs when imported)."""
+    with _registry_lock:
+        return dict(_operations)
+
+
+def get_operation(name: str) -> Operation:
+    """The registered operation ``name``; ``KeyError`` listing the registered ones otherwise."""
+    with _registry_lock:
+        op = _operations.get(name)
+        if op is None:
+            raise KeyError(f"no operation named {name!r}; registered: {sorted(_operations)}")
+        return op
+
+
+def _warn_once(operation: str, implementation: str, reason: str, used: str) -> None:
+    key = (operation, implementation, reason)
+    with _registry_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(
+        f"{operation}: {implementation!r} cannot run here ({reason}); using {used!r} instead. "
+        f"Set {BACKEND_ENV}={operation}={used} to choose it explicitly and silence this warning.",
+        BackendFallbackWarning,
+        stacklevel=4,
+    )
+
+
+def _parse_backend_env(value: str) -> tuple[str | None, dict[str, str]]:
+    """``"triton"`` -> ("triton", {}); ``"a=x,b=y"`` -> (None, {"a": "x", "b": "y"})."""
+    value = value.strip()
+    if not value:
+        return None, {}
+    if "=" not in value:
+        return value, {}
+    pairs: dict[str, str] = {}
+    for item in value.split(","):
+        op, sep, impl = item.partition("=")
+        if not sep or not op.strip() or not impl.strip():
+            raise ConfigurationError(
+                f"expected {BACKEND_ENV} to be one implementation name or 'operation=implementation' pairs "
+                f"separated by commas, got {value!r}"
+            )
+        pairs[op.strip()] = impl.strip()
+    return None, pairs
+
+
+class Operation:
+    """An operation with a reference implementation and optional faster ones; see the module docstring."""
+
+    def __init__(self, name: str, reference: Callable[..., Any], *, replace: bool = False) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._impls: dict[str, Implementation] = {
+            REFERENCE: Implementation(REFERENCE, reference, priority=-(2**31), devices=frozenset({"cpu", "cuda"}))
+        }
+        with _registry_lock:
+            if name in _operations and not replace:
+                raise ConfigurationError(
+                    f"an operation named {name!r} is already registered; pass replace=True to redefine it"
+                )
+            _operations[name] = self
+
+    def register(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        priority: int,
+        devices: Collection[str] | Callable[[], frozenset[str]],
+        checks: Collection[Check] = (),
+        replace: bool = False,
+    ) -> Implementation:
+        """Add an implementation; a taken name raises unless ``replace=True``."""
+        if name == REFERENCE:
+            raise ConfigurationError(f"{self.name}: the name {REFERENCE!r} is kept for the reference implementation")
+        kinds = devices if callable(devices) else frozenset(devices)
+        impl = Implementation(name, fn, priority, kinds, tuple(checks))
+        with self._lock:
+            if name in self._impls and not replace:
+                raise ConfigurationError(
+                    f"{self.name}: an implementation named {name!r} is already registered; pass replace=True"
+                )
+            self._impls[name] = impl
+        return impl
+
+    @property
+    def implementations(self) -> list[Implementation]:
+        """All implementations, best (highest priority) first; the reference is last."""
+        with self._lock:
+            return sorted(self._impls.values(), key=lambda i: i.priority, reverse=True)
+
+    def implementation(self, name: str) -> Implementation:
+        with self._lock:
+            impl = self._impls.get(name)
+            if impl is None:
+                raise ConfigurationError(
+                    f"{self.name} has no implementation {name!r}; choose one of {sorted(self._impls)}"
+                )
+            return impl
+
+    def explain(self, call: CallSpec) -> list[Candidate]:
+        """Every implementation, best first, with the reason it cannot run ``call`` (``None``: it can)."""
+        return [Candidate(i.name, i.priority, i.unsupported_reason(call)) for i in self.implementations]
+
+    def requested_backend(self, backend: str | None = None) -> str | None:
+        """The implementation asked for by argument or environment, or ``None`` for automatic choice."""
+        if backend is not None:
+            return backend
+        name, pairs = _parse_backend_env(os.environ.get(BACKEND_ENV, ""))
+        if pairs:
+            return pairs.get(self.name)
+        if name is not None and name in self._impls:
+            return name
+        return None
+
+    def select(self, call: CallSpec, backend: str | None = None) -> Implementation:
+        """The implementation dispatch would run for ``call`` first (no warning is issued)."""
+        requested = self.requested_backend(backend)
+        if requested is not None:
+            impl = self.implementation(requested)
+            reason = impl.unsupported_reason(call)
+            if reason is not None:
+                raise self._unavailable(impl, reason)
+            return impl
+        for impl in self.implementations:
+            if impl.unsupported_reason(call) is None:
+                return impl
+        raise AssertionError("the reference implementation supports every call")  # pragma: no cover
+
+    def _unavailable(self, impl: Implementation, reason: str) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"{self.name}: the requested implementation {impl.name!r} cannot run this call: {reason}. "
+            f"Request another (one of {sorted(self._impls)}) or none, to let llamatelemetry choose",
+            operation=self.name,
+            backend=impl.name,
+        )
+
+    def _record(self, selection: Selection) -> None:
+        with _registry_lock:
+            _last[self.name] = selection
+        for recorder in _recorders.get():
+            recorder.selections.append(selection)
+
+    def dispatch(self, call: CallSpec, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+        """Run the best implementation supporting ``call`` on ``args``; see the module docstring."""
+        requested = self.requested_backend(backend)
+        if requested is not None:
+            impl = self.implementation(requested)
+            reason = impl.unsupported_reason(call)
+            if reason is not None:
+                raise self._unavailable(impl, reason)
+            self._record(Selection(self.name, impl.name, requested=True))
+            return impl.fn(*args, **kwargs)
+
+        skipped: list[tuple[str, str]] = []
+        to_warn: list[tuple[str, str]] = []
+        for impl in self.implementations:
+            reason = impl.unsupported_reason(call)
+            if reason is not None:
+                skipped.append((impl.name, reason))
+                if impl.applies_to(call):
+                    to_warn.append((impl.name, reason))
+                continue
+            try:
+                result = impl.fn(*args, **kwargs)
+            except BackendUnavailableError as exc:
+                if impl.name == REFERENCE:
+                    raise
+                skipped.append((impl.name, str(exc)))
+                to_warn.append((impl.name, str(exc)))
+                continue
+            for name, why in to_warn:
+                _warn_once(self.name, name, why, impl.name)
+            self._record(Selection(self.name, impl.name, requested=False, skipped=tuple(skipped)))
+            return result
+        raise AssertionError("the reference implementation supports every call")  # pragma: no cover
+
+    def __repr__(self) -> str:
+        return f"Operation({self.name!r}, implementations={[i.name for i in self.implementations]})"
