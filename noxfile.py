@@ -1,0 +1,165 @@
+"""Sessions for the llamatelemetry monorepo.
+
+    nox -t cpu                      # everything a machine without a GPU can check (what CI runs)
+    nox -s "tests(package='graphs', matrix='cpu-triton')"
+    nox -s "tests(package='all', matrix='gpu')" bench    # on a GPU machine
+
+Test matrices: ``cpu-fallback`` (Triton absent: every operation runs its PyTorch fallback), ``cpu-triton``
+(Triton installed and ``TRITON_INTERPRET=1``: kernels run in the interpreter on CPU tensors), ``gpu`` (a real GPU).
+On a GPU machine without nox or network: ``python scripts/run_matrix.py gpu --in-place``.
+
+The CPU sessions install PyTorch as ``LLAMATELEMETRY_TORCH`` (default ``torch==2.13.0``). Where the package index
+serves CUDA builds by default, point pip at CPU wheels first (``PIP_EXTRA_INDEX_URL=https://download.pytorch.org/
+whl/cpu``), as the GitHub workflow does; otherwise pip downloads several GB of CUDA libraries for a CPU test run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_external_run = True
+nox.options.sessions = []  # name sessions or a tag explicitly: nox -t cpu
+
+ROOT = Path(__file__).parent
+PACKAGES = {
+    "core": "llamatelemetry-core",
+    "graphs": "llamatelemetry-graphs",
+    "triton": "llamatelemetry-triton",
+    "tensorcore": "llamatelemetry-tensorcore",
+    "flashattn": "llamatelemetry-flashattn",
+    "kvcache": "llamatelemetry-kvcache",
+    "batch": "llamatelemetry-batch",
+    "meta": "llamatelemetry",
+}
+COMPONENTS = ["graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch"]
+TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
+TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
+TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0"]
+AOT_DEVICES = ["t4", "a100", "h100"]
+
+
+def _needs(package: str) -> list[str]:
+    """The local packages a package's tests need installed."""
+    if package in ("meta", "all"):
+        return list(PACKAGES)
+    return ["core"] if package == "core" else ["core", package]
+
+
+def _install_local(session: nox.Session, packages: list[str]) -> None:
+    # Editable and without dependencies: each session installs third-party packages itself, so that the
+    # cpu-fallback matrix does not get Triton through llamatelemetry-triton's requirements.
+    session.install("--no-deps", *(f"--editable={ROOT / 'packages' / PACKAGES[p]}" for p in packages))
+
+
+def _install_torch(session: nox.Session, matrix: str) -> None:
+    if matrix == "gpu":
+        session.install("torch>=2.4", "triton>=3.0", "numpy")
+    elif matrix == "cpu-triton":
+        session.install(TORCH_CPU, TRITON_CPU, "numpy")
+    else:
+        session.install(TORCH_CPU)
+
+
+_TEST_PARAMS = [
+    nox.param(package, matrix, tags=["cpu"] if package == "all" and matrix != "gpu" else [])
+    for package in [*PACKAGES, "all"]
+    for matrix in ("cpu-fallback", "cpu-triton", "gpu")
+]
+
+
+@nox.session
+def doctor(session: nox.Session) -> None:
+    """Install every package and run the main job: ``llamatelemetry doctor`` (pass ``-- --json`` for JSON)."""
+    has_gpu = shutil.which("nvidia-smi") is not None
+    _install_torch(session, "gpu" if has_gpu else "cpu-triton")
+    _install_local(session, list(PACKAGES))
+    session.run("llamatelemetry", "doctor", *session.posargs)
+
+
+@nox.session(tags=["cpu"])
+def lint(session: nox.Session) -> None:
+    """ruff: lint and format check of the whole repository."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+@nox.parametrize(("package", "matrix"), _TEST_PARAMS)
+def tests(session: nox.Session, package: str, matrix: str) -> None:
+    """One package's tests (or ``all``) in one matrix: cpu-fallback, cpu-triton or gpu."""
+    _install_torch(session, matrix)
+    session.install(*TEST_TOOLS)
+    _install_local(session, _needs(package))
+    selection = [] if package == "all" else ["--package", package]
+    session.run("python", "scripts/run_matrix.py", matrix, *selection, "--", *session.posargs)
+
+
+@nox.session(tags=["cpu"])
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over every package's sources and tests, one package at a time."""
+    _install_torch(session, "cpu-triton")
+    session.install("mypy>=1.11", *TEST_TOOLS)
+    _install_local(session, list(PACKAGES))
+    for folder in PACKAGES.values():
+        package_dir = ROOT / "packages" / folder
+        session.run("mypy", str(package_dir / "src"), str(package_dir / "tests"))
+    session.run("mypy", "scripts", "noxfile.py")
+
+
+@nox.session(tags=["cpu"])
+def t4(session: nox.Session) -> None:
+    """Compile every registered Triton kernel for sm_75 (T4), sm_80 and sm_90 and check it fits each GPU."""
+    _install_torch(session, "cpu-triton")
+    session.install(*TEST_TOOLS)
+    _install_local(session, list(PACKAGES))
+    env = {"TRITON_INTERPRET": "0"}
+    session.run("python", "-m", "llamatelemetry_core.aot", *(f"--device={d}" for d in AOT_DEVICES), env=env)
+    session.run("python", "scripts/run_matrix.py", "cpu-triton", "--package", "core", "--",
+                "-m", "triton_compiler", env=env)
+
+
+@nox.session(tags=["cpu"])
+def build(session: nox.Session) -> None:
+    """Build every wheel, then install them in this fresh environment alone and in combinations."""
+    dist = ROOT / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.install("build>=1.2", "hatchling>=1.21")
+    for folder in PACKAGES.values():
+        session.run("python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist),
+                    str(ROOT / "packages" / folder), silent=True)
+    wheels = sorted(p.name for p in dist.glob("*.whl"))
+    session.log(f"built {len(wheels)} wheels: {', '.join(wheels)}")
+    if len(wheels) != len(PACKAGES):
+        session.error(f"expected {len(PACKAGES)} wheels, got {wheels}")
+    _install_torch(session, "cpu-triton")  # third-party dependencies; our wheels come from dist/ only
+    local = ["--no-index", f"--find-links={dist}"]
+    session.install(*local, "llamatelemetry-core", "llamatelemetry")
+    session.run("python", "scripts/check_install.py", "--installed=")
+    for extra in COMPONENTS:
+        session.install(*local, f"llamatelemetry-{extra}")
+        session.run("python", "scripts/check_install.py", f"--installed={extra}")
+        session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", f"llamatelemetry-{extra}")
+    session.install(*local, "llamatelemetry[all]")
+    session.run("python", "scripts/check_install.py", f"--installed={','.join(COMPONENTS)}")
+
+
+@nox.session(tags=["cpu"])
+def docs(session: nox.Session) -> None:
+    """Build the documentation site in strict mode (API reference from the docstrings)."""
+    session.install("mkdocs>=1.6", "mkdocstrings[python]>=0.26")
+    session.run("mkdocs", "build", "--strict")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """pytest-benchmark on a GPU; results stored per GPU model and compared with that GPU's last run."""
+    _install_torch(session, "gpu")
+    session.install(*TEST_TOOLS)
+    _install_local(session, list(PACKAGES))
+    session.run("pytest", "benchmarks", "--benchmark-only", "--benchmark-autosave", *session.posargs)

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+
+pytest.importorskip("triton", reason="ahead-of-time compilation needs Triton installed")
+
+import triton
+import triton.language as tl
+
+from llamatelemetry_core import aot
+from llamatelemetry_core.aot import KernelBuild, compile_all, compile_build
+from llamatelemetry_core.device import DeviceInfo, simulate_device
+from llamatelemetry_core.errors import ConfigurationError
+
+pytestmark = pytest.mark.triton_compiler
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(y_ptr + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def transpose_tile_kernel(x_ptr, y_ptr, M: tl.constexpr, N: tl.constexpr):  # type: ignore[no-untyped-def]
+    # The transpose goes through shared memory: M * N * 4 bytes for fp32 tiles.
+    rows = tl.arange(0, M)
+    cols = tl.arange(0, N)
+    tile = tl.load(x_ptr + rows[:, None] * N + cols[None, :])
+    tl.store(y_ptr + cols[:, None] * M + rows[None, :], tl.trans(tile))
+
+
+def _copy_build() -> KernelBuild:
+    return KernelBuild(
+        "copy[fp16,BLOCK=1024]",
+        copy_kernel,
+        {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"},
+        {"BLOCK": 1024},
+    )
+
+
+def _transpose_build(m: int, n: int, num_warps: int) -> KernelBuild:
+    return KernelBuild(
+        f"transpose[fp32,{m}x{n}]",
+        transpose_tile_kernel,
+        {"x_ptr": "*fp32", "y_ptr": "*fp32", "M": "constexpr", "N": "constexpr"},
+        {"M": m, "N": n},
+        num_warps=num_warps,
+        num_stages=1,
+    )
+
+
+@pytest.mark.parametrize(("key", "target"), [("t4", "sm_75"), ("a100", "sm_80"), ("h100", "sm_90")])
+def test_small_kernel_fits_every_target(key: str, target: str) -> None:
+    with simulate_device(key) as device:
+        report = compile_build(_copy_build(), device)
+    assert report.ok, report.problems
+    assert report.target == target
+    assert report.threads_per_block == 128
+    assert report.registers_per_thread is not None and 0 < report.registers_per_thread <= 255
+
+
+def test_kernel_over_t4_shared_memory_fails_there_only() -> None:
+    build = _transpose_build(128, 256, num_warps=8)  # a 128 KiB fp32 tile goes through shared memory
+    with simulate_device("t4") as t4:
+        report = compile_build(build, t4)
+    assert not report.ok
+    assert report.shared_memory_bytes > 64 * 1024 == report.shared_memory_limit_bytes
+    assert "shared memory per block" in report.problems[0] and "Tesla T4" in report.problems[0]
+    with simulate_device("h100") as h100:
+        assert compile_build(build, h100).ok
+
+
+def test_cli_fails_when_a_registered_build_exceeds_limits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def provider(device: DeviceInfo) -> Iterable[KernelBuild]:
+        # Like a real provider: the configuration depends on the device it is asked about.
+        yield _copy_build()
+        tile = 64 if (device.shared_memory_per_block_bytes or 0) <= 64 * 1024 else 128
+        yield _transpose_build(tile, 256, num_warps=8)
+
+    monkeypatch.setattr(aot, "discover_providers", lambda: {"demo": provider})
+    assert aot.main(["--device", "t4", "--device", "h100"]) == 0
+    assert "4 kernel builds from 1 components (demo) for t4, h100: 4 fit" in capsys.readouterr().out
+
+    def greedy(device: DeviceInfo) -> Iterable[KernelBuild]:
+        yield _transpose_build(128, 256, num_warps=8)
+
+    monkeypatch.setattr(aot, "discover_providers", lambda: {"greedy": greedy})
+    assert aot.main(["--device", "t4"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL sm_75" in out and "1 exceed" in out
+    reports = compile_all(["h100"], {"greedy": greedy})
+    assert len(reports) == 1 and reports[0].ok
+
+
+def test_build_needs_every_constexpr() -> None:
+    with pytest.raises(ConfigurationError, match=r"missing \['BLOCK'\]"):
+        KernelBuild("copy", copy_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"})
+    with pytest.raises(ConfigurationError, match="expected a CUDA device"), simulate_device("cpu") as cpu:
+        compile_build(_copy_build(), cpu)

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamatelemetry_core.device import get_device_info, simulate_device
+from llamatelemetry_core.environment import (
+    TRITON_INTERPRET_ENV,
+    distribution_version,
+    flash_attn_status,
+    sdpa_backend_status,
+    triton_devices,
+    triton_interpreter_enabled,
+    triton_status,
+)
+
+
+def test_interpreter_flag_controls_triton_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TRITON_INTERPRET_ENV, "1")
+    assert triton_interpreter_enabled() and triton_devices() == {"cuda", "cpu"}
+    monkeypatch.setenv(TRITON_INTERPRET_ENV, "0")
+    assert not triton_interpreter_enabled() and triton_devices() == {"cuda"}
+
+
+@pytest.mark.no_triton
+def test_triton_missing_says_how_to_install() -> None:
+    status = triton_status()
+    assert not status.installed and not status.usable
+    assert status.reason is not None and "pip install triton" in status.reason
+
+
+@pytest.mark.triton
+def test_triton_probe_runs_where_triton_can() -> None:
+    status = triton_status()
+    assert status.installed and status.version
+    assert status.usable, status.reason
+
+
+@pytest.mark.triton_compiler
+def test_triton_on_cpu_without_interpreter_is_not_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRITON_INTERPRET_ENV, raising=False)
+    with simulate_device("cpu"):
+        status = triton_status()
+    assert status.installed and not status.usable
+    assert status.reason is not None and TRITON_INTERPRET_ENV in status.reason
+
+
+def test_flash_attn_never_usable_on_t4_or_cpu() -> None:
+    with simulate_device("t4"):
+        t4 = flash_attn_status()
+    assert not t4.usable
+    assert t4.reason is not None
+    if t4.installed:
+        assert "compute capability >= 8.0" in t4.reason
+    with simulate_device("cpu"):
+        assert not flash_attn_status().usable
+
+
+def test_sdpa_backends_probe_really_runs() -> None:
+    status = sdpa_backend_status()
+    assert status["math"] is None  # the math backend runs everywhere
+    if get_device_info().is_cuda:
+        assert status["efficient"] is None
+    with simulate_device("t4"):
+        assert all(v == "not probed: the device is simulated" for v in sdpa_backend_status().values())
+
+
+def test_distribution_version() -> None:
+    assert distribution_version("torch") == torch.__version__.split("+")[0] or distribution_version("torch")
+    assert distribution_version("no-such-distribution-xyz") is None

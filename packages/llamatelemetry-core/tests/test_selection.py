@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from llamatelemetry_core.device import simulate_device
+from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
+from llamatelemetry_core.selection import (
+    BACKEND_ENV,
+    BackendFallbackWarning,
+    CallSpec,
+    Operation,
+    get_operation,
+    last_selection,
+    operations,
+    record_selections,
+    requires_dtypes,
+    requires_min_capability,
+    requires_module,
+    reset_fallback_warnings,
+)
+
+_counter = itertools.count()
+
+
+def _reference(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _fast(x: torch.Tensor) -> torch.Tensor:
+    return torch.mul(x, 2)
+
+
+def _new_op(**fast_kwargs: object) -> Operation:
+    """A fresh operation 'double' with a fast implementation that runs on CPU float32 by default."""
+    op = Operation(f"double_{next(_counter)}", _reference)
+    kwargs: dict[str, object] = {"priority": 10, "devices": {"cpu"}, "checks": [requires_dtypes(torch.float32)]}
+    kwargs.update(fast_kwargs)
+    op.register("fast", _fast, **kwargs)  # type: ignore[arg-type]
+    return op
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    reset_fallback_warnings()
+
+
+def test_best_supported_implementation_runs_and_is_observable() -> None:
+    op = _new_op()
+    x = torch.randn(3, 5)
+    half = x.half()
+    with record_selections() as rec:
+        out = op.dispatch(CallSpec.from_tensors(x), x)
+        with pytest.warns(BackendFallbackWarning):
+            op.dispatch(CallSpec.from_tensors(half), half)
+    assert torch.equal(out, x * 2)
+    assert rec.implementations(op.name) == ["fast", "reference"]
+    assert rec.last(op.name) == "reference"
+    selection = last_selection(op.name)
+    assert selection is not None and selection.implementation == "reference"
+    assert selection.skipped == (("fast", "supports dtypes {float32}, not float16"),)
+    with pytest.raises(KeyError, match="was not dispatched"):
+        rec.last("nothing")
+    assert get_operation(op.name) is op and op.name in operations()
+
+
+def test_fallback_warns_once_per_reason() -> None:
+    op = _new_op()
+    x = torch.randn(4).half()
+    with pytest.warns(BackendFallbackWarning, match=r"'fast' cannot run here \(supports dtypes"):
+        op.dispatch(CallSpec.from_tensors(x), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op.dispatch(CallSpec.from_tensors(x), x)  # same reason: silent
+    y = torch.randn(4, dtype=torch.float64)
+    with pytest.warns(BackendFallbackWarning, match="not float64"):
+        op.dispatch(CallSpec.from_tensors(y), y)
+
+
+def test_not_applicable_device_is_silent() -> None:
+    op = _new_op(devices={"cuda"})
+    x = torch.randn(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op.dispatch(CallSpec.from_tensors(x), x)
+    assert op.select(CallSpec.from_tensors(x)).name == "reference"
+
+
+def test_explicit_request_runs_or_raises() -> None:
+    op = _new_op()
+    x = torch.randn(4)
+    with record_selections() as rec:
+        op.dispatch(CallSpec.from_tensors(x), x, backend="reference")
+    assert rec.last(op.name) == "reference" and rec.selections[-1].requested
+    with pytest.raises(BackendUnavailableError, match=r"requested implementation 'fast' cannot run.*float16"):
+        op.dispatch(CallSpec.from_tensors(x.half()), x.half(), backend="fast")
+    with pytest.raises(ConfigurationError, match=r"no implementation 'triton'; choose one of \['fast', 'reference'\]"):
+        op.dispatch(CallSpec.from_tensors(x), x, backend="triton")
+
+
+def test_environment_request_global_and_per_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    op = _new_op()
+    x = torch.randn(4)
+    call = CallSpec.from_tensors(x)
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+    assert op.select(call).name == "reference"
+    monkeypatch.setenv(BACKEND_ENV, "sdpa")  # not an implementation of this op: automatic choice
+    assert op.select(call).name == "fast"
+    monkeypatch.setenv(BACKEND_ENV, f"other_op=fast, {op.name}=reference")
+    assert op.select(call).name == "reference"
+    monkeypatch.setenv(BACKEND_ENV, f"{op.name}=fast")
+    with pytest.raises(BackendUnavailableError):
+        op.dispatch(CallSpec.from_tensors(x.half()), x.half())
+    monkeypatch.setenv(BACKEND_ENV, f"{op.name}=")
+    with pytest.raises(ConfigurationError, match="operation=implementation"):
+        op.select(call)
+    monkeypatch.setenv(BACKEND_ENV, "other_op=fast")  # pairs that do not name this op leave it automatic
+    assert op.select(call).name == "fast"
+
+
+def test_runtime_unavailability_falls_back_but_bugs_propagate() -> None:
+    def cannot_compile(x: torch.Tensor) -> torch.Tensor:
+        raise BackendUnavailableError("kernel failed to compile for this GPU")
+
+    def buggy(x: torch.Tensor) -> torch.Tensor:
+        raise IndexError("a real bug")
+
+    op = Operation(f"double_{next(_counter)}", _reference)
+    op.register("broken", cannot_compile, priority=10, devices={"cpu"})
+    x = torch.randn(3)
+    with pytest.warns(BackendFallbackWarning, match="failed to compile"):
+        out = op.dispatch(CallSpec.from_tensors(x), x)
+    assert torch.equal(out, x * 2)
+    with pytest.raises(BackendUnavailableError):
+        op.dispatch(CallSpec.from_tensors(x), x, backend="broken")
+    op.register("buggy", buggy, priority=20, devices={"cpu"})
+    with pytest.raises(IndexError, match="a real bug"):
+        op.dispatch(CallSpec.from_tensors(x), x)
+
+
+def test_simulated_t4_skips_ampere_only_paths() -> None:
+    op = Operation(f"attention_{next(_counter)}", _reference)
+    op.register("flash", _fast, priority=30, devices={"cuda"}, checks=[requires_min_capability(8, 0)])
+    op.register("efficient", _fast, priority=20, devices={"cuda"}, checks=[requires_min_capability(5, 0)])
+    with simulate_device("t4"):
+        call = CallSpec.for_device()
+        assert call.dtype == torch.float16
+        assert op.select(call).name == "efficient"
+        reasons = {c.name: c.reason for c in op.explain(call)}
+        assert reasons["flash"] == "needs compute capability >= 8.0, Tesla T4 (simulated) has 7.5"
+        assert reasons["efficient"] is None and reasons["reference"] is None
+    with simulate_device("h100"):
+        assert op.select(CallSpec.for_device()).name == "flash"
+    with simulate_device("cpu"):
+        assert op.select(CallSpec.for_device()).name == "reference"
+
+
+def test_registration_rules() -> None:
+    op = _new_op()
+    with pytest.raises(ConfigurationError, match="already registered"):
+        op.register("fast", _fast, priority=1, devices={"cpu"})
+    op.register("fast", _fast, priority=1, devices={"cpu"}, replace=True)
+    with pytest.raises(ConfigurationError, match="kept for the reference"):
+        op.register("reference", _fast, priority=1, devices={"cpu"})
+    with pytest.raises(ConfigurationError, match="already registered"):
+        Operation(op.name, _reference)
+    assert Operation(op.name, _reference, replace=True).name == op.name
+    with pytest.raises(KeyError, match="registered"):
+        get_operation("no-such-operation")
+    with pytest.raises(ConfigurationError, match="at least one tensor"):
+        CallSpec.from_tensors()
+    assert [i.name for i in op.implementations][-1] == "reference"
+
+
+def test_module_requirement_and_dynamic_devices() -> None:
+    kinds: set[str] = {"cuda"}
+    devices: Callable[[], frozenset[str]] = lambda: frozenset(kinds)
+    op = Operation(f"double_{next(_counter)}", _reference)
+    op.register(
+        "plugin",
+        _fast,
+        priority=5,
+        devices=devices,
+        checks=[requires_module("no_such_module_for_tests", "pip install it")],
+    )
+    x = torch.randn(2)
+    assert op.select(CallSpec.from_tensors(x)).name == "reference"
+    kinds.add("cpu")
+    with pytest.warns(BackendFallbackWarning, match=r"no_such_module_for_tests is not installed \(pip install it\)"):
+        op.dispatch(CallSpec.from_tensors(x), x)

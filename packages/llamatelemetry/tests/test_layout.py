@@ -1,0 +1,78 @@
+"""Repository rules that keep the distributions independent (run from the monorepo only)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = pytest.importorskip("tomli")
+
+PACKAGES = Path(__file__).resolve().parents[2]
+COMPONENT_DIRS = sorted(p for p in PACKAGES.glob("llamatelemetry-*") if p.is_dir())
+
+pytestmark = pytest.mark.skipif(len(COMPONENT_DIRS) != 7, reason="needs the monorepo checkout")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package_dir", COMPONENT_DIRS, ids=lambda p: p.name)
+def test_dependencies_flow_one_way(package_dir: Path) -> None:
+    own = "llamatelemetry_" + package_dir.name.removeprefix("llamatelemetry-")
+    for source in (package_dir / "src").rglob("*.py"):
+        for name in _imports(source):
+            top = name.split(".")[0]
+            assert top != "llamatelemetry", f"{source} imports the meta-package ({name})"
+            if top.startswith("llamatelemetry_"):
+                assert top in (own, "llamatelemetry_core"), f"{source} imports another component ({name})"
+
+
+@pytest.mark.parametrize("package_dir", [*COMPONENT_DIRS, PACKAGES / "llamatelemetry"], ids=lambda p: p.name)
+def test_each_distribution_is_complete_and_versioned(package_dir: Path) -> None:
+    meta = tomllib.loads((package_dir / "pyproject.toml").read_text(encoding="utf-8"))
+    project = meta["project"]
+    import_name = project["name"].replace("-", "_")
+    src = package_dir / "src" / import_name
+    assert (src / "py.typed").exists()
+    assert (package_dir / "CHANGELOG.md").exists() and (package_dir / "README.md").exists()
+    assert list((package_dir / "tests").glob("test_*.py")), "every package has tests"
+    assert meta["build-system"]["build-backend"] == "hatchling.build"
+    assert meta["tool"]["hatch"]["version"]["path"] == f"src/{import_name}/__about__.py"
+    about = (src / "__about__.py").read_text(encoding="utf-8")
+    version = re.search(r'__version__ = "([^"]+)"', about)
+    assert version is not None
+    assert importlib.import_module(import_name).__version__ == version.group(1)
+    assert importlib.metadata.version(project["name"]) == version.group(1)
+    for requirement in project.get("dependencies", []):
+        if requirement.startswith("llamatelemetry"):
+            assert "==" not in requirement and "<" in requirement, f"sibling pins must be ranges: {requirement}"
+        if requirement.startswith("torch"):
+            assert requirement == "torch>=2.4"
+
+
+def test_meta_extras_cover_every_component() -> None:
+    meta = tomllib.loads((PACKAGES / "llamatelemetry" / "pyproject.toml").read_text(encoding="utf-8"))
+    extras = meta["project"]["optional-dependencies"]
+    components = [p.name for p in COMPONENT_DIRS if p.name != "llamatelemetry-core"]
+    for name in components:
+        extra = name.removeprefix("llamatelemetry-")
+        assert extras[extra] == [f"{name}>=0.1,<0.2"]
+    assert sorted(extras["all"]) == sorted(f"{n}>=0.1,<0.2" for n in components)
+    assert meta["project"]["scripts"]["llamatelemetry"] == "llamatelemetry.cli:main"

@@ -1,0 +1,121 @@
+"""Run the test suites of the monorepo in one of the three test matrices.
+
+    python scripts/run_matrix.py cpu-fallback   # Triton absent: every operation runs its PyTorch reference
+    python scripts/run_matrix.py cpu-triton     # Triton installed, TRITON_INTERPRET=1: kernels run on CPU tensors
+    python scripts/run_matrix.py gpu            # a CUDA GPU: every test, GPU-marked ones included
+
+``--package NAME`` (repeatable) limits the run to some packages (core, graphs, triton, tensorcore, flashattn,
+kvcache, batch, meta); extra arguments after ``--`` go to pytest. The nox sessions call this after installing
+the packages. ``--in-place`` runs from the source tree without installing anything (no network, no nox, no
+build backend needed): the packages' ``src`` folders go on ``PYTHONPATH`` beside generated metadata, so
+versions and entry points resolve as if they were installed. That is the one command for the GPU matrix on a
+machine that has torch and Triton but no network:
+
+    python scripts/run_matrix.py gpu --in-place
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {
+    "core": "llamatelemetry-core",
+    "graphs": "llamatelemetry-graphs",
+    "triton": "llamatelemetry-triton",
+    "tensorcore": "llamatelemetry-tensorcore",
+    "flashattn": "llamatelemetry-flashattn",
+    "kvcache": "llamatelemetry-kvcache",
+    "batch": "llamatelemetry-batch",
+    "meta": "llamatelemetry",
+}
+MATRICES = ("cpu-fallback", "cpu-triton", "gpu")
+
+
+def _fail(message: str) -> None:
+    print(f"run_matrix: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _matrix_environment(matrix: str) -> dict[str, str]:
+    env = dict(os.environ)
+    has_triton = importlib.util.find_spec("triton") is not None
+    if matrix == "cpu-fallback":
+        if has_triton:
+            _fail("the cpu-fallback matrix needs Triton absent (pip uninstall triton), so that fallbacks are tested")
+        env.pop("TRITON_INTERPRET", None)
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif matrix == "cpu-triton":
+        if not has_triton or importlib.util.find_spec("numpy") is None:
+            _fail("the cpu-triton matrix needs Triton and numpy installed (pip install triton numpy)")
+        env["TRITON_INTERPRET"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("the gpu matrix needs a CUDA GPU, and torch here sees none")
+        env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _write_metadata(target: Path) -> None:
+    """Write a ``.dist-info`` per package under ``target``: name, version and entry points, nothing else."""
+    for folder in PACKAGES.values():
+        package_dir = ROOT / "packages" / folder
+        project = tomllib.loads((package_dir / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+        import_name = project["name"].replace("-", "_")
+        about = (package_dir / "src" / import_name / "__about__.py").read_text(encoding="utf-8")
+        version = about.split('"')[1]
+        info = target / f"{import_name}-{version}.dist-info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {version}\n", encoding="utf-8"
+        )
+        groups = dict(project.get("entry-points", {}))
+        if "scripts" in project:
+            groups["console_scripts"] = project["scripts"]
+        lines = [f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) for g, eps in groups.items()]
+        (info / "entry_points.txt").write_text("\n".join(lines), encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("matrix", choices=MATRICES)
+    parser.add_argument("--package", action="append", choices=sorted(PACKAGES), dest="packages")
+    parser.add_argument("--in-place", action="store_true", help="run from the source tree, installing nothing")
+    parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
+    args = parser.parse_args()
+
+    env = _matrix_environment(args.matrix)
+    selected = args.packages or list(PACKAGES)
+    paths = [str(ROOT / "packages" / PACKAGES[p] / "tests") for p in selected]
+    if not args.packages:
+        paths.append(str(ROOT / "docs"))
+    with tempfile.TemporaryDirectory(prefix="llamatelemetry-meta-") as tmp:
+        if args.in_place:
+            _write_metadata(Path(tmp))
+            src = [str(ROOT / "packages" / folder / "src") for folder in PACKAGES.values()]
+            env["PYTHONPATH"] = os.pathsep.join([*src, tmp, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        command = [sys.executable, "-m", "pytest", *paths, *args.pytest_args]
+        print(f"run_matrix [{args.matrix}]: {' '.join(command)}", flush=True)
+        code = subprocess.run(command, env=env, cwd=ROOT, check=False).returncode
+    if code == 5:
+        print("run_matrix: pytest collected no tests, which counts as a failure", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
