@@ -120,8 +120,9 @@ def t4(session: nox.Session) -> None:
     _install_local(session, list(PACKAGES))
     env = {"TRITON_INTERPRET": "0"}
     session.run("python", "-m", "llamatelemetry_core.aot", *(f"--device={d}" for d in AOT_DEVICES), env=env)
-    session.run("python", "scripts/run_matrix.py", "cpu-triton", "--package", "core", "--",
-                "-m", "triton_compiler", env=env)
+    session.run(
+        "python", "scripts/run_matrix.py", "cpu-triton", "--package", "core", "--", "-m", "triton_compiler", env=env
+    )
 
 
 @nox.session(tags=["cpu"])
@@ -131,8 +132,17 @@ def build(session: nox.Session) -> None:
     shutil.rmtree(dist, ignore_errors=True)
     session.install("build>=1.2", "hatchling>=1.21")
     for folder in PACKAGES.values():
-        session.run("python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist),
-                    str(ROOT / "packages" / folder), silent=True)
+        session.run(
+            "python",
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(ROOT / "packages" / folder),
+            silent=True,
+        )
     wheels = sorted(p.name for p in dist.glob("*.whl"))
     session.log(f"built {len(wheels)} wheels: {', '.join(wheels)}")
     if len(wheels) != len(PACKAGES):

@@ -43,7 +43,7 @@ def main() -> int:
             elif f'pip install "llamatelemetry[{extra}]"' not in str(exc):
                 problems.append(f"{path} fails without naming its extra: {exc}")
             else:
-                print(f"ok: {path} is missing and says: {exc}")
+                print(f"ok: {path} is missing and names llamatelemetry[{extra}]")
         else:
             if extra in installed:
                 print(f"ok: {path} imports")

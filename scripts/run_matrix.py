@@ -95,8 +95,10 @@ def main() -> int:
     parser.add_argument("matrix", choices=MATRICES)
     parser.add_argument("--package", action="append", choices=sorted(PACKAGES), dest="packages")
     parser.add_argument("--in-place", action="store_true", help="run from the source tree, installing nothing")
-    parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    pytest_args = argv[split + 1 :]
 
     env = _matrix_environment(args.matrix)
     selected = args.packages or list(PACKAGES)
@@ -108,7 +110,7 @@ def main() -> int:
             _write_metadata(Path(tmp))
             src = [str(ROOT / "packages" / folder / "src") for folder in PACKAGES.values()]
             env["PYTHONPATH"] = os.pathsep.join([*src, tmp, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        command = [sys.executable, "-m", "pytest", *paths, *args.pytest_args]
+        command = [sys.executable, "-m", "pytest", *paths, *pytest_args]
         print(f"run_matrix [{args.matrix}]: {' '.join(command)}", flush=True)
         code = subprocess.run(command, env=env, cwd=ROOT, check=False).returncode
     if code == 5:

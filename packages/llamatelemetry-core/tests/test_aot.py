@@ -103,3 +103,11 @@ def test_build_needs_every_constexpr() -> None:
         KernelBuild("copy", copy_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"})
     with pytest.raises(ConfigurationError, match="expected a CUDA device"), simulate_device("cpu") as cpu:
         compile_build(_copy_build(), cpu)
+
+
+def test_installed_providers_include_the_doctor_probe() -> None:
+    providers = aot.discover_providers()
+    assert "core" in providers
+    reports = compile_all(["t4"], {"core": providers["core"]})
+    assert [r.build for r in reports] == ["core.doctor_probe[fp32]"]
+    assert reports[0].ok

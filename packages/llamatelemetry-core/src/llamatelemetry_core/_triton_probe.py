@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.device import DeviceInfo
+
+_PROBE_BLOCK = 64
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -18,6 +27,20 @@ def run_probe(device: torch.device) -> None:
     """Run the probe on ``device`` and check its result; raise on any failure."""
     x = torch.arange(37, dtype=torch.float32, device=device)
     y = torch.full_like(x, float("nan"))
-    _scale_kernel[(1,)](x, y, x.numel(), BLOCK=64)
+    _scale_kernel[(1,)](x, y, x.numel(), BLOCK=_PROBE_BLOCK)
     if not torch.equal(y.cpu(), x.cpu() * 2):
         raise RuntimeError("the probe kernel ran but wrote wrong values")
+
+
+def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
+    """The probe as ``doctor`` launches it, for ahead-of-time checks (entry point ``llamatelemetry.kernel_builds``)."""
+    from llamatelemetry_core.aot import KernelBuild
+
+    yield KernelBuild(
+        "core.doctor_probe[fp32]",
+        _scale_kernel,
+        {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+        {"BLOCK": _PROBE_BLOCK},
+        num_warps=4,
+        num_stages=2,
+    )
