@@ -162,3 +162,10 @@ def test_real_gpu_facts_match_torch() -> None:
     assert info.free_memory_bytes is not None and 0 < info.free_memory_bytes <= info.total_memory_bytes
     assert info.shared_memory_per_block_bytes is not None and info.shared_memory_per_block_bytes >= 48 * 1024
     assert info.supports_bf16 == torch.cuda.is_bf16_supported()
+
+
+def test_static_facts_are_cached_and_free_memory_refreshed() -> None:
+    first = get_device_info(refresh_memory=False)
+    assert get_device_info(refresh_memory=False) is first  # dispatch pays no device query per call
+    fresh = get_device_info()
+    assert fresh.name == first.name and fresh.total_memory_bytes == first.total_memory_bytes

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
 import os
 import platform
 from collections.abc import Iterator
@@ -125,6 +127,7 @@ def _peak(spec: GPUSpec | None) -> PeakThroughput | None:
     )
 
 
+@functools.cache
 def _spec_device_info(spec: GPUSpec) -> DeviceInfo:
     total = int(spec.memory_gb * 1e9)
     return DeviceInfo(
@@ -155,13 +158,28 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def cpu_device_info() -> DeviceInfo:
-    """Facts about this machine's CPU as a device (no tensor cores, no datasheet peaks)."""
-    total = free = 0
+def cpu_device_info(*, refresh_memory: bool = True) -> DeviceInfo:
+    """Facts about this machine's CPU as a device (no tensor cores, no datasheet peaks).
+
+    ``refresh_memory=False`` answers from a cache, with free memory as of the first query.
+    """
+    cached = _cpu_device_info()
+    if not refresh_memory:
+        return cached
+    return dataclasses.replace(cached, free_memory_bytes=_cpu_free_memory())
+
+
+def _cpu_free_memory() -> int | None:
     with contextlib.suppress(ValueError, OSError, AttributeError):
-        page = os.sysconf("SC_PAGE_SIZE")
-        total = page * os.sysconf("SC_PHYS_PAGES")
-        free = page * os.sysconf("SC_AVPHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return None
+
+
+@functools.cache
+def _cpu_device_info() -> DeviceInfo:
+    total = 0
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return DeviceInfo(
         kind="cpu",
         name=_cpu_name(),
@@ -170,7 +188,7 @@ def cpu_device_info() -> DeviceInfo:
         architecture=platform.machine() or "unknown",
         sm_count=os.cpu_count() or 1,
         total_memory_bytes=total,
-        free_memory_bytes=free or None,
+        free_memory_bytes=_cpu_free_memory(),
         shared_memory_per_block_bytes=None,
         supports_bf16=True,
         supports_fp8=False,
@@ -181,16 +199,27 @@ def cpu_device_info() -> DeviceInfo:
     )
 
 
-def _cuda_device_info(index: int) -> DeviceInfo:
+def _cuda_free_memory(index: int) -> int | None:
+    try:
+        return int(torch.cuda.mem_get_info(index)[0])
+    except RuntimeError:
+        return None
+
+
+def _cuda_device_info(index: int, refresh_memory: bool) -> DeviceInfo:
+    cached = _cached_cuda_device_info(index)
+    if not refresh_memory:
+        return cached
+    return dataclasses.replace(cached, free_memory_bytes=_cuda_free_memory(index))
+
+
+@functools.cache
+def _cached_cuda_device_info(index: int) -> DeviceInfo:
     props = torch.cuda.get_device_properties(index)
     cc = (int(props.major), int(props.minor))
     total = int(props.total_memory)
     spec = find_spec(props.name, total / _GIB)
-    free: int | None
-    try:
-        free = int(torch.cuda.mem_get_info(index)[0])
-    except RuntimeError:
-        free = None
+    free = _cuda_free_memory(index)
     smem = getattr(props, "shared_memory_per_block_optin", None)
     if smem is None and spec is not None:
         smem = spec.shared_memory_per_block_kib * 1024
@@ -267,24 +296,29 @@ def _resolve_index(device: int | str | torch.device | None) -> int | None:
     return index
 
 
-def real_device_info(device: int | str | torch.device | None = None) -> DeviceInfo:
+def real_device_info(device: int | str | torch.device | None = None, *, refresh_memory: bool = True) -> DeviceInfo:
     """Like :func:`get_device_info`, ignoring any simulation (for test skipping and diagnostics)."""
     index = _resolve_index(device)
-    return cpu_device_info() if index is None else _cuda_device_info(index)
+    if index is None:
+        return cpu_device_info(refresh_memory=refresh_memory)
+    return _cuda_device_info(index, refresh_memory)
 
 
-def get_device_info(device: int | str | torch.device | None = None) -> DeviceInfo:
+def get_device_info(device: int | str | torch.device | None = None, *, refresh_memory: bool = True) -> DeviceInfo:
     """Facts about ``device``: ``None`` means the current CUDA device, or the CPU when there is none.
 
     While a device is simulated, ``None`` and any CUDA device answer with the simulated GPU (or the CPU when
     simulating ``"cpu"``); an explicit CPU device always answers with the CPU.
+
+    The static facts are cached per device; free memory is queried again unless ``refresh_memory=False``
+    (what dispatch uses on every call, where a device query per operation would cost more than the operation).
     """
     key = simulated_device_key()
     if key is not None:
         explicit_cpu = device is not None and not isinstance(device, int) and torch.device(device).type == "cpu"
         if key == "cpu" or explicit_cpu:
-            return cpu_device_info()
+            return cpu_device_info(refresh_memory=refresh_memory)
         spec = spec_by_key(key)
         assert spec is not None  # validated by simulated_device_key
         return _spec_device_info(spec)
-    return real_device_info(device)
+    return real_device_info(device, refresh_memory=refresh_memory)

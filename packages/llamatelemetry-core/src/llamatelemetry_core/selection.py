@@ -91,7 +91,7 @@ class CallSpec:
             raise ConfigurationError("expected at least one tensor to describe a call, got none")
         first = tensors[0]
         return cls(
-            device=get_device_info(first.device),
+            device=get_device_info(first.device, refresh_memory=False),
             dtype=first.dtype,
             shapes=tuple(tuple(t.shape) for t in tensors),
             attrs=attrs,
