@@ -17,25 +17,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import nox
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from run_matrix import PACKAGES
 
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_external_run = True
 nox.options.sessions = []  # name sessions or a tag explicitly: nox -t cpu
 
 ROOT = Path(__file__).parent
-PACKAGES = {
-    "core": "llamatelemetry-core",
-    "graphs": "llamatelemetry-graphs",
-    "triton": "llamatelemetry-triton",
-    "tensorcore": "llamatelemetry-tensorcore",
-    "flashattn": "llamatelemetry-flashattn",
-    "kvcache": "llamatelemetry-kvcache",
-    "batch": "llamatelemetry-batch",
-    "meta": "llamatelemetry",
-}
 COMPONENTS = ["graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch"]
 TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
