@@ -1,14 +1,40 @@
-"""Documented path of the ``llamatelemetry-graphs`` component (``pip install "llamatelemetry[graphs]"``).
+"""CUDA graph capture and replay (``pip install "llamatelemetry[graphs]"``): re-exports ``llamatelemetry_graphs``."""
 
-The installed component does not provide the documented names yet: each raises an error that says so.
-"""
+from llamatelemetry._components import missing_component
 
-from llamatelemetry._components import import_component, not_yet_provided
+try:
+    from llamatelemetry_graphs import BatchBucketedGraphs as BatchBucketedGraphs
+    from llamatelemetry_graphs import CaptureScope as CaptureScope
+    from llamatelemetry_graphs import CUDAGraph as CUDAGraph
+    from llamatelemetry_graphs import GraphCaptureConfig as GraphCaptureConfig
+    from llamatelemetry_graphs import GraphCaptureError as GraphCaptureError
+    from llamatelemetry_graphs import GraphedModule as GraphedModule
+    from llamatelemetry_graphs import GraphInputError as GraphInputError
+    from llamatelemetry_graphs import GraphMemoryUsage as GraphMemoryUsage
+    from llamatelemetry_graphs import GraphPool as GraphPool
+    from llamatelemetry_graphs import GraphStateError as GraphStateError
+    from llamatelemetry_graphs import capture_graph as capture_graph
+    from llamatelemetry_graphs import clone_outputs as clone_outputs
+    from llamatelemetry_graphs import default_batch_buckets as default_batch_buckets
+    from llamatelemetry_graphs import enable_cuda_graphs as enable_cuda_graphs
+    from llamatelemetry_graphs import replay_graph as replay_graph
+except ImportError as exc:
+    raise missing_component("graphs", exc) from exc
 
-import_component("graphs")
-
-__all__: list[str] = []
-
-
-def __getattr__(name: str) -> object:
-    raise not_yet_provided("graphs", name)
+__all__ = [
+    "BatchBucketedGraphs",
+    "CUDAGraph",
+    "CaptureScope",
+    "GraphCaptureConfig",
+    "GraphCaptureError",
+    "GraphInputError",
+    "GraphMemoryUsage",
+    "GraphPool",
+    "GraphStateError",
+    "GraphedModule",
+    "capture_graph",
+    "clone_outputs",
+    "default_batch_buckets",
+    "enable_cuda_graphs",
+    "replay_graph",
+]
