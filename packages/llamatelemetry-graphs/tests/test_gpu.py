@@ -74,6 +74,21 @@ def test_guide_block_form_replays_the_static_input(rng: torch.Generator) -> None
             assert_close(output, model(input_tensor))
 
 
+def test_guide_block_form_as_written_returns_the_bound_output(rng: torch.Generator) -> None:
+    model = _mlp(64, torch.float16)
+    input_tensor = _randn(rng, 4, 64, dtype=torch.float16)
+    with torch.inference_mode():
+        model(input_tensor)
+        graph = CUDAGraph()
+        with graph.capture():
+            output = model(input_tensor)
+        for _ in range(3):
+            input_tensor.copy_(_randn(rng, 4, 64, dtype=torch.float16))
+            result = graph.replay()
+            assert result is output
+            assert_close(result, model(input_tensor))
+
+
 def test_guide_function_form_and_capture_graph(rng: torch.Generator) -> None:
     model = _mlp(64, torch.float16)
     static_input = _randn(rng, 2, 64, dtype=torch.float16)

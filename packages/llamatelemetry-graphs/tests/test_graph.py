@@ -89,6 +89,24 @@ def test_guide_block_form_runs_once_and_cannot_replay_without_cuda(model: Counti
         graph.replay()
 
 
+def test_block_form_finds_the_one_variable_the_block_bound(rng: torch.Generator) -> None:
+    x = torch.randn(3, 5, generator=rng)
+    before = torch.zeros(1)
+    graph = CUDAGraph()
+    with graph.capture():
+        output = x.exp()  # the guide's form: the graph never sees `output`
+        note = "not a tensor, so not an output"
+    assert graph.output is output and note
+    assert before.shape == (1,)
+
+    two = CUDAGraph()
+    with two.capture():
+        first = x + 1
+        second = x - 1
+    assert two.output is None, "two candidates: nothing is guessed"
+    assert first.shape == second.shape
+
+
 def test_block_form_records_the_scope_output_and_rejects_warmup(rng: torch.Generator) -> None:
     graph = CUDAGraph()
     x = torch.randn(4, generator=rng)

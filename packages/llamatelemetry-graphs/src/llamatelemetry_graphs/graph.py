@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, overload
 
@@ -45,8 +46,9 @@ class CaptureScope:
     """What ``with graph.capture() as scope:`` yields: tell the graph which value its replays return.
 
     ``output = scope.set_output(model(x))`` inside the block makes ``graph.replay()`` return ``output`` (the
-    same static tensors, refreshed by each replay). Without it, ``replay()`` returns ``None`` and the tensors
-    created in the block are read directly.
+    same static tensors, refreshed by each replay). Without it, the one variable the block bound to tensors
+    (``output = model(x)``, as the guide writes it) is the output; a block that binds several returns ``None``
+    from ``replay()`` and its tensors are read directly.
     """
 
     __slots__ = ("_output",)
@@ -62,6 +64,38 @@ class CaptureScope:
     @property
     def output(self) -> Any:
         return self._output
+
+
+class _BlockCapture(contextlib.AbstractContextManager[CaptureScope]):
+    """The ``with graph.capture():`` form, which finds the block's output by itself.
+
+    Written as in the guide, ``with graph.capture(): output = model(x)`` never hands ``output`` to the graph.
+    The variables of the frame running the ``with`` statement are compared before and after the block: when
+    exactly one name was bound to a new value holding tensors, that value is the block's output and
+    ``replay()`` returns it. With several (or none), ``replay()`` returns ``None`` unless the block called
+    ``scope.set_output(...)``, which always wins. Nothing is guessed from the computation itself.
+    """
+
+    def __init__(self, inner: contextlib.AbstractContextManager[CaptureScope]) -> None:
+        self._inner = inner
+        self._scope: CaptureScope | None = None
+        self._before: dict[str, int] = {}
+
+    def __enter__(self) -> CaptureScope:
+        self._before = {name: id(value) for name, value in sys._getframe(1).f_locals.items()}
+        self._scope = self._inner.__enter__()
+        return self._scope
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        if exc_type is None and self._scope is not None and self._scope.output is None:
+            bound = [
+                value
+                for name, value in sys._getframe(1).f_locals.items()
+                if self._before.get(name) != id(value) and tensor_leaves(value)
+            ]
+            if len(bound) == 1:
+                self._scope.set_output(bound[0])
+        return self._inner.__exit__(exc_type, exc, tb)
 
 
 class CUDAGraph:
@@ -193,7 +227,7 @@ class CUDAGraph:
                     "be run before it is captured; run it once yourself before the block, or pass a callable: "
                     "graph.capture(fn, warmup=True)"
                 )
-            return self._capture_block(static)
+            return _BlockCapture(self._capture_block(static))
         if not callable(fn):
             raise TypeError(f"expected fn to be callable or None, got {type(fn).__name__}")
         return self._capture_callable(fn, static, warmup=True if warmup is None else bool(warmup))
