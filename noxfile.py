@@ -103,7 +103,8 @@ def typecheck(session: nox.Session) -> None:
     for folder in PACKAGES.values():
         package_dir = ROOT / "packages" / folder
         session.run("mypy", str(package_dir / "src"), str(package_dir / "tests"))
-    session.run("mypy", "scripts", "noxfile.py")
+    session.run("mypy", "scripts", "noxfile.py", "docs/test_examples.py")
+    session.run("mypy", "benchmarks")
 
 
 @nox.session(tags=["cpu"])

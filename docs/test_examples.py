@@ -6,6 +6,7 @@ A block preceded by the line ``<!-- requires: gpu -->`` runs only where CUDA is 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,16 @@ PAGES = sorted(p for p in DOCS.rglob("*.md") if "site" not in p.parts and _BLOCK
 
 def test_pages_with_examples_exist() -> None:
     assert PAGES, "the documentation has runnable examples"
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_switches() -> Iterator[None]:
+    """Pages may switch cuDNN benchmark mode or TF32 on, as the guide does; later tests must not inherit that."""
+    benchmark = torch.backends.cudnn.benchmark
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.backends.cudnn.benchmark = benchmark
+    torch.set_float32_matmul_precision(precision)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))

@@ -449,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_graphs.py needs a CUDA device; none is available here", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    if device.index is None:
+    index: int | None = device.index  # None for a bare "cuda"
+    if index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
     props = torch.cuda.get_device_properties(device)

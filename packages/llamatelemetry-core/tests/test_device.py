@@ -63,7 +63,8 @@ def test_unknown_gpu_has_no_datasheet() -> None:
         ((10, 0), "Blackwell"),
         ((12, 0), "Blackwell"),
         ((6, 1), "Pascal"),
-        ((11, 0), "unknown (sm_110)"),
+        ((11, 0), "Blackwell"),
+        ((13, 0), "unknown (sm_130)"),
     ],
 )
 def test_architecture_names(cc: tuple[int, int], name: str) -> None:

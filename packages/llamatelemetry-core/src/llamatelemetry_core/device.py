@@ -59,6 +59,7 @@ class DeviceInfo:
     """What llamatelemetry knows about one device.
 
     ``sm_count`` is the number of streaming multiprocessors on a GPU and of logical cores on a CPU.
+    ``supports_bf16`` means native bf16 arithmetic (Ampere and newer GPUs; CPUs with AVX512-BF16, AMX or Arm BF16).
     ``shared_memory_per_block_bytes`` is the most shared memory one block may opt into (``None`` on CPU).
     ``peak`` holds datasheet figures when the GPU model is in the table, else ``None``.
     """
@@ -147,15 +148,27 @@ def _spec_device_info(spec: GPUSpec) -> DeviceInfo:
     )
 
 
-def _cpu_name() -> str:
+def _cpuinfo_field(*names: str) -> str | None:
+    """The first ``/proc/cpuinfo`` line value for one of ``names`` (Linux only)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                if sep and key.strip() in names:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "CPU"
+    return None
+
+
+def _cpu_name() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "CPU"
+
+
+def _cpu_has_native_bf16() -> bool:
+    """x86 with AVX512-BF16 or AMX-BF16, or Arm with the BF16 extension: bf16 math without emulation."""
+    flags = set((_cpuinfo_field("flags", "Features") or "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def cpu_device_info(*, refresh_memory: bool = True) -> DeviceInfo:
@@ -190,7 +203,7 @@ def _cpu_device_info() -> DeviceInfo:
         total_memory_bytes=total,
         free_memory_bytes=_cpu_free_memory(),
         shared_memory_per_block_bytes=None,
-        supports_bf16=True,
+        supports_bf16=_cpu_has_native_bf16(),
         supports_fp8=False,
         supports_tf32=False,
         has_tensor_cores=False,

@@ -24,6 +24,7 @@ __all__ = [
     "distribution_version",
     "flash_attn_status",
     "sdpa_backend_status",
+    "tf32_matmul_enabled",
     "triton_devices",
     "triton_interpreter_enabled",
     "triton_status",
@@ -140,6 +141,25 @@ def flash_attn_status(device: DeviceInfo | None = None) -> PackageStatus:
             f"{info.architecture} ({info.compute_capability})",
         )
     return PackageStatus("flash-attn", True, version, True, None)
+
+
+def tf32_matmul_enabled() -> bool:
+    """Whether fp32 cuBLAS matmuls may use TF32 Tensor Cores now, under either of PyTorch's two APIs.
+
+    From torch 2.9 the ``fp32_precision`` strings sit beside the boolean ``allow_tf32``; reading the boolean
+    after the strings were used can raise, so the strings are read first where they exist.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = str(getattr(matmul, "fp32_precision", "none"))
+    if precision != "none":
+        return precision == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:  # a mix of the two APIs that the legacy view cannot express
+        try:
+            return bool(matmul.allow_tf32)
+        except RuntimeError:
+            return False
 
 
 def _sdpa_backends() -> dict[str, SDPBackend]:

@@ -45,7 +45,7 @@ class GPUSpec:
 # Order matters: more specific patterns come before the ones they would also match (H100 PCIe before H100,
 # the 80 GB A100 before the 40 GB one, RTX 2080 Ti before RTX 2080).
 GPU_SPECS: tuple[GPUSpec, ...] = (
-    GPUSpec("v100", "Tesla V100-SXM2", r"V100", (7, 0), 80, 32, 900, 96, 15.7, 125, None, None, 62, None),
+    GPUSpec("v100", "Tesla V100-SXM2", r"V100", (7, 0), 80, 32, 900, 96, 15.7, 125, None, None, None, None),
     GPUSpec("t4", "Tesla T4", r"\bT4\b", (7, 5), 40, 16, 320, 64, 8.1, 65, None, None, 130, None),
     GPUSpec(
         "rtx2080ti", "GeForce RTX 2080 Ti", r"RTX 2080 Ti", (7, 5), 68, 11, 616, 64, 13.4, 53.8, None, None, 215.2, None
@@ -106,5 +106,5 @@ def architecture_name(major: int, minor: int) -> str:
         return "Turing" if minor >= 5 else "Volta"
     if major == 8:
         return "Ada" if minor == 9 else "Ampere"
-    names = {3: "Kepler", 5: "Maxwell", 6: "Pascal", 9: "Hopper", 10: "Blackwell", 12: "Blackwell"}
+    names = {3: "Kepler", 5: "Maxwell", 6: "Pascal", 9: "Hopper", 10: "Blackwell", 11: "Blackwell", 12: "Blackwell"}
     return names.get(major, f"unknown (sm_{major}{minor})")

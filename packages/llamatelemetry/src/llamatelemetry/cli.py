@@ -25,6 +25,7 @@ from llamatelemetry_core.environment import (
     distribution_version,
     flash_attn_status,
     sdpa_backend_status,
+    tf32_matmul_enabled,
     triton_status,
 )
 from llamatelemetry_core.errors import LlamaTelemetryError
@@ -94,7 +95,7 @@ def doctor_report() -> dict[str, Any]:
             "tf32": info.supports_tf32,
             "bf16": info.supports_bf16,
             "fp8": info.supports_fp8,
-            "tf32_matmul_enabled": bool(torch.backends.cuda.matmul.allow_tf32),
+            "tf32_matmul_enabled": tf32_matmul_enabled(),
         },
         "triton": asdict(triton_status(info)),
         "flash_attn": asdict(flash_attn_status(info)),
