@@ -1,14 +1,53 @@
-"""Documented path of the ``llamatelemetry-tensorcore`` component (``pip install "llamatelemetry[tensorcore]"``).
+"""Tensor Core detection, switches and mixed precision (``pip install "llamatelemetry[tensorcore]"``): re-exports
+``llamatelemetry_tensorcore``."""
 
-The installed component does not provide the documented names yet: each raises an error that says so.
-"""
+from llamatelemetry._components import missing_component
 
-from llamatelemetry._components import import_component, not_yet_provided
+try:
+    from llamatelemetry_tensorcore import PRECISION_SENSITIVE as PRECISION_SENSITIVE
+    from llamatelemetry_tensorcore import AmpPlan as AmpPlan
+    from llamatelemetry_tensorcore import MatmulPadding as MatmulPadding
+    from llamatelemetry_tensorcore import ModelPlan as ModelPlan
+    from llamatelemetry_tensorcore import ReusableAutocast as ReusableAutocast
+    from llamatelemetry_tensorcore import TensorCoreConfig as TensorCoreConfig
+    from llamatelemetry_tensorcore import TensorCorePlan as TensorCorePlan
+    from llamatelemetry_tensorcore import TensorCoreWarning as TensorCoreWarning
+    from llamatelemetry_tensorcore import check_tensor_core_support as check_tensor_core_support
+    from llamatelemetry_tensorcore import enable_amp as enable_amp
+    from llamatelemetry_tensorcore import enable_tensor_cores as enable_tensor_cores
+    from llamatelemetry_tensorcore import estimated_speedup as estimated_speedup
+    from llamatelemetry_tensorcore import get_tensor_core_info as get_tensor_core_info
+    from llamatelemetry_tensorcore import matmul_tensor_core as matmul_tensor_core
+    from llamatelemetry_tensorcore import measure_matmul_speedup as measure_matmul_speedup
+    from llamatelemetry_tensorcore import optimize_for_tensor_cores as optimize_for_tensor_cores
+    from llamatelemetry_tensorcore import plan_amp as plan_amp
+    from llamatelemetry_tensorcore import plan_model as plan_model
+    from llamatelemetry_tensorcore import plan_tensor_cores as plan_tensor_cores
+    from llamatelemetry_tensorcore import tensor_core_dtypes as tensor_core_dtypes
+    from llamatelemetry_tensorcore import tensor_core_padding as tensor_core_padding
+except ImportError as exc:
+    raise missing_component("tensorcore", exc) from exc
 
-import_component("tensorcore")
-
-__all__: list[str] = []
-
-
-def __getattr__(name: str) -> object:
-    raise not_yet_provided("tensorcore", name)
+__all__ = [
+    "PRECISION_SENSITIVE",
+    "AmpPlan",
+    "MatmulPadding",
+    "ModelPlan",
+    "ReusableAutocast",
+    "TensorCoreConfig",
+    "TensorCorePlan",
+    "TensorCoreWarning",
+    "check_tensor_core_support",
+    "enable_amp",
+    "enable_tensor_cores",
+    "estimated_speedup",
+    "get_tensor_core_info",
+    "matmul_tensor_core",
+    "measure_matmul_speedup",
+    "optimize_for_tensor_cores",
+    "plan_amp",
+    "plan_model",
+    "plan_tensor_cores",
+    "tensor_core_dtypes",
+    "tensor_core_padding",
+]

@@ -1,0 +1,291 @@
+"""``matmul_tensor_core``: ``C = A @ B`` multiplied in fp16 or bf16 on Tensor Cores, returned in A's dtype.
+
+Layout: ``A [..., M, K]``, ``B [..., K, N]`` (batch dimensions broadcast as in :func:`torch.matmul`),
+``C [..., M, N]``. What is computed, by every implementation (this is the specification):
+
+1. Range scaling, for ``dtype=torch.float16`` when an input is not already fp16. fp16 stops at 65504, so fp32
+   values beyond it (or products and sums beyond it) would silently become inf. Two powers of two
+   ``sA = 2^-eA`` and ``sB = 2^-eB`` are chosen on the device, without a host sync, so that
+   ``max|A sA| <= 2^15``, ``max|B sB| <= 2^15`` and ``K max|A sA| max|B sB| <= 2^15``: then no input, partial
+   sum or output element can overflow. Scaling by a power of two is exact, except for values it pushes below
+   fp16's normal range (6.1e-5), which lose relative precision: inputs spanning many decades are better
+   multiplied with ``dtype=torch.bfloat16``. bf16 has fp32's range and is never scaled.
+2. ``Ã = round(A sA)``, ``B̃ = round(B sB)`` to ``dtype``;
+3. ``C̃ = round(Ã @ B̃)`` to ``dtype``, products accumulated in fp32 (what cuBLAS does on Tensor Cores);
+4. ``C = C̃ 2^(eA+eB)`` in A's dtype (into ``out`` when given). inf and NaN inputs propagate as in fp32.
+
+Implementations (chosen by :mod:`llamatelemetry_core.selection`):
+
+* ``tensor_core`` (CUDA, compute capability >= 7.0; bf16 needs >= 8.0): pads the dimensions cuBLAS needs
+  aligned with zeros (see :func:`tensor_core_padding`), runs :func:`torch.matmul` in ``dtype``, slices back.
+* ``reference`` (every device): the same numbers from an fp32 matmul of the rounded inputs (a product of two
+  fp16 or bf16 values is exact in fp32). This is what runs on a CPU and on GPUs older than Volta: the
+  Tensor Core result without the speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llamatelemetry_core.device import DeviceInfo, get_device_info, simulated_device_key
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.selection import CallSpec, Operation, requires_min_capability
+from llamatelemetry_core.validation import check_dtype, check_same_device, check_tensor, dtype_name, format_shape
+
+__all__ = ["MATMUL_OPERATION", "MatmulPadding", "matmul_tensor_core", "range_scale_exponents", "tensor_core_padding"]
+
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
+# 2^15 = 32768 leaves a factor of two under fp16's 65504 for the rounding of inputs and of the sum.
+_FP16_SAFE_LOG2 = 15.0
+_ALIGNMENT_BYTES = 16
+
+
+@dataclass(frozen=True)
+class MatmulPadding:
+    """Zeros appended to M, N and K so that cuBLAS can use its Tensor Core kernels."""
+
+    m: int = 0
+    n: int = 0
+    k: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.m or self.n or self.k)
+
+
+def tensor_core_padding(info: DeviceInfo, m: int, n: int, k: int, dtype: torch.dtype = torch.float16) -> MatmulPadding:
+    """How far to pad ``[M, K] @ [K, N]`` in ``dtype`` on ``info`` (all zeros where nothing is needed).
+
+    Tensor Core GEMM kernels load rows in 16-byte vectors (8 fp16 or bf16 elements). On Volta and Turing,
+    cuBLAS uses its Tensor Core kernels only when M, N and K are all multiples of 8, so all three are padded.
+    From Ampere on it has Tensor Core kernels for any size, but the fast ones (TMA-fed on Hopper and Blackwell)
+    need 16-byte aligned rows: K and N, the row lengths of A, B and C, are padded. Zero padding does not change
+    the product; the result is sliced back to ``[M, N]``.
+    """
+    if not info.is_cuda or not info.has_tensor_cores:
+        return MatmulPadding()
+    align = max(1, _ALIGNMENT_BYTES // torch.empty((), dtype=dtype).element_size())
+
+    def up(size: int) -> int:
+        return -size % align
+
+    if not info.capability_at_least(8, 0):
+        return MatmulPadding(m=up(m), n=up(n), k=up(k))
+    return MatmulPadding(n=up(n), k=up(k))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_device_info(simulated: str | None, device: torch.device) -> DeviceInfo:
+    return get_device_info(device)
+
+
+def _device_info(device: torch.device) -> DeviceInfo:
+    """Facts about a tensor's device, cached per device and simulation.
+
+    Asked on every call: the cache keeps driver queries (free memory) out of the hot path and out of CUDA graph
+    captures, where an unsupported driver call would invalidate the capture.
+    """
+    return _cached_device_info(simulated_device_key(), device)
+
+
+def _largest_finite_log2(x: torch.Tensor) -> torch.Tensor:
+    """log2 of the largest finite ``|x|`` as a float64 0-dim tensor on x's device (-inf when there is none)."""
+    finite = torch.nan_to_num(x.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.log2(torch.linalg.vector_norm(finite, ord=math.inf).to(torch.float64))
+
+
+def range_scale_exponents(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exponents ``eA, eB >= 0`` of step 1 of the module docstring (float64 0-dim tensors on a's device).
+
+    ``a`` is ``[..., M, K]`` and ``b`` ``[..., K, N]``; only finite values count, so an inf or NaN elsewhere does
+    not stop the finite ones from being brought into fp16's range.
+    """
+    log_a = _largest_finite_log2(a)
+    log_b = _largest_finite_log2(b)
+    # ceil(-inf) stays -inf and clamps to 0: an all-zero input needs no scaling.
+    e_a = torch.ceil(log_a - _FP16_SAFE_LOG2).clamp(min=0)
+    e_b = torch.ceil(log_b - _FP16_SAFE_LOG2).clamp(min=0)
+    excess = (log_a - e_a) + (log_b - e_b) + math.log2(a.shape[-1]) - _FP16_SAFE_LOG2
+    e_product = torch.ceil(excess).clamp(min=0)
+    return e_a + torch.ceil(e_product / 2), e_b + torch.floor(e_product / 2)
+
+
+@dataclass(frozen=True)
+class _Scales:
+    a: torch.Tensor  # [1, 1] float64: dims > 0 so that type promotion computes the product in float64
+    b: torch.Tensor
+    unscale: torch.Tensor
+
+
+def _range_scales(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> _Scales | None:
+    if dtype != torch.float16 or (a.dtype == torch.float16 and b.dtype == torch.float16):
+        return None  # bf16 has fp32's range; fp16 inputs are in range and an fp16 result overflows like theirs
+    if a.numel() == 0 or b.numel() == 0:
+        return None
+    e_a, e_b = range_scale_exponents(a, b)
+    return _Scales(
+        a=torch.exp2(-e_a).reshape(1, 1),
+        b=torch.exp2(-e_b).reshape(1, 1),
+        unscale=torch.exp2(e_a + e_b).reshape(1, 1),
+    )
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _to_compute(
+    x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, pad_rows: int, pad_cols: int
+) -> torch.Tensor:
+    """``round(x * scale)`` in ``dtype``, zero-padded on its last two dimensions, in one pass where possible."""
+    rows, cols = x.shape[-2], x.shape[-1]
+    if _needs_grad(x):  # out= is not differentiable: the same values through autograd-aware ops
+        y = (x if scale is None else x * scale).to(dtype)
+        return F.pad(y, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else y
+    if not pad_rows and not pad_cols:
+        if scale is None:
+            return x.to(dtype)
+        return torch.mul(x, scale, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+    buffer = torch.empty((*x.shape[:-2], rows + pad_rows, cols + pad_cols), dtype=dtype, device=x.device)
+    if pad_rows:
+        buffer[..., rows:, :].zero_()
+    if pad_cols:
+        buffer[..., :rows, cols:].zero_()
+    body = buffer[..., :rows, :cols]
+    if scale is None:
+        body.copy_(x)
+    else:
+        torch.mul(x, scale, out=body)
+    return buffer
+
+
+def _to_result(
+    c: torch.Tensor, unscale: torch.Tensor | None, result_dtype: torch.dtype, out: torch.Tensor | None
+) -> torch.Tensor:
+    if _needs_grad(c):
+        result = (c if unscale is None else c * unscale).to(result_dtype)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        if unscale is None:
+            return c.to(result_dtype)
+        out = torch.empty(c.shape, dtype=result_dtype, device=c.device)
+    if unscale is None:
+        return out.copy_(c)
+    return torch.mul(c, unscale, out=out)
+
+
+def _compute(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor | None,
+    dtype: torch.dtype,
+    padding: MatmulPadding,
+    *,
+    tensor_cores: bool,
+) -> torch.Tensor:
+    m, n = a.shape[-2], b.shape[-1]
+    scales = _range_scales(a, b, dtype)
+    a_low = _to_compute(a, None if scales is None else scales.a, dtype, padding.m, padding.k)
+    b_low = _to_compute(b, None if scales is None else scales.b, dtype, padding.k, padding.n)
+    if tensor_cores:
+        c = torch.matmul(a_low, b_low)
+    else:
+        c = torch.matmul(a_low.to(torch.float32), b_low.to(torch.float32)).to(dtype)
+    if padding.m or padding.n:
+        c = c[..., :m, :n]
+    return _to_result(c, None if scales is None else scales.unscale, a.dtype, out)
+
+
+def _reference(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The specification: rounded inputs, exact products, fp32 sums, rounded result, on any device."""
+    return _compute(a, b, out, dtype, MatmulPadding(), tensor_cores=False)
+
+
+def _tensor_core(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    padding = tensor_core_padding(_device_info(a.device), a.shape[-2], b.shape[-1], a.shape[-1], dtype)
+    return _compute(a, b, out, dtype, padding, tensor_cores=True)
+
+
+def _native_dtype(call: CallSpec) -> str | None:
+    if call.dtype == torch.bfloat16 and call.device.is_cuda and not call.device.supports_bf16:
+        return f"bfloat16 Tensor Cores need compute capability >= 8.0, {call.device.name} has not"
+    return None
+
+
+MATMUL_OPERATION = Operation("matmul_tensor_core", _reference)
+MATMUL_OPERATION.register(
+    "tensor_core", _tensor_core, priority=10, devices={"cuda"}, checks=[requires_min_capability(7, 0), _native_dtype]
+)
+
+
+def _result_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
+    for name, t in (("A", a), ("B", b)):
+        if t.dim() < 2:
+            raise ConfigurationError(
+                f"expected {name} with at least 2 dimensions ([..., M, K] for A, [..., K, N] for B), got shape "
+                f"{format_shape(t.shape)}; add a dimension with {name}.unsqueeze(0) or .unsqueeze(-1)"
+            )
+    if a.shape[-1] != b.shape[-2]:
+        raise ConfigurationError(
+            f"expected B of shape [..., K, N] with K = A.shape[-1] = {a.shape[-1]}, got A {format_shape(a.shape)} "
+            f"and B {format_shape(b.shape)}"
+        )
+    try:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])  # type: ignore[no-untyped-call]
+    except RuntimeError as exc:
+        raise ConfigurationError(
+            f"expected broadcastable batch dimensions, got A {format_shape(a.shape)} and B {format_shape(b.shape)}"
+        ) from exc
+    return (*batch, a.shape[-2], b.shape[-1])
+
+
+def matmul_tensor_core(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float16,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``A @ B`` multiplied on Tensor Cores in ``dtype`` (float16 or bfloat16), returned in A's dtype.
+
+    ``A [..., M, K]`` and ``B [..., K, N]`` may be float16, bfloat16, float32 or float64 and may have batch
+    dimensions that broadcast; the result is ``[..., M, N]`` in A's dtype, written into ``out`` when given
+    (``out`` must have that shape and dtype). fp32 values beyond fp16's range are scaled by powers of two, never
+    turned into inf: see the module docstring for exactly what is computed. Without a GPU the same numbers are
+    computed on the CPU. ``backend`` forces an implementation (``"tensor_core"`` or ``"reference"``).
+
+    Raises ``TypeError`` for a non-tensor, :class:`~llamatelemetry_core.errors.ConfigurationError` for bad
+    shapes, dtypes or devices, and :class:`~llamatelemetry_core.errors.BackendUnavailableError` when the
+    requested ``backend`` cannot run here. bfloat16 on a GPU without it (T4) runs the reference on the GPU's
+    CUDA cores with a ``BackendFallbackWarning``.
+    """
+    check_tensor(A, "A")
+    check_tensor(B, "B")
+    check_dtype(A, _INPUT_DTYPES, "A")
+    check_dtype(B, _INPUT_DTYPES, "B")
+    if dtype not in _COMPUTE_DTYPES:
+        raise ConfigurationError(
+            f"expected dtype to be torch.float16 or torch.bfloat16 (the Tensor Core input types), got {dtype!r}; "
+            "for float32 on Tensor Cores use torch.matmul under enable_tensor_cores(allow_tf32=True)"
+        )
+    shape = _result_shape(A, B)
+    tensors = {"A": A, "B": B}
+    if out is not None:
+        check_tensor(out, "out")
+        tensors["out"] = out
+        if tuple(out.shape) != shape or out.dtype != A.dtype:
+            raise ConfigurationError(
+                f"expected out of shape {format_shape(shape)} and dtype {dtype_name(A.dtype)} (A's), got "
+                f"{format_shape(out.shape)} {dtype_name(out.dtype)}; allocate it with torch.empty(shape, dtype=A.dtype)"
+            )
+    check_same_device(tensors)
+    call = CallSpec(device=_device_info(A.device), dtype=dtype, shapes=(tuple(A.shape), tuple(B.shape)))
+    result: torch.Tensor = MATMUL_OPERATION.dispatch(call, A, B, out, dtype, backend=backend)
+    return result
