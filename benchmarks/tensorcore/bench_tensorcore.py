@@ -175,7 +175,8 @@ def bench_model(
     if not torch.isfinite(out).all():
         raise RuntimeError(f"{variant}: the model produced non-finite outputs")
     if expected is not None:
-        row["relative_error_vs_fp32"] = float((out - expected).norm() / expected.norm())
+        out_cpu = out.cpu()
+        row["relative_error_vs_fp32"] = float((out_cpu - expected).norm() / expected.norm())
     return row, out.cpu()
 
 
