@@ -56,7 +56,7 @@ def _install_torch(session: nox.Session, matrix: str) -> None:
     elif matrix == "cpu-triton":
         session.install(TORCH_CPU, TRITON_CPU, "numpy")
     else:
-        session.install(TORCH_CPU)
+        session.install(TORCH_CPU, "numpy")
 
 
 _TEST_PARAMS = [
@@ -98,7 +98,7 @@ def tests(session: nox.Session, package: str, matrix: str) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over every package's sources and tests, one package at a time."""
     _install_torch(session, "cpu-triton")
-    session.install("mypy>=1.11", *TEST_TOOLS)
+    session.install("mypy>=1.11", "nox>=2024.10", *TEST_TOOLS)
     _install_local(session, list(PACKAGES))
     for folder in PACKAGES.values():
         package_dir = ROOT / "packages" / folder
