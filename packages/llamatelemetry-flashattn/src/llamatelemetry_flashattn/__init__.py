@@ -1,8 +1,44 @@
-"""llamatelemetry-flashattn: FlashAttention with SDPA, Triton and PyTorch fallbacks.
+"""llamatelemetry-flashattn: exact attention in O(n) memory on the fastest path each GPU has.
 
 Documented import path: ``llamatelemetry.inference.flash_attn``.
+
+* :func:`flash_attention_forward`: ``[batch, seqlen, heads, head_dim]`` attention (causal aligned to the end,
+  grouped-query, sliding window, softcap, dropout in training) dispatched to flash-attn, PyTorch SDPA (cuDNN,
+  flash, memory-efficient), our Triton FlashAttention-2 kernel or the PyTorch reference, whichever is fastest
+  here and supports the call; :func:`attention_backend_report` says which runs here and why the others do not.
+* :func:`enable_flash_attention`: route a transformers decoder's or ``nn.MultiheadAttention``'s attention
+  through it.
+* :func:`check_flash_attention_available`: is the flash-attn package usable on this GPU.
+* :func:`get_optimal_context_length`: the longest context that fits a GPU, by a documented formula.
 """
 
 from llamatelemetry_flashattn.__about__ import __version__
+from llamatelemetry_flashattn.attention import (
+    check_flash_attention_available,
+    flash_attention_forward,
+    selected_backend,
+)
+from llamatelemetry_flashattn.backends import ATTENTION, OPERATION_NAME, BackendReport, attention_backend_report
+from llamatelemetry_flashattn.config import FlashAttentionConfig
+from llamatelemetry_flashattn.context import MemoryEstimate, estimate_inference_memory, get_optimal_context_length
+from llamatelemetry_flashattn.patching import HF_ATTENTION_NAME, disable_flash_attention, enable_flash_attention
+from llamatelemetry_flashattn.reference import attention_reference
 
-__all__ = ["__version__"]
+__all__ = [
+    "ATTENTION",
+    "HF_ATTENTION_NAME",
+    "OPERATION_NAME",
+    "BackendReport",
+    "FlashAttentionConfig",
+    "MemoryEstimate",
+    "__version__",
+    "attention_backend_report",
+    "attention_reference",
+    "check_flash_attention_available",
+    "disable_flash_attention",
+    "enable_flash_attention",
+    "estimate_inference_memory",
+    "flash_attention_forward",
+    "get_optimal_context_length",
+    "selected_backend",
+]

@@ -1,0 +1,527 @@
+"""The ``flash_attention`` operation: every implementation, what each supports, and the report of what runs here.
+
+Implementations, fastest first (the core selection policy runs the first that supports the call):
+
+=================  ========  ==============================================================================
+name               priority  supports
+=================  ========  ==============================================================================
+``flash_attn``     500       the flash-attn package (FlashAttention-2), SM >= 8.0, fp16/bf16, head dim <= 256:
+                             everything (causal, GQA, window, softcap, dropout, q_len != kv_len)
+``sdpa_cudnn``     400       PyTorch SDPA forced to cuDNN, SM >= 8.0, fp16/bf16, head dim <= 128, no GQA
+``triton``         350       our Triton kernel (:mod:`.triton_kernel`), SM >= 7.5 (or the interpreter on CPU):
+                             causal, GQA, window, softcap, q_len != kv_len; forward only, no dropout
+``sdpa_flash``     300       PyTorch SDPA forced to its FlashAttention-2 kernel, SM >= 8.0, fp16/bf16, GQA
+``sdpa_efficient`` 100       PyTorch SDPA forced to its memory-efficient kernel (the fused one a T4 has);
+                             window and end-aligned causal masks as an explicit mask
+``sdpa_cpu``       50        PyTorch SDPA on CPU (its flash-CPU or math kernel), explicit masks
+``reference``      lowest    :func:`~.reference.attention_reference`: everything, O(n^2) memory
+=================  ========  ==============================================================================
+
+SDPA's ``is_causal`` aligns the mask to the top-left, FlashAttention's to the bottom-right; the two agree when
+``q_len == kv_len``, and a single query (decode) sees every key under both if it is passed as non-causal.
+Every other causal or windowed call either goes to an SDPA backend that takes an explicit boolean mask (built
+bottom-right aligned) or to another implementation. SDPA's fused kernels do not softcap: those calls go
+elsewhere. A query that sees no key at all (``q_len > kv_len`` under causal masking) is defined as zero, which
+SDPA's masked kernels do not promise: such calls go elsewhere too.
+
+The order is measured, not assumed: on an H100 (torch 2.11, ``benchmarks/flashattn``) cuDNN leads at 330-590
+TFLOP/s, our Triton kernel follows at 260-450 (and reads a decode step's K/V at ~2.8 TB/s), ahead of SDPA's
+flash (210-310) and memory-efficient (100-165) kernels; on a T4 only the last of those exists.
+
+A check's reason is what ``llamatelemetry doctor`` prints and what ``BackendUnavailableError`` says.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.environment import flash_attn_status, sdpa_backend_status, triton_devices, triton_status
+from llamatelemetry_core.errors import BackendUnavailableError
+from llamatelemetry_core.selection import (
+    CallSpec,
+    Check,
+    Operation,
+    requires_dtypes,
+    requires_min_capability,
+    requires_module,
+)
+from llamatelemetry_core.validation import dtype_name
+from llamatelemetry_flashattn.reference import attention_reference, normalize_window, visibility_mask
+from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM
+
+__all__ = [
+    "ATTENTION",
+    "OPERATION_NAME",
+    "AttentionCall",
+    "BackendReport",
+    "attention_backend_report",
+]
+
+OPERATION_NAME = "flash_attention"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """The facts of one attention call that implementations check (``CallSpec.attrs`` holds them by name)."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+    window_size: tuple[int, int] | None
+    softcap: float | None
+    dropout_p: float
+    needs_grad: bool
+
+    def attrs(self) -> dict[str, object]:
+        return dict(vars(self))
+
+
+def _attr(call: CallSpec, name: str, default: Any) -> Any:
+    # ``doctor`` asks about a "typical call" with no attributes: a causal prefill, head dim 64, no extras.
+    return call.attrs.get(name, default)
+
+
+def _head_dim(call: CallSpec) -> int:
+    return int(_attr(call, "head_dim", 64))
+
+
+def _masked(call: CallSpec) -> bool:
+    """True when the call needs a mask that SDPA's ``is_causal`` cannot express."""
+    q_len, kv_len = int(_attr(call, "q_len", 1)), int(_attr(call, "kv_len", 1))
+    causal = bool(_attr(call, "causal", True))
+    if _attr(call, "window_size", None) is not None:
+        return True
+    return causal and q_len != kv_len and q_len != 1
+
+
+def _has_empty_rows(call: CallSpec) -> bool:
+    """Some query sees no key: only when there are more queries than keys and a mask limits them."""
+    q_len, kv_len = int(_attr(call, "q_len", 1)), int(_attr(call, "kv_len", 1))
+    left, right = normalize_window(_attr(call, "window_size", None), bool(_attr(call, "causal", True)))
+    return q_len > kv_len and (right != -1 or left != -1)
+
+
+def _head_dim_check(limit: int, multiple: int = 8) -> Check:
+    def check(call: CallSpec) -> str | None:
+        d = _head_dim(call)
+        if d > limit or d % multiple:
+            return f"supports head dims <= {limit} that are multiples of {multiple}, not {d}"
+        return None
+
+    return check
+
+
+def _no_softcap(call: CallSpec) -> str | None:
+    return "has no logit softcap" if _attr(call, "softcap", None) is not None else None
+
+
+def _no_dropout(call: CallSpec) -> str | None:
+    return "has no dropout" if float(_attr(call, "dropout_p", 0.0)) > 0.0 else None
+
+
+def _no_gqa(call: CallSpec) -> str | None:
+    heads, kv_heads = int(_attr(call, "num_heads", 1)), int(_attr(call, "num_kv_heads", 1))
+    return f"needs as many k/v heads as q heads, got {kv_heads} for {heads}" if heads != kv_heads else None
+
+
+def _no_mask(call: CallSpec) -> str | None:
+    if _attr(call, "window_size", None) is not None:
+        return "takes no sliding window (its is_causal is the only mask it accepts)"
+    if _masked(call):
+        return (
+            "aligns is_causal to the top-left: a causal call with q_len != kv_len "
+            f"({_attr(call, 'q_len', '?')} != {_attr(call, 'kv_len', '?')}) needs a mask it does not take"
+        )
+    return None
+
+
+def _no_empty_rows(call: CallSpec) -> str | None:
+    if _has_empty_rows(call):
+        return "does not define the output of a query that sees no key (q_len > kv_len under a mask)"
+    return None
+
+
+def _bf16_on_device(call: CallSpec) -> str | None:
+    if call.dtype == torch.bfloat16 and call.device.is_cuda and not call.device.supports_bf16:
+        return f"{call.device.name} has no bf16 support ({call.device.architecture}); use fp16"
+    return None
+
+
+def _forward_only(call: CallSpec) -> str | None:
+    return "is forward-only (no backward kernel); inputs require grad" if _attr(call, "needs_grad", False) else None
+
+
+@functools.cache
+def _sdpa_status(index: int | None) -> dict[str, str | None]:
+    device = get_device_info(torch.device("cuda", index) if index is not None else "cpu", refresh_memory=False)
+    return sdpa_backend_status(device)
+
+
+def _sdpa_runs(backend: str) -> Check:
+    """The SDPA backend runs on this GPU at all (probed once per device; simulated devices are not probed)."""
+
+    def check(call: CallSpec) -> str | None:
+        if call.device.simulated or not call.device.is_cuda:
+            return None
+        reason = _sdpa_status(call.device.index)[backend]
+        return None if reason is None else f"PyTorch's {backend} SDPA backend does not run here: {reason}"
+
+    return check
+
+
+def _flash_attn_usable(call: CallSpec) -> str | None:
+    status = flash_attn_status(call.device)
+    return None if status.usable else status.reason
+
+
+def _flash_attn_softcap(call: CallSpec) -> str | None:
+    if _attr(call, "softcap", None) is None:
+        return None
+    module = importlib.import_module("flash_attn")
+    if "softcap" not in inspect.signature(module.flash_attn_func).parameters:
+        return "this flash-attn version has no softcap (needs flash-attn >= 2.6)"
+    return None
+
+
+@functools.cache
+def _triton_usable(index: int | None) -> str | None:
+    device = get_device_info(torch.device("cuda", index) if index is not None else "cpu", refresh_memory=False)
+    status = triton_status(device)
+    return None if status.usable else status.reason
+
+
+def _triton_runs(call: CallSpec) -> str | None:
+    if call.device.simulated:
+        return None
+    return _triton_usable(call.device.index if call.device.is_cuda else None)
+
+
+def _triton_dtypes(call: CallSpec) -> str | None:
+    # The interpreter (CPU) computes with NumPy, which has no bfloat16: its bf16 results are garbage.
+    allowed = _HALF if call.device.is_cuda else (torch.float16, torch.float32)
+    if call.dtype is not None and call.dtype not in allowed:
+        names = ", ".join(dtype_name(d) for d in allowed)
+        return f"supports dtypes {{{names}}} on {call.device.kind}, not {dtype_name(call.dtype)}"
+    return None
+
+
+# --- implementations ---------------------------------------------------------------------------------------------
+
+
+def _bhsd(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)
+
+
+def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, S, H_kv, D] -> [B, S, H, D] by repeating each KV head for its group of query heads."""
+    kv_heads = t.shape[2]
+    return t if kv_heads == heads else t.repeat_interleave(heads // kv_heads, dim=2)
+
+
+# ``enable_gqa`` arrived in torch 2.5; before it, grouped KV heads are repeated.
+_HAS_ENABLE_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _run_sdpa(
+    backend: SDPBackend | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float | None,
+    window_size: tuple[int, int] | None,
+    dropout_p: float,
+    gqa: str,
+    allow_mask: bool,
+) -> torch.Tensor:
+    heads, kv_heads = q.shape[2], k.shape[2]
+    kwargs: dict[str, Any] = {}
+    if heads != kv_heads:
+        if gqa == "native" and _HAS_ENABLE_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _expand_kv(k, heads), _expand_kv(v, heads)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    mask = None
+    is_causal = causal and q_len > 1
+    if window_size is not None or (is_causal and q_len != kv_len):
+        assert allow_mask, "checks route masked calls away from this backend"
+        mask = visibility_mask(q_len, kv_len, causal=causal, window_size=window_size, device=q.device)
+        is_causal = False
+    try:
+        if backend is None:
+            out = F.scaled_dot_product_attention(
+                _bhsd(q),
+                _bhsd(k),
+                _bhsd(v),
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=softmax_scale,
+                **kwargs,
+            )
+        else:
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(
+                    _bhsd(q),
+                    _bhsd(k),
+                    _bhsd(v),
+                    attn_mask=mask,
+                    dropout_p=dropout_p,
+                    is_causal=is_causal,
+                    scale=softmax_scale,
+                    **kwargs,
+                )
+    except RuntimeError as exc:
+        if "No available kernel" not in str(exc):
+            raise
+        raise BackendUnavailableError(
+            f"{OPERATION_NAME}: PyTorch's SDPA {backend} rejected this call: {str(exc).splitlines()[0]}",
+            operation=OPERATION_NAME,
+            backend=str(backend),
+        ) from exc
+    return out.transpose(1, 2)
+
+
+def _sdpa_impl(backend: SDPBackend | None, gqa: str, allow_mask: bool) -> Callable[..., torch.Tensor]:
+    def run(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        softmax_scale: float | None,
+        window_size: tuple[int, int] | None,
+        softcap: float | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        del softcap  # checks keep softcapped calls away from SDPA
+        return _run_sdpa(
+            backend,
+            q,
+            k,
+            v,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            window_size=window_size,
+            dropout_p=dropout_p,
+            gqa=gqa,
+            allow_mask=allow_mask,
+        )
+
+    return run
+
+
+def _flash_attn_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float | None,
+    window_size: tuple[int, int] | None,
+    softcap: float | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    kwargs: dict[str, Any] = {"window_size": window_size if window_size is not None else (-1, -1)}
+    if softcap is not None:
+        kwargs["softcap"] = softcap
+    out: torch.Tensor = flash_attn_func(
+        q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, **kwargs
+    )
+    return out
+
+
+def _triton_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float | None,
+    window_size: tuple[int, int] | None,
+    softcap: float | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    from llamatelemetry_flashattn.triton_kernel import triton_attention
+
+    del dropout_p  # the check keeps dropout away from this kernel
+    return triton_attention(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap
+    )
+
+
+def _reference_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float | None,
+    window_size: tuple[int, int] | None,
+    softcap: float | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    return attention_reference(
+        q,
+        k,
+        v,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        window_size=window_size,
+        softcap=softcap,
+        dropout_p=dropout_p,
+    )
+
+
+ATTENTION = Operation(OPERATION_NAME, _reference_impl)
+ATTENTION.register(
+    "flash_attn",
+    _flash_attn_impl,
+    priority=500,
+    devices={"cuda"},
+    checks=[
+        requires_module("flash_attn", 'pip install "llamatelemetry-flashattn[flash-attn]"'),
+        _flash_attn_usable,
+        requires_dtypes(*_HALF),
+        _head_dim_check(MAX_HEAD_DIM),
+        _flash_attn_softcap,
+    ],
+)
+ATTENTION.register(
+    "sdpa_cudnn",
+    _sdpa_impl(SDPBackend.CUDNN_ATTENTION, gqa="expand", allow_mask=False),
+    priority=400,
+    devices={"cuda"},
+    checks=[
+        requires_min_capability(8, 0),
+        requires_dtypes(*_HALF),
+        _head_dim_check(128),
+        _no_gqa,
+        _no_mask,
+        _no_softcap,
+        _no_dropout,
+        _sdpa_runs("cudnn"),
+    ],
+)
+ATTENTION.register(
+    "sdpa_flash",
+    _sdpa_impl(SDPBackend.FLASH_ATTENTION, gqa="native", allow_mask=False),
+    priority=300,
+    devices={"cuda"},
+    checks=[
+        requires_min_capability(8, 0),
+        requires_dtypes(*_HALF),
+        _head_dim_check(MAX_HEAD_DIM),
+        _no_mask,
+        _no_softcap,
+        _sdpa_runs("flash"),
+    ],
+)
+ATTENTION.register(
+    "triton",
+    _triton_impl,
+    priority=350,
+    devices=triton_devices,
+    checks=[
+        requires_module("triton", "pip install triton"),
+        requires_min_capability(7, 5),
+        _triton_dtypes,
+        _bf16_on_device,
+        _head_dim_check(MAX_HEAD_DIM, multiple=1),
+        _no_dropout,
+        _forward_only,
+        _triton_runs,
+    ],
+)
+ATTENTION.register(
+    "sdpa_efficient",
+    _sdpa_impl(SDPBackend.EFFICIENT_ATTENTION, gqa="expand", allow_mask=True),
+    priority=100,
+    devices={"cuda"},
+    checks=[
+        requires_min_capability(5, 0),
+        requires_dtypes(*_HALF, torch.float32),
+        _bf16_on_device,
+        _head_dim_check(MAX_HEAD_DIM),
+        _no_softcap,
+        _no_empty_rows,
+        _sdpa_runs("efficient"),
+    ],
+)
+ATTENTION.register(
+    "sdpa_cpu",
+    _sdpa_impl(None, gqa="native", allow_mask=True),
+    priority=50,
+    devices={"cpu"},
+    checks=[
+        requires_dtypes(*_HALF, torch.float32, torch.float64),
+        _no_softcap,
+        _no_empty_rows,
+    ],
+)
+
+
+@dataclass(frozen=True)
+class BackendReport:
+    """One implementation of ``flash_attention`` and whether it runs a typical call on a device."""
+
+    name: str
+    priority: int
+    runs: bool
+    reason: str | None
+    selected: bool
+
+
+def attention_backend_report(
+    device: DeviceInfo | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    head_dim: int = 64,
+    causal: bool = True,
+    seq_len: int = 2048,
+) -> list[BackendReport]:
+    """Every attention implementation, best first, with whether it runs a typical call here and why not.
+
+    The typical call is a prefill of ``seq_len`` tokens, ``head_dim`` wide, in ``dtype`` (fp16 on a GPU, fp32
+    on CPU by default). ``device`` may be a simulated one (``simulate_device("t4")``). The first entry that runs
+    is the one :func:`~llamatelemetry_flashattn.flash_attention_forward` would choose (``selected``).
+    """
+    info = device if device is not None else get_device_info()
+    if dtype is None:
+        dtype = torch.float16 if info.is_cuda else torch.float32
+    shape = AttentionCall(
+        batch=1,
+        q_len=seq_len,
+        kv_len=seq_len,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=head_dim,
+        causal=causal,
+        window_size=None,
+        softcap=None,
+        dropout_p=0.0,
+        needs_grad=False,
+    )
+    call = CallSpec(device=info, dtype=dtype, attrs=shape.attrs())
+    candidates = ATTENTION.explain(call)
+    chosen = next((c.name for c in candidates if c.reason is None), None)
+    return [BackendReport(c.name, c.priority, c.reason is None, c.reason, c.name == chosen) for c in candidates]

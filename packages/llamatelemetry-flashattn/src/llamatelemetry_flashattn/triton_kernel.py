@@ -1,0 +1,385 @@
+"""FlashAttention-2 forward pass as a Triton kernel: exact attention in O(n) memory.
+
+What it computes is :func:`~llamatelemetry_flashattn.reference.attention_reference` (causal masking aligned to
+the end of the keys, sliding window, softcap, grouped-query attention; a query that sees no key gets zeros).
+Layout ``[batch, seqlen, heads, head_dim]``, any strides; fp16/bf16 on GPUs (fp32 too in the interpreter).
+
+The algorithm is the one of Dao et al., *FlashAttention-2* (2023): a program owns a tile of query rows and walks
+the key/value tiles once, keeping for every row the running maximum ``m`` of its logits, the running sum ``l``
+of ``exp(logit - m)`` and the running, unnormalised output; a larger maximum rescales both by
+``exp(m_old - m_new)`` (the "online softmax" of Milakov & Gimelshein, 2018). Only tiles live in memory, never the
+``n x n`` matrix. Details of this implementation:
+
+* Rows are (query, head) pairs of one key/value head: the ``G = H / H_kv`` query heads that share a KV head are
+  packed into the row dimension, so K and V are read once per KV head (a decode step with GQA is one program per
+  KV head, not ``G``).
+* The key range a tile of rows can see is computed first (causal end, window start), and tiles outside it are
+  never loaded. Inside the range, tiles every row sees completely run without any masking; only the boundary
+  tiles (window start, causal diagonal, sequence end) build the mask. The three phases are unrolled at compile
+  time (``tl.static_range``), so the unmasked loop carries no mask code.
+* On a GPU the loops are ``range`` loops, which Triton software-pipelines (``num_stages``); in the interpreter
+  (``PIPELINED=False``) they are ``while`` loops, because Triton 3.6's interpreter cannot take runtime ``range``
+  bounds under NumPy 2.4.
+* exp2 with ``log2(e)`` folded into the scale; accumulation in fp32; rows with no visible key are guarded so
+  that no ``exp(-inf - -inf)`` NaN can arise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.environment import triton_interpreter_enabled
+from llamatelemetry_flashattn.reference import UNBOUNDED, normalize_window
+from llamatelemetry_flashattn.tiles import TileConfig, choose_tiles
+
+if TYPE_CHECKING:
+    from llamatelemetry_core.aot import KernelBuild
+
+__all__ = ["AOT_HEAD_DIMS", "kernel_builds", "triton_attention"]
+
+_LOG2E = 1.4426950408889634
+_FAR = 1 << 30  # an "unbounded" window side, far beyond any sequence length yet safe from int32 overflow
+AOT_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _attend_tile(  # type: ignore[no-untyped-def]
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_block,
+    v_block,
+    n0,
+    pos,
+    kv_len,
+    qk_scale,
+    softcap_log2,
+    window_left,
+    window_right,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One key/value tile into the running (acc, l, m) of every row; MASKED tiles apply window and bounds."""
+    if MASKED:
+        k = tl.load(k_block, boundary_check=(0, 1), padding_option="zero")
+        v = tl.load(v_block, boundary_check=(0, 1), padding_option="zero")
+    elif HEAD_DIM == BLOCK_D:
+        k = tl.load(k_block)
+        v = tl.load(v_block)
+    else:
+        k = tl.load(k_block, boundary_check=(0,), padding_option="zero")
+        v = tl.load(v_block, boundary_check=(1,), padding_option="zero")
+    s = tl.dot(q, k)
+    if USE_SOFTCAP:  # noqa: SIM108 (a constexpr branch: the other one is not compiled)
+        # softcap * tanh(x), tanh(x) = 2 * sigmoid(2x) - 1, in log2 units for exp2
+        s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * (s * qk_scale)) - 1.0)
+    else:
+        s = s * qk_scale
+    if MASKED:
+        cols = n0 + tl.arange(0, BLOCK_N)
+        visible = (
+            (cols[None, :] < kv_len)
+            & (cols[None, :] >= pos[:, None] - window_left)
+            & (cols[None, :] <= pos[:, None] + window_right)
+        )
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; exp2(-inf - -inf) would be NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
+    Q,
+    K,
+    V,
+    Out,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_od,
+    q_len,
+    kv_len,
+    num_kv_heads,
+    group,
+    qk_scale,
+    softcap_log2,
+    window_left,
+    window_right,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    PIPELINED: tl.constexpr,
+):
+    # Heavier (later, under causal masking) row tiles first, so the last wave is made of short programs.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_kv_heads).to(tl.int64)
+    off_hk = pid_bh % num_kv_heads
+
+    n_rows = q_len * group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    q_idx = rows // group
+    head = off_hk * group + rows % group
+    offset = kv_len - q_len
+    pos = q_idx + offset  # position of each row's query among the keys
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = (
+        Q + off_b * stride_qb + q_idx[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    )
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    k_base = K + off_b * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b * stride_vb + off_hk.to(tl.int64) * stride_vh
+
+    # Keys seen by some row of this tile: [lo, hi). Keys seen by every row: [full_lo, full_hi).
+    pos_first = (pid_m * BLOCK_M) // group + offset
+    pos_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1) // group + offset
+    lo = tl.maximum(pos_first - window_left, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(pos_last + window_right + 1, kv_len)
+    full_lo = tl.maximum(pos_last - window_left, 0)
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(pos_first + window_right + 1, kv_len)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+    mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for phase in tl.static_range(3):
+        # phase 0: [lo, mid_lo) masked; 1: [mid_lo, mid_hi) unmasked; 2: [mid_hi, hi) masked.
+        if phase == 0:
+            start = lo
+            end = mid_lo
+        elif phase == 1:
+            start = mid_lo
+            end = mid_hi
+        else:
+            start = mid_hi
+            end = hi
+        k_block = tl.make_block_ptr(
+            k_base, (HEAD_DIM, kv_len), (stride_kd, stride_ks), (0, start), (BLOCK_D, BLOCK_N), (0, 1)
+        )
+        v_block = tl.make_block_ptr(
+            v_base, (kv_len, HEAD_DIM), (stride_vs, stride_vd), (start, 0), (BLOCK_N, BLOCK_D), (1, 0)
+        )
+        if PIPELINED:
+            for n0 in range(start, end, BLOCK_N):
+                acc, l_i, m_i = _attend_tile(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    k_block,
+                    v_block,
+                    n0,
+                    pos,
+                    kv_len,
+                    qk_scale,
+                    softcap_log2,
+                    window_left,
+                    window_right,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    BLOCK_N,
+                    USE_SOFTCAP,
+                    phase != 1,
+                )
+                k_block = tl.advance(k_block, (0, BLOCK_N))
+                v_block = tl.advance(v_block, (BLOCK_N, 0))
+        else:
+            n0 = start
+            while n0 < end:
+                acc, l_i, m_i = _attend_tile(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    k_block,
+                    v_block,
+                    n0,
+                    pos,
+                    kv_len,
+                    qk_scale,
+                    softcap_log2,
+                    window_left,
+                    window_right,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    BLOCK_N,
+                    USE_SOFTCAP,
+                    phase != 1,
+                )
+                k_block = tl.advance(k_block, (0, BLOCK_N))
+                v_block = tl.advance(v_block, (BLOCK_N, 0))
+                n0 += BLOCK_N
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = (
+        Out + off_b * stride_ob + q_idx[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+    )
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _window_bounds(causal: bool, window_size: tuple[int, int] | None) -> tuple[int, int]:
+    left, right = normalize_window(window_size, causal)
+    return (_FAR if left == UNBOUNDED else left), (_FAR if right == UNBOUNDED else right)
+
+
+def _scales(head_dim: int, softmax_scale: float | None, softcap: float | None) -> tuple[float, float]:
+    """(qk_scale, softcap_log2): the factors of the logits in log2 units, see the kernel."""
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    if softcap is None:
+        return scale * _LOG2E, 0.0
+    return scale / softcap, softcap * _LOG2E
+
+
+def launch_config(q: torch.Tensor, k: torch.Tensor, device: DeviceInfo | None = None) -> TileConfig:
+    """The tiles :func:`triton_attention` uses for these inputs on ``device`` (default: the tensors' device)."""
+    info = device if device is not None else get_device_info(q.device, refresh_memory=False)
+    group = q.shape[2] // k.shape[2]
+    return choose_tiles(q.shape[3], q.dtype, info, rows_per_program=q.shape[1] * group)
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    tiles: TileConfig | None = None,
+) -> torch.Tensor:
+    """Run the kernel: ``q`` ``[B, Sq, H, D]``, ``k``/``v`` ``[B, Skv, H_kv, D]`` -> ``[B, Sq, H, D]``.
+
+    Inputs are validated by the public function; ``tiles`` overrides :func:`choose_tiles` (benchmarks, tests).
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    config = tiles if tiles is not None else launch_config(q, k)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if q_len == 0 or batch == 0:
+        return out
+    left, right = _window_bounds(causal, window_size)
+    qk_scale, softcap_log2 = _scales(head_dim, softmax_scale, softcap)
+    grid = (triton.cdiv(q_len * group, config.block_m), batch * kv_heads)
+    _attention_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        q_len,
+        kv_len,
+        kv_heads,
+        group,
+        qk_scale,
+        softcap_log2,
+        left,
+        right,
+        HEAD_DIM=head_dim,
+        BLOCK_D=config.block_d,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        USE_SOFTCAP=softcap is not None,
+        PIPELINED=not triton_interpreter_enabled(),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def kernel_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decode: bool = False) -> KernelBuild:
+    """The build :func:`triton_attention` launches for ``head_dim`` and ``dtype`` on ``device``.
+
+    ``decode=False`` is a prefill (many rows per program), ``decode=True`` one query with 4 heads per KV head.
+    """
+    from llamatelemetry_core.aot import KernelBuild
+
+    config = choose_tiles(head_dim, dtype, device, rows_per_program=4 if decode else None)
+    pointer = "*" + _TRITON_DTYPES[dtype]
+    signature: dict[str, str] = dict.fromkeys(("Q", "K", "V", "Out"), pointer)
+    for tensor in "qkvo":
+        for dim in "bshd":
+            signature[f"stride_{tensor}{dim}"] = "i32"
+    signature.update({"q_len": "i32", "kv_len": "i32", "num_kv_heads": "i32", "group": "i32"})
+    signature.update({"qk_scale": "fp32", "softcap_log2": "fp32", "window_left": "i32", "window_right": "i32"})
+    constexprs: dict[str, int | float | bool | str] = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": config.block_d,
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "USE_SOFTCAP": False,
+        "PIPELINED": True,
+    }
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    # A unit stride of the head dimension is what the launcher sees for contiguous inputs, and Triton
+    # specialises on it; the AOT build does the same so that it compiles the kernel that will actually run.
+    for tensor in "qkvo":
+        signature[f"stride_{tensor}d"] = "constexpr"
+        constexprs[f"stride_{tensor}d"] = 1
+    kind = "decode" if decode else "prefill"
+    name = (
+        f"flashattn.fwd[{_TRITON_DTYPES[dtype]},d={head_dim},{kind},"
+        f"{config.block_m}x{config.block_n},w{config.num_warps},s{config.num_stages}]"
+    )
+    return KernelBuild(
+        name, _attention_fwd_kernel, signature, constexprs, num_warps=config.num_warps, num_stages=config.num_stages
+    )
+
+
+def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
+    """Every build the library launches on ``device``: head dims 64, 80, 96, 128, 256; prefill and decode tiles;
+    fp16, and bf16 where the device supports it."""
+    dtypes = [torch.float16, torch.bfloat16] if device.supports_bf16 else [torch.float16]
+    for dtype in dtypes:
+        for head_dim in AOT_HEAD_DIMS:
+            for decode in (False, True):
+                yield kernel_build(head_dim, dtype, device, decode=decode)

@@ -1,0 +1,95 @@
+"""Tiles per device (a pure function shared by launcher and AOT provider), and compiling them for a T4."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+from llamatelemetry_core.device import get_device_info, simulate_device
+from llamatelemetry_core.environment import triton_interpreter_enabled
+from llamatelemetry_core.gpu_specs import GPU_SPECS
+from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM, TileConfig, choose_tiles, padded_head_dim
+
+HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+@pytest.mark.parametrize("key", [s.key for s in GPU_SPECS])
+def test_tiles_fit_every_known_gpu(key: str) -> None:
+    with simulate_device(key) as device:
+        limit = device.shared_memory_per_block_bytes
+        assert limit is not None
+        for head_dim in (*HEAD_DIMS, 16, 48, 200):
+            for dtype in (torch.float16, torch.bfloat16):
+                for rows in (None, 1, 4, 37, 4096):
+                    tiles = choose_tiles(head_dim, dtype, device, rows_per_program=rows)
+                    assert tiles.shared_memory_estimate(2) <= limit, (key, head_dim, rows, tiles)
+                    assert tiles.block_d == padded_head_dim(head_dim) >= head_dim
+                    assert min(tiles.block_m, tiles.block_n) >= 16 and tiles.num_warps in (4, 8)
+
+
+def test_t4_gets_smaller_tiles_than_an_h100() -> None:
+    with simulate_device("t4") as t4:
+        small = [choose_tiles(d, torch.float16, t4) for d in HEAD_DIMS]
+    with simulate_device("h100") as h100:
+        big = [choose_tiles(d, torch.float16, h100) for d in HEAD_DIMS]
+    assert all(s.block_m <= 64 for s in small)
+    assert big[0] == TileConfig(64, 64, 64, 4, 3)
+    assert big[3].block_m == 128 and big[3].block_n == 64 and big[3].num_stages >= 2
+    assert all(b.block_m * b.block_n >= s.block_m * s.block_n for s, b in zip(small, big, strict=True))
+
+
+def test_decode_tiles_shrink_to_the_rows() -> None:
+    with simulate_device("h100") as h100:
+        assert choose_tiles(128, torch.float16, h100, rows_per_program=4).block_m == 16
+        assert choose_tiles(128, torch.float16, h100, rows_per_program=40).block_m == 64
+
+
+def test_choice_is_a_pure_function_of_its_inputs() -> None:
+    with simulate_device("a100") as a100:
+        assert choose_tiles(96, torch.bfloat16, a100) == choose_tiles(96, torch.bfloat16, a100)
+    with pytest.raises(ValueError, match="head_dim"):
+        choose_tiles(MAX_HEAD_DIM + 8, torch.float16, get_device_info("cpu"))
+
+
+def test_provider_is_registered_and_yields_what_the_library_launches() -> None:
+    pytest.importorskip("triton")
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="llamatelemetry.kernel_builds")}
+    assert "flashattn" in eps
+    provider = eps["flashattn"].load()
+    with simulate_device("t4") as t4:
+        builds = list(provider(t4))
+        names = [b.name for b in builds]
+        assert len(builds) == 2 * len(HEAD_DIMS)  # prefill + decode per head dim, fp16 only: no bf16 on a T4
+        assert all("fp16" in n for n in names)
+        for build in builds:
+            d = int(build.constexprs["HEAD_DIM"])
+            rows = 4 if "decode" in build.name else None
+            tiles = choose_tiles(d, torch.float16, t4, rows_per_program=rows)
+            assert (build.constexprs["BLOCK_M"], build.constexprs["BLOCK_N"], build.num_warps, build.num_stages) == (
+                tiles.block_m,
+                tiles.block_n,
+                tiles.num_warps,
+                tiles.num_stages,
+            )
+    with simulate_device("h100") as h100:
+        assert any("bf16" in b.name for b in provider(h100))
+
+
+@pytest.mark.triton_compiler
+@pytest.mark.skipif(
+    triton_interpreter_enabled(),
+    reason="the kernel calls a jitted helper, which cannot be compiled ahead of time under TRITON_INTERPRET=1 "
+    "(run without the interpreter, as the t4 nox session does)",
+)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_t4_prefill_build_compiles_within_64_kib(head_dim: int) -> None:
+    from llamatelemetry_core.aot import compile_build
+    from llamatelemetry_flashattn.triton_kernel import kernel_build
+
+    with simulate_device("t4") as t4:
+        report = compile_build(kernel_build(head_dim, torch.float16, t4), t4)
+    assert report.ok, report.problems
+    assert report.target == "sm_75"
+    assert report.shared_memory_bytes <= 64 * 1024 == report.shared_memory_limit_bytes
