@@ -1,14 +1,48 @@
-"""Documented path of the ``llamatelemetry-triton`` component (``pip install "llamatelemetry[triton]"``).
+"""Triton kernels and a kernel registry (``pip install "llamatelemetry[triton]"``): re-exports llamatelemetry_triton.
 
-The installed component does not provide the documented names yet: each raises an error that says so.
+Without Triton itself the component still imports: nothing is registered (``list_kernels() == []``) and every
+function runs its PyTorch fallback.
 """
 
-from llamatelemetry._components import import_component, not_yet_provided
+from llamatelemetry._components import missing_component
 
-import_component("triton")
+try:
+    from llamatelemetry_triton import KernelConfig as KernelConfig
+    from llamatelemetry_triton import RegisteredKernel as RegisteredKernel
+    from llamatelemetry_triton import force_max_block_size as force_max_block_size
+    from llamatelemetry_triton import get_kernel as get_kernel
+    from llamatelemetry_triton import list_kernels as list_kernels
+    from llamatelemetry_triton import register_kernel as register_kernel
+    from llamatelemetry_triton import rope_cos_sin as rope_cos_sin
+    from llamatelemetry_triton import triton_add as triton_add
+    from llamatelemetry_triton import triton_fused_add_layernorm as triton_fused_add_layernorm
+    from llamatelemetry_triton import triton_fused_add_rmsnorm as triton_fused_add_rmsnorm
+    from llamatelemetry_triton import triton_geglu as triton_geglu
+    from llamatelemetry_triton import triton_layernorm as triton_layernorm
+    from llamatelemetry_triton import triton_rmsnorm as triton_rmsnorm
+    from llamatelemetry_triton import triton_rope as triton_rope
+    from llamatelemetry_triton import triton_softmax as triton_softmax
+    from llamatelemetry_triton import triton_swiglu as triton_swiglu
+    from llamatelemetry_triton import unregister_kernel as unregister_kernel
+except ImportError as exc:
+    raise missing_component("triton", exc) from exc
 
-__all__: list[str] = []
-
-
-def __getattr__(name: str) -> object:
-    raise not_yet_provided("triton", name)
+__all__ = [
+    "KernelConfig",
+    "RegisteredKernel",
+    "force_max_block_size",
+    "get_kernel",
+    "list_kernels",
+    "register_kernel",
+    "rope_cos_sin",
+    "triton_add",
+    "triton_fused_add_layernorm",
+    "triton_fused_add_rmsnorm",
+    "triton_geglu",
+    "triton_layernorm",
+    "triton_rmsnorm",
+    "triton_rope",
+    "triton_softmax",
+    "triton_swiglu",
+    "unregister_kernel",
+]

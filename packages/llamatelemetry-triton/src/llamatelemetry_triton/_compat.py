@@ -1,0 +1,59 @@
+"""Triton, when it imports; a stand-in that lets the kernel modules import when it does not.
+
+Kernel modules write ``@triton.jit`` at module level. Without Triton the stand-in's ``jit`` returns a placeholder
+that raises if anyone tries to launch it, so the references, the public functions and their PyTorch fallbacks
+stay importable and usable (the ``cpu-fallback`` test matrix).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "TritonMissingError", "tl", "triton"]
+
+
+class TritonMissingError(ImportError):
+    """A Triton kernel was launched but Triton is not installed."""
+
+
+class _MissingKernel:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", "kernel")
+
+    def __getitem__(self, grid: object) -> Any:
+        raise TritonMissingError(
+            f"Triton kernel {self.__name__} cannot run: Triton is not installed ({TRITON_IMPORT_ERROR}); "
+            "install it with: pip install triton"
+        )
+
+
+class _MissingTriton:
+    """The part of ``triton`` and ``triton.language`` that module-level kernel definitions touch."""
+
+    constexpr = object
+
+    @staticmethod
+    def jit(fn: Any = None, **_: Any) -> Any:
+        if fn is None:
+            return _MissingKernel
+        return _MissingKernel(fn)
+
+    def __getattr__(self, name: str) -> Any:
+        raise TritonMissingError(f"triton.{name} is unavailable: Triton is not installed ({TRITON_IMPORT_ERROR})")
+
+
+triton: Any
+tl: Any
+TRITON_IMPORT_ERROR: str | None
+try:
+    import triton as _triton
+    import triton.language as _tl
+except ImportError as exc:
+    triton = tl = _MissingTriton()
+    TRITON_IMPORT_ERROR = str(exc)
+else:
+    triton, tl = _triton, _tl
+    TRITON_IMPORT_ERROR = None
+
+HAS_TRITON: bool = TRITON_IMPORT_ERROR is None

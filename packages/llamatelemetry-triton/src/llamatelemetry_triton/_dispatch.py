@@ -1,0 +1,187 @@
+"""What every operation of this package shares: its Triton implementation's checks, call descriptions, and
+the path taken while ``torch.compile`` traces a call."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from llamatelemetry_core.device import DeviceInfo, get_device_info, simulated_device_key
+from llamatelemetry_core.environment import triton_devices
+from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
+from llamatelemetry_core.selection import CallSpec, Check, Operation, requires_dtypes, requires_module
+from llamatelemetry_core.validation import dtype_name, format_shape
+from llamatelemetry_triton._compat import HAS_TRITON, triton
+
+__all__ = [
+    "TRITON",
+    "TRITON_DTYPES",
+    "TRITON_PRIORITY",
+    "call_spec",
+    "check_float_tensor",
+    "check_vector",
+    "device_info",
+    "dispatch",
+    "needs_autograd",
+    "register_triton",
+    "run_op",
+    "triton_errors",
+]
+
+TRITON = "triton"
+TRITON_PRIORITY = 100
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_info(simulated: str | None, kind: str, index: int | None) -> DeviceInfo:
+    return get_device_info(torch.device(kind, index or 0) if kind == "cuda" else torch.device("cpu"))
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    """:func:`get_device_info`, cached per device and simulated device (its facts do not change while running).
+
+    Avoids a device-properties query and ``cudaMemGetInfo`` on every call of a microsecond kernel.
+    """
+    index: int | None = device.index  # None for a bare "cuda"
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _device_info(simulated_device_key(), device.type, index)
+
+
+def call_spec(first: torch.Tensor, *others: torch.Tensor | None, **attrs: object) -> CallSpec:
+    """Describe a call by its tensors (``None`` for absent optional ones) like ``CallSpec.from_tensors``."""
+    tensors = [first, *(t for t in others if t is not None)]
+    return CallSpec(
+        device=device_info(first.device),
+        dtype=first.dtype,
+        shapes=tuple(tuple(t.shape) for t in tensors),
+        attrs=attrs,
+    )
+
+
+def _bf16_supported(call: CallSpec) -> str | None:
+    if call.dtype == torch.bfloat16 and call.device.is_cuda and not call.device.supports_bf16:
+        return f"bfloat16 needs compute capability >= 8.0, {call.device.name} has {call.device.compute_capability}"
+    return None
+
+
+def _attr_reason(call: CallSpec) -> str | None:
+    reason = call.attrs.get("triton_unsupported")
+    return None if reason is None else str(reason)
+
+
+def register_triton(op: Operation, fn: Callable[..., Any], extra_checks: Sequence[Check] = ()) -> None:
+    """Register ``fn`` as ``op``'s ``triton`` implementation, with the checks every Triton kernel here needs.
+
+    A call may carry ``triton_unsupported=<reason>`` in its attributes for a case the kernel does not cover.
+    """
+    checks: list[Check] = [
+        requires_module("triton", "pip install triton"),
+        requires_dtypes(*TRITON_DTYPES),
+        _bf16_supported,
+        _attr_reason,
+        *extra_checks,
+    ]
+    op.register(TRITON, fn, priority=TRITON_PRIORITY, devices=triton_devices, checks=checks)
+
+
+def dispatch(
+    op: Operation,
+    call: Callable[[], CallSpec],
+    triton_fn: Callable[..., Any],
+    reference_fn: Callable[..., Any],
+    compiled_triton_ok: Callable[[], bool],
+    *args: Any,
+    backend: str | None = None,
+) -> Any:
+    """Run ``op`` on ``args``: through :meth:`Operation.dispatch` eagerly; directly while ``torch.compile`` traces.
+
+    Dynamo cannot trace the selection machinery (locks, context variables), and need not: under tracing the
+    Triton path is taken when ``compiled_triton_ok()`` (a CUDA tensor of a supported dtype with Triton
+    installed) or ``backend="triton"``, the reference otherwise; the custom ops then appear in the graph.
+    """
+    if torch.compiler.is_compiling():
+        if backend == TRITON or (backend is None and HAS_TRITON and compiled_triton_ok()):
+            return triton_fn(*args)
+        return reference_fn(*args)
+    return op.dispatch(call(), *args, backend=backend)
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call must record a backward: grad mode is on and some input requires grad.
+
+    Without one, the launchers run directly, skipping ``autograd.Function`` (microseconds that matter for
+    small kernels).
+    """
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def run_op(op: Callable[..., Any], launcher: Callable[..., Any], *args: Any) -> Any:
+    """Call the custom op ``op`` while ``torch.compile`` traces, the ``launcher`` behind it otherwise.
+
+    Eagerly the custom op adds nothing but dispatcher overhead (tens of microseconds per call, more than a small
+    kernel takes), so eager calls launch directly; compiled graphs and their CUDA graphs contain the custom op.
+    """
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return launcher(*args)
+
+
+def triton_errors(operation: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Turn Triton's resource and compilation failures into :class:`BackendUnavailableError`.
+
+    Dispatch then falls back to the reference with one warning (or raises if Triton was requested explicitly);
+    any other exception propagates untouched.
+    """
+    errors: tuple[type[BaseException], ...] = ()
+    if HAS_TRITON:
+        from triton.compiler.errors import CompilationError
+
+        errors = (triton.runtime.errors.OutOfResources, CompilationError)
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except errors as exc:
+                raise BackendUnavailableError(
+                    f"{operation}: the Triton kernel could not be compiled or launched here: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                    operation=operation,
+                    backend=TRITON,
+                ) from exc
+
+        return wrapper
+
+    return decorate
+
+
+def check_float_tensor(x: object, name: str) -> torch.Tensor:
+    """Return ``x`` if it is a floating-point tensor; raise ``TypeError`` / :class:`ConfigurationError` otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ConfigurationError(
+            f"expected {name} to be a floating-point tensor, got {dtype_name(x.dtype)}; convert it with "
+            f"{name}.float() or {name}.half()"
+        )
+    return x
+
+
+def check_vector(v: torch.Tensor | None, n: int, name: str, x: torch.Tensor) -> None:
+    """Raise unless ``v`` is ``None`` or a float vector of ``n`` elements on ``x``'s device."""
+    if v is None:
+        return
+    check_float_tensor(v, name)
+    if tuple(v.shape) != (n,):
+        raise ConfigurationError(
+            f"expected {name} of shape [{n}] (the last dimension of x, shape {format_shape(x.shape)}), "
+            f"got {format_shape(v.shape)}"
+        )
+    if v.device != x.device:
+        raise ConfigurationError(f"expected {name} on {x.device} like x, got {v.device}; move it with .to(x.device)")

@@ -1,0 +1,216 @@
+"""Launch configurations, chosen from the shape, the dtype and the device: never measured, never random.
+
+Every chooser here is a pure function of ``(shape, dtype, DeviceInfo)`` (plus an optional block cap that the
+launchers take from :func:`force_max_block_size`), so that the launcher that runs a kernel
+and the ahead-of-time provider (:mod:`llamatelemetry_triton.aot`) that compiles it for a T4, an A100 or an H100
+agree on what would be launched. Autotuning is deliberately not used: the interpreter cannot benchmark, a
+first-call tuning pass would land inside CUDA-graph captures, and these kernels are memory bound, where a
+good heuristic is within noise of the best configuration.
+
+The rules of thumb:
+
+* a row-wise kernel keeps a whole row in registers (fp32) when it fits in one block of at most
+  ``max_single_block`` elements, and otherwise loops over the row in blocks;
+* warps grow with the block so that each thread moves about 32 bytes per load (two 16-byte vectors);
+* loops get two pipeline stages where the device's shared memory holds them (loads in flight hide latency),
+  fewer where it does not: a T4 allows 64 KiB per block, an A100 163 KiB, an H100 227 KiB;
+* a softmax row too long for one block is split over several programs when there are too few rows to fill
+  the GPU (a 32 x 128256 logits tensor), each computing partial statistics that are then combined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from llamatelemetry_core.device import DeviceInfo
+from llamatelemetry_core.errors import ConfigurationError
+
+__all__ = [
+    "NORM_LOOP_BLOCK",
+    "NORM_MAX_SINGLE_BLOCK",
+    "SOFTMAX_LOOP_BLOCK",
+    "SOFTMAX_MAX_SINGLE_BLOCK",
+    "SOFTMAX_MAX_SPLITS",
+    "LaunchConfig",
+    "current_max_block_size",
+    "elementwise_config",
+    "force_max_block_size",
+    "glu_config",
+    "next_power_of_2",
+    "norm_backward_programs",
+    "norm_config",
+    "rope_config",
+    "softmax_config",
+]
+
+NORM_MAX_SINGLE_BLOCK = 8192
+"""Longest row (elements) a norm kernel keeps in registers; longer rows loop. x, weight and bias are held."""
+NORM_LOOP_BLOCK = 4096
+"""Block of a norm kernel looping over a row longer than ``NORM_MAX_SINGLE_BLOCK``."""
+SOFTMAX_MAX_SINGLE_BLOCK = 16384
+"""Longest row a softmax keeps in registers; only the row itself is held, so it can be twice a norm's."""
+SOFTMAX_LOOP_BLOCK = 4096
+SOFTMAX_MAX_SPLITS = 64
+_ELEMENTWISE_BYTES_PER_PROGRAM = 8192
+_BYTES_PER_THREAD = 32
+
+_max_block: contextvars.ContextVar[int | None] = contextvars.ContextVar("llamatelemetry_max_block", default=None)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one kernel is launched: block size (elements), warps, pipeline stages, and row strategy.
+
+    ``single_block`` is true when a whole row fits in one block (held in registers); ``splits`` is the number of
+    programs sharing one row (softmax of very long rows); ``programs`` is a fixed grid size where the kernel
+    loops over rows itself (norm backward), else 0.
+    """
+
+    block_size: int
+    num_warps: int
+    num_stages: int = 1
+    single_block: bool = True
+    splits: int = 1
+    chunk_size: int = 0
+    programs: int = 0
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def current_max_block_size() -> int | None:
+    """The cap set by :func:`force_max_block_size` in this thread or task, else ``None``."""
+    return _max_block.get()
+
+
+@contextlib.contextmanager
+def force_max_block_size(block_size: int) -> Iterator[None]:
+    """Within the block, row kernels use blocks of at most ``block_size`` elements (a power of two >= 16).
+
+    For tests and experiments: a small cap makes rows "longer than a block" cheap to build, so the looped and
+    split code paths run on tiny inputs (in the interpreter too).
+    """
+    given: object = block_size  # validated at run time whatever the annotation says
+    if isinstance(given, bool) or not isinstance(given, int) or given < 16:
+        raise ConfigurationError(f"expected block_size to be a power of two >= 16, got {block_size!r}")
+    if block_size & (block_size - 1):
+        raise ConfigurationError(
+            f"expected block_size to be a power of two >= 16, got {block_size}; try {next_power_of_2(block_size)}"
+        )
+    token = _max_block.set(block_size)
+    try:
+        yield
+    finally:
+        _max_block.reset(token)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return int(dtype.itemsize)
+
+
+def _warps_for(block_size: int, element_size: int, *, low: int = 1, high: int = 16) -> int:
+    warps = block_size * element_size // (32 * _BYTES_PER_THREAD)
+    return max(low, min(high, next_power_of_2(warps)))
+
+
+def _stages_that_fit(block_size: int, element_size: int, loads: int, device: DeviceInfo, wanted: int = 2) -> int:
+    """Pipeline stages whose buffers (``loads`` blocks each) fit in half the device's shared memory."""
+    limit = device.shared_memory_per_block_bytes
+    if limit is None:  # the CPU (interpreter): no shared memory to respect
+        return wanted
+    stages = wanted
+    while stages > 1 and block_size * element_size * loads * stages > limit // 2:
+        stages -= 1
+    return stages
+
+
+def _cap(max_single: int, max_block: int | None) -> int:
+    return max_single if max_block is None else min(max_single, max_block)
+
+
+def norm_config(
+    n_cols: int, dtype: torch.dtype, device: DeviceInfo, *, backward: bool = False, max_block: int | None = None
+) -> LaunchConfig:
+    """LayerNorm / RMSNorm over rows of ``n_cols`` elements of ``dtype`` (``backward``: the gradient kernel).
+
+    The backward holds about seven row-sized fp32 values per element (x, dy, weight, two accumulators, ...), so
+    it gets twice the warps of the forward, up to 16, to stay within the registers ptxas allows per thread.
+    """
+    cap = _cap(NORM_MAX_SINGLE_BLOCK, max_block)
+    block = next_power_of_2(n_cols)
+    size = _element_size(dtype)
+    if block <= cap:
+        warps = _warps_for(block, size)
+        return LaunchConfig(block, min(16, 2 * warps) if backward else warps)
+    # x and a residual are streamed; weight and bias are re-read per block from L2.
+    block = min(cap, NORM_LOOP_BLOCK)
+    warps = _warps_for(block, size)
+    stages = _stages_that_fit(block, size, 2, device)
+    return LaunchConfig(block, min(16, 2 * warps) if backward else warps, stages, single_block=False)
+
+
+def norm_backward_programs(n_rows: int, device: DeviceInfo) -> int:
+    """Programs of the norm backward: each owns consecutive rows and one row of weight/bias gradient partials.
+
+    Two per SM keeps the partial buffer (programs x n_cols fp32) small next to the rows while filling the GPU.
+    """
+    return max(1, min(n_rows, 2 * device.sm_count))
+
+
+def softmax_config(
+    n_rows: int, n_cols: int, dtype: torch.dtype, device: DeviceInfo, *, max_block: int | None = None
+) -> LaunchConfig:
+    """Softmax over rows of ``n_cols``: one block per row when it fits, else looped and possibly split."""
+    size = _element_size(dtype)
+    block = next_power_of_2(n_cols)
+    cap = _cap(SOFTMAX_MAX_SINGLE_BLOCK, max_block)
+    if block <= cap:
+        return LaunchConfig(block, _warps_for(block, size))
+    loop_block = min(cap, SOFTMAX_LOOP_BLOCK)
+    warps = _warps_for(loop_block, size, low=4)
+    stages = _stages_that_fit(loop_block, size, 1, device)
+    # Enough programs for ~4 per SM; each split is a whole number of blocks.
+    wanted = -(-4 * device.sm_count // max(n_rows, 1))
+    blocks_per_row = -(-n_cols // loop_block)
+    splits = max(1, min(wanted, blocks_per_row, SOFTMAX_MAX_SPLITS))
+    chunk = -(-blocks_per_row // splits) * loop_block
+    splits = -(-n_cols // chunk)
+    return LaunchConfig(loop_block, warps, stages, single_block=False, splits=splits, chunk_size=chunk)
+
+
+def elementwise_config(numel: int, dtype: torch.dtype, device: DeviceInfo, *, strided: bool = False) -> LaunchConfig:
+    """A flat elementwise kernel (add): about 8 KiB of each operand per program, four warps.
+
+    ``strided`` (broadcasting): 1024 elements, since each one's 64-bit index arithmetic costs registers.
+    """
+    size = _element_size(dtype)
+    per_program = 1024 if strided else _ELEMENTWISE_BYTES_PER_PROGRAM // size
+    block = min(per_program, next_power_of_2(numel))
+    block = max(block, 16)
+    return LaunchConfig(block, max(1, min(4, block // 256)))
+
+
+def glu_config(n_cols: int, dtype: torch.dtype, device: DeviceInfo, *, max_block: int | None = None) -> LaunchConfig:
+    """SwiGLU / GeGLU over rows of ``n_cols`` outputs; wide rows are cut into several programs."""
+    size = _element_size(dtype)
+    cap = _cap(_ELEMENTWISE_BYTES_PER_PROGRAM // size, max_block)
+    block = max(16, min(cap, next_power_of_2(n_cols)))
+    return LaunchConfig(block, max(1, min(4, block // 256)), single_block=block >= n_cols)
+
+
+def rope_config(rotary_half: int, num_heads: int, dtype: torch.dtype, device: DeviceInfo) -> LaunchConfig:
+    """RoPE: one program per token; ``block_size`` covers half the rotary dimension; heads go in groups.
+
+    ``chunk_size`` is the number of heads rotated at once (a power of two), keeping a group near 2048 pairs.
+    """
+    block_d = max(16, next_power_of_2(rotary_half))
+    heads = max(1, min(next_power_of_2(num_heads), max(1, 2048 // block_d)))
+    size = _element_size(dtype)
+    return LaunchConfig(block_d, _warps_for(block_d * heads * 2, size, high=8), chunk_size=heads)

@@ -1,0 +1,1 @@
+"""The built-in operations, one module each: reference, kernels, launcher, autograd, public function."""

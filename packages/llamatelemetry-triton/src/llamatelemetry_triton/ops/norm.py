@@ -1,0 +1,758 @@
+"""LayerNorm and RMSNorm over the last dimension, optionally fused with the residual add before them.
+
+For a row ``x`` of ``N`` elements, in fp32 whatever the input dtype::
+
+    LayerNorm   y = (x - mean(x)) * rsqrt(var(x) + eps) * weight + bias      (biased variance)
+    RMSNorm     y = x * rsqrt(mean(x^2) + eps) * weight
+    fused       h = x + residual;  y = norm(h);  returns (y, h)               (h: the next residual)
+
+``x`` may have any number of leading dimensions and any strides; ``weight`` and ``bias`` are optional vectors of
+``N`` elements of any float dtype; ``y`` has ``x``'s dtype and ``h`` the promoted dtype of ``x`` and ``residual``.
+The fused form reads ``x`` and ``residual`` once and writes ``h`` and ``y`` once, where the unfused PyTorch code
+(Hugging Face's ``LlamaRMSNorm`` after an add) makes several fp32 round trips.
+
+Forward: one program per row; a row that fits in one block stays in registers, a longer one is looped over
+three times (sum, centered sum of squares, normalize; RMSNorm needs two). Backward: a fixed grid of programs,
+each owning consecutive rows and accumulating its share of ``dweight``/``dbias`` in registers (a partial row per
+program, summed afterwards), the scheme of Triton's fused LayerNorm tutorial and Liger-Kernel::
+
+    xhat = (x - mean) * rstd,  g = dy * weight
+    dx = rstd * (g - xhat * mean(g * xhat) - mean(g))       (RMSNorm: without the last term)
+    dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.selection import Operation
+from llamatelemetry_core.validation import format_shape
+from llamatelemetry_triton._compat import tl, triton
+from llamatelemetry_triton._dispatch import (
+    TRITON_DTYPES,
+    call_spec,
+    check_float_tensor,
+    check_vector,
+    device_info,
+    dispatch,
+    needs_autograd,
+    register_triton,
+    run_op,
+    triton_errors,
+)
+from llamatelemetry_triton._launch import as_rows, on_device
+from llamatelemetry_triton.heuristics import current_max_block_size, norm_backward_programs, norm_config
+
+__all__ = [
+    "fused_add_layernorm_reference",
+    "fused_add_rmsnorm_reference",
+    "layernorm_reference",
+    "rmsnorm_reference",
+    "triton_fused_add_layernorm",
+    "triton_fused_add_rmsnorm",
+    "triton_layernorm",
+    "triton_rmsnorm",
+]
+
+
+# --- references: the specification, the fallback and the test oracle ---------------------------------------
+
+
+def layernorm_reference(
+    x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5
+) -> torch.Tensor:
+    """LayerNorm of the last dimension in fp32, returned in ``x``'s dtype."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    centered = xf - mean
+    y = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm of the last dimension in fp32, returned in ``x``'s dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def fused_add_rmsnorm_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``; returns ``(rmsnorm(h) in x's dtype, h)``."""
+    h = x + residual
+    return rmsnorm_reference(h, weight, eps).to(x.dtype), h
+
+
+def fused_add_layernorm_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``; returns ``(layernorm(h) in x's dtype, h)``."""
+    h = x + residual
+    return layernorm_reference(h, weight, bias, eps).to(x.dtype), h
+
+
+# --- kernels ----------------------------------------------------------------------------------------------
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
+    X,
+    R,
+    W,
+    B,
+    Y,
+    H,
+    Mean,
+    Rstd,
+    stride_x,
+    stride_r,
+    n_cols,
+    eps,
+    IS_RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x
+    Y += row * n_cols
+    R += row * stride_r
+    H += row * n_cols
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        x = tl.load(X + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(R + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            h = (x + r).to(H.dtype.element_ty)
+            tl.store(H + cols, h, mask=mask)
+            x = h.to(tl.float32)
+        if IS_RMS:
+            xc = x
+            tl.store(Mean + row, tl.full([], 0.0, tl.float32))
+        else:
+            mean = tl.sum(x, axis=0) / n_cols
+            xc = tl.where(mask, x - mean, 0.0)
+            tl.store(Mean + row, mean)
+        rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
+        tl.store(Rstd + row, rstd)
+        y = xc * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(B + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Loops are `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
+        # Pass 1: sum (LayerNorm) or sum of squares (RMSNorm), writing h on the way.
+        acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        start = tl.program_id(0) * 0
+        while start < n_cols:
+            cols = start + tl.arange(0, BLOCK_SIZE)
+            mask = cols < n_cols
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                h = (x + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+                tl.store(H + cols, h, mask=mask)
+                x = h.to(tl.float32)
+            if IS_RMS:
+                acc += x * x
+            else:
+                acc += x
+            start += BLOCK_SIZE
+        if IS_RMS:
+            mean = 0.0
+            tl.store(Mean + row, tl.full([], 0.0, tl.float32))
+            var = tl.sum(acc, axis=0) / n_cols
+        else:
+            mean = tl.sum(acc, axis=0) / n_cols
+            tl.store(Mean + row, mean)
+            # Pass 2: centered sum of squares (two passes, not E[x^2] - E[x]^2, which cancels badly).
+            acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+            start = tl.program_id(0) * 0
+            while start < n_cols:
+                cols = start + tl.arange(0, BLOCK_SIZE)
+                mask = cols < n_cols
+                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_RESIDUAL:
+                    r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
+                    x = (x + r).to(H.dtype.element_ty).to(tl.float32)
+                xc = tl.where(mask, x - mean, 0.0)
+                acc += xc * xc
+                start += BLOCK_SIZE
+            var = tl.sum(acc, axis=0) / n_cols
+        rstd = tl.math.rsqrt(var + eps)
+        tl.store(Rstd + row, rstd)
+        # Last pass: normalize and write.
+        start = tl.program_id(0) * 0
+        while start < n_cols:
+            cols = start + tl.arange(0, BLOCK_SIZE)
+            mask = cols < n_cols
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
+                x = (x + r).to(H.dtype.element_ty).to(tl.float32)
+            y = (x - mean) * rstd
+            if HAS_WEIGHT:
+                y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+            start += BLOCK_SIZE
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    DRES,
+    DX,
+    DW,
+    DB,
+    stride_dy,
+    stride_x,
+    stride_dres,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    IS_RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    DW += pid.to(tl.int64) * n_cols
+    DB += pid.to(tl.int64) * n_cols
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        row = row_start
+        while row < row_end:
+            r64 = row.to(tl.int64)
+            x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(Rstd + row)
+            xhat = x * rstd if IS_RMS else tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+            if HAS_WEIGHT:
+                g = dy * w
+                dw_acc += dy * xhat
+            else:
+                g = dy
+            if HAS_BIAS:
+                db_acc += dy
+            c1 = tl.sum(xhat * g, axis=0) / n_cols
+            if IS_RMS:
+                dx = (g - xhat * c1) * rstd
+            else:
+                c2 = tl.sum(g, axis=0) / n_cols
+                dx = (g - (xhat * c1 + c2)) * rstd
+            if HAS_DRES:
+                dx += tl.load(DRES + r64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            row += 1
+        if HAS_WEIGHT:
+            tl.store(DW + cols, dw_acc, mask=mask)
+        if HAS_BIAS:
+            tl.store(DB + cols, db_acc, mask=mask)
+    else:
+        # Rows longer than a block: two passes per row; the program's partial dW/dB row lives in global memory
+        # (zeroed by the launcher, owned by this program alone).
+        row = row_start
+        while row < row_end:
+            r64 = row.to(tl.int64)
+            rstd = tl.load(Rstd + row)
+            mean = 0.0 if IS_RMS else tl.load(Mean + row)
+            acc1 = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+            start = tl.program_id(0) * 0
+            while start < n_cols:
+                cols = start + tl.arange(0, BLOCK_SIZE)
+                mask = cols < n_cols
+                x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
+                acc1 += xhat * g
+                acc2 += g
+                start += BLOCK_SIZE
+            c1 = tl.sum(acc1, axis=0) / n_cols
+            c2 = tl.sum(acc2, axis=0) / n_cols
+            start = tl.program_id(0) * 0
+            while start < n_cols:
+                cols = start + tl.arange(0, BLOCK_SIZE)
+                mask = cols < n_cols
+                x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                if HAS_WEIGHT:
+                    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                else:
+                    g = dy
+                if HAS_BIAS:
+                    tl.store(DB + cols, tl.load(DB + cols, mask=mask, other=0.0) + dy, mask=mask)
+                dx = (g - xhat * c1) * rstd if IS_RMS else (g - (xhat * c1 + c2)) * rstd
+                if HAS_DRES:
+                    dx += tl.load(DRES + r64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                start += BLOCK_SIZE
+            row += 1
+
+
+# --- host launchers -------------------------------------------------------------------------------------------
+
+
+def _norm_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_cols = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        h = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
+    else:
+        h = x.new_empty(0)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, h, mean, rstd
+    x2 = as_rows(x)
+    r2 = as_rows(residual) if residual is not None else x2
+    w = weight.contiguous() if weight is not None else x2
+    b = bias.contiguous() if bias is not None else x2
+    config = norm_config(n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size())
+    with on_device(x):
+        _norm_fwd_kernel[(x2.shape[0],)](
+            x2,
+            r2,
+            w,
+            b,
+            y,
+            h if residual is not None else y,
+            mean,
+            rstd,
+            x2.stride(0),
+            r2.stride(0),
+            n_cols,
+            eps,
+            IS_RMS=is_rms,
+            HAS_RESIDUAL=residual is not None,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            SINGLE_BLOCK=config.single_block,
+            BLOCK_SIZE=config.block_size,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    return y, h, mean, rstd
+
+
+def _norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dres: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_cols = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw_shape = (n_cols,) if weight is not None else (0,)
+    if x.numel() == 0:
+        dw = torch.zeros(dw_shape, dtype=weight.dtype if weight is not None else x.dtype, device=x.device)
+        db = torch.zeros((n_cols,) if has_bias else (0,), dtype=dw.dtype, device=x.device)
+        return dx, dw, db
+    x2, dy2 = as_rows(x), as_rows(dy)
+    dres2 = as_rows(dres) if dres is not None else dy2
+    n_rows = x2.shape[0]
+    device = device_info(x.device)
+    config = norm_config(n_cols, x.dtype, device, backward=True, max_block=current_max_block_size())
+    programs = norm_backward_programs(n_rows, device)
+    rows_per_program = -(-n_rows // programs)
+    programs = -(-n_rows // rows_per_program)
+    alloc = torch.empty if config.single_block else torch.zeros
+    dw_partial = alloc((programs, n_cols) if weight is not None else (1, 1), dtype=torch.float32, device=x.device)
+    db_partial = alloc((programs, n_cols) if has_bias else (1, 1), dtype=torch.float32, device=x.device)
+    with on_device(x):
+        _norm_bwd_kernel[(programs,)](
+            dy2,
+            x2,
+            weight.contiguous() if weight is not None else x2,
+            mean,
+            rstd,
+            dres2,
+            dx,
+            dw_partial,
+            db_partial,
+            dy2.stride(0),
+            x2.stride(0),
+            dres2.stride(0),
+            n_rows,
+            n_cols,
+            rows_per_program,
+            IS_RMS=is_rms,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=has_bias,
+            HAS_DRES=dres is not None,
+            SINGLE_BLOCK=config.single_block,
+            BLOCK_SIZE=config.block_size,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dw = dw_partial.sum(0).to(param_dtype) if weight is not None else x.new_empty(0)
+    db = db_partial.sum(0).to(param_dtype) if has_bias else x.new_empty(0)
+    return dx, dw, db
+
+
+# --- custom ops (torch.compile, CUDA graphs) ------------------------------------------------------------------
+
+
+@torch.library.custom_op("llamatelemetry::triton_norm_fwd", mutates_args=())
+def _norm_fwd_op(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _norm_forward(x, residual, weight, bias, eps, is_rms)
+
+
+@_norm_fwd_op.register_fake
+def _norm_fwd_fake(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        h = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
+    else:
+        h = x.new_empty(0)
+    stats = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    return y, h, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("llamatelemetry::triton_norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dres: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _norm_backward(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
+
+
+@_norm_bwd_op.register_fake
+def _norm_bwd_fake(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dres: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_cols = x.shape[-1]
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.empty((n_cols,) if weight is not None else (0,), dtype=param_dtype, device=x.device)
+    db = torch.empty((n_cols,) if has_bias else (0,), dtype=param_dtype, device=x.device)
+    return dx, dw, db
+
+
+# --- autograd ---------------------------------------------------------------------------------------------
+
+
+class NormFunction(torch.autograd.Function):
+    """LayerNorm or RMSNorm, with an optional residual added first; returns ``(y, h)`` (``h`` empty without one)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        is_rms: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y, h, mean, rstd = run_op(
+            torch.ops.llamatelemetry.triton_norm_fwd, _norm_forward, x, residual, weight, bias, eps, is_rms
+        )
+        ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+        ctx.is_rms = is_rms
+        ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        if residual is None:
+            ctx.mark_non_differentiable(h)
+        ctx.set_materialize_grads(False)
+        return y, h
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor | None, dh: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        normed, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(normed)
+        dres = dh if ctx.residual_dtype is not None else None
+        dx, dw, db = run_op(
+            torch.ops.llamatelemetry.triton_norm_bwd,
+            _norm_backward,
+            dy,
+            normed,
+            dres,
+            weight,
+            mean,
+            rstd,
+            ctx.is_rms,
+            ctx.has_bias,
+        )
+        dresidual = None if ctx.residual_dtype is None else dx.to(ctx.residual_dtype)
+        return (
+            dx.to(ctx.x_dtype),
+            dresidual,
+            dw if weight is not None else None,
+            db if ctx.has_bias else None,
+            None,
+            None,
+        )
+
+
+# --- operations and public functions --------------------------------------------------------------------------
+
+
+def _check_norm_args(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> None:
+    check_float_tensor(x, "x")
+    if x.dim() == 0:
+        raise ConfigurationError("expected x with at least one dimension (the one normalized), got a 0-d tensor")
+    n = x.shape[-1]
+    if residual is not None:
+        check_float_tensor(residual, "residual")
+        if residual.shape != x.shape:
+            raise ConfigurationError(
+                f"expected residual of the shape of x, {format_shape(x.shape)}, got {format_shape(residual.shape)}"
+            )
+        if residual.device != x.device:
+            raise ConfigurationError(f"expected residual on {x.device} like x, got {residual.device}")
+    check_vector(weight, n, "weight", x)
+    check_vector(bias, n, "bias", x)
+    given: object = eps  # validated at run time whatever the annotation says
+    if isinstance(given, bool) or not isinstance(given, int | float) or not given >= 0:
+        raise ConfigurationError(f"expected eps to be a number >= 0, got {eps!r}")
+
+
+def _compiled_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in TRITON_DTYPES
+
+
+def _norm_apply(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if needs_autograd(x, residual, weight, bias):
+        y, h = NormFunction.apply(x, residual, weight, bias, float(eps), is_rms)  # type: ignore[no-untyped-call]
+        return y, h
+    y, h, _, _ = run_op(
+        torch.ops.llamatelemetry.triton_norm_fwd, _norm_forward, x, residual, weight, bias, float(eps), is_rms
+    )
+    return y, h
+
+
+@triton_errors("layernorm")
+def _layernorm_triton(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    return _norm_apply(x, None, weight, bias, eps, False)[0]
+
+
+@triton_errors("rmsnorm")
+def _rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _norm_apply(x, None, weight, None, eps, True)[0]
+
+
+@triton_errors("fused_add_rmsnorm")
+def _fused_add_rmsnorm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_apply(x, residual, weight, None, eps, True)
+
+
+@triton_errors("fused_add_layernorm")
+def _fused_add_layernorm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_apply(x, residual, weight, bias, eps, False)
+
+
+def _residual_dtype_reason(residual: torch.Tensor) -> str | None:
+    if residual.dtype not in TRITON_DTYPES:
+        return f"the residual's dtype {residual.dtype} is not one of float16, bfloat16, float32"
+    return None
+
+
+LAYERNORM = Operation("layernorm", layernorm_reference)
+RMSNORM = Operation("rmsnorm", rmsnorm_reference)
+FUSED_ADD_RMSNORM = Operation("fused_add_rmsnorm", fused_add_rmsnorm_reference)
+FUSED_ADD_LAYERNORM = Operation("fused_add_layernorm", fused_add_layernorm_reference)
+register_triton(LAYERNORM, _layernorm_triton)
+register_triton(RMSNORM, _rmsnorm_triton)
+register_triton(FUSED_ADD_RMSNORM, _fused_add_rmsnorm_triton)
+register_triton(FUSED_ADD_LAYERNORM, _fused_add_layernorm_triton)
+
+
+def triton_layernorm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """LayerNorm over the last dimension of ``x`` (``[..., N]``, fp16/bf16/fp32, any strides).
+
+    ``weight`` and ``bias`` are optional ``[N]`` vectors; the result has ``x``'s dtype. Differentiable in ``x``,
+    ``weight`` and ``bias``. Runs the fused Triton kernel where it can, the PyTorch reference otherwise
+    (``backend="triton"`` or ``"reference"`` chooses). Raises :class:`ConfigurationError` for mismatched shapes.
+    """
+    _check_norm_args(x, None, weight, bias, eps)
+    return dispatch(  # type: ignore[no-any-return]
+        LAYERNORM,
+        lambda: call_spec(x, weight, bias),
+        _layernorm_triton,
+        layernorm_reference,
+        lambda: _compiled_ok(x),
+        x,
+        weight,
+        bias,
+        eps,
+        backend=backend,
+    )
+
+
+def triton_rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *, backend: str | None = None
+) -> torch.Tensor:
+    """RMSNorm over the last dimension of ``x`` (``[..., N]``): ``x * rsqrt(mean(x^2) + eps) * weight``.
+
+    Computed in fp32, returned in ``x``'s dtype; differentiable in ``x`` and ``weight``.
+    """
+    _check_norm_args(x, None, weight, None, eps)
+    return dispatch(  # type: ignore[no-any-return]
+        RMSNORM,
+        lambda: call_spec(x, weight),
+        _rmsnorm_triton,
+        rmsnorm_reference,
+        lambda: _compiled_ok(x),
+        x,
+        weight,
+        eps,
+        backend=backend,
+    )
+
+
+def triton_fused_add_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``, then RMSNorm of ``h``, in one pass; returns ``(normed, h)``.
+
+    ``h`` (the promoted dtype of ``x`` and ``residual``) is the residual stream the next layer adds to;
+    ``normed`` has ``x``'s dtype. Differentiable in ``x``, ``residual`` and ``weight``.
+    """
+    _check_norm_args(x, residual, weight, None, eps)
+    return dispatch(  # type: ignore[no-any-return]
+        FUSED_ADD_RMSNORM,
+        lambda: call_spec(x, residual, weight, triton_unsupported=_residual_dtype_reason(residual)),
+        _fused_add_rmsnorm_triton,
+        fused_add_rmsnorm_reference,
+        lambda: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,
+        x,
+        residual,
+        weight,
+        eps,
+        backend=backend,
+    )
+
+
+def triton_fused_add_layernorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``, then LayerNorm of ``h``, in one pass; returns ``(normed, h)``."""
+    _check_norm_args(x, residual, weight, bias, eps)
+    return dispatch(  # type: ignore[no-any-return]
+        FUSED_ADD_LAYERNORM,
+        lambda: call_spec(x, residual, weight, bias, triton_unsupported=_residual_dtype_reason(residual)),
+        _fused_add_layernorm_triton,
+        fused_add_layernorm_reference,
+        lambda: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,
+        x,
+        residual,
+        weight,
+        bias,
+        eps,
+        backend=backend,
+    )

@@ -1,0 +1,390 @@
+"""Rotary position embedding (RoPE), applied in place to queries and keys at given positions.
+
+Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding" (2021). For a token at position
+``p``, each pair ``(x1, x2)`` of a head's first ``rotary_dim`` features is rotated by the angle
+``p * theta_i``, with ``theta_i = base^(-2i / rotary_dim)``::
+
+    x1' = x1 * cos - x2 * sin
+    x2' = x2 * cos + x1 * sin
+
+Pairs are ``(x[i], x[i + rotary_dim/2])`` in the GPT-NeoX / Llama layout (the default) and ``(x[2i], x[2i+1])``
+in the GPT-J layout (``interleaved=True``); features past ``rotary_dim`` are left alone.
+
+Layouts: ``q`` is ``[..., H_q, D]`` and ``k`` is ``[..., H_k, D]`` with the same leading (token) dimensions,
+e.g. ``[B, S, H, D]`` or ``[T, H, D]``; ``cos`` and ``sin`` are ``[max_positions, rotary_dim / 2]`` tables
+(:func:`rope_cos_sin` builds them); ``positions`` is an integer tensor broadcastable to the token dimensions
+(default: ``arange(S)`` along the dimension before the heads). One program per token loads its ``cos``/``sin``
+row once and rotates every query and key head; the backward is the inverse rotation (``sin`` negated).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.selection import Operation
+from llamatelemetry_core.validation import format_shape
+from llamatelemetry_triton._compat import tl, triton
+from llamatelemetry_triton._dispatch import (
+    TRITON_DTYPES,
+    call_spec,
+    check_float_tensor,
+    device_info,
+    dispatch,
+    needs_autograd,
+    register_triton,
+    run_op,
+    triton_errors,
+)
+from llamatelemetry_triton._launch import on_device
+from llamatelemetry_triton.heuristics import rope_config
+
+__all__ = ["RopeFunction", "rope_cos_sin", "rope_reference", "triton_rope"]
+
+
+def rope_cos_sin(
+    max_positions: int,
+    rotary_dim: int,
+    base: float = 10000.0,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``cos`` and ``sin`` tables, each ``[max_positions, rotary_dim // 2]``, for :func:`triton_rope`."""
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise ConfigurationError(f"expected rotary_dim to be a positive even number, got {rotary_dim}")
+    inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate ``x`` ([..., H, D]) by per-token ``cos``/``sin`` ([..., 1, rotary_dim/2]), in fp32."""
+    half = cos.shape[-1]
+    xf = x.float()
+    rot, rest = xf[..., : 2 * half], xf[..., 2 * half :]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((out, rest), dim=-1).to(x.dtype)
+
+
+def _token_positions(q: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    tokens = q.shape[:-2]
+    if positions is None:
+        seq = torch.arange(tokens[-1], device=q.device)
+        return seq.expand(tokens)
+    return positions.to(q.device).expand(tokens)
+
+
+def rope_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated copies of ``q`` and ``k`` (the inputs are not modified)."""
+    pos = _token_positions(q, positions).long()
+    c = cos[pos].float().unsqueeze(-2)
+    s = sin[pos].float().unsqueeze(-2)
+    return _rotate(q, c, s, interleaved), _rotate(k, c, s, interleaved)
+
+
+def _rope_reference_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q_rot, k_rot = rope_reference(q, k, cos, sin, positions, interleaved)
+    return q.copy_(q_rot), k.copy_(k_rot)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _rope_kernel(  # type: ignore[no-untyped-def]
+    Q,
+    K,
+    Cos,
+    Sin,
+    Pos,
+    q_stride_t,
+    q_stride_h,
+    k_stride_t,
+    k_stride_h,
+    cos_stride,
+    sin_stride,
+    n_q_heads,
+    n_k_heads,
+    rotary_half,
+    n_positions,
+    INTERLEAVED: tl.constexpr,
+    INVERSE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(Pos + token).to(tl.int64)
+    pos_ok = (pos >= 0) & (pos < n_positions)  # never read outside the tables; the host checks where it can
+    d = tl.arange(0, BLOCK_SIZE)
+    d_mask = (d < rotary_half) & pos_ok
+    cos = tl.load(Cos + pos * cos_stride + d, mask=d_mask, other=1.0).to(tl.float32)
+    sin = tl.load(Sin + pos * sin_stride + d, mask=d_mask, other=0.0).to(tl.float32)
+    if INVERSE:
+        sin = -sin
+    if INTERLEAVED:
+        first = 2 * d
+        second = 2 * d + 1
+    else:
+        first = d
+        second = d + rotary_half
+    # Loops are `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
+    heads = tl.arange(0, BLOCK_H)
+    Q += token * q_stride_t
+    h0 = tl.program_id(0) * 0
+    while h0 < n_q_heads:
+        h = h0 + heads
+        mask = (h[:, None] < n_q_heads) & d_mask[None, :]
+        base = Q + h[:, None] * q_stride_h
+        x1 = tl.load(base + first[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + second[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(base + first[None, :], (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=mask)
+        tl.store(base + second[None, :], (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=mask)
+        h0 += BLOCK_H
+    K += token * k_stride_t
+    h0 = tl.program_id(0) * 0
+    while h0 < n_k_heads:
+        h = h0 + heads
+        mask = (h[:, None] < n_k_heads) & d_mask[None, :]
+        base = K + h[:, None] * k_stride_h
+        x1 = tl.load(base + first[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + second[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(base + first[None, :], (x1 * cos - x2 * sin).to(K.dtype.element_ty), mask=mask)
+        tl.store(base + second[None, :], (x2 * cos + x1 * sin).to(K.dtype.element_ty), mask=mask)
+        h0 += BLOCK_H
+
+
+def _token_view(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as ``[tokens, H, D]`` sharing its memory with unit feature stride, or ``None`` if impossible."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, t.shape[-2], t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _rope_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    interleaved: bool,
+    inverse: bool,
+) -> None:
+    if q.numel() == 0 and k.numel() == 0:
+        return
+    q3, k3 = _token_view(q), _token_view(k)
+    if q3 is None or k3 is None:
+        # A layout with no [tokens, H, D] view: rotate contiguous copies and write them back.
+        q_tmp, k_tmp = q.contiguous(), k.contiguous()
+        _rope_launch(q_tmp, k_tmp, cos, sin, positions, interleaved, inverse)
+        q.copy_(q_tmp)
+        k.copy_(k_tmp)
+        return
+    cos2 = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin2 = sin if sin.stride(-1) == 1 else sin.contiguous()
+    pos = positions.reshape(-1)
+    rotary_half = cos.shape[-1]
+    config = rope_config(rotary_half, max(q3.shape[1], k3.shape[1]), q.dtype, device_info(q.device))
+    with on_device(q):
+        _rope_kernel[(q3.shape[0],)](
+            q3,
+            k3,
+            cos2,
+            sin2,
+            pos,
+            q3.stride(0),
+            q3.stride(1),
+            k3.stride(0),
+            k3.stride(1),
+            cos2.stride(0),
+            sin2.stride(0),
+            q3.shape[1],
+            k3.shape[1],
+            rotary_half,
+            cos.shape[0],
+            INTERLEAVED=interleaved,
+            INVERSE=inverse,
+            BLOCK_H=config.chunk_size,
+            BLOCK_SIZE=config.block_size,
+            num_warps=config.num_warps,
+        )
+
+
+@torch.library.custom_op("llamatelemetry::triton_rope_", mutates_args=("q", "k"))
+def _rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    interleaved: bool,
+    inverse: bool,
+) -> None:
+    _rope_launch(q, k, cos, sin, positions, interleaved, inverse)
+
+
+@_rope_op.register_fake
+def _rope_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    interleaved: bool,
+    inverse: bool,
+) -> None:
+    return None
+
+
+class RopeFunction(torch.autograd.Function):
+    """In-place rotation of ``q`` and ``k``; the backward rotates the gradients back."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        interleaved: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        run_op(torch.ops.llamatelemetry.triton_rope_, _rope_launch, q, k, cos, sin, positions, interleaved, False)
+        ctx.mark_dirty(q, k)
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.interleaved = interleaved
+        return q, k
+
+    @staticmethod
+    def backward(ctx: Any, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        cos, sin, positions = ctx.saved_tensors
+        dq, dk = dq.clone(), dk.clone()
+        run_op(torch.ops.llamatelemetry.triton_rope_, _rope_launch, dq, dk, cos, sin, positions, ctx.interleaved, True)
+        return dq, dk, None, None, None, None
+
+
+def _check_rope_args(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None
+) -> None:
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_float_tensor(t, name)
+    if q.dim() < 3 or k.dim() != q.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        raise ConfigurationError(
+            f"expected q [..., H_q, D] and k [..., H_k, D] with the same leading dimensions and D (at least "
+            f"3 dimensions), got q {format_shape(q.shape)} and k {format_shape(k.shape)}"
+        )
+    half = cos.shape[-1] if cos.dim() == 2 else -1
+    if cos.dim() != 2 or sin.shape != cos.shape or not 0 < 2 * half <= q.shape[-1]:
+        raise ConfigurationError(
+            f"expected cos and sin of shape [max_positions, rotary_dim / 2] with rotary_dim <= head_dim "
+            f"{q.shape[-1]}, got cos {format_shape(cos.shape)} and sin {format_shape(sin.shape)}; build them with "
+            "rope_cos_sin(), or pass cos[..., :rotary_dim // 2] of a Hugging Face style table"
+        )
+    devices = {t.device for t in (q, k, cos, sin)}
+    if len(devices) > 1:
+        raise ConfigurationError(f"expected q, k, cos and sin on one device, got {sorted(map(str, devices))}")
+    if positions is not None:
+        given: object = positions  # validated at run time whatever the annotation says
+        if not isinstance(given, torch.Tensor) or given.is_floating_point() or given.is_complex():
+            raise ConfigurationError(f"expected positions to be an integer tensor, got {positions!r:.60}")
+        try:
+            torch.broadcast_shapes(positions.shape, q.shape[:-2])  # type: ignore[no-untyped-call]
+        except RuntimeError:
+            raise ConfigurationError(
+                f"expected positions broadcastable to the token dimensions {format_shape(q.shape[:-2])} of q, "
+                f"got {format_shape(positions.shape)}"
+            ) from None
+        if positions.device.type == "cpu" and positions.numel():  # checking a GPU tensor would synchronize
+            low, high = int(positions.min()), int(positions.max())
+            if low < 0 or high >= cos.shape[0]:
+                raise ConfigurationError(
+                    f"expected positions in [0, {cos.shape[0]}) (the rows of cos/sin), got values in [{low}, {high}]; "
+                    "build longer tables with rope_cos_sin()"
+                )
+    elif q.shape[-3] > cos.shape[0]:
+        raise ConfigurationError(
+            f"expected at most {cos.shape[0]} positions (the rows of cos/sin), got a sequence of {q.shape[-3]}"
+        )
+
+
+@triton_errors("rope")
+def _rope_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = _token_positions(q, positions).contiguous()
+    if needs_autograd(q, k):
+        q_out, k_out = RopeFunction.apply(q, k, cos, sin, pos, interleaved)  # type: ignore[no-untyped-call]
+        return q_out, k_out
+    run_op(torch.ops.llamatelemetry.triton_rope_, _rope_launch, q, k, cos, sin, pos, interleaved, False)
+    return q, k
+
+
+def _unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    if k.dtype not in TRITON_DTYPES:
+        return f"k is {k.dtype}; the kernel rotates float16, bfloat16 and float32"
+    return None
+
+
+ROPE = Operation("rope", _rope_reference_inplace)
+register_triton(ROPE, _rope_triton)
+
+
+def triton_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    *,
+    interleaved: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q`` (``[..., H_q, D]``) and ``k`` (``[..., H_k, D]``) in place; returns ``(q, k)``.
+
+    ``cos``/``sin`` are ``[max_positions, rotary_dim / 2]`` (see :func:`rope_cos_sin`); ``positions`` holds
+    each token's position (broadcastable to ``q.shape[:-2]``; default ``arange(S)`` over ``q.shape[-3]``).
+    ``q`` and ``k`` may be strided views (of a fused QKV projection, say). Differentiable (in-place rules apply:
+    ``q`` and ``k`` must not be leaves that require grad). Positions outside the tables leave a token unrotated
+    on GPU (checking would synchronize); on CPU they raise :class:`ConfigurationError`.
+    """
+    _check_rope_args(q, k, cos, sin, positions)
+    return dispatch(  # type: ignore[no-any-return]
+        ROPE,
+        lambda: call_spec(q, k, cos, sin, triton_unsupported=_unsupported(q, k)),
+        _rope_triton,
+        _rope_reference_inplace,
+        lambda: q.is_cuda and q.dtype in TRITON_DTYPES and k.dtype in TRITON_DTYPES,
+        q,
+        k,
+        cos,
+        sin,
+        positions,
+        bool(interleaved),
+        backend=backend,
+    )

@@ -1,0 +1,299 @@
+"""Softmax along any dimension: ``y_i = exp(x_i - max(x)) / sum_j exp(x_j - max(x))``, in fp32.
+
+The softmax dimension is moved last (a copy only when the rows are not contiguous), so each row is a run of
+memory. Rows that fit in one block (up to 16384 elements) are read once, kept in registers, and written once.
+
+Longer rows (vocabularies of 128k-256k logits) use the online softmax of Milakov & Gimelshein, "Online
+normalizer calculation for softmax" (2018): one streaming pass keeps, per lane, a running maximum ``m`` and a
+running sum ``d`` of ``exp(x - m)``, rescaling ``d`` by ``exp(m_old - m_new)`` whenever the maximum grows; the
+lanes are combined at the end the same way. A row may be cut into several chunks, each handled by its own
+program (so that 32 rows of 128256 logits still fill an H100's 132 SMs); a second kernel combines the chunks'
+``(m, d)`` pairs and writes ``exp(x - m) / d``, re-reading ``x`` mostly from L2.
+
+Backward: ``dx = y * (dy - sum(dy * y))`` per row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.selection import Operation
+from llamatelemetry_triton._compat import tl, triton
+from llamatelemetry_triton._dispatch import (
+    TRITON_DTYPES,
+    call_spec,
+    check_float_tensor,
+    device_info,
+    dispatch,
+    needs_autograd,
+    register_triton,
+    run_op,
+    triton_errors,
+)
+from llamatelemetry_triton._launch import as_rows, on_device
+from llamatelemetry_triton.heuristics import current_max_block_size, next_power_of_2, softmax_config
+
+__all__ = ["SoftmaxFunction", "softmax_reference", "triton_softmax"]
+
+
+def softmax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax of ``x`` along ``dim``, computed in fp32 and returned in ``x``'s dtype."""
+    return torch.softmax(x.float(), dim).to(x.dtype)
+
+
+# --- kernels ----------------------------------------------------------------------------------------------
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _softmax_fwd_kernel(X, Y, stride_x, n_cols, BLOCK_SIZE: tl.constexpr):  # type: ignore[no-untyped-def]
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=-float("inf"), eviction_policy="evict_first")
+    x = x.to(tl.float32)
+    e = tl.exp(x - tl.max(x, axis=0))
+    y = e / tl.sum(e, axis=0)
+    tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _softmax_partial_stats_kernel(  # type: ignore[no-untyped-def]
+    X, M, D, stride_x, n_cols, chunk_size, splits, BLOCK_SIZE: tl.constexpr
+):
+    # Online (m, d) over one chunk of one row; lanes keep their own pair until the end.
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    X += row * stride_x
+    start = split * chunk_size
+    end = tl.minimum(start + chunk_size, n_cols)
+    # Loops are `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
+    m = tl.full([BLOCK_SIZE], -float("inf"), tl.float32)
+    d = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    offset = start
+    while offset < end:
+        cols = offset + tl.arange(0, BLOCK_SIZE)
+        x = tl.load(X + cols, mask=cols < end, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        # A lane that has seen nothing but -inf keeps d = 0; shifting by 0 there avoids computing inf - inf.
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d = d * tl.exp(m - shift) + tl.exp(x - shift)
+        m = m_new
+        offset += BLOCK_SIZE
+    m_row = tl.max(m, axis=0)
+    d_row = tl.sum(d * tl.exp(m - tl.where(m_row == -float("inf"), 0.0, m_row)), axis=0)
+    tl.store(M + row * splits + split, m_row)
+    tl.store(D + row * splits + split, d_row)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _softmax_normalize_kernel(  # type: ignore[no-untyped-def]
+    X, Y, M, D, stride_x, n_cols, chunk_size, splits, SPLITS_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    parts = tl.arange(0, SPLITS_BLOCK)
+    m_parts = tl.load(M + row * splits + parts, mask=parts < splits, other=-float("inf"))
+    d_parts = tl.load(D + row * splits + parts, mask=parts < splits, other=0.0)
+    m_row = tl.max(m_parts, axis=0)
+    d_row = tl.sum(d_parts * tl.exp(m_parts - tl.where(m_row == -float("inf"), 0.0, m_row)), axis=0)
+    inv = 1.0 / d_row
+    X += row * stride_x
+    Y += row * n_cols
+    start = split * chunk_size
+    end = tl.minimum(start + chunk_size, n_cols)
+    offset = start
+    while offset < end:
+        cols = offset + tl.arange(0, BLOCK_SIZE)
+        mask = cols < end
+        x = tl.load(X + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        tl.store(Y + cols, (tl.exp(x - m_row) * inv).to(Y.dtype.element_ty), mask=mask)
+        offset += BLOCK_SIZE
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _softmax_bwd_kernel(  # type: ignore[no-untyped-def]
+    DY, Y, DX, stride_dy, n_cols, SINGLE_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    DY += row * stride_dy
+    Y += row * n_cols
+    DX += row * n_cols
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
+        dot = tl.sum(dy * y, axis=0)
+        tl.store(DX + cols, (y * (dy - dot)).to(DX.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        start = tl.program_id(0) * 0
+        while start < n_cols:
+            cols = start + tl.arange(0, BLOCK_SIZE)
+            mask = cols < n_cols
+            dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += dy * y
+            start += BLOCK_SIZE
+        dot = tl.sum(acc, axis=0)
+        start = tl.program_id(0) * 0
+        while start < n_cols:
+            cols = start + tl.arange(0, BLOCK_SIZE)
+            mask = cols < n_cols
+            dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + cols, (y * (dy - dot)).to(DX.dtype.element_ty), mask=mask)
+            start += BLOCK_SIZE
+
+
+# --- host launchers -------------------------------------------------------------------------------------------
+
+
+def _softmax_forward(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of ``x``; the result is contiguous."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return y
+    x2 = as_rows(x)
+    n_rows, n_cols = x2.shape
+    config = softmax_config(n_rows, n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size())
+    with on_device(x):
+        if config.single_block:
+            _softmax_fwd_kernel[(n_rows,)](
+                x2, y, x2.stride(0), n_cols, BLOCK_SIZE=config.block_size, num_warps=config.num_warps
+            )
+            return y
+        stats = torch.empty((2, n_rows, config.splits), dtype=torch.float32, device=x.device)
+        grid = (n_rows, config.splits)
+        _softmax_partial_stats_kernel[grid](
+            x2,
+            stats[0],
+            stats[1],
+            x2.stride(0),
+            n_cols,
+            config.chunk_size,
+            config.splits,
+            BLOCK_SIZE=config.block_size,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+        _softmax_normalize_kernel[grid](
+            x2,
+            y,
+            stats[0],
+            stats[1],
+            x2.stride(0),
+            n_cols,
+            config.chunk_size,
+            config.splits,
+            SPLITS_BLOCK=next_power_of_2(config.splits),
+            BLOCK_SIZE=config.block_size,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    return y
+
+
+def _softmax_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if y.numel() == 0:
+        return dx
+    dy2 = as_rows(dy)
+    n_rows, n_cols = dy2.shape
+    config = softmax_config(n_rows, n_cols, y.dtype, device_info(y.device), max_block=current_max_block_size())
+    with on_device(y):
+        _softmax_bwd_kernel[(n_rows,)](
+            dy2,
+            y.contiguous(),
+            dx,
+            dy2.stride(0),
+            n_cols,
+            SINGLE_BLOCK=config.single_block,
+            BLOCK_SIZE=config.block_size,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    return dx
+
+
+@torch.library.custom_op("llamatelemetry::triton_softmax_fwd", mutates_args=())
+def _softmax_fwd_op(x: torch.Tensor) -> torch.Tensor:
+    return _softmax_forward(x)
+
+
+@_softmax_fwd_op.register_fake
+def _softmax_fwd_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("llamatelemetry::triton_softmax_bwd", mutates_args=())
+def _softmax_bwd_op(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _softmax_backward(dy, y)
+
+
+@_softmax_bwd_op.register_fake
+def _softmax_bwd_fake(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Softmax over the last dimension with a Triton backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = run_op(torch.ops.llamatelemetry.triton_softmax_fwd, _softmax_forward, x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        dx: torch.Tensor = run_op(torch.ops.llamatelemetry.triton_softmax_bwd, _softmax_backward, dy, y)
+        return dx
+
+
+@triton_errors("softmax")
+def _softmax_triton(x: torch.Tensor, dim: int) -> torch.Tensor:
+    if x.dim() == 0:
+        return _softmax_last_dim(x.reshape(1)).reshape(())
+    return _softmax_last_dim(x.movedim(dim, -1)).movedim(-1, dim)
+
+
+def _softmax_last_dim(x: torch.Tensor) -> torch.Tensor:
+    if needs_autograd(x):
+        y: torch.Tensor = SoftmaxFunction.apply(x)  # type: ignore[no-untyped-call]
+        return y
+    out: torch.Tensor = run_op(torch.ops.llamatelemetry.triton_softmax_fwd, _softmax_forward, x)
+    return out
+
+
+SOFTMAX = Operation("softmax", softmax_reference)
+register_triton(SOFTMAX, _softmax_triton)
+
+
+def triton_softmax(x: torch.Tensor, dim: int = -1, *, backend: str | None = None) -> torch.Tensor:
+    """Softmax of ``x`` along ``dim`` (any dimension, any strides; fp16/bf16/fp32 computed in fp32).
+
+    The result has ``x``'s shape and dtype; differentiable. Rows of any length are handled (long ones with an
+    online softmax). Raises :class:`ConfigurationError` for a ``dim`` out of range.
+    """
+    check_float_tensor(x, "x")
+    ndim = max(x.dim(), 1)
+    given: object = dim  # validated at run time whatever the annotation says
+    if isinstance(given, bool) or not isinstance(given, int) or not -ndim <= given < ndim:
+        raise ConfigurationError(
+            f"expected dim to be an integer in [{-ndim}, {ndim - 1}] for x of {x.dim()} dimensions, got {dim!r}"
+        )
+    return dispatch(  # type: ignore[no-any-return]
+        SOFTMAX,
+        lambda: call_spec(x),
+        _softmax_triton,
+        softmax_reference,
+        lambda: x.is_cuda and x.dtype in TRITON_DTYPES,
+        x,
+        dim,
+        backend=backend,
+    )

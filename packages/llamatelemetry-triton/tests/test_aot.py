@@ -1,0 +1,110 @@
+"""The ahead-of-time build provider: every kernel, as it would be launched on a T4, an A100, an H100."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="ahead-of-time compilation needs Triton installed")
+
+import torch
+
+from llamatelemetry_core import aot
+from llamatelemetry_core.device import simulate_device
+from llamatelemetry_triton import aot as provider
+from llamatelemetry_triton.heuristics import norm_config
+
+pytestmark = pytest.mark.triton_compiler
+
+FAMILIES = [
+    "add",
+    "add_broadcast",
+    "layernorm_fwd",
+    "layernorm_bwd",
+    "rmsnorm_fwd",
+    "rmsnorm_bwd",
+    "fused_add_rmsnorm_fwd",
+    "fused_add_rmsnorm_bwd",
+    "fused_add_layernorm_fwd",
+    "fused_add_layernorm_bwd",
+    "softmax_fwd",
+    "softmax_partial_stats",
+    "softmax_normalize",
+    "softmax_bwd",
+    "swiglu_fwd",
+    "swiglu_bwd",
+    "geglu_fwd",
+    "geglu_bwd",
+    "geglu_tanh_fwd",
+    "geglu_tanh_bwd",
+    "rope",
+]
+
+
+def _family(name: str) -> str:
+    return name.removeprefix("triton.").split("[", 1)[0]
+
+
+def test_provider_is_registered_under_the_entry_point() -> None:
+    assert aot.discover_providers()["triton"] is provider.kernel_builds
+
+
+@pytest.mark.parametrize("key", ["t4", "a100", "h100"])
+def test_every_kernel_family_is_built_for_every_device(key: str) -> None:
+    with simulate_device(key) as device:
+        builds = list(provider.kernel_builds(device))
+    names = [b.name for b in builds]
+    assert len(names) == len(set(names)), "build names are unique"
+    assert sorted({_family(n) for n in names}) == sorted(FAMILIES)
+    has_bf16 = any("bf16" in n for n in names)
+    assert has_bf16 == device.supports_bf16  # a T4 gets no bf16 builds
+
+
+def test_t4_builds_use_the_runtime_choice() -> None:
+    with simulate_device("t4") as t4:
+        builds = {b.name: b for b in provider.kernel_builds(t4)}
+        config = norm_config(4096, torch.float16, t4)
+    build = next(b for n, b in builds.items() if n.startswith("triton.layernorm_fwd[fp16,N=4096"))
+    assert build.constexprs["BLOCK_SIZE"] == config.block_size and build.num_warps == config.num_warps
+
+
+_COMPILE_SCRIPT = """
+import json, sys
+from llamatelemetry_core.aot import compile_build
+from llamatelemetry_core.device import simulate_device
+from llamatelemetry_triton import aot
+out = []
+with simulate_device("t4") as t4:
+    builds = list(aot.kernel_builds(t4))
+    for prefix in sys.argv[1:]:
+        build = next(b for b in builds if b.name.startswith(prefix))
+        r = compile_build(build, t4)
+        out.append({"name": r.build, "ok": r.ok, "problems": r.problems, "target": r.target,
+                    "smem": r.shared_memory_bytes})
+print(json.dumps(out))
+"""
+
+
+def test_representative_builds_compile_for_a_t4_and_fit() -> None:
+    # In a fresh process with the interpreter off: Triton imported under TRITON_INTERPRET=1 (the cpu-triton
+    # matrix) defines its own reduction helpers as interpreted functions, which the compiler cannot use.
+    prefixes = [
+        "triton.layernorm_fwd[fp16,N=4096",
+        "triton.fused_add_rmsnorm_bwd[fp16,N=8192",
+        "triton.softmax_partial_stats[fp16,32x128256",
+        "triton.rope[fp16,D=128,neox",
+    ]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, *prefixes], capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["name"][: len(p)] for r, p in zip(reports, prefixes, strict=True)] == prefixes
+    for report in reports:
+        assert report["ok"], report
+        assert report["target"] == "sm_75" and report["smem"] <= 64 * 1024

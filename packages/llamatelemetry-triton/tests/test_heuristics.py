@@ -1,0 +1,120 @@
+"""Launch configurations: pure functions of shape, dtype and device that always cover the row and fit the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llamatelemetry_core.device import DeviceInfo, simulate_device
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_triton.heuristics import (
+    SOFTMAX_MAX_SPLITS,
+    current_max_block_size,
+    elementwise_config,
+    force_max_block_size,
+    glu_config,
+    next_power_of_2,
+    norm_config,
+    rope_config,
+    softmax_config,
+)
+
+DEVICES = ["t4", "a100", "h100", "cpu"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _device(key: str) -> DeviceInfo:
+    with simulate_device(key) as device:
+        return device
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_cols=st.integers(1, 300_000),
+    dtype=st.sampled_from(DTYPES),
+    key=st.sampled_from(DEVICES),
+    backward=st.booleans(),
+    cap=st.sampled_from([None, 16, 256]),
+)
+def test_norm_config_covers_the_row_and_fits(
+    n_cols: int, dtype: torch.dtype, key: str, backward: bool, cap: int | None
+) -> None:
+    device = _device(key)
+    config = norm_config(n_cols, dtype, device, backward=backward, max_block=cap)
+    assert _is_power_of_2(config.block_size) and _is_power_of_2(config.num_warps) and config.num_warps <= 16
+    assert config.single_block == (config.block_size >= n_cols)
+    if cap is not None:
+        assert config.block_size <= cap
+    if device.shared_memory_per_block_bytes is not None and not config.single_block:  # loops are pipelined
+        stage_bytes = config.block_size * dtype.itemsize * 2 * config.num_stages
+        assert stage_bytes <= device.shared_memory_per_block_bytes // 2
+    assert config == norm_config(n_cols, dtype, device, backward=backward, max_block=cap)  # pure
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_rows=st.integers(1, 100_000),
+    n_cols=st.integers(1, 300_000),
+    dtype=st.sampled_from(DTYPES),
+    key=st.sampled_from(DEVICES),
+    cap=st.sampled_from([None, 16, 1024]),
+)
+def test_softmax_splits_cover_each_row_exactly(
+    n_rows: int, n_cols: int, dtype: torch.dtype, key: str, cap: int | None
+) -> None:
+    config = softmax_config(n_rows, n_cols, dtype, _device(key), max_block=cap)
+    assert _is_power_of_2(config.block_size)
+    if config.single_block:
+        assert config.block_size >= n_cols and config.splits == 1
+        return
+    assert config.chunk_size % config.block_size == 0
+    assert config.splits * config.chunk_size >= n_cols > (config.splits - 1) * config.chunk_size
+    assert 1 <= config.splits <= SOFTMAX_MAX_SPLITS
+
+
+def test_long_rows_are_split_only_when_rows_are_few() -> None:
+    h100 = _device("h100")
+    few = softmax_config(32, 128256, torch.float16, h100)
+    assert not few.single_block and few.splits * 32 >= 2 * h100.sm_count
+    many = softmax_config(16384, 128256, torch.float16, h100)
+    assert many.splits == 1
+    assert softmax_config(16384, 8192, torch.float16, h100).single_block
+
+
+@pytest.mark.parametrize("key", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_glu_and_rope_configs(key: str, dtype: torch.dtype) -> None:
+    device = _device(key)
+    for numel in (1, 17, 4096 * 4096):
+        for strided in (False, True):
+            config = elementwise_config(numel, dtype, device, strided=strided)
+            assert _is_power_of_2(config.block_size) and config.block_size >= 16
+            assert config.block_size * dtype.itemsize <= 8192
+    for n in (1, 768, 14336):
+        glu = glu_config(n, dtype, device)
+        assert glu.single_block == (glu.block_size >= n)
+    rope = rope_config(64, 32, dtype, device)
+    assert rope.block_size == 64 and _is_power_of_2(rope.chunk_size) and rope.chunk_size * rope.block_size <= 2048
+
+
+def test_force_max_block_size_is_scoped_and_validated() -> None:
+    assert current_max_block_size() is None
+    with force_max_block_size(32):
+        assert current_max_block_size() == 32
+        with force_max_block_size(16):
+            assert current_max_block_size() == 16
+        assert current_max_block_size() == 32
+    assert current_max_block_size() is None
+    for bad in (0, 8, 48, True, 64.0):
+        with pytest.raises(ConfigurationError, match="power of two >= 16"), force_max_block_size(bad):  # type: ignore[arg-type]
+            pass
+
+
+def test_next_power_of_2() -> None:
+    assert [next_power_of_2(n) for n in (0, 1, 2, 3, 768, 1024, 1025)] == [1, 1, 2, 4, 1024, 1024, 2048]
