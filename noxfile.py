@@ -34,6 +34,8 @@ COMPONENTS = ["graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch"]
 TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
 TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0"]
+# Optional integrations some packages test against (installed where those packages' tests run).
+TEST_EXTRAS = {"flashattn": ["transformers>=5"]}
 AOT_DEVICES = ["t4", "a100", "h100"]
 
 
@@ -88,8 +90,9 @@ def lint(session: nox.Session) -> None:
 def tests(session: nox.Session, package: str, matrix: str) -> None:
     """One package's tests (or ``all``) in one matrix: cpu-fallback, cpu-triton or gpu."""
     _install_torch(session, matrix)
-    session.install(*TEST_TOOLS)
-    _install_local(session, _needs(package))
+    packages = _needs(package)
+    session.install(*TEST_TOOLS, *(extra for p in packages for extra in TEST_EXTRAS.get(p, [])))
+    _install_local(session, packages)
     selection = [] if package == "all" else ["--package", package]
     session.run("python", "scripts/run_matrix.py", matrix, *selection, "--", *session.posargs)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llamatelemetry_core.device import DeviceInfo, get_device_info, simulate_device
+from llamatelemetry_core.environment import TRITON_INTERPRET_ENV, triton_interpreter_enabled
 from llamatelemetry_core.errors import CapabilityError, ConfigurationError
 
 __all__ = [
@@ -134,27 +135,17 @@ def _ptxas_resources(ptx: str) -> tuple[int | None, int | None, str | None]:
     return (int(regs.group(1)) if regs else None, sum(int(s) for s in spills) if spills else 0, None)
 
 
-def _jit_function(kernel: Any) -> Any:
-    """The compilable form of a ``@triton.jit`` kernel.
-
-    Under ``TRITON_INTERPRET=1`` the decorator returns an interpreted function, which cannot be compiled; its
-    Python function is wrapped again as a compilable one (kernels that call other jitted helpers must then be
-    compiled without the interpreter).
-    """
-    if hasattr(kernel, "cache_key"):
-        return kernel
-    from triton.runtime.jit import JITFunction
-
-    inner = getattr(kernel, "fn", None)
-    if inner is None:
-        raise ConfigurationError(f"expected a @triton.jit kernel, got {type(kernel).__name__}")
-    return JITFunction(inner)
-
-
 def compile_build(build: KernelBuild, device: DeviceInfo) -> CompileReport:
     """Compile ``build`` for ``device`` (real or simulated) and check it against the device's limits."""
     if not device.is_cuda or device.compute_capability is None or device.shared_memory_per_block_bytes is None:
         raise ConfigurationError(f"expected a CUDA device to compile for, got {device.name} ({device.kind})")
+    if triton_interpreter_enabled():
+        # Under the interpreter @triton.jit yields interpreted functions (Triton's own helpers such as tl.sum
+        # included), which the compiler cannot take: compiling would fail, or pass only from a warm cache.
+        raise CapabilityError(
+            f"cannot compile {build.name!r} ahead of time while {TRITON_INTERPRET_ENV}=1 is set; run the "
+            f"compilation in a process without it ({TRITON_INTERPRET_ENV}=0), as the t4 nox session does"
+        )
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -164,7 +155,7 @@ def compile_build(build: KernelBuild, device: DeviceInfo) -> CompileReport:
 
     major, minor = device.compute_capability
     cc = major * 10 + minor
-    source = ASTSource(_jit_function(build.kernel), signature=dict(build.signature), constexprs=dict(build.constexprs))
+    source = ASTSource(build.kernel, signature=dict(build.signature), constexprs=dict(build.constexprs))
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", cc, 32),

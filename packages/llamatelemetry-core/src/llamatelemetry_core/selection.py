@@ -309,6 +309,7 @@ class Operation:
         self._impls: dict[str, Implementation] = {
             REFERENCE: Implementation(REFERENCE, reference, priority=-(2**31), devices=frozenset({"cpu", "cuda"}))
         }
+        self._ranked: tuple[Implementation, ...] = tuple(self._impls.values())
         with _registry_lock:
             if name in _operations and not replace:
                 raise ConfigurationError(
@@ -337,13 +338,13 @@ class Operation:
                     f"{self.name}: an implementation named {name!r} is already registered; pass replace=True"
                 )
             self._impls[name] = impl
+            self._ranked = tuple(sorted(self._impls.values(), key=lambda i: i.priority, reverse=True))
         return impl
 
     @property
     def implementations(self) -> list[Implementation]:
         """All implementations, best (highest priority) first; the reference is last."""
-        with self._lock:
-            return sorted(self._impls.values(), key=lambda i: i.priority, reverse=True)
+        return list(self._ranked)
 
     def implementation(self, name: str) -> Implementation:
         with self._lock:
@@ -378,7 +379,7 @@ class Operation:
             if reason is not None:
                 raise self._unavailable(impl, reason)
             return impl
-        for impl in self.implementations:
+        for impl in self._ranked:
             if impl.unsupported_reason(call) is None:
                 return impl
         raise AssertionError("the reference implementation supports every call")  # pragma: no cover
@@ -410,7 +411,7 @@ class Operation:
 
         skipped: list[tuple[str, str]] = []
         to_warn: list[tuple[str, str]] = []
-        for impl in self.implementations:
+        for impl in self._ranked:
             reason = impl.unsupported_reason(call)
             if reason is not None:
                 skipped.append((impl.name, reason))

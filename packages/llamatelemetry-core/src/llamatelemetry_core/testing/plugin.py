@@ -7,7 +7,8 @@ Markers:
   capability.
 * ``triton``: needs Triton able to run kernels on the test's device: a CUDA device, or ``TRITON_INTERPRET=1``
   for CPU tensors.
-* ``triton_compiler``: needs Triton installed (compiles kernels ahead of time; no device needed).
+* ``triton_compiler``: needs Triton installed and its interpreter off (compiles kernels ahead of time; no device
+  needed). The ``t4`` nox session runs these.
 * ``no_triton``: needs Triton *absent* (the fallback matrix).
 * ``flash_attn``: needs the flash-attn package usable on this device.
 
@@ -35,7 +36,9 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, (major, minor) in _CAPABILITY_MARKERS.items():
         config.addinivalue_line("markers", f"{name}: needs a CUDA device of compute capability >= {major}.{minor}")
     config.addinivalue_line("markers", "triton: needs Triton able to run kernels (CUDA, or TRITON_INTERPRET=1)")
-    config.addinivalue_line("markers", "triton_compiler: needs Triton installed (ahead-of-time compilation)")
+    config.addinivalue_line(
+        "markers", "triton_compiler: needs Triton installed and TRITON_INTERPRET unset (ahead-of-time compilation)"
+    )
     config.addinivalue_line("markers", "no_triton: needs Triton not installed (the fallback matrix)")
     config.addinivalue_line("markers", "flash_attn: needs the flash-attn package usable on this GPU")
 
@@ -53,8 +56,11 @@ def _skip_reason(item: pytest.Item, device: DeviceInfo) -> str | None:
             return "needs Triton (triton marker): not installed"
         if not device.is_cuda and not triton_interpreter_enabled():
             return "needs Triton on a CUDA device, or TRITON_INTERPRET=1 on CPU (triton marker)"
-    if "triton_compiler" in names and not triton_ok:
-        return "needs Triton installed (triton_compiler marker)"
+    if "triton_compiler" in names:
+        if not triton_ok:
+            return "needs Triton installed (triton_compiler marker)"
+        if triton_interpreter_enabled():
+            return "needs TRITON_INTERPRET unset to compile kernels (triton_compiler marker): the t4 session runs it"
     if "no_triton" in names and triton_ok:
         return "needs Triton absent (no_triton marker): runs in the cpu-fallback matrix"
     if "flash_attn" in names:
