@@ -193,3 +193,21 @@ def test_module_requirement_and_dynamic_devices() -> None:
     kinds.add("cpu")
     with pytest.warns(BackendFallbackWarning, match=r"no_such_module_for_tests is not installed \(pip install it\)"):
         op.dispatch(CallSpec.from_tensors(x), x)
+
+
+def test_an_optional_extra_left_out_is_skipped_quietly() -> None:
+    op = Operation(f"double_{next(_counter)}", _reference)
+    op.register(
+        "extra",
+        _fast,
+        priority=5,
+        devices={"cpu"},
+        checks=[requires_module("no_such_optional_extra", "pip install it", optional=True)],
+    )
+    x = torch.randn(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op.dispatch(CallSpec.from_tensors(x), x)
+    selection = last_selection(op.name)
+    assert selection is not None and selection.implementation == "reference"
+    assert selection.skipped == (("extra", "no_such_optional_extra is not installed (pip install it)"),)

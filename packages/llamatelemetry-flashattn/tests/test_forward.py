@@ -22,7 +22,6 @@ from llamatelemetry_flashattn import (
     ATTENTION,
     attention_backend_report,
     attention_reference,
-    check_flash_attention_available,
     flash_attention_forward,
 )
 
@@ -272,8 +271,8 @@ def test_gpu_automatic_choice_prefers_the_fastest(rng: torch.Generator) -> None:
     with record_selections() as record, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BackendFallbackWarning)
         flash_attention_forward(q, k, v, causal=True)
-    # Without the flash-attn package, the skipped better implementation is reported once, by a warning.
-    assert bool(caught) == (not check_flash_attention_available())
+    # flash-attn is an optional extra: leaving it out is not worth a warning (the skip is still recorded).
+    assert not caught, [str(w.message) for w in caught]
     chosen = record.last("flash_attention")
     runs = _gpu_backends()
     assert chosen == runs[0], f"chose {chosen}, the best that runs here is {runs[0]}"

@@ -8,7 +8,9 @@ packages). Dispatch takes the highest-priority implementation that supports the 
 * An implementation whose device kind does not match the call is simply not applicable (a Triton kernel for a
   CPU tensor): nothing is said.
 * A better implementation that targets this device but cannot run the call (Triton not installed, a GPU too old)
-  is skipped with one :class:`BackendFallbackWarning` per operation, implementation and reason.
+  is skipped with one :class:`BackendFallbackWarning` per operation, implementation and reason. A check may
+  answer with a :class:`QuietReason` instead (an optional extra the user chose not to install): the
+  implementation is then skipped without a warning, and the reason is still recorded.
 * An automatically chosen implementation may raise :class:`BackendUnavailableError` at run time (a kernel that
   fails to compile, say); dispatch then warns once and falls back to the next one. Any other exception
   propagates: a bug is never hidden behind a fallback.
@@ -50,6 +52,7 @@ __all__ = [
     "Check",
     "Implementation",
     "Operation",
+    "QuietReason",
     "Selection",
     "SelectionRecorder",
     "get_operation",
@@ -108,6 +111,16 @@ class CallSpec:
         return cls(device=info, dtype=dtype, attrs=attrs)
 
 
+class QuietReason(str):
+    """A reason an implementation cannot run that is not worth a warning: an optional package left out on purpose.
+
+    Dispatch skips such an implementation silently; :meth:`Operation.explain` and :class:`Selection` still show
+    the reason.
+    """
+
+    __slots__ = ()
+
+
 Check = Callable[[CallSpec], "str | None"]
 """A support check: ``None`` when the call is supported, else the reason it is not."""
 
@@ -141,15 +154,21 @@ def requires_dtypes(*dtypes: torch.dtype) -> Check:
 _module_cache: dict[str, bool] = {}
 
 
-def requires_module(module: str, install: str) -> Check:
-    """A check that passes when ``module`` can be imported; its reason says how to install it."""
+def requires_module(module: str, install: str, *, optional: bool = False) -> Check:
+    """A check that passes when ``module`` can be imported; its reason says how to install it.
+
+    ``optional=True`` marks the package as an optional extra: its absence is a :class:`QuietReason`.
+    """
 
     def check(call: CallSpec) -> str | None:
         found = _module_cache.get(module)
         if found is None:
             found = importlib.util.find_spec(module) is not None
             _module_cache[module] = found
-        return None if found else f"{module} is not installed ({install})"
+        if found:
+            return None
+        reason = f"{module} is not installed ({install})"
+        return QuietReason(reason) if optional else reason
 
     return check
 
@@ -414,8 +433,8 @@ class Operation:
         for impl in self._ranked:
             reason = impl.unsupported_reason(call)
             if reason is not None:
-                skipped.append((impl.name, reason))
-                if impl.applies_to(call):
+                skipped.append((impl.name, str(reason)))
+                if impl.applies_to(call) and not isinstance(reason, QuietReason):
                     to_warn.append((impl.name, reason))
                 continue
             try:

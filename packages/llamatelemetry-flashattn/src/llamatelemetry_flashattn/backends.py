@@ -399,7 +399,7 @@ ATTENTION.register(
     priority=500,
     devices={"cuda"},
     checks=[
-        requires_module("flash_attn", 'pip install "llamatelemetry-flashattn[flash-attn]"'),
+        requires_module("flash_attn", 'pip install "llamatelemetry-flashattn[flash-attn]"', optional=True),
         _flash_attn_usable,
         requires_dtypes(*_HALF),
         _head_dim_check(MAX_HEAD_DIM),
