@@ -389,15 +389,22 @@ class Operation:
             return name
         return None
 
+    def _requested_implementation(self, call: CallSpec, backend: str | None) -> Implementation | None:
+        """The explicitly requested implementation, checked against ``call``; ``None`` for automatic choice."""
+        requested = self.requested_backend(backend)
+        if requested is None:
+            return None
+        impl = self.implementation(requested)
+        reason = impl.unsupported_reason(call)
+        if reason is not None:
+            raise self._unavailable(impl, reason)
+        return impl
+
     def select(self, call: CallSpec, backend: str | None = None) -> Implementation:
         """The implementation dispatch would run for ``call`` first (no warning is issued)."""
-        requested = self.requested_backend(backend)
+        requested = self._requested_implementation(call, backend)
         if requested is not None:
-            impl = self.implementation(requested)
-            reason = impl.unsupported_reason(call)
-            if reason is not None:
-                raise self._unavailable(impl, reason)
-            return impl
+            return requested
         for impl in self._ranked:
             if impl.unsupported_reason(call) is None:
                 return impl
@@ -419,14 +426,10 @@ class Operation:
 
     def dispatch(self, call: CallSpec, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         """Run the best implementation supporting ``call`` on ``args``; see the module docstring."""
-        requested = self.requested_backend(backend)
+        requested = self._requested_implementation(call, backend)
         if requested is not None:
-            impl = self.implementation(requested)
-            reason = impl.unsupported_reason(call)
-            if reason is not None:
-                raise self._unavailable(impl, reason)
-            self._record(Selection(self.name, impl.name, requested=True))
-            return impl.fn(*args, **kwargs)
+            self._record(Selection(self.name, requested.name, requested=True))
+            return requested.fn(*args, **kwargs)
 
         skipped: list[tuple[str, str]] = []
         to_warn: list[tuple[str, str]] = []
