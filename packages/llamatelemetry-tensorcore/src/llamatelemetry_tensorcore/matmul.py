@@ -25,14 +25,13 @@ Implementations (chosen by :mod:`llamatelemetry_core.selection`):
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from llamatelemetry_core.device import DeviceInfo, get_device_info, simulated_device_key
+from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.selection import CallSpec, Operation, requires_min_capability
 from llamatelemetry_core.validation import check_dtype, check_same_device, check_tensor, dtype_name, format_shape
@@ -80,18 +79,13 @@ def tensor_core_padding(info: DeviceInfo, m: int, n: int, k: int, dtype: torch.d
     return MatmulPadding(n=up(n), k=up(k))
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_device_info(simulated: str | None, device: torch.device) -> DeviceInfo:
-    return get_device_info(device)
-
-
 def _device_info(device: torch.device) -> DeviceInfo:
-    """Facts about a tensor's device, cached per device and simulation.
+    """Facts about a tensor's device from core's cache.
 
-    Asked on every call: the cache keeps driver queries (free memory) out of the hot path and out of CUDA graph
-    captures, where an unsupported driver call would invalidate the capture.
+    Asked on every call: ``refresh_memory=False`` keeps driver queries (free memory) out of the hot path and out of
+    CUDA graph captures, where an unsupported driver call would invalidate the capture.
     """
-    return _cached_device_info(simulated_device_key(), device)
+    return get_device_info(device, refresh_memory=False)
 
 
 def _largest_finite_log2(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from llamatelemetry_core.device import DeviceInfo, get_device_info, simulated_device_key
+from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_devices
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.selection import CallSpec, Check, Operation, requires_dtypes, requires_module
@@ -36,20 +36,9 @@ TRITON_PRIORITY = 100
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.lru_cache(maxsize=64)
-def _device_info(simulated: str | None, kind: str, index: int | None) -> DeviceInfo:
-    return get_device_info(torch.device(kind, index or 0) if kind == "cuda" else torch.device("cpu"))
-
-
 def device_info(device: torch.device) -> DeviceInfo:
-    """:func:`get_device_info`, cached per device and simulated device (its facts do not change while running).
-
-    Avoids a device-properties query and ``cudaMemGetInfo`` on every call of a microsecond kernel.
-    """
-    index: int | None = device.index  # None for a bare "cuda"
-    if device.type == "cuda" and index is None:
-        index = torch.cuda.current_device()
-    return _device_info(simulated_device_key(), device.type, index)
+    """:func:`get_device_info` from core's cache: no device query (no ``cudaMemGetInfo``) on a kernel's hot path."""
+    return get_device_info(device, refresh_memory=False)
 
 
 def call_spec(first: torch.Tensor, *others: torch.Tensor | None, **attrs: object) -> CallSpec:
