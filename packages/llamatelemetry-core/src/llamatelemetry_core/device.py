@@ -252,13 +252,18 @@ def _cached_cuda_device_info(index: int) -> DeviceInfo:
     )
 
 
+_valid_keys: set[str] = set()
+
+
 def simulated_device_key() -> str | None:
     """The key of the device being simulated (context manager first, then the environment), or ``None``."""
     key = _simulated.get()
     if key is None:
-        key = os.environ.get(SIMULATE_ENV, "").strip().lower() or None
-    if key is not None:
+        raw = os.environ.get(SIMULATE_ENV)
+        key = raw.strip().lower() or None if raw else None
+    if key is not None and key not in _valid_keys:
         _validate_key(key)
+        _valid_keys.add(key)
     return key
 
 
@@ -317,6 +322,9 @@ def real_device_info(device: int | str | torch.device | None = None, *, refresh_
     return _cuda_device_info(index, refresh_memory)
 
 
+_static_by_device: dict[torch.device, DeviceInfo] = {}
+
+
 def get_device_info(device: int | str | torch.device | None = None, *, refresh_memory: bool = True) -> DeviceInfo:
     """Facts about ``device``: ``None`` means the current CUDA device, or the CPU when there is none.
 
@@ -327,6 +335,16 @@ def get_device_info(device: int | str | torch.device | None = None, *, refresh_m
     (what dispatch uses on every call, where a device query per operation would cost more than the operation).
     """
     key = simulated_device_key()
+    if key is None and not refresh_memory and type(device) is torch.device:
+        # The hot path of dispatch: a tensor's device, static facts only. Only devices with an explicit index
+        # (and the CPU) are cached here: a bare "cuda" follows the current device.
+        hit = _static_by_device.get(device)
+        if hit is not None:
+            return hit
+        info = real_device_info(device, refresh_memory=False)
+        if device.type == "cpu" or device.index is not None:
+            _static_by_device[device] = info
+        return info
     if key is not None:
         explicit_cpu = device is not None and not isinstance(device, int) and torch.device(device).type == "cpu"
         if key == "cpu" or explicit_cpu:
