@@ -218,6 +218,38 @@ def test_norm_backward_matches_autograd_of_reference(
         )
 
 
+@pytest.mark.parametrize("params", ["weight", "bias", "none", "both"])
+@pytest.mark.parametrize("cap", [None, 16])
+def test_norm_backward_with_optional_parameters_absent(params: str, cap: int | None) -> None:
+    """dweight and dbias come from one reduction kernel, which must handle either being absent."""
+    gen = torch.Generator().manual_seed(7)
+    x = _random([5, 3, 37], torch.float32, "row_slice", gen)
+    w = _random([37], torch.float32, "contiguous", gen) if params in ("weight", "both") else None
+    b = _random([37], torch.float32, "contiguous", gen) if params in ("bias", "both") else None
+    inputs = [t for t in (x, w, b) if t is not None]
+
+    def pick(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def call(*leaves: torch.Tensor) -> torch.Tensor:
+            it = iter(leaves)
+            xl = next(it)
+            return fn(xl, next(it) if w is not None else None, next(it) if b is not None else None)
+
+        return call
+
+    with _block_cap(cap), _expect_backend("layernorm"):
+        got_out, got_grads = _grads(pick(triton_layernorm), inputs, 3)
+    want_out, want_grads = _grads(pick(layernorm_reference), inputs, 3)
+    assert_close(got_out[0], want_out[0], name="layernorm output")
+    for i, (got, want) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert got is not None and want is not None
+        assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"grad #{i}")
+    if w is None:  # RMSNorm without a weight: only dx
+        with _block_cap(cap), _expect_backend("rmsnorm"):
+            got_out, got_grads = _grads(lambda xl: triton_rmsnorm(xl), [x], 5)
+        want_out, want_grads = _grads(lambda xl: rmsnorm_reference(xl), [x], 5)
+        assert_close(got_grads[0], want_grads[0], atol=1e-4, rtol=1e-4, name="rmsnorm dx")
+
+
 @SETTINGS
 @given(
     lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),

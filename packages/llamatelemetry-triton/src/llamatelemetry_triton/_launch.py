@@ -1,4 +1,8 @@
-"""Small host-side helpers the launchers share: row views and the device context of a launch."""
+"""Small host-side helpers the launchers share: row views and the device context of a launch.
+
+They sit on every kernel's hot path, so each avoids work in the common case: a contiguous tensor is used as it
+is (no reshape), and the current CUDA device is switched only when the tensor lives on another one.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import contextlib
 
 import torch
 
-__all__ = ["as_rows", "on_device"]
+__all__ = ["as_rows", "on_device", "rows_of"]
+
+_NO_SWITCH = contextlib.nullcontext()
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -22,8 +28,25 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(tensor, rows, row_stride)`` for a kernel that reads ``t`` as rows of ``t.shape[-1]`` unit-stride elements.
+
+    A contiguous ``t`` is returned as it is (its data pointer is all a kernel needs); anything else goes through
+    :func:`as_rows`.
+    """
+    n = t.shape[-1] if t.dim() else 1
+    if t.is_contiguous():
+        return t, (t.numel() // n if n else 0), n
+    rows = as_rows(t)
+    return rows, rows.shape[0], rows.stride(0)
+
+
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
-    """Make ``t``'s CUDA device current for a launch (Triton launches on the current device)."""
-    if t.is_cuda:
+    """Make ``t``'s CUDA device current for a launch (Triton launches on the current device).
+
+    A no-op context when ``t`` is on the CPU or already on the current device (the common case, and a cheap
+    check next to switching devices twice).
+    """
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
         return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    return _NO_SWITCH

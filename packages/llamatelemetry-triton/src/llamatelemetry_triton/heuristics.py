@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -57,7 +59,12 @@ SOFTMAX_MAX_SINGLE_BLOCK = 16384
 SOFTMAX_LOOP_BLOCK = 4096
 SOFTMAX_MAX_SPLITS = 64
 _ELEMENTWISE_BYTES_PER_PROGRAM = 8192
+_VECTOR_BYTES = 16
+_ELEMENTWISE_WARPS = 8
 _BYTES_PER_THREAD = 32
+
+_MEMO_LIMIT = 4096
+_F = TypeVar("_F", bound=Callable[..., "LaunchConfig"])
 
 _max_block: contextvars.ContextVar[int | None] = contextvars.ContextVar("llamatelemetry_max_block", default=None)
 
@@ -78,6 +85,30 @@ class LaunchConfig:
     splits: int = 1
     chunk_size: int = 0
     programs: int = 0
+
+
+def _memoized(fn: _F) -> _F:
+    """Cache a chooser's answers: they are pure, and sit on every launch's hot path.
+
+    A :class:`DeviceInfo` argument is keyed by identity (hashing its fields costs as much as the chooser) and
+    kept alive beside the answer, so a key is never reused by another object. The cache is dropped when it
+    reaches ``_MEMO_LIMIT`` entries (shapes that vary without bound, such as softmax row counts).
+    """
+    cache: dict[tuple[Any, ...], tuple[tuple[Any, ...], LaunchConfig]] = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> LaunchConfig:
+        key = (*(id(a) if isinstance(a, DeviceInfo) else a for a in args), *kwargs.items())
+        hit = cache.get(key)
+        if hit is not None:
+            return hit[1]
+        config = fn(*args, **kwargs)
+        if len(cache) >= _MEMO_LIMIT:
+            cache.clear()
+        cache[key] = (args, config)  # args keep the DeviceInfo alive while its id is a key
+        return config
+
+    return wrapper  # type: ignore[return-value]
 
 
 def next_power_of_2(n: int) -> int:
@@ -135,6 +166,7 @@ def _cap(max_single: int, max_block: int | None) -> int:
     return max_single if max_block is None else min(max_single, max_block)
 
 
+@_memoized
 def norm_config(
     n_cols: int, dtype: torch.dtype, device: DeviceInfo, *, backward: bool = False, max_block: int | None = None
 ) -> LaunchConfig:
@@ -164,6 +196,7 @@ def norm_backward_programs(n_rows: int, device: DeviceInfo) -> int:
     return max(1, min(n_rows, 2 * device.sm_count))
 
 
+@_memoized
 def softmax_config(
     n_rows: int, n_cols: int, dtype: torch.dtype, device: DeviceInfo, *, max_block: int | None = None
 ) -> LaunchConfig:
@@ -185,18 +218,22 @@ def softmax_config(
     return LaunchConfig(loop_block, warps, stages, single_block=False, splits=splits, chunk_size=chunk)
 
 
+@_memoized
 def elementwise_config(numel: int, dtype: torch.dtype, device: DeviceInfo, *, strided: bool = False) -> LaunchConfig:
-    """A flat elementwise kernel (add): about 8 KiB of each operand per program, four warps.
+    """A flat elementwise kernel (add): 16 bytes of each operand per thread (one vector load), eight warps.
 
+    Measured on an H100 at 4096x4096 and 16384x8192 fp16: any block at 16 bytes per thread reaches the copy
+    bandwidth, while 32 or 64 bytes per thread with four warps lose 7-13% at the larger size.
     ``strided`` (broadcasting): 1024 elements, since each one's 64-bit index arithmetic costs registers.
     """
     size = _element_size(dtype)
-    per_program = 1024 if strided else _ELEMENTWISE_BYTES_PER_PROGRAM // size
-    block = min(per_program, next_power_of_2(numel))
-    block = max(block, 16)
-    return LaunchConfig(block, max(1, min(4, block // 256)))
+    per_thread = max(1, _VECTOR_BYTES // size)
+    per_program = 1024 if strided else _ELEMENTWISE_WARPS * 32 * per_thread
+    block = max(16, min(per_program, next_power_of_2(numel)))
+    return LaunchConfig(block, max(1, min(_ELEMENTWISE_WARPS, block // (32 * per_thread))))
 
 
+@_memoized
 def glu_config(n_cols: int, dtype: torch.dtype, device: DeviceInfo, *, max_block: int | None = None) -> LaunchConfig:
     """SwiGLU / GeGLU over rows of ``n_cols`` outputs; wide rows are cut into several programs."""
     size = _element_size(dtype)
@@ -205,6 +242,7 @@ def glu_config(n_cols: int, dtype: torch.dtype, device: DeviceInfo, *, max_block
     return LaunchConfig(block, max(1, min(4, block // 256)), single_block=block >= n_cols)
 
 
+@_memoized
 def rope_config(rotary_half: int, num_heads: int, dtype: torch.dtype, device: DeviceInfo) -> LaunchConfig:
     """RoPE: one program per token; ``block_size`` covers half the rotary dimension; heads go in groups.
 

@@ -47,8 +47,8 @@ def add_reference(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
 def _add_kernel(A, B, Out, n_elements, BLOCK_SIZE: tl.constexpr):  # type: ignore[no-untyped-def]
     offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
-    a = tl.load(A + offsets, mask=mask, eviction_policy="evict_first").to(tl.float32)
-    b = tl.load(B + offsets, mask=mask, eviction_policy="evict_first").to(tl.float32)
+    a = tl.load(A + offsets, mask=mask).to(tl.float32)
+    b = tl.load(B + offsets, mask=mask).to(tl.float32)
     tl.store(Out + offsets, (a + b).to(Out.dtype.element_ty), mask=mask)
 
 

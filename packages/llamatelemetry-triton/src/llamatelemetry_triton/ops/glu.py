@@ -35,7 +35,7 @@ from llamatelemetry_triton._dispatch import (
     run_op,
     triton_errors,
 )
-from llamatelemetry_triton._launch import as_rows, on_device
+from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, glu_config
 
 __all__ = ["GLUFunction", "geglu_reference", "swiglu_reference", "triton_geglu", "triton_swiglu"]
@@ -61,8 +61,8 @@ def _glu_fwd_kernel(  # type: ignore[no-untyped-def]
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     if ACTIVATION == 0:
         a = g * tl.sigmoid(g)
     elif ACTIVATION == 1:
@@ -104,16 +104,16 @@ def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if gate.numel() == 0:
         return y
-    g2, u2 = as_rows(gate), as_rows(up)
-    n_rows, n_cols = g2.shape
+    (g2, n_rows, stride_g), (u2, _, stride_u) = rows_of(gate), rows_of(up)
+    n_cols = gate.shape[-1]
     config = glu_config(n_cols, gate.dtype, device_info(gate.device), max_block=current_max_block_size())
     with on_device(gate):
         _glu_fwd_kernel[(n_rows, triton.cdiv(n_cols, config.block_size))](
             g2,
             u2,
             y,
-            g2.stride(0),
-            u2.stride(0),
+            stride_g,
+            stride_u,
             n_cols,
             ACTIVATION=activation,
             BLOCK_SIZE=config.block_size,
@@ -129,8 +129,8 @@ def _glu_backward(
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     if gate.numel() == 0:
         return dgate, dup
-    dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
-    n_rows, n_cols = g2.shape
+    (dy2, _, stride_dy), (g2, n_rows, stride_g), (u2, _, stride_u) = rows_of(dy), rows_of(gate), rows_of(up)
+    n_cols = gate.shape[-1]
     config = glu_config(n_cols, gate.dtype, device_info(gate.device), max_block=current_max_block_size())
     with on_device(gate):
         _glu_bwd_kernel[(n_rows, triton.cdiv(n_cols, config.block_size))](
@@ -139,9 +139,9 @@ def _glu_backward(
             u2,
             dgate,
             dup,
-            dy2.stride(0),
-            g2.stride(0),
-            u2.stride(0),
+            stride_dy,
+            stride_g,
+            stride_u,
             n_cols,
             ACTIVATION=activation,
             BLOCK_SIZE=config.block_size,

@@ -40,10 +40,9 @@ from llamatelemetry_triton._dispatch import (
     dispatch,
     needs_autograd,
     register_triton,
-    run_op,
     triton_errors,
 )
-from llamatelemetry_triton._launch import as_rows, on_device
+from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, norm_backward_programs, norm_config
 
 __all__ = [
@@ -126,6 +125,7 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STORE_STATS: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -137,21 +137,22 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
     if SINGLE_BLOCK:
         cols = tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
-        x = tl.load(X + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            r = tl.load(R + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
             h = (x + r).to(H.dtype.element_ty)
             tl.store(H + cols, h, mask=mask)
             x = h.to(tl.float32)
         if IS_RMS:
             xc = x
-            tl.store(Mean + row, tl.full([], 0.0, tl.float32))
         else:
             mean = tl.sum(x, axis=0) / n_cols
             xc = tl.where(mask, x - mean, 0.0)
-            tl.store(Mean + row, mean)
+            if STORE_STATS:
+                tl.store(Mean + row, mean)
         rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
-        tl.store(Rstd + row, rstd)
+        if STORE_STATS:
+            tl.store(Rstd + row, rstd)
         y = xc * rstd
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
@@ -178,11 +179,11 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
             start += BLOCK_SIZE
         if IS_RMS:
             mean = 0.0
-            tl.store(Mean + row, tl.full([], 0.0, tl.float32))
             var = tl.sum(acc, axis=0) / n_cols
         else:
             mean = tl.sum(acc, axis=0) / n_cols
-            tl.store(Mean + row, mean)
+            if STORE_STATS:
+                tl.store(Mean + row, mean)
             # Pass 2: centered sum of squares (two passes, not E[x^2] - E[x]^2, which cancels badly).
             acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
             start = tl.program_id(0) * 0
@@ -198,7 +199,8 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
                 start += BLOCK_SIZE
             var = tl.sum(acc, axis=0) / n_cols
         rstd = tl.math.rsqrt(var + eps)
-        tl.store(Rstd + row, rstd)
+        if STORE_STATS:
+            tl.store(Rstd + row, rstd)
         # Last pass: normalize and write.
         start = tl.program_id(0) * 0
         while start < n_cols:
@@ -326,7 +328,44 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             row += 1
 
 
+@triton.jit  # type: ignore[untyped-decorator]
+def _sum_partials_kernel(  # type: ignore[no-untyped-def]
+    DW_PART,
+    DB_PART,
+    DW,
+    DB,
+    n_parts,
+    n_cols,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Column sums of the ``[n_parts, n_cols]`` fp32 partials, in a fixed order (deterministic), cast on store."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    start = tl.program_id(0) * 0
+    while start < n_parts:
+        parts = start + tl.arange(0, BLOCK_P)
+        offsets = parts[:, None].to(tl.int64) * n_cols + cols[None, :]
+        mask = (parts < n_parts)[:, None] & col_mask[None, :]
+        if HAS_WEIGHT:
+            dw += tl.sum(tl.load(DW_PART + offsets, mask=mask, other=0.0), axis=0)
+        if HAS_BIAS:
+            db += tl.sum(tl.load(DB_PART + offsets, mask=mask, other=0.0), axis=0)
+        start += BLOCK_P
+    if HAS_WEIGHT:
+        tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_mask)
+
+
 # --- host launchers -------------------------------------------------------------------------------------------
+
+_PARTIAL_BLOCK_P = 32
+_PARTIAL_BLOCK_N = 64
 
 
 def _norm_forward(
@@ -336,40 +375,46 @@ def _norm_forward(
     bias: torch.Tensor | None,
     eps: float,
     is_rms: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    store_stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(y, h, mean, rstd)``: ``h`` is ``None`` without a residual; ``mean`` and ``rstd`` (per row, fp32, for the
+    backward) are ``None`` unless ``store_stats``, and ``mean`` is ``None`` for RMSNorm, which has none."""
     n_cols = x.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = None
     if residual is not None:
         h = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
-    else:
-        h = x.new_empty(0)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    mean = rstd = None
+    if store_stats:
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        if not is_rms:
+            mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return y, h, mean, rstd
-    x2 = as_rows(x)
-    r2 = as_rows(residual) if residual is not None else x2
+    x2, n_rows, stride_x = rows_of(x)
+    r2, _, stride_r = rows_of(residual) if residual is not None else (x2, n_rows, stride_x)
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
     config = norm_config(n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size())
     with on_device(x):
-        _norm_fwd_kernel[(x2.shape[0],)](
+        _norm_fwd_kernel[(n_rows,)](
             x2,
             r2,
             w,
             b,
             y,
-            h if residual is not None else y,
-            mean,
-            rstd,
-            x2.stride(0),
-            r2.stride(0),
+            h if h is not None else y,
+            mean if mean is not None else y,
+            rstd if rstd is not None else y,
+            stride_x,
+            stride_r,
             n_cols,
             eps,
             IS_RMS=is_rms,
             HAS_RESIDUAL=residual is not None,
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
+            STORE_STATS=store_stats,
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
@@ -383,62 +428,84 @@ def _norm_backward(
     x: torch.Tensor,
     dres: torch.Tensor | None,
     weight: torch.Tensor | None,
-    mean: torch.Tensor,
+    mean: torch.Tensor | None,
     rstd: torch.Tensor,
     is_rms: bool,
     has_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` without a weight / bias."""
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw_shape = (n_cols,) if weight is not None else (0,)
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    # One allocation for both parameter gradients (and one for both partial buffers below): each allocation is
+    # microseconds of host time on a path that launches two kernels.
+    n_params = (weight is not None) + has_bias
+    params = torch.empty((n_params, n_cols), dtype=param_dtype, device=x.device) if n_params else None
+    dw = params[0] if params is not None and weight is not None else None
+    db = params[n_params - 1] if params is not None and has_bias else None
     if x.numel() == 0:
-        dw = torch.zeros(dw_shape, dtype=weight.dtype if weight is not None else x.dtype, device=x.device)
-        db = torch.zeros((n_cols,) if has_bias else (0,), dtype=dw.dtype, device=x.device)
-        return dx, dw, db
-    x2, dy2 = as_rows(x), as_rows(dy)
-    dres2 = as_rows(dres) if dres is not None else dy2
-    n_rows = x2.shape[0]
+        return dx, None if dw is None else dw.zero_(), None if db is None else db.zero_()
+    x2, n_rows, stride_x = rows_of(x)
+    dy2, _, stride_dy = rows_of(dy)
+    dres2, _, stride_dres = rows_of(dres) if dres is not None else (dy2, n_rows, stride_dy)
     device = device_info(x.device)
     config = norm_config(n_cols, x.dtype, device, backward=True, max_block=current_max_block_size())
     programs = norm_backward_programs(n_rows, device)
     rows_per_program = -(-n_rows // programs)
     programs = -(-n_rows // rows_per_program)
     alloc = torch.empty if config.single_block else torch.zeros
-    dw_partial = alloc((programs, n_cols) if weight is not None else (1, 1), dtype=torch.float32, device=x.device)
-    db_partial = alloc((programs, n_cols) if has_bias else (1, 1), dtype=torch.float32, device=x.device)
+    partials = alloc((n_params, programs, n_cols), dtype=torch.float32, device=x.device) if n_params else dx
+    dw_partial = partials[0] if dw is not None else dx
+    db_partial = partials[n_params - 1] if db is not None else dx
     with on_device(x):
         _norm_bwd_kernel[(programs,)](
             dy2,
             x2,
             weight.contiguous() if weight is not None else x2,
-            mean,
+            mean if mean is not None else rstd,
             rstd,
             dres2,
             dx,
             dw_partial,
             db_partial,
-            dy2.stride(0),
-            x2.stride(0),
-            dres2.stride(0),
+            stride_dy,
+            stride_x,
+            stride_dres,
             n_rows,
             n_cols,
             rows_per_program,
             IS_RMS=is_rms,
-            HAS_WEIGHT=weight is not None,
-            HAS_BIAS=has_bias,
+            HAS_WEIGHT=dw is not None,
+            HAS_BIAS=db is not None,
             HAS_DRES=dres is not None,
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dw = dw_partial.sum(0).to(param_dtype) if weight is not None else x.new_empty(0)
-    db = db_partial.sum(0).to(param_dtype) if has_bias else x.new_empty(0)
+        if dw is not None or db is not None:
+            _sum_partials_kernel[(triton.cdiv(n_cols, _PARTIAL_BLOCK_N),)](
+                dw_partial,
+                db_partial,
+                dw if dw is not None else db,
+                db if db is not None else dw,
+                programs,
+                n_cols,
+                HAS_WEIGHT=dw is not None,
+                HAS_BIAS=db is not None,
+                BLOCK_P=_PARTIAL_BLOCK_P,
+                BLOCK_N=_PARTIAL_BLOCK_N,
+                num_warps=4,
+            )
     return dx, dw, db
 
 
 # --- custom ops (torch.compile, CUDA graphs) ------------------------------------------------------------------
+# A custom op's outputs are tensors: absent ones travel as empty tensors.
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
 
 
 @torch.library.custom_op("llamatelemetry::triton_norm_fwd", mutates_args=())
@@ -450,7 +517,9 @@ def _norm_fwd_op(
     eps: float,
     is_rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _norm_forward(x, residual, weight, bias, eps, is_rms)
+    y, h, mean, rstd = _norm_forward(x, residual, weight, bias, eps, is_rms)
+    assert rstd is not None
+    return y, _or_empty(h, x), _or_empty(mean, rstd), rstd
 
 
 @_norm_fwd_op.register_fake
@@ -467,8 +536,9 @@ def _norm_fwd_fake(
         h = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
     else:
         h = x.new_empty(0)
-    stats = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    return y, h, stats, torch.empty_like(stats)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    mean = rstd.new_empty(0) if is_rms else torch.empty_like(rstd)
+    return y, h, mean, rstd
 
 
 @torch.library.custom_op("llamatelemetry::triton_norm_bwd", mutates_args=())
@@ -477,12 +547,13 @@ def _norm_bwd_op(
     x: torch.Tensor,
     dres: torch.Tensor | None,
     weight: torch.Tensor | None,
-    mean: torch.Tensor,
+    mean: torch.Tensor | None,
     rstd: torch.Tensor,
     is_rms: bool,
     has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _norm_backward(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
+    dx, dw, db = _norm_backward(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
+    return dx, _or_empty(dw, x), _or_empty(db, x)
 
 
 @_norm_bwd_op.register_fake
@@ -491,7 +562,7 @@ def _norm_bwd_fake(
     x: torch.Tensor,
     dres: torch.Tensor | None,
     weight: torch.Tensor | None,
-    mean: torch.Tensor,
+    mean: torch.Tensor | None,
     rstd: torch.Tensor,
     is_rms: bool,
     has_bias: bool,
@@ -499,9 +570,41 @@ def _norm_bwd_fake(
     n_cols = x.shape[-1]
     param_dtype = weight.dtype if weight is not None else x.dtype
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw = torch.empty((n_cols,) if weight is not None else (0,), dtype=param_dtype, device=x.device)
-    db = torch.empty((n_cols,) if has_bias else (0,), dtype=param_dtype, device=x.device)
+    dw = torch.empty(n_cols, dtype=param_dtype, device=x.device) if weight is not None else x.new_empty(0)
+    db = torch.empty(n_cols, dtype=param_dtype, device=x.device) if has_bias else x.new_empty(0)
     return dx, dw, db
+
+
+def _forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    store_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The forward launch: the custom op while ``torch.compile`` traces (statistics always kept), direct otherwise."""
+    if torch.compiler.is_compiling():
+        y, h, mean, rstd = torch.ops.llamatelemetry.triton_norm_fwd(x, residual, weight, bias, eps, is_rms)
+        return y, (h if residual is not None else None), (None if is_rms else mean), rstd
+    return _norm_forward(x, residual, weight, bias, eps, is_rms, store_stats)
+
+
+def _backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dres: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if torch.compiler.is_compiling():
+        dx, dw, db = torch.ops.llamatelemetry.triton_norm_bwd(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
+        return dx, (dw if weight is not None else None), (db if has_bias else None)
+    return _norm_backward(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
 
 
 # --- autograd ---------------------------------------------------------------------------------------------
@@ -520,15 +623,14 @@ class NormFunction(torch.autograd.Function):
         eps: float,
         is_rms: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y, h, mean, rstd = run_op(
-            torch.ops.llamatelemetry.triton_norm_fwd, _norm_forward, x, residual, weight, bias, eps, is_rms
-        )
-        ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+        y, h, mean, rstd = _forward(x, residual, weight, bias, eps, is_rms, True)
+        ctx.save_for_backward(h if h is not None else x, weight, mean, rstd)
         ctx.is_rms = is_rms
         ctx.has_bias = bias is not None
         ctx.x_dtype = x.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
-        if residual is None:
+        if h is None:
+            h = x.new_empty(0)
             ctx.mark_non_differentiable(h)
         ctx.set_materialize_grads(False)
         return y, h
@@ -539,27 +641,9 @@ class NormFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(normed)
         dres = dh if ctx.residual_dtype is not None else None
-        dx, dw, db = run_op(
-            torch.ops.llamatelemetry.triton_norm_bwd,
-            _norm_backward,
-            dy,
-            normed,
-            dres,
-            weight,
-            mean,
-            rstd,
-            ctx.is_rms,
-            ctx.has_bias,
-        )
+        dx, dw, db = _backward(dy, normed, dres, weight, mean, rstd, ctx.is_rms, ctx.has_bias)
         dresidual = None if ctx.residual_dtype is None else dx.to(ctx.residual_dtype)
-        return (
-            dx.to(ctx.x_dtype),
-            dresidual,
-            dw if weight is not None else None,
-            db if ctx.has_bias else None,
-            None,
-            None,
-        )
+        return dx.to(ctx.x_dtype), dresidual, dw, db, None, None
 
 
 # --- operations and public functions --------------------------------------------------------------------------
@@ -602,13 +686,11 @@ def _norm_apply(
     bias: torch.Tensor | None,
     eps: float,
     is_rms: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if needs_autograd(x, residual, weight, bias):
         y, h = NormFunction.apply(x, residual, weight, bias, float(eps), is_rms)  # type: ignore[no-untyped-call]
         return y, h
-    y, h, _, _ = run_op(
-        torch.ops.llamatelemetry.triton_norm_fwd, _norm_forward, x, residual, weight, bias, float(eps), is_rms
-    )
+    y, h, _, _ = _forward(x, residual, weight, bias, float(eps), is_rms, False)
     return y, h
 
 
@@ -628,14 +710,18 @@ def _rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) ->
 def _fused_add_rmsnorm_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _norm_apply(x, residual, weight, None, eps, True)
+    y, h = _norm_apply(x, residual, weight, None, eps, True)
+    assert h is not None
+    return y, h
 
 
 @triton_errors("fused_add_layernorm")
 def _fused_add_layernorm_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _norm_apply(x, residual, weight, bias, eps, False)
+    y, h = _norm_apply(x, residual, weight, bias, eps, False)
+    assert h is not None
+    return y, h
 
 
 def _residual_dtype_reason(residual: torch.Tensor) -> str | None:

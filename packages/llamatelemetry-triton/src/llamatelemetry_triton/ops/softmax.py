@@ -33,7 +33,7 @@ from llamatelemetry_triton._dispatch import (
     run_op,
     triton_errors,
 )
-from llamatelemetry_triton._launch import as_rows, on_device
+from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, next_power_of_2, softmax_config
 
 __all__ = ["SoftmaxFunction", "softmax_reference", "triton_softmax"]
@@ -52,7 +52,7 @@ def _softmax_fwd_kernel(X, Y, stride_x, n_cols, BLOCK_SIZE: tl.constexpr):  # ty
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=-float("inf"), eviction_policy="evict_first")
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=-float("inf"))
     x = x.to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=0))
     y = e / tl.sum(e, axis=0)
@@ -157,13 +157,13 @@ def _softmax_forward(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
-    x2 = as_rows(x)
-    n_rows, n_cols = x2.shape
+    x2, n_rows, stride_x = rows_of(x)
+    n_cols = x.shape[-1]
     config = softmax_config(n_rows, n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size())
     with on_device(x):
         if config.single_block:
             _softmax_fwd_kernel[(n_rows,)](
-                x2, y, x2.stride(0), n_cols, BLOCK_SIZE=config.block_size, num_warps=config.num_warps
+                x2, y, stride_x, n_cols, BLOCK_SIZE=config.block_size, num_warps=config.num_warps
             )
             return y
         stats = torch.empty((2, n_rows, config.splits), dtype=torch.float32, device=x.device)
@@ -172,7 +172,7 @@ def _softmax_forward(x: torch.Tensor) -> torch.Tensor:
             x2,
             stats[0],
             stats[1],
-            x2.stride(0),
+            stride_x,
             n_cols,
             config.chunk_size,
             config.splits,
@@ -185,7 +185,7 @@ def _softmax_forward(x: torch.Tensor) -> torch.Tensor:
             y,
             stats[0],
             stats[1],
-            x2.stride(0),
+            stride_x,
             n_cols,
             config.chunk_size,
             config.splits,
@@ -201,15 +201,15 @@ def _softmax_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     if y.numel() == 0:
         return dx
-    dy2 = as_rows(dy)
-    n_rows, n_cols = dy2.shape
+    dy2, n_rows, stride_dy = rows_of(dy)
+    n_cols = dy.shape[-1]
     config = softmax_config(n_rows, n_cols, y.dtype, device_info(y.device), max_block=current_max_block_size())
     with on_device(y):
         _softmax_bwd_kernel[(n_rows,)](
             dy2,
             y.contiguous(),
             dx,
-            dy2.stride(0),
+            stride_dy,
             n_cols,
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
@@ -259,6 +259,8 @@ class SoftmaxFunction(torch.autograd.Function):
 def _softmax_triton(x: torch.Tensor, dim: int) -> torch.Tensor:
     if x.dim() == 0:
         return _softmax_last_dim(x.reshape(1)).reshape(())
+    if dim == -1 or dim == x.dim() - 1:
+        return _softmax_last_dim(x)
     return _softmax_last_dim(x.movedim(dim, -1)).movedim(-1, dim)
 
 
