@@ -138,6 +138,11 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
         cols = tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        # Without a bias, the weight is loaded before the reductions, so that its latency overlaps x's instead of
+        # following their barriers (RMSNorm at 16384 x 8192 on an H100: 99.2% -> 99.9% of copy). Holding weight
+        # and bias both across the reductions costs registers: LayerNorm there fell to 89.5%, so it loads them after.
+        if HAS_WEIGHT and not HAS_BIAS:
+            w = tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
             h = (x + r).to(H.dtype.element_ty)
@@ -154,8 +159,10 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
         if STORE_STATS:
             tl.store(Rstd + row, rstd)
         y = xc * rstd
+        if HAS_WEIGHT and HAS_BIAS:
+            w = tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            y = y * w
         if HAS_BIAS:
             y = y + tl.load(B + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
