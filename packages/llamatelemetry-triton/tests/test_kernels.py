@@ -468,3 +468,49 @@ def test_rope_backward_is_the_inverse_rotation() -> None:
     want = run(lambda q, k: rope_reference(q, k, cos, sin))
     for g, w in zip(got, want, strict=True):
         assert_close(g, w)
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "fused_layer", "rmsnorm", "fused_rms"])
+def test_compiled_training_through_the_custom_ops_matches_the_reference(kind: str) -> None:
+    """Under torch.compile the norms run as custom ops: forward and backward, weight and bias requiring grad."""
+    gen = torch.Generator().manual_seed(11)
+    x = _random([3, 40], torch.float32, "contiguous", gen)
+    r = _random([3, 40], torch.float32, "contiguous", gen)
+    w = _random([40], torch.float32, "contiguous", gen)
+    b = _random([40], torch.float32, "contiguous", gen)
+    fast: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
+    slow: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
+    if kind == "layernorm":
+        inputs, fast, slow = [x, w, b], triton_layernorm, layernorm_reference
+    elif kind == "fused_layer":
+        inputs, fast, slow = [x, r, w, b], triton_fused_add_layernorm, fused_add_layernorm_reference
+    elif kind == "rmsnorm":
+        inputs, fast, slow = [x, w], triton_rmsnorm, rmsnorm_reference
+    else:
+        inputs, fast, slow = [x, r, w], triton_fused_add_rmsnorm, fused_add_rmsnorm_reference
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *t: fast(*t, backend="triton"), backend="aot_eager", fullgraph=True)
+    got_out, got_grads = _grads(compiled, inputs, 2)
+    want_out, want_grads = _grads(slow, inputs, 2)
+    for got, want in zip(got_out, want_out, strict=True):
+        assert_close(got, want, name=f"{kind} output")
+    for i, (got, want) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert got is not None and want is not None
+        assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"{kind} grad #{i}")
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_norm_custom_ops_pass_opcheck(is_rms: bool, has_bias: bool) -> None:
+    """Schema, fake implementations and aliasing rules of the norm custom ops, as torch.library checks them."""
+    if is_rms and has_bias:
+        pytest.skip("RMSNorm has no bias")
+    gen = torch.Generator().manual_seed(5)
+    x = _random([2, 3, 24], torch.float32, "contiguous", gen)
+    w = _random([24], torch.float32, "contiguous", gen)
+    b = _random([24], torch.float32, "contiguous", gen) if has_bias else None
+    _, _, mean, rstd = torch.ops.llamatelemetry.triton_norm_fwd(x, None, w, b, 1e-5, is_rms)
+    torch.library.opcheck(torch.ops.llamatelemetry.triton_norm_fwd, (x, None, w, b, 1e-5, is_rms))
+    dy = _random([2, 3, 24], torch.float32, "contiguous", gen)
+    stats = None if is_rms else mean
+    torch.library.opcheck(torch.ops.llamatelemetry.triton_norm_bwd, (dy, x, None, w, stats, rstd, is_rms, has_bias))

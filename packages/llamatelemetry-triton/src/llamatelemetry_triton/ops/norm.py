@@ -444,12 +444,11 @@ def _norm_backward(
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     param_dtype = weight.dtype if weight is not None else x.dtype
-    # One allocation for both parameter gradients (and one for both partial buffers below): each allocation is
-    # microseconds of host time on a path that launches two kernels.
+    # dweight and dbias are separate tensors: outputs of a custom op may not alias each other, and each becomes
+    # a parameter's .grad. The fp32 partials they are reduced from share one allocation (below).
     n_params = (weight is not None) + has_bias
-    params = torch.empty((n_params, n_cols), dtype=param_dtype, device=x.device) if n_params else None
-    dw = params[0] if params is not None and weight is not None else None
-    db = params[n_params - 1] if params is not None and has_bias else None
+    dw = torch.empty(n_cols, dtype=param_dtype, device=x.device) if weight is not None else None
+    db = torch.empty(n_cols, dtype=param_dtype, device=x.device) if has_bias else None
     if x.numel() == 0:
         return dx, None if dw is None else dw.zero_(), None if db is None else db.zero_()
     x2, n_rows, stride_x = rows_of(x)
