@@ -1,0 +1,149 @@
+"""Protocols the serving pieces meet through: a KV block manager, a decoder model, and one step's input.
+
+``llamatelemetry-kvcache`` implements :class:`KVBlockManager`; ``llamatelemetry-batch``'s scheduler and engine
+loop consume it and drive any :class:`DecoderModel`; a model runner (``llamatelemetry-engine``, or a user's own)
+implements :class:`DecoderModel`. None of them imports another: they agree on this module.
+
+A step is planned once on the host (:class:`StepInput`, plain Python lists, no tensors) and handed to the model,
+which turns it into device tensors once and shares them with every layer (FlashInfer's ``plan``/``run`` split,
+nano-vllm's per-step context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput"]
+
+
+@runtime_checkable
+class KVBlockManager(Protocol):
+    """Bookkeeping of a paged KV cache: which blocks each sequence holds. Pure Python, no tensors.
+
+    Sequences are named by an ``int`` id chosen by the caller. Every method that cannot be carried out raises
+    :class:`~llamatelemetry_core.errors.CapacityError` (out of blocks) or ``KeyError`` (unknown sequence) and
+    changes nothing; ``can_allocate``/``can_append`` answer first, so a scheduler can preempt instead.
+    """
+
+    @property
+    def page_size(self) -> int:
+        """Tokens per block."""
+        ...
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the pool."""
+        ...
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (free, or cached and unreferenced, hence evictable)."""
+        ...
+
+    def can_allocate(self, token_ids: Sequence[int]) -> bool:
+        """Whether a new sequence of these tokens fits now (prefix-cache hits counted)."""
+        ...
+
+    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+        """Give a new sequence blocks for ``token_ids``; return how many leading tokens are already cached.
+
+        The returned count is a multiple of ``page_size`` and less than ``len(token_ids)``: at least the last
+        token is always computed, so the model produces the logits of the next one.
+        """
+        ...
+
+    def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
+        """Whether ``num_tokens`` more tokens of a running sequence fit now."""
+        ...
+
+    def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        """Extend a running sequence by ``token_ids`` (decode), taking new blocks as needed."""
+        ...
+
+    def free(self, seq_id: int) -> None:
+        """Release a sequence's blocks (full blocks stay cached for prefix reuse until evicted)."""
+        ...
+
+    def block_table(self, seq_id: int) -> list[int]:
+        """The sequence's blocks, in token order."""
+        ...
+
+    def num_tokens(self, seq_id: int) -> int:
+        """Tokens the sequence holds."""
+        ...
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    """What one sequence contributes to a step.
+
+    ``token_ids`` are the new tokens to compute this step (a whole prompt, a chunk of it, or one decoded token);
+    they occupy positions ``start_pos .. start_pos + len(token_ids) - 1``, and everything before ``start_pos`` is
+    already in the KV cache. ``block_table`` lists the sequence's blocks (paged models) and covers at least
+    ``start_pos + len(token_ids)`` tokens. ``want_logits`` says whether the model returns the logits of the last
+    new token (false for a prefill chunk that does not end the prompt).
+    """
+
+    seq_id: int
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...] = ()
+    want_logits: bool = True
+
+    @property
+    def end_pos(self) -> int:
+        """Tokens in the cache once this step has run."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One model step: the scheduled sequences, in the order their logits come back."""
+
+    sequences: tuple[SequenceStep, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        """New tokens computed this step, over every sequence (the step's token budget)."""
+        return sum(len(s.token_ids) for s in self.sequences)
+
+    @property
+    def num_logits(self) -> int:
+        """Rows of the logits the model returns."""
+        return sum(1 for s in self.sequences if s.want_logits)
+
+
+@runtime_checkable
+class DecoderModel(Protocol):
+    """A decoder-only language model that a continuous-batching engine can drive one step at a time."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the logits' last dimension."""
+        ...
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence (prompt plus generated tokens) the model accepts."""
+        ...
+
+    @property
+    def page_size(self) -> int | None:
+        """Tokens per KV block for a paged model (the block manager must use the same), ``None`` otherwise."""
+        ...
+
+    def step(self, batch: StepInput) -> torch.Tensor:
+        """Run the new tokens of every sequence, writing their K/V, and return logits.
+
+        Returns float logits of shape ``[batch.num_logits, vocab_size]``: one row per sequence with
+        ``want_logits``, in the order of ``batch.sequences``, for its last new token.
+        """
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """Forget a finished or preempted sequence's per-sequence state (a no-op for paged models)."""
+        ...
