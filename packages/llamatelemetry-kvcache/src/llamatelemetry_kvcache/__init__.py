@@ -1,8 +1,23 @@
 """llamatelemetry-kvcache: Contiguous and paged KV caches.
 
 Documented import path: ``llamatelemetry.inference.kv_cache``.
+
+* :class:`KVCacheConfig`: sizes and dtypes, validated, with the bytes a cache will take;
+* :class:`KVCache`: a preallocated ``[batch, seq, kv_heads, head_dim]`` cache per layer, written in place, with
+  a graph-safe decode path;
+* int8 (and fp8 e4m3 where the GPU has it) storage with per-token, per-head scales (:mod:`.quant`).
 """
 
 from llamatelemetry_kvcache.__about__ import __version__
+from llamatelemetry_kvcache.config import KVCacheConfig, check_kv_dtype_supported
+from llamatelemetry_kvcache.contiguous import KVCache
+from llamatelemetry_kvcache.quant import dequantize_kv, quantize_kv
 
-__all__ = ["__version__"]
+__all__ = [
+    "KVCache",
+    "KVCacheConfig",
+    "__version__",
+    "check_kv_dtype_supported",
+    "dequantize_kv",
+    "quantize_kv",
+]
