@@ -9,11 +9,14 @@ Documented import path: ``llamatelemetry.inference.kv_cache``.
 """
 
 from llamatelemetry_kvcache.__about__ import __version__
+from llamatelemetry_kvcache.block_manager import BlockManager, BlockManagerStats
 from llamatelemetry_kvcache.config import KVCacheConfig, check_kv_dtype_supported
 from llamatelemetry_kvcache.contiguous import KVCache
 from llamatelemetry_kvcache.quant import dequantize_kv, quantize_kv
 
 __all__ = [
+    "BlockManager",
+    "BlockManagerStats",
     "KVCache",
     "KVCacheConfig",
     "__version__",
