@@ -162,9 +162,8 @@ def _compile_ahead_of_time(session: nox.Session, matrix: str) -> None:
     _install_local(session, list(PACKAGES))
     env = {"TRITON_INTERPRET": "0"}
     session.run("python", "-m", "llamatelemetry_core.aot", *(f"--device={d}" for d in AOT_DEVICES), env=env)
-    session.run(
-        "python", "scripts/run_matrix.py", "cpu-triton", "--package", "core", "--", "-m", "triton_compiler", env=env
-    )
+    compiled = ("--package", "core", "--package", "triton", "--package", "flashattn")
+    session.run("python", "scripts/run_matrix.py", "cpu-compile", *compiled, "--", "-m", "triton_compiler")
 
 
 @nox.session(tags=["cpu"])
