@@ -35,7 +35,7 @@ TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
 TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0"]
 # Optional integrations some packages test against (installed where those packages' tests run).
-TEST_EXTRAS = {"flashattn": ["transformers>=5"]}
+TEST_EXTRAS = {"flashattn": ["transformers>=5"], "kvcache": ["transformers>=5"]}
 AOT_DEVICES = ["t4", "a100", "h100"]
 
 

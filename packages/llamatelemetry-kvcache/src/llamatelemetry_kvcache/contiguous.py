@@ -40,7 +40,7 @@ from llamatelemetry_kvcache.quant import dequantize_kv, quantize_kv
 
 __all__ = ["KVCache"]
 
-_MIN_CLEAN_CHUNK = 256  # tokens zeroed ahead at once on CPU storage
+_MIN_CLEAN_CHUNK = 16  # tokens zeroed ahead at least, on CPU storage (then doubling)
 
 
 @dataclass
