@@ -44,7 +44,7 @@ TORCH_LATEST = os.environ.get("LLAMATELEMETRY_TORCH_LATEST", TORCH_CPU)
 TRITON_LATEST = os.environ.get("LLAMATELEMETRY_TRITON_LATEST", "triton")
 TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0"]
 # Optional integrations some packages test against (installed where those packages' tests run).
-TEST_EXTRAS = {"flashattn": ["transformers>=5"]}
+TEST_EXTRAS = {"flashattn": ["transformers>=5"], "kvcache": ["transformers>=5"]}
 AOT_DEVICES = ["t4", "a100", "h100"]
 
 
