@@ -316,6 +316,20 @@ def test_out_is_written_in_place_and_decode_is_one_query_per_sequence(backend: s
     assert_close(decoded, out, name=f"{backend}/paged_decode")
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_slots_past_each_length_are_never_used(backend: str, rng: torch.Generator) -> None:
+    """Uninitialised memory (NaN here) in the tail of a sequence's last block or in unused blocks stays unseen."""
+    store = make_store(rng, [21, 3, 16], [2, 1, 1], page_size=8, spare_blocks=2)
+    used = torch.zeros(store.kv.key_cache.shape[:2], dtype=torch.bool)
+    for i, n in enumerate(store.seq_lens.tolist()):
+        for t in range(n):
+            used[int(store.block_tables[i, t // 8]), t % 8] = True
+    store.kv.key_cache[~used] = float("nan")
+    store.kv.value_cache[~used] = float("nan")
+    tol = tolerance(torch.float32)
+    assert_close(run(store, backend), oracle(store), atol=tol.atol, rtol=tol.rtol, name=f"{backend}/nan tails")
+
+
 def test_automatic_choice_on_cpu(rng: torch.Generator) -> None:
     store = make_store(rng, [20, 3], [1, 1])
     with record_selections() as record:
