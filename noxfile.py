@@ -125,7 +125,7 @@ def t4(session: nox.Session) -> None:
 
 @nox.session(tags=["cpu"])
 def build(session: nox.Session) -> None:
-    """Build every wheel, then install them in this fresh environment alone and in combinations."""
+    """The from-clone install recipe, then every wheel built and installed alone and in combinations."""
     dist = ROOT / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     session.install("build>=1.2", "hatchling>=1.21")
@@ -146,6 +146,14 @@ def build(session: nox.Session) -> None:
     if len(wheels) != len(PACKAGES):
         session.error(f"expected {len(PACKAGES)} wheels, got {wheels}")
     _install_torch(session, "cpu-triton")  # third-party dependencies; our wheels come from dist/ only
+    # The README's recipe from a clone, in this fresh environment: one component, then all of them, editable,
+    # siblings from the clone (torch and Triton are already here, so pip fetches nothing large).
+    ours = [f"llamatelemetry-{c}" for c in COMPONENTS] + ["llamatelemetry-core", "llamatelemetry"]
+    session.run("python", "scripts/install.py", "triton")
+    session.run("python", "scripts/check_install.py", "--installed=triton", "--from-clone")
+    session.run("python", "scripts/install.py", "all")
+    session.run("python", "scripts/check_install.py", f"--installed={','.join(COMPONENTS)}", "--from-clone")
+    session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", *ours)
     local = ["--no-index", f"--find-links={dist}"]
     session.install(*local, "llamatelemetry-core", "llamatelemetry")
     session.run("python", "scripts/check_install.py", "--installed=")
