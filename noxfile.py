@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import nox
@@ -145,6 +146,9 @@ def build(session: nox.Session) -> None:
     session.log(f"built {len(wheels)} wheels: {', '.join(wheels)}")
     if len(wheels) != len(PACKAGES):
         session.error(f"expected {len(PACKAGES)} wheels, got {wheels}")
+    unlicensed = [w for w in wheels if not any(n.endswith("/LICENSE") for n in zipfile.ZipFile(dist / w).namelist())]
+    if unlicensed:
+        session.error(f"wheels without the LICENSE their metadata declares: {unlicensed}")
     _install_torch(session, "cpu-triton")  # third-party dependencies; our wheels come from dist/ only
     # The README's recipe from a clone, in this fresh environment: one component, then all of them, editable,
     # siblings from the clone (torch and Triton are already here, so pip fetches nothing large).
