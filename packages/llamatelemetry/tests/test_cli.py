@@ -14,7 +14,7 @@ import torch
 
 import llamatelemetry._environment as environment
 from llamatelemetry._environment import measured_results, outside_tested_ranges
-from llamatelemetry.cli import CPU_SUMMARY, SCHEMA_VERSION, doctor_report, main
+from llamatelemetry.cli import CPU_SUMMARY, SCHEMA_VERSION, _summary, doctor_report, main
 from llamatelemetry_core.device import real_device_info, simulate_device
 from llamatelemetry_core.environment import SDPA_NOT_PROBED
 
@@ -124,14 +124,26 @@ def test_datasheet_line_names_only_the_figures_the_gpu_has(capsys: pytest.Captur
     assert "None" not in datasheet and "bf16" not in datasheet and "fp16 65 TFLOP/s" in datasheet
 
 
-def test_cpu_summary_and_no_measured_ratios(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cpu_summary_and_no_measured_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert main(["doctor", "--json", "--simulate", "cpu"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["summary"] == CPU_SUMMARY
+    with simulate_device("cpu"):
+        report = doctor_report()
     assert all(op["measured"] is None for op in report["operations"].values())
+    # Other tests of this process may register operations with CPU implementations of their own.
+    if all(op["selected"] in ("reference", "sdpa_cpu") for op in report["operations"].values()):
+        assert report["summary"] == CPU_SUMMARY
+    ops = {"layernorm": {"selected": "reference"}, "flash_attention": {"selected": "sdpa_cpu"}}
+    with simulate_device("cpu") as cpu:
+        assert (
+            _summary(cpu, ops)
+            == CPU_SUMMARY
+            == ("every operation runs its PyTorch reference here; the speedups need a CUDA GPU")
+        )
+        ops["softmax"] = {"selected": "triton"}
+        assert _summary(cpu, ops) == (
+            "softmax (triton) run here (Triton's interpreter: for tests, slower than the references); every other "
+            "operation runs its PyTorch reference; the speedups need a CUDA GPU"
+        )
 
 
 def test_measured_ratios_for_a_measured_gpu_model_and_not_for_others(capsys: pytest.CaptureFixture[str]) -> None:

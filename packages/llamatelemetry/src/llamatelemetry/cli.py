@@ -110,9 +110,11 @@ def _summary(info: DeviceInfo, ops: dict[str, Any]) -> str:
     if not info.is_cuda:
         if not fast:
             return CPU_SUMMARY
+        chosen = ", ".join(f"{n} ({op['selected']})" for n, op in fast.items())
+        interpreter = " (Triton's interpreter: for tests, slower than the references)" if "triton" in chosen else ""
         return (
-            f"{len(fast)} of {len(ops)} operations run Triton kernels in its interpreter here "
-            "(TRITON_INTERPRET=1: for tests, slower than the PyTorch references); the speedups need a CUDA GPU"
+            f"{chosen} run here{interpreter}; every other operation runs its PyTorch reference; "
+            "the speedups need a CUDA GPU"
         )
     measured = [op["measured"] for op in fast.values() if op["measured"] and op["measured"]["applies"]]
     line = f"{len(fast)} of {len(ops)} operations take a fast path on {info.name}"
