@@ -152,12 +152,11 @@ def build(session: nox.Session) -> None:
     _install_torch(session, "cpu-triton")  # third-party dependencies; our wheels come from dist/ only
     # The README's recipe from a clone, in this fresh environment: one component, then all of them, editable,
     # siblings from the clone (torch and Triton are already here, so pip fetches nothing large).
-    ours = [f"llamatelemetry-{c}" for c in COMPONENTS] + ["llamatelemetry-core", "llamatelemetry"]
     session.run("python", "scripts/install.py", "triton")
     session.run("python", "scripts/check_install.py", "--installed=triton", "--from-clone")
     session.run("python", "scripts/install.py", "all")
     session.run("python", "scripts/check_install.py", f"--installed={','.join(COMPONENTS)}", "--from-clone")
-    session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", *ours)
+    session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", *PACKAGES.values())
     local = ["--no-index", f"--find-links={dist}"]
     session.install(*local, "llamatelemetry-core", "llamatelemetry")
     session.run("python", "scripts/check_install.py", "--installed=")
