@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from llamatelemetry_core.device import simulate_device
+from llamatelemetry_core.device import get_device_info
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV, PagedKVLayout
 from llamatelemetry_core.selection import record_selections
