@@ -19,6 +19,7 @@ import functools
 import itertools
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from collections.abc import Sequence as SequenceOf
@@ -125,11 +126,19 @@ class RequestHandle:
             self._cond.notify_all()
 
     def _complete(self, output: RequestOutput) -> None:
+        # on_finish runs first, so that a caller woken by result() sees its effects.
+        if self._on_finish is not None:
+            try:
+                self._on_finish(output)
+            except Exception as exc:  # the request is done; one caller's bug must not stop the loop for all
+                warnings.warn(
+                    f"on_finish of request {self.request_id} raised {exc!r}; the engine goes on",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
         with self._cond:
             self._output = output
             self._cond.notify_all()
-        if self._on_finish is not None:
-            self._on_finish(output)
 
 
 class ContinuousBatchingEngine:
@@ -204,8 +213,8 @@ class ContinuousBatchingEngine:
         """Queue a request; it joins the running batch at the next step. Safe from any thread.
 
         ``on_token`` (see :data:`TokenCallback`) and ``on_finish`` run on the engine's thread; an exception in
-        ``on_token`` ends that request with :attr:`FinishReason.ERROR`, an exception in ``on_finish`` propagates
-        out of the step.
+        ``on_token`` ends that request with :attr:`FinishReason.ERROR`, one in ``on_finish`` becomes a
+        ``RuntimeWarning`` (the request is already done and the loop goes on).
 
         Raises:
             ConfigurationError: an empty prompt, token ids outside the vocabulary, a prompt that leaves no room
@@ -500,4 +509,10 @@ _Item = TypeVar("_Item")
 
 
 def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_Item], item: _Item) -> None:
-    loop.call_soon_threadsafe(queue.put_nowait, item)
+    """Hand ``item`` to a consumer on ``loop``; once that loop is closed, the consumer is gone and so is the item."""
+    if loop.is_closed():
+        return
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # closed between the check and the call
+        return

@@ -1,0 +1,30 @@
+"""Shared fixtures of the llamatelemetry-batch tests: the block managers every scheduler test runs against.
+
+``BLOCK_MANAGERS`` maps a name to a factory ``(num_blocks, page_size) -> KVBlockManager``. Any implementation of
+``llamatelemetry_core.serving.KVBlockManager`` can be added here, and every parametrized test (the protocol
+contract, the scheduler and engine property tests) runs against it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from llamatelemetry_batch.serving import SimpleBlockManager
+from llamatelemetry_batch.serving.testing import PrefixCachingBlockManager
+from llamatelemetry_core.serving import KVBlockManager
+
+BlockManagerFactory = Callable[[int, int], KVBlockManager]
+
+BLOCK_MANAGERS: dict[str, BlockManagerFactory] = {
+    "simple": SimpleBlockManager,
+    "prefix-caching": PrefixCachingBlockManager,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BLOCK_MANAGERS))
+def block_manager_factory(request: pytest.FixtureRequest) -> BlockManagerFactory:
+    """A factory of one block manager implementation (module-scoped, so hypothesis tests may use it)."""
+    factory: BlockManagerFactory = BLOCK_MANAGERS[request.param]
+    return factory
