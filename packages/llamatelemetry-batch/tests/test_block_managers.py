@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llamatelemetry_batch.serving import SimpleBlockManager
+from llamatelemetry_batch.serving import SimpleBlockManager, TokenBudget
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_core.serving import KVBlockManager
 
@@ -126,11 +126,45 @@ def test_simple_manager_counts_blocks_and_reuses_freed_ones() -> None:
     assert manager.block_table(1) == [3], "the most recently freed block is handed out first"
 
 
-def test_token_budget_is_page_size_one() -> None:
-    budget = SimpleBlockManager.token_budget(10)
-    assert budget.page_size == 1 and budget.num_blocks == 10
-    budget.allocate(0, [1] * 7)
-    assert budget.can_append(0, 3) and not budget.can_append(0, 4)
+@settings(max_examples=60, deadline=None)
+@given(max_tokens=st.integers(1, 50), operations=st.lists(_operation, max_size=40))
+def test_token_budget_counts_tokens_and_never_exceeds_the_budget(
+    max_tokens: int, operations: list[tuple[str, int, int]]
+) -> None:
+    budget = TokenBudget(max_tokens)
+    assert isinstance(budget, KVBlockManager)
+    assert budget.page_size == 1 and budget.num_blocks == max_tokens
+    lengths: dict[int, int] = {}
+    for step, (kind, a, b) in enumerate(operations):
+        live = sorted(lengths)
+        left = budget.num_free_blocks
+        if kind == "allocate":
+            if budget.can_allocate([1] * a):
+                assert budget.allocate(step, [1] * a) == 0
+                lengths[step] = a
+            else:
+                with pytest.raises(CapacityError, match="raise max_tokens"):
+                    budget.allocate(step, [1] * a)
+        elif kind == "append" and live:
+            seq_id = live[a % len(live)]
+            if budget.can_append(seq_id, b):
+                budget.append(seq_id, [2] * b)
+                lengths[seq_id] += b
+            else:
+                with pytest.raises(CapacityError):
+                    budget.append(seq_id, [2] * b)
+                assert budget.num_free_blocks == left
+        elif kind == "free" and live:
+            budget.free(live[a % len(live)])
+            del lengths[live[a % len(live)]]
+        assert budget.num_free_blocks == max_tokens - sum(lengths.values()) >= 0
+        assert all(budget.num_tokens(s) == n and budget.block_table(s) == [] for s, n in lengths.items())
+    for seq_id in list(lengths):
+        budget.free(seq_id)
+    assert budget.num_free_blocks == max_tokens
+    for call in (budget.block_table, budget.num_tokens, budget.free):
+        with pytest.raises(KeyError):
+            call(10_000)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +178,8 @@ def test_token_budget_is_page_size_one() -> None:
 def test_simple_manager_rejects_bad_sizes(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         SimpleBlockManager(**kwargs)
+    with pytest.raises(ConfigurationError, match="max_tokens"):
+        TokenBudget(0)
 
 
 def test_simple_manager_rejects_double_allocation_and_empty_prompts() -> None:

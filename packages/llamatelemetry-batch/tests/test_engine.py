@@ -17,6 +17,7 @@ from llamatelemetry_batch.serving import (
     SamplingParams,
     SchedulerConfig,
     SimpleBlockManager,
+    TokenBudget,
 )
 from llamatelemetry_batch.serving.testing import HashDecoder, PrefixCachingBlockManager
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
@@ -243,6 +244,8 @@ def test_engine_construction_checks_the_model_and_the_block_manager() -> None:
         ContinuousBatchingEngine(paged)
     with pytest.raises(ConfigurationError, match="page_size to equal the model's 4"):
         ContinuousBatchingEngine(paged, PrefixCachingBlockManager(8, 2))
+    with pytest.raises(ConfigurationError, match="TokenBudget has none"):
+        ContinuousBatchingEngine(HashDecoder(page_size=1, num_blocks=8), TokenBudget(8))
 
 
 def test_finished_requests_leave_nothing_behind_in_the_loop() -> None:

@@ -13,6 +13,7 @@ from llamatelemetry_batch.serving import (
     Sequence,
     SequenceStatus,
     SimpleBlockManager,
+    TokenBudget,
 )
 from llamatelemetry_batch.serving.testing import PrefixCachingBlockManager
 from llamatelemetry_core.errors import ConfigurationError
@@ -61,7 +62,7 @@ def test_decode_and_prefill_chunks_share_a_step_within_the_budget() -> None:
 
 
 def test_admission_stops_at_max_num_seqs_and_keeps_arrival_order() -> None:
-    scheduler = Scheduler(SimpleBlockManager(64, 1), SchedulerConfig(max_num_seqs=2), paged=False)
+    scheduler = Scheduler(TokenBudget(64), SchedulerConfig(max_num_seqs=2), paged=False)
     for seq_id in range(4):
         scheduler.add(_seq(seq_id, [1, 2]))
     plan = _run(scheduler)
@@ -74,7 +75,7 @@ def test_admission_stops_at_max_num_seqs_and_keeps_arrival_order() -> None:
 
 def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_recomputed_with_its_output() -> None:
     released: list[int] = []
-    manager = SimpleBlockManager(num_blocks=6, page_size=1)
+    manager = TokenBudget(6)
     config = SchedulerConfig(watermark=0.0)
     scheduler = Scheduler(manager, config, paged=False, release=released.append)
     old, new = _seq(0, [1, 2]), _seq(1, [3, 4])

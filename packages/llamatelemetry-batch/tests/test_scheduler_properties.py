@@ -22,6 +22,7 @@ from llamatelemetry_batch.serving import (
     RequestOutput,
     SamplingParams,
     SchedulerConfig,
+    TokenBudget,
 )
 from llamatelemetry_batch.serving.testing import HashDecoder, TinyDecoder
 from llamatelemetry_core.serving import KVBlockManager
@@ -100,6 +101,7 @@ def _check_common(
     max_num_seqs=st.integers(1, 6),
     chunk=st.one_of(st.none(), st.integers(1, 12)),
     watermark=st.sampled_from([0.0, 0.05]),
+    token_budget=st.booleans(),
 )
 def test_greedy_requests_finish_as_if_alone(
     block_manager_factory: Factory,
@@ -111,10 +113,13 @@ def test_greedy_requests_finish_as_if_alone(
     max_num_seqs: int,
     chunk: int | None,
     watermark: float,
+    token_budget: bool,
 ) -> None:
     longest = max(len(a.prompt) + a.max_new_tokens for a in arrivals)
     num_blocks = -(-longest // page_size) + spare_blocks
     manager = block_manager_factory(num_blocks, page_size)
+    if token_budget and not paged:  # the unpaged model's own budget, in tokens
+        manager = TokenBudget(num_blocks * page_size)
     model = HashDecoder(vocab_size=61, max_model_len=64, page_size=page_size if paged else None, num_blocks=num_blocks)
     model.record_steps = True
     config = SchedulerConfig(max_num_seqs, budget, chunk, watermark)

@@ -27,7 +27,7 @@ from typing import TypeVar, cast
 
 import torch
 
-from llamatelemetry_batch.serving.budget import SimpleBlockManager
+from llamatelemetry_batch.serving.budget import TokenBudget
 from llamatelemetry_batch.serving.sampling import SamplingParams, make_generator, sample_next_tokens
 from llamatelemetry_batch.serving.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from llamatelemetry_batch.serving.sequence import FinishReason, RequestOutput, Sequence
@@ -148,7 +148,7 @@ class ContinuousBatchingEngine:
         model: any object implementing :class:`~llamatelemetry_core.serving.DecoderModel`.
         block_manager: the KV block manager (for a paged model, the one whose blocks the model's cache is
             indexed by, with the same ``page_size``); ``None`` for an unpaged model: a token budget of
-            ``max_num_seqs * max_model_len`` tokens (:class:`SimpleBlockManager`).
+            ``max_num_seqs * max_model_len`` tokens (:class:`TokenBudget`).
         scheduler_config: step limits (:class:`SchedulerConfig`).
         eos_token_ids: tokens that end every request (unless its ``ignore_eos``).
         detokenize: ``token_ids -> str`` (``tokenizer.decode``): enables text output and stop strings.
@@ -180,7 +180,12 @@ class ContinuousBatchingEngine:
                     f"model {type(model).__name__} is paged (page_size {model.page_size}): pass the block_manager "
                     "whose blocks index its KV cache"
                 )
-            block_manager = SimpleBlockManager.token_budget(config.max_num_seqs * model.max_model_len)
+            block_manager = TokenBudget(config.max_num_seqs * model.max_model_len)
+        elif paged and isinstance(block_manager, TokenBudget):
+            raise ConfigurationError(
+                f"model {type(model).__name__} is paged (page_size {model.page_size}) and needs block tables; a "
+                "TokenBudget has none: pass a paged block manager (SimpleBlockManager, or llamatelemetry-kvcache's)"
+            )
         elif paged and block_manager.page_size != model.page_size:
             raise ConfigurationError(
                 f"expected the block manager's page_size to equal the model's {model.page_size}, "

@@ -304,6 +304,7 @@ class PrefixCachingBlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._tables: dict[int, list[int]] = {}
         self._tokens: dict[int, list[int]] = {}
+        self._chain_end: dict[int, int] = {}  # hash of the sequence's last full block
 
     @property
     def page_size(self) -> int:
@@ -356,6 +357,7 @@ class PrefixCachingBlockManager:
                 self._register(block, hashes[len(table)])
             table.append(block)
         self._tables[seq_id], self._tokens[seq_id] = table, list(token_ids)
+        self._chain_end[seq_id] = hashes[-1] if hashes else 0
         return min(len(matched) * self._page_size, (len(token_ids) - 1) // self._page_size * self._page_size)
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
@@ -371,11 +373,15 @@ class PrefixCachingBlockManager:
                 table.append(self._take())
             tokens.append(token)
             if len(tokens) % self._page_size == 0:
-                self._register(table[-1], self._hashes(tokens)[-1])
+                h = self._chain_end[seq_id]
+                for full in tokens[-self._page_size :]:
+                    h = _chain(h, full)
+                self._chain_end[seq_id] = h
+                self._register(table[-1], h)
 
     def free(self, seq_id: int) -> None:
         table = self._tables.pop(seq_id)
-        del self._tokens[seq_id]
+        del self._tokens[seq_id], self._chain_end[seq_id]
         for block in reversed(table):
             self._refs[block] -= 1
             if self._refs[block] == 0:
