@@ -7,9 +7,10 @@ contract, the scheduler and engine property tests) runs against it too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from llamatelemetry_batch.serving import SimpleBlockManager
 from llamatelemetry_batch.serving.testing import PrefixCachingBlockManager
@@ -28,3 +29,13 @@ def block_manager_factory(request: pytest.FixtureRequest) -> BlockManagerFactory
     """A factory of one block manager implementation (module-scoped, so hypothesis tests may use it)."""
     factory: BlockManagerFactory = BLOCK_MANAGERS[request.param]
     return factory
+
+
+@pytest.fixture(scope="module")
+def single_thread_torch() -> Iterator[None]:
+    """Torch on one intra-op thread for tests of tiny tensors: on a busy machine, waking a thread pool for
+    16-wide matrices costs far more than the work. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

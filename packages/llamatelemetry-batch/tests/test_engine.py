@@ -25,6 +25,8 @@ from llamatelemetry_core.serving import StepInput
 
 VOCAB = 61
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 def _letters(token_ids: Sequence[int]) -> str:
     """A toy detokenizer: token t is one letter."""

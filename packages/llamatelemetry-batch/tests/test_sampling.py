@@ -11,6 +11,8 @@ from llamatelemetry_batch.serving import SamplingParams, sample_next_tokens
 from llamatelemetry_batch.serving.sampling import _filtered_probs, make_generator
 from llamatelemetry_core.errors import ConfigurationError
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 @pytest.fixture
 def rng() -> torch.Generator:

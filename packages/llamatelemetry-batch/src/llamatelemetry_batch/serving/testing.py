@@ -237,6 +237,10 @@ class TinyDecoder:
         x = self.embed[list(seq.token_ids)] + self.positions[start:end]
         if self._page_size is None:
             cache = self._kv.setdefault(seq.seq_id, [])
+        else:
+            page = self._page_size
+            positions = torch.arange(end)
+            slots = torch.tensor(seq.block_table, dtype=torch.long)[positions // page] * page + positions % page
         for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x)
             if self._page_size is None:
@@ -248,10 +252,6 @@ class TinyDecoder:
                 keys, values = torch.cat([keys, k]), torch.cat([values, v])
                 cache[index] = (keys, values)
             else:
-                page = self._page_size
-                table = torch.tensor(seq.block_table, dtype=torch.long)
-                positions = torch.arange(end)
-                slots = table[positions // page] * page + positions % page
                 key_cache = self.key_cache[index].view(-1, self.num_heads, self.head_dim)
                 value_cache = self.value_cache[index].view(-1, self.num_heads, self.head_dim)
                 key_cache[slots[start:]] = k
