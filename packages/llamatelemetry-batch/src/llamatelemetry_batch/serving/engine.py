@@ -345,7 +345,7 @@ class ContinuousBatchingEngine:
             try:
                 text = ""
                 if seq.detokenizer is not None:
-                    text, stopped = seq.detokenizer.add(seq.token_ids)  # type: ignore[attr-defined]
+                    text, stopped = seq.detokenizer.add(seq.token_ids)
                     if stopped:
                         reason = FinishReason.STOP
                 if reason is None and seq.num_tokens >= seq.max_num_tokens:
@@ -376,8 +376,8 @@ class ContinuousBatchingEngine:
         self.scheduler.finish(seq, reason)
         _, handle = self._live.pop(seq.seq_id)
         text = None
-        if seq.detokenizer is not None:
-            detokenizer: IncrementalDetokenizer = seq.detokenizer  # type: ignore[assignment]
+        detokenizer = seq.detokenizer
+        if detokenizer is not None:
             tail = ""
             try:
                 tail = detokenizer.finish(seq.token_ids)
