@@ -2,7 +2,8 @@
 
 ``BLOCK_MANAGERS`` maps a name to a factory ``(num_blocks, page_size) -> KVBlockManager``. Any implementation of
 ``llamatelemetry_core.serving.KVBlockManager`` can be added here, and every parametrized test (the protocol
-contract, the scheduler and engine property tests) runs against it too.
+contract, the scheduler and engine property tests) runs against it too. ``llamatelemetry-kvcache``'s
+``BlockManager`` is included whenever that component is importable.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ BLOCK_MANAGERS: dict[str, BlockManagerFactory] = {
     "simple": SimpleBlockManager,
     "prefix-caching": PrefixCachingBlockManager,
 }
+try:  # the paged cache's own manager, when that component is installed (never a dependency of this package)
+    from llamatelemetry_kvcache import BlockManager as KVCacheBlockManager
+except ImportError:  # pragma: no cover - llamatelemetry-kvcache absent
+    pass
+else:
+    BLOCK_MANAGERS["kvcache"] = KVCacheBlockManager
 
 
 @pytest.fixture(scope="module", params=sorted(BLOCK_MANAGERS))

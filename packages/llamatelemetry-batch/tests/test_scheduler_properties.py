@@ -96,7 +96,7 @@ def _check_common(
 @given(
     arrivals=_arrivals(),
     page_size=st.sampled_from([1, 2, 4, 8]),
-    spare_blocks=st.one_of(st.integers(0, 4), st.integers(0, 40)),
+    spare_blocks=st.one_of(st.integers(0, 2), st.integers(0, 40)),
     budget=st.integers(1, 48),
     max_num_seqs=st.integers(1, 6),
     chunk=st.one_of(st.none(), st.integers(1, 12)),
@@ -201,3 +201,20 @@ def test_tiny_transformer_outputs_equal_running_each_request_alone(
             alone, _, _ = engine_for(num_blocks)
             (expected,) = alone.generate([list(arrival.prompt)], SamplingParams(max_new_tokens=arrival.max_new_tokens))
             assert expected.output_token_ids == handle.result().output_token_ids
+
+
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "unpaged"])
+def test_preempted_requests_finish_with_the_output_they_would_have_had(
+    block_manager_factory: Factory, paged: bool
+) -> None:
+    """Eight requests that all fit as prompts but not as finished sequences: preemption is certain."""
+    page_size, num_blocks = 4, 12
+    manager = block_manager_factory(num_blocks, page_size)
+    model = HashDecoder(vocab_size=61, max_model_len=64, page_size=page_size if paged else None, num_blocks=num_blocks)
+    engine = ContinuousBatchingEngine(model, manager, scheduler_config=SchedulerConfig(8, 64, watermark=0.0))
+    prompts = [[k, k + 1, k + 2, k + 3, k + 4] for k in range(8)]
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=20))
+    assert sum(o.metrics.num_preemptions for o in outputs) > 0
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert list(output.output_token_ids) == model.expected_greedy(prompt, 20)
+    assert manager.num_free_blocks == num_blocks
