@@ -37,6 +37,8 @@ from llamatelemetry_core.serving import DecoderModel, KVBlockManager
 
 __all__ = ["ContinuousBatchingEngine", "RequestHandle"]
 
+_WAIT_SLICE = 0.5  # seconds a waiting caller sleeps before checking that the background loop still runs
+
 TokenCallback = Callable[[int | None, str], None]
 """Called on the engine's thread with each new token id and the text it adds ('' without a detokenizer, often ''
 while a character or a possible stop string is incomplete); once more with ``None`` and the remaining text when a
@@ -58,7 +60,8 @@ class RequestHandle:
         self._engine = engine
         self._on_token = on_token
         self._on_finish = on_finish
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters = 0  # threads blocked in _wait_for; the engine notifies only when there are some
         self._tokens: list[int] = []
         self._output: RequestOutput | None = None
 
@@ -107,23 +110,30 @@ class RequestHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._cond:
-                if ready():
-                    return
-                if self._engine.running_in_background:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
-                    self._cond.wait(left)
-                    continue
+                # Counted before the check: a token delivered after the check then finds a waiter to notify.
+                self._waiters += 1
+                try:
+                    if ready():
+                        return
+                    if self._engine.running_in_background:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+                        # In slices, so that a loop that stopped meanwhile is noticed (then this thread steps).
+                        self._cond.wait(_WAIT_SLICE if left is None else min(left, _WAIT_SLICE))
+                        continue
+                finally:
+                    self._waiters -= 1
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
             self._engine.step()
 
     # Called on the engine's thread.
     def _deliver(self, token: int) -> None:
-        with self._cond:
-            self._tokens.append(token)
-            self._cond.notify_all()
+        self._tokens.append(token)
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
 
     def _complete(self, output: RequestOutput) -> None:
         # on_finish runs first, so that a caller woken by result() sees its effects.
