@@ -11,7 +11,8 @@ Workloads (pure-Python block managers, page size 16):
    step the scheduler repeats while a GPU decodes a full batch. Timed: ``schedule()``, ``complete_step()`` and
    appending the sampled token to each sequence. Target: median < 0.5 ms, so that scheduling never dominates a
    GPU decode step. Run for a paged model (block tables in every ``SequenceStep``), an unpaged one (a token
-   budget), and over the prefix-caching reference manager.
+   budget), over the prefix-caching reference manager, and over ``llamatelemetry-kvcache``'s ``BlockManager``
+   when that component is on the path.
 2. ``churn``: 256 running sequences that finish after 16..64 tokens and are replaced from a waiting queue of 1000
    (prompts chunked at 512 tokens, budget 2048 tokens): admission, chunked prefill and freeing in every step.
 3. ``engine``: a whole engine step over a model that does no work (returns ready logits over a 256-token
@@ -151,6 +152,12 @@ def bench_steady(quick: bool) -> list[dict[str, Any]]:
         ("unpaged, TokenBudget", TokenBudget(blocks * PAGE_SIZE), False),
         ("paged, PrefixCachingBlockManager", PrefixCachingBlockManager(blocks, PAGE_SIZE), True),
     ]
+    try:  # the paged cache's own manager, when llamatelemetry-kvcache is on the path
+        from llamatelemetry_kvcache import BlockManager
+    except ImportError:
+        pass
+    else:
+        cases.append(("paged, llamatelemetry-kvcache BlockManager", BlockManager(blocks, PAGE_SIZE), True))
     schedulers = {name: steady_scheduler(manager, paged) for name, manager, paged in cases}
     # The floor: the same step's protocol objects from ready values.
     reference = steady_scheduler(SimpleBlockManager(blocks, PAGE_SIZE), True)

@@ -198,7 +198,7 @@ class Scheduler:
                 token = token_ids[computed]
                 if seq.num_allocated_tokens == computed:
                     try:
-                        append(seq.seq_id, (token,))
+                        append(seq.seq_id, [token])
                     except CapacityError:
                         if not self._grow(seq, computed + 1, plan.preempted):
                             break  # ``seq`` was the newest and preempted itself
