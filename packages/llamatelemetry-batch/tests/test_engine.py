@@ -49,6 +49,9 @@ def test_generate_returns_outputs_in_prompt_order_with_per_prompt_params() -> No
         assert output.finish_reason is FinishReason.LENGTH and output.finished and output.text is None
     with pytest.raises(ConfigurationError, match="one per prompt"):
         engine.generate(prompts, params[:2])
+    with pytest.raises(ConfigurationError, match=r"prompt 1: expected a prompt of at least one token"):
+        engine.generate([[1], [], [2]])
+    assert not engine.has_unfinished, "a bad prompt stops the whole call before anything is queued"
 
 
 def test_tokens_stream_through_callbacks_and_iterators_as_they_are_generated() -> None:
@@ -273,3 +276,21 @@ def test_a_failing_finish_callback_warns_and_the_loop_goes_on() -> None:
             bad.result(timeout=30)
         good = engine.submit([2, 2], SamplingParams(max_new_tokens=3))
         assert list(good.result(timeout=30).output_token_ids) == model.expected_greedy([2, 2], 3)
+
+
+def test_an_async_stream_raises_when_its_request_fails() -> None:
+    class Broken(HashDecoder):
+        def step(self, batch: StepInput) -> torch.Tensor:
+            raise RuntimeError("device lost")
+
+    engine = ContinuousBatchingEngine(Broken(vocab_size=VOCAB))
+
+    async def main() -> None:
+        async for _ in engine.stream([1, 2]):
+            pass
+
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            asyncio.run(main())
+    finally:
+        engine.stop()

@@ -58,6 +58,7 @@ class RequestHandle:
         self.request_id = seq.seq_id
         self.prompt_token_ids = tuple(seq.token_ids)
         self._engine = engine
+        self._seq = seq  # owned by the engine's thread once queued
         self._on_token = on_token
         self._on_finish = on_finish
         self._cond = threading.Condition(threading.Lock())
@@ -236,6 +237,13 @@ class ContinuousBatchingEngine:
                 under ``max_model_len``, or stop strings without a ``detokenize``.
             CapacityError: the request could not fit in the block manager even alone.
         """
+        seq = self._new_sequence(prompt_token_ids, params)
+        handle = RequestHandle(self, seq, on_token, on_finish)
+        self._post((seq, handle))
+        return handle
+
+    def _new_sequence(self, prompt_token_ids: SequenceOf[int], params: SamplingParams | None) -> Sequence:
+        """A checked request, not queued yet (see :meth:`submit` for what is raised)."""
         params = params if params is not None else SamplingParams()
         prompt = self._check_prompt(prompt_token_ids)
         if params.stop and self.detokenize is None:
@@ -250,9 +258,7 @@ class ContinuousBatchingEngine:
             )
         if self.detokenize is not None:
             seq.detokenizer = IncrementalDetokenizer(self.detokenize, seq.num_prompt_tokens, params.stop)
-        handle = RequestHandle(self, seq, on_token, on_finish)
-        self._post((seq, handle))
-        return handle
+        return seq
 
     def _check_prompt(self, prompt_token_ids: SequenceOf[int]) -> list[int]:
         prompt: list[object] = list(prompt_token_ids)
@@ -425,7 +431,9 @@ class ContinuousBatchingEngine:
         background thread runs it.
 
         Raises:
-            ConfigurationError: a list of sampling parameters whose length differs from the prompts'.
+            ConfigurationError: a list of sampling parameters whose length differs from the prompts', or a bad
+                prompt (named by its index; then no prompt runs).
+            CapacityError: a prompt that could not fit even alone (named by its index; then no prompt runs).
         """
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             per_prompt = [sampling_params] * len(prompts_token_ids)
@@ -435,7 +443,17 @@ class ContinuousBatchingEngine:
                 raise ConfigurationError(
                     f"expected one SamplingParams or one per prompt ({len(prompts_token_ids)}), got {len(per_prompt)}"
                 )
-        handles = [self.submit(p, sp) for p, sp in zip(prompts_token_ids, per_prompt, strict=True)]
+        # Every prompt is checked before any is queued: a bad one raises and nothing runs.
+        checked = []
+        for index, (prompt, params) in enumerate(zip(prompts_token_ids, per_prompt, strict=True)):
+            try:
+                checked.append(self._new_sequence(prompt, params))
+            except (ConfigurationError, CapacityError) as exc:
+                raise type(exc)(f"prompt {index}: {exc}") from exc
+        handles = [RequestHandle(self, seq, None, None) for seq in checked]
+        with self._lock:
+            self._inbox.extend((h._seq, h) for h in handles)
+            self._lock.notify_all()
         return [h.result() for h in handles]
 
     def start(self) -> None:
