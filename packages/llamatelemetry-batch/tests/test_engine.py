@@ -216,15 +216,20 @@ def test_a_model_error_reaches_every_waiting_request_in_background_mode() -> Non
     assert output.finish_reason is FinishReason.ERROR and "device lost" in str(output.error)
 
 
-def test_wrong_logits_from_the_model_are_reported() -> None:
+def test_wrong_logits_from_the_model_are_reported_and_the_step_can_run_again() -> None:
     class Wrong(HashDecoder):
-        def step(self, batch: StepInput) -> torch.Tensor:
-            return torch.zeros(batch.num_logits, VOCAB + 1)
+        broken = True
 
-    engine = ContinuousBatchingEngine(Wrong(vocab_size=VOCAB))
-    engine.submit([1], SamplingParams())
+        def step(self, batch: StepInput) -> torch.Tensor:
+            return torch.zeros(batch.num_logits, VOCAB + 1) if self.broken else super().step(batch)
+
+    model = Wrong(vocab_size=VOCAB)
+    engine = ContinuousBatchingEngine(model)
+    handle = engine.submit([1], SamplingParams(max_new_tokens=3))
     with pytest.raises(ConfigurationError, match=rf"shape \[1, {VOCAB}\]"):
         engine.step()
+    model.broken = False
+    assert list(handle.result().output_token_ids) == model.expected_greedy([1], 3)
 
 
 def test_bad_prompts_and_oversized_requests_are_rejected_before_anything_runs() -> None:

@@ -204,9 +204,9 @@ class ContinuousBatchingEngine:
                 f"({self.scheduler.num_waiting} waiting); this is a bug in llamatelemetry-batch"
             )
         logits = self.model.step(plan.step_input)
+        self._check_logits(logits, plan)  # before anything is recorded: a failed step can be run again
         self.num_steps += 1
         self.scheduler.complete_step(plan)
-        self._check_logits(logits, plan)
         if plan.logits_sequences:
             self._sample_and_stream(logits, plan, finished)
         return finished
