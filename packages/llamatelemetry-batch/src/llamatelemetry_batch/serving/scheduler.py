@@ -20,7 +20,11 @@ a sequence whose cached prefix holds a block still being written waits for it, a
 writer any more computes it itself. This costs O(1) per block handed out, never per step.
 
 The scheduler is pure bookkeeping on the host (no tensors); it never touches finished sequences again, so a
-step costs O(running sequences + new blocks), whatever has finished before.
+step costs O(running sequences + new blocks), whatever has finished before. It keeps each sequence's block table
+and reads it from the block manager again only when the sequence grows into a new block: a table is taken to
+change only by growing at the end (the protocol has no way to tell a model that blocks moved). A decode token is
+appended without asking ``can_append`` first, since a failed ``append`` changes nothing; the answer is asked
+only to decide whom to preempt.
 """
 
 from __future__ import annotations
