@@ -299,3 +299,36 @@ def test_an_async_stream_raises_when_its_request_fails() -> None:
             asyncio.run(main())
     finally:
         engine.stop()
+
+
+def test_concurrent_submits_and_cancels_lose_nothing_and_free_everything() -> None:
+    manager = SimpleBlockManager(64, 4)
+    model = HashDecoder(vocab_size=VOCAB, page_size=4, num_blocks=64)
+    engine = ContinuousBatchingEngine(model, manager, scheduler_config=SchedulerConfig(max_num_seqs=6))
+    outputs: dict[tuple[int, int], RequestOutput] = {}
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for j in range(6):
+            prompt = [k, j, (k * j) % VOCAB]
+            handle = engine.submit(prompt, SamplingParams(max_new_tokens=3 + j))
+            if j % 3 == 2:
+                handle.cancel()
+            output = handle.result(timeout=60)
+            with lock:
+                outputs[k, j] = output
+
+    with engine:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(outputs) == 36
+    for (k, j), output in outputs.items():
+        expected = model.expected_greedy([k, j, (k * j) % VOCAB], 3 + j)
+        if output.finish_reason is FinishReason.CANCELLED:
+            assert list(output.output_token_ids) == expected[: len(output.output_token_ids)]
+        else:  # finished before its cancellation arrived, or never cancelled
+            assert list(output.output_token_ids) == expected
+    assert manager.num_free_blocks == 64 and not engine.has_unfinished
