@@ -443,22 +443,23 @@ def test_gpu_each_devices_tiles_and_forced_splits(device_key: str, rows: int | N
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kv_name", ["int8", "fp8"])
-def test_gpu_quantized_kv(kv_name: str, rng: torch.Generator) -> None:
+def test_gpu_quantized_kv(kv_name: str, dtype: torch.dtype, rng: torch.Generator) -> None:
     from llamatelemetry_core.device import get_device_info
     from llamatelemetry_core.errors import CapabilityError
 
     kv_dtype = torch.int8 if kv_name == "int8" else FP8
     if kv_dtype is None:
         pytest.skip("this torch has no float8_e4m3fn")
-    store = make_store(
-        rng, [300, 64, 129, 5], [1, 1, 7, 2], heads=8, kv_heads=2, kv_dtype=kv_dtype, dtype=torch.float16
-    )
+    if dtype == torch.bfloat16 and not get_device_info().supports_bf16:
+        pytest.skip("no bf16 on this GPU")
+    store = make_store(rng, [300, 64, 129, 5], [1, 1, 7, 2], heads=8, kv_heads=2, kv_dtype=kv_dtype, dtype=dtype)
     if kv_name == "fp8" and not get_device_info().supports_fp8:
         with pytest.raises(CapabilityError, match=r"8\.9"):
             run(store.to("cuda"), None)
         return
-    _gpu_check(store, f"gpu/{kv_name}")
+    _gpu_check(store, f"gpu/{kv_name}/{dtype}")
 
 
 @pytest.mark.gpu
