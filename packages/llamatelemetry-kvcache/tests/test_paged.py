@@ -217,3 +217,26 @@ def test_bad_writes_say_expected_and_got() -> None:
         cache.layer(2)
     with pytest.raises(CapacityError, match="paged KV cache needs"):
         PagedKVCache(KVCacheConfig(1, 1, 64, 64, 256, torch.float32, device="cpu"), 16, num_blocks=1 << 24)
+
+
+@pytest.mark.triton
+def test_the_write_custom_op_passes_opcheck_and_compiles() -> None:
+    from llamatelemetry_kvcache import write_kernel
+
+    layout = PagedKVLayout(3, 4, 2, 8, torch.int8)
+    store = _store(layout)
+    key, value = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    slots = torch.tensor([0, 5, PAD_SLOT, 11, 2])
+    checked = _clone(store)
+    args = (key, value, checked.key_cache, checked.value_cache, checked.key_scale, checked.value_scale, slots)
+    op = torch.ops.llamatelemetry.kvcache_paged_write
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    expected = _clone(store)
+    paged_write_reference(key, value, expected, slots)
+
+    @torch.compile(backend="eager")
+    def write(k: torch.Tensor, v: torch.Tensor) -> None:
+        write_kernel.triton_paged_write(k, v, store, slots)
+
+    write(key, value)
+    _assert_same(store, expected)  # the untouched store, written through the compiled custom op
