@@ -93,3 +93,32 @@ def test_paged_write_kernel_matches_the_reference_at_model_sizes(
         assert (a_scale is None) == (b_scale is None)
         if a_scale is not None and b_scale is not None:
             assert torch.equal(a_scale, b_scale)
+
+
+def test_paged_write_is_captured_and_replayed() -> None:
+    graphs = pytest.importorskip("llamatelemetry_graphs")
+    from llamatelemetry_kvcache import PagedKVCache, paged_write_reference
+
+    config = KVCacheConfig(1, 1, 2, 8, 64, torch.float16, num_kv_heads=2, kv_dtype=torch.int8)
+    cache, reference = PagedKVCache(config, 16, num_blocks=8), PagedKVCache(config, 16, num_blocks=8)
+    keys = torch.zeros(4, 2, 64, device="cuda", dtype=torch.float16)
+    values = torch.zeros_like(keys)
+    slots = torch.zeros(4, dtype=torch.long, device="cuda")
+
+    def write_step() -> torch.Tensor:
+        for layer in range(2):
+            cache.write(layer, keys, values, slots)
+        return cache.layer(1).key_scale  # type: ignore[return-value]
+
+    graph = graphs.capture_graph(write_step, inputs=[keys, values, slots])
+    for layer in range(2):  # what warm-up and capture wrote: zeros at slot 0
+        paged_write_reference(keys, values, reference.layer(layer), slots)
+    for step in range(3):
+        new_k, new_v = torch.randn_like(keys), torch.randn_like(values)
+        new_slots = torch.randperm(8 * 16, device="cuda")[:4]
+        graph.replay(new_k, new_v, new_slots)
+        for layer in range(2):
+            paged_write_reference(new_k, new_v, reference.layer(layer), new_slots)
+            got, want = cache.layer(layer), reference.layer(layer)
+            assert torch.equal(got.key_cache, want.key_cache) and torch.equal(got.value_cache, want.value_cache)
+            assert torch.equal(got.key_scale, want.key_scale), step  # type: ignore[arg-type]
