@@ -24,10 +24,11 @@ def test_decode_step_is_captured_and_replayed_at_new_positions(kv_dtype: torch.d
     values = torch.zeros_like(keys)
     positions = torch.tensor(cache.lengths, device="cuda")
 
-    def decode_step() -> torch.Tensor:
+    def decode_step(step_keys: torch.Tensor, step_values: torch.Tensor, step_positions: torch.Tensor) -> torch.Tensor:
+        # capture_graph calls fn(*inputs): the static inputs, which replay() copies new values into.
         total = torch.zeros((), device="cuda")
         for layer in range(layers):
-            k, v = cache.update(layer, keys, values, positions=positions)
+            k, v = cache.update(layer, step_keys, step_values, positions=step_positions)
             total = total + k.float().sum() + v.float().sum()
         return total
 
