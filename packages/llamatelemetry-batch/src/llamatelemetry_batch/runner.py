@@ -1,0 +1,273 @@
+"""Running a batch: calls in threads or on an event loop, driven by a :class:`~.dispatch.Dispatcher`.
+
+A synchronous inference function runs in a thread per call (daemon threads: a call that outlives its timeout
+or an interrupt cannot hold the program open). An ``async`` one runs on an event loop: the caller's loop for
+``abatch_infer``, and for ``batch_infer`` a background loop shared by every run (so that an async client bound
+to that loop keeps working from one run to the next, and a caller that is itself inside an event loop, such as
+a notebook, is not blocked by a nested ``asyncio.run``).
+
+Each driver loops: start what the dispatcher allows, wait for the next call to end, the next deadline or the
+next retry, and report what happened. The waits can be interrupted: ``KeyboardInterrupt`` (Ctrl-C, or raised by
+the inference function) and cancellation of ``abatch_infer`` stop the run with what completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llamatelemetry_batch.dispatch import Dispatcher, WorkItem
+from llamatelemetry_batch.errors import BatchInterrupted, CallTimeoutError
+from llamatelemetry_batch.progress import ProgressBar
+
+__all__ = ["Job", "Outcome", "background_loop", "run_async", "run_sync"]
+
+
+@dataclass
+class Outcome:
+    """How one call ended: its value, or the error it raised, and how long it took."""
+
+    value: Any
+    error: BaseException | None
+    latency: float
+
+
+@dataclass
+class Job:
+    """One validated run: the prompts, the function and its keyword arguments, and the dispatcher."""
+
+    prompts: list[str]
+    fn: Callable[..., Any]
+    kwargs: dict[str, Any]
+    takes_list: bool
+    is_async: bool
+    timeout: float | None
+    dispatcher: Dispatcher
+    progress: ProgressBar
+
+    def argument(self, item: WorkItem) -> Any:
+        if self.takes_list:
+            return [self.prompts[i] for i in item.prompts]
+        return self.prompts[item.prompts[0]]
+
+    def results_of(self, item: WorkItem, value: Any) -> Sequence[Any]:
+        """One result per prompt of ``item``; raise ``TypeError``/``ValueError`` for a malformed list answer."""
+        if not self.takes_list:
+            return [value]
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise TypeError(
+                f"expected the batched inference function to return a sequence with one result per prompt, "
+                f"got {type(value).__name__}"
+            )
+        if len(value) != len(item.prompts):
+            raise ValueError(
+                f"expected the batched inference function to return {len(item.prompts)} results for "
+                f"{len(item.prompts)} prompts, got {len(value)}"
+            )
+        return value
+
+    def interrupted(self, now: float) -> BatchInterrupted:
+        d = self.dispatcher
+        return BatchInterrupted(d.results, d.errors, d.not_run(), d.stats(now))
+
+
+# --- calls -------------------------------------------------------------------------------------------------------
+
+
+def _call_in_thread(
+    fn: Callable[..., Any], argument: Any, kwargs: dict[str, Any], report: Callable[[Outcome], None]
+) -> None:
+    def work() -> None:
+        start = time.perf_counter()
+        try:
+            value = fn(argument, **kwargs)
+            if inspect.isawaitable(value):
+                if inspect.iscoroutine(value):
+                    value.close()
+                raise TypeError(
+                    "the inference function returned an awaitable from a plain call; declare it `async def` so "
+                    "that it is awaited on an event loop"
+                )
+        except BaseException as error:  # KeyboardInterrupt included: the driver stops the run on it
+            report(Outcome(None, error, time.perf_counter() - start))
+            return
+        report(Outcome(value, None, time.perf_counter() - start))
+
+    threading.Thread(target=work, name="batch_infer-call", daemon=True).start()
+
+
+async def _call_coroutine(
+    fn: Callable[..., Any], argument: Any, kwargs: dict[str, Any], timeout: float | None
+) -> Outcome:
+    start = time.perf_counter()
+    try:
+        value = await asyncio.wait_for(fn(argument, **kwargs), timeout)
+    except asyncio.TimeoutError:
+        error: BaseException = CallTimeoutError(f"the call took longer than BatchConfig.timeout={timeout} s")
+        return Outcome(None, error, time.perf_counter() - start)
+    except (Exception, KeyboardInterrupt) as exc:  # a KeyboardInterrupt must not escape into the event loop
+        return Outcome(None, exc, time.perf_counter() - start)
+    return Outcome(value, None, time.perf_counter() - start)
+
+
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """The event loop, running in a daemon thread, on which ``batch_infer`` awaits async inference functions."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="batch_infer-loop", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+# --- the driver logic both loops share ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    item: WorkItem
+    deadline: float
+    cancel: Callable[[], Any]
+
+
+class _Driver:
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.live: dict[int, _Live] = {}
+        self._ids = itertools.count()
+
+    def launch_ready(self, launch: Callable[[WorkItem, int], Callable[[], Any]]) -> None:
+        now = time.monotonic()
+        for item in self.job.dispatcher.start(now):
+            call_id = next(self._ids)
+            # Async calls carry their own timeout (and are cancelled by it); a thread's is enforced here.
+            timeout = None if self.job.is_async else self.job.timeout
+            deadline = math.inf if timeout is None else now + timeout
+            self.live[call_id] = _Live(item, deadline, launch(item, call_id))
+
+    def wait_time(self) -> float | None:
+        now = time.monotonic()
+        retry_at = self.job.dispatcher.next_ready_at(now)
+        wake = min([live.deadline for live in self.live.values()] + [retry_at if retry_at is not None else math.inf])
+        return None if wake == math.inf else max(0.0, wake - now)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for call_id, live in list(self.live.items()):
+            if live.deadline <= now:
+                del self.live[call_id]
+                live.cancel()
+                error = CallTimeoutError(f"the call took longer than BatchConfig.timeout={self.job.timeout} s")
+                self.job.progress.update(self.job.dispatcher.fail(live.item, error, now, None))
+
+    def handle(self, call_id: int, outcome: Outcome) -> None:
+        live = self.live.pop(call_id, None)
+        if live is None:
+            return  # a call given up earlier (timed out): its late answer is dropped
+        if isinstance(outcome.error, KeyboardInterrupt):
+            raise KeyboardInterrupt from outcome.error
+        d, now = self.job.dispatcher, time.monotonic()
+        if outcome.error is not None:
+            self.job.progress.update(d.fail(live.item, outcome.error, now, outcome.latency))
+            return
+        try:
+            results = self.job.results_of(live.item, outcome.value)
+        except (TypeError, ValueError) as error:
+            self.job.progress.update(d.fail(live.item, error, now, outcome.latency))
+            return
+        self.job.progress.update(d.succeed(live.item, results, outcome.latency))
+
+    def abandon(self) -> None:
+        for live in self.live.values():
+            live.cancel()
+        self.live.clear()
+        self.job.dispatcher.interrupt()
+
+
+def run_sync(job: Job) -> None:
+    """Run ``job`` from the calling thread, which waits; see the module docstring."""
+    driver = _Driver(job)
+    completions: queue.SimpleQueue[tuple[int, Outcome]] = queue.SimpleQueue()
+    loop = background_loop() if job.is_async else None
+
+    def launch(item: WorkItem, call_id: int) -> Callable[[], Any]:
+        def report(outcome: Outcome) -> None:
+            completions.put((call_id, outcome))
+
+        if loop is None:
+            _call_in_thread(job.fn, job.argument(item), job.kwargs, report)
+            return lambda: None  # a thread cannot be stopped: its late result is dropped
+        coroutine = _call_coroutine(job.fn, job.argument(item), job.kwargs, job.timeout)
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        future.add_done_callback(lambda f: None if f.cancelled() else report(f.result()))
+        return future.cancel
+
+    try:
+        while True:
+            driver.launch_ready(launch)
+            if job.dispatcher.done:
+                return
+            try:
+                call_id, outcome = completions.get(timeout=driver.wait_time())
+            except queue.Empty:
+                driver.expire()
+                continue
+            driver.handle(call_id, outcome)
+            driver.expire()
+    except KeyboardInterrupt:
+        driver.abandon()
+        raise job.interrupted(time.monotonic()) from None
+
+
+async def run_async(job: Job) -> None:
+    """Run ``job`` on the running event loop; see the module docstring."""
+    driver = _Driver(job)
+    loop = asyncio.get_running_loop()
+    completions: asyncio.Queue[tuple[int, Outcome]] = asyncio.Queue()
+
+    def launch(item: WorkItem, call_id: int) -> Callable[[], Any]:
+        if not job.is_async:
+
+            def report(outcome: Outcome) -> None:
+                # A closed loop means the run is long over and nobody waits for this answer.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(completions.put_nowait, (call_id, outcome))
+
+            _call_in_thread(job.fn, job.argument(item), job.kwargs, report)
+            return lambda: None
+        task = loop.create_task(_call_coroutine(job.fn, job.argument(item), job.kwargs, job.timeout))
+        task.add_done_callback(lambda t: None if t.cancelled() else completions.put_nowait((call_id, t.result())))
+        return task.cancel
+
+    try:
+        while True:
+            driver.launch_ready(launch)
+            if job.dispatcher.done:
+                return
+            try:
+                call_id, outcome = await asyncio.wait_for(completions.get(), driver.wait_time())
+            except asyncio.TimeoutError:
+                driver.expire()
+                continue
+            driver.handle(call_id, outcome)
+            driver.expire()
+    except KeyboardInterrupt:
+        driver.abandon()
+        raise job.interrupted(time.monotonic()) from None
+    except asyncio.CancelledError:
+        driver.abandon()
+        raise
