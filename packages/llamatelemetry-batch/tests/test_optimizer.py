@@ -1,0 +1,423 @@
+"""batch_infer and abatch_infer with in-process inference functions: order, limits, failures, interrupts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from llamatelemetry_batch import (
+    BatchConfig,
+    BatchInferenceError,
+    BatchInferenceOptimizer,
+    BatchInterrupted,
+    CallTimeoutError,
+    OversizePromptWarning,
+    batch_inference_optimized,
+    batched,
+)
+
+
+class Recorder:
+    """A one-prompt inference function that counts the calls in flight and records its arguments."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, prompt: str, **kwargs: Any) -> str:
+        with self.lock:
+            self.calls.append((prompt, kwargs))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            return prompt.upper()
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def fast(**kwargs: Any) -> BatchConfig:
+    return BatchConfig(retry_backoff=0.001, retry_backoff_max=0.01, **kwargs)
+
+
+def test_the_guides_example_runs_as_written() -> None:
+    class Engine:
+        def infer(self, prompt: str) -> str:
+            return f"answer to {prompt}"
+
+    engine = Engine()
+    config = BatchConfig(max_batch_size=8, max_tokens=2048, dynamic_batching=True)
+    optimizer = BatchInferenceOptimizer(config)
+    results = optimizer.batch_infer(prompts=["Prompt 1", "Prompt 2", "Prompt 3"], inference_fn=engine.infer)
+    assert results == ["answer to Prompt 1", "answer to Prompt 2", "answer to Prompt 3"]
+    assert batch_inference_optimized(prompts=["Hello", "World"], model=engine, max_batch_size=8) == [
+        "answer to Hello",
+        "answer to World",
+    ]
+
+
+def test_results_follow_prompt_order_and_kwargs_pass_through() -> None:
+    fn = Recorder()
+    prompts = [f"p{i}" for i in range(30)]
+    results = BatchInferenceOptimizer(BatchConfig(max_batch_size=5)).batch_infer(prompts, fn, temperature=0.5, n=2)
+    assert results == [p.upper() for p in prompts]
+    assert sorted(p for p, _ in fn.calls) == sorted(prompts)
+    assert all(kwargs == {"temperature": 0.5, "n": 2} for _, kwargs in fn.calls)
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4, 16])
+def test_concurrency_reaches_but_never_exceeds_max_batch_size(max_batch_size: int) -> None:
+    fn = Recorder(delay=0.02)
+    prompts = [f"p{i}" for i in range(2 * max_batch_size + 3)]
+    optimizer = BatchInferenceOptimizer(BatchConfig(max_batch_size=max_batch_size))
+    assert optimizer.batch_infer(prompts, fn) == [p.upper() for p in prompts]
+    assert fn.max_in_flight == max_batch_size
+    stats = optimizer.last_stats
+    assert stats is not None and stats.succeeded == len(prompts) and stats.max_in_flight == max_batch_size
+
+
+def test_the_token_budget_limits_what_runs_together() -> None:
+    fn = Recorder(delay=0.02)
+    prompts = ["x" * 400] * 6  # 100 tokens each by the default estimate; 250 allows two at once
+    BatchInferenceOptimizer(BatchConfig(max_batch_size=8, max_tokens=250)).batch_infer(prompts, fn)
+    assert fn.max_in_flight == 2
+    words = BatchConfig(max_batch_size=8, max_tokens=4, token_estimator=lambda s: len(s.split()))
+    fn = Recorder(delay=0.02)
+    BatchInferenceOptimizer(words).batch_infer(["a b", "c d", "e f", "g h"], fn)
+    assert fn.max_in_flight == 2
+
+
+def test_an_oversize_prompt_runs_alone_with_a_warning() -> None:
+    fn = Recorder(delay=0.01)
+    with pytest.warns(OversizePromptWarning, match="1 prompt"):
+        results = BatchInferenceOptimizer(BatchConfig(max_tokens=10)).batch_infer(["a", "y" * 400, "b"], fn)
+    assert results == ["A", "Y" * 400, "B"]
+
+
+def test_empty_prompts_make_no_call() -> None:
+    def fn(prompt: str) -> str:
+        raise AssertionError("called")
+
+    optimizer = BatchInferenceOptimizer()
+    assert optimizer.batch_infer([], fn) == []
+    assert asyncio.run(optimizer.abatch_infer([], fn)) == []
+    assert optimizer.last_stats is not None and optimizer.last_stats.prompts == 0
+
+
+@pytest.mark.parametrize("prompts", [["ok", 3, "ok"], ["ok", None], "a single string", {"a": 1}, 42])
+def test_bad_prompts_raise_type_error_before_any_call(prompts: Any) -> None:
+    fn = Recorder()
+    with pytest.raises(TypeError, match="prompt"):
+        BatchInferenceOptimizer().batch_infer(prompts, fn)
+    assert fn.calls == []
+
+
+def test_a_non_callable_function_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="inference_fn"):
+        BatchInferenceOptimizer().batch_infer(["a"], "not a function")  # type: ignore[call-overload]
+
+
+def test_a_failing_prompt_never_loses_the_others() -> None:
+    def fn(prompt: str) -> str:
+        if prompt.startswith("bad"):
+            raise ValueError(f"cannot answer {prompt}")
+        return prompt.upper()
+
+    with pytest.raises(BatchInferenceError) as caught:
+        BatchInferenceOptimizer(fast()).batch_infer(["a", "bad1", "b", "bad2"], fn)
+    error = caught.value
+    assert error.results == ["A", None, "B", None]
+    assert error.failed_indices == [1, 3] and error.completed_indices == [0, 2] and error.not_run == []
+    assert "cannot answer bad1" in str(error.errors[1]) and "2 of 4 prompts failed" in str(error)
+    assert error.stats.failed == 2 and error.stats.retries == 0  # a ValueError is not transient
+    assert isinstance(error, RuntimeError)
+
+
+def test_stop_on_error_starts_nothing_after_the_first_failure() -> None:
+    fn = Recorder()
+
+    def failing(prompt: str) -> str:
+        if prompt == "p3":
+            raise ValueError("boom")
+        return fn(prompt)
+
+    prompts = [f"p{i}" for i in range(20)]
+    with pytest.raises(BatchInferenceError) as caught:
+        BatchInferenceOptimizer(fast(max_batch_size=1, stop_on_error=True)).batch_infer(prompts, failing)
+    error = caught.value
+    assert error.results[:3] == ["P0", "P1", "P2"] and error.failed_indices == [3]
+    assert error.not_run == list(range(4, 20)) and len(fn.calls) == 3
+
+
+def test_transient_errors_are_retried() -> None:
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def flaky(prompt: str) -> str:
+        with lock:
+            seen[prompt] = seen.get(prompt, 0) + 1
+            first = seen[prompt] == 1
+        if first:
+            raise ConnectionResetError("dropped")
+        return prompt
+
+    optimizer = BatchInferenceOptimizer(fast(max_batch_size=3))
+    assert optimizer.batch_infer(["a", "b", "c", "d"], flaky) == ["a", "b", "c", "d"]
+    stats = optimizer.last_stats
+    assert stats is not None and stats.retries == 4 and stats.calls == 8 and stats.failed == 0
+
+
+def test_a_sync_call_past_the_timeout_is_given_up() -> None:
+    release = threading.Event()
+
+    def fn(prompt: str) -> str:
+        if prompt == "hang":
+            release.wait(5)
+        return prompt
+
+    optimizer = BatchInferenceOptimizer(BatchConfig(timeout=0.1, max_retries=0))
+    start = time.perf_counter()
+    with pytest.raises(BatchInferenceError) as caught:
+        optimizer.batch_infer(["a", "hang", "b"], fn)
+    release.set()
+    assert time.perf_counter() - start < 2.0
+    assert caught.value.results == ["a", None, "b"]
+    assert isinstance(caught.value.errors[1], CallTimeoutError)
+
+
+def test_async_functions_are_awaited_with_bounded_concurrency() -> None:
+    state = {"in_flight": 0, "max": 0}
+
+    async def fn(prompt: str, suffix: str = "") -> str:
+        state["in_flight"] += 1
+        state["max"] = max(state["max"], state["in_flight"])
+        await asyncio.sleep(0.01 * (len(prompt) % 3))
+        state["in_flight"] -= 1
+        return prompt + suffix
+
+    prompts = [f"p{i}" * (i % 4 + 1) for i in range(25)]
+    optimizer = BatchInferenceOptimizer(BatchConfig(max_batch_size=4))
+    assert optimizer.batch_infer(prompts, fn, suffix="!") == [p + "!" for p in prompts]
+    assert state["max"] == 4
+    state["max"] = 0
+    assert asyncio.run(optimizer.abatch_infer(prompts, fn, suffix="?")) == [p + "?" for p in prompts]
+    assert state["max"] == 4
+
+
+def test_an_async_call_past_the_timeout_is_cancelled() -> None:
+    cancelled = []
+
+    async def fn(prompt: str) -> str:
+        try:
+            await asyncio.sleep(5 if prompt == "slow" else 0)
+        except asyncio.CancelledError:
+            cancelled.append(prompt)
+            raise
+        return prompt
+
+    optimizer = BatchInferenceOptimizer(BatchConfig(timeout=0.1, max_retries=0))
+    with pytest.raises(BatchInferenceError) as from_sync:
+        optimizer.batch_infer(["a", "slow"], fn)
+    with pytest.raises(BatchInferenceError) as from_async:
+        asyncio.run(optimizer.abatch_infer(["a", "slow"], fn))
+    for caught in (from_sync, from_async):
+        assert caught.value.results[0] == "a" and isinstance(caught.value.errors[1], CallTimeoutError)
+    assert cancelled == ["slow", "slow"]
+
+
+def test_abatch_infer_runs_sync_functions_in_threads() -> None:
+    fn = Recorder(delay=0.02)
+
+    async def main() -> list[str]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        try:
+            return await BatchInferenceOptimizer(BatchConfig(max_batch_size=3)).abatch_infer(["a", "b", "c", "d"], fn)
+        finally:
+            task.cancel()
+            assert ticks >= 3  # the event loop kept running while the calls did
+
+    assert asyncio.run(main()) == ["A", "B", "C", "D"]
+    assert fn.max_in_flight == 3
+
+
+def test_keyboard_interrupt_from_the_function_stops_new_calls() -> None:
+    started: list[str] = []
+
+    def fn(prompt: str) -> str:
+        started.append(prompt)
+        if prompt == "p2":
+            raise KeyboardInterrupt
+        return prompt
+
+    with pytest.raises(BatchInterrupted) as caught:
+        BatchInferenceOptimizer(BatchConfig(max_batch_size=1)).batch_infer([f"p{i}" for i in range(10)], fn)
+    interrupted = caught.value
+    assert isinstance(interrupted, KeyboardInterrupt)
+    assert interrupted.results[:2] == ["p0", "p1"] and interrupted.completed_indices == [0, 1]
+    assert interrupted.not_run == list(range(2, 10)) and started == ["p0", "p1", "p2"]
+
+
+@pytest.mark.skipif(os.name != "posix" or threading.current_thread() is not threading.main_thread(), reason="SIGINT")
+def test_ctrl_c_stops_new_calls_and_keeps_what_completed() -> None:
+    fn = Recorder(delay=0.05)
+    prompts = [f"p{i}" for i in range(40)]
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(0.23, signal.pthread_kill, args=(main, signal.SIGINT))
+    timer.start()
+    with pytest.raises(BatchInterrupted) as caught:
+        BatchInferenceOptimizer(BatchConfig(max_batch_size=2)).batch_infer(prompts, fn)
+    timer.join()
+    calls_at_interrupt = len(fn.calls)
+    time.sleep(0.15)
+    assert len(fn.calls) == calls_at_interrupt  # nothing started after Ctrl-C
+    done = caught.value.completed_indices
+    assert 2 <= len(done) < 40 and all(caught.value.results[i] == prompts[i].upper() for i in done)
+    assert len(caught.value.not_run) == 40 - len(done)
+
+
+def test_batched_functions_get_batches_within_both_limits() -> None:
+    batches: list[list[str]] = []
+
+    @batched
+    def generate(prompts: list[str], prefix: str = "") -> list[str]:
+        batches.append(prompts)
+        return [prefix + p.upper() for p in prompts]
+
+    prompts = ["a" * (4 * n) for n in (1, 30, 2, 29, 3, 28, 1, 1, 1, 1, 1)]  # 1..30 tokens each
+    config = BatchConfig(max_batch_size=4, max_tokens=64)
+    results = BatchInferenceOptimizer(config).batch_infer(prompts, generate, prefix="> ")
+    assert results == ["> " + p.upper() for p in prompts]
+    assert all(1 <= len(b) <= 4 and len(b) * max(len(p) // 4 for p in b) <= 64 for b in batches)
+    assert sorted(p for b in batches for p in b) == sorted(prompts)
+    longs = [b for b in batches if any(len(p) > 100 for p in b)]
+    assert all(all(len(p) > 100 for p in b) for b in longs)  # grouped by length: no short prompt padded to 30
+
+
+def test_batched_without_dynamic_batching_keeps_order() -> None:
+    batches: list[list[str]] = []
+
+    @batched
+    def generate(prompts: list[str]) -> list[str]:
+        batches.append(prompts)
+        return prompts
+
+    prompts = [f"p{i}" for i in range(7)]
+    BatchInferenceOptimizer(BatchConfig(max_batch_size=3, dynamic_batching=False)).batch_infer(prompts, generate)
+    assert batches == [prompts[0:3], prompts[3:6], prompts[6:7]]
+
+
+def test_a_bad_prompt_in_a_batch_fails_alone() -> None:
+    @batched
+    def generate(prompts: list[str]) -> list[str]:
+        if "bad" in prompts:
+            raise ValueError("the model rejects 'bad'")
+        return [p.upper() for p in prompts]
+
+    prompts = ["a", "b", "bad", "c", "d", "e"]
+    with pytest.raises(BatchInferenceError) as caught:
+        BatchInferenceOptimizer(BatchConfig(max_batch_size=6)).batch_infer(prompts, generate)
+    assert caught.value.results == ["A", "B", None, "C", "D", "E"] and caught.value.failed_indices == [2]
+
+
+def test_a_batched_answer_of_the_wrong_length_fails_its_prompts() -> None:
+    @batched
+    def generate(prompts: list[str]) -> Sequence[str]:
+        return prompts[:-1] if len(prompts) > 1 else "not a list"
+
+    with pytest.raises(BatchInferenceError) as caught:
+        BatchInferenceOptimizer(BatchConfig(max_batch_size=2)).batch_infer(["a", "b"], generate)
+    assert set(caught.value.failed_indices) == {0, 1}
+    assert isinstance(caught.value.errors[0], TypeError)
+
+
+def test_async_batched_functions() -> None:
+    @batched
+    async def generate(prompts: list[str]) -> list[int]:
+        await asyncio.sleep(0)
+        return [len(p) for p in prompts]
+
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    optimizer = BatchInferenceOptimizer(BatchConfig(max_batch_size=2))
+    assert optimizer.batch_infer(prompts, generate) == [1, 2, 3, 4, 5]
+    assert asyncio.run(optimizer.abatch_infer(prompts, generate)) == [1, 2, 3, 4, 5]
+    assert optimizer.last_stats is not None and optimizer.last_stats.calls == 3
+
+
+def test_statistics_after_a_run() -> None:
+    optimizer = BatchInferenceOptimizer(BatchConfig(max_batch_size=4))
+    optimizer.batch_infer([f"p{i}" for i in range(8)], Recorder(delay=0.02))
+    stats = optimizer.last_stats
+    assert stats is not None
+    assert stats.prompts == 8 and stats.succeeded == 8 and stats.calls == 8 and stats.retries == 0
+    assert 0.02 <= stats.latency_p50_s <= stats.latency_p90_s <= stats.latency_p99_s < 1.0
+    assert stats.requests_per_s > 0 and stats.wall_time_s >= 0.04
+    summary = stats.as_dict()
+    assert summary["latency_s"]["p50"] == stats.latency_p50_s and "latencies_s" not in summary
+    assert "8/8 prompts" in str(stats)
+
+
+def test_progress_bar_with_tqdm(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    results = BatchInferenceOptimizer(BatchConfig(progress="tqdm")).batch_infer(["a", "b", "c"], str.upper)
+    assert results == ["A", "B", "C"]
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_a_missing_progress_library_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setitem(sys.modules, "rich.progress", None)
+    with pytest.raises(ImportError, match=r"llamatelemetry-batch\[progress\]"):
+        BatchInferenceOptimizer(BatchConfig(progress=True)).batch_infer(["a"], str.upper)
+
+
+def test_batch_inference_optimized_finds_the_models_method() -> None:
+    class WithGenerate:
+        def generate(self, prompt: str, suffix: str = "") -> str:
+            return "g:" + prompt + suffix
+
+    class Both(WithGenerate):
+        def infer(self, prompt: str) -> str:
+            return "i:" + prompt
+
+    assert batch_inference_optimized(["a"], Both()) == ["i:a"]
+    assert batch_inference_optimized(["a"], WithGenerate(), suffix="!") == ["g:a!"]
+    assert batch_inference_optimized(["a"], lambda p: "c:" + p) == ["c:a"]
+    fn = Recorder(delay=0.02)
+    batch_inference_optimized([f"p{i}" for i in range(9)], fn, max_batch_size=3)
+    assert fn.max_in_flight == 3
+    fn = Recorder(delay=0.02)
+    batch_inference_optimized([f"p{i}" for i in range(9)], fn, config=BatchConfig(max_batch_size=2))
+    assert fn.max_in_flight == 2
+    with pytest.raises(TypeError, match=r"infer\(prompt\) or generate\(prompt\)"):
+        batch_inference_optimized(["a"], object())
+
+
+def test_a_sync_function_returning_a_coroutine_is_reported() -> None:
+    async def answer(prompt: str) -> str:
+        return prompt
+
+    with pytest.raises(BatchInferenceError) as caught:
+        BatchInferenceOptimizer().batch_infer(["a"], lambda p: answer(p))
+    assert "async def" in str(caught.value.errors[0])
