@@ -1,10 +1,10 @@
 """Running a batch: calls in threads or on an event loop, driven by a :class:`~.dispatch.Dispatcher`.
 
-A synchronous inference function runs in a thread per call (daemon threads: a call that outlives its timeout
-or an interrupt cannot hold the program open). An ``async`` one runs on an event loop: the caller's loop for
-``abatch_infer``, and for ``batch_infer`` a background loop shared by every run (so that an async client bound
-to that loop keeps working from one run to the next, and a caller that is itself inside an event loop, such as
-a notebook, is not blocked by a nested ``asyncio.run``).
+A synchronous inference function runs in worker threads, one call at a time each (daemon threads: a call
+that outlives its timeout or an interrupt cannot hold the program open). An ``async`` one runs on an event
+loop: the caller's loop for ``abatch_infer``, and for ``batch_infer`` a background loop shared by every run
+(so that an async client bound to that loop keeps working from one run to the next, and a caller that is
+itself inside an event loop, such as a notebook, is not blocked by a nested ``asyncio.run``).
 
 Each driver loops: start what the dispatcher allows, wait for the next call to end, the next deadline or the
 next retry, and report what happened. The waits can be interrupted: ``KeyboardInterrupt`` (Ctrl-C, or raised by
@@ -83,8 +83,49 @@ class Job:
 # --- calls -------------------------------------------------------------------------------------------------------
 
 
+class _Workers:
+    """Daemon threads that run synchronous calls, one call each at a time.
+
+    A thread is started only when no worker is idle, so a run needs about ``max_batch_size`` of them (starting a
+    thread per call costs more than the call's bookkeeping). A call abandoned at its timeout keeps its worker
+    until it returns; the pool grows past it. :meth:`close` lets every worker end once it is free.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if spawn:
+                self._threads += 1
+            else:
+                self._idle -= 1
+        self._tasks.put(task)
+        if spawn:
+            threading.Thread(target=self._work, name="batch_infer-call", daemon=True).start()
+
+    def close(self) -> None:
+        with self._lock:
+            threads, self._threads = self._threads, 0
+        for _ in range(threads):
+            self._tasks.put(None)
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            task()
+            with self._lock:
+                self._idle += 1
+
+
 def _call_in_thread(
-    fn: Callable[..., Any], argument: Any, kwargs: dict[str, Any], report: Callable[[Outcome], None]
+    workers: _Workers, fn: Callable[..., Any], argument: Any, kwargs: dict[str, Any], report: Callable[[Outcome], None]
 ) -> None:
     def work() -> None:
         start = time.perf_counter()
@@ -102,7 +143,7 @@ def _call_in_thread(
             return
         report(Outcome(value, None, time.perf_counter() - start))
 
-    threading.Thread(target=work, name="batch_infer-call", daemon=True).start()
+    workers.submit(work)
 
 
 async def _call_coroutine(
@@ -149,23 +190,27 @@ class _Driver:
         self.job = job
         self.live: dict[int, _Live] = {}
         self._ids = itertools.count()
+        # Async calls carry their own timeout (and are cancelled by it); a thread's is enforced here.
+        self.thread_timeout = None if job.is_async else job.timeout
 
     def launch_ready(self, launch: Callable[[WorkItem, int], Callable[[], Any]]) -> None:
         now = time.monotonic()
         for item in self.job.dispatcher.start(now):
             call_id = next(self._ids)
-            # Async calls carry their own timeout (and are cancelled by it); a thread's is enforced here.
-            timeout = None if self.job.is_async else self.job.timeout
-            deadline = math.inf if timeout is None else now + timeout
+            deadline = math.inf if self.thread_timeout is None else now + self.thread_timeout
             self.live[call_id] = _Live(item, deadline, launch(item, call_id))
 
     def wait_time(self) -> float | None:
         now = time.monotonic()
         retry_at = self.job.dispatcher.next_ready_at(now)
-        wake = min([live.deadline for live in self.live.values()] + [retry_at if retry_at is not None else math.inf])
+        wake = math.inf if retry_at is None else retry_at
+        if self.thread_timeout is not None and self.live:
+            wake = min(wake, min(live.deadline for live in self.live.values()))
         return None if wake == math.inf else max(0.0, wake - now)
 
     def expire(self) -> None:
+        if self.thread_timeout is None:
+            return
         now = time.monotonic()
         for call_id, live in list(self.live.items()):
             if live.deadline <= now:
@@ -203,13 +248,14 @@ def run_sync(job: Job) -> None:
     driver = _Driver(job)
     completions: queue.SimpleQueue[tuple[int, Outcome]] = queue.SimpleQueue()
     loop = background_loop() if job.is_async else None
+    workers = _Workers()
 
     def launch(item: WorkItem, call_id: int) -> Callable[[], Any]:
         def report(outcome: Outcome) -> None:
             completions.put((call_id, outcome))
 
         if loop is None:
-            _call_in_thread(job.fn, job.argument(item), job.kwargs, report)
+            _call_in_thread(workers, job.fn, job.argument(item), job.kwargs, report)
             return lambda: None  # a thread cannot be stopped: its late result is dropped
         coroutine = _call_coroutine(job.fn, job.argument(item), job.kwargs, job.timeout)
         future = asyncio.run_coroutine_threadsafe(coroutine, loop)
@@ -231,6 +277,8 @@ def run_sync(job: Job) -> None:
     except KeyboardInterrupt:
         driver.abandon()
         raise job.interrupted(time.monotonic()) from None
+    finally:
+        workers.close()
 
 
 async def run_async(job: Job) -> None:
@@ -238,6 +286,7 @@ async def run_async(job: Job) -> None:
     driver = _Driver(job)
     loop = asyncio.get_running_loop()
     completions: asyncio.Queue[tuple[int, Outcome]] = asyncio.Queue()
+    workers = _Workers()
 
     def launch(item: WorkItem, call_id: int) -> Callable[[], Any]:
         if not job.is_async:
@@ -247,7 +296,7 @@ async def run_async(job: Job) -> None:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(completions.put_nowait, (call_id, outcome))
 
-            _call_in_thread(job.fn, job.argument(item), job.kwargs, report)
+            _call_in_thread(workers, job.fn, job.argument(item), job.kwargs, report)
             return lambda: None
         task = loop.create_task(_call_coroutine(job.fn, job.argument(item), job.kwargs, job.timeout))
         task.add_done_callback(lambda t: None if t.cancelled() else completions.put_nowait((call_id, t.result())))
@@ -271,3 +320,5 @@ async def run_async(job: Job) -> None:
     except asyncio.CancelledError:
         driver.abandon()
         raise
+    finally:
+        workers.close()

@@ -42,7 +42,8 @@ class EchoServer:
         respond: ``respond(prompt, body) -> text``; the prompt of a chat request is its last message's content.
         delay: seconds to wait before answering, or ``delay(prompt) -> seconds``.
         fail: ``fail(prompt, attempt) -> status or None``, where ``attempt`` counts earlier requests with the
-            same prompt (0 for the first); a status makes the server answer it with a JSON error body.
+            same prompt (0 for the first); a status makes the server answer it at once (no delay) with a JSON
+            error body.
         stream_chunk_chars: characters of text per server-sent event when a request streams.
         stream_delay: seconds between two events of a stream.
 
@@ -177,15 +178,16 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         attempt = owner._enter(prompt, body)
         try:
-            delay = owner.delay(prompt) if callable(owner.delay) else owner.delay
-            if delay > 0:
-                time.sleep(delay)
+            # An injected failure answers at once, as an overloaded server's 429/503 does: only answers wait.
             status = owner.fail(prompt, attempt) if owner.fail is not None else None
             if status is not None:
                 message = f"injected failure {status} for attempt {attempt} of this prompt"
                 headers = {"Retry-After": "0"} if status in (429, 503) else {}
                 self._send_json(status, {"error": {"message": message, "type": "server_error"}}, headers)
                 return
+            delay = owner.delay(prompt) if callable(owner.delay) else owner.delay
+            if delay > 0:
+                time.sleep(delay)
             text = owner.respond(prompt, body)
             if body.get("stream"):
                 self._send_stream(text, chat, body)
