@@ -8,7 +8,7 @@ Usage (no network, no GPU; from the repository root):
 The server is :class:`llamatelemetry_batch.testing.EchoServer` (``http.server``, a thread per connection),
 started in a child process so that its threads do not compete with the client for the GIL. Each answer waits
 50 ms; a server that keeps ``max_batch_size`` calls in flight therefore completes ``max_batch_size`` requests
-per 50 ms at best. For ``max_batch_size`` 8 and 64, each inference function runs ``20 * max_batch_size``
+per 50 ms at best. For ``max_batch_size`` 8 and 64, each inference function runs ``40 * max_batch_size``
 prompts twice: once with every call succeeding, once with 10% of the prompts failing their first call (HTTP
 503, answered at once) and retried by ``batch_infer``. Measured per run: completed prompts per 50 ms (the
 check: >= 0.9 x ``max_batch_size``, nothing lost), calls, retries, latency percentiles, and the client's CPU
@@ -56,7 +56,7 @@ from llamatelemetry_batch.testing import EchoServer
 
 DELAY_S = 0.05
 SIZES = (8, 64)
-ROUNDS = 20
+ROUNDS = 40
 FAIL_ONE_IN = 10
 TARGET = 0.9
 
