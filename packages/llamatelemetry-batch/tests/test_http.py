@@ -271,6 +271,8 @@ def test_missing_httpx_names_the_extra(server: EchoServer, monkeypatch: pytest.M
 
 
 def test_invalid_client_arguments() -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        OpenAICompatibleClient("127.0.0.1:8080")
     with pytest.raises(ValueError, match="endpoint"):
         OpenAICompatibleClient("http://127.0.0.1:1", endpoint="embeddings")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_connections"):

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llamatelemetry_batch import (
     BatchConfig,
@@ -274,6 +276,61 @@ def test_keyboard_interrupt_from_the_function_stops_new_calls() -> None:
     assert isinstance(interrupted, KeyboardInterrupt)
     assert interrupted.results[:2] == ["p0", "p1"] and interrupted.completed_indices == [0, 1]
     assert interrupted.not_run == list(range(2, 10)) and started == ["p0", "p1", "p2"]
+
+
+def test_keyboard_interrupt_under_abatch_infer() -> None:
+    def fn(prompt: str) -> str:
+        if prompt == "p1":
+            raise KeyboardInterrupt
+        return prompt
+
+    optimizer = BatchInferenceOptimizer(BatchConfig(max_batch_size=1))
+    with pytest.raises(BatchInterrupted) as caught:
+        asyncio.run(optimizer.abatch_infer(["p0", "p1", "p2"], fn))
+    assert caught.value.results == ["p0", None, None] and caught.value.not_run == [1, 2]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(0, 30),
+    max_batch_size=st.integers(1, 8),
+    failing=st.sets(st.integers(0, 29), max_size=6),
+    flaky=st.sets(st.integers(0, 29), max_size=6),
+    use_batched=st.booleans(),
+)
+def test_every_prompt_ends_with_its_own_result_or_its_own_error(
+    n: int, max_batch_size: int, failing: set[int], flaky: set[int], use_batched: bool
+) -> None:
+    prompts = [f"p{i}" for i in range(n)]
+    attempts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def answer(prompt: str) -> str:
+        index = int(prompt[1:])
+        with lock:
+            attempts[prompt] = attempts.get(prompt, 0) + 1
+            first = attempts[prompt] == 1
+        if index in failing:
+            raise ValueError(prompt)
+        if index in flaky and first:
+            raise TimeoutError(prompt)
+        return prompt.upper()
+
+    @batched
+    def answer_many(batch: list[str]) -> list[str]:
+        return [answer(p) for p in batch]
+
+    fn: Any = answer_many if use_batched else answer
+    optimizer = BatchInferenceOptimizer(fast(max_batch_size=max_batch_size))
+    bad = {i for i in failing if i < n}
+    try:
+        results = optimizer.batch_infer(prompts, fn)
+        errors: dict[int, BaseException] = {}
+    except BatchInferenceError as error:
+        results, errors = error.results, error.errors
+    assert set(errors) == bad
+    assert all(isinstance(e, ValueError) and str(e) == prompts[i] for i, e in errors.items())
+    assert results == [None if i in bad else p.upper() for i, p in enumerate(prompts)]
 
 
 @pytest.mark.skipif(os.name != "posix" or threading.current_thread() is not threading.main_thread(), reason="SIGINT")

@@ -76,7 +76,7 @@ class OpenAICompatibleClient:
 
     Raises:
         ImportError: httpx is not installed (on first call).
-        ValueError: ``endpoint`` or ``max_connections`` is invalid.
+        ValueError: ``base_url``, ``endpoint`` or ``max_connections`` is invalid.
     """
 
     def __init__(
@@ -96,6 +96,9 @@ class OpenAICompatibleClient:
         connections: object = max_connections
         if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
             raise ValueError(f"expected max_connections to be a positive integer, got {max_connections!r}")
+        url: object = base_url
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"expected base_url to start with http:// or https://, got {base_url!r}")
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith("/v1") else f"{root}/v1"
         self.model = model

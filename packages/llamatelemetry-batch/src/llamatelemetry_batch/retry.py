@@ -16,6 +16,7 @@ is honoured as a lower bound (capped at ``backoff_max``).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 from collections.abc import Callable
@@ -29,7 +30,7 @@ RetryPredicate = Callable[[BaseException], bool]
 
 def is_transient_error(error: BaseException) -> bool:
     """Whether ``error`` is one that a later attempt may not meet (the default of ``BatchConfig.retry_on``)."""
-    if isinstance(error, TimeoutError | ConnectionError):
+    if isinstance(error, TimeoutError | ConnectionError | asyncio.TimeoutError):  # distinct before Python 3.11
         return True
     if isinstance(error, InferenceHTTPError):
         return error.transient
