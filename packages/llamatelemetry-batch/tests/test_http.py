@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import socket
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -60,7 +61,16 @@ def test_batch_infer_keeps_prompt_order_when_answers_arrive_out_of_order(server:
 
 @pytest.mark.parametrize("max_batch_size", [1, 3, 8])
 def test_the_server_never_sees_more_than_max_batch_size_calls(server: EchoServer, max_batch_size: int) -> None:
-    server.delay = 0.02
+    reached = threading.Event()
+
+    def delay(prompt: str) -> float:
+        # Hold each answer until max_batch_size calls are in, so a loaded machine still shows the concurrency.
+        if server.in_flight >= max_batch_size:
+            reached.set()
+        reached.wait(2.0)
+        return 0.01
+
+    server.delay = delay
     prompts = [f"p{i}" for i in range(3 * max_batch_size + 1)]
     optimizer = BatchInferenceOptimizer(BatchConfig(max_batch_size=max_batch_size))
     with OpenAICompatibleClient(server.url) as client:
@@ -113,9 +123,9 @@ def test_retry_on_can_exclude_http_errors(server: EchoServer) -> None:
 
 
 def test_client_timeout_is_typed_and_transient(server: EchoServer) -> None:
-    server.delay = lambda prompt: 1.0 if prompt == "slow" else 0.0
+    server.delay = lambda prompt: 1.5 if prompt == "slow" else 0.0
     config = fast_retries(max_retries=1)
-    with OpenAICompatibleClient(server.url, timeout=0.4) as client:
+    with OpenAICompatibleClient(server.url, timeout=0.6) as client:
         client.complete("warm-up")
         with pytest.raises(BatchInferenceError) as caught:
             BatchInferenceOptimizer(config).batch_infer(["a", "slow", "b"], client.complete)

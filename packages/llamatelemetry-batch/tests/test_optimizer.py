@@ -27,10 +27,16 @@ from llamatelemetry_batch import (
 
 
 class Recorder:
-    """A one-prompt inference function that counts the calls in flight and records its arguments."""
+    """A one-prompt inference function that counts the calls in flight and records its arguments.
 
-    def __init__(self, delay: float = 0.0) -> None:
+    With ``expect``, calls hold until that many are in flight at once (or two seconds pass), so that a loaded
+    machine, where a thread may start later than another call ends, still shows the concurrency it was given.
+    """
+
+    def __init__(self, delay: float = 0.0, expect: int | None = None) -> None:
         self.delay = delay
+        self.expect = expect
+        self.reached = threading.Event()
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -41,7 +47,10 @@ class Recorder:
             self.calls.append((prompt, kwargs))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.expect is None or self.in_flight >= self.expect:
+                self.reached.set()
         try:
+            self.reached.wait(2.0)
             time.sleep(self.delay)
             return prompt.upper()
         finally:
@@ -80,7 +89,7 @@ def test_results_follow_prompt_order_and_kwargs_pass_through() -> None:
 
 @pytest.mark.parametrize("max_batch_size", [1, 4, 16])
 def test_concurrency_reaches_but_never_exceeds_max_batch_size(max_batch_size: int) -> None:
-    fn = Recorder(delay=0.02)
+    fn = Recorder(delay=0.02, expect=max_batch_size)
     prompts = [f"p{i}" for i in range(2 * max_batch_size + 3)]
     optimizer = BatchInferenceOptimizer(BatchConfig(max_batch_size=max_batch_size))
     assert optimizer.batch_infer(prompts, fn) == [p.upper() for p in prompts]
@@ -90,12 +99,12 @@ def test_concurrency_reaches_but_never_exceeds_max_batch_size(max_batch_size: in
 
 
 def test_the_token_budget_limits_what_runs_together() -> None:
-    fn = Recorder(delay=0.02)
+    fn = Recorder(delay=0.02, expect=2)
     prompts = ["x" * 400] * 6  # 100 tokens each by the default estimate; 250 allows two at once
     BatchInferenceOptimizer(BatchConfig(max_batch_size=8, max_tokens=250)).batch_infer(prompts, fn)
     assert fn.max_in_flight == 2
     words = BatchConfig(max_batch_size=8, max_tokens=4, token_estimator=lambda s: len(s.split()))
-    fn = Recorder(delay=0.02)
+    fn = Recorder(delay=0.02, expect=2)
     BatchInferenceOptimizer(words).batch_infer(["a b", "c d", "e f", "g h"], fn)
     assert fn.max_in_flight == 2
 
@@ -239,7 +248,7 @@ def test_an_async_call_past_the_timeout_is_cancelled() -> None:
 
 
 def test_abatch_infer_runs_sync_functions_in_threads() -> None:
-    fn = Recorder(delay=0.02)
+    fn = Recorder(delay=0.02, expect=3)
 
     async def main() -> list[str]:
         ticks = 0
@@ -461,10 +470,10 @@ def test_batch_inference_optimized_finds_the_models_method() -> None:
     assert batch_inference_optimized(["a"], Both()) == ["i:a"]
     assert batch_inference_optimized(["a"], WithGenerate(), suffix="!") == ["g:a!"]
     assert batch_inference_optimized(["a"], lambda p: "c:" + p) == ["c:a"]
-    fn = Recorder(delay=0.02)
+    fn = Recorder(delay=0.02, expect=3)
     batch_inference_optimized([f"p{i}" for i in range(9)], fn, max_batch_size=3)
     assert fn.max_in_flight == 3
-    fn = Recorder(delay=0.02)
+    fn = Recorder(delay=0.02, expect=2)
     batch_inference_optimized([f"p{i}" for i in range(9)], fn, config=BatchConfig(max_batch_size=2))
     assert fn.max_in_flight == 2
     with pytest.raises(TypeError, match=r"infer\(prompt\) or generate\(prompt\)"):
