@@ -7,6 +7,7 @@ Documented import path: ``llamatelemetry.inference.batch``.
   concurrency, a token budget, timeouts and retries, results in prompt order, failures reported, never lost.
 - :class:`OpenAICompatibleClient`: a ready inference function for OpenAI-compatible servers (needs
   ``pip install "llamatelemetry-batch[http]"``).
+- :mod:`llamatelemetry_batch.serving`: the continuous-batching scheduler and engine loop.
 """
 
 from llamatelemetry_batch.__about__ import __version__
@@ -29,6 +30,17 @@ from llamatelemetry_batch.optimizer import (
     batch_inference_optimized,
 )
 from llamatelemetry_batch.retry import is_transient_error
+from llamatelemetry_batch.serving import (
+    ContinuousBatchingEngine,
+    FinishReason,
+    RequestHandle,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    SimpleBlockManager,
+)
 from llamatelemetry_batch.stats import BatchStats
 
 __all__ = [
@@ -40,12 +52,21 @@ __all__ = [
     "BatchStats",
     "BatchedFunction",
     "CallTimeoutError",
+    "ContinuousBatchingEngine",
+    "FinishReason",
     "InferenceConnectionError",
     "InferenceHTTPError",
     "InferenceResponseError",
     "InferenceTimeoutError",
     "OpenAICompatibleClient",
     "OversizePromptWarning",
+    "RequestHandle",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "Scheduler",
+    "SchedulerConfig",
+    "SimpleBlockManager",
     "__version__",
     "batch_inference_optimized",
     "batched",
