@@ -226,6 +226,18 @@ def test_async_functions_are_awaited_with_bounded_concurrency() -> None:
     assert state["max"] == 4
 
 
+def test_batch_infer_with_an_async_function_inside_a_running_event_loop() -> None:
+    # As in a notebook: the caller's thread runs an event loop, so batch_infer must not start another on it.
+    async def fn(prompt: str) -> str:
+        await asyncio.sleep(0)
+        return prompt * 2
+
+    async def caller() -> list[str]:
+        return BatchInferenceOptimizer().batch_infer(["a", "b"], fn)
+
+    assert asyncio.run(caller()) == ["aa", "bb"]
+
+
 def test_an_async_call_past_the_timeout_is_cancelled() -> None:
     cancelled = []
 
@@ -447,6 +459,12 @@ def test_progress_bar_with_tqdm(capsys: pytest.CaptureFixture[str]) -> None:
     results = BatchInferenceOptimizer(BatchConfig(progress="tqdm")).batch_infer(["a", "b", "c"], str.upper)
     assert results == ["A", "B", "C"]
     assert "3/3" in capsys.readouterr().err
+
+
+def test_progress_bar_with_rich() -> None:
+    pytest.importorskip("rich")
+    results = BatchInferenceOptimizer(BatchConfig(progress="rich")).batch_infer(["a", "b"], str.upper)
+    assert results == ["A", "B"]
 
 
 def test_a_missing_progress_library_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
