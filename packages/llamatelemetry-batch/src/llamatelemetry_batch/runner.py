@@ -152,9 +152,12 @@ async def _call_coroutine(
     start = time.perf_counter()
     try:
         value = await asyncio.wait_for(fn(argument, **kwargs), timeout)
-    except asyncio.TimeoutError:
-        error: BaseException = CallTimeoutError(f"the call took longer than BatchConfig.timeout={timeout} s")
-        return Outcome(None, error, time.perf_counter() - start)
+    except asyncio.TimeoutError as exc:
+        elapsed = time.perf_counter() - start
+        if timeout is None or elapsed < timeout:
+            return Outcome(None, exc, elapsed)  # the function's own timeout, not ours
+        error = CallTimeoutError(f"the call took longer than BatchConfig.timeout={timeout} s")
+        return Outcome(None, error, elapsed)
     except (Exception, KeyboardInterrupt) as exc:  # a KeyboardInterrupt must not escape into the event loop
         return Outcome(None, exc, time.perf_counter() - start)
     return Outcome(value, None, time.perf_counter() - start)
