@@ -373,6 +373,47 @@ def test_ctrl_c_stops_new_calls_and_keeps_what_completed() -> None:
     assert len(caught.value.not_run) == 40 - len(done)
 
 
+@pytest.mark.skipif(os.name != "posix" or threading.current_thread() is not threading.main_thread(), reason="SIGINT")
+def test_ctrl_c_stops_an_async_function_run_from_sync_code() -> None:
+    started: list[str] = []
+    cancelled: list[str] = []
+
+    async def fn(prompt: str) -> str:
+        started.append(prompt)
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            cancelled.append(prompt)
+            raise
+        return prompt
+
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(0.23, signal.pthread_kill, args=(main, signal.SIGINT))
+    timer.start()
+    with pytest.raises(BatchInterrupted) as caught:
+        BatchInferenceOptimizer(BatchConfig(max_batch_size=2)).batch_infer([f"p{i}" for i in range(40)], fn)
+    timer.join()
+    seen = len(started)
+    time.sleep(0.1)
+    assert len(started) == seen and len(cancelled) >= 1  # calls in flight were cancelled, none started after
+    done = caught.value.completed_indices
+    assert 2 <= len(done) < 40 and len(caught.value.not_run) == 40 - len(done)
+
+
+def test_keyboard_interrupt_from_an_async_function() -> None:
+    async def fn(prompt: str) -> str:
+        if prompt == "p1":
+            raise KeyboardInterrupt
+        return prompt
+
+    with pytest.raises(BatchInterrupted) as caught:
+        BatchInferenceOptimizer(BatchConfig(max_batch_size=1)).batch_infer(["p0", "p1", "p2"], fn)
+    assert caught.value.results == ["p0", None, None]
+    # The background event loop survived: the next run works.
+    assert BatchInferenceOptimizer().batch_infer(["x"], fn) == ["x"]
+
+
 def test_batched_functions_get_batches_within_both_limits() -> None:
     batches: list[list[str]] = []
 

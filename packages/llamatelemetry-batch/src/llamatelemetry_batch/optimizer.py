@@ -135,9 +135,11 @@ class BatchInferenceOptimizer:
         if job is None:
             return []
         try:
-            await run_async(job)
+            interrupted = await run_async(job)
         finally:
             self._finish(job)
+        if interrupted:
+            raise job.interrupted(time.monotonic())
         return self._results_or_raise(job)
 
     # --- internals --------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ the inference function) and cancellation of ``abatch_infer`` stop the run with w
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import itertools
@@ -247,23 +248,24 @@ class _Driver:
 
 
 def run_sync(job: Job) -> None:
-    """Run ``job`` from the calling thread, which waits; see the module docstring."""
+    """Run ``job`` from the calling thread, which waits; see the module docstring.
+
+    Raises:
+        BatchInterrupted: ``KeyboardInterrupt`` (Ctrl-C, or from the function) stopped the run.
+    """
+    if job.is_async:
+        _run_on_background_loop(job)
+        return
     driver = _Driver(job)
     completions: queue.SimpleQueue[tuple[int, Outcome]] = queue.SimpleQueue()
-    loop = background_loop() if job.is_async else None
     workers = _Workers()
 
     def launch(item: WorkItem, call_id: int) -> Callable[[], Any]:
         def report(outcome: Outcome) -> None:
             completions.put((call_id, outcome))
 
-        if loop is None:
-            _call_in_thread(workers, job.fn, job.argument(item), job.kwargs, report)
-            return lambda: None  # a thread cannot be stopped: its late result is dropped
-        coroutine = _call_coroutine(job.fn, job.argument(item), job.kwargs, job.timeout)
-        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
-        future.add_done_callback(lambda f: None if f.cancelled() else report(f.result()))
-        return future.cancel
+        _call_in_thread(workers, job.fn, job.argument(item), job.kwargs, report)
+        return lambda: None  # a thread cannot be stopped: its late result is dropped
 
     try:
         while True:
@@ -284,8 +286,48 @@ def run_sync(job: Job) -> None:
         workers.close()
 
 
-async def run_async(job: Job) -> None:
-    """Run ``job`` on the running event loop; see the module docstring."""
+def _run_on_background_loop(job: Job) -> None:
+    # The whole run goes to the background loop (no thread hop per call); this thread only waits, and turns
+    # Ctrl-C into a cancellation of the run there, then waits until the run has let go of its state.
+    loop = background_loop()
+    finished = threading.Event()
+    state: dict[str, Any] = {"task": None, "cancel_early": False}
+
+    async def run() -> bool:
+        try:
+            if state["cancel_early"]:
+                return True
+            state["task"] = asyncio.current_task()
+            return await run_async(job)
+        finally:
+            finished.set()
+
+    def cancel() -> None:
+        if state["task"] is None:
+            state["cancel_early"] = True  # the run has not started: it will stop at once
+        else:
+            state["task"].cancel()
+
+    future = asyncio.run_coroutine_threadsafe(run(), loop)
+    try:
+        interrupted = future.result()
+    except KeyboardInterrupt:
+        loop.call_soon_threadsafe(cancel)
+        finished.wait()
+        interrupted = True
+    except concurrent.futures.CancelledError:
+        interrupted = True  # cancelled from elsewhere (the loop shutting down)
+    if interrupted:
+        raise job.interrupted(time.monotonic()) from None
+
+
+async def run_async(job: Job) -> bool:
+    """Run ``job`` on the running event loop; see the module docstring.
+
+    Returns whether ``KeyboardInterrupt`` stopped the run (the caller raises ``job.interrupted``: a
+    ``KeyboardInterrupt`` raised inside a task would escape its event loop). Cancellation is re-raised after the
+    calls in flight are cancelled.
+    """
     driver = _Driver(job)
     loop = asyncio.get_running_loop()
     completions: asyncio.Queue[tuple[int, Outcome]] = asyncio.Queue()
@@ -309,7 +351,7 @@ async def run_async(job: Job) -> None:
         while True:
             driver.launch_ready(launch)
             if job.dispatcher.done:
-                return
+                return False
             try:
                 call_id, outcome = await asyncio.wait_for(completions.get(), driver.wait_time())
             except asyncio.TimeoutError:
@@ -319,7 +361,7 @@ async def run_async(job: Job) -> None:
             driver.expire()
     except KeyboardInterrupt:
         driver.abandon()
-        raise job.interrupted(time.monotonic()) from None
+        return True
     except asyncio.CancelledError:
         driver.abandon()
         raise
