@@ -85,48 +85,40 @@ class Job:
 
 
 class _Workers:
-    """Daemon threads that run synchronous calls, one call each at a time.
+    """Daemon threads that run synchronous calls, one call each at a time, shared by every run.
 
-    A thread is started only when no worker is idle, so a run needs about ``max_batch_size`` of them (starting a
-    thread per call costs more than the call's bookkeeping). A call abandoned at its timeout keeps its worker
-    until it returns; the pool grows past it. :meth:`close` lets every worker end once it is free.
+    A thread is started only when no worker is idle, so the pool holds about as many threads as calls ever ran
+    at once (starting a thread per call costs more than the call's bookkeeping, and a function's per-thread
+    state, such as a connection, survives from one run to the next). A call abandoned at its timeout keeps its
+    worker until it returns; the pool grows past it.
     """
 
     def __init__(self) -> None:
-        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
-        self._threads = 0
 
     def submit(self, task: Callable[[], None]) -> None:
         with self._lock:
             spawn = self._idle == 0
-            if spawn:
-                self._threads += 1
-            else:
+            if not spawn:
                 self._idle -= 1
         self._tasks.put(task)
         if spawn:
             threading.Thread(target=self._work, name="batch_infer-call", daemon=True).start()
 
-    def close(self) -> None:
-        with self._lock:
-            threads, self._threads = self._threads, 0
-        for _ in range(threads):
-            self._tasks.put(None)
-
     def _work(self) -> None:
         while True:
-            task = self._tasks.get()
-            if task is None:
-                return
-            task()
+            self._tasks.get()()
             with self._lock:
                 self._idle += 1
 
 
+_workers = _Workers()
+
+
 def _call_in_thread(
-    workers: _Workers, fn: Callable[..., Any], argument: Any, kwargs: dict[str, Any], report: Callable[[Outcome], None]
+    fn: Callable[..., Any], argument: Any, kwargs: dict[str, Any], report: Callable[[Outcome], None]
 ) -> None:
     def work() -> None:
         start = time.perf_counter()
@@ -144,7 +136,7 @@ def _call_in_thread(
             return
         report(Outcome(value, None, time.perf_counter() - start))
 
-    workers.submit(work)
+    _workers.submit(work)
 
 
 async def _call_coroutine(
@@ -258,13 +250,12 @@ def run_sync(job: Job) -> None:
         return
     driver = _Driver(job)
     completions: queue.SimpleQueue[tuple[int, Outcome]] = queue.SimpleQueue()
-    workers = _Workers()
 
     def launch(item: WorkItem, call_id: int) -> Callable[[], Any]:
         def report(outcome: Outcome) -> None:
             completions.put((call_id, outcome))
 
-        _call_in_thread(workers, job.fn, job.argument(item), job.kwargs, report)
+        _call_in_thread(job.fn, job.argument(item), job.kwargs, report)
         return lambda: None  # a thread cannot be stopped: its late result is dropped
 
     try:
@@ -282,8 +273,6 @@ def run_sync(job: Job) -> None:
     except KeyboardInterrupt:
         driver.abandon()
         raise job.interrupted(time.monotonic()) from None
-    finally:
-        workers.close()
 
 
 def _run_on_background_loop(job: Job) -> None:
@@ -331,7 +320,6 @@ async def run_async(job: Job) -> bool:
     driver = _Driver(job)
     loop = asyncio.get_running_loop()
     completions: asyncio.Queue[tuple[int, Outcome]] = asyncio.Queue()
-    workers = _Workers()
 
     def launch(item: WorkItem, call_id: int) -> Callable[[], Any]:
         if not job.is_async:
@@ -341,7 +329,7 @@ async def run_async(job: Job) -> bool:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(completions.put_nowait, (call_id, outcome))
 
-            _call_in_thread(workers, job.fn, job.argument(item), job.kwargs, report)
+            _call_in_thread(job.fn, job.argument(item), job.kwargs, report)
             return lambda: None
         task = loop.create_task(_call_coroutine(job.fn, job.argument(item), job.kwargs, job.timeout))
         task.add_done_callback(lambda t: None if t.cancelled() else completions.put_nowait((call_id, t.result())))
@@ -365,5 +353,3 @@ async def run_async(job: Job) -> bool:
     except asyncio.CancelledError:
         driver.abandon()
         raise
-    finally:
-        workers.close()
