@@ -94,11 +94,11 @@ class _Workers:
     """
 
     def __init__(self) -> None:
-        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
 
-    def submit(self, task: Callable[[], None]) -> None:
+    def submit(self, task: Callable[[], object]) -> None:
         with self._lock:
             spawn = self._idle == 0
             if not spawn:
@@ -109,7 +109,9 @@ class _Workers:
 
     def _work(self) -> None:
         while True:
-            self._tasks.get()()
+            task: object = self._tasks.get()
+            while callable(task):  # a task may hand back the next one, which this thread then runs
+                task = task()
             with self._lock:
                 self._idle += 1
 
@@ -117,26 +119,26 @@ class _Workers:
 _workers = _Workers()
 
 
+def _call(fn: Callable[..., Any], argument: Any, kwargs: dict[str, Any]) -> Outcome:
+    start = time.perf_counter()
+    try:
+        value = fn(argument, **kwargs)
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()
+            raise TypeError(
+                "the inference function returned an awaitable from a plain call; declare it `async def` so "
+                "that it is awaited on an event loop"
+            )
+    except BaseException as error:  # KeyboardInterrupt included: the driver stops the run on it
+        return Outcome(None, error, time.perf_counter() - start)
+    return Outcome(value, None, time.perf_counter() - start)
+
+
 def _call_in_thread(
     fn: Callable[..., Any], argument: Any, kwargs: dict[str, Any], report: Callable[[Outcome], None]
 ) -> None:
-    def work() -> None:
-        start = time.perf_counter()
-        try:
-            value = fn(argument, **kwargs)
-            if inspect.isawaitable(value):
-                if inspect.iscoroutine(value):
-                    value.close()
-                raise TypeError(
-                    "the inference function returned an awaitable from a plain call; declare it `async def` so "
-                    "that it is awaited on an event loop"
-                )
-        except BaseException as error:  # KeyboardInterrupt included: the driver stops the run on it
-            report(Outcome(None, error, time.perf_counter() - start))
-            return
-        report(Outcome(value, None, time.perf_counter() - start))
-
-    _workers.submit(work)
+    _workers.submit(lambda: report(_call(fn, argument, kwargs)))
 
 
 async def _call_coroutine(
@@ -204,6 +206,10 @@ class _Driver:
             wake = min(wake, min(live.deadline for live in self.live.values()))
         return None if wake == math.inf else max(0.0, wake - now)
 
+    def needs_timer(self) -> bool:
+        """Whether a deadline or a retry may need the waiting thread to wake before the next call ends."""
+        return self.thread_timeout is not None or self.job.dispatcher.next_ready_at(time.monotonic()) is not None
+
     def expire(self) -> None:
         if self.thread_timeout is None:
             return
@@ -242,6 +248,11 @@ class _Driver:
 def run_sync(job: Job) -> None:
     """Run ``job`` from the calling thread, which waits; see the module docstring.
 
+    The worker that finishes a call reports it and starts what may start next itself, running the first of
+    those calls in its own thread: a call never waits for the calling thread to be scheduled, which on a busy
+    machine costs more than the call's bookkeeping. The calling thread wakes for timeouts, retries, the end of
+    the run and Ctrl-C.
+
     Raises:
         BatchInterrupted: ``KeyboardInterrupt`` (Ctrl-C, or from the function) stopped the run.
     """
@@ -249,29 +260,58 @@ def run_sync(job: Job) -> None:
         _run_on_background_loop(job)
         return
     driver = _Driver(job)
-    completions: queue.SimpleQueue[tuple[int, Outcome]] = queue.SimpleQueue()
+    lock = threading.Lock()  # guards the driver, the dispatcher and the progress bar
+    wake = threading.Event()
+    interrupted = False
 
-    def launch(item: WorkItem, call_id: int) -> Callable[[], Any]:
-        def report(outcome: Outcome) -> None:
-            completions.put((call_id, outcome))
+    def start_ready() -> list[Callable[[], object]]:
+        tasks: list[Callable[[], object]] = []
 
-        _call_in_thread(job.fn, job.argument(item), job.kwargs, report)
-        return lambda: None  # a thread cannot be stopped: its late result is dropped
+        def launch(item: WorkItem, call_id: int) -> Callable[[], Any]:
+            argument = job.argument(item)
+            tasks.append(lambda: after(call_id, _call(job.fn, argument, job.kwargs)))
+            return lambda: None  # a thread cannot be stopped: its late result is dropped
+
+        driver.launch_ready(launch)
+        return tasks
+
+    def after(call_id: int, outcome: Outcome) -> Callable[[], object] | None:
+        nonlocal interrupted
+        tasks: list[Callable[[], object]] = []
+        with lock:
+            if interrupted:
+                return None
+            try:
+                driver.handle(call_id, outcome)
+                tasks = start_ready()
+            except KeyboardInterrupt:
+                interrupted = True
+                driver.abandon()
+            needs_main = interrupted or job.dispatcher.done or driver.needs_timer()
+        if needs_main:
+            wake.set()
+        for task in tasks[1:]:
+            _workers.submit(task)
+        return tasks[0] if tasks else None
 
     try:
         while True:
-            driver.launch_ready(launch)
-            if job.dispatcher.done:
-                return
-            try:
-                call_id, outcome = completions.get(timeout=driver.wait_time())
-            except queue.Empty:
+            wake.clear()
+            with lock:
+                if interrupted:
+                    raise KeyboardInterrupt
                 driver.expire()
-                continue
-            driver.handle(call_id, outcome)
-            driver.expire()
+                tasks = start_ready()
+                if job.dispatcher.done:
+                    return
+                timeout = driver.wait_time()
+            for task in tasks:
+                _workers.submit(task)
+            wake.wait(timeout)
     except KeyboardInterrupt:
-        driver.abandon()
+        with lock:
+            interrupted = True
+            driver.abandon()
         raise job.interrupted(time.monotonic()) from None
 
 
