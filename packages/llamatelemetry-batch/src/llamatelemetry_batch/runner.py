@@ -6,8 +6,9 @@ loop: the caller's loop for ``abatch_infer``, and for ``batch_infer`` a backgrou
 (so that an async client bound to that loop keeps working from one run to the next, and a caller that is
 itself inside an event loop, such as a notebook, is not blocked by a nested ``asyncio.run``).
 
-Each driver loops: start what the dispatcher allows, wait for the next call to end, the next deadline or the
-next retry, and report what happened. The waits can be interrupted: ``KeyboardInterrupt`` (Ctrl-C, or raised by
+Whenever a call ends, its outcome goes to the dispatcher and whatever may start next is launched: by the
+worker thread that ran the call (synchronous functions), or by the event loop's driver (async ones). A waiting
+driver also wakes for deadlines and retries. The waits can be interrupted: ``KeyboardInterrupt`` (Ctrl-C, or raised by
 the inference function) and cancellation of ``abatch_infer`` stop the run with what completed.
 """
 
