@@ -6,9 +6,7 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-from llamatelemetry_core.errors import CapabilityError
-
-__all__ = ["COMPONENTS", "Component", "import_component", "missing_component", "not_yet_provided"]
+__all__ = ["COMPONENTS", "Component", "import_component", "missing_component"]
 
 
 @dataclass(frozen=True)
@@ -130,19 +128,3 @@ def import_component(extra: str) -> ModuleType:
         return importlib.import_module(component.import_name)
     except ImportError as exc:
         raise missing_component(extra, exc) from exc
-
-
-def not_yet_provided(extra: str, name: str) -> Exception:
-    """The error for a name of the guide that the installed component does not provide (yet).
-
-    Names the guide does not document get the usual ``AttributeError``.
-    """
-    component = COMPONENTS[extra]
-    module = import_component(extra)
-    version = getattr(module, "__version__", "?")
-    if name not in component.documented_names:
-        return AttributeError(f"module {component.documented_path!r} has no attribute {name!r}")
-    return CapabilityError(
-        f"{component.documented_path}.{name} is documented but {component.distribution} {version} does not "
-        f'provide it yet; upgrade the component: pip install -U "llamatelemetry[{extra}]"'
-    )
