@@ -11,7 +11,7 @@ started in a child process so that its threads do not compete with the client fo
 per 50 ms at best. For ``max_batch_size`` 8 and 64, each inference function runs ``40 * max_batch_size``
 prompts twice: once with every call succeeding, once with 10% of the prompts failing their first call (HTTP
 503, answered at once) and retried by ``batch_infer``. Measured per run: completed prompts per 50 ms (the
-check: >= 0.9 x ``max_batch_size``, nothing lost; the median of three runs for the checked function), calls,
+check: >= 0.9 x ``max_batch_size``, nothing lost; the median of five runs for the checked function), calls,
 retries, latency percentiles, and the client's CPU time per call.
 
 Inference functions:
@@ -61,7 +61,7 @@ SIZES = (8, 64)
 ROUNDS = 40
 FAIL_ONE_IN = 10
 TARGET = 0.9
-REPEATS = 3
+REPEATS = 5
 
 
 # --- the server (child process) ----------------------------------------------------------------------------------
