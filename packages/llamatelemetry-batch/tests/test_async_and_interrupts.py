@@ -230,3 +230,37 @@ def test_keyboard_interrupt_from_an_async_function() -> None:
     assert caught.value.results == ["p0", None, None]
     # The background event loop survived: the next run works.
     assert BatchInferenceOptimizer().batch_infer(["x"], fn) == ["x"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_batches_with_threads_of_its_own() -> None:
+    async def twice(prompt: str) -> str:
+        return prompt * 2
+
+    optimizer = BatchInferenceOptimizer(BatchConfig(max_batch_size=2))
+    assert optimizer.batch_infer(["a", "b", "c"], str.upper) == ["A", "B", "C"]  # the parent's pool and loop exist
+    assert optimizer.batch_infer(["a"], twice) == ["aa"]
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if both kinds of run complete
+        code = 1
+        try:
+            ok = optimizer.batch_infer(["x", "y", "z"], str.upper) == ["X", "Y", "Z"]
+            ok = ok and optimizer.batch_infer(["x"], twice) == ["xx"]
+            code = 0 if ok else 1
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        start = time.monotonic()
+        while time.monotonic() - start < 20:
+            finished, status = os.waitpid(pid, os.WNOHANG)
+            if finished:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in batch_infer")
+        assert pipe.read() == b"\x00" and os.waitstatus_to_exitcode(status) == 0

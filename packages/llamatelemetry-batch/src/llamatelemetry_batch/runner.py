@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import itertools
 import math
+import os
 import queue
 import threading
 import time
@@ -161,6 +162,18 @@ async def _call_coroutine(
 
 _loop_lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
+
+
+def _forget_threads_after_fork() -> None:
+    # A forked child has none of its parent's threads: a pool that counted idle workers, or a loop whose
+    # thread is gone, would take work and never run it.
+    global _workers, _loop, _loop_lock
+    _workers = _Workers()
+    _loop, _loop_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads_after_fork)
 
 
 def background_loop() -> asyncio.AbstractEventLoop:
