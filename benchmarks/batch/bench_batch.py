@@ -26,7 +26,7 @@ Inference functions:
 and the baseline, measured in the same run: ``max_batch_size`` plain threads calling ``stdlib`` back to back,
 no optimizer, no failures (the ceiling of this machine and client).
 
-Writes ``results.json`` and ``summary.md`` into DIR (default ``benchmarks/results/cpu-<cpu-slug>/batch``) and
+Writes ``batch_infer.json`` and ``batch_infer.md`` into DIR (default ``benchmarks/results/cpu-<cpu-slug>/batch``) and
 prints a short table last. Exit status 1 when a check fails.
 """
 
@@ -253,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         child.wait(timeout=10)
     out = args.out or Path(__file__).resolve().parents[1] / "results" / results["environment"]["device"] / "batch"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "batch_infer.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     summary = markdown(results)
-    (out / "summary.md").write_text(summary, encoding="utf-8")
-    print(f"wrote {out / 'results.json'} and {out / 'summary.md'}\n")
+    (out / "batch_infer.md").write_text(summary, encoding="utf-8")
+    print(f"wrote {out / 'batch_infer.json'} and {out / 'batch_infer.md'}\n")
     print(summary)
     return 0 if all(check["pass"] for check in results["checks"]) else 1
 

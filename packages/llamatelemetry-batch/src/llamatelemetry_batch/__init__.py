@@ -40,6 +40,7 @@ from llamatelemetry_batch.serving import (
     Scheduler,
     SchedulerConfig,
     SimpleBlockManager,
+    TokenBudget,
 )
 from llamatelemetry_batch.stats import BatchStats
 
@@ -67,6 +68,7 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SimpleBlockManager",
+    "TokenBudget",
     "__version__",
     "batch_inference_optimized",
     "batched",
