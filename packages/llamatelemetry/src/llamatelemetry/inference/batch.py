@@ -1,4 +1,4 @@
-"""Batch inference over any inference function (``pip install "llamatelemetry[batch]"``).
+"""Batch inference over any inference function, and continuous batching (``pip install "llamatelemetry[batch]"``).
 
 Re-exports ``llamatelemetry_batch``.
 """
@@ -14,12 +14,21 @@ try:
     from llamatelemetry_batch import BatchRun as BatchRun
     from llamatelemetry_batch import BatchStats as BatchStats
     from llamatelemetry_batch import CallTimeoutError as CallTimeoutError
+    from llamatelemetry_batch import ContinuousBatchingEngine as ContinuousBatchingEngine
+    from llamatelemetry_batch import FinishReason as FinishReason
     from llamatelemetry_batch import InferenceConnectionError as InferenceConnectionError
     from llamatelemetry_batch import InferenceHTTPError as InferenceHTTPError
     from llamatelemetry_batch import InferenceResponseError as InferenceResponseError
     from llamatelemetry_batch import InferenceTimeoutError as InferenceTimeoutError
     from llamatelemetry_batch import OpenAICompatibleClient as OpenAICompatibleClient
     from llamatelemetry_batch import OversizePromptWarning as OversizePromptWarning
+    from llamatelemetry_batch import RequestHandle as RequestHandle
+    from llamatelemetry_batch import RequestMetrics as RequestMetrics
+    from llamatelemetry_batch import RequestOutput as RequestOutput
+    from llamatelemetry_batch import SamplingParams as SamplingParams
+    from llamatelemetry_batch import Scheduler as Scheduler
+    from llamatelemetry_batch import SchedulerConfig as SchedulerConfig
+    from llamatelemetry_batch import SimpleBlockManager as SimpleBlockManager
     from llamatelemetry_batch import batch_inference_optimized as batch_inference_optimized
     from llamatelemetry_batch import batched as batched
     from llamatelemetry_batch import estimate_tokens as estimate_tokens
@@ -36,12 +45,21 @@ __all__ = [
     "BatchStats",
     "BatchedFunction",
     "CallTimeoutError",
+    "ContinuousBatchingEngine",
+    "FinishReason",
     "InferenceConnectionError",
     "InferenceHTTPError",
     "InferenceResponseError",
     "InferenceTimeoutError",
     "OpenAICompatibleClient",
     "OversizePromptWarning",
+    "RequestHandle",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "Scheduler",
+    "SchedulerConfig",
+    "SimpleBlockManager",
     "batch_inference_optimized",
     "batched",
     "estimate_tokens",
