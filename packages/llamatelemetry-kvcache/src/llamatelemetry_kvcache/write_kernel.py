@@ -80,7 +80,9 @@ def _paged_write_kernel(  # type: ignore[no-untyped-def]
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     slot = tl.load(SlotMapping + token)
-    head_mask = (heads < num_kv_heads) & (slot >= 0)
+    # A padding token (slot < 0) writes no head. The scalar test goes into the bound, not into a block & scalar
+    # "and", which Triton 3.9's interpreter turns into an integer mask it then rejects.
+    head_mask = heads < tl.where(slot >= 0, num_kv_heads, 0)
     mask = head_mask[:, None] & (dims < HEAD_DIM)[None, :]
     k = tl.load(Key + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask, other=0.0)
     v = tl.load(Value + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask, other=0.0)
@@ -160,6 +162,7 @@ def _launch(
             QUANT=quant,
             QMAX=qmax_of(key_cache.dtype) if quant else 1.0,
             num_warps=num_warps,
+            enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
         )
 
 
