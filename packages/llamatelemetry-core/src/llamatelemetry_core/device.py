@@ -282,7 +282,11 @@ def simulate_device(key: str) -> Iterator[DeviceInfo]:
 
     Keys are those of :data:`~llamatelemetry_core.gpu_specs.GPU_SPECS` (``t4``, ``a100``, ``h100``, ...).
     Simulation changes what is *chosen*; it does not make CUDA available. Thread- and task-local.
+    Raises ``TypeError`` for a key that is not a string, :class:`ConfigurationError` for an unknown one.
     """
+    given: object = key  # validated at run time whatever the annotation says
+    if not isinstance(given, str):
+        raise TypeError(f"expected key to be a GPU name such as 't4' or 'h100' (a str), got {type(given).__name__}")
     key = key.strip().lower()
     _validate_key(key)
     token = _simulated.set(key)

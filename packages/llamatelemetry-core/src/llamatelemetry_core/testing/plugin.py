@@ -13,11 +13,15 @@ Markers:
 * ``flash_attn``: needs the flash-attn package usable on this device.
 
 Skips always say why; run pytest with ``-rs`` to see them listed at the end.
+
+With hypothesis installed, the plugin also registers the fuzz profiles of :mod:`llamatelemetry_core.testing.fuzz`
+and loads the one ``LLAMATELEMETRY_FUZZ_PROFILE`` names (``ci`` by default, ``thorough`` for long runs).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -41,6 +45,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line("markers", "no_triton: needs Triton not installed (the fallback matrix)")
     config.addinivalue_line("markers", "flash_attn: needs the flash-attn package usable on this GPU")
+    if importlib.util.find_spec("hypothesis") is not None:
+        from llamatelemetry_core.testing.fuzz import register_fuzz_profiles
+
+        register_fuzz_profiles()
 
 
 def _skip_reason(item: pytest.Item, device: DeviceInfo) -> str | None:
@@ -83,4 +91,5 @@ def pytest_report_header(config: pytest.Config) -> str:
     cc = "" if device.compute_capability is None else f" sm_{device.sm}"
     triton = "installed" if _triton_installed() else "not installed"
     interp = ", interpreter on" if triton_interpreter_enabled() else ""
-    return f"llamatelemetry: device {device.kind}: {device.name}{cc}; triton {triton}{interp}"
+    fuzz = os.environ.get("LLAMATELEMETRY_FUZZ_PROFILE", "").strip() or "ci"
+    return f"llamatelemetry: device {device.kind}: {device.name}{cc}; triton {triton}{interp}; fuzz profile {fuzz}"
