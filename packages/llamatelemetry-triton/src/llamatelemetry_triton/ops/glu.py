@@ -28,6 +28,7 @@ from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
     call_spec,
     check_float_tensor,
+    compute_dtype,
     device_info,
     dispatch,
     needs_autograd,
@@ -45,13 +46,15 @@ _APPROXIMATIONS = {"none": _GELU, "tanh": _GELU_TANH}
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` in fp32, returned in ``gate``'s dtype."""
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    """``silu(gate) * up`` in fp32 (fp64 for fp64 inputs), returned in ``gate``'s dtype."""
+    compute = compute_dtype(gate)
+    return (F.silu(gate.to(compute)) * up.to(compute)).to(gate.dtype)
 
 
 def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """``gelu(gate) * up`` in fp32 (``approximate`` as in ``F.gelu``), returned in ``gate``'s dtype."""
-    return (F.gelu(gate.float(), approximate=approximate) * up.float()).to(gate.dtype)
+    """``gelu(gate) * up`` in fp32 or fp64 (``approximate`` as in ``F.gelu``), returned in ``gate``'s dtype."""
+    compute = compute_dtype(gate)
+    return (F.gelu(gate.to(compute), approximate=approximate) * up.to(compute)).to(gate.dtype)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
