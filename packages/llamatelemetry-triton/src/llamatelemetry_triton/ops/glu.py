@@ -15,6 +15,7 @@ per (row, block of up to 8 KiB); the backward kernel recomputes the activation i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,9 +53,18 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """``gelu(gate) * up`` in fp32 or fp64 (``approximate`` as in ``F.gelu``), returned in ``gate``'s dtype."""
+    """``gelu(gate) * up`` in fp32 or fp64 (``approximate`` as in ``F.gelu``), returned in ``gate``'s dtype.
+
+    The exact GELU is written out as ``0.5 x (1 + erf(x / sqrt 2))``: ``F.gelu`` on CPU float32 returns NaN for
+    ``+inf`` (float64 and the formula give ``+inf``).
+    """
     compute = compute_dtype(gate)
-    return (F.gelu(gate.to(compute), approximate=approximate) * up.to(compute)).to(gate.dtype)
+    g = gate.to(compute)
+    if approximate == "none":
+        activated = 0.5 * g * (1.0 + torch.erf(g * math.sqrt(0.5)))
+    else:
+        activated = F.gelu(g, approximate=approximate)
+    return (activated * up.to(compute)).to(gate.dtype)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
