@@ -173,3 +173,26 @@ def test_builtin_kernel_launches_are_bounded_by_their_tensors() -> None:
         get_kernel("softmax").launch(x, y, 8, 8, grid=(5,))
     get_kernel("softmax").launch(x, y, 8, 8, grid=(4,), BLOCK_SIZE=8)
     assert_close(y, softmax_reference(x))
+
+
+@pytest.mark.triton
+def test_a_dispatch_mode_sees_the_inplace_kernel_and_what_it_writes() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):  # type: ignore[no-untyped-call]
+        def __init__(self) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cos, sin = rope_cos_sin(8, 8, device=DEVICE)
+    q, k = _randn(1, 3, 2, 8), _randn(1, 3, 2, 8, seed=1)
+    want_q, want_k = rope_reference(q, k, cos, sin)
+    with Seen() as seen:
+        triton_rope(q, k, cos, sin)
+    assert any("triton_rope_" in op for op in seen.ops), seen.ops
+    assert_close(q, want_q)
+    assert_close(k, want_k)

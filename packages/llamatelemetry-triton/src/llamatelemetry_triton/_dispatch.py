@@ -132,8 +132,10 @@ def run_op(op: Callable[..., Any], launcher: Callable[..., Any], *args: Any) -> 
 
     Eagerly the custom op adds nothing but dispatcher overhead (tens of microseconds per call, more than a small
     kernel takes), so eager calls launch directly; compiled graphs and their CUDA graphs contain the custom op.
+    While a Python dispatch mode is active (one that records what a call writes, say), the custom op runs, so
+    the mode sees the operation and the arguments it mutates.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return op(*args)
     return launcher(*args)
 
