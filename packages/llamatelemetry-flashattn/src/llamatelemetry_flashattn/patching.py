@@ -7,7 +7,9 @@ Two kinds of models are understood:
   name ``"llamatelemetry"`` and selected with ``model.set_attn_implementation``. Its mask function is
   transformers' own SDPA one, so the function receives either no mask (plain causal) or the exact boolean mask
   the model wants; a mask is checked against the causal / sliding-window pattern the kernels compute, with any
-  padding removed row by row, and a mask that is anything else raises instead of being ignored.
+  padding removed row by row (left padding; right padding, whose rows after the last real token see every real
+  key and run as one non-causal call; right padding with a sliding window is refused), and a mask that is
+  anything else raises instead of being ignored.
 * ``torch.nn.MultiheadAttention`` modules (anywhere in the model): their ``forward`` is replaced by one that
   computes the same projections and calls :func:`flash_attention_forward` (``nn.TransformerEncoderLayer``'s
   fused inference fast path, which would bypass it, is turned off for the patched layers). Calls the kernels
