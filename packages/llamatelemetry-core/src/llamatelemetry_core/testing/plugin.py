@@ -14,6 +14,10 @@ Markers:
 
 Skips always say why; run pytest with ``-rs`` to see them listed at the end.
 
+Every test starts with the selection policy's memory cleared (fallback warnings already issued, kernel build
+failures recorded): a kernel that fails to build fails each test that reaches it with its
+``BackendFallbackWarning`` (an error under the repository's pytest settings), not only the first one.
+
 With hypothesis installed, the plugin also registers the fuzz profiles of :mod:`llamatelemetry_core.testing.fuzz`
 and loads the one ``LLAMATELEMETRY_FUZZ_PROFILE`` names (``ci`` by default, ``thorough`` for long runs).
 """
@@ -24,9 +28,11 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 from llamatelemetry_core.device import DeviceInfo, real_device_info
-from llamatelemetry_core.environment import flash_attn_status, triton_interpreter_enabled
+from llamatelemetry_core.environment import distribution_version, flash_attn_status, triton_interpreter_enabled
+from llamatelemetry_core.selection import reset_fallback_warnings, reset_kernel_failures
 
 _CAPABILITY_MARKERS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm90": (9, 0), "sm100": (10, 0)}
 
@@ -86,10 +92,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    reset_fallback_warnings()
+    reset_kernel_failures()
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     device = real_device_info()
     cc = "" if device.compute_capability is None else f" sm_{device.sm}"
-    triton = "installed" if _triton_installed() else "not installed"
+    triton = (distribution_version("triton") or "installed") if _triton_installed() else "not installed"
     interp = ", interpreter on" if triton_interpreter_enabled() else ""
+    versions = f"torch {torch.__version__}; triton {triton}{interp}"
     fuzz = os.environ.get("LLAMATELEMETRY_FUZZ_PROFILE", "").strip() or "ci"
-    return f"llamatelemetry: device {device.kind}: {device.name}{cc}; triton {triton}{interp}; fuzz profile {fuzz}"
+    return f"llamatelemetry: device {device.kind}: {device.name}{cc}; {versions}; fuzz profile {fuzz}"

@@ -426,6 +426,7 @@ def _norm_forward(
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
             num_stages=config.num_stages,
         )
     return y, h, mean, rstd
@@ -488,6 +489,7 @@ def _norm_backward(
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
             num_stages=config.num_stages,
         )
         if dw is not None or db is not None:
@@ -503,6 +505,7 @@ def _norm_backward(
                 BLOCK_P=_PARTIAL_BLOCK_P,
                 BLOCK_N=_PARTIAL_BLOCK_N,
                 num_warps=4,
+                enable_fp_fusion=True,
             )
     return dx, dw, db
 
