@@ -47,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import flash_attn_status, sdpa_backend_status, triton_devices, triton_status
 from llamatelemetry_core.errors import BackendUnavailableError
+from llamatelemetry_core.interpreter import triton_launch_guard
 from llamatelemetry_core.selection import (
     CallSpec,
     Check,
@@ -367,9 +368,10 @@ def _triton_impl(
     from llamatelemetry_flashattn.triton_kernel import triton_attention
 
     del dropout_p  # the check keeps dropout away from this kernel
-    out = triton_attention(
-        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap
-    )
+    with triton_launch_guard(q.device):  # the interpreter runs one launch at a time
+        out = triton_attention(
+            q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap
+        )
     return propagate_query_nan(q, out, causal=causal, window_size=window_size, kv_len=k.shape[1])
 
 

@@ -10,7 +10,6 @@ is at most 4096 elements, whatever the head count, so that a T4's register file 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ import triton
 import triton.language as tl
 
 from llamatelemetry_core.device import DeviceInfo
+from llamatelemetry_core.interpreter import triton_launch_guard
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_kvcache.quant import qmax_of
 
@@ -122,7 +122,7 @@ def triton_paged_write(key: torch.Tensor, value: torch.Tensor, cache: PagedKV, s
     value_scale = cache.value_scale if cache.value_scale is not None else cache.value_cache
     block_h, block_d, num_warps = write_tiles(layout.num_kv_heads, layout.head_dim)
     grid = (num_tokens, triton.cdiv(layout.num_kv_heads, block_h))
-    with torch.cuda.device(key.device) if key.is_cuda else contextlib.nullcontext():
+    with torch.cuda.device(key.device) if key.is_cuda else triton_launch_guard(key.device):
         _paged_write_kernel[grid](
             key,
             value,
