@@ -183,31 +183,31 @@ def make_tensor(
     shape = [int(s) for s in shape]
     generator = torch.Generator().manual_seed(spec.seed)
     layout = spec.layout
-    base_shape = list(shape)
     expand_dim = next((i for i, s in enumerate(shape) if s > 1), None)
-    if layout == "transposed" and len(shape) >= 2:
-        base_shape[-1], base_shape[-2] = shape[-2], shape[-1]
-    elif layout == "expanded" and expand_dim is not None:
-        base_shape[expand_dim] = 1
-    elif layout == "sliced" and shape:
-        base_shape[-1] = 2 * shape[-1]
+    # The values every visible element holds (an expanded tensor's are those of its first slice), specials included.
+    value_shape = list(shape)
+    if layout == "expanded" and expand_dim is not None:
+        value_shape[expand_dim] = 1
     if spec.dtype.is_floating_point:
-        base = torch.randn(base_shape, generator=generator, dtype=torch.float64) * scale
-        base = base.to(spec.dtype)
-        _fill_special(base, spec.special, generator)
+        values = (torch.randn(value_shape, generator=generator, dtype=torch.float64) * scale).to(spec.dtype)
+        _fill_special(values, spec.special, generator)
     else:
-        base = torch.randint(-8, 8, base_shape, generator=generator).to(spec.dtype)
+        values = torch.randint(-8, 8, value_shape, generator=generator).to(spec.dtype)
+    values = values.to(device)  # before the layout: moving a strided view would make it contiguous
     if layout == "transposed" and len(shape) >= 2:
-        out = base.transpose(-1, -2)
+        out = values.transpose(-1, -2).contiguous().transpose(-1, -2)
     elif layout == "expanded" and expand_dim is not None:
-        out = base.expand(shape)
+        out = values.expand(shape)
     elif layout == "sliced" and shape:
-        out = base[..., ::2]
+        wide = torch.zeros([*shape[:-1], 2 * shape[-1]], dtype=spec.dtype, device=values.device)
+        wide[..., ::2] = values
+        wide[..., 1::2] = 7  # never read: a value a kernel reading the wrong stride would show
+        out = wide[..., ::2]
     elif layout == "channels_last" and len(shape) == 4:
-        out = base.contiguous(memory_format=torch.channels_last)
+        out = values.contiguous(memory_format=torch.channels_last)
     else:
-        out = base
-    return out.to(device)
+        out = values
+    return out
 
 
 # --- the verdict ------------------------------------------------------------------------------------------------
