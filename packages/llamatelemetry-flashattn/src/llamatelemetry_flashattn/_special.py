@@ -1,10 +1,10 @@
-"""Special values every attention implementation must treat alike: NaN queries and queries that see no key.
+"""Special values every attention implementation must treat alike: non-finite queries, queries that see no key.
 
-The reference defines both (:mod:`.reference`): a query row holding NaN gives a NaN output row, unless the row
-sees no key at all, which gives zeros whatever the query holds. Fused kernels do not all agree: SDPA's CPU
-kernel returns zeros for a NaN query row, and GPU ``max`` instructions return the non-NaN operand, so a kernel's
-running maximum can skip a NaN. Each fast path's output goes through :func:`propagate_query_nan`, which costs
-one pass over ``q`` and one over the output.
+The reference defines both (:mod:`.reference`): a query row holding NaN or an infinity gives a NaN output row,
+unless the row sees no key at all, which gives zeros whatever the query holds. Fused kernels do not all agree:
+SDPA's CPU kernel returns zeros for a NaN query row, and GPU ``max`` instructions return the non-NaN operand, so a
+kernel's running maximum can skip a NaN. Each fast path's output goes through :func:`propagate_query_nan`, which
+costs one pass over ``q`` and one over the output.
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ def rows_with_keys(
 def propagate_query_nan(
     q: torch.Tensor, out: torch.Tensor, *, causal: bool, window_size: tuple[int, int] | None, kv_len: int
 ) -> torch.Tensor:
-    """``out`` (``[B, Sq, H, D]``) with NaN rows wherever ``q``'s row holds NaN and sees a key."""
-    nan_rows = q.isnan().any(dim=-1, keepdim=True)  # [B, Sq, H, 1]
+    """``out`` (``[B, Sq, H, D]``) with NaN rows wherever ``q``'s row holds NaN or an infinity and sees a key.
+
+    An infinite query element makes every logit of the row infinite or NaN, so IEEE softmax gives NaN.
+    """
+    nan_rows = (~q.isfinite()).any(dim=-1, keepdim=True)  # [B, Sq, H, 1]
     seen = rows_with_keys(q.shape[1], kv_len, causal=causal, window_size=window_size, device=q.device)
     if seen is not None:
         nan_rows = nan_rows & seen

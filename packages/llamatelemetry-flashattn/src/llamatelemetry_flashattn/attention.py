@@ -103,8 +103,8 @@ def flash_attention_forward(
       given explicitly (anything but ``None``) always wins over the config's field; to override a config's
       window with full attention, pass ``window_size=(-1, -1)``.
 
-    NaN propagates the same way on every implementation: a query row holding NaN gives a NaN output row, and
-    a NaN key or value poisons the rows that see it.
+    NaN propagates the same way on every implementation: a query row holding NaN or an infinity gives a NaN
+    output row, and a NaN key or value poisons the rows that see it.
 
     Which implementation ran is recorded: ``llamatelemetry_core.selection.last_selection("flash_attention")``.
     Raises ``ConfigurationError`` (a ``ValueError``) for invalid shapes, dtypes or settings.
