@@ -14,7 +14,8 @@ Layout: ``A [..., M, K]``, ``B [..., K, N]`` (batch dimensions broadcast as in :
    better multiplied with ``dtype=torch.bfloat16``. bf16 has fp32's range and is never scaled.
 2. ``Ã = round(A sA)``, ``B̃ = round(B sB)`` to ``dtype``;
 3. ``C̃ = round(Ã @ B̃)`` to ``dtype``, products accumulated in fp32 (what cuBLAS does on Tensor Cores);
-4. ``C = C̃ 2^(eA+eB)`` in A's dtype (into ``out`` when given). inf and NaN inputs propagate as in fp32.
+4. ``C = C̃ 2^(eA+eB)`` in A's dtype (into ``out`` when given). inf and NaN inputs propagate as in fp32, except
+   that an infinite input meeting a value that rounds to zero in ``dtype`` gives NaN (``inf * 0``), not inf.
 
 Backward (when A or B requires grad): ``dA = dC @ B^T`` and ``dB = A^T @ dC``, each computed by this same
 operation (range-scaled, Tensor Cores where they run), so gradients of inputs far outside fp16's range stay
