@@ -25,6 +25,7 @@ import ast
 import os
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import nox
@@ -44,7 +45,11 @@ TORCH_LATEST = os.environ.get("LLAMATELEMETRY_TORCH_LATEST", TORCH_CPU)
 TRITON_LATEST = os.environ.get("LLAMATELEMETRY_TRITON_LATEST", "triton")
 TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0"]
 # Optional integrations some packages test against (installed where those packages' tests run).
-TEST_EXTRAS = {"flashattn": ["transformers>=5"], "kvcache": ["transformers>=5"]}
+TEST_EXTRAS = {
+    "flashattn": ["transformers>=5"],
+    "kvcache": ["transformers>=5"],
+    "batch": ["httpx>=0.27", "tqdm>=4.60"],
+}
 AOT_DEVICES = ["t4", "a100", "h100"]
 
 
@@ -135,7 +140,7 @@ def tests(session: nox.Session, package: str, matrix: str) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over every package's sources and tests, one package at a time."""
     _install_torch(session, "cpu-triton")
-    session.install("mypy>=1.11", "nox>=2024.10", *TEST_TOOLS)
+    session.install("mypy>=1.11", "nox>=2024.10", *TEST_TOOLS, "httpx>=0.27")  # httpx: batch's typed http extra
     _install_local(session, list(PACKAGES))
     for folder in PACKAGES.values():
         package_dir = ROOT / "packages" / folder
@@ -168,7 +173,7 @@ def _compile_ahead_of_time(session: nox.Session, matrix: str) -> None:
 
 @nox.session(tags=["cpu"])
 def build(session: nox.Session) -> None:
-    """Build every wheel, then install them in this fresh environment alone and in combinations."""
+    """The from-clone install recipe, then every wheel built and installed alone and in combinations."""
     dist = ROOT / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     session.install("build>=1.2", "hatchling>=1.21")
@@ -188,7 +193,17 @@ def build(session: nox.Session) -> None:
     session.log(f"built {len(wheels)} wheels: {', '.join(wheels)}")
     if len(wheels) != len(PACKAGES):
         session.error(f"expected {len(PACKAGES)} wheels, got {wheels}")
+    unlicensed = [w for w in wheels if not any(n.endswith("/LICENSE") for n in zipfile.ZipFile(dist / w).namelist())]
+    if unlicensed:
+        session.error(f"wheels without the LICENSE their metadata declares: {unlicensed}")
     _install_torch(session, "cpu-triton")  # third-party dependencies; our wheels come from dist/ only
+    # The README's recipe from a clone, in this fresh environment: one component, then all of them, editable,
+    # siblings from the clone (torch and Triton are already here, so pip fetches nothing large).
+    session.run("python", "scripts/install.py", "triton")
+    session.run("python", "scripts/check_install.py", "--installed=triton", "--from-clone")
+    session.run("python", "scripts/install.py", "all")
+    session.run("python", "scripts/check_install.py", f"--installed={','.join(COMPONENTS)}", "--from-clone")
+    session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", *PACKAGES.values())
     local = ["--no-index", f"--find-links={dist}"]
     session.install(*local, "llamatelemetry-core", "llamatelemetry")
     session.run("python", "scripts/check_install.py", "--installed=")
