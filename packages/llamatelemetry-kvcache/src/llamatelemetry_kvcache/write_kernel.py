@@ -10,7 +10,6 @@ is at most 4096 elements, whatever the head count, so that a T4's register file 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ import triton
 import triton.language as tl
 
 from llamatelemetry_core.device import DeviceInfo
+from llamatelemetry_core.interpreter import triton_launch_guard
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_kvcache.quant import qmax_of
 
@@ -142,7 +142,7 @@ def _launch(
     quant = _quant_code(key_cache.dtype)
     block_h, block_d, num_warps = write_tiles(num_kv_heads, head_dim)
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
-    with torch.cuda.device(key.device) if key.is_cuda else contextlib.nullcontext():
+    with torch.cuda.device(key.device) if key.is_cuda else triton_launch_guard(key.device):
         _paged_write_kernel[grid](
             key,
             value,
