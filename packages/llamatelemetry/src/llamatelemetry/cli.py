@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from llamatelemetry import _engine_cli
 from llamatelemetry.__about__ import __version__
 from llamatelemetry._components import COMPONENTS, import_component
 from llamatelemetry_core.device import get_device_info, simulate_device, simulated_device_key
@@ -173,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor = sub.add_parser("doctor", help="report what this machine can run, and which implementation each op uses")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     doctor.add_argument("--simulate", metavar="GPU", help="answer as if this GPU were present (t4, a100, h100, ...)")
+    _engine_cli.register(sub)
     args = parser.parse_args(argv)
+    if args.command in _engine_cli.ENGINE_COMMANDS:
+        return _engine_cli.run(args)
     try:
         if args.simulate:
             with simulate_device(args.simulate):
