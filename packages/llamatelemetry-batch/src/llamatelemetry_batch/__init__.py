@@ -4,5 +4,27 @@ Documented import path: ``llamatelemetry.inference.batch``.
 """
 
 from llamatelemetry_batch.__about__ import __version__
+from llamatelemetry_batch.serving import (
+    ContinuousBatchingEngine,
+    FinishReason,
+    RequestHandle,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    SimpleBlockManager,
+)
 
-__all__ = ["__version__"]
+__all__ = [
+    "ContinuousBatchingEngine",
+    "FinishReason",
+    "RequestHandle",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "Scheduler",
+    "SchedulerConfig",
+    "SimpleBlockManager",
+    "__version__",
+]

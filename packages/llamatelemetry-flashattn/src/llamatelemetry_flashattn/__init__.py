@@ -10,6 +10,9 @@ Documented import path: ``llamatelemetry.inference.flash_attn``.
   through it.
 * :func:`check_flash_attention_available`: is the flash-attn package usable on this GPU.
 * :func:`get_optimal_context_length`: the longest context that fits a GPU, by a documented formula.
+* :func:`paged_attention` / :func:`paged_decode`: attention over a paged KV cache in the layout of
+  :mod:`llamatelemetry_core.kv_layout` (decode and chunked prefill, GQA, window, softcap, int8/fp8 storage), on
+  a Triton kernel or the gather-then-attend reference; :func:`paged_backend_report` says which runs here.
 """
 
 from llamatelemetry_flashattn.__about__ import __version__
@@ -21,6 +24,14 @@ from llamatelemetry_flashattn.attention import (
 from llamatelemetry_flashattn.backends import ATTENTION, OPERATION_NAME, BackendReport, attention_backend_report
 from llamatelemetry_flashattn.config import FlashAttentionConfig
 from llamatelemetry_flashattn.context import MemoryEstimate, estimate_inference_memory, get_optimal_context_length
+from llamatelemetry_flashattn.paged import paged_attention, paged_decode, selected_paged_backend
+from llamatelemetry_flashattn.paged_backends import (
+    PAGED_ATTENTION,
+    PAGED_OPERATION_NAME,
+    PagedBackendReport,
+    paged_backend_report,
+)
+from llamatelemetry_flashattn.paged_reference import paged_attention_reference
 from llamatelemetry_flashattn.patching import HF_ATTENTION_NAME, disable_flash_attention, enable_flash_attention
 from llamatelemetry_flashattn.reference import attention_reference
 
@@ -28,9 +39,12 @@ __all__ = [
     "ATTENTION",
     "HF_ATTENTION_NAME",
     "OPERATION_NAME",
+    "PAGED_ATTENTION",
+    "PAGED_OPERATION_NAME",
     "BackendReport",
     "FlashAttentionConfig",
     "MemoryEstimate",
+    "PagedBackendReport",
     "__version__",
     "attention_backend_report",
     "attention_reference",
@@ -40,5 +54,10 @@ __all__ = [
     "estimate_inference_memory",
     "flash_attention_forward",
     "get_optimal_context_length",
+    "paged_attention",
+    "paged_attention_reference",
+    "paged_backend_report",
+    "paged_decode",
     "selected_backend",
+    "selected_paged_backend",
 ]

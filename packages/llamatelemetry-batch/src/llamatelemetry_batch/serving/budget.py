@@ -1,0 +1,130 @@
+"""A block manager without prefix caching: a plain pool of blocks, or a token budget for unpaged models.
+
+:class:`SimpleBlockManager` implements :class:`~llamatelemetry_core.serving.KVBlockManager` with a free list
+and one block table per sequence, in plain Python. With ``page_size=1`` and ``num_blocks`` tokens it is the
+admission budget of a model that keeps its own KV state (a Hugging Face cache, one tensor per sequence): the
+scheduler admits and preempts against it exactly as against a paged cache. With a larger page size it is a
+paged allocator with no prefix reuse (``allocate`` always returns 0 cached tokens).
+
+Every operation costs O(1) per block it hands out or takes back; a fresh pool costs O(1) memory (block ids
+that were never used are handed out from a counter, not from a pre-built list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llamatelemetry_core.errors import CapacityError, ConfigurationError
+from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
+
+__all__ = ["SimpleBlockManager"]
+
+
+class SimpleBlockManager:
+    """``num_blocks`` blocks of ``page_size`` tokens, handed to sequences on demand; no prefix caching.
+
+    Raises:
+        ConfigurationError: a non-positive ``num_blocks`` or ``page_size``.
+    """
+
+    def __init__(self, num_blocks: int, page_size: int = 1) -> None:
+        self._num_blocks = check_positive_int(num_blocks, "num_blocks")
+        self._page_size = check_positive_int(page_size, "page_size")
+        self._free: list[int] = []
+        self._next_unused = 0
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+
+    @classmethod
+    def token_budget(cls, max_tokens: int) -> SimpleBlockManager:
+        """A budget of ``max_tokens`` tokens over all sequences (``page_size`` 1) for a model without paging."""
+        return cls(check_positive_int(max_tokens, "max_tokens"), page_size=1)
+
+    @property
+    def page_size(self) -> int:
+        """Tokens per block."""
+        return self._page_size
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the pool."""
+        return self._num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks not held by any sequence."""
+        return len(self._free) + self._num_blocks - self._next_unused
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self._page_size)
+
+    def can_allocate(self, token_ids: Sequence[int]) -> bool:
+        """Whether a new sequence of these tokens fits now."""
+        return self._blocks_for(len(token_ids)) <= self.num_free_blocks
+
+    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+        """Give a new sequence blocks for ``token_ids``; returns 0 (nothing is ever cached).
+
+        Raises:
+            ConfigurationError: ``seq_id`` already holds blocks, or ``token_ids`` is empty.
+            CapacityError: not enough free blocks (nothing changes).
+        """
+        check_non_negative_int(seq_id, "seq_id")
+        if seq_id in self._tables:
+            raise ConfigurationError(f"sequence {seq_id} already holds blocks; free it before allocating again")
+        if not token_ids:
+            raise ConfigurationError("expected at least one token to allocate, got an empty sequence")
+        needed = self._blocks_for(len(token_ids))
+        self._check_free(needed, f"a new sequence of {len(token_ids)} tokens")
+        self._tables[seq_id] = self._take(needed)
+        self._lengths[seq_id] = len(token_ids)
+        return 0
+
+    def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
+        """Whether ``num_tokens`` more tokens of sequence ``seq_id`` fit now (``KeyError`` if unknown)."""
+        table = self._tables[seq_id]
+        return self._blocks_for(self._lengths[seq_id] + num_tokens) - len(table) <= self.num_free_blocks
+
+    def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        """Extend sequence ``seq_id`` by ``token_ids``, taking blocks as needed.
+
+        Raises:
+            KeyError: unknown ``seq_id``.
+            CapacityError: not enough free blocks (nothing changes).
+        """
+        table = self._tables[seq_id]
+        length = self._lengths[seq_id] + len(token_ids)
+        needed = self._blocks_for(length) - len(table)
+        if needed > 0:
+            self._check_free(needed, f"{len(token_ids)} more tokens of sequence {seq_id}")
+            table.extend(self._take(needed))
+        self._lengths[seq_id] = length
+
+    def free(self, seq_id: int) -> None:
+        """Return sequence ``seq_id``'s blocks to the pool (``KeyError`` if unknown)."""
+        table = self._tables.pop(seq_id)
+        del self._lengths[seq_id]
+        self._free.extend(table)
+
+    def block_table(self, seq_id: int) -> list[int]:
+        """Sequence ``seq_id``'s blocks in token order (a copy; ``KeyError`` if unknown)."""
+        return list(self._tables[seq_id])
+
+    def num_tokens(self, seq_id: int) -> int:
+        """Tokens sequence ``seq_id`` holds (``KeyError`` if unknown)."""
+        return self._lengths[seq_id]
+
+    def _check_free(self, needed: int, what: str) -> None:
+        free = self.num_free_blocks
+        if needed > free:
+            raise CapacityError(
+                f"{what} needs {needed} blocks of {self._page_size} tokens, {free} of {self._num_blocks} are free; "
+                "free finished sequences first or raise num_blocks"
+            )
+
+    def _take(self, count: int) -> list[int]:
+        taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
+        fresh = count - len(taken)
+        taken.extend(range(self._next_unused, self._next_unused + fresh))
+        self._next_unused += fresh
+        return taken

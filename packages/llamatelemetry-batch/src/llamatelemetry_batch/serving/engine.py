@@ -1,0 +1,503 @@
+"""The continuous-batching engine loop over any :class:`~llamatelemetry_core.serving.DecoderModel`.
+
+Every step: take the requests submitted and cancelled since the last step, let the :class:`Scheduler` plan the
+step, run the model once, sample the next token of every sequence whose prompt (or chunk) is complete, stream
+it to the request, and finish the requests that are done (their blocks are freed at once, so a waiting request
+can join the very next step). A request submitted while the engine runs joins at the next step.
+
+The engine runs either in the caller's thread (:meth:`ContinuousBatchingEngine.step`,
+:meth:`~ContinuousBatchingEngine.generate`, or waiting on a :class:`RequestHandle`) or in a background thread
+(:meth:`~ContinuousBatchingEngine.start`, or ``with engine:``), which :meth:`~ContinuousBatchingEngine.stream`
+uses for asyncio. :meth:`~ContinuousBatchingEngine.submit` and :meth:`RequestHandle.cancel` may be called from
+any thread; everything else the engine owns is touched by the engine's thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Sequence as SequenceOf
+from typing import TypeVar, cast
+
+import torch
+
+from llamatelemetry_batch.serving.budget import SimpleBlockManager
+from llamatelemetry_batch.serving.sampling import SamplingParams, make_generator, sample_next_tokens
+from llamatelemetry_batch.serving.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from llamatelemetry_batch.serving.sequence import FinishReason, RequestOutput, Sequence
+from llamatelemetry_batch.serving.text import Detokenize, IncrementalDetokenizer
+from llamatelemetry_core.errors import CapacityError, ConfigurationError
+from llamatelemetry_core.serving import DecoderModel, KVBlockManager
+
+__all__ = ["ContinuousBatchingEngine", "RequestHandle"]
+
+TokenCallback = Callable[[int | None, str], None]
+"""Called on the engine's thread with each new token id and the text it adds ('' without a detokenizer, often ''
+while a character or a possible stop string is incomplete); once more with ``None`` and the remaining text when a
+request with a detokenizer finishes with text not handed out yet."""
+
+
+class RequestHandle:
+    """A submitted request: stream its tokens, wait for its output, or cancel it. Safe from any thread."""
+
+    def __init__(
+        self,
+        engine: ContinuousBatchingEngine,
+        seq: Sequence,
+        on_token: TokenCallback | None,
+        on_finish: Callable[[RequestOutput], None] | None,
+    ) -> None:
+        self.request_id = seq.seq_id
+        self.prompt_token_ids = tuple(seq.token_ids)
+        self._engine = engine
+        self._on_token = on_token
+        self._on_finish = on_finish
+        self._cond = threading.Condition()
+        self._tokens: list[int] = []
+        self._output: RequestOutput | None = None
+
+    def done(self) -> bool:
+        """Whether the request has finished (for any reason)."""
+        return self._output is not None
+
+    def cancel(self) -> None:
+        """Stop the request at the next step (its blocks are freed then); a no-op once it has finished."""
+        self._engine._post(self.request_id)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens generated so far (a copy)."""
+        with self._cond:
+            return list(self._tokens)
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        """Wait for the request to finish and return its output.
+
+        Without a background thread, the calling thread runs engine steps until then.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first (the request keeps running).
+        """
+        self._wait_for(lambda: self._output is not None, timeout)
+        assert self._output is not None
+        return self._output
+
+    def __iter__(self) -> Iterator[int]:
+        """The generated token ids, as they come; ends when the request finishes."""
+        index = 0
+        while True:
+            self._wait_for(functools.partial(self._has_news, index), None)
+            with self._cond:
+                fresh, finished = self._tokens[index:], self._output is not None
+            if not fresh and finished:
+                return
+            index += len(fresh)
+            yield from fresh
+
+    def _has_news(self, seen: int) -> bool:
+        return len(self._tokens) > seen or self._output is not None
+
+    def _wait_for(self, ready: Callable[[], bool], timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if ready():
+                    return
+                if self._engine.running_in_background:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+                    self._cond.wait(left)
+                    continue
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+            self._engine.step()
+
+    # Called on the engine's thread.
+    def _deliver(self, token: int) -> None:
+        with self._cond:
+            self._tokens.append(token)
+            self._cond.notify_all()
+
+    def _complete(self, output: RequestOutput) -> None:
+        with self._cond:
+            self._output = output
+            self._cond.notify_all()
+        if self._on_finish is not None:
+            self._on_finish(output)
+
+
+class ContinuousBatchingEngine:
+    """Runs many generation requests over one decoder model, admitting new ones at every step.
+
+    Args:
+        model: any object implementing :class:`~llamatelemetry_core.serving.DecoderModel`.
+        block_manager: the KV block manager (for a paged model, the one whose blocks the model's cache is
+            indexed by, with the same ``page_size``); ``None`` for an unpaged model: a token budget of
+            ``max_num_seqs * max_model_len`` tokens (:class:`SimpleBlockManager`).
+        scheduler_config: step limits (:class:`SchedulerConfig`).
+        eos_token_ids: tokens that end every request (unless its ``ignore_eos``).
+        detokenize: ``token_ids -> str`` (``tokenizer.decode``): enables text output and stop strings.
+
+    Raises:
+        ConfigurationError: ``model`` does not implement ``DecoderModel``, a paged model without a block
+            manager, or page sizes that differ.
+    """
+
+    def __init__(
+        self,
+        model: DecoderModel,
+        block_manager: KVBlockManager | None = None,
+        *,
+        scheduler_config: SchedulerConfig | None = None,
+        eos_token_ids: Iterable[int] = (),
+        detokenize: Detokenize | None = None,
+    ) -> None:
+        if not isinstance(model, DecoderModel):
+            raise ConfigurationError(
+                f"expected a model implementing llamatelemetry_core.serving.DecoderModel (vocab_size, max_model_len, "
+                f"page_size, step, release), got {type(model).__name__}"
+            )
+        config = scheduler_config if scheduler_config is not None else SchedulerConfig()
+        paged = model.page_size is not None
+        if block_manager is None:
+            if paged:
+                raise ConfigurationError(
+                    f"model {type(model).__name__} is paged (page_size {model.page_size}): pass the block_manager "
+                    "whose blocks index its KV cache"
+                )
+            block_manager = SimpleBlockManager.token_budget(config.max_num_seqs * model.max_model_len)
+        elif paged and block_manager.page_size != model.page_size:
+            raise ConfigurationError(
+                f"expected the block manager's page_size to equal the model's {model.page_size}, "
+                f"got {block_manager.page_size}"
+            )
+        self.model = model
+        self.scheduler = Scheduler(block_manager, config, paged=paged, release=model.release)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.detokenize = detokenize
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        # Submissions (a sequence and its handle) and cancellations (a request id), in the order they came.
+        self._inbox: deque[tuple[Sequence, RequestHandle] | int] = deque()
+        self._live: dict[int, tuple[Sequence, RequestHandle]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._step_lock = threading.Lock()  # one step at a time, whichever thread drives the loop
+        self.num_steps = 0
+
+    # --- submission (any thread) -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_token_ids: SequenceOf[int],
+        params: SamplingParams | None = None,
+        *,
+        on_token: TokenCallback | None = None,
+        on_finish: Callable[[RequestOutput], None] | None = None,
+    ) -> RequestHandle:
+        """Queue a request; it joins the running batch at the next step. Safe from any thread.
+
+        ``on_token`` (see :data:`TokenCallback`) and ``on_finish`` run on the engine's thread; an exception in
+        ``on_token`` ends that request with :attr:`FinishReason.ERROR`, an exception in ``on_finish`` propagates
+        out of the step.
+
+        Raises:
+            ConfigurationError: an empty prompt, token ids outside the vocabulary, a prompt that leaves no room
+                under ``max_model_len``, or stop strings without a ``detokenize``.
+            CapacityError: the request could not fit in the block manager even alone.
+        """
+        params = params if params is not None else SamplingParams()
+        prompt = self._check_prompt(prompt_token_ids)
+        if params.stop and self.detokenize is None:
+            raise ConfigurationError("stop strings need text: pass detokenize=tokenizer.decode to the engine")
+        seq = Sequence(next(self._ids), prompt, params, self.model.max_model_len)
+        capacity = self.scheduler.max_tokens_per_sequence()
+        if seq.max_num_tokens > capacity:
+            raise CapacityError(
+                f"a request of {seq.num_prompt_tokens} prompt tokens and up to {params.max_new_tokens} new ones needs "
+                f"room for {seq.max_num_tokens} tokens, the block manager holds {capacity}; lower max_new_tokens or "
+                "give the block manager more blocks"
+            )
+        if self.detokenize is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.detokenize, seq.num_prompt_tokens, params.stop)
+        handle = RequestHandle(self, seq, on_token, on_finish)
+        self._post((seq, handle))
+        return handle
+
+    def _check_prompt(self, prompt_token_ids: SequenceOf[int]) -> list[int]:
+        prompt: list[object] = list(prompt_token_ids)
+        vocab, limit = self.model.vocab_size, self.model.max_model_len
+        if not prompt:
+            raise ConfigurationError("expected a prompt of at least one token id, got an empty one")
+        for position, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise ConfigurationError(
+                    f"expected token ids in [0, {vocab}) (the model's vocab_size), got {token!r} at position {position}"
+                )
+        if len(prompt) >= limit:
+            raise ConfigurationError(
+                f"expected a prompt shorter than the model's max_model_len {limit} (room for one new token), got "
+                f"{len(prompt)} tokens; truncate it"
+            )
+        return cast("list[int]", prompt)
+
+    def _post(self, command: tuple[Sequence, RequestHandle] | int) -> None:
+        with self._lock:
+            self._inbox.append(command)
+            self._lock.notify_all()
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether requests wait or run (including submitted ones the loop has not seen yet)."""
+        with self._lock:
+            return bool(self._live) or any(not isinstance(command, int) for command in self._inbox)
+
+    @property
+    def running_in_background(self) -> bool:
+        """Whether a background thread runs the loop."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step in the calling thread; returns the outputs of the requests that finished in it.
+
+        Raises:
+            RuntimeError: a background thread runs the loop (submit and wait instead).
+        """
+        if self.running_in_background and threading.current_thread() is not self._thread:
+            raise RuntimeError("the engine runs in a background thread; submit requests and wait on their handles")
+        with self._step_lock:
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
+        finished: list[RequestOutput] = []
+        self._drain_inbox(finished)
+        if not self._live:
+            return finished
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            raise RuntimeError(
+                f"the scheduler planned nothing with {len(self._live)} unfinished requests "
+                f"({self.scheduler.num_waiting} waiting); this is a bug in llamatelemetry-batch"
+            )
+        logits = self.model.step(plan.step_input)
+        self.num_steps += 1
+        self.scheduler.complete_step(plan)
+        self._check_logits(logits, plan)
+        if plan.logits_sequences:
+            self._sample_and_stream(logits, plan, finished)
+        return finished
+
+    def _check_logits(self, logits: torch.Tensor, plan: ScheduledStep) -> None:
+        expected = (len(plan.logits_sequences), self.model.vocab_size)
+        if tuple(logits.shape) != expected or not logits.is_floating_point():
+            raise ConfigurationError(
+                f"expected the model to return float logits of shape {list(expected)} (one row per sequence with "
+                f"want_logits, DecoderModel.step's contract), got {list(logits.shape)} {logits.dtype}"
+            )
+
+    def _sample_and_stream(self, logits: torch.Tensor, plan: ScheduledStep, finished: list[RequestOutput]) -> None:
+        seqs = plan.logits_sequences
+        for seq in seqs:
+            if seq.generator is None and seq.params.seed is not None and not seq.params.greedy:
+                seq.generator = make_generator(seq.params.seed, logits.device)
+        tokens = sample_next_tokens(
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            [s.token_ids if s.params.repetition_penalty != 1.0 else () for s in seqs],
+        )
+        now = time.perf_counter()
+        eos = self.eos_token_ids
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.token_ids.append(token)
+            metrics = seq.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.token_times.append(now)
+            params = seq.params
+            reason = None
+            if token in params.stop_token_ids or (token in eos and not params.ignore_eos):
+                reason = FinishReason.STOP
+            handle = self._live[seq.seq_id][1]
+            try:
+                text = ""
+                if seq.detokenizer is not None:
+                    text, stopped = seq.detokenizer.add(seq.token_ids)  # type: ignore[attr-defined]
+                    if stopped:
+                        reason = FinishReason.STOP
+                if reason is None and seq.num_tokens >= seq.max_num_tokens:
+                    reason = FinishReason.LENGTH
+                handle._deliver(token)
+                if handle._on_token is not None:
+                    handle._on_token(token, text)
+            except Exception as exc:  # a callback or the detokenizer failed: that request ends, the others go on
+                seq.error = exc
+                reason = FinishReason.ERROR
+            if reason is not None:
+                finished.append(self._finish(seq, reason))
+
+    def _drain_inbox(self, finished: list[RequestOutput]) -> None:
+        with self._lock:
+            commands, self._inbox = self._inbox, deque()
+        for command in commands:
+            if isinstance(command, int):
+                if command in self._live:
+                    finished.append(self._finish(self._live[command][0], FinishReason.CANCELLED))
+            else:
+                seq, _ = command
+                self._live[seq.seq_id] = command
+                self.scheduler.add(seq)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
+        """Free the sequence's blocks now and hand its output to its handle."""
+        self.scheduler.finish(seq, reason)
+        _, handle = self._live.pop(seq.seq_id)
+        text = None
+        if seq.detokenizer is not None:
+            detokenizer: IncrementalDetokenizer = seq.detokenizer  # type: ignore[assignment]
+            tail = ""
+            try:
+                tail = detokenizer.finish(seq.token_ids)
+            except Exception as exc:
+                seq.error, reason = seq.error or exc, FinishReason.ERROR
+            if tail and handle._on_token is not None and reason is not FinishReason.ERROR:
+                try:
+                    handle._on_token(None, tail)
+                except Exception as exc:
+                    seq.error, reason = exc, FinishReason.ERROR
+            text = detokenizer.text
+        seq.metrics.finished_time = time.perf_counter()
+        output = RequestOutput(
+            request_id=seq.seq_id,
+            prompt_token_ids=tuple(seq.token_ids[: seq.num_prompt_tokens]),
+            output_token_ids=tuple(seq.output_token_ids),
+            text=text,
+            finish_reason=reason,
+            metrics=seq.metrics,
+            error=seq.error,
+        )
+        handle._complete(output)
+        return output
+
+    # --- convenience -------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts_token_ids: SequenceOf[SequenceOf[int]],
+        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion and return the outputs in the order of the prompts.
+
+        ``sampling_params`` is one for all, or one per prompt. Runs the loop in the calling thread unless a
+        background thread runs it.
+
+        Raises:
+            ConfigurationError: a list of sampling parameters whose length differs from the prompts'.
+        """
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            per_prompt = [sampling_params] * len(prompts_token_ids)
+        else:
+            per_prompt = list(sampling_params)
+            if len(per_prompt) != len(prompts_token_ids):
+                raise ConfigurationError(
+                    f"expected one SamplingParams or one per prompt ({len(prompts_token_ids)}), got {len(per_prompt)}"
+                )
+        handles = [self.submit(p, sp) for p, sp in zip(prompts_token_ids, per_prompt, strict=True)]
+        return [h.result() for h in handles]
+
+    def start(self) -> None:
+        """Run the loop in a background thread (idle while nothing is submitted)."""
+        with self._lock:
+            if self.running_in_background:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="llamatelemetry-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the background thread after its current step; unfinished requests are cancelled."""
+        with self._lock:
+            thread = self._thread
+            self._stopping = True
+            self._lock.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __enter__(self) -> ContinuousBatchingEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._inbox and not self._live:
+                    self._lock.wait()
+                stopping = self._stopping
+            if stopping:
+                self._cancel_all(None)
+                return
+            try:
+                with self._step_lock:
+                    self._step()
+            except BaseException as exc:  # the model failed: every unfinished request gets the error
+                self._cancel_all(exc)
+                return
+
+    def _cancel_all(self, error: BaseException | None) -> None:
+        finished: list[RequestOutput] = []
+        self._drain_inbox(finished)
+        for seq, _ in list(self._live.values()):
+            seq.error = error
+            self._finish(seq, FinishReason.CANCELLED if error is None else FinishReason.ERROR)
+
+    async def stream(
+        self, prompt_token_ids: SequenceOf[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[int]:
+        """Submit a request and yield its token ids as they are generated (asyncio).
+
+        Starts the background thread if it is not running. Leaving the ``async for`` early (or cancelling the
+        task) cancels the request.
+
+        Raises:
+            RuntimeError: the request failed (the model, the detokenizer or a callback raised); chained.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[int | RequestOutput | None] = asyncio.Queue()
+        handle = self.submit(
+            prompt_token_ids,
+            params,
+            on_token=lambda token, _: _put_threadsafe(loop, queue, token),
+            on_finish=lambda output: _put_threadsafe(loop, queue, output),
+        )
+        self.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, RequestOutput):
+                    if item.error is not None:
+                        raise RuntimeError(f"request {item.request_id} failed: {item.error}") from item.error
+                    return
+                if item is not None:
+                    yield item
+        finally:
+            if not handle.done():
+                handle.cancel()
+
+
+_Item = TypeVar("_Item")
+
+
+def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_Item], item: _Item) -> None:
+    loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -1,0 +1,246 @@
+"""The ``paged_attention`` operation: its implementations, what each supports, and the report of what runs here.
+
+=============  ========  ===================================================================================
+name           priority  supports
+=============  ========  ===================================================================================
+``triton``     350       the Triton kernels of :mod:`.paged_kernel`, SM >= 7.5 (or the interpreter on CPU):
+                         fp16/bf16 queries (fp16/fp32 in the interpreter, which has no bf16), KV stored in
+                         q's dtype or int8, or fp8 e4m3 on SM >= 8.9; head dims <= 256; any page size
+``reference``  lowest    :func:`~.paged_reference.paged_attention_reference`: everything, O(n^2) memory
+=============  ========  ===================================================================================
+
+fp8 (e4m3) storage needs a GPU with fp8 conversions (compute capability >= 8.9: Ada, Hopper): on older GPUs,
+a T4 among them, :func:`~llamatelemetry_flashattn.paged_attention` refuses it before dispatch with
+:class:`~llamatelemetry_core.errors.CapabilityError` (int8 storage saves the same memory there); on CPU the
+reference dequantizes it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.environment import triton_devices, triton_status
+from llamatelemetry_core.kv_layout import PagedKV
+from llamatelemetry_core.selection import CallSpec, Operation, requires_min_capability, requires_module
+from llamatelemetry_core.validation import dtype_name
+from llamatelemetry_flashattn.paged_reference import paged_attention_reference
+from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM
+
+__all__ = [
+    "PAGED_ATTENTION",
+    "PAGED_OPERATION_NAME",
+    "PagedAttentionCall",
+    "PagedBackendReport",
+    "kv_dtype_unsupported_reason",
+    "paged_backend_report",
+]
+
+PAGED_OPERATION_NAME = "paged_attention"
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+@dataclass(frozen=True)
+class PagedAttentionCall:
+    """The facts of one paged attention call that implementations check (``CallSpec.attrs`` holds them)."""
+
+    batch: int
+    num_tokens: int
+    max_seqlen_q: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    kv_dtype: torch.dtype
+    causal: bool
+    window_size: tuple[int, int] | None
+    softcap: float | None
+
+    def attrs(self) -> dict[str, object]:
+        return dict(vars(self))
+
+
+def _attr(call: CallSpec, name: str, default: Any) -> Any:
+    # ``doctor`` asks about a "typical call" with no attributes: a decode step, head dim 128, KV in q's dtype.
+    return call.attrs.get(name, default)
+
+
+def kv_dtype_unsupported_reason(device: DeviceInfo, kv_dtype: torch.dtype) -> str | None:
+    """Why KV stored as ``kv_dtype`` cannot be read on ``device`` at all (``None``: it can)."""
+    if _FP8 is not None and kv_dtype == _FP8 and device.is_cuda and not device.supports_fp8:
+        cc = device.compute_capability
+        sm = "unknown" if cc is None else f"sm_{cc[0]}{cc[1]}"
+        return (
+            f"fp8 (float8_e4m3fn) KV storage needs a GPU with fp8 conversions (compute capability >= 8.9: Ada, "
+            f"Hopper or newer); {device.name} is {device.architecture} ({sm}). Store the cache as int8 (per-token "
+            "scales, the same memory) or in fp16"
+        )
+    return None
+
+
+def _dtypes(call: CallSpec) -> str | None:
+    # The interpreter (CPU) computes with NumPy, which has no bfloat16: its bf16 results are garbage.
+    allowed = (torch.float16, torch.bfloat16) if call.device.is_cuda else (torch.float16, torch.float32)
+    if call.dtype is not None and call.dtype not in allowed:
+        names = ", ".join(dtype_name(d) for d in allowed)
+        return f"supports query dtypes {{{names}}} on {call.device.kind}, not {dtype_name(call.dtype)}"
+    return None
+
+
+def _bf16_on_device(call: CallSpec) -> str | None:
+    if call.dtype == torch.bfloat16 and call.device.is_cuda and not call.device.supports_bf16:
+        return f"{call.device.name} has no bf16 support ({call.device.architecture}); use fp16"
+    return None
+
+
+def _kv_dtype(call: CallSpec) -> str | None:
+    kv_dtype = _attr(call, "kv_dtype", call.dtype)
+    if kv_dtype == _FP8 and not call.device.is_cuda:
+        return "reads no fp8 KV in the Triton interpreter (NumPy has no float8)"
+    return kv_dtype_unsupported_reason(call.device, kv_dtype)
+
+
+def _head_dim(call: CallSpec) -> str | None:
+    head_dim = int(_attr(call, "head_dim", 128))
+    return None if head_dim <= MAX_HEAD_DIM else f"supports head dims <= {MAX_HEAD_DIM}, not {head_dim}"
+
+
+@functools.cache
+def _triton_usable(index: int | None) -> str | None:
+    device = get_device_info(torch.device("cuda", index) if index is not None else "cpu", refresh_memory=False)
+    status = triton_status(device)
+    return None if status.usable else status.reason
+
+
+def _triton_runs(call: CallSpec) -> str | None:
+    if call.device.simulated:
+        return None
+    return _triton_usable(call.device.index if call.device.is_cuda else None)
+
+
+def _triton_impl(
+    q: torch.Tensor,
+    kv: PagedKV,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    max_seqlen_q: int,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: tuple[int, int] | None,
+    softcap: float | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
+
+    return triton_paged_attention(
+        q,
+        kv,
+        block_tables,
+        seq_lens,
+        cu_seqlens_q,
+        max_seqlen_q=max_seqlen_q,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        window_size=window_size,
+        softcap=softcap,
+        out=out,
+    )
+
+
+def _reference_impl(
+    q: torch.Tensor,
+    kv: PagedKV,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    max_seqlen_q: int,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: tuple[int, int] | None,
+    softcap: float | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    result = paged_attention_reference(
+        q,
+        kv,
+        block_tables,
+        seq_lens,
+        cu_seqlens_q,
+        max_seqlen_q=max_seqlen_q,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+    )
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+PAGED_ATTENTION = Operation(PAGED_OPERATION_NAME, _reference_impl)
+PAGED_ATTENTION.register(
+    "triton",
+    _triton_impl,
+    priority=350,
+    devices=triton_devices,
+    checks=[
+        requires_module("triton", "pip install triton"),
+        requires_min_capability(7, 5),
+        _dtypes,
+        _bf16_on_device,
+        _kv_dtype,
+        _head_dim,
+        _triton_runs,
+    ],
+)
+
+
+@dataclass(frozen=True)
+class PagedBackendReport:
+    """One implementation of ``paged_attention`` and whether it runs a typical call on a device."""
+
+    name: str
+    priority: int
+    runs: bool
+    reason: str | None
+    selected: bool
+
+
+def paged_backend_report(
+    device: DeviceInfo | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    kv_dtype: torch.dtype | None = None,
+    head_dim: int = 128,
+) -> list[PagedBackendReport]:
+    """Every paged attention implementation, best first, with whether it runs a typical decode step here.
+
+    ``dtype`` is the queries' (fp16 on a GPU, fp32 on CPU by default), ``kv_dtype`` the storage's (default: the
+    queries' dtype; ``torch.int8`` or ``torch.float8_e4m3fn`` for quantized caches). ``device`` may be simulated.
+    """
+    info = device if device is not None else get_device_info()
+    if dtype is None:
+        dtype = torch.float16 if info.is_cuda else torch.float32
+    facts = PagedAttentionCall(
+        batch=1,
+        num_tokens=1,
+        max_seqlen_q=1,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=head_dim,
+        page_size=16,
+        kv_dtype=kv_dtype if kv_dtype is not None else dtype,
+        causal=True,
+        window_size=None,
+        softcap=None,
+    )
+    candidates = PAGED_ATTENTION.explain(CallSpec(device=info, dtype=dtype, attrs=facts.attrs()))
+    chosen = next((c.name for c in candidates if c.reason is None), None)
+    return [PagedBackendReport(c.name, c.priority, c.reason is None, c.reason, c.name == chosen) for c in candidates]

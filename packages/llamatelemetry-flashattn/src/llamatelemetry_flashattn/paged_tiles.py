@@ -1,0 +1,150 @@
+"""Launch shape of the paged attention kernel: tiles and KV splits, pure functions of shapes and the device.
+
+One program of :mod:`.paged_kernel` owns ``BLOCK_M`` packed rows (queries x the query heads of one KV head) of
+one sequence and walks ``BLOCK_N`` keys at a time through that sequence's pages, ``num_stages`` tiles in flight.
+Its shared memory is about::
+
+    num_stages * 2 * BLOCK_N * BLOCK_D * kv_size       (K and V tiles as stored, in flight)
+  + 2 * BLOCK_N * BLOCK_D * q_size                      (quantized storage: the tiles converted for the dot)
+  + BLOCK_M * BLOCK_D * q_size + BLOCK_M * BLOCK_N * q_size   (the queries, the probabilities)
+
+Decode (a handful of rows per program) is memory-bound: the smallest tensor-core row tile (16), 4 warps, deep
+pipelining. A chunk of prefill is compute-bound and takes the contiguous kernel's tiles (:mod:`.tiles`, measured
+on an H100). A T4 (Turing) allows 64 KiB per block: preferences shrink until the estimate fits, and the AOT check
+(``python -m llamatelemetry_core.aot --device t4``) compiles the result and confirms it.
+
+Split-KV (flash-decoding): when ``batch x kv_heads x row tiles`` programs cannot fill the GPU (small batches,
+long contexts), each program's key range is cut into ``num_splits`` parts computed by separate programs and
+merged by a second, small kernel. The split count is chosen on the host from shapes alone (the block table's
+width bounds every sequence's length), never from ``seq_lens``, so a call stays CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llamatelemetry_core.device import DeviceInfo
+from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM, padded_head_dim
+
+__all__ = [
+    "MAX_SPLITS",
+    "MIN_TOKENS_PER_SPLIT",
+    "SPLIT_TARGET_PROGRAMS_PER_SM",
+    "PagedTiles",
+    "choose_num_splits",
+    "choose_paged_tiles",
+]
+
+_MIN_TILE = 16
+MAX_SPLITS = 32
+"""The most parts one sequence's keys are split into."""
+MIN_TOKENS_PER_SPLIT = 256
+"""A split reads at least this many keys, so that its partial result costs less to merge than it saved."""
+SPLIT_TARGET_PROGRAMS_PER_SM = 1.0
+"""Splits are added until there are this many programs per multiprocessor (none when there already are)."""
+_DECODE_ROWS = 64
+
+
+@dataclass(frozen=True)
+class PagedTiles:
+    """One launch configuration of the paged attention kernel."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+    def shared_memory_estimate(self, q_size: int, kv_size: int) -> int:
+        """Bytes of shared memory the kernel is expected to need (see the module docstring)."""
+        stored = self.num_stages * 2 * self.block_n * self.block_d * kv_size
+        converted = 2 * self.block_n * self.block_d * q_size if kv_size < q_size else 0
+        rows = (self.block_m * self.block_d + self.block_m * self.block_n) * q_size
+        return stored + converted + rows
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _preferred(block_d: int, rows: int | None, device: DeviceInfo) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) before fitting, by device class, head width and rows."""
+    smem = device.shared_memory_per_block_bytes or 0
+    big = device.capability_at_least(8, 0) and smem >= 160 * 1024  # A100, H100, H200, B200
+    turing = not device.capability_at_least(8, 0)  # no cp.async, 64 KiB per block
+    if rows is not None and rows <= _DECODE_ROWS:
+        block_m = max(_MIN_TILE, _next_pow2(rows))
+        if turing:
+            return (block_m, 32 if block_d > 64 else 64, 4, 2)
+        if block_d <= 128:
+            return (block_m, 64, 4, 4 if big else 3)
+        return (block_m, 32, 4, 3 if big else 2)
+    if turing:
+        return (64, 64, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
+    if block_d <= 64:
+        return (64, 64, 4, 3)
+    if block_d <= 128:
+        return (128, 64, 8, 3 if big else 2)
+    return (64, 64, 8, 2) if big else (64, 32, 4, 2)
+
+
+def choose_paged_tiles(
+    head_dim: int,
+    q_dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    device: DeviceInfo,
+    *,
+    rows_per_program: int | None = None,
+) -> PagedTiles:
+    """The tiles the paged kernel uses on ``device``.
+
+    ``rows_per_program`` is ``max_seqlen_q * num_heads / num_kv_heads`` (the packed rows of one sequence and KV
+    head); ``None`` means "many" (prefill). A CPU device (the Triton interpreter) gets 16-wide tiles: exact
+    everywhere, and the interpreter's time grows with tile size.
+    """
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"expected 0 < head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
+    block_d = padded_head_dim(head_dim)
+    if not device.is_cuda:
+        block_m = 16 if rows_per_program is None else max(_MIN_TILE, min(32, _next_pow2(rows_per_program)))
+        return PagedTiles(block_m, 16, block_d, 4, 1)
+    block_m, block_n, warps, stages = _preferred(block_d, rows_per_program, device)
+    q_size, kv_size = _element_size(q_dtype), _element_size(kv_dtype)
+    limit = device.shared_memory_per_block_bytes or 48 * 1024
+    tiles = PagedTiles(block_m, block_n, block_d, warps, stages)
+    while tiles.shared_memory_estimate(q_size, kv_size) > limit:
+        m, n, s = tiles.block_m, tiles.block_n, tiles.num_stages
+        if s > 2 or (s > 1 and n <= 32):
+            s -= 1
+        elif n > 32:
+            n //= 2
+        elif m > _MIN_TILE:
+            m //= 2
+        elif n > _MIN_TILE:
+            n //= 2
+        else:
+            break
+        tiles = PagedTiles(m, n, block_d, tiles.num_warps, s)
+    return tiles
+
+
+def choose_num_splits(programs: int, max_kv_len: int, device: DeviceInfo) -> int:
+    """How many parts each program's keys are cut into (1: no split-KV); see the module docstring.
+
+    ``programs`` is ``batch * num_kv_heads * row_tiles``; ``max_kv_len`` an upper bound of every sequence's
+    length known on the host (``block_tables.shape[1] * page_size``).
+    """
+    if not device.is_cuda or programs <= 0:
+        return 1
+    target = int(device.sm_count * SPLIT_TARGET_PROGRAMS_PER_SM)
+    if programs >= target:
+        return 1
+    wanted = -(-target // programs)
+    by_length = max(1, max_kv_len // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, by_length, MAX_SPLITS))

@@ -1,0 +1,356 @@
+"""paged_attention against its reference, and the reference against plain attention on gathered K/V.
+
+Paged stores are built by hand here (random blocks, shuffled block tables, padding entries), the way any writer
+of :mod:`llamatelemetry_core.kv_layout` would fill them. CPU: the reference always; the Triton kernels in the
+interpreter (``TRITON_INTERPRET=1``) on small shapes. GPU (``gpu`` marker): the kernels at larger sizes, with each
+device's tiles, split-KV, quantized storage, and CUDA graph capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llamatelemetry_core.environment import triton_interpreter_enabled
+from llamatelemetry_core.errors import BackendUnavailableError
+from llamatelemetry_core.kv_layout import PAD_BLOCK, PagedKV
+from llamatelemetry_core.selection import record_selections
+from llamatelemetry_core.testing import Tolerance, assert_close, tolerance_for
+from llamatelemetry_flashattn import attention_reference, flash_attention_forward, paged_attention, paged_decode
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+@dataclass(frozen=True)
+class Store:
+    """A paged store with its step metadata, and the contiguous K/V each sequence stands for."""
+
+    kv: PagedKV
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    q: torch.Tensor
+    keys: list[torch.Tensor]  # per sequence, [seq_len, kv_heads, head_dim], dequantized, float64
+    values: list[torch.Tensor]
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return int((self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).max())
+
+    def to(self, device: str) -> Store:
+        old = self.kv
+        kv = PagedKV(
+            old.key_cache.to(device),
+            old.value_cache.to(device),
+            None if old.key_scale is None else old.key_scale.to(device),
+            None if old.value_scale is None else old.value_scale.to(device),
+        )
+        return replace(
+            self,
+            kv=kv,
+            block_tables=self.block_tables.to(device),
+            seq_lens=self.seq_lens.to(device),
+            cu_seqlens_q=self.cu_seqlens_q.to(device),
+            q=self.q.to(device),
+        )
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token, per-head quantization of ``[..., head_dim]``: (stored values, float32 scales)."""
+    top = 127.0 if dtype == torch.int8 else 448.0
+    scale = (x.abs().amax(-1) / top).clamp_min(1e-8).float()
+    scaled = x / scale.unsqueeze(-1)
+    stored = scaled.round().clamp(-127, 127).to(dtype) if dtype == torch.int8 else scaled.to(dtype)
+    return stored, scale
+
+
+def make_store(
+    generator: torch.Generator,
+    seq_lens: list[int],
+    q_lens: list[int],
+    *,
+    page_size: int = 16,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    kv_dtype: torch.dtype | None = None,
+    spare_blocks: int = 3,
+) -> Store:
+    """Random K/V in shuffled blocks; block tables padded with PAD_BLOCK past each sequence's last block."""
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    needed = [-(-n // page_size) for n in seq_lens]
+    num_blocks = max(1, sum(needed) + spare_blocks)
+    width = max([*needed, 1])
+    shape = (num_blocks, page_size, kv_heads, head_dim)
+    k_full = torch.randn(shape, generator=generator, dtype=torch.float64)
+    v_full = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if kv_dtype in (torch.int8, FP8):
+        k_stored, k_scale = quantize(k_full, kv_dtype)
+        v_stored, v_scale = quantize(v_full, kv_dtype)
+        kv = PagedKV(k_stored, v_stored, k_scale, v_scale)
+        k_full = k_stored.double() * k_scale.double().unsqueeze(-1)
+        v_full = v_stored.double() * v_scale.double().unsqueeze(-1)
+    else:
+        kv = PagedKV(k_full.to(kv_dtype), v_full.to(kv_dtype))
+        k_full, v_full = kv.key_cache.double(), kv.value_cache.double()
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = torch.full((len(seq_lens), width), PAD_BLOCK, dtype=torch.int32)
+    keys, values = [], []
+    for i, (n, blocks) in enumerate(zip(seq_lens, needed, strict=True)):
+        mine = [order.pop() for _ in range(blocks)]
+        tables[i, :blocks] = torch.tensor(mine, dtype=torch.int32)
+        index = torch.tensor(mine, dtype=torch.long)
+        keys.append(k_full[index].reshape(-1, kv_heads, head_dim)[:n])
+        values.append(v_full[index].reshape(-1, kv_heads, head_dim)[:n])
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), heads, head_dim, generator=generator).to(dtype)
+    return Store(kv, tables, torch.tensor(seq_lens, dtype=torch.int32), cu, q, keys, values)
+
+
+def oracle(store: Store, **options: object) -> torch.Tensor:
+    """Each sequence's queries through plain attention over its gathered K/V, in float64."""
+    rows = []
+    cu = store.cu_seqlens_q.tolist()
+    for i in range(len(store.keys)):
+        q = store.q[cu[i] : cu[i + 1]].cpu().double()
+        if store.keys[i].shape[0] == 0:
+            rows.append(torch.zeros_like(q))
+            continue
+        out = attention_reference(q[None], store.keys[i][None], store.values[i][None], **options)  # type: ignore[arg-type]
+        rows.append(out[0])
+    return torch.cat(rows)
+
+
+def tolerance(dtype: torch.dtype) -> Tolerance:
+    """As flashattn's forward tests: the probabilities enter the second matmul rounded to q's dtype."""
+    base = tolerance_for(dtype)
+    return base.scaled(4.0) if dtype in (torch.float16, torch.bfloat16) else base.scaled(10.0)
+
+
+def run(store: Store, backend: str | None, **options: object) -> torch.Tensor:
+    return paged_attention(
+        store.q,
+        store.kv,
+        store.block_tables,
+        store.seq_lens,
+        store.cu_seqlens_q,
+        max_seqlen_q=store.max_seqlen_q,
+        backend=backend,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    seq_lens: tuple[int, ...]
+    q_lens: tuple[int, ...]
+    page_size: int = 16
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    causal: bool = True
+    window: tuple[int, int] | None = None
+    softcap: float | None = None
+
+    def store(self, generator: torch.Generator, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> Store:
+        return make_store(
+            generator,
+            list(self.seq_lens),
+            list(self.q_lens),
+            page_size=self.page_size,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            dtype=dtype,
+            kv_dtype=kv_dtype,
+        )
+
+    def options(self) -> dict[str, object]:
+        return {"causal": self.causal, "window_size": self.window, "softcap": self.softcap}
+
+    def scaled(self, factor: int) -> Case:
+        return replace(self, seq_lens=tuple(n * factor for n in self.seq_lens))
+
+
+CASES = [
+    Case("decode-ragged", (37, 5, 16, 1), (1, 1, 1, 1)),
+    Case("decode-page1", (9, 3), (1, 1), page_size=1, heads=3, kv_heads=1),
+    Case("decode-one-token", (1,), (1,), heads=4, kv_heads=4),
+    Case("decode-mid-block-gqa3", (21, 50), (1, 1), heads=6, kv_heads=2),
+    Case("prefill-chunk", (37, 20), (9, 4), heads=8, kv_heads=2),
+    Case("prefill-from-empty", (13, 30), (13, 30), page_size=4, heads=4, kv_heads=1),
+    Case("prefill-page1", (11, 6), (5, 6), page_size=1, heads=2, kv_heads=2),
+    Case("window", (45, 12), (6, 1), window=(7, -1), heads=4, kv_heads=2),
+    Case("softcap", (33,), (3,), softcap=4.0, heads=4, kv_heads=1),
+    Case("window-softcap-non-causal", (40, 9), (5, 2), causal=False, window=(6, 3), softcap=10.0),
+    Case("d128", (29, 17), (1, 2), head_dim=128, heads=2, kv_heads=1),
+    Case("d80", (23,), (4,), head_dim=80, heads=3, kv_heads=1),
+    Case("page64", (70, 3), (2, 1), page_size=64, heads=2, kv_heads=1),
+    Case("padding-sequence", (19, 0, 7), (1, 1, 1)),
+]
+IDS = [c.name for c in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_reference_equals_attention_over_gathered_kv(case: Case, rng: torch.Generator) -> None:
+    store = case.store(rng, torch.float32)
+    out = run(store, "reference", **case.options())
+    tol = tolerance(torch.float32)
+    assert_close(out, oracle(store, **case.options()), atol=tol.atol, rtol=tol.rtol, name=f"reference/{case.name}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_triton_matches_the_reference(case: Case, rng: torch.Generator) -> None:
+    store = case.store(rng, torch.float32)
+    with record_selections() as record:
+        out = run(store, "triton", **case.options())
+    assert record.last("paged_attention") == "triton"
+    tol = tolerance(torch.float32)
+    assert_close(out, oracle(store, **case.options()), atol=tol.atol, rtol=tol.rtol, name=f"triton/{case.name}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_split_kv_merges_to_the_same_result(splits: int, rng: torch.Generator) -> None:
+    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedTiles
+
+    # Sequence lengths that leave some parts empty (3 keys over 5 parts), a padding sequence, and a window.
+    store = make_store(rng, [70, 3, 0, 41], [1, 1, 1, 2], heads=4, kv_heads=2)
+    launch = PagedLaunch(PagedTiles(16, 16, 64, 4, 1), splits)
+    for options in ({"causal": True}, {"causal": True, "window_size": (20, -1), "softcap": 5.0}):
+        out = triton_paged_attention(
+            store.q,
+            store.kv,
+            store.block_tables,
+            store.seq_lens,
+            store.cu_seqlens_q,
+            max_seqlen_q=2,
+            launch=launch,
+            **options,
+        )
+        tol = tolerance(torch.float32)
+        assert_close(out, oracle(store, **options), atol=tol.atol, rtol=tol.rtol, name=f"split{splits}/{options}")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_half_precision(backend: str, rng: torch.Generator) -> None:
+    case = Case("half", (45, 19), (3, 1), heads=4, kv_heads=1)
+    for dtype in (torch.float16, torch.bfloat16):
+        store = case.store(rng, dtype)
+        if backend == "triton" and dtype == torch.bfloat16 and triton_interpreter_enabled():
+            # NumPy has no bfloat16: the interpreter would compute garbage, so the kernel refuses it there.
+            with pytest.raises(BackendUnavailableError, match="bfloat16"):
+                run(store, backend)
+            continue
+        tol = tolerance(dtype)
+        assert_close(run(store, backend), oracle(store), atol=tol.atol, rtol=tol.rtol, name=f"{backend}/{dtype}")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_int8_kv_matches_its_dequantized_values(backend: str, rng: torch.Generator) -> None:
+    case = Case("int8", (50, 7, 16), (1, 3, 1), heads=6, kv_heads=2)
+    store = case.store(rng, torch.float32, torch.int8)
+    tol = tolerance(torch.float32)
+    assert_close(run(store, backend), oracle(store), atol=tol.atol, rtol=tol.rtol, name=f"{backend}/int8")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_int8_kv_error_against_fp16_kv(backend: str, rng: torch.Generator) -> None:
+    """The accuracy cost of int8 storage: attention output error against the same K/V kept in fp16."""
+    seq_lens, q_lens = [200, 64, 129], [1, 1, 1]
+    state = rng.get_state()
+    exact = make_store(rng, seq_lens, q_lens, kv_dtype=torch.float16, dtype=torch.float16)
+    rng.set_state(state)
+    int8 = make_store(rng, seq_lens, q_lens, kv_dtype=torch.int8, dtype=torch.float16)
+    want = oracle(exact)
+    got = run(int8, backend)
+    error = (got.double() - want).abs()
+    print(f"int8 KV vs fp16 KV ({backend}): max |error| {error.max():.2e}, mean {error.mean():.2e}")
+    # Unit-normal K/V, per-token scales: each value within half a step of 1/127 of its row's largest.
+    assert float(error.max()) < 3e-2 and float(error.mean()) < 4e-3
+
+
+@pytest.mark.skipif(FP8 is None, reason="this torch has no float8_e4m3fn")
+def test_fp8_kv_through_the_reference(rng: torch.Generator) -> None:
+    assert FP8 is not None
+    store = make_store(rng, [33, 12], [2, 1], kv_dtype=FP8)
+    tol = tolerance(torch.float32)
+    assert_close(run(store, "reference"), oracle(store), atol=tol.atol, rtol=tol.rtol, name="reference/fp8")
+    if triton_interpreter_enabled():
+        with pytest.raises(BackendUnavailableError, match="fp8"):
+            run(store, "triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_chunked_prefill_equals_contiguous_flash_attention(backend: str, rng: torch.Generator) -> None:
+    """Equal-length sequences: a chunk over a cached prefix is flash_attention_forward on the gathered K/V."""
+    prefix, chunk, batch = 27, 9, 2
+    store = make_store(rng, [prefix + chunk] * batch, [chunk] * batch, page_size=8, heads=4, kv_heads=2)
+    k = torch.stack(store.keys).float()
+    v = torch.stack(store.values).float()
+    q = store.q.view(batch, chunk, 4, 64)
+    for options in ({"causal": True}, {"causal": True, "window_size": (11, -1), "softcap": 8.0}):
+        want = flash_attention_forward(q, k, v, backend="reference", **options)
+        got = run(store, backend, **options).view(batch, chunk, 4, 64)
+        tol = tolerance(torch.float32)
+        assert_close(got, want, atol=tol.atol, rtol=tol.rtol, name=f"{backend}/chunked {options}")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_out_is_written_in_place_and_decode_is_one_query_per_sequence(backend: str, rng: torch.Generator) -> None:
+    store = make_store(rng, [31, 4, 17], [1, 1, 1])
+    out = torch.full_like(store.q, float("nan"))
+    got = run(store, backend, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    decoded = paged_decode(store.q, store.kv, store.block_tables, store.seq_lens, backend=backend)
+    tol = tolerance(torch.float32)
+    assert_close(out, oracle(store), atol=tol.atol, rtol=tol.rtol, name=f"{backend}/out")
+    assert_close(decoded, out, name=f"{backend}/paged_decode")
+
+
+def test_automatic_choice_on_cpu(rng: torch.Generator) -> None:
+    store = make_store(rng, [20, 3], [1, 1])
+    with record_selections() as record:
+        run(store, None)
+    assert record.last("paged_attention") == ("triton" if triton_interpreter_enabled() else "reference")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    data=st.data(),
+    page_size=st.sampled_from([1, 2, 3, 8, 16]),
+    group=st.sampled_from([1, 2, 3, 4]),
+    kv_heads=st.integers(1, 2),
+    causal=st.booleans(),
+    left=st.integers(-1, 12),
+)
+def test_reference_on_random_layouts(
+    data: st.DataObject, page_size: int, group: int, kv_heads: int, causal: bool, left: int
+) -> None:
+    """Property: for any lengths, page size, grouping and window, the reference is attention over gathered K/V."""
+    batch = data.draw(st.integers(1, 4))
+    seq_lens = data.draw(st.lists(st.integers(0, 40), min_size=batch, max_size=batch))
+    q_lens = [data.draw(st.integers(1, max(1, n))) for n in seq_lens]
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    store = make_store(
+        torch.Generator().manual_seed(seed),
+        seq_lens,
+        q_lens,
+        page_size=page_size,
+        heads=group * kv_heads,
+        kv_heads=kv_heads,
+        head_dim=8,
+        spare_blocks=data.draw(st.integers(0, 3)),
+    )
+    window = None if left < 0 else (left, -1)
+    out = run(store, "reference", causal=causal, window_size=window)
+    tol = tolerance(torch.float32)
+    assert_close(out, oracle(store, causal=causal, window_size=window), atol=tol.atol, rtol=tol.rtol, name="property")

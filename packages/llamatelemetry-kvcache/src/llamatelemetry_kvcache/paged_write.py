@@ -1,0 +1,153 @@
+"""Writing new K/V into a paged store through a slot mapping, quantizing on the way when the store is quantized.
+
+For every new token ``t`` whose slot ``s = slot_mapping[t]`` is not ``PAD_SLOT``: ``key_cache[s // page_size,
+s % page_size] = key[t]`` (and the same for values); for int8/fp8 storage the token's heads are quantized with
+:func:`~llamatelemetry_kvcache.quant.quantize_kv` and their scales written to ``key_scale``/``value_scale`` at
+the same place. Layouts are core's (:mod:`llamatelemetry_core.kv_layout`): ``key``/``value`` ``[num_tokens,
+num_kv_heads, head_dim]``, caches ``[num_blocks, page_size, num_kv_heads, head_dim]``, ``slot_mapping`` int64
+``[num_tokens]`` (vLLM's ``reshape_and_cache`` has the same contract).
+
+:func:`paged_write_reference` is the specification, the CPU path and the test oracle; the Triton kernel
+(:mod:`llamatelemetry_kvcache.write_kernel`) registers beside it in the selection policy as ``triton``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from llamatelemetry_core.device import get_device_info
+from llamatelemetry_core.environment import triton_devices, triton_status
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.kv_layout import PagedKV
+from llamatelemetry_core.selection import CallSpec, Operation, QuietReason, requires_min_capability, requires_module
+from llamatelemetry_core.validation import check_tensor, dtype_name, format_shape
+from llamatelemetry_kvcache.quant import quantize_kv
+
+__all__ = ["PAGED_WRITE", "as_bytes", "check_write_inputs", "paged_write", "paged_write_reference"]
+
+OPERATION_NAME = "paged_kv_write"
+
+
+def paged_write_reference(key: torch.Tensor, value: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
+    """Write ``key``/``value`` ``[num_tokens, H_kv, D]`` into ``cache`` at ``slot_mapping``, in place."""
+    layout = cache.layout
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    rows = layout.num_blocks * layout.page_size
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if layout.quantized:
+        assert cache.key_scale is not None and cache.value_scale is not None
+        kq, ks = quantize_kv(key[valid], layout.dtype)
+        vq, vs = quantize_kv(value[valid], layout.dtype)
+        pairs = [(cache.key_cache, kq), (cache.value_cache, vq), (cache.key_scale, ks), (cache.value_scale, vs)]
+    else:
+        pairs = [(cache.key_cache, key[valid].to(layout.dtype)), (cache.value_cache, value[valid].to(layout.dtype))]
+    for store, new in pairs:
+        as_bytes(store).view(rows, *store.shape[2:]).index_copy_(0, slots, as_bytes(new))
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors viewed as uint8 (PyTorch's CPU indexing kernels do not take float8); others unchanged."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.int8 else t
+
+
+def check_write_inputs(key: object, value: object, cache: PagedKV, slot_mapping: object) -> None:
+    """Raise ``ConfigurationError``/``TypeError`` unless the inputs fit ``cache``'s layout (no host sync)."""
+    layout = cache.validate()
+    k = check_tensor(key, "key")
+    v = check_tensor(value, "value")
+    slots = check_tensor(slot_mapping, "slot_mapping")
+    expected = (None, layout.num_kv_heads, layout.head_dim)
+    for name, t in (("key", k), ("value", v)):
+        if t.dim() != 3 or tuple(t.shape[1:]) != expected[1:]:
+            raise ConfigurationError(
+                f"expected {name} of shape [num_tokens, num_kv_heads={layout.num_kv_heads}, "
+                f"head_dim={layout.head_dim}], got {format_shape(t.shape)}"
+            )
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ConfigurationError(f"expected {name} of a float dtype (float16, bfloat16, float32), got {t.dtype}")
+        if t.device != cache.key_cache.device:
+            raise ConfigurationError(f"expected {name} on {cache.key_cache.device} (the cache's), got {t.device}")
+    if k.shape != v.shape:
+        raise ConfigurationError(
+            f"expected key and value of one shape, got {format_shape(k.shape)} and {format_shape(v.shape)}"
+        )
+    if not layout.quantized and k.dtype != layout.dtype:
+        raise ConfigurationError(
+            f"expected key/value of the cache's dtype {dtype_name(layout.dtype)}, got {dtype_name(k.dtype)}"
+        )
+    if slots.dtype != torch.int64 or tuple(slots.shape) != (k.shape[0],) or slots.device != k.device:
+        raise ConfigurationError(
+            f"expected slot_mapping as int64 [{k.shape[0]}] on {k.device} (one slot per token, -1 = padding), got "
+            f"{dtype_name(slots.dtype)} {format_shape(slots.shape)} on {slots.device}"
+        )
+
+
+@functools.cache
+def _triton_usable(index: int | None) -> str | None:
+    device = get_device_info(torch.device("cuda", index) if index is not None else "cpu", refresh_memory=False)
+    status = triton_status(device)
+    return None if status.usable else status.reason
+
+
+def _triton_runs(call: CallSpec) -> str | None:
+    if call.device.simulated:
+        return None
+    return _triton_usable(call.device.index if call.device.is_cuda else None)
+
+
+def _fp8_on_device(call: CallSpec) -> str | None:
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    if call.attrs.get("kv_dtype") == fp8 and not call.device.is_cuda:
+        return QuietReason("the interpreter has no float8 e4m3 conversion; CPU fp8 storage takes the reference")
+    return None
+
+
+def _interpreter_dtypes(call: CallSpec) -> str | None:
+    # The interpreter (CPU) computes with NumPy, which has no bfloat16. Only the interpreter (a test setting) meets
+    # these limits, so the reference takes over without a warning.
+    if not call.device.is_cuda and call.dtype not in (torch.float16, torch.float32):
+        return QuietReason(f"the interpreter writes float16 and float32 K/V, not {call.dtype}")
+    return None
+
+
+def _triton_impl(key: torch.Tensor, value: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
+    from llamatelemetry_kvcache.write_kernel import triton_paged_write
+
+    triton_paged_write(key, value, cache, slot_mapping)
+
+
+PAGED_WRITE = Operation(OPERATION_NAME, paged_write_reference)
+PAGED_WRITE.register(
+    "triton",
+    _triton_impl,
+    priority=300,
+    devices=triton_devices,
+    checks=[
+        requires_module("triton", "pip install triton"),
+        requires_min_capability(7, 5),
+        _interpreter_dtypes,
+        _fp8_on_device,
+        _triton_runs,
+    ],
+)
+
+
+def paged_write(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: PagedKV,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Write new K/V into ``cache`` through ``slot_mapping`` (see the module docstring), in place.
+
+    ``backend`` forces ``"triton"`` or ``"reference"``. Slots must lie in ``[0, num_blocks * page_size)`` or be
+    ``PAD_SLOT``; they are not range-checked on the host (that would synchronise with the GPU).
+    """
+    check_write_inputs(key, value, cache, slot_mapping)
+    call = CallSpec.from_tensors(key, slot_mapping, kv_dtype=cache.key_cache.dtype)
+    PAGED_WRITE.dispatch(call, key, value, cache, slot_mapping, backend=backend)
