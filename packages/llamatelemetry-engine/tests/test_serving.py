@@ -16,6 +16,12 @@ def llm() -> LLM:
     return LLM(random_weights(TINY, seed=1), device="cpu", max_model_len=32, max_batch_size=4)
 
 
+@pytest.fixture(scope="module")
+def contiguous() -> LLM:
+    flags = EngineFlags().without("paged_kv")
+    return LLM(random_weights(TINY, seed=1), flags=flags, device="cpu", max_model_len=32, max_batch_size=4)
+
+
 def test_the_runner_is_a_decoder_model(llm: LLM) -> None:
     assert isinstance(llm.runner, DecoderModel)
     assert llm.runner.vocab_size == TINY.vocab_size and llm.runner.max_model_len == 32
@@ -37,8 +43,8 @@ def test_generation_stops_at_the_context_length(llm: LLM) -> None:
     assert out.finish_reason == "length" and len(out.token_ids) == 32 - 27
 
 
-def test_the_runner_refuses_bad_steps(llm: LLM) -> None:
-    runner = llm.runner
+def test_the_runner_refuses_bad_steps(llm: LLM, contiguous: LLM) -> None:
+    runner = contiguous.runner
     with pytest.raises(ConfigurationError, match="the vocabulary"):
         runner.step(StepInput((SequenceStep(900, (TINY.vocab_size,), 0),)))
     with pytest.raises(PromptTooLongError, match="past max_model_len 32"):
@@ -47,10 +53,13 @@ def test_the_runner_refuses_bad_steps(llm: LLM) -> None:
         runner.step(StepInput((SequenceStep(902, (5,), 3),)))
     with pytest.raises(ConfigurationError, match="at least one sequence"):
         runner.step(StepInput(()))
+    assert llm.runner.page_size == 16
+    with pytest.raises(ConfigurationError, match="need 2 blocks of 16, the block table has 1"):
+        llm.runner.step(StepInput((SequenceStep(903, tuple(range(3, 23)), 0, (0,)),)))
 
 
-def test_chunked_prefill_through_the_runner_matches_one_prefill(llm: LLM) -> None:
-    runner = llm.runner
+def test_chunked_prefill_through_the_runner_matches_one_prefill(contiguous: LLM) -> None:
+    runner = contiguous.runner
     prompt = tuple(range(3, 20))
     whole = runner.step(StepInput((SequenceStep(950, prompt, 0),)))
     runner.release(950)

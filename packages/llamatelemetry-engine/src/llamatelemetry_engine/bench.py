@@ -65,12 +65,13 @@ class Workload:
     batch: int
     long_prompt: int
     requests: int
+    repeats: int = 2
 
     @classmethod
     def pick(cls, quick: bool, cuda: bool) -> Workload:
         if cuda:
             return cls(128, 32, 16, 2048, 32) if quick else cls(128, 128, 64, 4096, 128)
-        return cls(24, 6, 2, 256, 4) if quick else cls(64, 16, 4, 512, 8)
+        return cls(16, 4, 2, 128, 4, repeats=1) if quick else cls(64, 16, 4, 512, 8)
 
 
 def _sync(device: torch.device) -> None:
@@ -78,8 +79,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(device: torch.device, fn: Callable[[], Any], repeats: int = 2) -> float:
-    """Median wall time of ``fn`` after one warm-up call, in seconds."""
+def _timed(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call, in seconds."""
     fn()
     times = []
     for _ in range(repeats):
@@ -119,7 +120,8 @@ class _Bench:
         def run(tokens: int) -> Callable[[], Any]:
             return lambda: llm.generate(prompts, SamplingParams(max_tokens=tokens, ignore_eos=True))
 
-        return max(_timed(self.device, run(n)) - _timed(self.device, run(1)), 1e-9) / (n - 1)
+        r = self.work.repeats
+        return max(_timed(self.device, run(n), r) - _timed(self.device, run(1), r), 1e-9) / (n - 1)
 
     def prefill(self, llm: LLM) -> tuple[float, int | None]:
         """Seconds and peak bytes of a ``long_prompt``-token prefill."""
@@ -127,7 +129,7 @@ class _Bench:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-        seconds = _timed(self.device, lambda: llm.generate(prompt, SamplingParams(max_tokens=1)))
+        seconds = _timed(self.device, lambda: llm.generate(prompt, SamplingParams(max_tokens=1)), self.work.repeats)
         peak = torch.cuda.max_memory_allocated(self.device) - base if self.device.type == "cuda" else None
         return seconds, peak
 

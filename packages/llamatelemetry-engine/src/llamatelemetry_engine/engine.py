@@ -7,7 +7,6 @@ continuous-batching scheduler of ``llamatelemetry-batch`` or, with ``continuous_
 
 from __future__ import annotations
 
-import importlib
 import queue
 import threading
 import time
@@ -18,12 +17,16 @@ from typing import Any
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_engine.config import ModelConfig
+from llamatelemetry_engine.continuous import ContinuousServer
 from llamatelemetry_engine.flags import EngineFlags, ResolvedFlags, resolve_flags
 from llamatelemetry_engine.loader import LoadedModel, load_model
 from llamatelemetry_engine.models import LlamaForCausalLM
 from llamatelemetry_engine.runner import ModelRunner
 from llamatelemetry_engine.sampling import SamplingParams
 from llamatelemetry_engine.static_batching import Request, StaticBatchEngine
+from llamatelemetry_flashattn import paged_attention
+from llamatelemetry_kvcache import KVCacheConfig, PagedKVCache
 
 __all__ = ["LLM", "Completion", "build_model"]
 
@@ -60,17 +63,24 @@ def build_model(loaded: LoadedModel, flags: ResolvedFlags, max_positions: int) -
     return model.eval()
 
 
-def _make_paged(config: Any, dtype: torch.dtype, device: torch.device, *, max_model_len: int, max_batch_size: int,
-                page_size: int, num_blocks: int | None, prefix_caching: bool) -> tuple[Any, Any]:  # fmt: skip
-    # Looked up at run time: resolve_flags turned paged_kv on only after finding both.
-    paged_attention = importlib.import_module("llamatelemetry_flashattn").paged_attention
-    kvcache = importlib.import_module("llamatelemetry_kvcache")
-    kv_config = kvcache.KVCacheConfig(
+def _make_paged(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    max_model_len: int,
+    max_batch_size: int,
+    page_size: int,
+    num_blocks: int | None,
+    prefix_caching: bool,
+) -> PagedKVCache:
+    """The paged cache: ``num_blocks`` blocks, by default enough for a full batch at ``max_model_len``."""
+    kv_config = KVCacheConfig(
         max_batch_size=max_batch_size, max_seq_length=max_model_len, num_layers=config.num_layers,
-        num_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=dtype, device=device,
+        num_heads=config.num_heads, head_dim=config.head_dim, dtype=dtype, num_kv_heads=config.num_kv_heads,
+        device=device,
     )  # fmt: skip
-    cache = kvcache.PagedKVCache(kv_config, page_size=page_size, num_blocks=num_blocks, prefix_caching=prefix_caching)
-    return cache, paged_attention
+    return PagedKVCache(kv_config, page_size, num_blocks=num_blocks, enable_prefix_caching=prefix_caching)
 
 
 class LLM:
@@ -85,6 +95,7 @@ class LLM:
         max_batch_size: most sequences per step, and the largest CUDA-graph decode batch.
         page_size, num_blocks: the paged cache's geometry (default: enough blocks for a full batch at
             ``max_model_len``).
+        max_num_batched_tokens: the continuous-batching token budget of a step (long prompts are chunked).
     """
 
     def __init__(
@@ -98,6 +109,7 @@ class LLM:
         max_batch_size: int = 64,
         page_size: int = 16,
         num_blocks: int | None = None,
+        max_num_batched_tokens: int = 2048,
         seed: int = 0,
     ) -> None:
         self.loaded = load_model(model, seed=seed)
@@ -109,9 +121,11 @@ class LLM:
         self.max_model_len = min(self.config.max_position_embeddings, max_model_len or 4096)
         self.max_batch_size = max_batch_size
         self.model = build_model(self.loaded, self.flags, self.max_model_len)
-        cache = attention = None
+        cache: PagedKVCache | None = None
+        attention = None
         if self.flags.active("paged_kv"):
-            cache, attention = _make_paged(
+            attention = paged_attention
+            cache = _make_paged(
                 self.config, self.flags.dtype, dev, max_model_len=self.max_model_len, max_batch_size=max_batch_size,
                 page_size=page_size, num_blocks=num_blocks, prefix_caching=self.flags.active("prefix_caching"),
             )  # fmt: skip
@@ -120,11 +134,13 @@ class LLM:
             max_batch_size=max_batch_size,
         )  # fmt: skip
         self.tokenizer = self.loaded.tokenizer
+        self.max_num_batched_tokens = max_num_batched_tokens
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
         self._next_id = 0
+        self._continuous: ContinuousServer | None = None
 
     # --- prompts ----------------------------------------------------------------------------------------------
 
@@ -163,7 +179,25 @@ class LLM:
             self._next_id += 1
         return reqs
 
+    def continuous_server(self) -> ContinuousServer:
+        """The continuous-batching server over this engine's runner (created once; its ``engine`` attribute is
+        ``llamatelemetry-batch``'s ``ContinuousBatchingEngine``, for online serving: ``submit``, ``start``).
+
+        Raises :class:`ConfigurationError` when ``continuous_batching`` is not in effect.
+        """
+        if not self.flags.active("continuous_batching"):
+            state = self.flags.states["continuous_batching"]
+            raise ConfigurationError(f"continuous batching is off here ({state.reason or 'switched off'})")
+        if self._continuous is None:
+            self._continuous = ContinuousServer(
+                self.runner, max_num_seqs=self.max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
+                prefix_reuse=self.flags.active("prefix_caching"), eos_token_ids=self.eos_token_ids,
+            )  # fmt: skip
+        return self._continuous
+
     def _serve(self, requests: list[Request], on_token: Any = None) -> list[Request]:
+        if self.flags.active("continuous_batching"):
+            return self.continuous_server().run(requests, on_token)
         engine = StaticBatchEngine(self.runner, max_batch_size=self.max_batch_size, eos_token_ids=self.eos_token_ids)
         return engine.run(requests, on_token)
 

@@ -178,8 +178,10 @@ def resolve_flags(flags: EngineFlags, device: torch.device, dtype: torch.dtype |
         flags.cuda_graphs, flags.cuda_graphs and graph_reason is None, "decode graphs by batch size",
         graph_reason if flags.cuda_graphs else None,
     )  # fmt: skip
-    batch_reason = "llamatelemetry-batch's scheduler is not wired into this engine version yet"
+    batch_reason = _has("llamatelemetry_batch", "ContinuousBatchingEngine")
+    batching = flags.continuous_batching and batch_reason is None
     states["continuous_batching"] = FlagState(
-        flags.continuous_batching, False, "static batches", batch_reason if flags.continuous_batching else None
-    )
+        flags.continuous_batching, batching, "llamatelemetry-batch scheduler" if batching else "static batches",
+        batch_reason if flags.continuous_batching else None,
+    )  # fmt: skip
     return ResolvedFlags(device, dtype, states)

@@ -4,7 +4,7 @@ A decode step has one new token per sequence, so with the paged cache its inputs
 batch is padded to a captured size: token ids, positions, slot mapping, block tables ``[B, max_blocks]`` and
 sequence lengths. :class:`~llamatelemetry_graphs.BatchBucketedGraphs` captures the step for a list of batch
 sizes, largest first, into one memory pool, copies each call's inputs into static buffers and pads the rest
-(padded rows write no KV: slot ``PAD_SLOT``; they read one token of block 0 and their logits are dropped).
+(padded rows write no KV, slot ``PAD_SLOT``, and have length 0, which paged attention treats as padding).
 Graphs are captured on the first decode step, after the cache exists.
 """
 
@@ -39,13 +39,13 @@ class DecodeGraphs:
             torch.zeros(b, dtype=torch.long, device=dev),
             torch.full((b,), PAD_SLOT, dtype=torch.int64, device=dev),
             torch.full((b, self.width), PAD_BLOCK, dtype=torch.int32, device=dev),
-            torch.ones(b, dtype=torch.int32, device=dev),
+            torch.zeros(b, dtype=torch.int32, device=dev),
         ]
         self.buckets = BatchBucketedGraphs(
             self._decode,
             examples,
             max_batch_size=max_batch_size,
-            pad_values=[0, 0, PAD_SLOT, PAD_BLOCK, 1],
+            pad_values=[0, 0, PAD_SLOT, PAD_BLOCK, 0],
             output_batch_dim=0,
         )
         self.captured = False
