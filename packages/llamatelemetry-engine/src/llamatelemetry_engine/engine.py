@@ -93,8 +93,8 @@ class LLM:
         dtype: compute dtype (default fp16 with Tensor Cores, else fp32).
         max_model_len: longest sequence (default: min(model context, 4096)).
         max_batch_size: most sequences per step, and the largest CUDA-graph decode batch.
-        page_size, num_blocks: the paged cache's geometry (default: enough blocks for a full batch at
-            ``max_model_len``).
+        page_size: tokens per block of the paged cache.
+        num_blocks: blocks of the paged cache (default: enough for a full batch at ``max_model_len``).
         max_num_batched_tokens: the continuous-batching token budget of a step (long prompts are chunked).
     """
 

@@ -128,9 +128,14 @@ class StaticBatchEngine:
             running = batch
             while True:
                 logits = self.model.step(StepInput(tuple(steps)))
-                for i, req in enumerate(running):
-                    gen = generators.get(req.request_id)
-                    token = sample(logits[i : i + 1], req.params, gen)[0]
+                if all(r.params.greedy for r in running):  # one argmax and one device-to-host copy per step
+                    tokens = sample(logits, running[0].params)
+                else:
+                    tokens = [
+                        sample(logits[i : i + 1], r.params, generators.get(r.request_id))[0]
+                        for i, r in enumerate(running)
+                    ]
+                for req, token in zip(running, tokens, strict=True):
                     self._finish_token(req, token)
                     if on_token is not None:
                         on_token(req, token)
