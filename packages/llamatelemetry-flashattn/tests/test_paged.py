@@ -316,6 +316,20 @@ def test_out_is_written_in_place_and_decode_is_one_query_per_sequence(backend: s
     assert_close(decoded, out, name=f"{backend}/paged_decode")
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_slots_past_each_length_are_never_used(backend: str, rng: torch.Generator) -> None:
+    """Uninitialised memory (NaN here) in the tail of a sequence's last block or in unused blocks stays unseen."""
+    store = make_store(rng, [21, 3, 16], [2, 1, 1], page_size=8, spare_blocks=2)
+    used = torch.zeros(store.kv.key_cache.shape[:2], dtype=torch.bool)
+    for i, n in enumerate(store.seq_lens.tolist()):
+        for t in range(n):
+            used[int(store.block_tables[i, t // 8]), t % 8] = True
+    store.kv.key_cache[~used] = float("nan")
+    store.kv.value_cache[~used] = float("nan")
+    tol = tolerance(torch.float32)
+    assert_close(run(store, backend), oracle(store), atol=tol.atol, rtol=tol.rtol, name=f"{backend}/nan tails")
+
+
 def test_automatic_choice_on_cpu(rng: torch.Generator) -> None:
     store = make_store(rng, [20, 3], [1, 1])
     with record_selections() as record:
@@ -354,3 +368,129 @@ def test_reference_on_random_layouts(
     out = run(store, "reference", causal=causal, window_size=window)
     tol = tolerance(torch.float32)
     assert_close(out, oracle(store, causal=causal, window_size=window), atol=tol.atol, rtol=tol.rtol, name="property")
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------------
+
+
+def _gpu_check(store: Store, name: str, **options: object) -> None:
+    cuda = store.to("cuda")
+    with record_selections() as record:
+        out = run(cuda, "triton", **options)
+    assert record.last("paged_attention") == "triton"
+    tol = tolerance(store.q.dtype)
+    assert_close(out, oracle(store, **options), atol=tol.atol, rtol=tol.rtol, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gpu_kernel_matches_the_reference(case: Case, dtype: torch.dtype, rng: torch.Generator) -> None:
+    from llamatelemetry_core.device import get_device_info
+
+    if dtype == torch.bfloat16 and not get_device_info().supports_bf16:
+        pytest.skip("no bf16 on this GPU")
+    big = case.scaled(16)
+    _gpu_check(big.store(rng, dtype), f"gpu/{case.name}/{dtype}", **big.options())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device_key", ["t4", "a100", "h100"])
+@pytest.mark.parametrize("rows", [None, 4], ids=["prefill-tiles", "decode-tiles"])
+def test_gpu_each_devices_tiles_and_forced_splits(device_key: str, rows: int | None, rng: torch.Generator) -> None:
+    """The tiles chosen for a T4 (and A100, H100), with and without split-KV, on whatever GPU is here."""
+    from llamatelemetry_core.device import get_device_info, simulate_device
+    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import choose_paged_tiles
+
+    store = make_store(rng, [700, 33, 1, 1024], [1, 5, 1, 40], heads=8, kv_heads=2, head_dim=128, dtype=torch.float16)
+    cuda = store.to("cuda")
+    with simulate_device(device_key) as target:
+        tiles = choose_paged_tiles(128, torch.float16, torch.float16, target, rows_per_program=rows)
+    if tiles.shared_memory_estimate(2, 2) > (get_device_info().shared_memory_per_block_bytes or 0):
+        pytest.skip(f"{device_key}'s tiles need more shared memory than this GPU has")
+    for splits in (1, 4, 7):
+        out = triton_paged_attention(
+            cuda.q,
+            cuda.kv,
+            cuda.block_tables,
+            cuda.seq_lens,
+            cuda.cu_seqlens_q,
+            max_seqlen_q=cuda.max_seqlen_q,
+            causal=True,
+            window_size=(300, -1),
+            launch=PagedLaunch(tiles, splits),
+        )
+        tol = tolerance(torch.float16)
+        want = oracle(store, causal=True, window_size=(300, -1))
+        assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name=f"{device_key}/{rows}/splits={splits}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_name", ["int8", "fp8"])
+def test_gpu_quantized_kv(kv_name: str, rng: torch.Generator) -> None:
+    from llamatelemetry_core.device import get_device_info
+    from llamatelemetry_core.errors import CapabilityError
+
+    kv_dtype = torch.int8 if kv_name == "int8" else FP8
+    if kv_dtype is None:
+        pytest.skip("this torch has no float8_e4m3fn")
+    store = make_store(
+        rng, [300, 64, 129, 5], [1, 1, 7, 2], heads=8, kv_heads=2, kv_dtype=kv_dtype, dtype=torch.float16
+    )
+    if kv_name == "fp8" and not get_device_info().supports_fp8:
+        with pytest.raises(CapabilityError, match=r"8\.9"):
+            run(store.to("cuda"), None)
+        return
+    _gpu_check(store, f"gpu/{kv_name}")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_replay(rng: torch.Generator) -> None:
+    """A decode step captured once replays with new metadata and queries written into its static buffers."""
+    batch, heads, kv_heads, page_size = 3, 8, 2, 16
+    # Long enough for split-KV on any GPU: the partial buffers are allocated inside the capture too.
+    first = make_store(rng, [1000, 7, 2000], [1] * batch, heads=heads, kv_heads=kv_heads, dtype=torch.float16)
+    width = first.block_tables.shape[1]
+    static = first.to("cuda")
+    out = torch.empty_like(static.q)
+
+    def step() -> None:
+        paged_attention(
+            static.q,
+            static.kv,
+            static.block_tables,
+            static.seq_lens,
+            static.cu_seqlens_q,
+            max_seqlen_q=1,
+            out=out,
+        )
+
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    # Another step: other lengths (same block-table width), other blocks, other queries, same addresses.
+    blocks = static.kv.key_cache.shape[0]
+    lens = [int(torch.randint(1, width * page_size + 1, (), generator=rng)) for _ in range(batch)]
+    tables = torch.stack([torch.randperm(blocks, generator=rng)[:width] for _ in range(batch)]).to(torch.int32)
+    static.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+    static.block_tables.copy_(tables)
+    static.q.copy_(torch.randn(static.q.shape, generator=rng).half())
+    graph.replay()
+    torch.cuda.synchronize()
+    want = paged_attention(
+        static.q.cpu().float(),
+        PagedKV(static.kv.key_cache.cpu().float(), static.kv.value_cache.cpu().float()),
+        tables,
+        torch.tensor(lens, dtype=torch.int32),
+        static.cu_seqlens_q.cpu(),
+        max_seqlen_q=1,
+        backend="reference",
+    )
+    tol = tolerance(torch.float16)
+    assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name="graph replay")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV, PagedKVLayout
 from llamatelemetry_core.selection import record_selections
 from llamatelemetry_core.testing import assert_close
 from llamatelemetry_kvcache import KVCacheConfig, PagedKVCache, paged_write, paged_write_reference
+from llamatelemetry_kvcache import paged as paged_module
 from llamatelemetry_kvcache.paged_write import as_bytes
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -184,14 +187,15 @@ def test_quantized_store_round_trips(kv_dtype: torch.dtype | None) -> None:
     assert_close(v.float(), written[0][1].float(), atol=0.15, rtol=0.07)
 
 
-def test_memory_budget_in_bytes_and_as_a_fraction() -> None:
+def test_memory_budget_in_bytes_and_as_a_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
     config = _config()
     block_bytes = 2 * 16 * config.bytes_per_token()
     assert PagedKVCache(config, 16, memory_budget=10 * block_bytes + 5).num_blocks == 10
-    free = get_device_info("cpu").free_memory_bytes
-    if free is not None and free > 10**9:
-        blocks = PagedKVCache(config, 16, memory_budget=1e-4).num_blocks
-        assert abs(blocks - int(free * 1e-4) // block_bytes) <= max(2, blocks // 10)  # free memory moves a little
+    # A fraction of free memory, with free memory pinned (it moves while other processes run).
+    free = 123 * block_bytes + 7
+    pinned = dataclasses.replace(get_device_info("cpu"), free_memory_bytes=free)
+    monkeypatch.setattr(paged_module, "get_device_info", lambda *a, **k: pinned)
+    assert PagedKVCache(config, 16, memory_budget=0.5).num_blocks == int(free * 0.5) // block_bytes == 61
     with pytest.raises(CapacityError, match="holds no block"):
         PagedKVCache(config, 16, memory_budget=block_bytes - 1)
     with pytest.raises(ConfigurationError, match="not both"):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from llamatelemetry_core.toolchain import TESTED_RANGES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -65,8 +67,20 @@ def test_each_distribution_is_complete_and_versioned(package_dir: Path) -> None:
     for requirement in project.get("dependencies", []):
         if requirement.startswith("llamatelemetry"):
             assert "==" not in requirement and "<" in requirement, f"sibling pins must be ranges: {requirement}"
-        if requirement.startswith("torch"):
-            assert requirement == "torch>=2.4"
+        if requirement.startswith(("torch", "triton")):
+            _check_tested_range(requirement)
+
+
+_TRITON_PLATFORMS = "sys_platform == 'linux' and platform_machine == 'x86_64'"
+
+
+def _check_tested_range(requirement: str) -> None:
+    """torch and Triton are required at exactly the tested ranges of ``llamatelemetry_core.toolchain``."""
+    name = "triton" if requirement.startswith("triton") else "torch"
+    expected = f"{name}{TESTED_RANGES[name]}" + (f"; {_TRITON_PLATFORMS}" if name == "triton" else "")
+    assert requirement == expected, (
+        f"expected {expected!r} (the tested range, llamatelemetry_core.toolchain.TESTED_RANGES), got {requirement!r}"
+    )
 
 
 def test_meta_extras_cover_every_component() -> None:

@@ -27,7 +27,7 @@ def run_probe(device: torch.device) -> None:
     """Run the probe on ``device`` and check its result; raise on any failure."""
     x = torch.arange(37, dtype=torch.float32, device=device)
     y = torch.full_like(x, float("nan"))
-    _scale_kernel[(1,)](x, y, x.numel(), BLOCK=_PROBE_BLOCK)
+    _scale_kernel[(1,)](x, y, x.numel(), BLOCK=_PROBE_BLOCK, enable_fp_fusion=True)
     if not torch.equal(y.cpu(), x.cpu() * 2):
         raise RuntimeError("the probe kernel ran but wrote wrong values")
 

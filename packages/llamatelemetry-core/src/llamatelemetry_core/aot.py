@@ -13,7 +13,9 @@ compiled kernel needs against the device:
 * spills to local memory are reported, not failed.
 
 ``python -m llamatelemetry_core.aot --device t4 --device a100 --device h100`` does this for every installed
-provider and exits non-zero when any build exceeds a limit; the ``t4`` nox session runs it in CI.
+provider and exits non-zero when any build does not compile or exceeds a limit; the ``t4`` nox session runs it in
+CI, with the pinned Triton and with the newest one (``t4-latest``). A build's signature must name every argument
+of its kernel, in order.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamatelemetry_core.build_failures import build_failure_reason
 from llamatelemetry_core.device import DeviceInfo, get_device_info, simulate_device
 from llamatelemetry_core.environment import TRITON_INTERPRET_ENV, triton_interpreter_enabled
 from llamatelemetry_core.errors import CapabilityError, ConfigurationError
@@ -57,8 +60,10 @@ MAX_REGISTERS_PER_BLOCK = 65536
 class KernelBuild:
     """One launch configuration of one Triton kernel, as the library would launch it on some device.
 
-    ``signature`` maps each argument name to a Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``) or
-    ``"constexpr"``; ``constexprs`` gives the value of every constexpr argument.
+    ``signature`` maps each argument name of the kernel, in order, to a Triton type (``"*fp16"``, ``"i32"``,
+    ``"fp32"``) or ``"constexpr"``; ``constexprs`` gives the value of every constexpr argument.
+    ``enable_fp_fusion`` is the launch option of that name: the library's launches pass ``True`` (multiply-adds
+    fused, as every Triton release up to 3.9 does by default; 3.10 changes the default), and so does the build.
     """
 
     name: str
@@ -67,6 +72,7 @@ class KernelBuild:
     constexprs: Mapping[str, int | float | bool | str] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    enable_fp_fusion: bool = True
 
     def __post_init__(self) -> None:
         missing = [a for a, t in self.signature.items() if t == "constexpr" and a not in self.constexprs]
@@ -135,6 +141,39 @@ def _ptxas_resources(ptx: str) -> tuple[int | None, int | None, str | None]:
     return (int(regs.group(1)) if regs else None, sum(int(s) for s in spills) if spills else 0, None)
 
 
+def _check_arguments(build: KernelBuild) -> None:
+    """The signature must name every argument of the kernel, in order: Triton versions differ in what they do
+    with a missing one (some compile the kernel without it, others fail deep in code generation)."""
+    expected = list(getattr(build.kernel, "arg_names", build.signature))
+    given = list(build.signature)
+    if given != expected:
+        missing = [a for a in expected if a not in build.signature]
+        unknown = [a for a in given if a not in expected]
+        raise ConfigurationError(
+            f"kernel build {build.name!r}: expected a signature naming the arguments of "
+            f"{getattr(build.kernel, '__name__', 'the kernel')} in order {expected}, got {given} "
+            f"(missing {missing}, unknown {unknown}); fix the build provider"
+        )
+
+
+def _failed_to_compile(build: KernelBuild, device: DeviceInfo, error: str) -> CompileReport:
+    """The report of a build that Triton's compiler rejects: a failure of the check, not a crash of it."""
+    import triton
+
+    major, minor = device.compute_capability or (0, 0)
+    return CompileReport(
+        build=build.name,
+        device=device.name,
+        target=f"sm_{major * 10 + minor}",
+        shared_memory_bytes=0,
+        shared_memory_limit_bytes=device.shared_memory_per_block_bytes or 0,
+        threads_per_block=build.num_warps * 32,
+        registers_per_thread=None,
+        spill_bytes=None,
+        problems=(f"does not compile with triton {triton.__version__}: {error}",),
+    )
+
+
 def compile_build(build: KernelBuild, device: DeviceInfo) -> CompileReport:
     """Compile ``build`` for ``device`` (real or simulated) and check it against the device's limits."""
     if not device.is_cuda or device.compute_capability is None or device.shared_memory_per_block_bytes is None:
@@ -153,13 +192,18 @@ def compile_build(build: KernelBuild, device: DeviceInfo) -> CompileReport:
     except ImportError as exc:
         raise CapabilityError(f"compiling kernels ahead of time needs Triton: pip install triton ({exc})") from exc
 
+    _check_arguments(build)
     major, minor = device.compute_capability
     cc = major * 10 + minor
     source = ASTSource(build.kernel, signature=dict(build.signature), constexprs=dict(build.constexprs))
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", cc, 32),
-        options={"num_warps": build.num_warps, "num_stages": build.num_stages},
+        options={
+            "num_warps": build.num_warps,
+            "num_stages": build.num_stages,
+            "enable_fp_fusion": build.enable_fp_fusion,
+        },
     )
     shared = int(compiled.metadata.shared)
     limit = device.shared_memory_per_block_bytes
@@ -209,14 +253,25 @@ def discover_providers() -> dict[str, BuildProvider]:
 def compile_all(
     device_keys: Sequence[str], providers: Mapping[str, BuildProvider] | None = None
 ) -> list[CompileReport]:
-    """Compile every build of every provider for each simulated device in ``device_keys``."""
+    """Compile every build of every provider for each simulated device in ``device_keys``.
+
+    A build that Triton's compiler rejects gets a failed report saying why (see
+    :func:`~llamatelemetry_core.build_failures.build_failure_reason`); any other error propagates.
+    """
     providers = discover_providers() if providers is None else providers
     reports: list[CompileReport] = []
     for key in device_keys:
         with simulate_device(key):
             device = get_device_info()
             for provider in providers.values():
-                reports.extend(compile_build(build, device) for build in provider(device))
+                for build in provider(device):
+                    try:
+                        reports.append(compile_build(build, device))
+                    except Exception as exc:
+                        error = build_failure_reason(exc)
+                        if error is None:
+                            raise
+                        reports.append(_failed_to_compile(build, device, error))
     return reports
 
 
@@ -253,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{len(reports)} kernel builds from {len(providers)} components "
         f"({', '.join(sorted(providers)) or 'none installed'}) for {', '.join(devices)}: "
-        f"{len(reports) - len(failed)} fit, {len(failed)} exceed their device's limits"
+        f"{len(reports) - len(failed)} fit, {len(failed)} do not compile or exceed their device's limits"
     )
     return 1 if failed else 0
 

@@ -11,11 +11,16 @@ packages). Dispatch takes the highest-priority implementation that supports the 
   is skipped with one :class:`BackendFallbackWarning` per operation, implementation and reason. A check may
   answer with a :class:`QuietReason` instead (an optional extra the user chose not to install): the
   implementation is then skipped without a warning, and the reason is still recorded.
-* An automatically chosen implementation may raise :class:`BackendUnavailableError` at run time (a kernel that
-  fails to compile, say); dispatch then warns once and falls back to the next one. Any other exception
-  propagates: a bug is never hidden behind a fallback.
+* An automatically chosen implementation whose kernel fails to build here (Triton's compiler rejects it: see
+  :mod:`llamatelemetry_core.build_failures` for what counts) is an environment fact: dispatch records it for
+  that device and dtype (:func:`kernel_failures`), warns once, runs the next implementation, and does not try
+  the failed one again for that key; :meth:`Operation.explain` and :meth:`Operation.select` then give the
+  failure as the reason. An implementation may also raise :class:`BackendUnavailableError` at run time to
+  have this one call fall back (with one warning). Any other exception propagates: a bug is never hidden
+  behind a fallback, and errors of validation reach the caller.
 * An implementation requested explicitly, by the ``backend=`` argument of a public function or through
-  ``LLAMATELEMETRY_BACKEND``, either runs or raises :class:`BackendUnavailableError` saying why.
+  ``LLAMATELEMETRY_BACKEND``, either runs or raises :class:`BackendUnavailableError` saying why (chained to
+  the compiler's error when its kernel failed to build).
 
 ``LLAMATELEMETRY_BACKEND`` holds either one implementation name, applied to every operation that has an
 implementation of that name (``reference`` forces every fallback), or a comma-separated list of
@@ -39,6 +44,14 @@ from typing import Any
 
 import torch
 
+from llamatelemetry_core.build_failures import (
+    KernelFailure,
+    build_failure_reason,
+    kernel_failures,
+    record_failure,
+    recorded_failure,
+    reset_kernel_failures,
+)
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.validation import dtype_name
@@ -51,11 +64,13 @@ __all__ = [
     "Candidate",
     "Check",
     "Implementation",
+    "KernelFailure",
     "Operation",
     "QuietReason",
     "Selection",
     "SelectionRecorder",
     "get_operation",
+    "kernel_failures",
     "last_selection",
     "operations",
     "record_selections",
@@ -63,6 +78,7 @@ __all__ = [
     "requires_min_capability",
     "requires_module",
     "reset_fallback_warnings",
+    "reset_kernel_failures",
 ]
 
 BACKEND_ENV = "LLAMATELEMETRY_BACKEND"
@@ -376,7 +392,7 @@ class Operation:
 
     def explain(self, call: CallSpec) -> list[Candidate]:
         """Every implementation, best first, with the reason it cannot run ``call`` (``None``: it can)."""
-        return [Candidate(i.name, i.priority, i.unsupported_reason(call)) for i in self.implementations]
+        return [Candidate(i.name, i.priority, self._reason(i, call)) for i in self.implementations]
 
     def requested_backend(self, backend: str | None = None) -> str | None:
         """The implementation asked for by argument or environment, or ``None`` for automatic choice."""
@@ -406,9 +422,25 @@ class Operation:
         if requested is not None:
             return requested
         for impl in self._ranked:
-            if impl.unsupported_reason(call) is None:
+            if self._reason(impl, call) is None:
                 return impl
         raise AssertionError("the reference implementation supports every call")  # pragma: no cover
+
+    def _reason(self, impl: Implementation, call: CallSpec) -> str | None:
+        """Why ``impl`` is not chosen for ``call``: it does not support it, or its kernel failed to build here."""
+        reason = impl.unsupported_reason(call)
+        if reason is None:
+            failure = recorded_failure(self.name, impl.name, call.device, call.dtype)
+            if failure is not None:
+                return failure.reason
+        return reason
+
+    def _record_build_failure(self, impl: Implementation, call: CallSpec, exc: Exception) -> str | None:
+        """Record ``exc`` if it is a build failure of ``impl`` (an environment fact); its reason, else ``None``."""
+        error = build_failure_reason(exc)
+        if error is None:
+            return None
+        return record_failure(self.name, impl.name, call.device, call.dtype, error).reason
 
     def _unavailable(self, impl: Implementation, reason: str) -> BackendUnavailableError:
         return BackendUnavailableError(
@@ -429,12 +461,18 @@ class Operation:
         requested = self._requested_implementation(call, backend)
         if requested is not None:
             self._record(Selection(self.name, requested.name, requested=True))
-            return requested.fn(*args, **kwargs)
+            try:
+                return requested.fn(*args, **kwargs)
+            except Exception as exc:
+                reason = self._record_build_failure(requested, call, exc)
+                if reason is None or isinstance(exc, BackendUnavailableError):
+                    raise
+                raise self._unavailable(requested, reason) from exc
 
         skipped: list[tuple[str, str]] = []
         to_warn: list[tuple[str, str]] = []
         for impl in self._ranked:
-            reason = impl.unsupported_reason(call)
+            reason = self._reason(impl, call)
             if reason is not None:
                 skipped.append((impl.name, str(reason)))
                 if impl.applies_to(call) and not isinstance(reason, QuietReason):
@@ -442,11 +480,16 @@ class Operation:
                 continue
             try:
                 result = impl.fn(*args, **kwargs)
-            except BackendUnavailableError as exc:
+            except Exception as exc:
                 if impl.name == REFERENCE:
                     raise
-                skipped.append((impl.name, str(exc)))
-                to_warn.append((impl.name, str(exc)))
+                reason = self._record_build_failure(impl, call, exc)
+                if reason is None:
+                    if not isinstance(exc, BackendUnavailableError):
+                        raise
+                    reason = str(exc)
+                skipped.append((impl.name, reason))
+                to_warn.append((impl.name, reason))
                 continue
             for name, why in to_warn:
                 _warn_once(self.name, name, why, impl.name)

@@ -208,7 +208,8 @@ def paged_attention(
     * ``backend``: ``"triton"`` or ``"reference"`` (also ``LLAMATELEMETRY_BACKEND``); default: the best that runs.
 
     A sequence with ``seq_lens[i] == 0`` is padding: its query rows get zeros. The Triton path reads no device
-    value on the host and allocates only by shape, so a call can be captured in a CUDA graph; the checks that
+    value on the host and allocates only by shape, so a call can be captured in a CUDA graph (make one call with
+    the same shapes before capturing: the first compiles the kernel and probes Triton); the checks that
     read metadata values (``cu_seqlens_q`` rising to ``num_tokens``, ``seq_lens`` within the block table,
     block numbers in range) run only for CPU tensors, where they cost no synchronisation.
 

@@ -151,23 +151,32 @@ def kv_dtypes_for(q_dtype: torch.dtype, device: DeviceInfo) -> list[torch.dtype]
 
 
 def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
-    """Every build the library launches on ``device``.
+    """The builds whose resources bound what the library launches on ``device`` (page size 16).
 
-    Page size 16; head dims 64, 128 and 256 with KV stored in q's dtype (decode, decode with split-KV, prefill);
-    int8 (and fp8 e4m3 where the device has it) at head dims 128 and 256 (decode and prefill); fp16 queries,
-    and bf16 where the device supports it; the merge kernel of each head dim.
+    For fp16 queries, and bf16 where the device supports it: head dim 128 (decode, decode with split-KV,
+    prefill), 256 (decode, prefill: the largest tiles) and 64 (prefill), KV stored in q's dtype; with fp16
+    queries, int8 storage and, where the device has fp8, e4m3 storage at head dim 128 (decode, prefill); the
+    merge kernel at head dims 64, 128 and 256. Each compile for sm_75 takes tens of seconds, so the list covers
+    the extremes rather than every combination.
     """
     try:
         import triton  # noqa: F401
     except ImportError:
         return
     q_dtypes = [torch.float16, torch.bfloat16] if device.supports_bf16 else [torch.float16]
+    plain = [
+        (128, "decode"),
+        (128, "decode-split"),
+        (128, "prefill"),
+        (256, "decode"),
+        (256, "prefill"),
+        (64, "prefill"),
+    ]
     for q_dtype in q_dtypes:
-        for head_dim in AOT_HEAD_DIMS:
-            for kind in ("decode", "decode-split", "prefill"):
-                yield kernel_build(head_dim, q_dtype, q_dtype, device, kind=kind)
-            yield merge_kernel_build(head_dim, q_dtype)
-        for kv_dtype in kv_dtypes_for(q_dtype, device)[1:]:
-            for head_dim in AOT_HEAD_DIMS[1:]:
-                for kind in ("decode", "prefill"):
-                    yield kernel_build(head_dim, q_dtype, kv_dtype, device, kind=kind)
+        for head_dim, kind in plain:
+            yield kernel_build(head_dim, q_dtype, q_dtype, device, kind=kind)
+    for kv_dtype in kv_dtypes_for(torch.float16, device)[1:]:
+        for kind in ("decode", "prefill"):
+            yield kernel_build(128, torch.float16, kv_dtype, device, kind=kind)
+    for head_dim in AOT_HEAD_DIMS:
+        yield merge_kernel_build(head_dim, torch.float16)

@@ -110,8 +110,12 @@ def paged_attention_reference(
 
     lens = seq_lens.long()
     q_lens = cu[1:] - cu[:-1]
-    pos = (lens - q_lens)[:, None] + torch.arange(max_seqlen_q, device=device)[None, :]  # [B, Qmax]
     key_pos = torch.arange(kv_max, device=device)
+    # Slots past a sequence's length may hold anything (uninitialised memory, NaN): zero them, since a masked
+    # probability of 0 times NaN would still be NaN.
+    stored = (key_pos[None, :] < lens[:, None])[:, :, None, None]
+    values = values.masked_fill(~stored, 0.0)
+    pos = (lens - q_lens)[:, None] + torch.arange(max_seqlen_q, device=device)[None, :]  # [B, Qmax]
     visible = key_pos[None, None, :] < lens[:, None, None]  # [B, Qmax, Lmax]
     left, right = normalize_window(window_size, causal)
     if left != UNBOUNDED:

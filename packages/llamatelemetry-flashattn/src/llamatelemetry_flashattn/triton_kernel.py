@@ -20,6 +20,10 @@ of ``exp(logit - m)`` and the running, unnormalised output; a larger maximum res
 * On a GPU the loops are ``range`` loops, which Triton software-pipelines (``num_stages``); in the interpreter
   (``PIPELINED=False``) they are ``while`` loops, because Triton 3.6's interpreter cannot take runtime ``range``
   bounds under NumPy 2.4.
+* K and V tiles are addressed with plain pointer arithmetic (a pointer block per tile, moved by ``BLOCK_N``
+  rows per step) and masks only where a tile may cross the sequence end or a padded head dimension; Triton
+  3.9 removed block pointers, and on earlier versions they lowered to the same loads.
+* ``enable_fp_fusion=True`` at launch: FMAs as every Triton up to 3.9 emits by default (3.10 changes it).
 * exp2 with ``log2(e)`` folded into the scale; accumulation in fp32; rows with no visible key are guarded so
   that no ``exp(-inf - -inf)`` NaN can arise.
 """
@@ -55,9 +59,11 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     l_i,
     m_i,
     q,
-    k_block,
-    v_block,
+    k_ptrs,
+    v_ptrs,
     n0,
+    offs_n,
+    d_ok,
     pos,
     kv_len,
     qk_scale,
@@ -70,16 +76,26 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     USE_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """One key/value tile into the running (acc, l, m) of every row; MASKED tiles apply window and bounds."""
+    """One key/value tile into the running (acc, l, m) of every row; MASKED tiles apply window and bounds.
+
+    ``k_ptrs`` addresses the tile of K transposed (``[BLOCK_D, BLOCK_N]``), ``v_ptrs`` the tile of V
+    (``[BLOCK_N, BLOCK_D]``); ``d_ok`` marks the real head-dimension columns of a padded ``BLOCK_D``.
+    """
     if MASKED:
-        k = tl.load(k_block, boundary_check=(0, 1), padding_option="zero")
-        v = tl.load(v_block, boundary_check=(0, 1), padding_option="zero")
+        cols = n0 + offs_n
+        n_ok = cols < kv_len
+        if HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     elif HEAD_DIM == BLOCK_D:
-        k = tl.load(k_block)
-        v = tl.load(v_block)
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
     else:
-        k = tl.load(k_block, boundary_check=(0,), padding_option="zero")
-        v = tl.load(v_block, boundary_check=(1,), padding_option="zero")
+        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     s = tl.dot(q, k)
     if USE_SOFTCAP:  # noqa: SIM108 (a constexpr branch: the other one is not compiled)
         # softcap * tanh(x), tanh(x) = 2 * sigmoid(2x) - 1, in log2 units for exp2
@@ -87,9 +103,8 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     else:
         s = s * qk_scale
     if MASKED:
-        cols = n0 + tl.arange(0, BLOCK_N)
         visible = (
-            (cols[None, :] < kv_len)
+            n_ok[None, :]
             & (cols[None, :] >= pos[:, None] - window_left)
             & (cols[None, :] <= pos[:, None] + window_right)
         )
@@ -157,6 +172,7 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
 
     q_ptrs = (
         Q + off_b * stride_qb + q_idx[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
@@ -194,12 +210,10 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
         else:
             start = mid_hi
             end = hi
-        k_block = tl.make_block_ptr(
-            k_base, (HEAD_DIM, kv_len), (stride_kd, stride_ks), (0, start), (BLOCK_D, BLOCK_N), (0, 1)
-        )
-        v_block = tl.make_block_ptr(
-            v_base, (kv_len, HEAD_DIM), (stride_vs, stride_vd), (start, 0), (BLOCK_N, BLOCK_D), (1, 0)
-        )
+        # Tile pointers of K (transposed, [BLOCK_D, BLOCK_N]) and V ([BLOCK_N, BLOCK_D]) at key `start`; the
+        # 64-bit start offset keeps long caches with wide rows clear of int32 overflow.
+        k_ptrs = k_base + start.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + start.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
         if PIPELINED:
             for n0 in range(start, end, BLOCK_N):
                 acc, l_i, m_i = _attend_tile(
@@ -207,9 +221,11 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
                     l_i,
                     m_i,
                     q,
-                    k_block,
-                    v_block,
+                    k_ptrs,
+                    v_ptrs,
                     n0,
+                    offs_n,
+                    d_ok,
                     pos,
                     kv_len,
                     qk_scale,
@@ -222,8 +238,8 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
                     USE_SOFTCAP,
                     phase != 1,
                 )
-                k_block = tl.advance(k_block, (0, BLOCK_N))
-                v_block = tl.advance(v_block, (BLOCK_N, 0))
+                k_ptrs += BLOCK_N * stride_ks
+                v_ptrs += BLOCK_N * stride_vs
         else:
             n0 = start
             while n0 < end:
@@ -232,9 +248,11 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
                     l_i,
                     m_i,
                     q,
-                    k_block,
-                    v_block,
+                    k_ptrs,
+                    v_ptrs,
                     n0,
+                    offs_n,
+                    d_ok,
                     pos,
                     kv_len,
                     qk_scale,
@@ -247,8 +265,8 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
                     USE_SOFTCAP,
                     phase != 1,
                 )
-                k_block = tl.advance(k_block, (0, BLOCK_N))
-                v_block = tl.advance(v_block, (BLOCK_N, 0))
+                k_ptrs += BLOCK_N * stride_ks
+                v_ptrs += BLOCK_N * stride_vs
                 n0 += BLOCK_N
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -328,6 +346,7 @@ def triton_attention(
         USE_SOFTCAP=softcap is not None,
         PIPELINED=not triton_interpreter_enabled(),
         num_warps=config.num_warps,
+        enable_fp_fusion=True,
         num_stages=config.num_stages,
     )
     return out

@@ -71,7 +71,7 @@ class BlockManagerStats:
         return self.waste_slots / held if held else 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Sequence:
     blocks: list[int]
     tokens: list[int]
@@ -149,7 +149,10 @@ class BlockManager:
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Whether ``num_tokens`` more tokens of a running sequence fit now."""
-        seq = self._seqs.get(seq_id) or self._seq(seq_id)
+        seq = self._seqs.get(seq_id)
+        if seq is not None and len(seq.tokens) + num_tokens <= len(seq.blocks) * self._page_size:
+            return True  # the decode hot path: room left in the last block
+        seq = seq or self._seq(seq_id)
         need = -(-(len(seq.tokens) + num_tokens) // self._page_size) - len(seq.blocks)
         return need <= 0 or need <= len(self._free) + len(self._cached)
 
@@ -158,8 +161,16 @@ class BlockManager:
 
         Every token the sequence held before is taken as computed (its full blocks become reusable prefixes).
         """
-        # The decode hot path (once per running sequence per step): kept free of helper calls.
-        seq = self._seqs.get(seq_id) or self._seq(seq_id)
+        seq = self._seqs.get(seq_id)
+        if seq is not None and type(token_ids) is list:
+            # The decode hot path (once per running sequence per step): room in the last block and no block
+            # completed since the last registration, so only the tokens change.
+            held, page = len(seq.tokens), self._page_size
+            if held + len(token_ids) <= len(seq.blocks) * page and held < (len(seq.keys) + 1) * page:
+                seq.computed = held
+                seq.tokens.extend(token_ids)
+                return
+        seq = seq or self._seq(seq_id)
         tokens = token_ids if type(token_ids) is list else _token_list(token_ids)
         held = len(seq.tokens)
         need = -(-(held + len(tokens)) // self._page_size) - len(seq.blocks)

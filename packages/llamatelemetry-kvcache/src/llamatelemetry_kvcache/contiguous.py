@@ -40,7 +40,7 @@ from llamatelemetry_kvcache.quant import dequantize_kv, quantize_kv
 
 __all__ = ["KVCache"]
 
-_MIN_CLEAN_CHUNK = 256  # tokens zeroed ahead at once on CPU storage
+_MIN_CLEAN_CHUNK = 16  # tokens zeroed ahead at least, on CPU storage (then doubling)
 
 
 @dataclass
@@ -94,6 +94,11 @@ class KVCache:
     def lengths(self) -> list[int]:
         """Tokens cached per sequence (row), as of the last completed step."""
         return list(self._lengths)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows (sequences ``0..batch_size-1``) of the last completed step: what :meth:`get` returns."""
+        return self._active
 
     def seq_lens(self) -> torch.Tensor:
         """The lengths as an int32 tensor ``[max_batch_size]`` on the cache's device."""
@@ -218,6 +223,26 @@ class KVCache:
         self._clean_rows(range(len(values)), max(values, default=0))
         self._active = max(self._active, len(values))
         self._step = None
+
+    def select_rows(self, indices: Sequence[int]) -> None:
+        """Make row ``j`` hold what row ``indices[j]`` held, for every layer (beam-search reordering, repeating
+        or selecting sequences); the batch of the next ``get`` becomes ``len(indices)``."""
+        c = self.config
+        if self._step is not None:
+            raise ConfigurationError("cannot reorder sequences in the middle of a step; finish the step first")
+        rows = _ints(indices, len(indices), "indices")
+        if len(rows) > c.max_batch_size:
+            raise CapacityError(f"got {len(rows)} rows for a cache of max_batch_size={c.max_batch_size}")
+        for r in rows:
+            self._check_row(r)
+        index = torch.tensor(rows, dtype=torch.long, device=c.device)
+        n = len(rows)
+        for tensors in (self._keys, self._values, self._key_scales or [], self._value_scales or []):
+            for t in tensors:
+                t[:n] = t.index_select(0, index)  # index_select copies first, so rows may repeat or swap
+        self._lengths[:n] = [self._lengths[r] for r in rows]
+        self._clean[:n] = [self._clean[r] for r in rows]
+        self._active = n
 
     def prepare_static(self, batch: int | None = None) -> None:
         """Make every position of rows ``0..batch-1`` hold finite values, ahead of graph-safe steps.

@@ -2,6 +2,10 @@
 
 They sit on every kernel's hot path, so each avoids work in the common case: a contiguous tensor is used as it
 is (no reshape), and the current CUDA device is switched only when the tensor lives on another one.
+
+Every launch passes ``enable_fp_fusion=True``: multiply-adds fused into FMAs, the default of every Triton
+release up to 3.9, which announces that 3.10 turns it off. Saying it keeps the kernels' results and speed the
+same whichever Triton runs them (and keeps Triton 3.9's warning about the coming change away from users).
 """
 
 from __future__ import annotations

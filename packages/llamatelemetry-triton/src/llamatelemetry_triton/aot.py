@@ -68,7 +68,16 @@ def _norm_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild
                 "n_cols": "i32",
                 "eps": "fp32",
                 **dict.fromkeys(
-                    ("IS_RMS", "HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "SINGLE_BLOCK", "BLOCK_SIZE"), "constexpr"
+                    (
+                        "IS_RMS",
+                        "HAS_RESIDUAL",
+                        "HAS_WEIGHT",
+                        "HAS_BIAS",
+                        "STORE_STATS",
+                        "SINGLE_BLOCK",
+                        "BLOCK_SIZE",
+                    ),
+                    "constexpr",
                 ),
             }
             yield KernelBuild(
@@ -80,6 +89,7 @@ def _norm_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild
                     "HAS_RESIDUAL": residual,
                     "HAS_WEIGHT": weight,
                     "HAS_BIAS": bias,
+                    "STORE_STATS": False,
                     "SINGLE_BLOCK": config.single_block,
                     "BLOCK_SIZE": config.block_size,
                 },

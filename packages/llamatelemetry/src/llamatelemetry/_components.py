@@ -92,7 +92,7 @@ COMPONENTS: dict[str, Component] = {
             "llamatelemetry-kvcache",
             "llamatelemetry_kvcache",
             "llamatelemetry.inference.kv_cache",
-            ("KVCache", "KVCacheConfig", "PagedKVCache"),
+            ("BlockManager", "KVCache", "KVCacheConfig", "PagedKVCache"),
         ),
         Component(
             "batch",

@@ -13,6 +13,10 @@ Markers:
 * ``flash_attn``: needs the flash-attn package usable on this device.
 
 Skips always say why; run pytest with ``-rs`` to see them listed at the end.
+
+Every test starts with the selection policy's memory cleared (fallback warnings already issued, kernel build
+failures recorded): a kernel that fails to build fails each test that reaches it with its
+``BackendFallbackWarning`` (an error under the repository's pytest settings), not only the first one.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from llamatelemetry_core.device import DeviceInfo, real_device_info
-from llamatelemetry_core.environment import flash_attn_status, triton_interpreter_enabled
+from llamatelemetry_core.environment import distribution_version, flash_attn_status, triton_interpreter_enabled
+from llamatelemetry_core.selection import reset_fallback_warnings, reset_kernel_failures
 
 _CAPABILITY_MARKERS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm90": (9, 0), "sm100": (10, 0)}
 
@@ -78,9 +84,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    reset_fallback_warnings()
+    reset_kernel_failures()
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     device = real_device_info()
     cc = "" if device.compute_capability is None else f" sm_{device.sm}"
-    triton = "installed" if _triton_installed() else "not installed"
+    triton = (distribution_version("triton") or "installed") if _triton_installed() else "not installed"
     interp = ", interpreter on" if triton_interpreter_enabled() else ""
-    return f"llamatelemetry: device {device.kind}: {device.name}{cc}; triton {triton}{interp}"
+    versions = f"torch {torch.__version__}; triton {triton}{interp}"
+    return f"llamatelemetry: device {device.kind}: {device.name}{cc}; {versions}"

@@ -117,7 +117,9 @@ def _add_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if flat:
             config = elementwise_config(n, out.dtype, device)
             grid = (triton.cdiv(n, config.block_size),)
-            _add_kernel[grid](a, b, out, n, BLOCK_SIZE=config.block_size, num_warps=config.num_warps)
+            _add_kernel[grid](
+                a, b, out, n, BLOCK_SIZE=config.block_size, num_warps=config.num_warps, enable_fp_fusion=True
+            )
             return out
         config = elementwise_config(n, out.dtype, device, strided=True)
         grid = (triton.cdiv(n, config.block_size),)
@@ -142,6 +144,7 @@ def _add_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             *b_strides,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
         )
     return out
 

@@ -118,6 +118,7 @@ def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch
             ACTIVATION=activation,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
         )
     return y
 
@@ -146,6 +147,7 @@ def _glu_backward(
             ACTIVATION=activation,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
         )
     return dgate, dup
 

@@ -425,6 +425,7 @@ def _norm_forward(
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
             num_stages=config.num_stages,
         )
     return y, h, mean, rstd
@@ -487,6 +488,7 @@ def _norm_backward(
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
             num_stages=config.num_stages,
         )
         if dw is not None or db is not None:
@@ -502,6 +504,7 @@ def _norm_backward(
                 BLOCK_P=_PARTIAL_BLOCK_P,
                 BLOCK_N=_PARTIAL_BLOCK_N,
                 num_warps=4,
+                enable_fp_fusion=True,
             )
     return dx, dw, db
 

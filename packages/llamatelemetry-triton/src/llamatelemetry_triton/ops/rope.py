@@ -133,9 +133,12 @@ def _rope_kernel(  # type: ignore[no-untyped-def]
 ):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(Pos + token).to(tl.int64)
-    pos_ok = (pos >= 0) & (pos < n_positions)  # never read outside the tables; the host checks where it can
+    # Never read outside the tables (the host checks where it can): a position out of range sees no feature.
+    # The scalar test goes into the bound rather than into a scalar & block "and", which Triton 3.9's
+    # interpreter turns into an integer mask it then rejects.
+    pos_ok = (pos >= 0) & (pos < n_positions)
     d = tl.arange(0, BLOCK_SIZE)
-    d_mask = (d < rotary_half) & pos_ok
+    d_mask = d < tl.where(pos_ok, rotary_half, 0)
     cos = tl.load(Cos + pos * cos_stride + d, mask=d_mask, other=1.0).to(tl.float32)
     sin = tl.load(Sin + pos * sin_stride + d, mask=d_mask, other=0.0).to(tl.float32)
     if INVERSE:
@@ -228,6 +231,7 @@ def _rope_launch(
             BLOCK_H=config.chunk_size,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
         )
 
 

@@ -163,7 +163,7 @@ def _softmax_forward(x: torch.Tensor) -> torch.Tensor:
     with on_device(x):
         if config.single_block:
             _softmax_fwd_kernel[(n_rows,)](
-                x2, y, stride_x, n_cols, BLOCK_SIZE=config.block_size, num_warps=config.num_warps
+                x2, y, stride_x, n_cols, BLOCK_SIZE=config.block_size, num_warps=config.num_warps, enable_fp_fusion=True
             )
             return y
         stats = torch.empty((2, n_rows, config.splits), dtype=torch.float32, device=x.device)
@@ -178,6 +178,7 @@ def _softmax_forward(x: torch.Tensor) -> torch.Tensor:
             config.splits,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
             num_stages=config.num_stages,
         )
         _softmax_normalize_kernel[grid](
@@ -192,6 +193,7 @@ def _softmax_forward(x: torch.Tensor) -> torch.Tensor:
             SPLITS_BLOCK=next_power_of_2(config.splits),
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
             num_stages=config.num_stages,
         )
     return y
@@ -214,6 +216,7 @@ def _softmax_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
+            enable_fp_fusion=True,
             num_stages=config.num_stages,
         )
     return dx

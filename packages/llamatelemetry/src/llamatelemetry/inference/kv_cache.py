@@ -1,14 +1,33 @@
-"""Documented path of the ``llamatelemetry-kvcache`` component (``pip install "llamatelemetry[kvcache]"``).
+"""Contiguous and paged KV caches (``pip install "llamatelemetry[kvcache]"``).
 
-The installed component does not provide the documented names yet: each raises an error that says so.
+Re-exports ``llamatelemetry_kvcache``.
 """
 
-from llamatelemetry._components import import_component, not_yet_provided
+from llamatelemetry._components import missing_component
 
-import_component("kvcache")
+try:
+    from llamatelemetry_kvcache import BlockManager as BlockManager
+    from llamatelemetry_kvcache import BlockManagerStats as BlockManagerStats
+    from llamatelemetry_kvcache import KVCache as KVCache
+    from llamatelemetry_kvcache import KVCacheConfig as KVCacheConfig
+    from llamatelemetry_kvcache import PagedKVCache as PagedKVCache
+    from llamatelemetry_kvcache import block_tables_tensor as block_tables_tensor
+    from llamatelemetry_kvcache import dequantize_kv as dequantize_kv
+    from llamatelemetry_kvcache import paged_write as paged_write
+    from llamatelemetry_kvcache import quantize_kv as quantize_kv
+    from llamatelemetry_kvcache import slot_mapping_tensor as slot_mapping_tensor
+except ImportError as exc:
+    raise missing_component("kvcache", exc) from exc
 
-__all__: list[str] = []
-
-
-def __getattr__(name: str) -> object:
-    raise not_yet_provided("kvcache", name)
+__all__ = [
+    "BlockManager",
+    "BlockManagerStats",
+    "KVCache",
+    "KVCacheConfig",
+    "PagedKVCache",
+    "block_tables_tensor",
+    "dequantize_kv",
+    "paged_write",
+    "quantize_kv",
+    "slot_mapping_tensor",
+]
