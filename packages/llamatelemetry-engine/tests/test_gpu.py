@@ -44,6 +44,7 @@ def test_prefill_and_decode_logits_match_transformers(
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randint(3, config.vocab_size, (70,), generator=gen).tolist()
     runner, bm = llm.runner, llm.runner.block_manager
+    assert bm is not None
     bm.allocate(1, prompt)
     logits = runner.step(StepInput((SequenceStep(1, tuple(prompt), 0, tuple(bm.block_table(1))),)))
     with torch.no_grad():

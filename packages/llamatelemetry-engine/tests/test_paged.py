@@ -48,9 +48,11 @@ def test_chunked_prefill_and_prefix_reuse_keep_the_tokens(
     assert llm.runner.page_size == 4 and llm.flags.active("paged_kv")
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     assert [c.token_ids for c in llm.generate(prompts, params)] == expected
-    before = llm.runner.block_manager.stats().prefix_hit_tokens
+    bm = llm.runner.block_manager
+    assert bm is not None
+    before = bm.stats().prefix_hit_tokens
     assert [c.token_ids for c in llm.generate(prompts, params)] == expected  # now from cached prefix blocks
-    assert llm.runner.block_manager.stats().prefix_hit_tokens > before
+    assert bm.stats().prefix_hit_tokens > before
 
 
 def test_padded_decode_graphs_give_the_eager_logits(loaded: LoadedModel, prompts: list[list[int]]) -> None:

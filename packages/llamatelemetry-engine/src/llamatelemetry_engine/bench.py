@@ -145,13 +145,23 @@ class _Bench:
         return float(total / _timed(self.device, lambda: llm.generate(prompts, params), repeats=1))
 
 
+_OPERATIONS = {
+    "triton_kernels": ("fused_add_rmsnorm", "rope", "swiglu"),
+    "flash_attention": ("flash_attention",),
+    "paged_kv": ("paged_attention",),
+}
+
+
 def _implementation(llm: LLM, name: str) -> str:
-    state = llm.flags.states[name]
-    if name == "flash_attention":
-        sel = last_selection("flash_attention")
+    """What ran for ``name``: the last dispatch of its operations (the optimized engine runs last), else the flag's
+    resolved implementation."""
+    ran = []
+    for op in _OPERATIONS.get(name, ()):
+        sel = last_selection(op)
         if sel is not None:
-            return f"flash_attention_forward -> {getattr(sel, 'implementation', sel)}"
-    return state.implementation
+            ran.append(f"{op}: {sel.implementation}")
+    state = llm.flags.states[name].implementation if name in llm.flags.states else "all on"
+    return ", ".join(ran) if ran else state
 
 
 def _row(name: str, metric: str, base: float | None, opt: float | None, higher_is_better: bool,
@@ -179,17 +189,17 @@ def _measure(bench: _Bench, name: str) -> dict[str, Any]:
         return _skipped(name, GPU_ONLY.get(name) or resolved.states[name].reason or "not available here")
     w = bench.work
     fast, slow = bench.engine(on), bench.engine(off)
-    impl = _implementation(fast, name) if name != "engine" else "all on"
     if name in ("cuda_graphs", "triton_kernels"):
         base, opt = bench.decode_step_s(slow, 1) * 1e3, bench.decode_step_s(fast, 1) * 1e3
-        return _row(name, "decode ms/step, batch 1", base, opt, False, impl)
+        return _row(name, "decode ms/step, batch 1", base, opt, False, _implementation(fast, name))
     if name == "flash_attention":
         (tb, mb), (to, mo) = bench.prefill(slow), bench.prefill(fast)
-        return _row(name, f"prefill ms, {w.long_prompt} tokens", tb * 1e3, to * 1e3, False, impl,
-                    memory_baseline=mb, memory_optimized=mo)  # fmt: skip
+        return _row(name, f"prefill ms, {w.long_prompt} tokens", tb * 1e3, to * 1e3, False,
+                    _implementation(fast, name), memory_baseline=mb, memory_optimized=mo)  # fmt: skip
     if name == "continuous_batching":
         base, opt = bench.offline_tokens_per_s(slow), bench.offline_tokens_per_s(fast)
-        return _row(name, f"output tokens/s, {w.requests} mixed requests", base, opt, True, impl)
+        return _row(name, f"output tokens/s, {w.requests} mixed requests", base, opt, True,
+                    _implementation(fast, name))  # fmt: skip
     batch = w.batch
     base = batch / bench.decode_step_s(slow, batch)
     opt = batch / bench.decode_step_s(fast, batch)
@@ -199,7 +209,7 @@ def _measure(bench: _Bench, name: str) -> dict[str, Any]:
             "memory_baseline": sum(p.numel() * p.element_size() for p in slow.model.parameters()),
             "memory_optimized": sum(p.numel() * p.element_size() for p in fast.model.parameters()),
         }
-    return _row(name, f"decode tokens/s, batch {batch}", base, opt, True, impl, **extra)
+    return _row(name, f"decode tokens/s, batch {batch}", base, opt, True, _implementation(fast, name), **extra)
 
 
 def _progress(done: int, total: int, label: str) -> None:

@@ -14,14 +14,16 @@ grouped-query, with an optional sliding window of ``window`` tokens (the current
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_flashattn import flash_attention_forward
+from llamatelemetry_kvcache import PagedKVCache
 
 __all__ = ["AttentionParams", "ContiguousKVStore", "ContiguousStep", "PagedStep", "StepContext", "attention_plain"]
 
@@ -138,15 +140,16 @@ class ContiguousStep:
 class PagedStep:
     """A step over a paged cache: one write and one paged-attention call per layer for the whole batch.
 
-    ``cache`` provides ``write(layer_idx, keys, values, slot_mapping)`` and ``layer(layer_idx)`` (a core
-    ``PagedKV``); ``attention`` is ``paged_attention`` of ``llamatelemetry-flashattn``. A step in which every
-    sequence starts at position 0 with FlashAttention on runs prefill attention over the new keys directly.
+    ``cache`` is written through ``write(layer_idx, keys, values, slot_mapping)`` and read as
+    ``layer(layer_idx)`` (a core ``PagedKV``); ``attention`` is ``paged_attention`` of
+    ``llamatelemetry-flashattn``. A step in which every sequence starts at position 0 with FlashAttention on runs
+    prefill attention over the new keys directly.
     """
 
     def __init__(
         self,
-        cache: Any,
-        attention: Any,
+        cache: PagedKVCache,
+        attention: Callable[..., torch.Tensor],
         *,
         slot_mapping: torch.Tensor,
         block_tables: torch.Tensor,
@@ -179,9 +182,8 @@ class PagedStep:
                 outs.append(_attend_one(q[sl], k[sl], v[sl], params))
                 start += n
             return outs[0] if len(outs) == 1 else torch.cat(outs)
-        out: torch.Tensor = self.attention(
+        return self.attention(
             q, self.cache.layer(layer_idx), self.block_tables, self.seq_lens, self.cu_seqlens_q,
             max_seqlen_q=self.max_seqlen_q, softmax_scale=params.scale, causal=True,
             window_size=params.window_size,
         )  # fmt: skip
-        return out

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
 from llamatelemetry_core.serving import SequenceStep
 from llamatelemetry_engine.context import PagedStep
@@ -29,7 +30,11 @@ class DecodeGraphs:
     """Graphs of the runner's paged decode step for batch sizes up to ``max_batch_size``."""
 
     def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
+        if runner.cache is None or runner.paged_attention is None:
+            raise ConfigurationError("decode graphs need the paged KV cache (fixed-shape decode steps)")
         self.runner = runner
+        self.cache = runner.cache
+        self.attention = runner.paged_attention
         self.max_batch_size = max_batch_size
         self.width = runner.max_blocks_per_seq
         dev = runner.device
@@ -60,8 +65,8 @@ class DecodeGraphs:
     ) -> torch.Tensor:
         batch = input_ids.shape[0]
         ctx = PagedStep(
-            self.runner.cache,
-            self.runner.paged_attention,
+            self.cache,
+            self.attention,
             slot_mapping=slot_mapping,
             block_tables=block_tables,
             seq_lens=seq_lens,

@@ -12,6 +12,7 @@ contiguous KV tensor per layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from llamatelemetry_engine.context import ContiguousKVStore, ContiguousStep, Pag
 from llamatelemetry_engine.errors import PromptTooLongError
 from llamatelemetry_engine.flags import ResolvedFlags
 from llamatelemetry_engine.models import LlamaForCausalLM
+from llamatelemetry_kvcache import BlockManager, PagedKVCache
 
 __all__ = ["ModelRunner"]
 
@@ -46,8 +48,8 @@ class ModelRunner:
         flags: ResolvedFlags,
         *,
         max_model_len: int,
-        paged_cache: Any = None,
-        paged_attention: Any = None,
+        paged_cache: PagedKVCache | None = None,
+        paged_attention: Callable[..., torch.Tensor] | None = None,
         max_batch_size: int = 64,
     ) -> None:
         self.model = model
@@ -66,7 +68,7 @@ class ModelRunner:
         self.cache = paged_cache
         self.paged_attention = paged_attention
         self.store = ContiguousKVStore(self.config.num_layers)
-        self._page_size: int | None = int(paged_cache.block_manager.page_size) if self.paged else None
+        self._page_size: int | None = paged_cache.block_manager.page_size if paged_cache is not None else None
         self.max_blocks_per_seq = math.ceil(max_model_len / self._page_size) if self._page_size else 0
         self.graphs: Any = None
         if self.paged and flags.active("cuda_graphs"):
@@ -90,9 +92,9 @@ class ModelRunner:
         return self._page_size
 
     @property
-    def block_manager(self) -> Any:
+    def block_manager(self) -> BlockManager | None:
         """The paged cache's block manager (``None`` without the paged KV cache)."""
-        return self.cache.block_manager if self.paged else None
+        return self.cache.block_manager if self.cache is not None else None
 
     def release(self, seq_id: int) -> None:
         """Forget a sequence's contiguous KV (paged blocks are freed through the block manager)."""
@@ -118,7 +120,7 @@ class ModelRunner:
         positions = torch.tensor(
             [p for s in seqs for p in range(s.start_pos, s.end_pos)], dtype=torch.long, device=self.device
         )
-        ctx = self._paged_context(seqs) if self.paged else self._contiguous_context(seqs)
+        ctx = self._paged_context(seqs) if self.cache is not None else self._contiguous_context(seqs)
         hidden = self.model(input_ids, positions, ctx)
         last, rows = 0, []
         for s in seqs:
@@ -186,6 +188,7 @@ class ModelRunner:
         )
 
     def _paged_context(self, seqs: tuple[SequenceStep, ...]) -> StepContext:
+        assert self.cache is not None and self.paged_attention is not None
         slot_mapping, block_tables, seq_lens, cu = self.paged_metadata(seqs)
         query_lens = [len(s.token_ids) for s in seqs]
         return PagedStep(
