@@ -80,8 +80,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call, in seconds."""
-    fn()
+    """Median wall time of ``repeats`` calls of ``fn``, in seconds, after one warm-up call on a GPU (graph capture,
+    Triton compilation and the allocator's first growth happen there; a CPU has nothing to warm up)."""
+    if device.type == "cuda":
+        fn()
     times = []
     for _ in range(repeats):
         _sync(device)
