@@ -25,6 +25,7 @@ import ast
 import os
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import nox
@@ -184,7 +185,7 @@ def _compile_ahead_of_time(session: nox.Session, matrix: str) -> None:
 
 @nox.session(tags=["cpu"])
 def build(session: nox.Session) -> None:
-    """Build every wheel, then install them in this fresh environment alone and in combinations."""
+    """The from-clone install recipe, then every wheel built and installed alone and in combinations."""
     dist = ROOT / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     session.install("build>=1.2", "hatchling>=1.21")
@@ -204,8 +205,18 @@ def build(session: nox.Session) -> None:
     session.log(f"built {len(wheels)} wheels: {', '.join(wheels)}")
     if len(wheels) != len(PACKAGES):
         session.error(f"expected {len(PACKAGES)} wheels, got {wheels}")
+    unlicensed = [w for w in wheels if not any(n.endswith("/LICENSE") for n in zipfile.ZipFile(dist / w).namelist())]
+    if unlicensed:
+        session.error(f"wheels without the LICENSE their metadata declares: {unlicensed}")
     _install_torch(session, "cpu-triton")  # third-party dependencies; our wheels come from dist/ only
     session.install("safetensors>=0.4")  # the engine's one dependency beyond torch
+    # The README's recipe from a clone, in this fresh environment: one component, then all of them, editable,
+    # siblings from the clone (torch and Triton are already here, so pip fetches nothing large).
+    session.run("python", "scripts/install.py", "triton")
+    session.run("python", "scripts/check_install.py", "--installed=triton", "--from-clone")
+    session.run("python", "scripts/install.py", "all")
+    session.run("python", "scripts/check_install.py", f"--installed={','.join(COMPONENTS)}", "--from-clone")
+    session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", *PACKAGES.values())
     local = ["--no-index", f"--find-links={dist}"]
     session.install(*local, "llamatelemetry-core", "llamatelemetry")
     session.run("python", "scripts/check_install.py", "--installed=")

@@ -50,8 +50,16 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+# The CPU matrices run as a CPU without native bf16 (cpu-fallback) and as one with it (cpu-triton), whatever
+# the host has, so that a test which depends on the host's CPU flags fails on every machine. A value set by the
+# caller wins.
+_CPU_BF16 = {"cpu-fallback": "0", "cpu-triton": "1"}
+
+
 def _matrix_environment(matrix: str) -> dict[str, str]:
     env = dict(os.environ)
+    if matrix in _CPU_BF16:
+        env.setdefault("LLAMATELEMETRY_CPU_BF16", _CPU_BF16[matrix])
     has_triton = importlib.util.find_spec("triton") is not None
     if matrix == "cpu-fallback":
         if has_triton:

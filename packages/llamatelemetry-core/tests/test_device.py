@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from llamatelemetry_core.device import (
+    CPU_BF16_ENV,
     SIMULATE_ENV,
+    SIMULATED_CPUS,
     cpu_device_info,
     get_device_info,
     real_device_info,
@@ -121,13 +127,45 @@ def test_simulated_t4_reports_its_datasheet() -> None:
     assert simulated_device_key() is None
 
 
+@pytest.mark.parametrize(("key", "bf16"), sorted(SIMULATED_CPUS.items()))
+def test_a_simulated_cpu_pins_every_fact(key: str, bf16: bool) -> None:
+    with simulate_device(key) as info:
+        assert info.kind == "cpu" and info.simulated and info.supports_bf16 is bf16
+        assert (info.sm_count, info.total_memory_bytes, info.free_memory_bytes) == (2, 8 * 1024**3, 8 * 1024**3)
+        assert info.architecture == "x86_64" and info.compute_capability is None and info.peak is None
+        assert not (info.has_tensor_cores or info.supports_tf32 or info.supports_fp8)
+        # Every way of asking answers with the simulated CPU, an explicit CPU device included.
+        for device in (None, "cpu", torch.device("cpu"), "cuda", 0):
+            assert get_device_info(device) == info
+        assert get_device_info(torch.device("cpu"), refresh_memory=False) == info
+    assert get_device_info("cpu").simulated is False
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", False), ("1", True), ("off", False), ("yes", True)])
+def test_cpu_bf16_detection_can_be_overridden(value: str, expected: bool) -> None:
+    # A fresh process: the CPU's static facts are read once per process.
+    code = "from llamatelemetry_core.device import cpu_device_info; print(cpu_device_info().supports_bf16)"
+    env = {**os.environ, CPU_BF16_ENV: value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
+
+
+def test_a_bad_cpu_bf16_override_says_what_to_set() -> None:
+    code = "from llamatelemetry_core.device import cpu_device_info; cpu_device_info()"
+    env = {**os.environ, CPU_BF16_ENV: "maybe"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and f"expected {CPU_BF16_ENV} to be 0 or 1, got 'maybe'" in out.stderr
+
+
 def test_simulation_nests_and_restores() -> None:
     with simulate_device("h100"):
         with simulate_device("T4"):
             assert get_device_info().spec_key == "t4"
         assert get_device_info().spec_key == "h100"
         with simulate_device("cpu"):
-            assert get_device_info().kind == "cpu"
+            assert get_device_info().kind == "cpu" and not get_device_info().supports_bf16
+        with simulate_device("cpu-bf16"):
+            assert get_device_info().supports_bf16
 
 
 def test_simulation_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from llamatelemetry_core.device import get_device_info, simulate_device
 from llamatelemetry_core.environment import (
+    SDPA_NOT_PROBED,
     TRITON_INTERPRET_ENV,
     distribution_version,
     flash_attn_status,
@@ -23,10 +26,14 @@ def test_interpreter_flag_controls_triton_devices(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.no_triton
-def test_triton_missing_says_how_to_install() -> None:
-    status = triton_status()
+def test_triton_missing_says_how_to_install_where_it_would_run() -> None:
+    with simulate_device("t4"):
+        status = triton_status()
     assert not status.installed and not status.usable
-    assert status.reason is not None and "pip install triton" in status.reason
+    assert status.reason == "install it with: pip install triton"
+    with simulate_device("cpu"):
+        status = triton_status()
+    assert status.reason is not None and "not needed on a CPU" in status.reason and "pip" not in status.reason
 
 
 @pytest.mark.triton
@@ -45,15 +52,22 @@ def test_triton_on_cpu_without_interpreter_is_not_usable(monkeypatch: pytest.Mon
     assert status.reason is not None and TRITON_INTERPRET_ENV in status.reason
 
 
-def test_flash_attn_never_usable_on_t4_or_cpu() -> None:
+def test_flash_attn_never_usable_on_t4_or_cpu_and_never_advised_there() -> None:
     with simulate_device("t4"):
         t4 = flash_attn_status()
     assert not t4.usable
-    assert t4.reason is not None
-    if t4.installed:
-        assert "compute capability >= 8.0" in t4.reason
+    assert t4.reason is not None and "compute capability >= 8.0" in t4.reason and "pip" not in t4.reason
     with simulate_device("cpu"):
-        assert not flash_attn_status().usable
+        cpu = flash_attn_status()
+    assert not cpu.usable and cpu.reason is not None and "CUDA GPUs only" in cpu.reason and "pip" not in cpu.reason
+
+
+def test_flash_attn_is_advised_only_where_it_would_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # as if it were not installed
+    with simulate_device("a100"):
+        status = flash_attn_status()
+    assert not status.installed and not status.usable
+    assert status.reason == "install it with: pip install flash-attn --no-build-isolation"
 
 
 def test_sdpa_backends_probe_really_runs() -> None:
@@ -62,7 +76,7 @@ def test_sdpa_backends_probe_really_runs() -> None:
     if get_device_info().is_cuda:
         assert status["efficient"] is None
     with simulate_device("t4"):
-        assert all(v == "not probed: the device is simulated" for v in sdpa_backend_status().values())
+        assert all(v == SDPA_NOT_PROBED == "not probed (simulated)" for v in sdpa_backend_status().values())
 
 
 def test_distribution_version() -> None:

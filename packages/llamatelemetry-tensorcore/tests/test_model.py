@@ -42,11 +42,11 @@ def _model() -> nn.Module:
 
 
 @pytest.mark.filterwarnings("ignore::llamatelemetry_tensorcore.TensorCoreWarning")
-def test_cpu_model_is_bf16_working_and_in_eval_mode() -> None:
+def test_bf16_cpu_model_is_bf16_working_and_in_eval_mode() -> None:
     model = _model()
     x = torch.randn(8, 16)
     expected = model.eval()(x)
-    with simulate_device("cpu"):
+    with simulate_device("cpu-bf16"):
         optimized = optimize_for_tensor_cores(model.train(), dtype=torch.float16)
     assert optimized is model and not optimized.training
     assert all(p.dtype == torch.bfloat16 for p in optimized.parameters())
@@ -55,9 +55,31 @@ def test_cpu_model_is_bf16_working_and_in_eval_mode() -> None:
     torch.testing.assert_close(got.float(), expected, atol=0.1, rtol=0.05)
 
 
-def test_cpu_warns_instead_of_raising() -> None:
-    with simulate_device("cpu"), pytest.warns(TensorCoreWarning, match="no CUDA device"):
+@pytest.mark.parametrize("cpu", ["cpu", "cpu-bf16"])
+def test_cpu_warns_instead_of_raising(cpu: str) -> None:
+    with simulate_device(cpu), pytest.warns(TensorCoreWarning, match="no CUDA device"):
         optimize_for_tensor_cores(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("keep_fp32", [False, True])
+def test_cpu_without_bf16_keeps_the_model_in_fp32_and_in_eval_mode(keep_fp32: bool) -> None:
+    model = _model()
+    x = torch.randn(8, 16)
+    expected = model.eval()(x)
+    with simulate_device("cpu"), pytest.warns(TensorCoreWarning, match="no bfloat16 on this CPU"):
+        optimized = optimize_for_tensor_cores(model.train(), dtype=torch.bfloat16, keep_fp32=keep_fp32)
+    assert optimized is model and not optimized.training
+    assert all(t.dtype == torch.float32 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    torch.testing.assert_close(optimized(x), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("cpu", "compute"), [("cpu", None), ("cpu-bf16", torch.bfloat16)])
+def test_plan_on_each_simulated_cpu(cpu: str, compute: torch.dtype | None) -> None:
+    with simulate_device(cpu) as info:
+        plan = plan_model(info, torch.float16)
+    assert plan.device_kind == "cpu" and plan.compute_dtype == compute and not plan.cudnn_benchmark
+    assert plan.warning is not None and "no CUDA device" in plan.warning
 
 
 @pytest.mark.filterwarnings("ignore::llamatelemetry_tensorcore.TensorCoreWarning")
@@ -65,7 +87,7 @@ def test_kept_fp32_modules_run_between_low_precision_ones() -> None:
     model = _model()
     x = torch.randn(8, 16)
     expected = model.eval()(x)
-    with simulate_device("cpu"):
+    with simulate_device("cpu-bf16"):
         optimize_for_tensor_cores(model, keep_fp32=True)
     block = model[0]  # type: ignore[index]
     assert isinstance(block, Block)
@@ -93,7 +115,7 @@ def test_kept_fp32_modules_run_between_low_precision_ones() -> None:
 @pytest.mark.filterwarnings("ignore::llamatelemetry_tensorcore.TensorCoreWarning")
 def test_keep_fp32_by_class_kwargs_and_repeated_calls() -> None:
     block = Block()
-    with simulate_device("cpu"):
+    with simulate_device("cpu-bf16"):
         optimize_for_tensor_cores(block, keep_fp32=[nn.LayerNorm])
         optimize_for_tensor_cores(block, keep_fp32=[nn.LayerNorm])  # hooks are replaced, not stacked
     assert block.norm.weight.dtype == torch.float32 and block.bn.weight.dtype == torch.bfloat16
@@ -105,7 +127,7 @@ def test_keep_fp32_by_class_kwargs_and_repeated_calls() -> None:
 @pytest.mark.filterwarnings("ignore::llamatelemetry_tensorcore.TensorCoreWarning")
 def test_norms_inside_pytorch_transformer_layers_are_not_kept() -> None:
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
-    with simulate_device("cpu"):
+    with simulate_device("cpu-bf16"):
         optimize_for_tensor_cores(nn.Sequential(layer, nn.LayerNorm(16)), keep_fp32=True)
     assert layer.norm1.weight.dtype == torch.bfloat16
     with torch.no_grad():
@@ -115,22 +137,23 @@ def test_norms_inside_pytorch_transformer_layers_are_not_kept() -> None:
 @pytest.mark.filterwarnings("ignore::llamatelemetry_tensorcore.TensorCoreWarning")
 def test_integer_inputs_are_left_alone() -> None:
     model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-    with simulate_device("cpu"):
+    with simulate_device("cpu-bf16"):
         optimize_for_tensor_cores(model, keep_fp32=True)
     assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
 
 
 def test_a_kept_root_module() -> None:
     norm = nn.LayerNorm(8)
-    with simulate_device("cpu"), pytest.warns(TensorCoreWarning):
+    with simulate_device("cpu-bf16"), pytest.warns(TensorCoreWarning):
         optimize_for_tensor_cores(norm, keep_fp32=True)
     assert norm.weight.dtype == torch.float32
     assert norm(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_cpu_does_not_touch_global_switches() -> None:
+@pytest.mark.parametrize("cpu", ["cpu", "cpu-bf16"])
+def test_cpu_does_not_touch_global_switches(cpu: str) -> None:
     before = snapshot_flags()
-    with simulate_device("cpu"), pytest.warns(TensorCoreWarning):
+    with simulate_device(cpu), pytest.warns(TensorCoreWarning):
         optimize_for_tensor_cores(nn.Linear(2, 2))
     assert snapshot_flags() == before
 

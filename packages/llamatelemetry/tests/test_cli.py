@@ -1,13 +1,24 @@
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from llamatelemetry.cli import doctor_report, main
-from llamatelemetry_core.device import real_device_info
+import llamatelemetry._environment as environment
+from llamatelemetry._environment import measured_results, outside_tested_ranges
+from llamatelemetry.cli import CPU_SUMMARY, SCHEMA_VERSION, _summary, doctor_report, main
+from llamatelemetry_core.device import real_device_info, simulate_device
+from llamatelemetry_core.environment import SDPA_NOT_PROBED
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_doctor_json_reports_every_section(capsys: pytest.CaptureFixture[str]) -> None:
@@ -15,6 +26,12 @@ def test_doctor_json_reports_every_section(capsys: pytest.CaptureFixture[str]) -
     report = json.loads(capsys.readouterr().out)
     for key in ("device", "tensor_cores", "triton", "flash_attn", "sdpa_backends", "operations", "components"):
         assert key in report
+    assert report["schema_version"] == SCHEMA_VERSION == 2
+    for key in ("driver", "packages", "environment_variables", "gpus", "summary", "outside_tested_ranges"):
+        assert key in report
+    assert set(report["driver"]) == {"nvidia_driver", "cuda_driver", "cuda_runtime"}
+    assert set(report["packages"]) == {"triton", "transformers", "flash-attn", "numpy"}
+    assert len(report["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     device = real_device_info()
     assert report["device"]["kind"] == device.kind
     assert report["device"]["name"] == device.name
@@ -71,3 +88,156 @@ def test_python_dash_m_entry_point() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["llamatelemetry"]
+
+
+def test_simulated_sdpa_says_not_probed_in_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--json", "--simulate", "t4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["sdpa_backends"].values()) == {SDPA_NOT_PROBED} == {"not probed (simulated)"}
+    assert main(["doctor", "--simulate", "t4"]) == 0
+    out = capsys.readouterr().out
+    assert "SDPA backends: cudnn, flash, efficient, math: not probed (simulated)" in out
+    assert "math no" not in out
+
+
+@pytest.mark.parametrize("device", ["t4", "cpu", "cpu-bf16"])
+def test_no_advice_to_install_what_cannot_run_here(device: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--simulate", device]) == 0
+    out = capsys.readouterr().out
+    flash_lines = [line for line in out.splitlines() if "flash-attn" in line or "flash_attn" in line]
+    assert flash_lines and not any("pip install" in line for line in flash_lines), flash_lines
+    status_lines = [line for line in out.splitlines() if line.startswith(("Triton:", "flash-attn:"))]
+    assert len(status_lines) == 2
+    assert not any("is not installed" in line for line in status_lines), status_lines  # "not installed" once
+
+
+def test_advice_to_install_flash_attn_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    with simulate_device("a100"):
+        report = doctor_report()
+    assert report["flash_attn"]["reason"] == "install it with: pip install flash-attn --no-build-isolation"
+
+
+def test_datasheet_line_names_only_the_figures_the_gpu_has(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--simulate", "t4"]) == 0
+    datasheet = next(line for line in capsys.readouterr().out.splitlines() if "datasheet:" in line)
+    assert "None" not in datasheet and "bf16" not in datasheet and "fp16 65 TFLOP/s" in datasheet
+
+
+def test_cpu_summary_and_no_measured_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with simulate_device("cpu"):
+        report = doctor_report()
+    assert all(op["measured"] is None for op in report["operations"].values())
+    # Other tests of this process may register operations with CPU implementations of their own.
+    if all(op["selected"] in ("reference", "sdpa_cpu") for op in report["operations"].values()):
+        assert report["summary"] == CPU_SUMMARY
+    ops = {"layernorm": {"selected": "reference"}, "flash_attention": {"selected": "sdpa_cpu"}}
+    with simulate_device("cpu") as cpu:
+        assert (
+            _summary(cpu, ops)
+            == CPU_SUMMARY
+            == ("every operation runs its PyTorch reference here; the speedups need a CUDA GPU")
+        )
+        ops["softmax"] = {"selected": "triton"}
+        assert _summary(cpu, ops) == (
+            "softmax (triton) run here (Triton's interpreter: for tests, slower than the references); every other "
+            "operation runs its PyTorch reference; the speedups need a CUDA GPU"
+        )
+
+
+def test_measured_ratios_for_a_measured_gpu_model_and_not_for_others(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--json", "--simulate", "h100"]) == 0
+    h100 = json.loads(capsys.readouterr().out)
+    if "triton" not in h100["operations"]["layernorm"]["selected"]:
+        pytest.skip("needs the Triton component and Triton installed (the cpu-triton matrix)")
+    layernorm = h100["operations"]["layernorm"]["measured"]
+    assert layernorm["applies"] and layernorm["device"] == "NVIDIA H100 80GB HBM3"
+    assert layernorm["source"].startswith("benchmarks/results/nvidia-h100-80gb-hbm3/")
+    matmul = h100["operations"]["matmul_tensor_core"]["measured"]
+    assert matmul["gpu_time"][0] < 1 < matmul["gpu_time"][1]  # the loss at 1024 is shown beside the gains
+    assert h100["operations"]["rope"]["measured"] is None
+    assert "below 1x is a loss" in h100["summary"] and "not measured on this GPU" in h100["summary"]
+    assert main(["doctor", "--simulate", "t4"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax [float16]: triton (not measured on this GPU)" in out
+    assert "none was measured on this GPU model" in out
+
+
+def test_the_shipped_measurements_match_benchmarks_results() -> None:
+    script = ROOT / "scripts" / "benchmark_summary.py"
+    if not script.is_file():
+        pytest.skip("needs the monorepo checkout")
+    spec = importlib.util.spec_from_file_location("benchmark_summary", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert measured_results() == json.loads(module.render()), "run: python scripts/benchmark_summary.py"
+    for gpu in measured_results()["gpus"].values():
+        for operation in gpu["operations"].values():
+            assert (ROOT / operation["source"]).is_file()
+
+
+def test_environment_variables_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMATELEMETRY_BACKEND", "reference")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "x")
+    env = doctor_report()["environment_variables"]
+    assert env["LLAMATELEMETRY_BACKEND"] == "reference" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert "UNRELATED_VARIABLE" not in env
+
+
+def test_versions_outside_the_declared_ranges_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = SimpleNamespace(
+        metadata={"Name": "llamatelemetry-fake"},
+        requires=[
+            "torch<1.0",
+            "torch>=2.0",
+            "numpy<0.1; sys_platform == 'no-such-platform'",
+            "no-such-distribution-xyz>=1",
+            'transformers<0.1; extra == "transformers"',
+        ],
+    )
+    monkeypatch.setattr(environment, "_installed_llamatelemetry", lambda: [fake])
+    found = outside_tested_ranges()
+    torch_version = importlib.metadata.version("torch")
+    expected = [{"distribution": "llamatelemetry-fake", "requirement": "torch<1.0", "installed": torch_version}]
+    if importlib.util.find_spec("transformers") is not None:
+        transformers = importlib.metadata.version("transformers")
+        expected.append(
+            {
+                "distribution": "llamatelemetry-fake",
+                "requirement": 'transformers<0.1; extra == "transformers"',
+                "installed": transformers,
+            }
+        )
+    assert found == expected
+
+
+def test_help_shows_no_rest_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
+
+
+def test_an_unknown_flag_of_doctor_is_reported_under_doctors_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["doctor", "--bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: llamatelemetry doctor" in err and "unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_output_is_reported_once_without_a_traceback() -> None:
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llamatelemetry", "doctor", "--json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+    assert proc.returncode == 1
+    assert "cannot write the report" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from llamatelemetry._components import COMPONENTS, import_component, missing_component
+from llamatelemetry._components import (
+    COMPONENTS,
+    NotYetProvidedError,
+    import_component,
+    install_command,
+    missing_component,
+    source_checkout,
+)
 from llamatelemetry_core.errors import CapabilityError
 
 EXTRAS = sorted(COMPONENTS)
@@ -30,9 +37,15 @@ def test_documented_path_exposes_every_documented_name(extra: str) -> None:
     for name in component.documented_names:
         if name in exported:
             continue
-        # A documented name the installed component does not provide yet fails loudly, never silently.
-        with pytest.raises(CapabilityError, match=rf"{component.documented_path}\.{name} is documented but"):
+        # A documented name the installed component does not provide yet fails loudly, never silently, and
+        # as an AttributeError, so that hasattr and getattr with a default keep working.
+        with pytest.raises(AttributeError, match=rf"{component.documented_path}\.{name} is documented") as exc:
             getattr(module, name)
+        assert isinstance(exc.value, NotYetProvidedError) and isinstance(exc.value, CapabilityError)
+        assert exc.value.name == name and exc.value.obj is module
+        assert "upgrade" not in str(exc.value) and "not implemented yet" in str(exc.value)
+        assert not hasattr(module, name)
+        assert getattr(module, name, None) is None
     with pytest.raises(AttributeError):
         module.no_such_name  # noqa: B018
 
@@ -45,7 +58,7 @@ def test_missing_component_names_the_extra(extra: str, monkeypatch: pytest.Monke
     with pytest.raises(ImportError) as exc:
         importlib.import_module(component.documented_path)
     message = str(exc.value)
-    assert f'pip install "llamatelemetry[{extra}]"' in message
+    assert install_command(extra) in message
     assert component.distribution in message
     monkeypatch.delitem(sys.modules, component.documented_path, raising=False)
 
@@ -54,7 +67,7 @@ def test_a_broken_dependency_is_not_reported_as_a_missing_extra() -> None:
     cause = ModuleNotFoundError("No module named 'torch'", name="torch")
     assert missing_component("graphs", cause) is cause
     inner = ModuleNotFoundError("No module named 'llamatelemetry_graphs.graph'", name="llamatelemetry_graphs.graph")
-    assert "llamatelemetry[graphs]" in str(missing_component("graphs", inner))
+    assert install_command("graphs") in str(missing_component("graphs", inner))
 
 
 def test_extras_and_components_agree() -> None:
@@ -77,3 +90,15 @@ def test_top_level_import_is_light() -> None:
     _fresh_import("llamatelemetry")
     assert not any(m.startswith(("llamatelemetry.cuda.", "llamatelemetry.inference.")) for m in sys.modules)
     assert "llamatelemetry.engine" not in sys.modules
+
+
+def test_the_install_hint_fits_the_kind_of_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tests run from a clone (editable or in place): the hint is the clone's install script.
+    checkout = source_checkout()
+    assert checkout is not None and (checkout / "scripts" / "install.py").is_file()
+    assert install_command("triton") == f"python {checkout / 'scripts' / 'install.py'} triton"
+    # An install from a package index has no clone to point at: pip with the extra.
+    # (Patched through the function's own globals: another test re-imports the module.)
+    monkeypatch.setitem(install_command.__globals__, "source_checkout", lambda: None)
+    assert install_command("triton") == 'pip install "llamatelemetry[triton]"'
+    assert COMPONENTS["kvcache"].install == 'pip install "llamatelemetry[kvcache]"'

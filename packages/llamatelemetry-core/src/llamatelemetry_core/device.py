@@ -3,8 +3,12 @@
 :func:`get_device_info` answers for the current CUDA device, any given CUDA device, or the CPU. Every
 component asks it (never ``torch.cuda`` directly) when choosing what to run, so that simulating a device, with
 ``LLAMATELEMETRY_SIMULATE_DEVICE=t4`` or ``with simulate_device("t4"):``, shows what that GPU would choose on any
-machine, a CPU-only one included. A simulated device carries the datasheet figures of
-:mod:`llamatelemetry_core.gpu_specs`; it runs nothing.
+machine, a CPU-only one included. A simulated GPU carries the datasheet figures of
+:mod:`llamatelemetry_core.gpu_specs`; a simulated CPU (``cpu``: no native bf16, ``cpu-bf16``: native bf16) pins
+every fact as well, so that what is chosen never depends on the host. A simulated device runs nothing.
+
+``LLAMATELEMETRY_CPU_BF16=0`` (or ``1``) overrides the detection of native bf16 on the real CPU: the test
+matrices use it to run every suite as a CPU without bf16 and as one with it, whatever the host is.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from llamatelemetry_core.errors import CapabilityError, ConfigurationError
 from llamatelemetry_core.gpu_specs import GPU_SPECS, GPUSpec, architecture_name, find_spec, spec_by_key
 
 __all__ = [
+    "CPU_BF16_ENV",
+    "SIMULATED_CPUS",
     "SIMULATE_ENV",
     "DeviceInfo",
     "PeakThroughput",
@@ -36,6 +42,13 @@ __all__ = [
 ]
 
 SIMULATE_ENV = "LLAMATELEMETRY_SIMULATE_DEVICE"
+CPU_BF16_ENV = "LLAMATELEMETRY_CPU_BF16"
+SIMULATED_CPUS: dict[str, bool] = {"cpu": False, "cpu-bf16": True}
+"""Keys of the simulated CPUs, with whether each has native bf16 (AVX512-BF16/AMX or Arm BF16)."""
+# The pinned facts of a simulated CPU: a small x86-64 machine like a CI runner (the numbers only need to be fixed;
+# few cores make the launch heuristics give several rows to a program even on the tiny shapes of the tests).
+_SIMULATED_CPU_CORES = 2
+_SIMULATED_CPU_MEMORY = 8 * 1024**3
 _GIB = 1024**3
 _simulated: contextvars.ContextVar[str | None] = contextvars.ContextVar("llamatelemetry_simulated", default=None)
 
@@ -166,7 +179,18 @@ def _cpu_name() -> str:
 
 
 def _cpu_has_native_bf16() -> bool:
-    """x86 with AVX512-BF16 or AMX-BF16, or Arm with the BF16 extension: bf16 math without emulation."""
+    """x86 with AVX512-BF16 or AMX-BF16, or Arm with the BF16 extension: bf16 math without emulation.
+
+    ``LLAMATELEMETRY_CPU_BF16=0``/``1`` overrides the detection. Like every static fact, it is read once per
+    process.
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in {"0", "false", "no", "off"}:
+        return False
+    if forced in {"1", "true", "yes", "on"}:
+        return True
+    if forced:
+        raise ConfigurationError(f"expected {CPU_BF16_ENV} to be 0 or 1, got {forced!r}; set 0, 1, or unset it")
     flags = set((_cpuinfo_field("flags", "Features") or "").split())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
@@ -174,12 +198,35 @@ def _cpu_has_native_bf16() -> bool:
 def cpu_device_info(*, refresh_memory: bool = True) -> DeviceInfo:
     """Facts about this machine's CPU as a device (no tensor cores, no datasheet peaks).
 
-    ``refresh_memory=False`` answers from a cache, with free memory as of the first query.
+    ``refresh_memory=False`` answers from a cache, with free memory as of the first query. Native bf16 is
+    detected from the CPU flags unless :data:`CPU_BF16_ENV` says otherwise.
     """
     cached = _cpu_device_info()
     if not refresh_memory:
         return cached
     return dataclasses.replace(cached, free_memory_bytes=_cpu_free_memory())
+
+
+@functools.cache
+def _simulated_cpu_info(bf16: bool) -> DeviceInfo:
+    return DeviceInfo(
+        kind="cpu",
+        name=f"CPU (simulated, {'native' if bf16 else 'no native'} bf16)",
+        index=None,
+        compute_capability=None,
+        architecture="x86_64",
+        sm_count=_SIMULATED_CPU_CORES,
+        total_memory_bytes=_SIMULATED_CPU_MEMORY,
+        free_memory_bytes=_SIMULATED_CPU_MEMORY,
+        shared_memory_per_block_bytes=None,
+        supports_bf16=bf16,
+        supports_fp8=False,
+        supports_tf32=False,
+        has_tensor_cores=False,
+        peak=None,
+        spec_key=None,
+        simulated=True,
+    )
 
 
 def _cpu_free_memory() -> int | None:
@@ -268,8 +315,8 @@ def simulated_device_key() -> str | None:
 
 
 def _validate_key(key: str) -> None:
-    if key != "cpu" and spec_by_key(key) is None:
-        known = ", ".join(["cpu", *(s.key for s in GPU_SPECS)])
+    if key not in SIMULATED_CPUS and spec_by_key(key) is None:
+        known = ", ".join([*SIMULATED_CPUS, *(s.key for s in GPU_SPECS)])
         raise ConfigurationError(
             f"expected a device to simulate among {known}, got {key!r} "
             f"(from simulate_device() or {SIMULATE_ENV}); pick one of those keys or unset {SIMULATE_ENV}"
@@ -278,10 +325,13 @@ def _validate_key(key: str) -> None:
 
 @contextlib.contextmanager
 def simulate_device(key: str) -> Iterator[DeviceInfo]:
-    """Within the block, :func:`get_device_info` answers as if the GPU ``key`` (or ``"cpu"``) were present.
+    """Within the block, :func:`get_device_info` answers as if the device ``key`` were present.
 
-    Keys are those of :data:`~llamatelemetry_core.gpu_specs.GPU_SPECS` (``t4``, ``a100``, ``h100``, ...).
-    Simulation changes what is *chosen*; it does not make CUDA available. Thread- and task-local.
+    Keys are those of :data:`~llamatelemetry_core.gpu_specs.GPU_SPECS` (``t4``, ``a100``, ``h100``, ...) and
+    the CPUs of :data:`SIMULATED_CPUS`: ``cpu`` (no native bf16) and ``cpu-bf16``. Every fact of a simulated
+    device is pinned (a simulated CPU has 2 cores and 8 GiB, whatever the host has). Simulation changes what
+    is *chosen*; it does not make CUDA available, and CPU tensors still run on the host CPU. Thread- and
+    task-local.
     """
     key = key.strip().lower()
     _validate_key(key)
@@ -328,8 +378,8 @@ _static_by_device: dict[torch.device, DeviceInfo] = {}
 def get_device_info(device: int | str | torch.device | None = None, *, refresh_memory: bool = True) -> DeviceInfo:
     """Facts about ``device``: ``None`` means the current CUDA device, or the CPU when there is none.
 
-    While a device is simulated, ``None`` and any CUDA device answer with the simulated GPU (or the CPU when
-    simulating ``"cpu"``); an explicit CPU device always answers with the CPU.
+    While a GPU is simulated, ``None`` and any CUDA device answer with it, and an explicit CPU device answers
+    with the real CPU; while a CPU is simulated, every device answers with the simulated CPU.
 
     The static facts are cached per device; free memory is queried again unless ``refresh_memory=False``
     (what dispatch uses on every call, where a device query per operation would cost more than the operation).
@@ -346,8 +396,10 @@ def get_device_info(device: int | str | torch.device | None = None, *, refresh_m
             _static_by_device[device] = info
         return info
     if key is not None:
+        if key in SIMULATED_CPUS:
+            return _simulated_cpu_info(SIMULATED_CPUS[key])
         explicit_cpu = device is not None and not isinstance(device, int) and torch.device(device).type == "cpu"
-        if key == "cpu" or explicit_cpu:
+        if explicit_cpu:
             return cpu_device_info(refresh_memory=refresh_memory)
         spec = spec_by_key(key)
         assert spec is not None  # validated by simulated_device_key

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from torch.nn.attention import SDPBackend
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 
 __all__ = [
+    "SDPA_NOT_PROBED",
     "TRITON_INTERPRET_ENV",
     "PackageStatus",
     "distribution_version",
@@ -31,6 +33,8 @@ __all__ = [
 ]
 
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
+SDPA_NOT_PROBED = "not probed (simulated)"
+"""What :func:`sdpa_backend_status` says of every backend on a simulated device, where nothing can run."""
 _FLASH_ATTN_MIN_CAPABILITY = (8, 0)
 
 
@@ -63,8 +67,18 @@ def _triton_import_error() -> str | None:
     try:
         importlib.import_module("triton")
     except ImportError as exc:
-        return f"Triton is not installed ({exc}); install it with: pip install triton"
+        return str(exc)
     return None
+
+
+def _triton_missing_reason(info: DeviceInfo) -> str:
+    """What a missing Triton means on ``info``: advice to install it only where its kernels would run."""
+    if info.kind == "cpu" and not triton_interpreter_enabled():
+        return (
+            "not needed on a CPU: every operation runs its PyTorch reference (Triton runs CPU tensors only in its "
+            f"interpreter, {TRITON_INTERPRET_ENV}=1, which is for tests)"
+        )
+    return "install it with: pip install triton"
 
 
 def triton_devices() -> frozenset[str]:
@@ -93,9 +107,8 @@ def triton_status(device: DeviceInfo | None = None, *, probe: bool = True) -> Pa
     On a simulated device nothing can be run, so usability is judged from the device facts alone.
     """
     info = device if device is not None else get_device_info()
-    error = _triton_import_error()
-    if error is not None:
-        return PackageStatus("triton", False, None, False, error)
+    if _triton_import_error() is not None:
+        return PackageStatus("triton", False, None, False, _triton_missing_reason(info))
     version = distribution_version("triton") or getattr(importlib.import_module("triton"), "__version__", None)
     if info.kind == "cpu" and not triton_interpreter_enabled():
         return PackageStatus(
@@ -112,35 +125,35 @@ def triton_status(device: DeviceInfo | None = None, *, probe: bool = True) -> Pa
     return PackageStatus("triton", True, version, reason is None, reason)
 
 
-def flash_attn_status(device: DeviceInfo | None = None) -> PackageStatus:
-    """Is the flash-attn package installed, and can it run on ``device``? (It needs an Ampere or newer GPU.)"""
-    info = device if device is not None else get_device_info()
-    try:
-        module = importlib.import_module("flash_attn")
-    except ImportError as exc:
-        return PackageStatus(
-            "flash-attn",
-            False,
-            None,
-            False,
-            f'flash-attn is not installed ({exc}); pip install "llamatelemetry-flashattn[flash-attn]"',
-        )
-    except Exception as exc:  # a broken CUDA extension raises OSError or RuntimeError on import
-        return PackageStatus("flash-attn", True, None, False, f"flash-attn fails to import: {exc}")
-    version = getattr(module, "__version__", None) or distribution_version("flash-attn")
+def _flash_attn_unusable_on(info: DeviceInfo) -> str | None:
     if not info.is_cuda:
-        return PackageStatus("flash-attn", True, version, False, "flash-attn runs on CUDA GPUs only")
+        return "flash-attn runs on CUDA GPUs only (Ampere, compute capability 8.0, and newer)"
     if not info.capability_at_least(*_FLASH_ATTN_MIN_CAPABILITY):
         major, minor = _FLASH_ATTN_MIN_CAPABILITY
+        cc = info.compute_capability
+        got = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
+        return f"flash-attn 2 needs compute capability >= {major}.{minor}; {info.name} is {info.architecture} ({got})"
+    return None
+
+
+def flash_attn_status(device: DeviceInfo | None = None) -> PackageStatus:
+    """Is the flash-attn package installed, and can it run on ``device``? (It needs an Ampere or newer GPU.)
+
+    Where it cannot run (a CPU, a T4), the reason says so and gives no advice to install it.
+    """
+    info = device if device is not None else get_device_info()
+    unusable = _flash_attn_unusable_on(info)
+    if importlib.util.find_spec("flash_attn") is None:
+        reason = unusable or "install it with: pip install flash-attn --no-build-isolation"
+        return PackageStatus("flash-attn", False, None, False, reason)
+    try:
+        module = importlib.import_module("flash_attn")
+    except Exception as exc:  # a broken CUDA extension raises ImportError, OSError or RuntimeError on import
         return PackageStatus(
-            "flash-attn",
-            True,
-            version,
-            False,
-            f"flash-attn 2 needs compute capability >= {major}.{minor}; {info.name} is "
-            f"{info.architecture} ({info.compute_capability})",
+            "flash-attn", True, distribution_version("flash-attn"), False, f"flash-attn fails to import: {exc}"
         )
-    return PackageStatus("flash-attn", True, version, True, None)
+    version = getattr(module, "__version__", None) or distribution_version("flash-attn")
+    return PackageStatus("flash-attn", True, version, unusable is None, unusable)
 
 
 def tf32_matmul_enabled() -> bool:
@@ -171,12 +184,12 @@ def sdpa_backend_status(device: DeviceInfo | None = None) -> dict[str, str | Non
     """Which of PyTorch's SDPA backends run here: name -> ``None`` when it runs, else the reason.
 
     Each backend is tried on a tiny causal fp16 call (fp32 on CPU) with only that backend allowed. On a
-    simulated device nothing can run, and every entry says so.
+    simulated device nothing can run, and every entry says :data:`SDPA_NOT_PROBED`.
     """
     info = device if device is not None else get_device_info()
     backends = _sdpa_backends()
     if info.simulated:
-        return dict.fromkeys(backends, "not probed: the device is simulated")
+        return dict.fromkeys(backends, SDPA_NOT_PROBED)
     from torch.nn.attention import sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from llamatelemetry_core.selection import (
     CallSpec,
     Check,
     Operation,
+    QuietReason,
     requires_dtypes,
     requires_min_capability,
     requires_module,
@@ -182,6 +184,18 @@ def _sdpa_runs(backend: str) -> Check:
         return None if reason is None else f"PyTorch's {backend} SDPA backend does not run here: {reason}"
 
     return check
+
+
+_flash_attn_capability = requires_min_capability(8, 0)
+
+
+def _flash_attn_runs_on_this_gpu(call: CallSpec) -> str | None:
+    """flash-attn 2 needs Ampere or newer. Checked before the package, so that a T4 is never told to install it;
+    quiet where the package is absent (nothing was tried), a warning where it is installed but cannot run."""
+    reason = _flash_attn_capability(call)
+    if reason is None:
+        return None
+    return reason if importlib.util.find_spec("flash_attn") is not None else QuietReason(reason)
 
 
 def _flash_attn_usable(call: CallSpec) -> str | None:
@@ -399,6 +413,7 @@ ATTENTION.register(
     priority=500,
     devices={"cuda"},
     checks=[
+        _flash_attn_runs_on_this_gpu,
         requires_module("flash_attn", 'pip install "llamatelemetry-flashattn[flash-attn]"', optional=True),
         _flash_attn_usable,
         requires_dtypes(*_HALF),

@@ -156,7 +156,7 @@ def measure_matmul_speedup(
     check_positive_int(repeats, "repeats")
     info = get_device_info(device)
     if not info.is_cuda or info.simulated:
-        what = "a simulated device" if info.simulated else "a CPU"
+        what = "a CPU" if not info.is_cuda else "a simulated device"
         raise CapabilityError(
             f"measuring Tensor Core speed needs a real CUDA device, got {what} ({info.name}); "
             "use measure=False, or run on a GPU machine without LLAMATELEMETRY_SIMULATE_DEVICE"

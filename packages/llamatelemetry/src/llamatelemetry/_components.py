@@ -3,12 +3,76 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import json
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 from llamatelemetry_core.errors import CapabilityError
 
-__all__ = ["COMPONENTS", "Component", "import_component", "missing_component", "not_yet_provided"]
+__all__ = [
+    "COMPONENTS",
+    "Component",
+    "NotYetProvidedError",
+    "import_component",
+    "install_command",
+    "missing_component",
+    "not_yet_provided",
+    "source_checkout",
+]
+
+
+class NotYetProvidedError(CapabilityError, AttributeError):
+    """A name of the user guide that the installed component does not implement yet.
+
+    An ``AttributeError``, so that ``hasattr`` answers ``False`` and ``getattr(module, name, default)`` returns
+    the default, and a :class:`~llamatelemetry_core.errors.CapabilityError` for code that catches the library's
+    errors.
+    """
+
+
+def _checkout_of(path: Path) -> Path | None:
+    """The clone whose ``packages/`` folder holds ``path`` (a clone has ``scripts/install.py`` beside it)."""
+    path = path.resolve()
+    for parent in path.parents:
+        if (parent / "scripts" / "install.py").is_file() and path.is_relative_to(parent / "packages"):
+            return parent
+    return None
+
+
+def source_checkout() -> Path | None:
+    """The clone this meta-package was installed from, or ``None`` for an install from a package index.
+
+    An editable install (or a run from the source tree) imports from the clone itself; a regular install from a
+    local folder records that folder in its ``direct_url.json`` (PEP 610).
+    """
+    here = _checkout_of(Path(__file__))
+    if here is not None:
+        return here
+    try:
+        raw = importlib.metadata.distribution("llamatelemetry").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not raw:
+        return None
+    url = str(json.loads(raw).get("url", ""))
+    if not url.startswith("file://"):
+        return None
+    return _checkout_of(Path(url.removeprefix("file://")) / "pyproject.toml")
+
+
+def install_command(extra: str) -> str:
+    """The command that installs the component behind ``extra`` for this kind of install.
+
+    From a clone (the packages are not on a package index then): the clone's ``scripts/install.py``, which
+    installs the component editable with its siblings resolved from the clone. Otherwise pip with the extra.
+    """
+    checkout = source_checkout()
+    if checkout is None:
+        return f'pip install "llamatelemetry[{extra}]"'
+    return f"python {shlex.quote(str(checkout / 'scripts' / 'install.py'))} {extra}"
 
 
 @dataclass(frozen=True)
@@ -21,7 +85,8 @@ class Component:
 
     @property
     def install(self) -> str:
-        return f'pip install "llamatelemetry[{self.extra}]"'
+        """The command that installs this component, for the kind of install at hand (see :func:`install_command`)."""
+        return install_command(self.extra)
 
 
 COMPONENTS: dict[str, Component] = {
@@ -139,17 +204,21 @@ def import_component(extra: str) -> ModuleType:
         raise missing_component(extra, exc) from exc
 
 
-def not_yet_provided(extra: str, name: str) -> Exception:
+def not_yet_provided(extra: str, name: str) -> AttributeError:
     """The error for a name of the guide that the installed component does not provide (yet).
 
-    Names the guide does not document get the usual ``AttributeError``.
+    A documented name gets a :class:`NotYetProvidedError` saying so; any other name the usual
+    ``AttributeError``. Both are ``AttributeError`` instances: ``hasattr`` and ``getattr`` with a default work.
     """
     component = COMPONENTS[extra]
     module = import_component(extra)
     version = getattr(module, "__version__", "?")
     if name not in component.documented_names:
         return AttributeError(f"module {component.documented_path!r} has no attribute {name!r}")
-    return CapabilityError(
-        f"{component.documented_path}.{name} is documented but {component.distribution} {version} does not "
-        f'provide it yet; upgrade the component: pip install -U "llamatelemetry[{extra}]"'
+    error = NotYetProvidedError(
+        f"{component.documented_path}.{name} is documented in the user guide but not implemented yet: "
+        f"{component.distribution} {version} does not provide it (the README lists each component's status)"
     )
+    error.name = name
+    error.obj = importlib.import_module(component.documented_path)
+    return error

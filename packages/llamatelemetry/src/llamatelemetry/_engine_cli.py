@@ -28,8 +28,8 @@ def _flag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable", action="append", default=[], metavar="FLAG", help="switch one optimization off")
 
 
-def register(sub: Any) -> None:
-    """Add ``generate`` and ``bench`` to the subparsers of the main parser."""
+def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
+    """Add ``generate`` and ``bench`` to the subparsers of the main parser; return them by name."""
     gen = sub.add_parser("generate", help="generate text with the engine (streams tokens, prints tokens/s)")
     gen.add_argument("prompt", help="the prompt (a user message in chat mode)")
     _flag_arguments(gen)
@@ -48,6 +48,7 @@ def register(sub: Any) -> None:
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the gains (needs matplotlib)")
     bench.add_argument("--output", metavar="FILE.json", help="also write the JSON report to this file")
+    return {"generate": gen, "bench": bench}
 
 
 def _flags(engine: Any, args: argparse.Namespace) -> Any:
