@@ -39,6 +39,7 @@ PACKAGES = {
     "flashattn": "llamatelemetry-flashattn",
     "kvcache": "llamatelemetry-kvcache",
     "batch": "llamatelemetry-batch",
+    "engine": "llamatelemetry-engine",
     "meta": "llamatelemetry",
 }
 MATRICES = ("cpu-fallback", "cpu-triton", "cpu-compile", "gpu")
