@@ -256,6 +256,43 @@ def test_split_kv_merges_to_the_same_result(splits: int, rng: torch.Generator) -
         assert_close(out, oracle(store, **options), atol=tol.atol, rtol=tol.rtol, name=f"split{splits}/{options}")
 
 
+@interpreted
+@pytest.mark.parametrize("page_size", [1, 4, 8])
+@pytest.mark.parametrize("kv_name", ["fp32", "int8"])
+def test_one_block_id_per_page_is_exact(page_size: int, kv_name: str, rng: torch.Generator) -> None:
+    """The per-page address path (tiles spanning whole pages) computes what the per-key path and reference do."""
+    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedTiles, uses_page_ids
+
+    kv_dtype = torch.int8 if kv_name == "int8" else torch.float32
+    # Lengths ending inside a page and inside a tile, a padding sequence, decode and a chunk of prefill.
+    store = make_store(rng, [37, 5, 0, 16], [3, 1, 1, 2], page_size=page_size, heads=4, kv_heads=2, kv_dtype=kv_dtype)
+    tiles = PagedTiles(16, 16, 64, 4, 1, page_ids=True)
+    assert uses_page_ids(tiles, page_size)
+    for splits, options in ((1, {"causal": True}), (3, {"causal": True, "window_size": (9, -1), "softcap": 5.0})):
+        out = triton_paged_attention(
+            store.q,
+            store.kv,
+            store.block_tables,
+            store.seq_lens,
+            store.cu_seqlens_q,
+            max_seqlen_q=3,
+            launch=PagedLaunch(tiles, splits),
+            **options,
+        )
+        tol = tolerance(torch.float32)
+        want = oracle(store, **options)
+        assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name=f"page-ids/p{page_size}/{kv_name}/{options}")
+
+
+def test_page_ids_only_where_a_tile_spans_whole_pages() -> None:
+    from llamatelemetry_flashattn.paged_tiles import PagedTiles, uses_page_ids
+
+    tiles = PagedTiles(16, 64, 128, 4, 3, page_ids=True)
+    assert [p for p in (1, 3, 8, 16, 48, 64, 128) if uses_page_ids(tiles, p)] == [1, 8, 16]
+    assert not uses_page_ids(PagedTiles(16, 64, 128, 4, 3), 16)
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRETED)])
 def test_half_precision(backend: str, rng: torch.Generator) -> None:
     case = Case("half", (45, 19), (3, 1), heads=4, kv_heads=1)
@@ -440,6 +477,46 @@ def test_gpu_each_devices_tiles_and_forced_splits(device_key: str, rows: int | N
         tol = tolerance(torch.float16)
         want = oracle(store, causal=True, window_size=(300, -1))
         assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name=f"{device_key}/{rows}/splits={splits}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int8], ids=["fp16", "int8"])
+@pytest.mark.parametrize("shape", [(16, 64, 4, 3), (16, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2)])
+def test_gpu_one_block_id_per_page(
+    shape: tuple[int, int, int, int], kv_dtype: torch.dtype, rng: torch.Generator
+) -> None:
+    """The per-page address path at the sizes the benchmark sweeps, page 16, with and without split-KV."""
+    from llamatelemetry_core.device import get_device_info
+    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedTiles
+
+    tiles = PagedTiles(*shape[:2], 128, *shape[2:], page_ids=True)
+    if tiles.shared_memory_estimate(2, kv_dtype.itemsize) > (get_device_info().shared_memory_per_block_bytes or 0):
+        pytest.skip("these tiles need more shared memory than this GPU has")
+    store = make_store(
+        rng,
+        [700, 33, 1, 1024],
+        [1, 5, 1, 40],
+        heads=8,
+        kv_heads=2,
+        head_dim=128,
+        dtype=torch.float16,
+        kv_dtype=kv_dtype,
+    )
+    cuda = store.to("cuda")
+    for splits in (1, 4):
+        out = triton_paged_attention(
+            cuda.q,
+            cuda.kv,
+            cuda.block_tables,
+            cuda.seq_lens,
+            cuda.cu_seqlens_q,
+            max_seqlen_q=cuda.max_seqlen_q,
+            causal=True,
+            launch=PagedLaunch(tiles, splits),
+        )
+        tol = tolerance(torch.float16)
+        assert_close(out, oracle(store, causal=True), atol=tol.atol, rtol=tol.rtol, name=f"{shape}/splits={splits}")
 
 
 @pytest.mark.gpu

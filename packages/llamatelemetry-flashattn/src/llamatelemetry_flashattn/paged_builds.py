@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamatelemetry_core.device import DeviceInfo
-from llamatelemetry_flashattn.paged_tiles import PagedTiles, choose_paged_tiles
+from llamatelemetry_flashattn.paged_tiles import PagedTiles, choose_paged_tiles, uses_page_ids
 from llamatelemetry_flashattn.tiles import padded_head_dim
 
 if TYPE_CHECKING:
@@ -35,9 +35,10 @@ if hasattr(torch, "float8_e4m3fn"):
 
 def _build_name(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int, kind: str, tiles: PagedTiles) -> str:
     kv = _TRITON_DTYPES[kv_dtype]
+    ids = ",page-ids" if tiles.page_ids else ""
     return (
         f"flashattn.paged[{_TRITON_DTYPES[q_dtype]},kv={kv},d={head_dim},p={AOT_PAGE_SIZE},{kind},"
-        f"{tiles.block_m}x{tiles.block_n},w{tiles.num_warps},s{tiles.num_stages}]"
+        f"{tiles.block_m}x{tiles.block_n},w{tiles.num_warps},s{tiles.num_stages}{ids}]"
     )
 
 
@@ -101,6 +102,7 @@ def kernel_build(
         "BLOCK_M": tiles.block_m,
         "BLOCK_N": tiles.block_n,
         "PAGE_SIZE": AOT_PAGE_SIZE,
+        "PAGE_IDS": uses_page_ids(tiles, AOT_PAGE_SIZE),
         "SPLIT_KV": split,
         "QUANTIZED": quantized,
         "USE_SOFTCAP": False,

@@ -10,7 +10,9 @@ the shape of flash-attn's ``flash_attn_with_kvcache`` and FlashInfer's paged ``r
   KV head are packed into the rows (as in :mod:`.triton_kernel`), so each page is read once per KV head.
 * Keys come ``BLOCK_N`` at a time. A key's address is its block's (``block_tables[seq, t // page_size]``) plus
   its offset in the block; when a tile lies inside one page (``page_size % BLOCK_N == 0``) one block number serves
-  the whole tile. Addresses are plain pointer arithmetic with masks (no block pointers).
+  the whole tile; when it spans whole pages and ``PagedTiles.page_ids`` asks for it, one block number per page
+  is loaded and broadcast to the page's keys (else one per key). Addresses are plain pointer arithmetic with
+  masks (no block pointers).
 * The key range a tile of rows can see (causal end, window start, the sequence's length) is computed first;
   inside it, tiles every row sees completely run without masks, only the boundary tiles build one (three phases
   unrolled at compile time, as in :mod:`.triton_kernel`).
@@ -39,7 +41,7 @@ import triton.language as tl
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_interpreter_enabled
 from llamatelemetry_core.kv_layout import PagedKV
-from llamatelemetry_flashattn.paged_tiles import PagedTiles, choose_num_splits, choose_paged_tiles
+from llamatelemetry_flashattn.paged_tiles import PagedTiles, choose_num_splits, choose_paged_tiles, uses_page_ids
 from llamatelemetry_flashattn.reference import UNBOUNDED, normalize_window
 
 __all__ = ["PagedLaunch", "merge_warps", "paged_launch_config", "triton_paged_attention"]
@@ -76,6 +78,7 @@ def _paged_tile(  # type: ignore[no-untyped-def]
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    PAGE_IDS: tl.constexpr,
     QUANTIZED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
@@ -88,6 +91,16 @@ def _paged_tile(  # type: ignore[no-untyped-def]
         block = tl.load(block_row + n0 // PAGE_SIZE).to(tl.int64)
         slot_block = block + tl.zeros([BLOCK_N], dtype=tl.int64)
         slot_offset = (n0 % PAGE_SIZE) + tl.arange(0, BLOCK_N)
+    elif PAGE_IDS:
+        # The tile spans BLOCK_N // PAGE_SIZE whole pages: one block number per page, broadcast to its keys.
+        pages = n0 // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
+        if MASKED:
+            blocks = tl.load(block_row + pages, mask=pages * PAGE_SIZE < seq_len, other=0).to(tl.int64)
+        else:
+            blocks = tl.load(block_row + pages).to(tl.int64)
+        grid = tl.zeros([BLOCK_N // PAGE_SIZE, PAGE_SIZE], dtype=tl.int32)
+        slot_block = tl.reshape(blocks[:, None] + grid, [BLOCK_N])
+        slot_offset = tl.reshape(tl.arange(0, PAGE_SIZE)[None, :] + grid, [BLOCK_N])
     elif MASKED:
         slot_block = tl.load(block_row + cols // PAGE_SIZE, mask=cols < seq_len, other=0).to(tl.int64)
         slot_offset = cols % PAGE_SIZE
@@ -183,6 +196,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    PAGE_IDS: tl.constexpr,
     SPLIT_KV: tl.constexpr,
     QUANTIZED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
@@ -280,6 +294,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
                     BLOCK_D,
                     BLOCK_N,
                     PAGE_SIZE,
+                    PAGE_IDS,
                     QUANTIZED,
                     USE_SOFTCAP,
                     phase != 1,
@@ -315,6 +330,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
                     BLOCK_D,
                     BLOCK_N,
                     PAGE_SIZE,
+                    PAGE_IDS,
                     QUANTIZED,
                     USE_SOFTCAP,
                     phase != 1,
@@ -498,6 +514,7 @@ def triton_paged_attention(
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         PAGE_SIZE=page_size,
+        PAGE_IDS=uses_page_ids(tiles, page_size),
         SPLIT_KV=splits > 1,
         QUANTIZED=quantized,
         USE_SOFTCAP=softcap is not None,

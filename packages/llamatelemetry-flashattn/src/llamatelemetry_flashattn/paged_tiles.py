@@ -8,10 +8,11 @@ Its shared memory is about::
   + 2 * BLOCK_N * BLOCK_D * q_size                      (quantized storage: the tiles converted for the dot)
   + BLOCK_M * BLOCK_D * q_size + BLOCK_M * BLOCK_N * q_size   (the queries, the probabilities)
 
-Decode (a handful of rows per program) is memory-bound: the smallest tensor-core row tile (16), 4 warps, deep
-pipelining. A chunk of prefill is compute-bound and takes the contiguous kernel's tiles (:mod:`.tiles`, measured
-on an H100). A T4 (Turing) allows 64 KiB per block: preferences shrink until the estimate fits, and the AOT check
-(``python -m llamatelemetry_core.aot --device t4``) compiles the result and confirms it.
+Decode (a handful of rows per program) is memory-bound: the smallest tensor-core row tile (16), 4 warps, wide key
+tiles where shared memory allows. A chunk of prefill is compute-bound. Both read one table per device class
+(``_DECODE``, ``_PREFILL``), so a measured sweep changes one row. A T4 (Turing) allows 64 KiB per block:
+preferences shrink until the estimate fits, and the AOT check (``python -m llamatelemetry_core.aot --device
+t4``) compiles the result and confirms it.
 
 Split-KV (flash-decoding): when ``batch x kv_heads x row tiles`` programs cannot fill the GPU (small batches,
 long contexts), each program's key range is cut into ``num_splits`` parts computed by separate programs and
@@ -35,6 +36,8 @@ __all__ = [
     "PagedTiles",
     "choose_num_splits",
     "choose_paged_tiles",
+    "device_class",
+    "uses_page_ids",
 ]
 
 _MIN_TILE = 16
@@ -56,6 +59,9 @@ class PagedTiles:
     block_d: int
     num_warps: int
     num_stages: int
+    page_ids: bool = False
+    """Load one block id per page (not per key) when a tile spans several whole pages (``BLOCK_N % page_size ==
+    0``); other page sizes ignore it."""
 
     def shared_memory_estimate(self, q_size: int, kv_size: int) -> int:
         """Bytes of shared memory the kernel is expected to need (see the module docstring)."""
@@ -73,25 +79,62 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _preferred(block_d: int, rows: int | None, device: DeviceInfo) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) before fitting, by device class, head width and rows."""
-    smem = device.shared_memory_per_block_bytes or 0
-    big = device.capability_at_least(8, 0) and smem >= 160 * 1024  # A100, H100, H200, B200
-    turing = not device.capability_at_least(8, 0)  # no cp.async, 64 KiB per block
+# The launch preferences, one row per (device class, phase, widest head dim): (BLOCK_N, num_warps, num_stages,
+# page_ids) for decode (BLOCK_M follows the rows), (BLOCK_M, BLOCK_N, num_warps, num_stages, page_ids) for prefill.
+# Device classes: "hopper" (sm_90+ with >= 160 KiB per block), "ampere" (sm_80 with >= 160 KiB: A100), "small"
+# (other sm_80+: sm_86/sm_89 with ~100 KiB), "turing" (sm_75: no cp.async, 64 KiB). Measured on an H200: decode of
+# head dim 128 reads fastest 128 keys per tile with 4 warps and 3 stages (0.86x the time of 64 keys, 4 stages);
+# prefill of head dim 128 fastest at 128x32, 4 warps, 3 stages. Other rows follow the same shared-memory
+# reasoning (:func:`choose_paged_tiles` shrinks any row that does not fit). ``page_ids`` selects the kernel's
+# one-block-id-per-page address path when a tile spans several whole pages.
+_DECODE: dict[tuple[str, int], tuple[int, int, int, bool]] = {
+    ("hopper", 64): (128, 4, 3, False),
+    ("hopper", 128): (128, 4, 3, False),
+    ("hopper", 256): (32, 4, 3, False),
+    ("ampere", 64): (128, 4, 3, False),
+    ("ampere", 128): (128, 4, 2, False),
+    ("ampere", 256): (32, 4, 3, False),
+    ("small", 64): (64, 4, 3, False),
+    ("small", 128): (64, 4, 2, False),
+    ("small", 256): (32, 4, 2, False),
+    ("turing", 64): (64, 4, 2, False),
+    ("turing", 128): (32, 4, 2, False),
+    ("turing", 256): (32, 4, 2, False),
+}
+_PREFILL: dict[tuple[str, int], tuple[int, int, int, int, bool]] = {
+    ("hopper", 64): (64, 64, 4, 3, False),
+    ("hopper", 128): (128, 32, 4, 3, False),
+    ("hopper", 256): (64, 64, 8, 2, False),
+    ("ampere", 64): (64, 64, 4, 3, False),
+    ("ampere", 128): (128, 64, 8, 3, False),
+    ("ampere", 256): (64, 64, 8, 2, False),
+    ("small", 64): (64, 64, 4, 3, False),
+    ("small", 128): (128, 64, 8, 2, False),
+    ("small", 256): (64, 32, 4, 2, False),
+    ("turing", 64): (64, 64, 4, 2, False),
+    ("turing", 128): (64, 64, 4, 2, False),
+    ("turing", 256): (32, 32, 4, 1, False),
+}
+
+
+def device_class(device: DeviceInfo) -> str:
+    """The row of the preference tables ``device`` reads: "hopper", "ampere", "small" or "turing"."""
+    if not device.capability_at_least(8, 0):
+        return "turing"
+    if (device.shared_memory_per_block_bytes or 0) < 160 * 1024:
+        return "small"
+    return "hopper" if device.capability_at_least(9, 0) else "ampere"
+
+
+def _preferred(block_d: int, rows: int | None, device: DeviceInfo) -> PagedTiles:
+    """The table's launch for this device class, head width and rows, before fitting to shared memory."""
+    width = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    key = (device_class(device), width)
     if rows is not None and rows <= _DECODE_ROWS:
-        block_m = max(_MIN_TILE, _next_pow2(rows))
-        if turing:
-            return (block_m, 32 if block_d > 64 else 64, 4, 2)
-        if block_d <= 128:
-            return (block_m, 64, 4, 4 if big else 3)
-        return (block_m, 32, 4, 3 if big else 2)
-    if turing:
-        return (64, 64, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
-    if block_d <= 64:
-        return (64, 64, 4, 3)
-    if block_d <= 128:
-        return (128, 64, 8, 3 if big else 2)
-    return (64, 64, 8, 2) if big else (64, 32, 4, 2)
+        block_n, warps, stages, page_ids = _DECODE[key]
+        return PagedTiles(max(_MIN_TILE, _next_pow2(rows)), block_n, block_d, warps, stages, page_ids)
+    block_m, block_n, warps, stages, page_ids = _PREFILL[key]
+    return PagedTiles(block_m, block_n, block_d, warps, stages, page_ids)
 
 
 def choose_paged_tiles(
@@ -114,10 +157,9 @@ def choose_paged_tiles(
     if not device.is_cuda:
         block_m = 16 if rows_per_program is None else max(_MIN_TILE, min(32, _next_pow2(rows_per_program)))
         return PagedTiles(block_m, 16, block_d, 4, 1)
-    block_m, block_n, warps, stages = _preferred(block_d, rows_per_program, device)
+    tiles = _preferred(block_d, rows_per_program, device)
     q_size, kv_size = _element_size(q_dtype), _element_size(kv_dtype)
     limit = device.shared_memory_per_block_bytes or 48 * 1024
-    tiles = PagedTiles(block_m, block_n, block_d, warps, stages)
     while tiles.shared_memory_estimate(q_size, kv_size) > limit:
         m, n, s = tiles.block_m, tiles.block_n, tiles.num_stages
         if s > 2 or (s > 1 and n <= 32):
@@ -130,8 +172,13 @@ def choose_paged_tiles(
             n //= 2
         else:
             break
-        tiles = PagedTiles(m, n, block_d, tiles.num_warps, s)
+        tiles = PagedTiles(m, n, block_d, tiles.num_warps, s, tiles.page_ids)
     return tiles
+
+
+def uses_page_ids(tiles: PagedTiles, page_size: int) -> bool:
+    """Whether the kernel takes the one-block-id-per-page path: asked for, and a tile spans whole pages."""
+    return tiles.page_ids and page_size < tiles.block_n and tiles.block_n % page_size == 0
 
 
 def choose_num_splits(programs: int, max_kv_len: int, device: DeviceInfo) -> int:
