@@ -26,6 +26,17 @@ packages). Dispatch takes the highest-priority implementation that supports the 
 implementation of that name (``reference`` forces every fallback), or a comma-separated list of
 ``operation=implementation`` pairs, which are strict.
 
+The variable is read once, at the first dispatch; :func:`reload_environment` reads it again (a test that sets it
+calls that). Dispatch remembers its choice per call key (the device, dtype, shapes and facts of the call, the
+``backend=`` argument, and the device kinds of implementations that depend on the process, such as Triton's
+interpreter): a call whose implementation is already chosen costs a dictionary lookup. The memory is forgotten
+when an implementation is registered, when a kernel failure is recorded or reset, and by
+:func:`reset_selection_cache`.
+
+An implementation's checks all run and every reason it cannot run a call is reported (joined by ``"; "``),
+except that a failed *gate* (:func:`~llamatelemetry_core.callspec.gate`, such as :func:`requires_module`) or a
+:class:`QuietReason` ends the list.
+
 Which implementation ran is observable: :func:`last_selection` for the latest call of an operation and
 :func:`record_selections` for every call inside a block.
 """
@@ -34,16 +45,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
 import os
 import threading
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from llamatelemetry_core import build_failures
 from llamatelemetry_core.build_failures import (
     KernelFailure,
     build_failure_reason,
@@ -52,9 +61,19 @@ from llamatelemetry_core.build_failures import (
     recorded_failure,
     reset_kernel_failures,
 )
-from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.callspec import (
+    CallSpec,
+    Check,
+    QuietReason,
+    _module_cache,
+    combine_reasons,
+    gate,
+    is_gate,
+    requires_dtypes,
+    requires_min_capability,
+    requires_module,
+)
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
-from llamatelemetry_core.validation import dtype_name
 
 __all__ = [
     "BACKEND_ENV",
@@ -69,17 +88,22 @@ __all__ = [
     "QuietReason",
     "Selection",
     "SelectionRecorder",
+    "gate",
     "get_operation",
     "kernel_failures",
     "last_selection",
     "operations",
     "record_selections",
+    "reload_environment",
     "requires_dtypes",
     "requires_min_capability",
     "requires_module",
     "reset_fallback_warnings",
     "reset_kernel_failures",
+    "reset_selection_cache",
 ]
+
+_ = _module_cache  # re-exported for tests that pretend a package is installed
 
 BACKEND_ENV = "LLAMATELEMETRY_BACKEND"
 REFERENCE = "reference"
@@ -87,106 +111,6 @@ REFERENCE = "reference"
 
 class BackendFallbackWarning(UserWarning):
     """A faster implementation could not run and a slower one was used instead."""
-
-
-@dataclass(frozen=True)
-class CallSpec:
-    """What an implementation needs to know about a call to say whether it supports it.
-
-    ``device`` is the device the call's tensors live on (simulated when a device is being simulated);
-    ``dtype`` the dtype of its main input; ``shapes`` the shapes of its tensor arguments in order; ``attrs``
-    any other facts an implementation may check (``causal``, ``head_dim``, ...).
-    """
-
-    device: DeviceInfo
-    dtype: torch.dtype | None = None
-    shapes: tuple[tuple[int, ...], ...] = ()
-    attrs: Mapping[str, object] = field(default_factory=dict)
-
-    @classmethod
-    def from_tensors(cls, *tensors: torch.Tensor, **attrs: object) -> CallSpec:
-        """Describe a call by its tensors: the first one gives the device and the dtype."""
-        if not tensors:
-            raise ConfigurationError("expected at least one tensor to describe a call, got none")
-        first = tensors[0]
-        return cls(
-            device=get_device_info(first.device, refresh_memory=False),
-            dtype=first.dtype,
-            shapes=tuple(tuple(t.shape) for t in tensors),
-            attrs=attrs,
-        )
-
-    @classmethod
-    def for_device(
-        cls, device: DeviceInfo | None = None, dtype: torch.dtype | None = None, **attrs: object
-    ) -> CallSpec:
-        """Describe a typical call on a device without tensors (what ``doctor`` asks about)."""
-        info = device if device is not None else get_device_info()
-        if dtype is None:
-            dtype = torch.float16 if info.is_cuda else torch.float32
-        return cls(device=info, dtype=dtype, attrs=attrs)
-
-
-class QuietReason(str):
-    """A reason an implementation cannot run that is not worth a warning: an optional package left out on purpose.
-
-    Dispatch skips such an implementation silently; :meth:`Operation.explain` and :class:`Selection` still show
-    the reason.
-    """
-
-    __slots__ = ()
-
-
-Check = Callable[[CallSpec], "str | None"]
-"""A support check: ``None`` when the call is supported, else the reason it is not."""
-
-
-def requires_min_capability(major: int, minor: int = 0) -> Check:
-    """A check that passes on CUDA devices of compute capability >= ``major.minor``."""
-
-    def check(call: CallSpec) -> str | None:
-        if call.device.is_cuda and not call.device.capability_at_least(major, minor):
-            cc = call.device.compute_capability
-            got = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
-            return f"needs compute capability >= {major}.{minor}, {call.device.name} has {got}"
-        return None
-
-    return check
-
-
-def requires_dtypes(*dtypes: torch.dtype) -> Check:
-    """A check that passes when the call's dtype is one of ``dtypes``."""
-    allowed = frozenset(dtypes)
-
-    def check(call: CallSpec) -> str | None:
-        if call.dtype is not None and call.dtype not in allowed:
-            names = ", ".join(sorted(dtype_name(d) for d in allowed))
-            return f"supports dtypes {{{names}}}, not {dtype_name(call.dtype)}"
-        return None
-
-    return check
-
-
-_module_cache: dict[str, bool] = {}
-
-
-def requires_module(module: str, install: str, *, optional: bool = False) -> Check:
-    """A check that passes when ``module`` can be imported; its reason says how to install it.
-
-    ``optional=True`` marks the package as an optional extra: its absence is a :class:`QuietReason`.
-    """
-
-    def check(call: CallSpec) -> str | None:
-        found = _module_cache.get(module)
-        if found is None:
-            found = importlib.util.find_spec(module) is not None
-            _module_cache[module] = found
-        if found:
-            return None
-        reason = f"{module} is not installed ({install})"
-        return QuietReason(reason) if optional else reason
-
-    return check
 
 
 @dataclass(frozen=True)
@@ -202,16 +126,26 @@ class Implementation:
     def device_kinds(self) -> frozenset[str]:
         return self.devices() if callable(self.devices) else self.devices
 
-    def unsupported_reason(self, call: CallSpec) -> str | None:
-        """Why this implementation cannot run ``call`` (``None``: it can)."""
+    def unsupported_reasons(self, call: CallSpec) -> list[str]:
+        """Every reason this implementation cannot run ``call`` (empty: it can); see the module docstring.
+
+        A device kind it does not run on is the only reason given (its checks assume its devices).
+        """
         kinds = self.device_kinds()
         if call.device.kind not in kinds:
-            return f"runs on {', '.join(sorted(kinds)) or 'no device here'}, not {call.device.kind}"
+            return [f"runs on {', '.join(sorted(kinds)) or 'no device here'}, not {call.device.kind}"]
+        reasons: list[str] = []
         for check in self.checks:
             reason = check(call)
             if reason is not None:
-                return reason
-        return None
+                reasons.append(reason)
+                if isinstance(reason, QuietReason) or is_gate(check):
+                    break
+        return reasons
+
+    def unsupported_reason(self, call: CallSpec) -> str | None:
+        """Why this implementation cannot run ``call``, every reason in one string (``None``: it can)."""
+        return combine_reasons(self.unsupported_reasons(call))
 
     def applies_to(self, call: CallSpec) -> bool:
         return call.device.kind in self.device_kinds()
@@ -287,6 +221,36 @@ def reset_fallback_warnings() -> None:
         _warned.clear()
 
 
+_env: list[tuple[str | None, dict[str, str]] | None] = [None]  # LLAMATELEMETRY_BACKEND, parsed once
+_CACHE_LIMIT = 4096  # distinct call keys remembered per operation (decode shapes grow: the memory is bounded)
+
+
+def _backend_env() -> tuple[str | None, dict[str, str]]:
+    parsed = _env[0]
+    if parsed is None:
+        parsed = _parse_backend_env(os.environ.get(BACKEND_ENV, ""))
+        _env[0] = parsed
+    return parsed
+
+
+def reset_selection_cache() -> None:
+    """Forget every remembered choice of implementation and read ``LLAMATELEMETRY_BACKEND`` again.
+
+    Call it after changing the variable (or anything a support check reads) in a running process; tests that
+    set the variable call it.
+    """
+    with _registry_lock:
+        _env[0] = None
+        ops = list(_operations.values())
+    for op in ops:
+        op._cache.clear()
+
+
+def reload_environment() -> None:
+    """Read ``LLAMATELEMETRY_BACKEND`` again (and forget remembered choices): :func:`reset_selection_cache`."""
+    reset_selection_cache()
+
+
 def operations() -> dict[str, Operation]:
     """Every registered operation by name (components register theirs when imported)."""
     with _registry_lock:
@@ -302,7 +266,7 @@ def get_operation(name: str) -> Operation:
         return op
 
 
-def _warn_once(operation: str, implementation: str, reason: str, used: str) -> None:
+def _warn_once(operation: str, implementation: str, reason: str, used: str, stacklevel: int = 4) -> None:
     key = (operation, implementation, reason)
     with _registry_lock:
         if key in _warned:
@@ -312,7 +276,7 @@ def _warn_once(operation: str, implementation: str, reason: str, used: str) -> N
         f"{operation}: {implementation!r} cannot run here ({reason}); using {used!r} instead. "
         f"Set {BACKEND_ENV}={operation}={used} to choose it explicitly and silence this warning.",
         BackendFallbackWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 
@@ -335,6 +299,17 @@ def _parse_backend_env(value: str) -> tuple[str | None, dict[str, str]]:
     return None, pairs
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What dispatch chose for one call key: the implementation, its place in the ranking and what it recorded."""
+
+    impl: Implementation
+    index: int
+    selection: Selection
+    to_warn: tuple[tuple[str, str], ...]
+    device: object  # keeps the call's device alive: the key holds its id
+
+
 class Operation:
     """An operation with a reference implementation and optional faster ones; see the module docstring."""
 
@@ -345,6 +320,8 @@ class Operation:
             REFERENCE: Implementation(REFERENCE, reference, priority=-(2**31), devices=frozenset({"cpu", "cuda"}))
         }
         self._ranked: tuple[Implementation, ...] = tuple(self._impls.values())
+        self._dynamic: tuple[Implementation, ...] = ()  # implementations whose device kinds are asked per call
+        self._cache: dict[Hashable, _Plan] = {}
         with _registry_lock:
             if name in _operations and not replace:
                 raise ConfigurationError(
@@ -374,6 +351,8 @@ class Operation:
                 )
             self._impls[name] = impl
             self._ranked = tuple(sorted(self._impls.values(), key=lambda i: i.priority, reverse=True))
+            self._dynamic = tuple(i for i in self._ranked if callable(i.devices))
+            self._cache.clear()
         return impl
 
     @property
@@ -398,7 +377,7 @@ class Operation:
         """The implementation asked for by argument or environment, or ``None`` for automatic choice."""
         if backend is not None:
             return backend
-        name, pairs = _parse_backend_env(os.environ.get(BACKEND_ENV, ""))
+        name, pairs = _backend_env()
         if pairs:
             return pairs.get(self.name)
         if name is not None and name in self._impls:
@@ -456,22 +435,78 @@ class Operation:
         for recorder in _recorders.get():
             recorder.selections.append(selection)
 
-    def dispatch(self, call: CallSpec, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
-        """Run the best implementation supporting ``call`` on ``args``; see the module docstring."""
+    def _cache_key(self, call: CallSpec, backend: str | None) -> Hashable:
+        kinds = tuple(i.device_kinds() for i in self._dynamic) if self._dynamic else ()
+        return (backend, call.selection_key(), build_failures.failures_generation(), kinds)
+
+    def _plan(self, call: CallSpec, backend: str | None) -> _Plan:
+        """Choose without running: the requested implementation (or raise), else the best that supports ``call``."""
         requested = self._requested_implementation(call, backend)
         if requested is not None:
-            self._record(Selection(self.name, requested.name, requested=True))
-            try:
-                return requested.fn(*args, **kwargs)
-            except Exception as exc:
-                reason = self._record_build_failure(requested, call, exc)
-                if reason is None or isinstance(exc, BackendUnavailableError):
-                    raise
-                raise self._unavailable(requested, reason) from exc
-
+            return _Plan(requested, -1, Selection(self.name, requested.name, requested=True), (), call.device)
         skipped: list[tuple[str, str]] = []
         to_warn: list[tuple[str, str]] = []
-        for impl in self._ranked:
+        for index, impl in enumerate(self._ranked):
+            reason = self._reason(impl, call)
+            if reason is None:
+                selection = Selection(self.name, impl.name, requested=False, skipped=tuple(skipped))
+                return _Plan(impl, index, selection, tuple(to_warn), call.device)
+            skipped.append((impl.name, str(reason)))
+            if impl.applies_to(call) and not isinstance(reason, QuietReason):
+                to_warn.append((impl.name, reason))
+        raise AssertionError("the reference implementation supports every call")  # pragma: no cover
+
+    def dispatch(self, call: CallSpec, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+        """Run the best implementation supporting ``call`` on ``args``; see the module docstring."""
+        key: Hashable | None = self._cache_key(call, backend)
+        try:
+            plan = self._cache.get(key)
+        except TypeError:  # a fact that cannot be hashed: choose afresh at every call
+            key, plan = None, None
+        if plan is None:
+            plan = self._plan(call, backend)
+            if key is not None:
+                if len(self._cache) >= _CACHE_LIMIT:
+                    self._cache.clear()
+                self._cache[key] = plan
+        impl = plan.impl
+        if plan.index < 0:
+            self._record(plan.selection)
+            try:
+                return impl.fn(*args, **kwargs)
+            except Exception as exc:
+                reason = self._record_build_failure(impl, call, exc)
+                if reason is None or isinstance(exc, BackendUnavailableError):
+                    raise
+                raise self._unavailable(impl, reason) from exc
+        try:
+            result = impl.fn(*args, **kwargs)
+        except Exception as exc:
+            if impl.name == REFERENCE:
+                raise
+            reason = self._record_build_failure(impl, call, exc)
+            if reason is None:
+                if not isinstance(exc, BackendUnavailableError):
+                    raise
+                reason = str(exc)
+            skipped = [*plan.selection.skipped, (impl.name, reason)]
+            return self._run_from(plan.index + 1, call, skipped, [*plan.to_warn, (impl.name, reason)], args, kwargs)
+        for name, why in plan.to_warn:
+            _warn_once(self.name, name, why, impl.name)
+        self._record(plan.selection)
+        return result
+
+    def _run_from(
+        self,
+        start: int,
+        call: CallSpec,
+        skipped: list[tuple[str, str]],
+        to_warn: list[tuple[str, str]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """After an implementation failed at run time: try the next ones in rank order (not remembered)."""
+        for impl in self._ranked[start:]:
             reason = self._reason(impl, call)
             if reason is not None:
                 skipped.append((impl.name, str(reason)))
@@ -492,7 +527,7 @@ class Operation:
                 to_warn.append((impl.name, reason))
                 continue
             for name, why in to_warn:
-                _warn_once(self.name, name, why, impl.name)
+                _warn_once(self.name, name, why, impl.name, stacklevel=5)
             self._record(Selection(self.name, impl.name, requested=False, skipped=tuple(skipped)))
             return result
         raise AssertionError("the reference implementation supports every call")  # pragma: no cover
