@@ -38,7 +38,7 @@ nox.options.error_on_external_run = True
 nox.options.sessions = []  # name sessions or a tag explicitly: nox -t cpu
 
 ROOT = Path(__file__).parent
-COMPONENTS = ["graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch"]
+COMPONENTS = [p for p in PACKAGES if p not in ("core", "meta")]  # derived from packages/, like PACKAGES
 TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
 TORCH_LATEST = os.environ.get("LLAMATELEMETRY_TORCH_LATEST", TORCH_CPU)
