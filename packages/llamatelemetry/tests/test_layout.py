@@ -186,3 +186,25 @@ def test_meta_extras_use_normalized_names_and_the_components_own_extras() -> Non
     for extra in ("flash-attn", "transformers"):
         assert extra in own
         assert extras[extra] == [f"llamatelemetry-flashattn[{extra}]>=0.1,<0.2"]
+
+
+def test_a_new_package_from_the_template_is_discovered(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        new_package = importlib.import_module("new_package")
+        run_matrix = importlib.import_module("run_matrix")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert new_package.main(["demo", "A demonstration package.", "--root", str(tmp_path)]) == 0
+    assert new_package.main(["demo", "again", "--root", str(tmp_path)]) == 2  # never overwrites
+    (tmp_path / "_notes").mkdir()
+    assert run_matrix.discover_packages(tmp_path) == {"demo": "llamatelemetry-demo"}
+    made = tmp_path / "llamatelemetry-demo"
+    project = tomllib.loads((made / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert _declared(made) == {"llamatelemetry_core"}
+    for requirement in project["dependencies"]:
+        if requirement.startswith("torch"):
+            _check_tested_range(requirement)
+    assert (made / "src" / "llamatelemetry_demo" / "py.typed").exists()
+    assert (made / "tests" / "test_package.py").exists()
+    assert (made / "LICENSE").read_text(encoding="utf-8") == (ROOT / "LICENSE").read_text(encoding="utf-8")
