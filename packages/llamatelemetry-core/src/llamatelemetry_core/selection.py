@@ -73,6 +73,7 @@ from llamatelemetry_core.callspec import (
     requires_min_capability,
     requires_module,
 )
+from llamatelemetry_core.device import reload_simulation_env
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 
 __all__ = [
@@ -234,11 +235,13 @@ def _backend_env() -> tuple[str | None, dict[str, str]]:
 
 
 def reset_selection_cache() -> None:
-    """Forget every remembered choice of implementation and read ``LLAMATELEMETRY_BACKEND`` again.
+    """Forget every remembered choice of implementation and read ``LLAMATELEMETRY_BACKEND`` (and
+    ``LLAMATELEMETRY_SIMULATE_DEVICE``) again.
 
     Call it after changing the variable (or anything a support check reads) in a running process; tests that
     set the variable call it.
     """
+    reload_simulation_env()
     with _registry_lock:
         _env[0] = None
         ops = list(_operations.values())
@@ -430,8 +433,7 @@ class Operation:
         )
 
     def _record(self, selection: Selection) -> None:
-        with _registry_lock:
-            _last[self.name] = selection
+        _last[self.name] = selection  # one atomic store: no lock on the hot path
         for recorder in _recorders.get():
             recorder.selections.append(selection)
 
