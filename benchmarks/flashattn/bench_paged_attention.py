@@ -341,6 +341,7 @@ def sweep(results: dict[str, Any], copy: float) -> None:
                     for warps in (4, 8):
                         for stages in (2, 3):
                             configs.append((PagedTiles(block_m, block_n, 128, warps, stages), 1))
+        print(f"sweep: {name}, {len(configs) + 1} launches (each compiles once)", file=sys.stderr, flush=True)
         seen = set()
         for tiles, splits in [(chosen.tiles, chosen.num_splits), *configs]:
             if (tiles, splits) in seen:

@@ -8,6 +8,7 @@ device's tiles, split-KV, quantized storage, and CUDA graph capture.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import pytest
@@ -23,6 +24,21 @@ from llamatelemetry_core.testing import Tolerance, assert_close, tolerance_for
 from llamatelemetry_flashattn import attention_reference, flash_attention_forward, paged_attention, paged_decode
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
+# The CPU tests run the Triton kernels on CPU tensors, which only the interpreter can (the cpu-triton matrix);
+# on a GPU the gpu-marked tests below run them on the device instead.
+INTERPRETED = [
+    pytest.mark.triton,
+    pytest.mark.skipif(
+        not triton_interpreter_enabled(),
+        reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (the cpu-triton matrix)",
+    ),
+]
+
+
+def interpreted(test: Callable[..., None]) -> Callable[..., None]:
+    for mark in INTERPRETED:
+        test = mark(test)
+    return test
 
 
 @dataclass(frozen=True)
@@ -205,7 +221,7 @@ def test_reference_equals_attention_over_gathered_kv(case: Case, rng: torch.Gene
     assert_close(out, oracle(store, **case.options()), atol=tol.atol, rtol=tol.rtol, name=f"reference/{case.name}")
 
 
-@pytest.mark.triton
+@interpreted
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_triton_matches_the_reference(case: Case, rng: torch.Generator) -> None:
     store = case.store(rng, torch.float32)
@@ -216,7 +232,7 @@ def test_triton_matches_the_reference(case: Case, rng: torch.Generator) -> None:
     assert_close(out, oracle(store, **case.options()), atol=tol.atol, rtol=tol.rtol, name=f"triton/{case.name}")
 
 
-@pytest.mark.triton
+@interpreted
 @pytest.mark.parametrize("splits", [2, 3, 5])
 def test_split_kv_merges_to_the_same_result(splits: int, rng: torch.Generator) -> None:
     from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
@@ -240,7 +256,7 @@ def test_split_kv_merges_to_the_same_result(splits: int, rng: torch.Generator) -
         assert_close(out, oracle(store, **options), atol=tol.atol, rtol=tol.rtol, name=f"split{splits}/{options}")
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRETED)])
 def test_half_precision(backend: str, rng: torch.Generator) -> None:
     case = Case("half", (45, 19), (3, 1), heads=4, kv_heads=1)
     for dtype in (torch.float16, torch.bfloat16):
@@ -254,7 +270,7 @@ def test_half_precision(backend: str, rng: torch.Generator) -> None:
         assert_close(run(store, backend), oracle(store), atol=tol.atol, rtol=tol.rtol, name=f"{backend}/{dtype}")
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRETED)])
 def test_int8_kv_matches_its_dequantized_values(backend: str, rng: torch.Generator) -> None:
     case = Case("int8", (50, 7, 16), (1, 3, 1), heads=6, kv_heads=2)
     store = case.store(rng, torch.float32, torch.int8)
@@ -262,7 +278,7 @@ def test_int8_kv_matches_its_dequantized_values(backend: str, rng: torch.Generat
     assert_close(run(store, backend), oracle(store), atol=tol.atol, rtol=tol.rtol, name=f"{backend}/int8")
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRETED)])
 def test_int8_kv_error_against_fp16_kv(backend: str, rng: torch.Generator) -> None:
     """The accuracy cost of int8 storage: attention output error against the same K/V kept in fp16."""
     seq_lens, q_lens = [200, 64, 129], [1, 1, 1]
@@ -289,7 +305,7 @@ def test_fp8_kv_through_the_reference(rng: torch.Generator) -> None:
             run(store, "triton")
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRETED)])
 def test_chunked_prefill_equals_contiguous_flash_attention(backend: str, rng: torch.Generator) -> None:
     """Equal-length sequences: a chunk over a cached prefix is flash_attention_forward on the gathered K/V."""
     prefix, chunk, batch = 27, 9, 2
@@ -304,7 +320,7 @@ def test_chunked_prefill_equals_contiguous_flash_attention(backend: str, rng: to
         assert_close(got, want, atol=tol.atol, rtol=tol.rtol, name=f"{backend}/chunked {options}")
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRETED)])
 def test_out_is_written_in_place_and_decode_is_one_query_per_sequence(backend: str, rng: torch.Generator) -> None:
     store = make_store(rng, [31, 4, 17], [1, 1, 1])
     out = torch.full_like(store.q, float("nan"))
@@ -316,7 +332,7 @@ def test_out_is_written_in_place_and_decode_is_one_query_per_sequence(backend: s
     assert_close(decoded, out, name=f"{backend}/paged_decode")
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRETED)])
 def test_slots_past_each_length_are_never_used(backend: str, rng: torch.Generator) -> None:
     """Uninitialised memory (NaN here) in the tail of a sequence's last block or in unused blocks stays unseen."""
     store = make_store(rng, [21, 3, 16], [2, 1, 1], page_size=8, spare_blocks=2)
@@ -427,22 +443,23 @@ def test_gpu_each_devices_tiles_and_forced_splits(device_key: str, rows: int | N
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kv_name", ["int8", "fp8"])
-def test_gpu_quantized_kv(kv_name: str, rng: torch.Generator) -> None:
+def test_gpu_quantized_kv(kv_name: str, dtype: torch.dtype, rng: torch.Generator) -> None:
     from llamatelemetry_core.device import get_device_info
     from llamatelemetry_core.errors import CapabilityError
 
     kv_dtype = torch.int8 if kv_name == "int8" else FP8
     if kv_dtype is None:
         pytest.skip("this torch has no float8_e4m3fn")
-    store = make_store(
-        rng, [300, 64, 129, 5], [1, 1, 7, 2], heads=8, kv_heads=2, kv_dtype=kv_dtype, dtype=torch.float16
-    )
+    if dtype == torch.bfloat16 and not get_device_info().supports_bf16:
+        pytest.skip("no bf16 on this GPU")
+    store = make_store(rng, [300, 64, 129, 5], [1, 1, 7, 2], heads=8, kv_heads=2, kv_dtype=kv_dtype, dtype=dtype)
     if kv_name == "fp8" and not get_device_info().supports_fp8:
         with pytest.raises(CapabilityError, match=r"8\.9"):
             run(store.to("cuda"), None)
         return
-    _gpu_check(store, f"gpu/{kv_name}")
+    _gpu_check(store, f"gpu/{kv_name}/{dtype}")
 
 
 @pytest.mark.gpu
@@ -494,3 +511,50 @@ def test_gpu_cuda_graph_capture_and_replay(rng: torch.Generator) -> None:
     )
     tol = tolerance(torch.float16)
     assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name="graph replay")
+
+
+@interpreted
+@settings(max_examples=8, deadline=None)
+@given(
+    data=st.data(),
+    page_size=st.sampled_from([1, 3, 8, 16, 32]),
+    group=st.sampled_from([1, 3, 4]),
+    splits=st.integers(1, 4),
+    left=st.integers(-1, 20),
+    softcap=st.sampled_from([None, 6.0]),
+)
+def test_triton_on_random_layouts(
+    data: st.DataObject, page_size: int, group: int, splits: int, left: int, softcap: float | None
+) -> None:
+    """Property: any page size (powers of two or not), grouping, split count and window match the reference."""
+    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedTiles
+
+    batch = data.draw(st.integers(1, 3))
+    seq_lens = data.draw(st.lists(st.integers(0, 50), min_size=batch, max_size=batch))
+    q_lens = [data.draw(st.integers(1, max(1, min(n, 6)))) for n in seq_lens]
+    store = make_store(
+        torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1))),
+        seq_lens,
+        q_lens,
+        page_size=page_size,
+        heads=group,
+        kv_heads=1,
+        head_dim=16,
+    )
+    window = None if left < 0 else (left, -1)
+    out = triton_paged_attention(
+        store.q,
+        store.kv,
+        store.block_tables,
+        store.seq_lens,
+        store.cu_seqlens_q,
+        max_seqlen_q=store.max_seqlen_q,
+        causal=True,
+        window_size=window,
+        softcap=softcap,
+        launch=PagedLaunch(PagedTiles(16, 16, 16, 4, 1), splits),
+    )
+    tol = tolerance(torch.float32)
+    want = oracle(store, causal=True, window_size=window, softcap=softcap)
+    assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name="triton/property")

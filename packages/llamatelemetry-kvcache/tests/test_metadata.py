@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import random
+import secrets
+
 import pytest
 import torch
 
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
 from llamatelemetry_kvcache import BlockManager
-from llamatelemetry_kvcache.metadata import block_tables_tensor, slot_mapping, slot_mapping_tensor
+from llamatelemetry_kvcache.metadata import BlockTableBuilder, block_tables_tensor, slot_mapping, slot_mapping_tensor
 
 
 def test_tables_lengths_and_slots() -> None:
@@ -44,3 +47,31 @@ def test_append_many_is_all_or_nothing() -> None:
     assert manager.stats() == before
     with pytest.raises(KeyError):
         manager.append_many([(9, [0])])
+
+
+@pytest.mark.parametrize("max_rows", [3, 64])
+def test_the_incremental_builder_matches_a_full_rebuild(max_rows: int) -> None:
+    rng = random.Random(secrets.randbits(31))
+    manager = BlockManager(200, 2)
+    builder = BlockTableBuilder(manager, max_blocks_per_seq=60, max_rows=max_rows)
+    live: list[int] = []
+    for step in range(150):
+        op = rng.random()
+        if op < 0.2 and len(live) < 3:
+            seq_id = rng.randrange(6)  # ids are reused after free
+            if seq_id not in live and manager.can_allocate([0] * 3):
+                manager.allocate(seq_id, [rng.randrange(3) for _ in range(rng.randrange(1, 9))])
+                live.append(seq_id)
+        elif op < 0.3 and live:
+            seq_id = live.pop(rng.randrange(len(live)))
+            manager.free(seq_id)
+        else:
+            for seq_id in live:
+                if manager.can_append(seq_id, 1) and manager.num_tokens(seq_id) < 110:
+                    manager.append(seq_id, [step % 3])
+        order = rng.sample(live, len(live))
+        got_tables, got_lens = builder.build(order)
+        want_tables, want_lens = block_tables_tensor(manager, order)
+        assert torch.equal(got_tables, want_tables) and torch.equal(got_lens, want_lens), step
+    fixed, _ = builder.build(live, width=60)
+    assert fixed.shape == (len(live), 60)

@@ -19,16 +19,21 @@ from llamatelemetry_kvcache.paged_write import as_bytes
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
-def _store(layout: PagedKVLayout) -> PagedKV:
+# Triton-marked tests run the kernel where Triton runs: on the GPU when there is one, else in the interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _store(layout: PagedKVLayout, device: str = "cpu") -> PagedKV:
     # Random contents: a write must leave every slot it does not address exactly as it was.
     def tensor() -> torch.Tensor:
         if layout.dtype == torch.int8:
-            return torch.randint(-127, 128, layout.kv_shape, dtype=torch.int8)
-        return torch.randn(layout.kv_shape).to(layout.dtype)
+            return torch.randint(-127, 128, layout.kv_shape, dtype=torch.int8, device=device)
+        return torch.randn(layout.kv_shape, device=device).to(layout.dtype)
 
     if not layout.quantized:
         return PagedKV(tensor(), tensor())
-    return PagedKV(tensor(), tensor(), torch.rand(layout.scale_shape), torch.rand(layout.scale_shape))
+    scales = (torch.rand(layout.scale_shape, device=device) for _ in range(2))
+    return PagedKV(tensor(), tensor(), *scales)
 
 
 def _clone(store: PagedKV) -> PagedKV:
@@ -72,13 +77,13 @@ def test_triton_write_matches_the_reference_bit_for_bit(
     kv_dtype: torch.dtype | None,
 ) -> None:
     layout = PagedKVLayout(num_blocks, page_size, kv_heads, head_dim, kv_dtype or dtype)
-    store = _store(layout)
+    store = _store(layout, KERNEL_DEVICE)
     expected = _clone(store)
-    key = torch.randn(len(slots), kv_heads, head_dim).to(dtype) * 3
-    value = torch.randn(len(slots), kv_heads, head_dim).to(dtype)
+    key = torch.randn(len(slots), kv_heads, head_dim, device=KERNEL_DEVICE).to(dtype) * 3
+    value = torch.randn(len(slots), kv_heads, head_dim, device=KERNEL_DEVICE).to(dtype)
     if kv_dtype is not None:
         key[0, 0] = 0  # an all-zero head: scale 1, no division by zero
-    slot_mapping = torch.tensor(slots, dtype=torch.int64)
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=KERNEL_DEVICE)
     paged_write_reference(key, value, expected, slot_mapping)
     with record_selections() as rec:
         paged_write(key, value, store, slot_mapping, backend="triton")
@@ -89,11 +94,11 @@ def test_triton_write_matches_the_reference_bit_for_bit(
 @pytest.mark.triton
 def test_triton_write_takes_strided_inputs() -> None:
     layout = PagedKVLayout(4, 4, 2, 8, torch.float32)
-    store = _store(layout)
+    store = _store(layout, KERNEL_DEVICE)
     expected = _clone(store)
-    both = torch.randn(3, 2, 2, 8)  # K and V interleaved: non-contiguous token stride
+    both = torch.randn(3, 2, 2, 8, device=KERNEL_DEVICE)  # K and V interleaved: non-contiguous token stride
     key, value = both[:, 0], both[:, 1]
-    slots = torch.tensor([5, 6, 15])
+    slots = torch.tensor([5, 6, 15], device=KERNEL_DEVICE)
     paged_write_reference(key, value, expected, slots)
     paged_write(key, value, store, slots, backend="triton")
     _assert_same(store, expected)
@@ -217,3 +222,26 @@ def test_bad_writes_say_expected_and_got() -> None:
         cache.layer(2)
     with pytest.raises(CapacityError, match="paged KV cache needs"):
         PagedKVCache(KVCacheConfig(1, 1, 64, 64, 256, torch.float32, device="cpu"), 16, num_blocks=1 << 24)
+
+
+@pytest.mark.triton
+def test_the_write_custom_op_passes_opcheck_and_compiles() -> None:
+    from llamatelemetry_kvcache import write_kernel
+
+    layout = PagedKVLayout(3, 4, 2, 8, torch.int8)
+    store = _store(layout, KERNEL_DEVICE)
+    key, value = torch.randn(5, 2, 8, device=KERNEL_DEVICE), torch.randn(5, 2, 8, device=KERNEL_DEVICE)
+    slots = torch.tensor([0, 5, PAD_SLOT, 11, 2], device=KERNEL_DEVICE)
+    checked = _clone(store)
+    args = (key, value, checked.key_cache, checked.value_cache, checked.key_scale, checked.value_scale, slots)
+    op = torch.ops.llamatelemetry.kvcache_paged_write
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    expected = _clone(store)
+    paged_write_reference(key, value, expected, slots)
+
+    @torch.compile(backend="eager")
+    def write(k: torch.Tensor, v: torch.Tensor) -> None:
+        write_kernel.triton_paged_write(k, v, store, slots)
+
+    write(key, value)
+    _assert_same(store, expected)  # the untouched store, written through the compiled custom op

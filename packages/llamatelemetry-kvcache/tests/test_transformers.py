@@ -48,7 +48,8 @@ def _cache(model: Any, batch: int, **kw: object) -> TransformersKVCache:
 
 
 def _generate(model: Any, cache: object | None, **inputs: torch.Tensor) -> torch.Tensor:
-    kwargs: dict[str, object] = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    # min_new_tokens: a random model may emit its EOS token early; every run then has the same length.
+    kwargs: dict[str, object] = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     if cache is not None:
         kwargs["past_key_values"] = cache
     with warnings.catch_warnings():
@@ -105,3 +106,21 @@ def test_wrong_cache_and_too_many_layers() -> None:
     cache = _cache(model, batch=1)
     with pytest.raises(ConfigurationError, match="num_layers=3"):
         cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 3)
+
+
+@torch.no_grad()
+def test_paged_cache_generates_the_default_cache_tokens() -> None:
+    from llamatelemetry_kvcache import PagedKVCache
+    from llamatelemetry_kvcache.hf import TransformersPagedKVCache
+
+    model = _model()
+    config = model.config
+    kv = KVCacheConfig(2, 64, 3, 4, 16, torch.float32, num_kv_heads=config.num_key_value_heads, device="cpu")
+    input_ids = torch.randint(1, 97, (2, 7))
+    expected = _generate(model, None, input_ids=input_ids)
+    cache = TransformersPagedKVCache(PagedKVCache(kv, page_size=4))
+    got = _generate(model, cache, input_ids=input_ids)
+    assert torch.equal(got, expected), (got, expected)
+    assert cache.paged_cache.block_manager.num_tokens(1) == 18
+    with pytest.raises(ConfigurationError, match="not supported"):
+        cache.reorder_cache(torch.tensor([1, 0]))  # type: ignore[arg-type,unused-ignore]

@@ -14,6 +14,7 @@ from llamatelemetry_batch.serving import (
     Scheduler,
     SchedulerConfig,
     SimpleBlockManager,
+    TokenBudget,
 )
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SimpleBlockManager",
+    "TokenBudget",
     "__version__",
 ]

@@ -77,7 +77,7 @@ class KVBlockManager(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SequenceStep:
     """What one sequence contributes to a step.
 
@@ -86,6 +86,9 @@ class SequenceStep:
     already in the KV cache. ``block_table`` lists the sequence's blocks (paged models) and covers at least
     ``start_pos + len(token_ids)`` tokens. ``want_logits`` says whether the model returns the logits of the last
     new token (false for a prefill chunk that does not end the prompt).
+
+    Slotted and not frozen, because a scheduler builds one per running sequence per step (a frozen dataclass
+    costs several times more to construct); treat it as read-only once handed to a model.
     """
 
     seq_id: int

@@ -21,6 +21,8 @@ the shape of flash-attn's ``flash_attn_with_kvcache`` and FlashInfer's paged ``r
   that many parts, run by separate programs that write a normalised partial output and its log-sum-exp; a second
   kernel merges them. The grid depends on shapes and ``max_seqlen_q`` only, so the launch never reads a device
   value on the host and can be captured in a CUDA graph.
+* ``enable_fp_fusion=True`` at launch (fused multiply-adds, the default of every Triton up to 3.9, which the
+  AOT builds compile too).
 * exp2 with ``log2(e)`` folded into the scale; accumulation in fp32; rows with no visible key are guarded (no
   ``exp(-inf - -inf)``) and return zeros.
 """
@@ -502,6 +504,7 @@ def triton_paged_attention(
         PIPELINED=not triton_interpreter_enabled(),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        enable_fp_fusion=True,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, heads)](
@@ -520,5 +523,6 @@ def triton_paged_attention(
             BLOCK_D=tiles.block_d,
             BLOCK_S=triton.next_power_of_2(splits),
             num_warps=merge_warps(tiles.block_d),
+            enable_fp_fusion=True,
         )
     return out

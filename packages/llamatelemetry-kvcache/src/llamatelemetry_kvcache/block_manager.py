@@ -238,6 +238,14 @@ class BlockManager:
         """The sequence's blocks, in token order."""
         return list(self._seq(seq_id).blocks)
 
+    def block_table_view(self, seq_id: int) -> Sequence[int]:
+        """The sequence's block list itself, not a copy: read it, never change it.
+
+        It only grows while the sequence lives (a freed and re-allocated id gets a new list), which lets a
+        block-table builder copy just the blocks added since the last step.
+        """
+        return self._seq(seq_id).blocks
+
     def num_tokens(self, seq_id: int) -> int:
         """Tokens the sequence holds."""
         return len(self._seq(seq_id).tokens)

@@ -17,7 +17,7 @@ from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
 from llamatelemetry_core.serving import KVBlockManager
 
-__all__ = ["block_tables_tensor", "slot_mapping", "slot_mapping_tensor"]
+__all__ = ["BlockTableBuilder", "block_tables_tensor", "slot_mapping", "slot_mapping_tensor"]
 
 
 def block_tables_tensor(
@@ -49,6 +49,74 @@ def block_tables_tensor(
         block_tables = block_tables.to(device, non_blocking=True)
         seq_lens = seq_lens.to(device, non_blocking=True)
     return block_tables, seq_lens
+
+
+class BlockTableBuilder:
+    """Builds ``block_tables`` step after step, copying only the blocks added since the previous step.
+
+    A scheduler step changes a few entries of a table of ``batch x blocks`` (one new block per sequence every
+    ``page_size`` tokens), so rebuilding it from Python lists each step costs milliseconds for a large batch. The
+    builder keeps one row per sequence in a flat C array of width ``max_blocks_per_seq``, appends new blocks to
+    the rows, and answers with one ``index_select`` over a tensor that views the array. It reads
+    ``manager.block_table_view(seq_id)`` (the block list itself, which only grows while the sequence lives) when
+    the manager has it, else copies ``block_table(seq_id)``. Rows are recycled when ``max_rows`` sequences are
+    held: the next call starts over.
+    """
+
+    def __init__(self, manager: KVBlockManager, max_blocks_per_seq: int, max_rows: int = 1024) -> None:
+        self.manager = manager
+        self.width = max_blocks_per_seq
+        self.max_rows = max_rows
+        self._buffer = bytearray(4 * max_rows * max_blocks_per_seq)
+        self._flat = memoryview(self._buffer).cast("i")
+        self._tensor = torch.frombuffer(self._buffer, dtype=torch.int32).view(max_rows, max_blocks_per_seq)
+        self._rows: dict[int, tuple[int, Sequence[int], int]] = {}  # seq id -> (row, block list, blocks copied)
+        self._free_rows = list(range(max_rows - 1, -1, -1))
+        self._view = getattr(manager, "block_table_view", None)
+
+    def build(
+        self, seq_ids: Sequence[int], *, device: torch.device | str | None = None, width: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(block_tables, seq_lens)`` of ``seq_ids``, int32, ``[batch, width]`` (default: the longest table)."""
+        if len(seq_ids) > self.max_rows:
+            raise ConfigurationError(f"got {len(seq_ids)} sequences, more than max_rows={self.max_rows}")
+        if len(self._free_rows) < len(seq_ids):  # rows of finished sequences are only reclaimed here
+            self._rows.clear()
+            self._free_rows = list(range(self.max_rows - 1, -1, -1))
+        rows, lengths, widest = [], [], 0
+        flat, cols = self._flat, self.width
+        for seq_id in seq_ids:
+            blocks = self._view(seq_id) if self._view is not None else self.manager.block_table(seq_id)
+            entry = self._rows.get(seq_id)
+            if entry is None:
+                row, copied = self._free_rows.pop(), 0
+            elif entry[1] is not blocks:  # the id was freed and allocated again (or the manager copies)
+                row, copied = entry[0], 0
+            else:
+                row, _, copied = entry
+            n = len(blocks)
+            if n > cols:
+                raise ConfigurationError(
+                    f"sequence {seq_id} holds {n} blocks, more than max_blocks_per_seq={cols}; raise it"
+                )
+            if n > copied:
+                start = row * cols
+                flat[start + copied : start + n] = array("i", blocks[copied:])
+                flat[start + n : start + cols] = array("i", [PAD_BLOCK]) * (cols - n)
+            self._rows[seq_id] = (row, blocks, n)
+            rows.append(row)
+            lengths.append(self.manager.num_tokens(seq_id))
+            widest = max(widest, n)
+        used = widest if width is None else width
+        if used < widest:
+            raise ConfigurationError(f"a table of {widest} blocks does not fit width={used}; raise it")
+        index = _int32_tensor(rows).long()
+        block_tables = self._tensor.index_select(0, index)[:, :used].contiguous()
+        seq_lens = _int32_tensor(lengths)
+        if device is not None:
+            block_tables = block_tables.to(device, non_blocking=True)
+            seq_lens = seq_lens.to(device, non_blocking=True)
+        return block_tables, seq_lens
 
 
 def _int32_tensor(values: list[int]) -> torch.Tensor:

@@ -27,7 +27,7 @@ from llamatelemetry_core.kv_layout import PagedKV, PagedKVLayout
 from llamatelemetry_core.validation import check_positive_int
 from llamatelemetry_kvcache.block_manager import BlockManager
 from llamatelemetry_kvcache.config import KVCacheConfig, format_bytes
-from llamatelemetry_kvcache.metadata import block_tables_tensor, slot_mapping_tensor
+from llamatelemetry_kvcache.metadata import BlockTableBuilder, slot_mapping_tensor
 from llamatelemetry_kvcache.paged_write import as_bytes, paged_write
 from llamatelemetry_kvcache.quant import dequantize_kv
 
@@ -101,6 +101,10 @@ class PagedKVCache:
             )
         self._zeroed_blocks = num_blocks if zeroed else 0
         self.block_manager = BlockManager(num_blocks, page_size, enable_prefix_caching=enable_prefix_caching)
+        self.max_blocks_per_seq = -(-c.max_seq_length // page_size)
+        self._tables = BlockTableBuilder(
+            self.block_manager, self.max_blocks_per_seq, max_rows=max(1024, c.max_batch_size)
+        )
 
     # --- sizes ---------------------------------------------------------------------------------------------------
 
@@ -126,10 +130,13 @@ class PagedKVCache:
     def block_tables(
         self, seq_ids: Sequence[int], *, max_blocks_per_seq: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(block_tables, seq_lens)`` int32 of ``seq_ids`` on the cache's device."""
-        return block_tables_tensor(
-            self.block_manager, seq_ids, device=self.config.device, max_blocks_per_seq=max_blocks_per_seq
-        )
+        """``(block_tables, seq_lens)`` int32 of ``seq_ids`` on the cache's device.
+
+        The table is as wide as the longest sequence's, or ``max_blocks_per_seq`` (fixed shapes for a CUDA graph;
+        at most ``ceil(max_seq_length / page_size)``). Built incrementally: only blocks added since the last call
+        are copied.
+        """
+        return self._tables.build(seq_ids, device=self.config.device, width=max_blocks_per_seq)
 
     def slot_mapping(self, spans: Sequence[tuple[int, int, int]], *, pad_to: int | None = None) -> torch.Tensor:
         """int64 slots of the ``(seq_id, start, end)`` token spans written this step, on the cache's device."""

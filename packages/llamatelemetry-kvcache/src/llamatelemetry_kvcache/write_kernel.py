@@ -110,39 +110,85 @@ def _quant_code(kv_dtype: torch.dtype) -> int:
 
 
 def triton_paged_write(key: torch.Tensor, value: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
-    """Launch the write kernel; inputs as checked by :func:`~llamatelemetry_kvcache.paged_write.check_write_inputs`."""
-    layout = cache.layout
+    """Launch the write kernel; inputs as checked by :func:`~llamatelemetry_kvcache.paged_write.check_write_inputs`.
+
+    While ``torch.compile`` traces, the launch goes through the custom op ``llamatelemetry::kvcache_paged_write``
+    (which declares what it mutates); eagerly it launches directly, sparing the dispatcher's overhead.
+    """
+    args = (key, value, cache.key_cache, cache.value_cache, cache.key_scale, cache.value_scale, slot_mapping)
+    if torch.compiler.is_compiling():
+        torch.ops.llamatelemetry.kvcache_paged_write(*args)
+    else:
+        _launch(*args)
+
+
+def _launch(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+) -> None:
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
+    _, _, num_kv_heads, head_dim = key_cache.shape
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    quant = _quant_code(layout.dtype)
-    key_scale = cache.key_scale if cache.key_scale is not None else cache.key_cache
-    value_scale = cache.value_scale if cache.value_scale is not None else cache.value_cache
-    block_h, block_d, num_warps = write_tiles(layout.num_kv_heads, layout.head_dim)
-    grid = (num_tokens, triton.cdiv(layout.num_kv_heads, block_h))
+    quant = _quant_code(key_cache.dtype)
+    block_h, block_d, num_warps = write_tiles(num_kv_heads, head_dim)
+    grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
     with torch.cuda.device(key.device) if key.is_cuda else contextlib.nullcontext():
         _paged_write_kernel[grid](
             key,
             value,
-            cache.key_cache,
-            cache.value_cache,
-            key_scale,
-            value_scale,
+            key_cache,
+            value_cache,
+            key_scale if key_scale is not None else key_cache,
+            value_scale if value_scale is not None else value_cache,
             slot_mapping,
-            layout.num_kv_heads,
+            num_kv_heads,
             key.stride(0),
             key.stride(1),
             value.stride(0),
             value.stride(1),
-            HEAD_DIM=layout.head_dim,
+            HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_H=block_h,
             QUANT=quant,
-            QMAX=qmax_of(layout.dtype) if quant else 1.0,
+            QMAX=qmax_of(key_cache.dtype) if quant else 1.0,
             num_warps=num_warps,
         )
+
+
+@torch.library.custom_op(
+    "llamatelemetry::kvcache_paged_write", mutates_args=("key_cache", "value_cache", "key_scale", "value_scale")
+)
+def _paged_write_op(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+) -> None:
+    _launch(key, value, key_cache, value_cache, key_scale, value_scale, slot_mapping)
+
+
+@_paged_write_op.register_fake
+def _paged_write_fake(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+) -> None:
+    return None
 
 
 def kernel_build(

@@ -5,7 +5,7 @@ The engine drives any :class:`~llamatelemetry_core.serving.DecoderModel` and tak
 :class:`SimpleBlockManager` here); it imports neither, they meet in ``llamatelemetry_core.serving``.
 """
 
-from llamatelemetry_batch.serving.budget import SimpleBlockManager
+from llamatelemetry_batch.serving.budget import SimpleBlockManager, TokenBudget
 from llamatelemetry_batch.serving.engine import ContinuousBatchingEngine, RequestHandle
 from llamatelemetry_batch.serving.sampling import SamplingParams, sample_next_tokens
 from llamatelemetry_batch.serving.scheduler import ScheduledStep, Scheduler, SchedulerConfig
@@ -26,5 +26,6 @@ __all__ = [
     "Sequence",
     "SequenceStatus",
     "SimpleBlockManager",
+    "TokenBudget",
     "sample_next_tokens",
 ]

@@ -1,13 +1,13 @@
-"""A block manager without prefix caching: a plain pool of blocks, or a token budget for unpaged models.
+"""Block managers without prefix caching: a plain pool of blocks, and a token budget for unpaged models.
 
-:class:`SimpleBlockManager` implements :class:`~llamatelemetry_core.serving.KVBlockManager` with a free list
-and one block table per sequence, in plain Python. With ``page_size=1`` and ``num_blocks`` tokens it is the
-admission budget of a model that keeps its own KV state (a Hugging Face cache, one tensor per sequence): the
-scheduler admits and preempts against it exactly as against a paged cache. With a larger page size it is a
-paged allocator with no prefix reuse (``allocate`` always returns 0 cached tokens).
-
-Every operation costs O(1) per block it hands out or takes back; a fresh pool costs O(1) memory (block ids
-that were never used are handed out from a counter, not from a pre-built list).
+* :class:`SimpleBlockManager` implements :class:`~llamatelemetry_core.serving.KVBlockManager` with a free list
+  and one block table per sequence, in plain Python: a paged allocator with no prefix reuse (``allocate``
+  always returns 0 cached tokens). Every operation costs O(1) per block it hands out or takes back; a fresh
+  pool costs O(1) memory (block ids never used yet come from a counter, not from a pre-built list).
+* :class:`TokenBudget` is the admission budget of a model that keeps its own KV state (a Hugging Face cache,
+  a tensor per sequence): ``max_tokens`` tokens over all sequences, counted, with no block ids (its "blocks"
+  are single tokens, ``page_size`` 1). The scheduler admits and preempts against it exactly as against a paged
+  cache; a paged model cannot use it (it has no block tables to give).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
 
-__all__ = ["SimpleBlockManager"]
+__all__ = ["SimpleBlockManager", "TokenBudget"]
 
 
 class SimpleBlockManager:
@@ -34,11 +34,6 @@ class SimpleBlockManager:
         self._next_unused = 0
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
-
-    @classmethod
-    def token_budget(cls, max_tokens: int) -> SimpleBlockManager:
-        """A budget of ``max_tokens`` tokens over all sequences (``page_size`` 1) for a model without paging."""
-        return cls(check_positive_int(max_tokens, "max_tokens"), page_size=1)
 
     @property
     def page_size(self) -> int:
@@ -94,8 +89,8 @@ class SimpleBlockManager:
         """
         table = self._tables[seq_id]
         length = self._lengths[seq_id] + len(token_ids)
-        needed = self._blocks_for(length) - len(table)
-        if needed > 0:
+        if length > len(table) * self._page_size:
+            needed = self._blocks_for(length) - len(table)
             self._check_free(needed, f"{len(token_ids)} more tokens of sequence {seq_id}")
             table.extend(self._take(needed))
         self._lengths[seq_id] = length
@@ -123,8 +118,99 @@ class SimpleBlockManager:
             )
 
     def _take(self, count: int) -> list[int]:
+        if count == 1 and self._free:
+            return [self._free.pop()]
         taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
         fresh = count - len(taken)
         taken.extend(range(self._next_unused, self._next_unused + fresh))
         self._next_unused += fresh
         return taken
+
+
+class TokenBudget:
+    """At most ``max_tokens`` tokens over all sequences, for a model that keeps its own KV state.
+
+    Implements :class:`~llamatelemetry_core.serving.KVBlockManager` with ``page_size`` 1 and ``num_blocks``
+    ``max_tokens``, but hands out no block ids: :meth:`block_table` is always empty, so only an unpaged model
+    (``DecoderModel.page_size is None``) may use it. Each call is O(1).
+
+    Raises:
+        ConfigurationError: a non-positive ``max_tokens``.
+    """
+
+    def __init__(self, max_tokens: int) -> None:
+        self._capacity = check_positive_int(max_tokens, "max_tokens")
+        self._used = 0
+        self._lengths: dict[int, int] = {}
+
+    @property
+    def page_size(self) -> int:
+        """1: the budget counts single tokens."""
+        return 1
+
+    @property
+    def num_blocks(self) -> int:
+        """The budget, in tokens."""
+        return self._capacity
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Tokens left in the budget."""
+        return self._capacity - self._used
+
+    def can_allocate(self, token_ids: Sequence[int]) -> bool:
+        """Whether a new sequence of these tokens fits now."""
+        return self._used + len(token_ids) <= self._capacity
+
+    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+        """Count a new sequence's tokens; returns 0 (nothing is cached).
+
+        Raises:
+            ConfigurationError: ``seq_id`` is already counted, or ``token_ids`` is empty.
+            CapacityError: the budget would be exceeded (nothing changes).
+        """
+        check_non_negative_int(seq_id, "seq_id")
+        if seq_id in self._lengths:
+            raise ConfigurationError(f"sequence {seq_id} is already counted; free it before allocating again")
+        if not token_ids:
+            raise ConfigurationError("expected at least one token to allocate, got an empty sequence")
+        self._check(len(token_ids), f"a new sequence of {len(token_ids)} tokens")
+        self._lengths[seq_id] = len(token_ids)
+        self._used += len(token_ids)
+        return 0
+
+    def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
+        """Whether ``num_tokens`` more tokens of sequence ``seq_id`` fit now (``KeyError`` if unknown)."""
+        if seq_id not in self._lengths:
+            raise KeyError(seq_id)
+        return self._used + num_tokens <= self._capacity
+
+    def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        """Count ``token_ids`` more tokens of sequence ``seq_id`` (``KeyError`` if unknown, ``CapacityError`` if
+        over budget; nothing changes then)."""
+        length = self._lengths[seq_id]
+        self._check(len(token_ids), f"{len(token_ids)} more tokens of sequence {seq_id}")
+        self._lengths[seq_id] = length + len(token_ids)
+        self._used += len(token_ids)
+
+    def free(self, seq_id: int) -> None:
+        """Give sequence ``seq_id``'s tokens back to the budget (``KeyError`` if unknown)."""
+        self._used -= self._lengths.pop(seq_id)
+
+    def block_table(self, seq_id: int) -> list[int]:
+        """Always empty: a budget hands out no blocks (``KeyError`` if unknown)."""
+        if seq_id not in self._lengths:
+            raise KeyError(seq_id)
+        return []
+
+    def num_tokens(self, seq_id: int) -> int:
+        """Tokens sequence ``seq_id`` holds (``KeyError`` if unknown)."""
+        return self._lengths[seq_id]
+
+    def _check(self, needed: int, what: str) -> None:
+        free = self._capacity - self._used
+        if needed > free:
+            raise CapacityError(
+                f"{what} needs {needed} tokens of the budget, {free} of {self._capacity} are left; finish or cancel "
+                "requests first or raise max_tokens"
+            )

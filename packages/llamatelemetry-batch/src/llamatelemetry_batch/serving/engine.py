@@ -15,18 +15,18 @@ any thread; everything else the engine owns is touched by the engine's thread on
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from collections.abc import Sequence as SequenceOf
 from typing import TypeVar, cast
 
 import torch
 
-from llamatelemetry_batch.serving.budget import SimpleBlockManager
+from llamatelemetry_batch.serving.budget import TokenBudget
+from llamatelemetry_batch.serving.handle import RequestHandle, TokenCallback
 from llamatelemetry_batch.serving.sampling import SamplingParams, make_generator, sample_next_tokens
 from llamatelemetry_batch.serving.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from llamatelemetry_batch.serving.sequence import FinishReason, RequestOutput, Sequence
@@ -34,102 +34,7 @@ from llamatelemetry_batch.serving.text import Detokenize, IncrementalDetokenizer
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_core.serving import DecoderModel, KVBlockManager
 
-__all__ = ["ContinuousBatchingEngine", "RequestHandle"]
-
-TokenCallback = Callable[[int | None, str], None]
-"""Called on the engine's thread with each new token id and the text it adds ('' without a detokenizer, often ''
-while a character or a possible stop string is incomplete); once more with ``None`` and the remaining text when a
-request with a detokenizer finishes with text not handed out yet."""
-
-
-class RequestHandle:
-    """A submitted request: stream its tokens, wait for its output, or cancel it. Safe from any thread."""
-
-    def __init__(
-        self,
-        engine: ContinuousBatchingEngine,
-        seq: Sequence,
-        on_token: TokenCallback | None,
-        on_finish: Callable[[RequestOutput], None] | None,
-    ) -> None:
-        self.request_id = seq.seq_id
-        self.prompt_token_ids = tuple(seq.token_ids)
-        self._engine = engine
-        self._on_token = on_token
-        self._on_finish = on_finish
-        self._cond = threading.Condition()
-        self._tokens: list[int] = []
-        self._output: RequestOutput | None = None
-
-    def done(self) -> bool:
-        """Whether the request has finished (for any reason)."""
-        return self._output is not None
-
-    def cancel(self) -> None:
-        """Stop the request at the next step (its blocks are freed then); a no-op once it has finished."""
-        self._engine._post(self.request_id)
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The tokens generated so far (a copy)."""
-        with self._cond:
-            return list(self._tokens)
-
-    def result(self, timeout: float | None = None) -> RequestOutput:
-        """Wait for the request to finish and return its output.
-
-        Without a background thread, the calling thread runs engine steps until then.
-
-        Raises:
-            TimeoutError: ``timeout`` seconds passed first (the request keeps running).
-        """
-        self._wait_for(lambda: self._output is not None, timeout)
-        assert self._output is not None
-        return self._output
-
-    def __iter__(self) -> Iterator[int]:
-        """The generated token ids, as they come; ends when the request finishes."""
-        index = 0
-        while True:
-            self._wait_for(functools.partial(self._has_news, index), None)
-            with self._cond:
-                fresh, finished = self._tokens[index:], self._output is not None
-            if not fresh and finished:
-                return
-            index += len(fresh)
-            yield from fresh
-
-    def _has_news(self, seen: int) -> bool:
-        return len(self._tokens) > seen or self._output is not None
-
-    def _wait_for(self, ready: Callable[[], bool], timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._cond:
-                if ready():
-                    return
-                if self._engine.running_in_background:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
-                    self._cond.wait(left)
-                    continue
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
-            self._engine.step()
-
-    # Called on the engine's thread.
-    def _deliver(self, token: int) -> None:
-        with self._cond:
-            self._tokens.append(token)
-            self._cond.notify_all()
-
-    def _complete(self, output: RequestOutput) -> None:
-        with self._cond:
-            self._output = output
-            self._cond.notify_all()
-        if self._on_finish is not None:
-            self._on_finish(output)
+__all__ = ["ContinuousBatchingEngine", "RequestHandle", "TokenCallback"]
 
 
 class ContinuousBatchingEngine:
@@ -139,7 +44,7 @@ class ContinuousBatchingEngine:
         model: any object implementing :class:`~llamatelemetry_core.serving.DecoderModel`.
         block_manager: the KV block manager (for a paged model, the one whose blocks the model's cache is
             indexed by, with the same ``page_size``); ``None`` for an unpaged model: a token budget of
-            ``max_num_seqs * max_model_len`` tokens (:class:`SimpleBlockManager`).
+            ``max_num_seqs * max_model_len`` tokens (:class:`TokenBudget`).
         scheduler_config: step limits (:class:`SchedulerConfig`).
         eos_token_ids: tokens that end every request (unless its ``ignore_eos``).
         detokenize: ``token_ids -> str`` (``tokenizer.decode``): enables text output and stop strings.
@@ -171,7 +76,12 @@ class ContinuousBatchingEngine:
                     f"model {type(model).__name__} is paged (page_size {model.page_size}): pass the block_manager "
                     "whose blocks index its KV cache"
                 )
-            block_manager = SimpleBlockManager.token_budget(config.max_num_seqs * model.max_model_len)
+            block_manager = TokenBudget(config.max_num_seqs * model.max_model_len)
+        elif paged and isinstance(block_manager, TokenBudget):
+            raise ConfigurationError(
+                f"model {type(model).__name__} is paged (page_size {model.page_size}) and needs block tables; a "
+                "TokenBudget has none: pass a paged block manager (SimpleBlockManager, or llamatelemetry-kvcache's)"
+            )
         elif paged and block_manager.page_size != model.page_size:
             raise ConfigurationError(
                 f"expected the block manager's page_size to equal the model's {model.page_size}, "
@@ -204,14 +114,21 @@ class ContinuousBatchingEngine:
         """Queue a request; it joins the running batch at the next step. Safe from any thread.
 
         ``on_token`` (see :data:`TokenCallback`) and ``on_finish`` run on the engine's thread; an exception in
-        ``on_token`` ends that request with :attr:`FinishReason.ERROR`, an exception in ``on_finish`` propagates
-        out of the step.
+        ``on_token`` ends that request with :attr:`FinishReason.ERROR`, one in ``on_finish`` becomes a
+        ``RuntimeWarning`` (the request is already done and the loop goes on).
 
         Raises:
             ConfigurationError: an empty prompt, token ids outside the vocabulary, a prompt that leaves no room
                 under ``max_model_len``, or stop strings without a ``detokenize``.
             CapacityError: the request could not fit in the block manager even alone.
         """
+        seq = self._new_sequence(prompt_token_ids, params)
+        handle = RequestHandle(self, seq, on_token, on_finish)
+        self._post((seq, handle))
+        return handle
+
+    def _new_sequence(self, prompt_token_ids: SequenceOf[int], params: SamplingParams | None) -> Sequence:
+        """A checked request, not queued yet (see :meth:`submit` for what is raised)."""
         params = params if params is not None else SamplingParams()
         prompt = self._check_prompt(prompt_token_ids)
         if params.stop and self.detokenize is None:
@@ -226,9 +143,7 @@ class ContinuousBatchingEngine:
             )
         if self.detokenize is not None:
             seq.detokenizer = IncrementalDetokenizer(self.detokenize, seq.num_prompt_tokens, params.stop)
-        handle = RequestHandle(self, seq, on_token, on_finish)
-        self._post((seq, handle))
-        return handle
+        return seq
 
     def _check_prompt(self, prompt_token_ids: SequenceOf[int]) -> list[int]:
         prompt: list[object] = list(prompt_token_ids)
@@ -289,9 +204,9 @@ class ContinuousBatchingEngine:
                 f"({self.scheduler.num_waiting} waiting); this is a bug in llamatelemetry-batch"
             )
         logits = self.model.step(plan.step_input)
+        self._check_logits(logits, plan)  # before anything is recorded: a failed step can be run again
         self.num_steps += 1
         self.scheduler.complete_step(plan)
-        self._check_logits(logits, plan)
         if plan.logits_sequences:
             self._sample_and_stream(logits, plan, finished)
         return finished
@@ -331,7 +246,7 @@ class ContinuousBatchingEngine:
             try:
                 text = ""
                 if seq.detokenizer is not None:
-                    text, stopped = seq.detokenizer.add(seq.token_ids)  # type: ignore[attr-defined]
+                    text, stopped = seq.detokenizer.add(seq.token_ids)
                     if stopped:
                         reason = FinishReason.STOP
                 if reason is None and seq.num_tokens >= seq.max_num_tokens:
@@ -362,8 +277,8 @@ class ContinuousBatchingEngine:
         self.scheduler.finish(seq, reason)
         _, handle = self._live.pop(seq.seq_id)
         text = None
-        if seq.detokenizer is not None:
-            detokenizer: IncrementalDetokenizer = seq.detokenizer  # type: ignore[assignment]
+        detokenizer = seq.detokenizer
+        if detokenizer is not None:
             tail = ""
             try:
                 tail = detokenizer.finish(seq.token_ids)
@@ -401,7 +316,9 @@ class ContinuousBatchingEngine:
         background thread runs it.
 
         Raises:
-            ConfigurationError: a list of sampling parameters whose length differs from the prompts'.
+            ConfigurationError: a list of sampling parameters whose length differs from the prompts', or a bad
+                prompt (named by its index; then no prompt runs).
+            CapacityError: a prompt that could not fit even alone (named by its index; then no prompt runs).
         """
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             per_prompt = [sampling_params] * len(prompts_token_ids)
@@ -411,7 +328,17 @@ class ContinuousBatchingEngine:
                 raise ConfigurationError(
                     f"expected one SamplingParams or one per prompt ({len(prompts_token_ids)}), got {len(per_prompt)}"
                 )
-        handles = [self.submit(p, sp) for p, sp in zip(prompts_token_ids, per_prompt, strict=True)]
+        # Every prompt is checked before any is queued: a bad one raises and nothing runs.
+        checked = []
+        for index, (prompt, params) in enumerate(zip(prompts_token_ids, per_prompt, strict=True)):
+            try:
+                checked.append(self._new_sequence(prompt, params))
+            except (ConfigurationError, CapacityError) as exc:
+                raise type(exc)(f"prompt {index}: {exc}") from exc
+        handles = [RequestHandle(self, seq, None, None) for seq in checked]
+        with self._lock:
+            self._inbox.extend((h._seq, h) for h in handles)
+            self._lock.notify_all()
         return [h.result() for h in handles]
 
     def start(self) -> None:
@@ -500,4 +427,10 @@ _Item = TypeVar("_Item")
 
 
 def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_Item], item: _Item) -> None:
-    loop.call_soon_threadsafe(queue.put_nowait, item)
+    """Hand ``item`` to a consumer on ``loop``; once that loop is closed, the consumer is gone and so is the item."""
+    if loop.is_closed():
+        return
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # closed between the check and the call
+        return

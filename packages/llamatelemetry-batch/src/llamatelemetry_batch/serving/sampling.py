@@ -133,23 +133,22 @@ def sample_next_tokens(
         )
     if n == 0:
         return []
-    # float32 copy: the penalty writes into it, and fp16 logits would round the temperature division.
-    logits = logits.to(torch.float32, copy=True)
-    for row, (p, history) in enumerate(zip(params, histories, strict=True)):
-        if p.repetition_penalty != 1.0 and history:
-            seen = torch.tensor(history, dtype=torch.long, device=logits.device)
+    penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i]]
+    if penalized:
+        # A float32 copy: the penalty writes into it.
+        logits = logits.to(torch.float32, copy=True)
+        for row in penalized:
+            penalty = params[row].repetition_penalty
+            seen = torch.tensor(histories[row], dtype=torch.long, device=logits.device)
             values = logits[row, seen]
-            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-    chosen = torch.empty(n, dtype=torch.long, device=logits.device)
-    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+            logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-    if greedy_rows:
-        index = torch.tensor(greedy_rows, device=logits.device)
-        chosen[index] = logits[index].argmax(dim=-1)
-    if sampled_rows:
-        index = torch.tensor(sampled_rows, device=logits.device)
-        probs = _filtered_probs(logits[index], [params[i] for i in sampled_rows])
-        chosen[index] = _exponential_race(probs, [generators[i] for i in sampled_rows])
+    if not sampled_rows:  # all greedy, the common serving case: one arg-max, one transfer
+        return [int(t) for t in logits.argmax(dim=-1).tolist()]
+    chosen = logits.argmax(dim=-1)
+    index = torch.tensor(sampled_rows, device=logits.device)
+    probs = _filtered_probs(logits[index].float(), [params[i] for i in sampled_rows])
+    chosen[index] = _exponential_race(probs, [generators[i] for i in sampled_rows])
     return [int(t) for t in chosen.tolist()]
 
 

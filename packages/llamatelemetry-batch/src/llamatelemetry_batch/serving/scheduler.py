@@ -20,7 +20,11 @@ a sequence whose cached prefix holds a block still being written waits for it, a
 writer any more computes it itself. This costs O(1) per block handed out, never per step.
 
 The scheduler is pure bookkeeping on the host (no tensors); it never touches finished sequences again, so a
-step costs O(running sequences + new blocks), whatever has finished before.
+step costs O(running sequences + new blocks), whatever has finished before. It keeps each sequence's block table
+and reads it from the block manager again only when the sequence grows into a new block: a table is taken to
+change only by growing at the end (the protocol has no way to tell a model that blocks moved). A decode token is
+appended without asking ``can_append`` first, since a failed ``append`` changes nothing; the answer is asked
+only to decide whom to preempt.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llamatelemetry_batch.serving.sequence import FinishReason, Sequence, SequenceStatus
-from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_core.serving import KVBlockManager, SequenceStep, StepInput
 from llamatelemetry_core.validation import check_positive_int
 
@@ -175,19 +179,47 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         plan = ScheduledStep(StepInput(()), [], [], [])
         steps: list[SequenceStep] = []
+        # Local names: this loop runs once per running sequence per step, and is the scheduler's hot path.
+        add_step, add_seq, add_count, add_logits = (
+            steps.append,
+            plan.sequences.append,
+            plan.num_new_tokens.append,
+            plan.logits_sequences.append,
+        )
+        append, page_size, paged = self.block_manager.append, self._page_size, self.paged
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
             i += 1
             if seq.blocked_on and not self._unblocked(seq):
                 continue
+            computed = seq.num_computed_tokens
+            token_ids = seq.token_ids
+            if computed + 1 == len(token_ids):
+                # Decode, the common case, inlined: one token, which needs a slot (unless a preemption earlier in
+                # the step already gave it one). Append first and ask later: a failed append changes nothing
+                # (the protocol's rule), and it rarely fails.
+                token = token_ids[computed]
+                if seq.num_allocated_tokens == computed:
+                    try:
+                        append(seq.seq_id, [token])
+                    except CapacityError:
+                        if not self._grow(seq, computed + 1, plan.preempted):
+                            break  # ``seq`` was the newest and preempted itself
+                    else:
+                        seq.num_allocated_tokens = computed + 1
+                        if paged and len(seq.table_tuple) * page_size <= computed:
+                            self._refresh_table(seq)
+                add_step(SequenceStep(seq.seq_id, (token,), computed, seq.table_tuple, True))
+                add_seq(seq)
+                add_count(1)
+                add_logits(seq)
+                budget -= 1
+                continue
             n = self._chunk(seq, budget)
-            grow = seq.num_computed_tokens + n - seq.num_allocated_tokens
-            if grow > 0 and not self._make_room(seq, grow, plan.preempted):
-                break  # ``seq`` was the newest and preempted itself
-            if grow > 0:
-                self._append(seq, seq.num_computed_tokens + n)
-            steps.append(self._step_of(seq, n, plan))
+            if computed + n > seq.num_allocated_tokens and not self._grow(seq, computed + n, plan.preempted):
+                break
+            add_step(self._step_of(seq, n, plan))
             budget -= n
         if not plan.preempted:
             while self.waiting and budget > 0 and len(running) < self.config.max_num_seqs:
@@ -212,8 +244,6 @@ class Scheduler:
             start = seq.num_computed_tokens
             end = start + n
             seq.num_computed_tokens = end
-            if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = time.perf_counter()
             if self._reuse and start // page_size != end // page_size:
                 table, complete, writer, seq_id = seq.block_table, self._complete, self._writer, seq.seq_id
                 for j in range(start // page_size, end // page_size):
@@ -242,25 +272,29 @@ class Scheduler:
             plan.logits_sequences.append(seq)
         return SequenceStep(seq.seq_id, token_ids, start, seq.table_tuple, want_logits)
 
-    def _make_room(self, seq: Sequence, grow: int, preempted: list[Sequence]) -> bool:
-        """Preempt the newest running sequences until ``seq`` can take ``grow`` more tokens; False if ``seq``
-        itself had to go."""
-        while not self.block_manager.can_append(seq.seq_id, grow):
+    def _grow(self, seq: Sequence, end: int, preempted: list[Sequence]) -> bool:
+        """Give ``seq`` room for tokens up to ``end``, preempting the newest running sequences if needed;
+        False if ``seq`` itself had to go."""
+        manager, page_size = self.block_manager, self._page_size
+        new_tokens = seq.token_ids[seq.num_allocated_tokens : end]
+        while not manager.can_append(seq.seq_id, len(new_tokens)):
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
                 return False
+        manager.append(seq.seq_id, new_tokens)
+        seq.num_allocated_tokens = end
+        if self.paged and len(seq.block_table) * page_size < end:
+            self._refresh_table(seq)
         return True
 
-    def _append(self, seq: Sequence, end: int) -> None:
-        self.block_manager.append(seq.seq_id, seq.token_ids[seq.num_allocated_tokens : end])
-        seq.num_allocated_tokens = end
-        if self.paged and len(seq.block_table) * self._page_size < end:
-            table = self.block_manager.block_table(seq.seq_id)
-            self._claim_fresh(seq, table[len(seq.block_table) :])
-            seq.block_table = table
-            seq.table_tuple = tuple(table)
+    def _refresh_table(self, seq: Sequence) -> None:
+        """``seq`` got new blocks at the end of its table (tables only ever grow at the end)."""
+        table = self.block_manager.block_table(seq.seq_id)
+        self._claim_fresh(seq, table[len(seq.block_table) :])
+        seq.block_table = table
+        seq.table_tuple = tuple(table)
 
     def _can_admit(self, seq: Sequence) -> bool:
         manager = self.block_manager
@@ -295,7 +329,8 @@ class Scheduler:
                 complete = self._complete
                 seq.blocked_on.extend((j, b) for j, b in enumerate(table[:first_fresh]) if b not in complete)
         seq.num_computed_tokens = cached
-        if seq.metrics.num_preemptions == 0:
+        if seq.metrics.first_scheduled_time is None:
+            seq.metrics.first_scheduled_time = time.perf_counter()
             seq.metrics.num_cached_prompt_tokens = cached
 
     def _claim_fresh(self, seq: Sequence, blocks: list[int]) -> None:

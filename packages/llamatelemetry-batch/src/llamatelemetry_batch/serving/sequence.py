@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamatelemetry_batch.serving.sampling import SamplingParams
+from llamatelemetry_batch.serving.text import IncrementalDetokenizer
 
 __all__ = ["FinishReason", "RequestMetrics", "RequestOutput", "Sequence", "SequenceStatus"]
 
@@ -141,7 +142,7 @@ class Sequence:
         self.generator: torch.Generator | None = None
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None
-        self.detokenizer: object | None = None
+        self.detokenizer: IncrementalDetokenizer | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
 
     @property

@@ -44,6 +44,7 @@ class HashDecoder:
         one_hot: ``True``: logits are one-hot at the hash token (greedy decoding follows the hash); ``False``:
             logits are a random normal row seeded by the hash (a non-trivial distribution to sample from; its
             arg-max is forced to the hash token, so greedy decoding still follows the hash).
+        device: where the logits are returned (the bookkeeping stays in Python).
     """
 
     def __init__(
@@ -54,7 +55,9 @@ class HashDecoder:
         page_size: int | None = None,
         num_blocks: int = 0,
         one_hot: bool = True,
+        device: str | torch.device = "cpu",
     ) -> None:
+        self.device = torch.device(device)
         self._vocab_size = vocab_size
         self._max_model_len = max_model_len
         self._page_size = page_size
@@ -106,7 +109,8 @@ class HashDecoder:
             h = self._run(seq)
             if seq.want_logits:
                 rows.append(self._logits(h))
-        return torch.stack(rows) if rows else torch.empty(0, self._vocab_size)
+        logits = torch.stack(rows) if rows else torch.empty(0, self._vocab_size)
+        return logits.to(self.device)
 
     def release(self, seq_id: int) -> None:
         self._state.pop(seq_id, None)
@@ -157,7 +161,8 @@ class TinyDecoder:
 
     Unpaged (``page_size=None``): K/V of each sequence in its own tensors, keyed by ``seq_id``. Paged: K/V in
     ``[num_blocks, page_size, num_heads, head_dim]`` tensors per layer, written and read through the block
-    tables (slot ``block_table[t // page_size] * page_size + t % page_size``).
+    tables (slot ``block_table[t // page_size] * page_size + t % page_size``). Weights and caches live on
+    ``device``.
     """
 
     def __init__(
@@ -171,17 +176,19 @@ class TinyDecoder:
         page_size: int | None = None,
         num_blocks: int = 0,
         seed: int = 0,
+        device: str | torch.device = "cpu",
     ) -> None:
         g = torch.Generator().manual_seed(seed)
         dtype = torch.float64
+        self.device = device = torch.device(device)
         self._vocab_size, self._max_model_len, self._page_size = vocab_size, max_model_len, page_size
         self.num_heads, self.head_dim = num_heads, width // num_heads
 
         def weight(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=g, dtype=dtype) / math.sqrt(shape[0])
+            return (torch.randn(*shape, generator=g, dtype=dtype) / math.sqrt(shape[0])).to(device)
 
-        self.embed = torch.randn(vocab_size, width, generator=g, dtype=dtype)
-        self.positions = torch.randn(max_model_len, width, generator=g, dtype=dtype) * 0.3
+        self.embed = torch.randn(vocab_size, width, generator=g, dtype=dtype).to(device)
+        self.positions = (torch.randn(max_model_len, width, generator=g, dtype=dtype) * 0.3).to(device)
         self.layers = [
             {
                 "qkv": weight(width, 3 * width),
@@ -194,8 +201,12 @@ class TinyDecoder:
         self.unembed = weight(width, vocab_size)
         self._kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         shape = (num_blocks, page_size or 1, num_heads, self.head_dim)
-        self.key_cache = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)] if page_size else []
-        self.value_cache = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)] if page_size else []
+        self.key_cache = (
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)] if page_size else []
+        )
+        self.value_cache = (
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)] if page_size else []
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -221,7 +232,9 @@ class TinyDecoder:
     def step(self, batch: StepInput) -> torch.Tensor:
         rows = [self._forward(seq) for seq in batch.sequences]
         wanted = [row[-1] for row, seq in zip(rows, batch.sequences, strict=True) if seq.want_logits]
-        return torch.stack(wanted) @ self.unembed if wanted else torch.empty(0, self._vocab_size, dtype=torch.float64)
+        if not wanted:
+            return torch.empty(0, self._vocab_size, dtype=torch.float64, device=self.device)
+        return torch.stack(wanted) @ self.unembed
 
     @torch.inference_mode()
     def reference_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -237,6 +250,11 @@ class TinyDecoder:
         x = self.embed[list(seq.token_ids)] + self.positions[start:end]
         if self._page_size is None:
             cache = self._kv.setdefault(seq.seq_id, [])
+        else:
+            page = self._page_size
+            positions = torch.arange(end, device=self.device)
+            table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
+            slots = table[positions // page] * page + positions % page
         for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x)
             if self._page_size is None:
@@ -248,10 +266,6 @@ class TinyDecoder:
                 keys, values = torch.cat([keys, k]), torch.cat([values, v])
                 cache[index] = (keys, values)
             else:
-                page = self._page_size
-                table = torch.tensor(seq.block_table, dtype=torch.long)
-                positions = torch.arange(end)
-                slots = table[positions // page] * page + positions % page
                 key_cache = self.key_cache[index].view(-1, self.num_heads, self.head_dim)
                 value_cache = self.value_cache[index].view(-1, self.num_heads, self.head_dim)
                 key_cache[slots[start:]] = k
@@ -277,7 +291,8 @@ class TinyDecoder:
     ) -> torch.Tensor:
         n, total = q.shape[0], k.shape[0]
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(self.head_dim)
-        causal = torch.arange(total).unsqueeze(0) > (torch.arange(n) + start).unsqueeze(1)
+        keys_at = torch.arange(total, device=x.device)
+        causal = keys_at.unsqueeze(0) > (torch.arange(n, device=x.device) + start).unsqueeze(1)
         attention = torch.einsum("hqk,khd->qhd", scores.masked_fill(causal, float("-inf")).softmax(-1), v)
         x = x + attention.reshape(n, -1) @ layer["out"]
         gate, up = (_rms(x) @ layer["up"]).chunk(2, dim=-1)
@@ -304,6 +319,7 @@ class PrefixCachingBlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._tables: dict[int, list[int]] = {}
         self._tokens: dict[int, list[int]] = {}
+        self._chain_end: dict[int, int] = {}  # hash of the sequence's last full block
 
     @property
     def page_size(self) -> int:
@@ -356,6 +372,7 @@ class PrefixCachingBlockManager:
                 self._register(block, hashes[len(table)])
             table.append(block)
         self._tables[seq_id], self._tokens[seq_id] = table, list(token_ids)
+        self._chain_end[seq_id] = hashes[-1] if hashes else 0
         return min(len(matched) * self._page_size, (len(token_ids) - 1) // self._page_size * self._page_size)
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
@@ -371,11 +388,15 @@ class PrefixCachingBlockManager:
                 table.append(self._take())
             tokens.append(token)
             if len(tokens) % self._page_size == 0:
-                self._register(table[-1], self._hashes(tokens)[-1])
+                h = self._chain_end[seq_id]
+                for full in tokens[-self._page_size :]:
+                    h = _chain(h, full)
+                self._chain_end[seq_id] = h
+                self._register(table[-1], h)
 
     def free(self, seq_id: int) -> None:
         table = self._tables.pop(seq_id)
-        del self._tokens[seq_id]
+        del self._tokens[seq_id], self._chain_end[seq_id]
         for block in reversed(table):
             self._refs[block] -= 1
             if self._refs[block] == 0:
