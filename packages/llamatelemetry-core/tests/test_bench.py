@@ -36,9 +36,10 @@ def test_report_writes_one_schema_and_exits_1_on_a_missed_target(
     assert report.check("host cost", 3.0, 5.0, at_most=True) is True
     assert report.finish(tmp_path) == 1
     data = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
-    assert data["schema"] == SCHEMA and data["component"] == "demo"
-    assert set(data) == {"schema", "component", "device", "environment", "rows", "targets", "extra"}
-    assert data["environment"]["versions"]["torch"] == torch.__version__
+    assert set(data) == {"benchmark", "rows", "targets", "extra"}
+    head = data["benchmark"]
+    assert head["schema"] == SCHEMA and head["component"] == "demo" and head["device"] == device_slug()
+    assert head["environment"]["versions"]["torch"] == torch.__version__
     assert [t["met"] for t in data["targets"]] == [False, True]
     out = capsys.readouterr()
     assert out.out.rstrip().endswith("missed targets: ours >= 0.95 of copy")

@@ -38,6 +38,7 @@ __all__ = [
     "Target",
     "copy_gbps",
     "device_slug",
+    "envelope",
     "environment",
     "gpu_ms",
     "host_us",
@@ -46,7 +47,8 @@ __all__ = [
 ]
 
 SCHEMA = "llamatelemetry-benchmark/1"
-"""The ``schema`` of every ``results.json``: ``{schema, component, device, environment, rows, targets, extra}``."""
+"""The schema of every ``results.json``: a ``benchmark`` envelope (:func:`envelope`) beside the results; a
+:class:`Report` writes them as ``rows``, ``targets`` and ``extra``."""
 
 
 def _slug(text: str) -> str:
@@ -90,6 +92,11 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def envelope(component: str) -> dict[str, Any]:
+    """What every ``results.json`` holds under ``benchmark``: schema, component, device slug, environment."""
+    return {"schema": SCHEMA, "component": component, "device": device_slug(), "environment": environment()}
 
 
 def progress(message: str) -> None:
@@ -229,10 +236,7 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
-            "component": self.component,
-            "device": device_slug(),
-            "environment": environment(),
+            "benchmark": envelope(self.component),
             "rows": [{**asdict(r), "ratio": r.ratio} for r in self.rows],
             "targets": [{**asdict(t), "met": t.met} for t in self.targets],
             "extra": self.extra,
