@@ -45,7 +45,11 @@ TORCH_LATEST = os.environ.get("LLAMATELEMETRY_TORCH_LATEST", TORCH_CPU)
 TRITON_LATEST = os.environ.get("LLAMATELEMETRY_TRITON_LATEST", "triton")
 TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0"]
 # Optional integrations some packages test against (installed where those packages' tests run).
-TEST_EXTRAS = {"flashattn": ["transformers>=5"], "kvcache": ["transformers>=5"]}
+TEST_EXTRAS = {
+    "flashattn": ["transformers>=5"],
+    "kvcache": ["transformers>=5"],
+    "batch": ["httpx>=0.27", "tqdm>=4.60"],
+}
 AOT_DEVICES = ["t4", "a100", "h100"]
 
 
@@ -136,7 +140,7 @@ def tests(session: nox.Session, package: str, matrix: str) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over every package's sources and tests, one package at a time."""
     _install_torch(session, "cpu-triton")
-    session.install("mypy>=1.11", "nox>=2024.10", *TEST_TOOLS)
+    session.install("mypy>=1.11", "nox>=2024.10", *TEST_TOOLS, "httpx>=0.27")  # httpx: batch's typed http extra
     _install_local(session, list(PACKAGES))
     for folder in PACKAGES.values():
         package_dir = ROOT / "packages" / folder

@@ -113,7 +113,7 @@ def summary() -> dict[str, Any]:
     gpus: dict[str, Any] = {}
     for gpu_dir in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
         if not any((gpu_dir / component / "results.json").is_file() for component in _READERS):
-            continue  # no GPU figures here (a CPU's host-cost baseline, say)
+            continue  # no GPU operation measured there (CPU-only results, such as batch inference's)
         name, memory = _device_name(gpu_dir)
         spec = find_spec(name, memory)
         if spec is None:

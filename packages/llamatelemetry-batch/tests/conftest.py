@@ -1,4 +1,5 @@
-"""Shared fixtures of the llamatelemetry-batch tests: the block managers every scheduler test runs against.
+"""Shared fixtures of the llamatelemetry-batch tests: the block managers every scheduler test runs against, and a
+real OpenAI-compatible server on the loopback address for the batch-inference tests.
 
 ``BLOCK_MANAGERS`` maps a name to a factory ``(num_blocks, page_size) -> KVBlockManager``. Any implementation of
 ``llamatelemetry_core.serving.KVBlockManager`` can be added here, and every parametrized test (the protocol
@@ -15,6 +16,7 @@ import torch
 
 from llamatelemetry_batch.serving import SimpleBlockManager
 from llamatelemetry_batch.serving.testing import PrefixCachingBlockManager
+from llamatelemetry_batch.testing import EchoServer
 from llamatelemetry_core.serving import KVBlockManager
 
 BlockManagerFactory = Callable[[int, int], KVBlockManager]
@@ -46,3 +48,10 @@ def single_thread_torch() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def server() -> Iterator[EchoServer]:
+    """A real OpenAI-compatible server on 127.0.0.1 (a free port) that echoes prompts."""
+    with EchoServer() as echo_server:
+        yield echo_server

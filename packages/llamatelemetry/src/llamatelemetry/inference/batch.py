@@ -1,14 +1,67 @@
-"""Documented path of the ``llamatelemetry-batch`` component (``pip install "llamatelemetry[batch]"``).
+"""Batch inference over any inference function, and continuous batching (``pip install "llamatelemetry[batch]"``).
 
-The installed component does not provide the documented names yet: each raises an error that says so.
+Re-exports ``llamatelemetry_batch``.
 """
 
-from llamatelemetry._components import import_component, not_yet_provided
+from llamatelemetry._components import missing_component
 
-import_component("batch")
+try:
+    from llamatelemetry_batch import BatchConfig as BatchConfig
+    from llamatelemetry_batch import BatchedFunction as BatchedFunction
+    from llamatelemetry_batch import BatchInferenceError as BatchInferenceError
+    from llamatelemetry_batch import BatchInferenceOptimizer as BatchInferenceOptimizer
+    from llamatelemetry_batch import BatchInterrupted as BatchInterrupted
+    from llamatelemetry_batch import BatchRun as BatchRun
+    from llamatelemetry_batch import BatchStats as BatchStats
+    from llamatelemetry_batch import CallTimeoutError as CallTimeoutError
+    from llamatelemetry_batch import ContinuousBatchingEngine as ContinuousBatchingEngine
+    from llamatelemetry_batch import FinishReason as FinishReason
+    from llamatelemetry_batch import InferenceConnectionError as InferenceConnectionError
+    from llamatelemetry_batch import InferenceHTTPError as InferenceHTTPError
+    from llamatelemetry_batch import InferenceResponseError as InferenceResponseError
+    from llamatelemetry_batch import InferenceTimeoutError as InferenceTimeoutError
+    from llamatelemetry_batch import OpenAICompatibleClient as OpenAICompatibleClient
+    from llamatelemetry_batch import OversizePromptWarning as OversizePromptWarning
+    from llamatelemetry_batch import RequestHandle as RequestHandle
+    from llamatelemetry_batch import RequestMetrics as RequestMetrics
+    from llamatelemetry_batch import RequestOutput as RequestOutput
+    from llamatelemetry_batch import SamplingParams as SamplingParams
+    from llamatelemetry_batch import Scheduler as Scheduler
+    from llamatelemetry_batch import SchedulerConfig as SchedulerConfig
+    from llamatelemetry_batch import SimpleBlockManager as SimpleBlockManager
+    from llamatelemetry_batch import batch_inference_optimized as batch_inference_optimized
+    from llamatelemetry_batch import batched as batched
+    from llamatelemetry_batch import estimate_tokens as estimate_tokens
+    from llamatelemetry_batch import is_transient_error as is_transient_error
+except ImportError as exc:
+    raise missing_component("batch", exc) from exc
 
-__all__: list[str] = []
-
-
-def __getattr__(name: str) -> object:
-    raise not_yet_provided("batch", name)
+__all__ = [
+    "BatchConfig",
+    "BatchInferenceError",
+    "BatchInferenceOptimizer",
+    "BatchInterrupted",
+    "BatchRun",
+    "BatchStats",
+    "BatchedFunction",
+    "CallTimeoutError",
+    "ContinuousBatchingEngine",
+    "FinishReason",
+    "InferenceConnectionError",
+    "InferenceHTTPError",
+    "InferenceResponseError",
+    "InferenceTimeoutError",
+    "OpenAICompatibleClient",
+    "OversizePromptWarning",
+    "RequestHandle",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "Scheduler",
+    "SchedulerConfig",
+    "SimpleBlockManager",
+    "batch_inference_optimized",
+    "batched",
+    "estimate_tokens",
+    "is_transient_error",
+]
