@@ -94,9 +94,10 @@ def environment() -> dict[str, Any]:
     }
 
 
-def envelope(component: str) -> dict[str, Any]:
-    """What every ``results.json`` holds under ``benchmark``: schema, component, device slug, environment."""
-    return {"schema": SCHEMA, "component": component, "device": device_slug(), "environment": environment()}
+def envelope(component: str, device: torch.device | None = None) -> dict[str, Any]:
+    """What every ``results.json`` holds under ``benchmark``: schema, component, device slug (of ``device``,
+    default the GPU if any), environment."""
+    return {"schema": SCHEMA, "component": component, "device": device_slug(device), "environment": environment()}
 
 
 def progress(message: str) -> None:
