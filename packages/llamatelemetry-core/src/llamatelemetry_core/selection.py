@@ -65,7 +65,6 @@ from llamatelemetry_core.callspec import (
     CallSpec,
     Check,
     QuietReason,
-    _module_cache,
     combine_reasons,
     gate,
     is_gate,
@@ -104,7 +103,6 @@ __all__ = [
     "reset_selection_cache",
 ]
 
-_ = _module_cache  # re-exported for tests that pretend a package is installed
 
 BACKEND_ENV = "LLAMATELEMETRY_BACKEND"
 REFERENCE = "reference"
