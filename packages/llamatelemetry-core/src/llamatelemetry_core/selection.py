@@ -43,12 +43,10 @@ Which implementation ran is observable: :func:`last_selection` for the latest ca
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 import threading
 import warnings
-from collections.abc import Callable, Collection, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +72,13 @@ from llamatelemetry_core.callspec import (
 )
 from llamatelemetry_core.device import reload_simulation_env
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
+from llamatelemetry_core.recording import (
+    Selection,
+    SelectionRecorder,
+    last_selection,
+    record_selection,
+    record_selections,
+)
 
 __all__ = [
     "BACKEND_ENV",
@@ -159,59 +164,9 @@ class Candidate:
     reason: str | None
 
 
-@dataclass(frozen=True)
-class Selection:
-    """The outcome of one dispatch: which implementation ran, whether it was requested, what was skipped."""
-
-    operation: str
-    implementation: str
-    requested: bool
-    skipped: tuple[tuple[str, str], ...] = ()
-
-
-class SelectionRecorder:
-    """Collects the :class:`Selection` of every dispatch inside a :func:`record_selections` block."""
-
-    def __init__(self) -> None:
-        self.selections: list[Selection] = []
-
-    def implementations(self, operation: str) -> list[str]:
-        """Names of the implementations that ran for ``operation``, in call order."""
-        return [s.implementation for s in self.selections if s.operation == operation]
-
-    def last(self, operation: str) -> str:
-        """Name of the implementation that ran last for ``operation``; ``KeyError`` when it never ran."""
-        names = self.implementations(operation)
-        if not names:
-            seen = sorted({s.operation for s in self.selections})
-            raise KeyError(f"operation {operation!r} was not dispatched in this block; dispatched: {seen}")
-        return names[-1]
-
-
 _registry_lock = threading.Lock()
 _operations: dict[str, Operation] = {}
-_last: dict[str, Selection] = {}
 _warned: set[tuple[str, str, str]] = set()
-_recorders: contextvars.ContextVar[tuple[SelectionRecorder, ...]] = contextvars.ContextVar(
-    "llamatelemetry_recorders", default=()
-)
-
-
-@contextlib.contextmanager
-def record_selections() -> Iterator[SelectionRecorder]:
-    """Record every dispatch made in this block (this thread or task, nested blocks included)."""
-    recorder = SelectionRecorder()
-    token = _recorders.set((*_recorders.get(), recorder))
-    try:
-        yield recorder
-    finally:
-        _recorders.reset(token)
-
-
-def last_selection(operation: str) -> Selection | None:
-    """The latest dispatch of ``operation`` in this process, or ``None`` when it never ran."""
-    with _registry_lock:
-        return _last.get(operation)
 
 
 def reset_fallback_warnings() -> None:
@@ -430,11 +385,6 @@ class Operation:
             backend=impl.name,
         )
 
-    def _record(self, selection: Selection) -> None:
-        _last[self.name] = selection  # one atomic store: no lock on the hot path
-        for recorder in _recorders.get():
-            recorder.selections.append(selection)
-
     def _cache_key(self, call: CallSpec, backend: str | None) -> Hashable:
         kinds = tuple(i.device_kinds() for i in self._dynamic) if self._dynamic else ()
         return (backend, call.selection_key(), build_failures.failures_generation(), kinds)
@@ -471,7 +421,7 @@ class Operation:
                 self._cache[key] = plan
         impl = plan.impl
         if plan.index < 0:
-            self._record(plan.selection)
+            record_selection(plan.selection)
             try:
                 return impl.fn(*args, **kwargs)
             except Exception as exc:
@@ -493,7 +443,7 @@ class Operation:
             return self._run_from(plan.index + 1, call, skipped, [*plan.to_warn, (impl.name, reason)], args, kwargs)
         for name, why in plan.to_warn:
             _warn_once(self.name, name, why, impl.name)
-        self._record(plan.selection)
+        record_selection(plan.selection)
         return result
 
     def _run_from(
@@ -528,7 +478,7 @@ class Operation:
                 continue
             for name, why in to_warn:
                 _warn_once(self.name, name, why, impl.name, stacklevel=5)
-            self._record(Selection(self.name, impl.name, requested=False, skipped=tuple(skipped)))
+            record_selection(Selection(self.name, impl.name, requested=False, skipped=tuple(skipped)))
             return result
         raise AssertionError("the reference implementation supports every call")  # pragma: no cover
 
