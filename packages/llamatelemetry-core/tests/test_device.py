@@ -211,3 +211,8 @@ def test_static_facts_are_cached_and_free_memory_refreshed() -> None:
     assert get_device_info(refresh_memory=False) is first  # dispatch pays no device query per call
     fresh = get_device_info()
     assert fresh.name == first.name and fresh.total_memory_bytes == first.total_memory_bytes
+
+
+def test_simulate_device_refuses_a_key_that_is_not_a_string() -> None:
+    with pytest.raises(TypeError, match="expected key to be a device name"), simulate_device(None):  # type: ignore[arg-type]
+        pass

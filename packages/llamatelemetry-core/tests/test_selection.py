@@ -12,6 +12,7 @@ from llamatelemetry_core.device import simulate_device
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.selection import (
     BACKEND_ENV,
+    BackendEnvWarning,
     BackendFallbackWarning,
     CallSpec,
     Operation,
@@ -114,12 +115,14 @@ def test_environment_request_global_and_per_operation(monkeypatch: pytest.Monkey
     monkeypatch.setenv(BACKEND_ENV, "reference")
     reload_environment()
     assert op.select(call).name == "reference"
-    monkeypatch.setenv(BACKEND_ENV, "sdpa")  # not an implementation of this op: automatic choice
+    monkeypatch.setenv(BACKEND_ENV, "sdpa")  # not an implementation of any op: automatic choice, and a warning
     reload_environment()
-    assert op.select(call).name == "fast"
+    with pytest.warns(BackendEnvWarning, match="no registered operation has an implementation named 'sdpa'"):
+        assert op.select(call).name == "fast"
     monkeypatch.setenv(BACKEND_ENV, f"other_op=fast, {op.name}=reference")
     reload_environment()
-    assert op.select(call).name == "reference"
+    with pytest.warns(BackendEnvWarning, match="no operation named 'other_op'"):
+        assert op.select(call).name == "reference"
     monkeypatch.setenv(BACKEND_ENV, f"{op.name}=fast")
     reload_environment()
     with pytest.raises(BackendUnavailableError):
@@ -130,7 +133,8 @@ def test_environment_request_global_and_per_operation(monkeypatch: pytest.Monkey
         op.select(call)
     monkeypatch.setenv(BACKEND_ENV, "other_op=fast")  # pairs that do not name this op leave it automatic
     reload_environment()
-    assert op.select(call).name == "fast"
+    with pytest.warns(BackendEnvWarning):
+        assert op.select(call).name == "fast"
 
 
 def test_runtime_unavailability_falls_back_but_bugs_propagate() -> None:
@@ -317,3 +321,54 @@ def test_unhashable_attributes_are_chosen_afresh() -> None:
     with record_selections() as rec:
         op.dispatch(CallSpec.from_tensors(x, extra=[1, 2]), x)
     assert rec.last(op.name) == "fast"
+
+
+def test_backend_variable_typos_warn_once_listing_valid_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    op = _new_op()
+    x = torch.randn(4)
+    call = CallSpec.from_tensors(x)
+    monkeypatch.setenv(BACKEND_ENV, f"{op.name[:-1]}x=fast")
+    reload_environment()
+    with pytest.warns(BackendEnvWarning, match=rf"no operation named '{op.name[:-1]}x'.*operations: .*{op.name}"):
+        assert op.select(call).name == "fast"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op.select(call)  # once per value
+    monkeypatch.setenv(BACKEND_ENV, f"{op.name}=fsat")
+    reload_environment()
+    with (
+        pytest.warns(BackendEnvWarning, match=r"has no implementation 'fsat' \(one of fast, reference\)"),
+        pytest.raises(ConfigurationError, match="no implementation 'fsat'"),
+    ):
+        op.select(call)
+    monkeypatch.setenv(BACKEND_ENV, f"{op.name}=fast")
+    reload_environment()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert op.select(call).name == "fast"  # valid names: no warning
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"priority": "high"}, "priority to be an integer"),
+        ({"priority": True}, "priority to be an integer"),
+        ({"devices": 3}, "devices to be a device kind"),
+        ({"devices": ["cpu", ""]}, "devices to be a device kind"),
+        ({"checks": [1]}, "every check to be callable"),
+        ({"checks": "abc"}, "checks to be a collection"),
+    ],
+)
+def test_register_validates_before_changing_anything(kwargs: dict[str, object], match: str) -> None:
+    op = Operation(f"double_{next(_counter)}", _reference)
+    arguments: dict[str, object] = {"priority": 1, "devices": ["cpu"], **kwargs}
+    with pytest.raises(ConfigurationError, match=match):
+        op.register("fast", _fast, **arguments)  # type: ignore[arg-type]
+    assert [i.name for i in op.implementations] == ["reference"]
+    op.register("fast", _fast, priority=5, devices="cpu")  # a single kind is one kind, not its letters
+    x = torch.randn(3)
+    assert op.select(CallSpec.from_tensors(x)).name == "fast"
+    with pytest.raises(TypeError, match="fn to be callable"):
+        op.register("other", "not a function", priority=1, devices="cpu")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="non-empty string"):
+        op.register("", _fast, priority=1, devices="cpu")

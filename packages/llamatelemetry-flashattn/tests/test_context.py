@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_flashattn import estimate_inference_memory, get_optimal_context_length
 
 sizes = st.floats(min_value=0.01, max_value=500, allow_nan=False, allow_infinity=False)
@@ -58,18 +59,26 @@ def test_breakdown_adds_up() -> None:
     assert no_flash.attention > 1000 * est.attention  # O(n^2) vs O(n) at n = 4096
 
 
+def _longest_or_zero(size: float, vram: float, flash: bool = True, **kwargs: object) -> int:
+    """get_optimal_context_length, or 0 for a model that does not fit at all (its CapacityError)."""
+    try:
+        return get_optimal_context_length(size, vram, flash, **kwargs)  # type: ignore[arg-type]
+    except CapacityError:
+        return 0
+
+
 @settings(max_examples=60, deadline=None)
 @given(size=sizes, vram=vrams, more=st.floats(min_value=0, max_value=500), q=quantizations, batch=batches)
 def test_more_vram_never_shortens(size: float, vram: float, more: float, q: str, batch: int) -> None:
-    assert get_optimal_context_length(
-        size, vram + more, quantization=q, batch_size=batch
-    ) >= get_optimal_context_length(size, vram, quantization=q, batch_size=batch)
+    assert _longest_or_zero(size, vram + more, quantization=q, batch_size=batch) >= _longest_or_zero(
+        size, vram, quantization=q, batch_size=batch
+    )
 
 
 @settings(max_examples=60, deadline=None)
 @given(size=sizes, bigger=st.floats(min_value=0, max_value=500), vram=vrams, flash=st.booleans())
 def test_bigger_model_never_lengthens(size: float, bigger: float, vram: float, flash: bool) -> None:
-    assert get_optimal_context_length(size + bigger, vram, flash) <= get_optimal_context_length(size, vram, flash)
+    assert _longest_or_zero(size + bigger, vram, flash) <= _longest_or_zero(size, vram, flash)
 
 
 @settings(max_examples=60, deadline=None)
@@ -85,15 +94,21 @@ def test_power_of_two_in_range_and_flash_never_shorter(
     size: float, vram: float, q: str, batch: int, low: int, span: int
 ) -> None:
     high = max(low * 2, low + span)
-    with_flash = get_optimal_context_length(
-        size, vram, True, quantization=q, batch_size=batch, min_context=low, max_context=high
-    )
-    without = get_optimal_context_length(
-        size, vram, False, quantization=q, batch_size=batch, min_context=low, max_context=high
-    )
-    for n in (with_flash, without):
+
+    def longest(flash: bool) -> int:
+        """The answer, or 0 when even the shortest context does not fit (a CapacityError)."""
+        try:
+            n = get_optimal_context_length(
+                size, vram, flash, quantization=q, batch_size=batch, min_context=low, max_context=high
+            )
+        except CapacityError:
+            shortest = 1 << (low - 1).bit_length()
+            assert not estimate_inference_memory(shortest, size, vram, flash, quantization=q, batch_size=batch).fits
+            return 0
         assert n & (n - 1) == 0 and low <= n <= high
-    assert without <= with_flash
+        return n
+
+    assert longest(False) <= longest(True)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 0.0, -3.5, float("nan"), float("inf"), True, "8"])
@@ -123,5 +138,13 @@ def test_bad_options_raise_value_error(kwargs: dict[str, object], match: str) ->
 @settings(max_examples=40, deadline=None)
 @given(size=st.floats(min_value=1e-9, max_value=1e6), vram=st.floats(min_value=1e-9, max_value=1e6))
 def test_no_arithmetic_errors_on_extreme_valid_inputs(size: float, vram: float) -> None:
-    n = get_optimal_context_length(size, vram)
-    assert n >= 256 and math.log2(n).is_integer()
+    n = _longest_or_zero(size, vram)
+    assert n == 0 or (n >= 256 and math.log2(n).is_integer())
+
+
+def test_a_model_that_does_not_fit_is_a_capacity_error_with_the_numbers() -> None:
+    fits_not = r"70B-parameter model \(fp16\) does not fit 12 GiB.*needs 1[0-9]{2}\.\d+ GiB"
+    with pytest.raises(CapacityError, match=fits_not):
+        get_optimal_context_length(70.0, 12.0)
+    with pytest.raises(ConfigurationError, match="use_flash_attention"):
+        get_optimal_context_length(1.0, 12.0, "yes")  # type: ignore[arg-type]

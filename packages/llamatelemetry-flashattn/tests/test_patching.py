@@ -171,6 +171,27 @@ def test_transformers_with_left_padding_and_cache(rng: torch.Generator) -> None:
     assert torch.equal(ours, eager)
 
 
+@pytest.mark.parametrize("padding", ["right", "both_sides", "mixed"])
+def test_transformers_with_right_padding(padding: str, rng: torch.Generator) -> None:
+    model = _tiny("llama")
+    ids = torch.randint(0, 96, (3, 12), generator=rng)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # 7 tokens, right-padded
+    if padding == "both_sides":
+        mask[2, :2] = 0
+        mask[2, 9:] = 0
+    elif padding == "mixed":
+        mask[2, :3] = 0  # left-padded beside a right-padded row
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        enable_flash_attention(model)
+        got = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    # Rows after the last real token see every real key under a causal mask: they match SDPA's output too.
+    torch.testing.assert_close(got[1, 7:], expected[1, 7:], atol=1e-4, rtol=1e-4)
+
+
 def test_transformers_window_in_config_narrows_attention(rng: torch.Generator) -> None:
     model = _tiny("llama")
     ids = torch.randint(0, 96, (1, 20), generator=rng)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pytest
@@ -217,8 +216,8 @@ def test_padding_is_minimal_and_aligned(key: str, m: int, n: int, k: int) -> Non
 
 
 @given(
-    log_a=st.floats(-30, 127),
-    log_b=st.floats(-30, 127),
+    log_a=st.floats(-140, 127),
+    log_b=st.floats(-140, 127),
     k=st.integers(1, 1 << 20),
 )
 @settings(max_examples=200, deadline=None)
@@ -226,12 +225,11 @@ def test_range_scales_keep_inputs_and_sums_in_fp16(log_a: float, log_b: float, k
     a = torch.tensor([[2.0**log_a]], dtype=torch.float32).expand(1, k)
     b = torch.tensor([[2.0**log_b]], dtype=torch.float32).expand(k, 1)
     e_a, e_b = (float(e) for e in range_scale_exponents(a, b))
-    assert e_a >= 0 and e_b >= 0 and e_a == int(e_a) and e_b == int(e_b)
+    assert e_a == int(e_a) and e_b == int(e_b)
     amax_a, amax_b = float(a.max()), float(b.max())
     scaled_a, scaled_b = amax_a * 2.0**-e_a, amax_b * 2.0**-e_b
     assert scaled_a <= 2**15 and scaled_b <= 2**15
     assert k * scaled_a * scaled_b <= 2**15 * (1 + 1e-9)
-    # never more scaling than needed: one power of two less would break a bound
-    if e_a + e_b > 0:
-        needed = max(math.log2(amax_a) - 15, 0) + max(math.log2(amax_b) - 15, 0)
-        assert e_a + e_b <= max(needed, math.log2(k) + math.log2(amax_a) + math.log2(amax_b) - 15) + 2
+    # as high in fp16's range as the bounds allow, up or down: one power of two more on either breaks a bound
+    for mine, other in ((scaled_a, scaled_b), (scaled_b, scaled_a)):
+        assert 2 * mine > 2**15 or k * 2 * mine * other > 2**15

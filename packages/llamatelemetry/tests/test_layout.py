@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
     not (ROOT / "noxfile.py").is_file() or not (PACKAGES / "llamatelemetry-core").is_dir(),
     reason="needs the monorepo checkout",
 )
+# The engine composes every component (it is above them all, below the meta-package only).
 
 
 def _imports(path: Path) -> set[str]:

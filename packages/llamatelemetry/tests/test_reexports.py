@@ -71,7 +71,7 @@ def test_a_broken_dependency_is_not_reported_as_a_missing_extra() -> None:
 
 
 def test_extras_and_components_agree() -> None:
-    assert set(EXTRAS) == {"graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch"}
+    assert set(EXTRAS) == {"graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch", "engine"}
     paths = {c.documented_path for c in COMPONENTS.values()}
     assert paths == {
         "llamatelemetry.cuda.graphs",
@@ -80,6 +80,7 @@ def test_extras_and_components_agree() -> None:
         "llamatelemetry.inference.flash_attn",
         "llamatelemetry.inference.kv_cache",
         "llamatelemetry.inference.batch",
+        "llamatelemetry.engine",
     }
 
 
@@ -88,6 +89,7 @@ def test_top_level_import_is_light() -> None:
         sys.modules.pop(name)
     _fresh_import("llamatelemetry")
     assert not any(m.startswith(("llamatelemetry.cuda.", "llamatelemetry.inference.")) for m in sys.modules)
+    assert "llamatelemetry.engine" not in sys.modules
 
 
 def test_the_install_hint_fits_the_kind_of_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,7 +73,7 @@ class KernelFailure:
     @property
     def reason(self) -> str:
         """The reason dispatch and ``explain`` give for not choosing the implementation."""
-        return f"failed to build here with {self.toolchain} ({self.error})"
+        return f"its kernel failed to build with {self.toolchain}: {self.error}"
 
 
 _Key = tuple[object, ...]

@@ -348,8 +348,14 @@ def simulate_device(key: str) -> Iterator[DeviceInfo]:
     the CPUs of :data:`SIMULATED_CPUS`: ``cpu`` (no native bf16) and ``cpu-bf16``. Every fact of a simulated
     device is pinned (a simulated CPU has 2 cores and 8 GiB, whatever the host has). Simulation changes what
     is *chosen*; it does not make CUDA available, and CPU tensors still run on the host CPU. Thread- and
-    task-local.
+    task-local. Raises ``TypeError`` for a key that is not a string, :class:`ConfigurationError` for an unknown
+    one.
     """
+    given: object = key  # validated at run time whatever the annotation says
+    if not isinstance(given, str):
+        raise TypeError(
+            f"expected key to be a device name such as 't4', 'h100' or 'cpu' (a str), got {type(given).__name__}"
+        )
     key = key.strip().lower()
     _validate_key(key)
     token = _simulated.set(key)

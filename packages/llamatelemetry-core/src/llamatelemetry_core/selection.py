@@ -24,7 +24,8 @@ packages). Dispatch takes the highest-priority implementation that supports the 
 
 ``LLAMATELEMETRY_BACKEND`` holds either one implementation name, applied to every operation that has an
 implementation of that name (``reference`` forces every fallback), or a comma-separated list of
-``operation=implementation`` pairs, which are strict.
+``operation=implementation`` pairs, which are strict. A name in it that no registered operation knows (a typo
+such as ``sofmax=triton``) is reported once per value with a :class:`BackendEnvWarning` listing the valid names.
 
 The variable is read once, at the first dispatch; :func:`reload_environment` reads it again (a test that sets it
 calls that). Dispatch remembers its choice per call key (the device, dtype, shapes and facts of the call, the
@@ -43,12 +44,14 @@ Which implementation ran is observable: :func:`last_selection` for the latest ca
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
 import threading
 import warnings
 from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from llamatelemetry_core import build_failures
 from llamatelemetry_core.build_failures import (
@@ -83,6 +86,7 @@ from llamatelemetry_core.recording import (
 __all__ = [
     "BACKEND_ENV",
     "REFERENCE",
+    "BackendEnvWarning",
     "BackendFallbackWarning",
     "CallSpec",
     "Candidate",
@@ -115,6 +119,10 @@ REFERENCE = "reference"
 
 class BackendFallbackWarning(UserWarning):
     """A faster implementation could not run and a slower one was used instead."""
+
+
+class BackendEnvWarning(UserWarning):
+    """``LLAMATELEMETRY_BACKEND`` names an operation or implementation that no registered operation has."""
 
 
 @dataclass(frozen=True)
@@ -167,22 +175,26 @@ class Candidate:
 _registry_lock = threading.Lock()
 _operations: dict[str, Operation] = {}
 _warned: set[tuple[str, str, str]] = set()
+_env_checked: set[str] = set()
 
 
 def reset_fallback_warnings() -> None:
     """Forget which fallbacks were already warned about, so the next one warns again (for tests)."""
     with _registry_lock:
         _warned.clear()
+        _env_checked.clear()
 
 
-_env: list[tuple[str | None, dict[str, str]] | None] = [None]  # LLAMATELEMETRY_BACKEND, parsed once
+_env: list[tuple[str, str | None, dict[str, str]] | None] = [None]  # LLAMATELEMETRY_BACKEND, parsed once
 _CACHE_LIMIT = 4096  # distinct call keys remembered per operation (decode shapes grow: the memory is bounded)
 
 
-def _backend_env() -> tuple[str | None, dict[str, str]]:
+def _backend_env() -> tuple[str, str | None, dict[str, str]]:
+    """The variable's value and its parse: (value, one name or None, operation=implementation pairs)."""
     parsed = _env[0]
     if parsed is None:
-        parsed = _parse_backend_env(os.environ.get(BACKEND_ENV, ""))
+        value = os.environ.get(BACKEND_ENV, "")
+        parsed = (value, *_parse_backend_env(value))
         _env[0] = parsed
     return parsed
 
@@ -255,6 +267,78 @@ def _parse_backend_env(value: str) -> tuple[str | None, dict[str, str]]:
     return None, pairs
 
 
+def _unknown_backend_names(value: str) -> str | None:
+    """What in ``value`` (the variable) names nothing registered, with the valid names; ``None`` when all is known."""
+    name, pairs = _parse_backend_env(value)
+    with _registry_lock:
+        ops = dict(_operations)
+    valid_ops = ", ".join(sorted(ops)) or "none registered"
+    problems: list[str] = []
+    if name is not None:
+        impls = sorted({i.name for op in ops.values() for i in op.implementations})
+        if name not in impls:
+            problems.append(f"no registered operation has an implementation named {name!r} (known: {', '.join(impls)})")
+    for op_name, impl_name in pairs.items():
+        op = ops.get(op_name)
+        if op is None:
+            problems.append(f"no operation named {op_name!r} is registered (operations: {valid_ops})")
+            continue
+        impls = sorted(i.name for i in op.implementations)
+        if impl_name not in impls:
+            problems.append(f"operation {op_name!r} has no implementation {impl_name!r} (one of {', '.join(impls)})")
+    return "; ".join(problems) or None
+
+
+OPERATIONS_ENTRY_POINT = "llamatelemetry.operations"
+"""Entry-point group naming the modules whose import registers a component's operations."""
+
+
+def _load_operation_providers() -> None:
+    """Import every installed component's operation modules (a broken one is skipped: this only serves a warning)."""
+    for entry in importlib.metadata.entry_points(group=OPERATIONS_ENTRY_POINT):
+        with contextlib.suppress(Exception):
+            entry.load()
+
+
+def _check_backend_env(value: str) -> None:
+    """Warn once per value of the variable about names that match nothing registered."""
+    if not value.strip() or value in _env_checked:
+        return
+    with _registry_lock:
+        if value in _env_checked:
+            return
+        _env_checked.add(value)
+    problem = _unknown_backend_names(value)
+    if problem is not None:
+        _load_operation_providers()  # the name may belong to a component that is installed but not imported yet
+        problem = _unknown_backend_names(value)
+    if problem is not None:
+        warnings.warn(
+            f"{BACKEND_ENV}={value!r}: {problem}. Those entries are ignored; fix the spelling, or unset the variable",
+            BackendEnvWarning,
+            stacklevel=5,
+        )
+
+
+def _check_priority(value: object, operation: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{operation}: expected priority to be an integer, got {value!r}")
+    return value
+
+
+def _check_devices(value: object, operation: str) -> frozenset[str] | Callable[[], frozenset[str]]:
+    """A device-kind set from a collection of kinds or a single kind; a callable is kept as it is."""
+    if callable(value):
+        return cast("Callable[[], frozenset[str]]", value)
+    kinds = (value,) if isinstance(value, str) else value
+    if not isinstance(kinds, Collection) or not all(isinstance(k, str) and k for k in kinds):
+        raise ConfigurationError(
+            f"{operation}: expected devices to be a device kind ('cuda', 'cpu'), a collection of them or a "
+            f"callable returning a frozenset of them, got {value!r}"
+        )
+    return frozenset(kinds)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What dispatch chose for one call key: the implementation, its place in the ranking and what it recorded."""
@@ -295,11 +379,27 @@ class Operation:
         checks: Collection[Check] = (),
         replace: bool = False,
     ) -> Implementation:
-        """Add an implementation; a taken name raises unless ``replace=True``."""
+        """Add an implementation; a taken name raises unless ``replace=True``.
+
+        ``devices`` is a device kind (``"cuda"``), a collection of kinds, or a callable returning a frozenset of
+        kinds (asked at each dispatch). Every argument is checked before anything changes: a call that raises
+        :class:`ConfigurationError` (or ``TypeError`` for a non-callable ``fn``) leaves the operation as it was.
+        """
+        given_name: object = name  # validated at run time whatever the annotation says
+        if not isinstance(given_name, str) or not given_name:
+            raise ConfigurationError(f"{self.name}: expected name to be a non-empty string, got {name!r}")
         if name == REFERENCE:
             raise ConfigurationError(f"{self.name}: the name {REFERENCE!r} is kept for the reference implementation")
-        kinds = devices if callable(devices) else frozenset(devices)
-        impl = Implementation(name, fn, priority, kinds, tuple(checks))
+        if not callable(fn):
+            raise TypeError(f"{self.name}: expected fn to be callable, got {type(fn).__name__}")
+        rank = _check_priority(priority, self.name)
+        kinds = _check_devices(devices, self.name)
+        given_checks: object = checks
+        if isinstance(given_checks, str | bytes) or not isinstance(given_checks, Collection):
+            raise ConfigurationError(f"{self.name}: expected checks to be a collection of callables, got {checks!r}")
+        if not all(callable(c) for c in checks):
+            raise ConfigurationError(f"{self.name}: expected every check to be callable, got {list(checks)!r}")
+        impl = Implementation(name, fn, rank, kinds, tuple(checks))
         with self._lock:
             if name in self._impls and not replace:
                 raise ConfigurationError(
@@ -333,7 +433,8 @@ class Operation:
         """The implementation asked for by argument or environment, or ``None`` for automatic choice."""
         if backend is not None:
             return backend
-        name, pairs = _backend_env()
+        value, name, pairs = _backend_env()
+        _check_backend_env(value)
         if pairs:
             return pairs.get(self.name)
         if name is not None and name in self._impls:

@@ -105,7 +105,7 @@ def check_probability(value: object, name: str) -> float:
 
 
 def check_in(value: object, allowed: Collection[object], name: str) -> None:
-    """Raise unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
+    """Raise unless ``value`` is one of ``allowed`` (a tensor never is: its ``==`` is elementwise)."""
+    if isinstance(value, torch.Tensor) or value not in allowed:
         listing = ", ".join(repr(a) for a in allowed)
         raise ConfigurationError(f"expected {name} to be one of {listing}, got {value!r}")

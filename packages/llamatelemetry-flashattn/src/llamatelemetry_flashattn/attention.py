@@ -31,6 +31,7 @@ __all__ = ["check_flash_attention_available", "flash_attention_forward", "select
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LAYOUT = "[batch, seqlen, num_heads, head_dim]"
+_DEFAULTS = FlashAttentionConfig()
 
 
 def check_flash_attention_available() -> bool:
@@ -72,8 +73,8 @@ def flash_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    causal: bool = True,
-    dropout_p: float = 0.0,
+    causal: bool | None = None,
+    dropout_p: float | None = None,
     softmax_scale: float | None = None,
     window_size: tuple[int, int] | None = None,
     *,
@@ -89,26 +90,41 @@ def flash_attention_forward(
     ``[batch, q_len, num_heads, head_dim]`` in q's dtype: fp16/bf16 on GPUs (fp32 runs too, on the SDPA
     memory-efficient or reference paths), fp16/bf16/fp32/fp64 on CPU.
 
-    * ``causal``: query ``i`` sees keys up to ``kv_len - q_len + i`` (aligned to the end: decode and chunked
-      prefill work as they should). A query that sees no key returns zeros.
+    * ``causal`` (default True): query ``i`` sees keys up to ``kv_len - q_len + i`` (aligned to the end: decode
+      and chunked prefill work as they should). A query that sees no key returns zeros, ``kv_len == 0``
+      included.
     * ``window_size=(left, right)``: query at position ``p`` sees keys ``p - left .. p + right``; ``-1`` is
       unbounded (FlashAttention's convention).
     * ``softcap``: logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
-    * ``dropout_p``: applied only when ``training`` is true (pass ``training=module.training``).
+    * ``dropout_p`` (default 0): applied only when ``training`` is true (pass ``training=module.training``); it
+      is validated either way.
     * ``backend``: run this implementation or raise ``BackendUnavailableError`` (also ``LLAMATELEMETRY_BACKEND``).
-    * ``config``: a :class:`FlashAttentionConfig` whose fields replace the keyword defaults above.
+    * ``config``: a :class:`FlashAttentionConfig` supplying the settings not passed explicitly. An argument
+      given explicitly (anything but ``None``) always wins over the config's field; to override a config's
+      window with full attention, pass ``window_size=(-1, -1)``.
+
+    NaN propagates the same way on every implementation: a query row holding NaN or an infinity gives a NaN
+    output row, and a NaN key or value poisons the rows that see it.
 
     Which implementation ran is recorded: ``llamatelemetry_core.selection.last_selection("flash_attention")``.
     Raises ``ConfigurationError`` (a ``ValueError``) for invalid shapes, dtypes or settings.
     """
-    if config is not None:
-        causal, dropout_p, softmax_scale = config.causal, config.dropout_p, config.softmax_scale
-        window_size, softcap = config.window_size, config.softcap
-        backend = backend if backend is not None else config.backend
+    if config is not None and not isinstance(config, FlashAttentionConfig):
+        raise TypeError(f"expected config to be a FlashAttentionConfig or None, got {type(config).__name__}")
+    base = config if config is not None else _DEFAULTS
+    causal = base.causal if causal is None else causal
+    dropout_p = base.dropout_p if dropout_p is None else dropout_p
+    softmax_scale = base.softmax_scale if softmax_scale is None else softmax_scale
+    window_size = base.window_size if window_size is None else window_size
+    softcap = base.softcap if softcap is None else softcap
+    backend = base.backend if backend is None else backend
     _validate(q, k, v)
     if not isinstance(causal, bool):
         raise ConfigurationError(f"expected causal to be True or False, got {causal!r}")
-    dropout = check_probability(dropout_p, "dropout_p") if training else 0.0
+    if not isinstance(training, bool):
+        raise ConfigurationError(f"expected training to be True or False, got {training!r}")
+    dropout = check_probability(dropout_p, "dropout_p")
+    dropout = dropout if training else 0.0
     scale = check_softmax_scale(softmax_scale)
     window = check_window_size(window_size)
     cap = check_softcap(softcap)

@@ -48,6 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import flash_attn_status, sdpa_backend_status, triton_devices, triton_status
 from llamatelemetry_core.errors import BackendUnavailableError
+from llamatelemetry_core.interpreter import triton_launch_guard
 from llamatelemetry_core.selection import (
     CallSpec,
     Check,
@@ -58,6 +59,7 @@ from llamatelemetry_core.selection import (
     requires_module,
 )
 from llamatelemetry_core.validation import dtype_name
+from llamatelemetry_flashattn._special import propagate_query_nan
 from llamatelemetry_flashattn.reference import attention_reference, normalize_window, visibility_mask
 from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM
 
@@ -111,8 +113,10 @@ def _masked(call: CallSpec) -> bool:
 
 
 def _has_empty_rows(call: CallSpec) -> bool:
-    """Some query sees no key: only when there are more queries than keys and a mask limits them."""
+    """Some query sees no key: when there is no key, or more queries than keys and a mask limits them."""
     facts = _facts(call)
+    if facts.kv_len == 0 and facts.q_len > 0:
+        return True
     left, right = normalize_window(facts.window_size, facts.causal)
     return facts.q_len > facts.kv_len and (right != -1 or left != -1)
 
@@ -153,7 +157,7 @@ def _no_mask(call: CallSpec) -> str | None:
 
 def _no_empty_rows(call: CallSpec) -> str | None:
     if _has_empty_rows(call):
-        return "does not define the output of a query that sees no key (q_len > kv_len under a mask)"
+        return "does not define the output of a query that sees no key (no keys, or q_len > kv_len under a mask)"
     return None
 
 
@@ -309,7 +313,7 @@ def _run_sdpa(
             operation=OPERATION_NAME,
             backend=str(backend),
         ) from exc
-    return out.transpose(1, 2)
+    return propagate_query_nan(q, out.transpose(1, 2), causal=causal, window_size=window_size, kv_len=kv_len)
 
 
 def _sdpa_impl(backend: SDPBackend | None, gqa: str, allow_mask: bool) -> Callable[..., torch.Tensor]:
@@ -360,7 +364,7 @@ def _flash_attn_impl(
     out: torch.Tensor = flash_attn_func(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, **kwargs
     )
-    return out
+    return propagate_query_nan(q, out, causal=causal, window_size=window_size, kv_len=k.shape[1])
 
 
 def _triton_impl(
@@ -377,9 +381,11 @@ def _triton_impl(
     from llamatelemetry_flashattn.triton_kernel import triton_attention
 
     del dropout_p  # the check keeps dropout away from this kernel
-    return triton_attention(
-        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap
-    )
+    with triton_launch_guard(q.device):  # the interpreter runs one launch at a time
+        out = triton_attention(
+            q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap
+        )
+    return propagate_query_nan(q, out, causal=causal, window_size=window_size, kv_len=k.shape[1])
 
 
 def _reference_impl(
@@ -415,6 +421,7 @@ ATTENTION.register(
         _flash_attn_runs_on_this_gpu,
         requires_module("flash_attn", 'pip install "llamatelemetry-flashattn[flash-attn]"', optional=True),
         _flash_attn_usable,
+        _no_empty_rows,
         requires_dtypes(*_HALF),
         _head_dim_check(MAX_HEAD_DIM),
         _flash_attn_softcap,
@@ -431,6 +438,7 @@ ATTENTION.register(
         _head_dim_check(128),
         _no_gqa,
         _no_mask,
+        _no_empty_rows,
         _no_softcap,
         _no_dropout,
         _sdpa_runs("cudnn"),
@@ -446,6 +454,7 @@ ATTENTION.register(
         requires_dtypes(*_HALF),
         _head_dim_check(MAX_HEAD_DIM),
         _no_mask,
+        _no_empty_rows,
         _no_softcap,
         _sdpa_runs("flash"),
     ],
@@ -506,7 +515,7 @@ class BackendReport:
 
 
 def attention_backend_report(
-    device: DeviceInfo | None = None,
+    device: DeviceInfo | str | torch.device | int | None = None,
     *,
     dtype: torch.dtype | None = None,
     head_dim: int = 64,
@@ -517,9 +526,19 @@ def attention_backend_report(
 
     The typical call is a prefill of ``seq_len`` tokens, ``head_dim`` wide, in ``dtype`` (fp16 on a GPU, fp32
     on CPU by default). ``device`` may be a simulated one (``simulate_device("t4")``). The first entry that runs
-    is the one :func:`~llamatelemetry_flashattn.flash_attention_forward` would choose (``selected``).
+    is the one :func:`~llamatelemetry_flashattn.flash_attention_forward` would choose (``selected``); a device
+    name (``"cpu"``, ``"cuda:0"``), ``torch.device`` or CUDA index is looked up with ``get_device_info``.
     """
-    info = device if device is not None else get_device_info()
+    given: object = device  # validated at run time whatever the annotation says
+    if isinstance(given, DeviceInfo):
+        info = given
+    elif given is None or (isinstance(given, str | torch.device | int) and not isinstance(given, bool)):
+        info = get_device_info(given)
+    else:
+        raise TypeError(
+            f"expected device to be a DeviceInfo, a device name, a torch.device, a CUDA index or None, got "
+            f"{type(device).__name__}"
+        )
     if dtype is None:
         dtype = torch.float16 if info.is_cuda else torch.float32
     shape = AttentionCall(

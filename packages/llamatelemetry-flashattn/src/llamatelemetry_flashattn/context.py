@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.errors import CapacityError, ConfigurationError
 
 __all__ = [
     "BYTES_PER_PARAM",
@@ -174,13 +174,16 @@ def get_optimal_context_length(
 
     ``model_size_b`` is the parameter count in billions; ``quantization`` one of ``fp32, fp16, bf16, int8, q8,
     q4``; ``kv_dtype`` one of ``fp32, fp16, bf16, fp8, int8``. Architecture arguments left out are estimated
-    from the model size. The result lies in ``[min_context, max_context]`` (rounded to powers of two inside);
-    ``min_context`` is returned when even it does not fit (check with :func:`estimate_inference_memory`).
+    from the model size. The result lies in ``[min_context, max_context]`` (rounded to powers of two inside).
+    When even the shortest context in that range does not fit (a 70B model on 12 GB), it raises
+    :class:`~llamatelemetry_core.errors.CapacityError` (a ``MemoryError``) with the numbers, never a length.
     More VRAM never shortens the result, a bigger model never lengthens it, and without FlashAttention
     (O(n^2) attention memory) it is never longer than with it.
 
     Raises ``ConfigurationError`` (a ``ValueError``) for zero, negative or non-finite sizes and unknown names.
     """
+    if not isinstance(use_flash_attention, bool):
+        raise ConfigurationError(f"expected use_flash_attention to be True or False, got {use_flash_attention!r}")
     low = _optional_positive_int(min_context, "min_context")
     high = _optional_positive_int(max_context, "max_context")
     assert low is not None and high is not None
@@ -193,7 +196,7 @@ def get_optimal_context_length(
             f"expected a power of two in [min_context, max_context], there is none in [{low}, {high}]"
         )
 
-    def fits(n: int) -> bool:
+    def estimate(n: int) -> MemoryEstimate:
         return estimate_inference_memory(
             n,
             model_size_b,
@@ -208,10 +211,21 @@ def get_optimal_context_length(
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             vocab_size=vocab_size,
-        ).fits
+        )
 
-    best = low_pow2  # validates every argument, and is the floor of the range
-    fits(best)
+    def fits(n: int) -> bool:
+        return estimate(n).fits
+
+    best = low_pow2
+    floor = estimate(best)  # validates every argument
+    if not floor.fits:
+        raise CapacityError(
+            f"a {model_size_b:g}B-parameter model ({quantization}) does not fit {available_vram_gb:g} GiB even at "
+            f"a context of {best}: it needs {floor.total / GIB:.2f} GiB (weights {floor.weights / GIB:.2f}, KV "
+            f"cache {floor.kv_cache / GIB:.2f}, activations {(floor.activations + floor.attention) / GIB:.2f}) "
+            f"of a usable {floor.budget / GIB:.2f} GiB; use a smaller or more quantized model "
+            "(quantization='q4'), a smaller batch, or a GPU with more memory"
+        )
     n = low_pow2 * 2
     while n <= high_pow2 and fits(n):  # memory grows with n, so the first failure ends the search
         best = n

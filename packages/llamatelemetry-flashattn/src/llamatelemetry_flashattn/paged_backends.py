@@ -24,6 +24,7 @@ import torch
 
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_devices, triton_status
+from llamatelemetry_core.interpreter import triton_launch_guard
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_core.selection import CallSpec, Operation, requires_min_capability, requires_module
 from llamatelemetry_core.validation import dtype_name
@@ -137,19 +138,20 @@ def _triton_impl(
 ) -> torch.Tensor:
     from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
 
-    return triton_paged_attention(
-        q,
-        kv,
-        block_tables,
-        seq_lens,
-        cu_seqlens_q,
-        max_seqlen_q=max_seqlen_q,
-        causal=causal,
-        softmax_scale=softmax_scale,
-        window_size=window_size,
-        softcap=softcap,
-        out=out,
-    )
+    with triton_launch_guard(q.device):  # the interpreter runs one launch at a time
+        return triton_paged_attention(
+            q,
+            kv,
+            block_tables,
+            seq_lens,
+            cu_seqlens_q,
+            max_seqlen_q=max_seqlen_q,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            window_size=window_size,
+            softcap=softcap,
+            out=out,
+        )
 
 
 def _reference_impl(

@@ -503,8 +503,8 @@ def triton_paged_attention(
         USE_SOFTCAP=softcap is not None,
         PIPELINED=not triton_interpreter_enabled(),
         num_warps=tiles.num_warps,
+        enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
         num_stages=tiles.num_stages,
-        enable_fp_fusion=True,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, heads)](
@@ -523,6 +523,6 @@ def triton_paged_attention(
             BLOCK_D=tiles.block_d,
             BLOCK_S=triton.next_power_of_2(splits),
             num_warps=merge_warps(tiles.block_d),
-            enable_fp_fusion=True,
+            enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
         )
     return out

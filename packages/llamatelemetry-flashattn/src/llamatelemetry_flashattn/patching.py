@@ -7,7 +7,9 @@ Two kinds of models are understood:
   name ``"llamatelemetry"`` and selected with ``model.set_attn_implementation``. Its mask function is
   transformers' own SDPA one, so the function receives either no mask (plain causal) or the exact boolean mask
   the model wants; a mask is checked against the causal / sliding-window pattern the kernels compute, with any
-  padding removed row by row, and a mask that is anything else raises instead of being ignored.
+  padding removed row by row (left padding; right padding, whose rows after the last real token see every real
+  key and run as one non-causal call; right padding with a sliding window is refused), and a mask that is
+  anything else raises instead of being ignored.
 * ``torch.nn.MultiheadAttention`` modules (anywhere in the model): their ``forward`` is replaced by one that
   computes the same projections and calls :func:`flash_attention_forward` (``nn.TransformerEncoderLayer``'s
   fused inference fast path, which would bypass it, is turned off for the patched layers). Calls the kernels
@@ -78,13 +80,23 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 
 
 class _RowPlan:
-    """How to run one batch row of a masked call: its query rows and keys, or ``None`` when it has no query."""
+    """How to run one batch row of a masked call: its query rows and keys, or ``None`` when it has no query.
 
-    __slots__ = ("key_span", "query_span")
+    ``full_span`` holds the query rows after the last key under right padding: causal masking lets each of them
+    see every key, so they run as one non-causal call over ``key_span``.
+    """
 
-    def __init__(self, query_span: tuple[int, int], key_span: tuple[int, int]) -> None:
+    __slots__ = ("full_span", "key_span", "query_span")
+
+    def __init__(
+        self, query_span: tuple[int, int], key_span: tuple[int, int], full_span: tuple[int, int] | None = None
+    ) -> None:
         self.query_span = query_span
         self.key_span = key_span
+        self.full_span = full_span
+
+    def same_as(self, other: _RowPlan) -> bool:
+        return (self.query_span, self.key_span, self.full_span) == (other.query_span, other.key_span, other.full_span)
 
 
 def _span(flags: torch.Tensor) -> tuple[int, int] | None:
@@ -111,18 +123,29 @@ def _plan_rows(allowed: torch.Tensor, causal: bool, window: tuple[int, int] | No
             plans.append(None)
             continue
         (q0, q1), (k0, k1) = query_span, key_span
-        sub = row[q0:q1, k0:k1]
-        expected = visibility_mask(q1 - q0, k1 - k0, causal=causal, window_size=window, device=row.device)
-        if expected is None:
-            expected = torch.ones_like(sub)
-        if not torch.equal(sub, expected):
-            raise ConfigurationError(
-                f"{kind}: the attention mask is neither {'causal' if causal else 'full'} attention"
-                f"{'' if window is None else f' with window {window}'} nor that with padding; "
-                "llamatelemetry's attention does not take arbitrary masks. Use model.set_attn_implementation('sdpa')"
-            )
-        plans.append(_RowPlan(query_span, key_span))
+        if _matches(row[q0:q1, k0:k1], causal, window):
+            plans.append(_RowPlan(query_span, key_span))
+            continue
+        # Right padding under a causal mask: the rows after the last real token see every real key. The causal
+        # part ends at the first row that sees them all; everything after it must see them all too.
+        sees_all = row[q0:q1, k0:k1].all(dim=1).nonzero().flatten()
+        split = q0 + int(sees_all[0]) + 1 if causal and window is None and sees_all.numel() else q1
+        if split < q1 and bool(row[split:q1, k0:k1].all()) and _matches(row[q0:split, k0:k1], causal, window):
+            plans.append(_RowPlan((q0, split), key_span, (split, q1)))
+            continue
+        raise ConfigurationError(
+            f"{kind}: the attention mask is neither {'causal' if causal else 'full'} attention"
+            f"{'' if window is None else f' with window {window}'} nor that with padding; "
+            "llamatelemetry's attention does not take arbitrary masks (left and right padding are handled; "
+            "right padding with a sliding window is not). Use model.set_attn_implementation('sdpa')"
+        )
     return plans
+
+
+def _matches(sub: torch.Tensor, causal: bool, window: tuple[int, int] | None) -> bool:
+    """Whether a ``[q, k]`` block of a mask is exactly the pattern the kernels compute for it."""
+    expected = visibility_mask(sub.shape[0], sub.shape[1], causal=causal, window_size=window, device=sub.device)
+    return bool(sub.all()) if expected is None else torch.equal(sub, expected)
 
 
 _plan_cache: dict[
@@ -180,12 +203,12 @@ def _hf_attention(
     cap = model_softcap if model_softcap is not None else config.softcap
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
-    def run(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    def run(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, masked: bool = causal) -> torch.Tensor:
         return flash_attention_forward(
             qs,
             ks,
             vs,
-            causal=causal,
+            causal=masked,
             dropout_p=dropout_p,
             softmax_scale=scaling,
             window_size=window,
@@ -201,9 +224,7 @@ def _hf_attention(
         k, v = k[:, :allowed_len], v[:, :allowed_len]
     plans = _cached_plan(attention_mask, causal, model_window, kind)
     first = plans[0]
-    if first is not None and all(
-        p is not None and p.query_span == first.query_span and p.key_span == first.key_span for p in plans
-    ):
+    if first is not None and first.full_span is None and all(p is not None and p.same_as(first) for p in plans):
         (q0, q1), (k0, k1) = first.query_span, first.key_span
         if (q0, q1) == (0, q.shape[1]):  # every row alike (no padding, or the same padding): one call
             return run(q, k[:, k0:k1], v[:, k0:k1]), None
@@ -213,6 +234,9 @@ def _hf_attention(
             continue
         (q0, q1), (k0, k1) = plan.query_span, plan.key_span
         out[b : b + 1, q0:q1] = run(q[b : b + 1, q0:q1], k[b : b + 1, k0:k1], v[b : b + 1, k0:k1])
+        if plan.full_span is not None:
+            f0, f1 = plan.full_span
+            out[b : b + 1, f0:f1] = run(q[b : b + 1, f0:f1], k[b : b + 1, k0:k1], v[b : b + 1, k0:k1], False)
     return out, None
 
 

@@ -9,8 +9,12 @@ bottom-right alignment), the query's position is ``p = i + offset`` and key ``j`
 
 The logits are ``s = (q . k) * softmax_scale`` (``softmax_scale`` defaults to ``1 / sqrt(head_dim)``), capped as
 ``softcap * tanh(s / softcap)`` when a softcap is given (Gemma 2). The output row is ``softmax(s) @ v`` over the
-visible keys, and **zero** for a query that sees no key at all (only possible when ``q_len > kv_len``), as in
-FlashAttention. Grouped-query attention: query head ``h`` reads key/value head ``h // (H / H_kv)``.
+visible keys, and **zero** for a query that sees no key at all (when ``q_len > kv_len`` under a mask, or when
+``kv_len == 0``), as in FlashAttention. Grouped-query attention: query head ``h`` reads key/value head
+``h // (H / H_kv)``. NaN follows IEEE arithmetic through these formulas: a query row holding NaN or an
+infinity gives a NaN output row (if it sees a key), a NaN key or value the row sees gives NaN; non-finite keys
+and values a query does *not* see are implementation-defined (a fused kernel skipping a masked block never reads
+them).
 
 Layout ``[batch, seqlen, heads, head_dim]`` in and out. This path materialises the ``q_len x kv_len`` logits per
 (batch, head): O(n^2) memory. It computes in float32 (float64 for float64 inputs) and returns the input dtype.
@@ -78,6 +82,8 @@ def attention_reference(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     _, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
+    if kv_len == 0:  # no key at all: every query sees none, so every row is zero (causal or not)
+        return torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
     qt = q.to(compute).transpose(1, 2)  # [B, H, Sq, D]
     kt = k.to(compute).transpose(1, 2)
@@ -91,9 +97,14 @@ def attention_reference(
     mask = visibility_mask(q_len, kv_len, causal=causal, window_size=window_size, device=q.device)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    # A row with no visible key would be softmax([-inf, ...]) = NaN; FlashAttention defines it as zero.
+    # A row with no visible key would be softmax([-inf, ...]) = NaN; FlashAttention defines it as zero. Emptiness
+    # is a matter of the mask, not of the logits: visible keys whose logits are all -inf (an infinite input) give
+    # NaN, as IEEE arithmetic does.
     row_max = logits.amax(dim=-1, keepdim=True)
-    empty = torch.isneginf(row_max)
+    if mask is None:
+        empty = torch.zeros_like(row_max, dtype=torch.bool)
+    else:
+        empty = ~mask.any(dim=-1).view(q_len, 1).expand_as(row_max)
     weights = torch.exp(logits - torch.where(empty, torch.zeros_like(row_max), row_max))
     denom = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(empty, torch.ones_like(denom), denom)

@@ -1,9 +1,17 @@
 """A module that captures one CUDA graph per input signature and replays it: :func:`enable_cuda_graphs`.
 
 The first call with a new signature (the shapes, dtypes and devices of the tensor arguments, the values of the
-other arguments, and the module's training flag) warms up, captures a graph into a pool shared by all of the
-module's graphs, and returns its result; later calls with that signature copy their tensors into the graph's
-static inputs and replay it. Calls that must not be captured run the module eagerly:
+other arguments, and the module's training flag) runs the module eagerly on the caller's tensors (its result is
+returned), then warms up and captures a graph into a pool shared by all of the module's graphs; later calls with
+that signature copy their tensors into the graph's static inputs and replay it.
+
+In-place updates are kept exactly as eager calls make them. The first call records what the module writes
+(:mod:`llamatelemetry_graphs._writes`): an input it updates in place (a KV cache, ``cache.index_copy_(...)``)
+is copied back to the caller's tensor after every replay, and parameters or buffers it updates (BatchNorm's
+running statistics in training mode) are restored after warm-up and capture, which would otherwise have
+repeated the update, from a temporary copy; each replay then updates them once, as an eager call does.
+
+Calls that must not be captured run the module eagerly:
 
 * autograd would record (grad mode on and an input or parameter requires grad): a replay records no history;
 * a tensor is not on CUDA while CUDA is available, or tensors span devices;
@@ -31,6 +39,7 @@ from llamatelemetry_core.validation import check_positive_int
 from llamatelemetry_graphs import _runtime
 from llamatelemetry_graphs._runtime import capturing_in_this_thread
 from llamatelemetry_graphs._tree import clone_outputs, replace_tensors, signature, tensor_leaves
+from llamatelemetry_graphs._writes import record_writes
 from llamatelemetry_graphs.config import GraphCaptureConfig
 from llamatelemetry_graphs.graph import CUDAGraph
 from llamatelemetry_graphs.memory import GraphMemoryUsage
@@ -73,6 +82,7 @@ class GraphedModule(torch.nn.Module):
         self.copy_outputs = bool(copy_outputs)
         self._graph_pool = GraphPool(config)
         self._graphs: dict[Hashable, CUDAGraph] = {}
+        self._written_inputs: dict[Hashable, tuple[int, ...]] = {}
         self._lock = threading.RLock()
         self.stats = GraphedModuleStats()
 
@@ -89,6 +99,7 @@ class GraphedModule(torch.nn.Module):
         """Drop every graph (for example after replacing parameter tensors); they are recaptured on demand."""
         with self._lock:
             self._graphs.clear()
+            self._written_inputs.clear()
             self._graph_pool.clear()
 
     def memory_usage(self) -> GraphMemoryUsage:
@@ -119,11 +130,21 @@ class GraphedModule(torch.nn.Module):
                 if len(self._graphs) >= self.max_graphs:
                     self.stats.count_eager("graph limit reached")
                     return self.module(*args, **kwargs)
-                output = self._capture(key, call, tensors)
-            else:
-                output = graph.replay(*tensors)
-                self.stats.replays += 1
+                return self._capture(key, call, tensors)  # the eager result, already the caller's
+            output = graph.replay(*tensors)
+            self._copy_back(graph, tensors, self._written_inputs[key])
+            self.stats.replays += 1
             return clone_outputs(output) if self.copy_outputs else output
+
+    @staticmethod
+    def _copy_back(graph: CUDAGraph, tensors: list[torch.Tensor], written: tuple[int, ...]) -> None:
+        """Write what the replay wrote into its static inputs back to the caller's tensors."""
+        for i in written:
+            target, source = tensors[i], graph.inputs[i]
+            if target is source:
+                continue
+            with torch.inference_mode() if target.is_inference() else torch.no_grad():
+                target.copy_(source)
 
     def _eager_reason(self, tensors: list[torch.Tensor]) -> str | None:
         if capturing_in_this_thread():
@@ -140,16 +161,40 @@ class GraphedModule(torch.nn.Module):
 
     def _capture(self, key: Hashable, call: tuple[tuple[Any, ...], dict[str, Any]], tensors: list[torch.Tensor]) -> Any:
         with torch.no_grad():
-            static = [t.clone() for t in tensors]
+            static = [t.clone() for t in tensors]  # the values before the call, and the graph's static inputs
+        args, kwargs = call
+        with record_writes(self.module, tensors, static) as writes:
+            output = self.module(*args, **kwargs)  # the call itself, once, on the caller's tensors
+        with torch.no_grad():
+            saved = [t.detach().clone() for t in writes.state_tensors]
 
         def run(*inputs: torch.Tensor) -> Any:
-            args, kwargs = replace_tensors(call, iter(inputs))
-            return self.module(*args, **kwargs)
+            replay_args, replay_kwargs = replace_tensors(call, iter(inputs))
+            return self.module(*replay_args, **replay_kwargs)
 
         name = f"signature_{self.stats.captures}"
-        output = self._graph_pool.capture(name, run, inputs=static)
-        self._graphs[key] = self._graph_pool.get(name)
+        try:
+            self._graph_pool.capture(name, run, inputs=static)
+        finally:
+            # Warm-up and capture ran the module again: undo their updates of its state.
+            for target, value in zip(writes.state_tensors, saved, strict=True):
+                with torch.inference_mode() if target.is_inference() else torch.no_grad():
+                    target.copy_(value)
+        graph = self._graph_pool.get(name)
+        self._graphs[key] = graph
+        self._written_inputs[key] = writes.inputs
         self.stats.captures += 1
+        if self.copy_outputs:
+            return output
+        # The caller asked for the static outputs: put this call's result there, as a replay would have.
+        static_out, fresh = tensor_leaves(graph.output), tensor_leaves(output)
+        if len(static_out) == len(fresh) and all(
+            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(static_out, fresh, strict=True)
+        ):
+            for target, value in zip(static_out, fresh, strict=True):
+                with torch.inference_mode() if target.is_inference() else torch.no_grad():
+                    target.copy_(value)
+            return graph.output
         return output
 
 

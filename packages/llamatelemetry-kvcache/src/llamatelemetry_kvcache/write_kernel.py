@@ -10,7 +10,6 @@ is at most 4096 elements, whatever the head count, so that a T4's register file 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ import triton
 import triton.language as tl
 
 from llamatelemetry_core.device import DeviceInfo
+from llamatelemetry_core.interpreter import triton_launch_guard
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_kvcache.quant import qmax_of
 
@@ -80,7 +80,9 @@ def _paged_write_kernel(  # type: ignore[no-untyped-def]
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     slot = tl.load(SlotMapping + token)
-    head_mask = (heads < num_kv_heads) & (slot >= 0)
+    # A padding token (slot < 0) writes no head. The scalar test goes into the bound, not into a block & scalar
+    # "and", which Triton 3.9's interpreter turns into an integer mask it then rejects.
+    head_mask = heads < tl.where(slot >= 0, num_kv_heads, 0)
     mask = head_mask[:, None] & (dims < HEAD_DIM)[None, :]
     k = tl.load(Key + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask, other=0.0)
     v = tl.load(Value + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask, other=0.0)
@@ -140,7 +142,7 @@ def _launch(
     quant = _quant_code(key_cache.dtype)
     block_h, block_d, num_warps = write_tiles(num_kv_heads, head_dim)
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
-    with torch.cuda.device(key.device) if key.is_cuda else contextlib.nullcontext():
+    with torch.cuda.device(key.device) if key.is_cuda else triton_launch_guard(key.device):
         _paged_write_kernel[grid](
             key,
             value,
@@ -160,6 +162,7 @@ def _launch(
             QUANT=quant,
             QMAX=qmax_of(key_cache.dtype) if quant else 1.0,
             num_warps=num_warps,
+            enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
         )
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 import torch
 
 from llamatelemetry_core.device import DeviceInfo
+from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.validation import dtype_name
 from llamatelemetry_tensorcore._device import runtime_device
 from llamatelemetry_tensorcore.config import TensorCoreWarning, resolve_compute_dtype
@@ -62,7 +63,13 @@ class ReusableAutocast:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._stack().pop().__exit__(exc_type, exc, tb)
+        stack = self._stack()
+        if not stack:
+            raise ConfigurationError(
+                "ReusableAutocast.__exit__ called without a matching __enter__ in this thread; use it as "
+                "`with autocast:` (or as a decorator) rather than calling __exit__ directly"
+            )
+        stack.pop().__exit__(exc_type, exc, tb)
 
     def __call__(self, fn: _F) -> _F:
         @functools.wraps(fn)

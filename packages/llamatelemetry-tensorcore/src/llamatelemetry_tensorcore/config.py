@@ -127,8 +127,17 @@ def plan_tensor_cores(
 
     ``dtype`` is the dtype the work will run in: float16, bfloat16, or float32 (which reaches Tensor Cores only
     through TF32). ``reduced_precision_reduction`` is the cuBLAS switch that lets fp16/bf16 GEMMs reduce split-K
-    partial sums in that dtype (faster, slightly less accurate); it is set for ``dtype`` only.
+    partial sums in that dtype (faster, slightly less accurate); it is set for ``dtype`` only. The three
+    switches must be ``True`` or ``False``: anything else raises :class:`ConfigurationError`.
     """
+    for name, value in (
+        ("allow_tf32", allow_tf32),
+        ("cudnn_benchmark", cudnn_benchmark),
+        ("reduced_precision_reduction", reduced_precision_reduction),
+        ("strict", strict),
+    ):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"expected {name} to be True or False, got {value!r}")
     compute = resolve_compute_dtype(info, dtype, strict=strict, allowed=(*REDUCED_DTYPES, torch.float32))
     notes: list[str] = []
     nothing = TensorCorePlan(

@@ -4,15 +4,22 @@ Layout: ``A [..., M, K]``, ``B [..., K, N]`` (batch dimensions broadcast as in :
 ``C [..., M, N]``. What is computed, by every implementation (this is the specification):
 
 1. Range scaling, for ``dtype=torch.float16`` when an input is not already fp16. fp16 stops at 65504, so fp32
-   values beyond it (or products and sums beyond it) would silently become inf. Two powers of two
-   ``sA = 2^-eA`` and ``sB = 2^-eB`` are chosen on the device, without a host sync, so that
-   ``max|A sA| <= 2^15``, ``max|B sB| <= 2^15`` and ``K max|A sA| max|B sB| <= 2^15``: then no input, partial
-   sum or output element can overflow. Scaling by a power of two is exact, except for values it pushes below
-   fp16's normal range (6.1e-5), which lose relative precision: inputs spanning many decades are better
-   multiplied with ``dtype=torch.bfloat16``. bf16 has fp32's range and is never scaled.
+   values beyond it (or products and sums beyond it) would silently become inf, and values below 6e-8 become
+   zero. Two powers of two ``sA = 2^-eA`` and ``sB = 2^-eB`` (up or down: ``eA``, ``eB`` may be negative) are
+   chosen on the device, without a host sync, as the largest scales with ``max|A sA| <= 2^15``,
+   ``max|B sB| <= 2^15`` and ``K max|A sA| max|B sB| <= 2^15``: then no input, partial sum or output element
+   can overflow, and the largest values sit as high in fp16's range as that allows (tiny inputs are brought
+   up instead of flushed to zero). Scaling by a power of two is exact, except for values far below an input's
+   largest (about 2^-24 of it and less), which lose relative precision: inputs spanning many decades are
+   better multiplied with ``dtype=torch.bfloat16``. bf16 has fp32's range and is never scaled.
 2. ``Ã = round(A sA)``, ``B̃ = round(B sB)`` to ``dtype``;
 3. ``C̃ = round(Ã @ B̃)`` to ``dtype``, products accumulated in fp32 (what cuBLAS does on Tensor Cores);
-4. ``C = C̃ 2^(eA+eB)`` in A's dtype (into ``out`` when given). inf and NaN inputs propagate as in fp32.
+4. ``C = C̃ 2^(eA+eB)`` in A's dtype (into ``out`` when given). inf and NaN inputs propagate as in fp32, except
+   that an infinite input meeting a value that rounds to zero in ``dtype`` gives NaN (``inf * 0``), not inf.
+
+Backward (when A or B requires grad): ``dA = dC @ B^T`` and ``dB = A^T @ dC``, each computed by this same
+operation (range-scaled, Tensor Cores where they run), so gradients of inputs far outside fp16's range stay
+finite exactly when the forward does; batch dimensions that were broadcast are summed back.
 
 Implementations (chosen by :mod:`llamatelemetry_core.selection`):
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +50,8 @@ _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
 # 2^15 = 32768 leaves a factor of two under fp16's 65504 for the rounding of inputs and of the sum.
 _FP16_SAFE_LOG2 = 15.0
+# Scaling up stops at 2^960, which keeps every scale and its inverse finite in float64.
+_MAX_UPSCALE_LOG2 = 960.0
 _ALIGNMENT_BYTES = 16
 
 
@@ -94,19 +104,25 @@ def _largest_finite_log2(x: torch.Tensor) -> torch.Tensor:
     return torch.log2(torch.linalg.vector_norm(finite, ord=math.inf).to(torch.float64))
 
 
+def _exponent(log_max: torch.Tensor) -> torch.Tensor:
+    """The power of two that brings a largest value of ``2^log_max`` to at most ``2^15`` (0 for an all-zero input)."""
+    e = torch.ceil(log_max - _FP16_SAFE_LOG2)
+    # An input with no finite non-zero value needs no scaling; the bound keeps 2^-e finite in float64.
+    return torch.where(torch.isfinite(e), e, torch.zeros_like(e)).clamp(min=-_MAX_UPSCALE_LOG2)
+
+
 def range_scale_exponents(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exponents ``eA, eB >= 0`` of step 1 of the module docstring (float64 0-dim tensors on a's device).
+    """The exponents ``eA, eB`` of step 1 of the module docstring (float64 0-dim tensors on a's device).
 
     ``a`` is ``[..., M, K]`` and ``b`` ``[..., K, N]``; only finite values count, so an inf or NaN elsewhere does
-    not stop the finite ones from being brought into fp16's range.
+    not stop the finite ones from being brought into fp16's range. Negative exponents scale up.
     """
     log_a = _largest_finite_log2(a)
     log_b = _largest_finite_log2(b)
-    # ceil(-inf) stays -inf and clamps to 0: an all-zero input needs no scaling.
-    e_a = torch.ceil(log_a - _FP16_SAFE_LOG2).clamp(min=0)
-    e_b = torch.ceil(log_b - _FP16_SAFE_LOG2).clamp(min=0)
-    excess = (log_a - e_a) + (log_b - e_b) + math.log2(a.shape[-1]) - _FP16_SAFE_LOG2
-    e_product = torch.ceil(excess).clamp(min=0)
+    e_a, e_b = _exponent(log_a), _exponent(log_b)
+    excess = (log_a - e_a) + (log_b - e_b) + math.log2(max(a.shape[-1], 1)) - _FP16_SAFE_LOG2
+    e_product = torch.ceil(excess)
+    e_product = torch.where(torch.isfinite(e_product), e_product, torch.zeros_like(e_product)).clamp(min=0)
     return e_a + torch.ceil(e_product / 2), e_b + torch.floor(e_product / 2)
 
 
@@ -212,6 +228,37 @@ def _native_dtype(call: CallSpec) -> str | None:
     return None
 
 
+class _MatmulFunction(torch.autograd.Function):
+    """``A @ B`` by ``MATMUL_OPERATION`` with a backward made of the same range-safe operation."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, backend: str | None) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.dtype = dtype
+        ctx.backend = backend
+        return _dispatch(a, b, None, dtype, backend)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = matmul_tensor_core(grad, b.mT, dtype=ctx.dtype, backend=ctx.backend)
+            grad_a = grad_a.sum_to_size(a.shape).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_b = matmul_tensor_core(a.mT.to(grad.dtype), grad, dtype=ctx.dtype, backend=ctx.backend)
+            grad_b = grad_b.sum_to_size(b.shape).to(b.dtype)
+        return grad_a, grad_b, None, None
+
+
+def _dispatch(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype, backend: str | None
+) -> torch.Tensor:
+    call = CallSpec(device=_device_info(a.device), dtype=dtype, shapes=(tuple(a.shape), tuple(b.shape)))
+    result: torch.Tensor = MATMUL_OPERATION.dispatch(call, a, b, out, dtype, backend=backend)
+    return result
+
+
 MATMUL_OPERATION = Operation("matmul_tensor_core", _reference)
 MATMUL_OPERATION.register(
     "tensor_core", _tensor_core, priority=10, devices={"cuda"}, checks=[requires_min_capability(7, 0), _native_dtype]
@@ -280,6 +327,7 @@ def matmul_tensor_core(
                 f"{format_shape(out.shape)} {dtype_name(out.dtype)}; allocate it with torch.empty(shape, dtype=A.dtype)"
             )
     check_same_device(tensors)
-    call = CallSpec(device=_device_info(A.device), dtype=dtype, shapes=(tuple(A.shape), tuple(B.shape)))
-    result: torch.Tensor = MATMUL_OPERATION.dispatch(call, A, B, out, dtype, backend=backend)
-    return result
+    if _needs_grad(A, B):
+        result: torch.Tensor = _MatmulFunction.apply(A, B, dtype, backend)  # type: ignore[no-untyped-call]
+        return result if out is None else out.copy_(result)
+    return _dispatch(A, B, out, dtype, backend)

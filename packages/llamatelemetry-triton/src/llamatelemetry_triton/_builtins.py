@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamatelemetry_triton._bounds import builtin_bounds
 from llamatelemetry_triton.ops import add, glu, norm, rope, softmax
 from llamatelemetry_triton.registry import KernelConfig, register_kernel
 
@@ -66,6 +67,7 @@ def builtin_kernels() -> dict[str, tuple[Any, KernelConfig]]:
 
 
 def register_builtin_kernels() -> None:
-    """Register every built-in kernel (replacing earlier entries of the same names)."""
+    """Register every built-in kernel (replacing earlier entries of the same names), each with its bounds check."""
+    bounds = builtin_bounds()
     for name, (kernel, config) in builtin_kernels().items():
-        register_kernel(name, kernel, config, replace=True)
+        register_kernel(name, kernel, config, replace=True, bounds=bounds[name])

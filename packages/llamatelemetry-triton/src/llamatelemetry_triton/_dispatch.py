@@ -13,7 +13,7 @@ import torch
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_devices
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
-from llamatelemetry_core.selection import CallSpec, Check, Operation, requires_dtypes, requires_module
+from llamatelemetry_core.selection import CallSpec, Check, Operation, QuietReason, requires_dtypes, requires_module
 from llamatelemetry_core.validation import dtype_name, format_shape
 from llamatelemetry_triton._compat import HAS_TRITON, triton
 
@@ -25,6 +25,7 @@ __all__ = [
     "call_spec",
     "check_float_tensor",
     "check_vector",
+    "compute_dtype",
     "device_info",
     "dispatch",
     "needs_autograd",
@@ -71,6 +72,22 @@ def _bf16_supported(call: CallSpec) -> str | None:
     return None
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision a reference computes ``x`` in: float64 for float64 inputs (never downgraded), else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _interpreted_bf16(call: CallSpec) -> str | None:
+    # The interpreter computes with NumPy, which has no bfloat16: it rounds float32 -> bfloat16 toward zero, one
+    # ulp off in a quarter to a half of the elements. The reference gives the correctly rounded result.
+    if call.dtype == torch.bfloat16 and not call.device.is_cuda:
+        return QuietReason(
+            "the Triton interpreter truncates float32 -> bfloat16 (NumPy has no bfloat16); bfloat16 runs the "
+            "reference on CPU"
+        )
+    return None
+
+
 def _attr_reason(call: CallSpec) -> str | None:
     facts = call.facts_as(TritonCall)
     return None if facts is None else facts.unsupported
@@ -85,6 +102,7 @@ def register_triton(op: Operation, fn: Callable[..., Any], extra_checks: Sequenc
         requires_module("triton", "pip install triton"),
         requires_dtypes(*TRITON_DTYPES),
         _bf16_supported,
+        _interpreted_bf16,
         _attr_reason,
         *extra_checks,
     ]
@@ -127,8 +145,10 @@ def run_op(op: Callable[..., Any], launcher: Callable[..., Any], *args: Any) -> 
 
     Eagerly the custom op adds nothing but dispatcher overhead (tens of microseconds per call, more than a small
     kernel takes), so eager calls launch directly; compiled graphs and their CUDA graphs contain the custom op.
+    While a Python dispatch mode is active (one that records what a call writes, say), the custom op runs, so
+    the mode sees the operation and the arguments it mutates.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return op(*args)
     return launcher(*args)
 

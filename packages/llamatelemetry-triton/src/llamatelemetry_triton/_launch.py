@@ -14,6 +14,8 @@ import contextlib
 
 import torch
 
+from llamatelemetry_core.interpreter import triton_launch_guard
+
 __all__ = ["as_rows", "on_device", "rows_of"]
 
 _NO_SWITCH = contextlib.nullcontext()
@@ -46,11 +48,15 @@ def rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
-    """Make ``t``'s CUDA device current for a launch (Triton launches on the current device).
+    """The context of a launch on ``t``'s device: its CUDA device made current (Triton launches on the current
+    device), or, for a CPU tensor under ``TRITON_INTERPRET=1``, the interpreter's lock (the interpreter is not
+    thread-safe; see :mod:`llamatelemetry_core.interpreter`).
 
-    A no-op context when ``t`` is on the CPU or already on the current device (the common case, and a cheap
-    check next to switching devices twice).
+    A no-op context when ``t`` is already on the current CUDA device (the common case, and a cheap check next
+    to switching devices twice).
     """
-    if t.is_cuda and t.get_device() != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return _NO_SWITCH
+    if t.is_cuda:
+        if t.get_device() != torch.cuda.current_device():
+            return torch.cuda.device(t.device)
+        return _NO_SWITCH
+    return triton_launch_guard(t.device)

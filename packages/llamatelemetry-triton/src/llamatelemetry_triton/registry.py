@@ -25,6 +25,8 @@ import torch
 
 from llamatelemetry_core.environment import TRITON_INTERPRET_ENV, triton_interpreter_enabled
 from llamatelemetry_core.errors import CapabilityError, ConfigurationError
+from llamatelemetry_core.interpreter import triton_launch_guard
+from llamatelemetry_triton._bounds import BoundsCheck
 from llamatelemetry_triton._compat import HAS_TRITON, TRITON_IMPORT_ERROR, triton
 
 __all__ = ["KernelConfig", "RegisteredKernel", "get_kernel", "list_kernels", "register_kernel", "unregister_kernel"]
@@ -64,6 +66,14 @@ class KernelConfig:
         if self.num_warps & (self.num_warps - 1) or self.num_warps > _MAX_WARPS:
             raise ConfigurationError(
                 f"expected KernelConfig.num_warps to be a power of two from 1 to {_MAX_WARPS}, got {self.num_warps}"
+            )
+        meta: object = self.meta
+        if not isinstance(meta, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, int | float | bool | str) for k, v in meta.items()
+        ):
+            raise ConfigurationError(
+                "expected KernelConfig.meta to be a mapping of constexpr names to int, float, bool or str values, "
+                f"got {self.meta!r}"
             )
         reserved = {"BLOCK_SIZE", "num_warps", "num_stages"} & set(self.meta)
         if reserved:
@@ -112,10 +122,11 @@ def _is_interpreted(kernel: Any) -> bool:
 class RegisteredKernel:
     """A Triton kernel with its :class:`KernelConfig`; launch it with :meth:`launch`."""
 
-    def __init__(self, name: str, kernel: Any, config: KernelConfig) -> None:
+    def __init__(self, name: str, kernel: Any, config: KernelConfig, bounds: BoundsCheck | None = None) -> None:
         self.name = name
         self.kernel = kernel
         self.config = config
+        self.bounds = bounds
         self.parameters = _parameter_names(kernel)
         self.interpreted = _is_interpreted(kernel)
 
@@ -186,10 +197,14 @@ class RegisteredKernel:
             if key not in given and key not in tuned:
                 extra[key] = getattr(self.config, key)
         call = {**extra, **meta}
+        if self.bounds is not None:
+            named = {**dict(zip(self.parameters, args, strict=False)), **call}
+            self.bounds(named, tuple(grid(named)) if callable(grid) else grid)
         if device is not None:
             with torch.cuda.device(device):
                 return self.kernel[grid](*args, **call)
-        return self.kernel[grid](*args, **call)
+        with triton_launch_guard(torch.device("cpu")):  # the interpreter runs one launch at a time
+            return self.kernel[grid](*args, **call)
 
 
 _lock = threading.Lock()
@@ -204,12 +219,20 @@ def _require_triton(what: str) -> None:
 
 
 def register_kernel(
-    name: str, kernel: Any, config: KernelConfig | None = None, *, replace: bool = False
+    name: str,
+    kernel: Any,
+    config: KernelConfig | None = None,
+    *,
+    replace: bool = False,
+    bounds: BoundsCheck | None = None,
 ) -> RegisteredKernel:
     """Register a ``@triton.jit`` kernel (or an autotuned one) under ``name`` and return its registry entry.
 
     ``config`` defaults to ``KernelConfig(name)``; its name must match ``name``. A taken name raises
     :class:`ConfigurationError` unless ``replace=True``. Raises :class:`CapabilityError` without Triton.
+    ``bounds``, when given, is called before every launch with the arguments by parameter name and the grid,
+    and raises :class:`ConfigurationError` when they would take the kernel past a tensor's end (the built-in
+    kernels have one each).
     """
     _require_triton(f"register_kernel({name!r})")
     given: object = name  # validated at run time whatever the annotation says
@@ -219,6 +242,8 @@ def register_kernel(
         raise ConfigurationError(
             f"expected kernel to be a Triton kernel (decorated with @triton.jit), got {type(kernel).__name__}"
         )
+    if bounds is not None and not callable(bounds):
+        raise ConfigurationError(f"expected bounds to be None or a callable, got {type(bounds).__name__}")
     if config is None:
         config = KernelConfig(name)
     elif not isinstance(config, KernelConfig):
@@ -228,7 +253,7 @@ def register_kernel(
             f"expected the config's name to match the registered name {name!r}, got {config.name!r}; "
             "use KernelConfig(name=...) with the same name"
         )
-    entry = RegisteredKernel(name, kernel, config)
+    entry = RegisteredKernel(name, kernel, config, bounds)
     with _lock:
         if name in _kernels and not replace:
             raise ConfigurationError(
@@ -238,8 +263,14 @@ def register_kernel(
     return entry
 
 
+def _check_name(name: object) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"expected name to be a kernel name (a str), got {type(name).__name__}; see list_kernels()")
+
+
 def unregister_kernel(name: str) -> RegisteredKernel:
     """Remove ``name`` from the registry and return its entry; ``KeyError`` listing the known names otherwise."""
+    _check_name(name)
     with _lock:
         if name not in _kernels:
             raise KeyError(f"no kernel named {name!r} is registered; registered: {sorted(_kernels)}")
@@ -247,7 +278,11 @@ def unregister_kernel(name: str) -> RegisteredKernel:
 
 
 def get_kernel(name: str) -> RegisteredKernel:
-    """The kernel registered under ``name``; ``KeyError`` listing the registered names otherwise."""
+    """The kernel registered under ``name``; ``KeyError`` listing the registered names otherwise.
+
+    Raises ``TypeError`` when ``name`` is not a string.
+    """
+    _check_name(name)
     with _lock:
         entry = _kernels.get(name)
         if entry is None:

@@ -166,6 +166,13 @@ COMPONENTS: dict[str, Component] = {
             "llamatelemetry.inference.batch",
             ("BatchConfig", "BatchInferenceOptimizer", "batch_inference_optimized"),
         ),
+        Component(
+            "engine",
+            "llamatelemetry-engine",
+            "llamatelemetry_engine",
+            "llamatelemetry.engine",
+            ("LLM", "EngineFlags", "SamplingParams", "load_model"),
+        ),
     )
 }
 

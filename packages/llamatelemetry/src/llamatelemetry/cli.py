@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from llamatelemetry import _engine_cli
 from llamatelemetry.__about__ import __version__
 from llamatelemetry._components import COMPONENTS, import_component
 from llamatelemetry._environment import (
@@ -318,7 +319,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     doctor.add_argument("--simulate", metavar="DEVICE", help="answer as if this device were present (t4, h100, cpu)")
-    return parser, {"doctor": doctor}
+    return parser, {"doctor": doctor, **_engine_cli.register(sub)}
 
 
 def _write(text: str) -> int:
@@ -341,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported under the subcommand's own usage, not the top-level one
         subparsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command in _engine_cli.ENGINE_COMMANDS:
+        return _engine_cli.run(args)
     try:
         if args.simulate:
             with simulate_device(args.simulate):

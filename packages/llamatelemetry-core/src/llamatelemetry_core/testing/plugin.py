@@ -17,11 +17,15 @@ Skips always say why; run pytest with ``-rs`` to see them listed at the end.
 Every test starts with the selection policy's memory cleared (fallback warnings already issued, kernel build
 failures recorded): a kernel that fails to build fails each test that reaches it with its
 ``BackendFallbackWarning`` (an error under the repository's pytest settings), not only the first one.
+
+With hypothesis installed, the plugin also registers the fuzz profiles of :mod:`llamatelemetry_core.testing.fuzz`
+and loads the one ``LLAMATELEMETRY_FUZZ_PROFILE`` names (``ci`` by default, ``thorough`` for long runs).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -47,6 +51,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line("markers", "no_triton: needs Triton not installed (the fallback matrix)")
     config.addinivalue_line("markers", "flash_attn: needs the flash-attn package usable on this GPU")
+    if importlib.util.find_spec("hypothesis") is not None:
+        from llamatelemetry_core.testing.fuzz import register_fuzz_profiles
+
+        register_fuzz_profiles()
 
 
 def _skip_reason(item: pytest.Item, device: DeviceInfo) -> str | None:
@@ -96,4 +104,5 @@ def pytest_report_header(config: pytest.Config) -> str:
     triton = (distribution_version("triton") or "installed") if _triton_installed() else "not installed"
     interp = ", interpreter on" if triton_interpreter_enabled() else ""
     versions = f"torch {torch.__version__}; triton {triton}{interp}"
-    return f"llamatelemetry: device {device.kind}: {device.name}{cc}; {versions}"
+    fuzz = os.environ.get("LLAMATELEMETRY_FUZZ_PROFILE", "").strip() or "ci"
+    return f"llamatelemetry: device {device.kind}: {device.name}{cc}; {versions}; fuzz profile {fuzz}"

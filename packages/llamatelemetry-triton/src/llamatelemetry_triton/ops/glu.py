@@ -15,6 +15,7 @@ per (row, block of up to 8 KiB); the backward kernel recomputes the activation i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
     call_spec,
     check_float_tensor,
+    compute_dtype,
     device_info,
     dispatch,
     needs_autograd,
@@ -45,13 +47,24 @@ _APPROXIMATIONS = {"none": _GELU, "tanh": _GELU_TANH}
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` in fp32, returned in ``gate``'s dtype."""
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    """``silu(gate) * up`` in fp32 (fp64 for fp64 inputs), returned in ``gate``'s dtype."""
+    compute = compute_dtype(gate)
+    return (F.silu(gate.to(compute)) * up.to(compute)).to(gate.dtype)
 
 
 def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """``gelu(gate) * up`` in fp32 (``approximate`` as in ``F.gelu``), returned in ``gate``'s dtype."""
-    return (F.gelu(gate.float(), approximate=approximate) * up.float()).to(gate.dtype)
+    """``gelu(gate) * up`` in fp32 or fp64 (``approximate`` as in ``F.gelu``), returned in ``gate``'s dtype.
+
+    The exact GELU is written out as ``0.5 x (1 + erf(x / sqrt 2))``: ``F.gelu`` on CPU float32 returns NaN for
+    ``+inf`` (float64 and the formula give ``+inf``).
+    """
+    compute = compute_dtype(gate)
+    g = gate.to(compute)
+    if approximate == "none":
+        activated = 0.5 * g * (1.0 + torch.erf(g * math.sqrt(0.5)))
+    else:
+        activated = F.gelu(g, approximate=approximate)
+    return (activated * up.to(compute)).to(gate.dtype)
 
 
 @triton.jit  # type: ignore[untyped-decorator]

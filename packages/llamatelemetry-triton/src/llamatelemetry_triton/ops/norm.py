@@ -36,6 +36,7 @@ from llamatelemetry_triton._dispatch import (
     call_spec,
     check_float_tensor,
     check_vector,
+    compute_dtype,
     device_info,
     dispatch,
     needs_autograd,
@@ -63,24 +64,24 @@ __all__ = [
 def layernorm_reference(
     x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5
 ) -> torch.Tensor:
-    """LayerNorm of the last dimension in fp32, returned in ``x``'s dtype."""
-    xf = x.float()
+    """LayerNorm of the last dimension in fp32 (fp64 for fp64 inputs), returned in ``x``'s dtype."""
+    xf = x.to(compute_dtype(x))
     mean = xf.mean(-1, keepdim=True)
     centered = xf - mean
     y = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(xf.dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(xf.dtype)
     return y.to(x.dtype)
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm of the last dimension in fp32, returned in ``x``'s dtype."""
-    xf = x.float()
+    """RMSNorm of the last dimension in fp32 (fp64 for fp64 inputs), returned in ``x``'s dtype."""
+    xf = x.to(compute_dtype(x))
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(xf.dtype)
     return y.to(x.dtype)
 
 
@@ -812,6 +813,7 @@ def triton_fused_add_rmsnorm(
     ``h`` (the promoted dtype of ``x`` and ``residual``) is the residual stream the next layer adds to;
     ``normed`` has ``x``'s dtype. Differentiable in ``x``, ``residual`` and ``weight``.
     """
+    check_float_tensor(residual, "residual")  # required here: None is an error, not "no residual"
     _check_norm_args(x, residual, weight, None, eps)
     return dispatch(  # type: ignore[no-any-return]
         FUSED_ADD_RMSNORM,
@@ -837,6 +839,7 @@ def triton_fused_add_layernorm(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual``, then LayerNorm of ``h``, in one pass; returns ``(normed, h)``."""
+    check_float_tensor(residual, "residual")  # required here: None is an error, not "no residual"
     _check_norm_args(x, residual, weight, bias, eps)
     return dispatch(  # type: ignore[no-any-return]
         FUSED_ADD_LAYERNORM,

@@ -19,18 +19,20 @@ row once and rotates every query and key head; the backward is the inverse rotat
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.selection import Operation
-from llamatelemetry_core.validation import format_shape
+from llamatelemetry_core.validation import check_non_negative_int, format_shape
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
     call_spec,
     check_float_tensor,
+    compute_dtype,
     device_info,
     dispatch,
     needs_autograd,
@@ -52,18 +54,35 @@ def rope_cos_sin(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``cos`` and ``sin`` tables, each ``[max_positions, rotary_dim // 2]``, for :func:`triton_rope`."""
-    if rotary_dim <= 0 or rotary_dim % 2:
-        raise ConfigurationError(f"expected rotary_dim to be a positive even number, got {rotary_dim}")
+    """The ``cos`` and ``sin`` tables, each ``[max_positions, rotary_dim // 2]``, for :func:`triton_rope`.
+
+    Raises :class:`ConfigurationError` for a ``max_positions`` below 0, a ``rotary_dim`` that is not a positive
+    even integer, a ``base`` that is not a finite number > 0, or a ``dtype`` that is not floating point.
+    """
+    check_non_negative_int(max_positions, "max_positions")
+    given: object = rotary_dim  # validated at run time whatever the annotation says
+    if isinstance(given, bool) or not isinstance(given, int) or given <= 0 or given % 2:
+        raise ConfigurationError(f"expected rotary_dim to be a positive even integer, got {rotary_dim!r}")
+    given_base: object = base
+    if (
+        isinstance(given_base, bool)
+        or not isinstance(given_base, int | float)
+        or not math.isfinite(given_base)
+        or given_base <= 0
+    ):
+        raise ConfigurationError(f"expected base to be a finite number > 0 (10000.0 for Llama), got {base!r}")
+    given_dtype: object = dtype
+    if not isinstance(given_dtype, torch.dtype) or not given_dtype.is_floating_point:
+        raise ConfigurationError(f"expected dtype to be a floating-point torch.dtype, got {dtype!r}")
     inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate ``x`` ([..., H, D]) by per-token ``cos``/``sin`` ([..., 1, rotary_dim/2]), in fp32."""
+    """Rotate ``x`` ([..., H, D]) by per-token ``cos``/``sin`` ([..., 1, rotary_dim/2]) in their dtype."""
     half = cos.shape[-1]
-    xf = x.float()
+    xf = x.to(cos.dtype)
     rot, rest = xf[..., : 2 * half], xf[..., 2 * half :]
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
@@ -92,8 +111,9 @@ def rope_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated copies of ``q`` and ``k`` (the inputs are not modified)."""
     pos = _token_positions(q, positions).long()
-    c = cos[pos].float().unsqueeze(-2)
-    s = sin[pos].float().unsqueeze(-2)
+    compute = torch.promote_types(compute_dtype(q), compute_dtype(k))
+    c = cos[pos].to(compute).unsqueeze(-2)
+    s = sin[pos].to(compute).unsqueeze(-2)
     return _rotate(q, c, s, interleaved), _rotate(k, c, s, interleaved)
 
 
@@ -179,10 +199,35 @@ def _token_view(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` as ``[tokens, H, D]`` sharing its memory with unit feature stride, or ``None`` if impossible."""
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         return None
+    tokens = math.prod(t.shape[:-2])  # explicit: view(-1, ...) is ambiguous for zero heads
     try:
-        return t.view(-1, t.shape[-2], t.shape[-1])
+        return t.view(tokens, t.shape[-2], t.shape[-1])
     except RuntimeError:
         return None
+
+
+def _footprints_may_overlap(q3: torch.Tensor, k3: torch.Tensor) -> bool:
+    """Whether ``q3`` and ``k3`` (``[tokens, H, D]`` views) may share memory.
+
+    Whole heads count, not only their rotated features: the in-place contract writes all of ``q`` and then all
+    of ``k``, so a feature of ``k`` left unrotated still overwrites a rotated one of ``q`` it shares memory with.
+    Exact for views with one token stride (the slices of a fused QKV projection, whose storage ranges
+    interleave but whose elements do not); any other layout sharing storage is assumed to overlap.
+    """
+    if q3.numel() == 0 or k3.numel() == 0 or not torch._C._overlaps(q3, k3):
+        return False
+    size_q, size_k = q3.element_size(), k3.element_size()
+    step = q3.stride(0) * size_q
+    if q3.stride(0) * size_q != k3.stride(0) * size_k or step <= 0:
+        return True
+    span_q = ((q3.shape[1] - 1) * q3.stride(1) + q3.shape[2]) * size_q
+    span_k = ((k3.shape[1] - 1) * k3.stride(1) + k3.shape[2]) * size_k
+    shift = k3.data_ptr() - q3.data_ptr()
+    # k's token t' meets q's token t when [0, span_q) and shift + m*step + [0, span_k) intersect, m = t' - t.
+    m_low = (-span_k - shift) // step + 1
+    m_high = -((shift - span_q) // step) - 1
+    tokens = q3.shape[0]
+    return max(m_low, -(tokens - 1)) <= min(m_high, tokens - 1)
 
 
 def _rope_launch(
@@ -197,9 +242,10 @@ def _rope_launch(
     if q.numel() == 0 and k.numel() == 0:
         return
     q3, k3 = _token_view(q), _token_view(k)
-    if q3 is None or k3 is None:
-        # A layout with no [tokens, H, D] view: rotate contiguous copies and write them back.
-        q_tmp, k_tmp = q.contiguous(), k.contiguous()
+    if q3 is None or k3 is None or _footprints_may_overlap(q3, k3):
+        # No [tokens, H, D] view, or q and k share memory: rotate private copies and write them back, q first
+        # and then k, which is what the reference's two copies do (each rotated once, from the inputs' values).
+        q_tmp, k_tmp = q.clone(), k.clone()
         _rope_launch(q_tmp, k_tmp, cos, sin, positions, interleaved, inverse)
         q.copy_(q_tmp)
         k.copy_(k_tmp)
@@ -293,6 +339,13 @@ def _check_rope_args(
 ) -> None:
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_float_tensor(t, name)
+    for name, t in (("q", q), ("k", k)):
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ConfigurationError(
+                f"expected {name} whose elements each have their own memory (it is rotated in place), got a view "
+                f"of shape {format_shape(t.shape)} and strides {list(t.stride())} in which several elements share "
+                f"one location (an expanded tensor?); pass {name}.contiguous() or {name}.clone()"
+            )
     if q.dim() < 3 or k.dim() != q.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ConfigurationError(
             f"expected q [..., H_q, D] and k [..., H_k, D] with the same leading dimensions and D (at least "
@@ -310,10 +363,16 @@ def _check_rope_args(
         raise ConfigurationError(f"expected q, k, cos and sin on one device, got {sorted(map(str, devices))}")
     if positions is not None:
         given: object = positions  # validated at run time whatever the annotation says
-        if not isinstance(given, torch.Tensor) or given.is_floating_point() or given.is_complex():
+        if (
+            not isinstance(given, torch.Tensor)
+            or given.is_floating_point()
+            or given.is_complex()
+            or given.dtype == torch.bool
+        ):
             raise ConfigurationError(f"expected positions to be an integer tensor, got {positions!r:.60}")
         try:
-            torch.broadcast_shapes(positions.shape, q.shape[:-2])  # type: ignore[no-untyped-call]
+            if torch.broadcast_shapes(positions.shape, q.shape[:-2]) != q.shape[:-2]:  # type: ignore[no-untyped-call]
+                raise RuntimeError("positions has more or larger dimensions than the tokens")
         except RuntimeError:
             raise ConfigurationError(
                 f"expected positions broadcastable to the token dimensions {format_shape(q.shape[:-2])} of q, "
@@ -373,9 +432,11 @@ def triton_rope(
 
     ``cos``/``sin`` are ``[max_positions, rotary_dim / 2]`` (see :func:`rope_cos_sin`); ``positions`` holds
     each token's position (broadcastable to ``q.shape[:-2]``; default ``arange(S)`` over ``q.shape[-3]``).
-    ``q`` and ``k`` may be strided views (of a fused QKV projection, say). Differentiable (in-place rules apply:
-    ``q`` and ``k`` must not be leaves that require grad). Positions outside the tables leave a token unrotated
-    on GPU (checking would synchronize); on CPU they raise :class:`ConfigurationError`.
+    ``q`` and ``k`` may be strided views (of a fused QKV projection, say); views that share memory are rotated
+    as the reference does (each from the inputs' values, ``q`` written first), and a view in which several
+    elements share one location (an expanded tensor) raises :class:`ConfigurationError`. Differentiable
+    (in-place rules apply: ``q`` and ``k`` must not be leaves that require grad). Positions outside the tables
+    leave a token unrotated on GPU (checking would synchronize); on CPU they raise :class:`ConfigurationError`.
     """
     _check_rope_args(q, k, cos, sin, positions)
     return dispatch(  # type: ignore[no-any-return]

@@ -26,6 +26,7 @@ from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
     call_spec,
     check_float_tensor,
+    compute_dtype,
     device_info,
     dispatch,
     needs_autograd,
@@ -40,8 +41,8 @@ __all__ = ["SoftmaxFunction", "softmax_reference", "triton_softmax"]
 
 
 def softmax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax of ``x`` along ``dim``, computed in fp32 and returned in ``x``'s dtype."""
-    return torch.softmax(x.float(), dim).to(x.dtype)
+    """Softmax of ``x`` along ``dim``, computed in fp32 (fp64 for fp64 inputs) and returned in ``x``'s dtype."""
+    return torch.softmax(x.to(compute_dtype(x)), dim).to(x.dtype)
 
 
 # --- kernels ----------------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over packed tokens.
+
+Parameter names match transformers' ``LlamaForCausalLM`` (``model.layers.N.self_attn.q_proj.weight``, ...), so a
+transformers state dict loads as it is. A step's tokens of every sequence are packed into one ``[tokens]``
+vector with their positions; attention finds each sequence's keys through the step context. Each layer is
+``h = h + attn(norm(h)); h = h + mlp(norm(h))``, with the residual add fused into the next norm when the Triton
+kernels are on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llamatelemetry_engine.config import ModelConfig
+from llamatelemetry_engine.context import StepContext
+from llamatelemetry_engine.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLUMLP
+
+__all__ = ["DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm transformer block."""
+
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, *, fused: bool, flash: bool
+    ) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, rotary, flash=flash)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias, fused=fused)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused=fused)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused=fused)
+
+    def forward(
+        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = h
+            x = self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, x, ctx)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, the decoder layers and the final norm: ``[tokens]`` ids to ``[tokens, hidden]`` states."""
+
+    def __init__(self, config: ModelConfig, max_positions: int, *, fused: bool = False, flash: bool = False) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config, max_positions, fused=fused)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, self.rotary_emb, fused=fused, flash=flash) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused=fused)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            h, residual = layer(positions, h, residual, ctx)
+        out, _ = self.norm(h, residual)
+        return out  # type: ignore[no-any-return]
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder and its output projection (tied to the embedding when the config says so)."""
+
+    def __init__(self, config: ModelConfig, max_positions: int, *, fused: bool = False, flash: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_positions, fused=fused, flash=flash)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Hidden states ``[tokens, hidden]`` after the final norm (call :meth:`logits` on the rows needed)."""
+        return self.model(input_ids, positions, ctx)  # type: ignore[no-any-return]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[rows, vocab]`` logits of ``hidden`` rows, in the model dtype."""
+        return self.lm_head(hidden)  # type: ignore[no-any-return]

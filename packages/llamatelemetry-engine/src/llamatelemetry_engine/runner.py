@@ -1,0 +1,204 @@
+"""The model runner: a Llama-family model behind core's ``DecoderModel`` protocol.
+
+A continuous-batching engine (``llamatelemetry-batch``) or the engine's own static loop hands the runner one
+:class:`~llamatelemetry_core.serving.StepInput` per step; the runner packs its tokens, builds the attention
+metadata once (the step context), runs the model and returns fp32 logits of the last new token of each sequence
+that wants them. With the paged KV cache on, keys and values go to ``llamatelemetry-kvcache``'s paged cache and
+every step (prefill, chunked prefill, decode) reads them through paged attention; a decode step whose batch fits
+a captured size replays a CUDA graph (:mod:`llamatelemetry_engine.graphs`). Off, each sequence keeps a growing
+contiguous KV tensor per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.kv_layout import PAD_BLOCK
+from llamatelemetry_core.serving import SequenceStep, StepInput
+from llamatelemetry_engine.config import ModelConfig
+from llamatelemetry_engine.context import ContiguousKVStore, ContiguousStep, PagedStep, StepContext
+from llamatelemetry_engine.errors import PromptTooLongError
+from llamatelemetry_engine.flags import ResolvedFlags
+from llamatelemetry_engine.models import LlamaForCausalLM
+from llamatelemetry_kvcache import BlockManager, PagedKVCache
+
+__all__ = ["ModelRunner"]
+
+
+class ModelRunner:
+    """Runs ``model`` one step at a time (implements ``llamatelemetry_core.serving.DecoderModel``).
+
+    Args:
+        model: the module, already on its device and in its dtype.
+        flags: the resolved optimization flags (:func:`~llamatelemetry_engine.flags.resolve_flags`).
+        max_model_len: the longest sequence accepted (at most the model's ``max_position_embeddings``).
+        paged_cache: the paged KV cache (``llamatelemetry-kvcache``'s ``PagedKVCache``), when ``paged_kv`` is on.
+        paged_attention: ``llamatelemetry-flashattn``'s ``paged_attention``, when ``paged_kv`` is on.
+        max_batch_size: the largest decode batch captured in CUDA graphs.
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        flags: ResolvedFlags,
+        *,
+        max_model_len: int,
+        paged_cache: PagedKVCache | None = None,
+        paged_attention: Callable[..., torch.Tensor] | None = None,
+        max_batch_size: int = 64,
+    ) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.flags = flags
+        self.device = flags.device
+        if max_model_len > self.config.max_position_embeddings:
+            raise ConfigurationError(
+                "expected max_model_len <= the model's max_position_embeddings "
+                f"({self.config.max_position_embeddings}), got {max_model_len}"
+            )
+        self._max_model_len = max_model_len
+        self.paged = flags.active("paged_kv")
+        if self.paged and (paged_cache is None or paged_attention is None):
+            raise ConfigurationError("paged_kv is on: pass the paged cache and the paged attention function")
+        self.cache = paged_cache
+        self.paged_attention = paged_attention
+        self.store = ContiguousKVStore(self.config.num_layers)
+        self._page_size: int | None = paged_cache.block_manager.page_size if paged_cache is not None else None
+        self.max_blocks_per_seq = math.ceil(max_model_len / self._page_size) if self._page_size else 0
+        self.graphs: Any = None
+        if self.paged and flags.active("cuda_graphs"):
+            from llamatelemetry_engine.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_batch_size)
+        self.steps = 0
+
+    # --- DecoderModel -----------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def page_size(self) -> int | None:
+        return self._page_size
+
+    @property
+    def block_manager(self) -> BlockManager | None:
+        """The paged cache's block manager (``None`` without the paged KV cache)."""
+        return self.cache.block_manager if self.cache is not None else None
+
+    def release(self, seq_id: int) -> None:
+        """Forget a sequence's contiguous KV (paged blocks are freed through the block manager)."""
+        self.store.release(seq_id)
+
+    @torch.inference_mode()
+    def step(self, batch: StepInput) -> torch.Tensor:
+        """Run ``batch``; return fp32 logits ``[batch.num_logits, vocab_size]``.
+
+        Raises :class:`PromptTooLongError` for a sequence past ``max_model_len`` and
+        :class:`ConfigurationError` for token ids outside the vocabulary, a block table too short for the step,
+        or a contiguous-cache step that does not continue where the sequence's cache ends.
+        """
+        self._validate(batch)
+        self.steps += 1
+        seqs = batch.sequences
+        if self.graphs is not None and all(len(s.token_ids) == 1 for s in seqs) and self.graphs.fits(len(seqs)):
+            logits: torch.Tensor = self.graphs.run(seqs)
+            want = [i for i, s in enumerate(seqs) if s.want_logits]
+            return logits if len(want) == len(seqs) else logits[want]
+        ids = [t for s in seqs for t in s.token_ids]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(
+            [p for s in seqs for p in range(s.start_pos, s.end_pos)], dtype=torch.long, device=self.device
+        )
+        ctx = self._paged_context(seqs) if self.cache is not None else self._contiguous_context(seqs)
+        hidden = self.model(input_ids, positions, ctx)
+        last, rows = 0, []
+        for s in seqs:
+            last += len(s.token_ids)
+            if s.want_logits:
+                rows.append(last - 1)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.model.logits(hidden.index_select(0, index)).float()
+
+    # --- internals -----------------------------------------------------------------------------------------------
+
+    def _validate(self, batch: StepInput) -> None:
+        if not batch.sequences:
+            raise ConfigurationError("expected a step with at least one sequence, got none")
+        vocab = self.config.vocab_size
+        for s in batch.sequences:
+            if not s.token_ids:
+                raise ConfigurationError(f"sequence {s.seq_id}: expected at least one new token, got none")
+            if s.end_pos > self._max_model_len:
+                raise PromptTooLongError(
+                    f"sequence {s.seq_id} reaches {s.end_pos} tokens, past max_model_len {self._max_model_len}; "
+                    "shorten the prompt or ask for fewer new tokens"
+                )
+            bad = [t for t in s.token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ConfigurationError(
+                    f"sequence {s.seq_id}: token ids must be in [0, {vocab}) (the vocabulary), got {bad[:5]}"
+                )
+            if self.paged:
+                needed = math.ceil(s.end_pos / self._page_size)  # type: ignore[operator]
+                if len(s.block_table) < needed:
+                    raise ConfigurationError(
+                        f"sequence {s.seq_id}: {s.end_pos} tokens need {needed} blocks of {self._page_size}, "
+                        f"the block table has {len(s.block_table)}"
+                    )
+            elif self.store.num_tokens(s.seq_id) != s.start_pos:
+                raise ConfigurationError(
+                    f"sequence {s.seq_id}: the step starts at position {s.start_pos} but its KV cache holds "
+                    f"{self.store.num_tokens(s.seq_id)} tokens; the contiguous cache has no prefix reuse or gaps"
+                )
+
+    def _contiguous_context(self, seqs: tuple[SequenceStep, ...]) -> StepContext:
+        return ContiguousStep(self.store, [s.seq_id for s in seqs], [len(s.token_ids) for s in seqs])
+
+    def paged_metadata(
+        self, seqs: tuple[SequenceStep, ...], width: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(slot_mapping int64, block_tables int32 [B, width], seq_lens int32, cu_seqlens_q int32)``."""
+        page = self._page_size
+        assert page is not None
+        slots: list[int] = []
+        for s in seqs:
+            slots.extend(s.block_table[p // page] * page + p % page for p in range(s.start_pos, s.end_pos))
+        width = width or max(math.ceil(s.end_pos / page) for s in seqs)
+        table = [list(s.block_table[:width]) + [PAD_BLOCK] * (width - len(s.block_table[:width])) for s in seqs]
+        cu = [0]
+        for s in seqs:
+            cu.append(cu[-1] + len(s.token_ids))
+        dev = self.device
+        return (
+            torch.tensor(slots, dtype=torch.int64, device=dev),
+            torch.tensor(table, dtype=torch.int32, device=dev),
+            torch.tensor([s.end_pos for s in seqs], dtype=torch.int32, device=dev),
+            torch.tensor(cu, dtype=torch.int32, device=dev),
+        )
+
+    def _paged_context(self, seqs: tuple[SequenceStep, ...]) -> StepContext:
+        assert self.cache is not None and self.paged_attention is not None
+        slot_mapping, block_tables, seq_lens, cu = self.paged_metadata(seqs)
+        query_lens = [len(s.token_ids) for s in seqs]
+        return PagedStep(
+            self.cache,
+            self.paged_attention,
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens,
+            cu_seqlens_q=cu,
+            max_seqlen_q=max(query_lens),
+            query_lens=query_lens,
+            fresh_prefill=all(s.start_pos == 0 for s in seqs),
+        )

@@ -1,0 +1,42 @@
+"""``run_bench`` on a CPU: the rows that can run are measured, the others say what they need."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from llamatelemetry_engine.bench import CLAIMS, format_table, plot_report, run_bench
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1",
+    reason="timing loops under Triton's interpreter take minutes; the cpu-fallback matrix runs them",
+)
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, object]:
+    return run_bench("random:tiny", device="cpu", quick=True, progress=False)
+
+
+def test_every_row_is_measured_or_says_why_not(report: dict[str, object]) -> None:
+    rows = report["rows"]
+    assert isinstance(rows, list)
+    assert [r["name"] for r in rows] == list(CLAIMS)
+    by_name = {r["name"]: r for r in rows}
+    for name in ("cuda_graphs", "tensor_cores", "triton_kernels"):
+        assert by_name[name]["status"] == "skipped" and "GPU" in by_name[name]["reason"]
+    for name in ("flash_attention", "engine"):
+        row = by_name[name]
+        assert row["status"] == "measured", row
+        assert row["baseline"] > 0 and row["optimized"] > 0 and row["gain"] > 0
+        assert row["claimed"] == CLAIMS[name]
+
+
+def test_table_and_plot(report: dict[str, object], tmp_path: Path) -> None:
+    table = format_table(report)
+    assert "FlashAttention" in table and "skipped: needs a CUDA GPU" in table
+    pytest.importorskip("matplotlib")
+    plot_report(report, str(tmp_path / "gains.png"))
+    assert (tmp_path / "gains.png").stat().st_size > 1000

@@ -1,0 +1,87 @@
+"""Greedy tokens identical to transformers' ``generate`` on the same weights, whatever the flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from llamatelemetry_engine import FLAG_NAMES, LLM, PRESETS, EngineFlags, SamplingParams, random_weights
+from llamatelemetry_engine.loader import LoadedModel
+
+Greedy = Callable[[torch.nn.Module, list[int], int], list[int]]
+# Under Triton's interpreter every fused kernel runs in Python: fewer tokens there.
+NEW_TOKENS = 5 if os.environ.get("TRITON_INTERPRET") == "1" else 10
+
+FLAG_SETS = {
+    "all_on": EngineFlags(),
+    "all_off": EngineFlags.all_off(),
+    **{f"no_{name}": EngineFlags().without(name) for name in FLAG_NAMES},
+}
+
+TINY = PRESETS["tiny"]
+ARCHS = {
+    "llama_gqa2": TINY,
+    "llama_mqa_tied": TINY.with_overrides(num_kv_heads=1, tie_word_embeddings=True),
+    "llama_mha_bias_llama3": TINY.with_overrides(
+        num_kv_heads=4, qkv_bias=True, o_bias=True,
+        rope_scaling=PRESETS["llama-3.2-1b"].rope_scaling.__class__("llama3", 8.0, 1.0, 4.0, 64),
+    ),
+    "qwen2": TINY.with_overrides(model_type="qwen2", qkv_bias=True, num_heads=6, num_kv_heads=2, head_dim=16),
+    "mistral_window": TINY.with_overrides(model_type="mistral", sliding_window=5),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(11)
+    return [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (9, 3, 17)]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_architecture_matches_transformers(
+    arch: str, prompts: list[list[int]], hf_reference: Callable[[LoadedModel], torch.nn.Module], greedy: Greedy
+) -> None:
+    loaded = random_weights(ARCHS[arch], seed=5)
+    reference = hf_reference(loaded)
+    expected = [greedy(reference, p, NEW_TOKENS) for p in prompts]
+    for flags in (EngineFlags(), EngineFlags.all_off()):
+        llm = LLM(loaded, flags=flags, device="cpu")
+        got = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+        assert [c.token_ids for c in got] == expected, f"{arch} with {flags}"
+
+
+@pytest.mark.parametrize("name", sorted(FLAG_SETS))
+def test_each_flag_switched_off_keeps_the_tokens(
+    name: str, prompts: list[list[int]], hf_reference: Callable[[LoadedModel], torch.nn.Module], greedy: Greedy
+) -> None:
+    loaded = random_weights(TINY, seed=7)
+    expected = [greedy(hf_reference(loaded), p, NEW_TOKENS) for p in prompts]
+    llm = LLM(loaded, flags=FLAG_SETS[name], device="cpu", max_batch_size=2)
+    got = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [c.token_ids for c in got] == expected
+    assert all(c.finish_reason == "length" and c.error is None for c in got)
+
+
+def test_stream_yields_the_generated_tokens(prompts: list[list[int]]) -> None:
+    llm = LLM(random_weights(TINY, seed=7), device="cpu")
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert list(llm.stream(prompts[0], params)) == llm.generate([prompts[0]], params)[0].token_ids
+
+
+def test_sampling_is_reproducible_with_a_seed(prompts: list[list[int]]) -> None:
+    llm = LLM(random_weights(TINY, seed=7), device="cpu")
+    params = SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=123, ignore_eos=True)
+    first = llm.generate([prompts[0]], params)[0].token_ids
+    assert llm.generate([prompts[0]], params)[0].token_ids == first
+    assert len(first) == 8 and all(0 <= t < TINY.vocab_size for t in first)
+
+
+def test_generation_stops_at_end_of_sequence(prompts: list[list[int]]) -> None:
+    llm = LLM(random_weights(TINY, seed=7), device="cpu")
+    free = llm.generate([prompts[0]], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0].token_ids
+    stop = free[3]
+    got = llm.generate([prompts[0]], SamplingParams(max_tokens=NEW_TOKENS, stop_token_ids=(stop,)))[0]
+    assert got.token_ids == free[: free.index(stop) + 1] and got.finish_reason == "stop"

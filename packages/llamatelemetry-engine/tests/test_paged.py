@@ -1,0 +1,80 @@
+"""The paged path: chunked prefill, prefix reuse, padded decode graphs, and requests the cache can never hold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from llamatelemetry_engine import (
+    LLM,
+    PRESETS,
+    EngineFlags,
+    RequestTooLargeError,
+    SamplingParams,
+    random_weights,
+)
+from llamatelemetry_engine.graphs import DecodeGraphs
+from llamatelemetry_engine.loader import LoadedModel
+
+TINY = PRESETS["tiny"]
+Greedy = Callable[[torch.nn.Module, list[int], int], list[int]]
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return random_weights(TINY, seed=9)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(4)
+    shared = torch.randint(3, 250, (35,), generator=gen).tolist()
+    return [[*shared, 7, 8], shared[:20], torch.randint(3, 250, (5,), generator=gen).tolist()]
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_chunked_prefill_and_prefix_reuse_keep_the_tokens(
+    continuous: bool,
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    hf_reference: Callable[[LoadedModel], torch.nn.Module],
+    greedy: Greedy,
+) -> None:
+    expected = [greedy(hf_reference(loaded), p, 6) for p in prompts]
+    flags = EngineFlags() if continuous else EngineFlags().without("continuous_batching")
+    llm = LLM(loaded, flags=flags, device="cpu", max_num_batched_tokens=8, page_size=4, max_model_len=64)
+    assert llm.runner.page_size == 4 and llm.flags.active("paged_kv")
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert [c.token_ids for c in llm.generate(prompts, params)] == expected
+    bm = llm.runner.block_manager
+    assert bm is not None
+    before = bm.stats().prefix_hit_tokens
+    assert [c.token_ids for c in llm.generate(prompts, params)] == expected  # now from cached prefix blocks
+    assert bm.stats().prefix_hit_tokens > before
+
+
+def test_padded_decode_graphs_give_the_eager_logits(loaded: LoadedModel, prompts: list[list[int]]) -> None:
+    # On a CPU, llamatelemetry-graphs replays by re-running the step eagerly: this checks the padding to the
+    # bucket (slot PAD_SLOT, length 0) and the static buffers; the GPU tests capture real graphs.
+    flags = EngineFlags().without("continuous_batching")
+    eager = LLM(loaded, flags=flags, device="cpu", max_model_len=64, max_batch_size=4)
+    graphed = LLM(loaded, flags=flags, device="cpu", max_model_len=64, max_batch_size=4)
+    graphed.runner.graphs = DecodeGraphs(graphed.runner, 4)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    got = [c.token_ids for c in graphed.generate(prompts, params)]
+    assert got == [c.token_ids for c in eager.generate(prompts, params)]
+    assert graphed.runner.graphs.captured and graphed.runner.graphs.buckets.replays >= 4
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_request_larger_than_the_cache_fails_alone(continuous: bool, loaded: LoadedModel) -> None:
+    flags = EngineFlags() if continuous else EngineFlags().without("continuous_batching")
+    llm = LLM(loaded, flags=flags, device="cpu", max_model_len=128, page_size=4, num_blocks=8)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    small, huge, small2 = llm.generate([[5, 6, 7], list(range(3, 40)), [9, 10]], params)
+    assert huge.error is not None and huge.finish_reason == "error" and huge.token_ids == []
+    assert isinstance(huge.error, RequestTooLargeError) and "whole cache has 8" in str(huge.error)
+    assert small.error is None and len(small.token_ids) == 4
+    assert small2.error is None and len(small2.token_ids) == 4

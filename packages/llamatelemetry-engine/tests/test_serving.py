@@ -1,0 +1,87 @@
+"""A running engine keeps serving when one request is bad; the runner's own checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.serving import DecoderModel, SequenceStep, StepInput
+from llamatelemetry_engine import LLM, PRESETS, EngineFlags, PromptTooLongError, SamplingParams, random_weights
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(random_weights(TINY, seed=1), device="cpu", max_model_len=32, max_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def contiguous() -> LLM:
+    flags = EngineFlags().without("paged_kv")
+    return LLM(random_weights(TINY, seed=1), flags=flags, device="cpu", max_model_len=32, max_batch_size=4)
+
+
+def test_the_runner_is_a_decoder_model(llm: LLM) -> None:
+    assert isinstance(llm.runner, DecoderModel)
+    assert llm.runner.vocab_size == TINY.vocab_size and llm.runner.max_model_len == 32
+
+
+def test_a_prompt_longer_than_the_context_fails_alone(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    good, bad, good2 = llm.generate([[5, 6, 7], list(range(3, 40)), [9, 10]], params)
+    assert isinstance(bad.error, PromptTooLongError) and "context holds 32" in str(bad.error)
+    assert bad.finish_reason == "error" and bad.token_ids == []
+    assert good.error is None and len(good.token_ids) == 4
+    assert good2.error is None and len(good2.token_ids) == 4
+    alone = llm.generate([[5, 6, 7]], params)[0]
+    assert alone.token_ids == good.token_ids
+
+
+def test_generation_stops_at_the_context_length(llm: LLM) -> None:
+    out = llm.generate([list(range(3, 30))], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 32 - 27
+
+
+def test_the_runner_refuses_bad_steps(llm: LLM, contiguous: LLM) -> None:
+    runner = contiguous.runner
+    with pytest.raises(ConfigurationError, match="the vocabulary"):
+        runner.step(StepInput((SequenceStep(900, (TINY.vocab_size,), 0),)))
+    with pytest.raises(PromptTooLongError, match="past max_model_len 32"):
+        runner.step(StepInput((SequenceStep(901, tuple(range(3, 36)), 0),)))
+    with pytest.raises(ConfigurationError, match="its KV cache holds 0 tokens"):
+        runner.step(StepInput((SequenceStep(902, (5,), 3),)))
+    with pytest.raises(ConfigurationError, match="at least one sequence"):
+        runner.step(StepInput(()))
+    assert llm.runner.page_size == 16
+    with pytest.raises(ConfigurationError, match="need 2 blocks of 16, the block table has 1"):
+        llm.runner.step(StepInput((SequenceStep(903, tuple(range(3, 23)), 0, (0,)),)))
+
+
+def test_chunked_prefill_through_the_runner_matches_one_prefill(contiguous: LLM) -> None:
+    runner = contiguous.runner
+    prompt = tuple(range(3, 20))
+    whole = runner.step(StepInput((SequenceStep(950, prompt, 0),)))
+    runner.release(950)
+    runner.step(StepInput((SequenceStep(951, prompt[:7], 0, want_logits=False),)))
+    runner.step(StepInput((SequenceStep(951, prompt[7:12], 7, want_logits=False),)))
+    last = runner.step(StepInput((SequenceStep(951, prompt[12:], 12),)))
+    runner.release(951)
+    assert (whole - last).abs().max() < 1e-4
+    assert int(whole.argmax()) == int(last.argmax())
+
+
+def test_flags_report_what_runs_here() -> None:
+    import torch
+
+    from llamatelemetry_engine import resolve_flags
+
+    resolved = resolve_flags(EngineFlags(), torch.device("cpu"))
+    assert resolved.dtype == torch.float32
+    assert not resolved.active("cuda_graphs") and resolved.states["cuda_graphs"].reason == "needs a CUDA GPU"
+    assert not resolved.active("tensor_cores") and "CPU" in (resolved.states["tensor_cores"].reason or "")
+    off = resolve_flags(EngineFlags.all_off(), torch.device("cpu"))
+    assert not any(s.active for s in off.states.values())
+    assert all(s.reason is None for s in off.states.values())
+    with pytest.raises(ConfigurationError, match="unknown engine flag"):
+        EngineFlags().without("warp_drive")

@@ -1,0 +1,49 @@
+"""Special values every attention implementation must treat alike: non-finite queries, queries that see no key.
+
+The reference defines both (:mod:`.reference`): a query row holding NaN or an infinity gives a NaN output row,
+unless the row sees no key at all, which gives zeros whatever the query holds. Fused kernels do not all agree:
+SDPA's CPU kernel returns zeros for a NaN query row, and GPU ``max`` instructions return the non-NaN operand, so a
+kernel's running maximum can skip a NaN. Each fast path's output goes through :func:`propagate_query_nan`, which
+costs one pass over ``q`` and one over the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llamatelemetry_flashattn.reference import normalize_window
+
+__all__ = ["propagate_query_nan", "rows_with_keys"]
+
+
+def rows_with_keys(
+    q_len: int, kv_len: int, *, causal: bool, window_size: tuple[int, int] | None, device: torch.device
+) -> torch.Tensor | None:
+    """Bool ``[q_len, 1, 1]``: True where query ``i`` sees at least one key; ``None`` when every query does.
+
+    Query ``i`` sits at position ``p = i + kv_len - q_len`` and sees keys ``max(0, p - left) ..
+    min(kv_len - 1, p + right)`` (an unbounded side reaches the end), computed without building the mask.
+    """
+    if kv_len == 0:
+        return torch.zeros(q_len, 1, 1, dtype=torch.bool, device=device)
+    if q_len <= kv_len:
+        return None  # every position p lies in [0, kv_len), and a window always includes p itself
+    left, right = normalize_window(window_size, causal)
+    pos = torch.arange(q_len, device=device) + (kv_len - q_len)
+    low = torch.zeros_like(pos) if left == -1 else (pos - left).clamp(min=0)
+    high = torch.full_like(pos, kv_len - 1) if right == -1 else (pos + right).clamp(max=kv_len - 1)
+    return (low <= high).view(q_len, 1, 1)
+
+
+def propagate_query_nan(
+    q: torch.Tensor, out: torch.Tensor, *, causal: bool, window_size: tuple[int, int] | None, kv_len: int
+) -> torch.Tensor:
+    """``out`` (``[B, Sq, H, D]``) with NaN rows wherever ``q``'s row holds NaN or an infinity and sees a key.
+
+    An infinite query element makes every logit of the row infinite or NaN, so IEEE softmax gives NaN.
+    """
+    nan_rows = (~q.isfinite()).any(dim=-1, keepdim=True)  # [B, Sq, H, 1]
+    seen = rows_with_keys(q.shape[1], kv_len, causal=causal, window_size=window_size, device=q.device)
+    if seen is not None:
+        nan_rows = nan_rows & seen
+    return out.masked_fill(nan_rows, float("nan"))
