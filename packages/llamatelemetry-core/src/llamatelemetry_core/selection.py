@@ -44,16 +44,22 @@ Which implementation ran is observable: :func:`last_selection` for the latest ca
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import os
 import threading
 import warnings
 from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from llamatelemetry_core import build_failures
+from llamatelemetry_core.backend_env import (
+    BACKEND_ENV,
+    check_devices,
+    check_priority,
+    load_operation_providers,
+    parse_backend_env,
+    unknown_backend_names,
+)
 from llamatelemetry_core.build_failures import (
     KernelFailure,
     build_failure_reason,
@@ -113,7 +119,6 @@ __all__ = [
 ]
 
 
-BACKEND_ENV = "LLAMATELEMETRY_BACKEND"
 REFERENCE = "reference"
 
 
@@ -194,7 +199,7 @@ def _backend_env() -> tuple[str, str | None, dict[str, str]]:
     parsed = _env[0]
     if parsed is None:
         value = os.environ.get(BACKEND_ENV, "")
-        parsed = (value, *_parse_backend_env(value))
+        parsed = (value, *parse_backend_env(value))
         _env[0] = parsed
     return parsed
 
@@ -248,56 +253,11 @@ def _warn_once(operation: str, implementation: str, reason: str, used: str, stac
     )
 
 
-def _parse_backend_env(value: str) -> tuple[str | None, dict[str, str]]:
-    """``"triton"`` -> ("triton", {}); ``"a=x,b=y"`` -> (None, {"a": "x", "b": "y"})."""
-    value = value.strip()
-    if not value:
-        return None, {}
-    if "=" not in value:
-        return value, {}
-    pairs: dict[str, str] = {}
-    for item in value.split(","):
-        op, sep, impl = item.partition("=")
-        if not sep or not op.strip() or not impl.strip():
-            raise ConfigurationError(
-                f"expected {BACKEND_ENV} to be one implementation name or 'operation=implementation' pairs "
-                f"separated by commas, got {value!r}"
-            )
-        pairs[op.strip()] = impl.strip()
-    return None, pairs
-
-
 def _unknown_backend_names(value: str) -> str | None:
     """What in ``value`` (the variable) names nothing registered, with the valid names; ``None`` when all is known."""
-    name, pairs = _parse_backend_env(value)
     with _registry_lock:
         ops = dict(_operations)
-    valid_ops = ", ".join(sorted(ops)) or "none registered"
-    problems: list[str] = []
-    if name is not None:
-        impls = sorted({i.name for op in ops.values() for i in op.implementations})
-        if name not in impls:
-            problems.append(f"no registered operation has an implementation named {name!r} (known: {', '.join(impls)})")
-    for op_name, impl_name in pairs.items():
-        op = ops.get(op_name)
-        if op is None:
-            problems.append(f"no operation named {op_name!r} is registered (operations: {valid_ops})")
-            continue
-        impls = sorted(i.name for i in op.implementations)
-        if impl_name not in impls:
-            problems.append(f"operation {op_name!r} has no implementation {impl_name!r} (one of {', '.join(impls)})")
-    return "; ".join(problems) or None
-
-
-OPERATIONS_ENTRY_POINT = "llamatelemetry.operations"
-"""Entry-point group naming the modules whose import registers a component's operations."""
-
-
-def _load_operation_providers() -> None:
-    """Import every installed component's operation modules (a broken one is skipped: this only serves a warning)."""
-    for entry in importlib.metadata.entry_points(group=OPERATIONS_ENTRY_POINT):
-        with contextlib.suppress(Exception):
-            entry.load()
+    return unknown_backend_names(value, {name: [i.name for i in op.implementations] for name, op in ops.items()})
 
 
 def _check_backend_env(value: str) -> None:
@@ -310,7 +270,7 @@ def _check_backend_env(value: str) -> None:
         _env_checked.add(value)
     problem = _unknown_backend_names(value)
     if problem is not None:
-        _load_operation_providers()  # the name may belong to a component that is installed but not imported yet
+        load_operation_providers()  # the name may belong to a component that is installed but not imported yet
         problem = _unknown_backend_names(value)
     if problem is not None:
         warnings.warn(
@@ -318,25 +278,6 @@ def _check_backend_env(value: str) -> None:
             BackendEnvWarning,
             stacklevel=5,
         )
-
-
-def _check_priority(value: object, operation: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{operation}: expected priority to be an integer, got {value!r}")
-    return value
-
-
-def _check_devices(value: object, operation: str) -> frozenset[str] | Callable[[], frozenset[str]]:
-    """A device-kind set from a collection of kinds or a single kind; a callable is kept as it is."""
-    if callable(value):
-        return cast("Callable[[], frozenset[str]]", value)
-    kinds = (value,) if isinstance(value, str) else value
-    if not isinstance(kinds, Collection) or not all(isinstance(k, str) and k for k in kinds):
-        raise ConfigurationError(
-            f"{operation}: expected devices to be a device kind ('cuda', 'cpu'), a collection of them or a "
-            f"callable returning a frozenset of them, got {value!r}"
-        )
-    return frozenset(kinds)
 
 
 @dataclass(frozen=True)
@@ -392,8 +333,8 @@ class Operation:
             raise ConfigurationError(f"{self.name}: the name {REFERENCE!r} is kept for the reference implementation")
         if not callable(fn):
             raise TypeError(f"{self.name}: expected fn to be callable, got {type(fn).__name__}")
-        rank = _check_priority(priority, self.name)
-        kinds = _check_devices(devices, self.name)
+        rank = check_priority(priority, self.name)
+        kinds = check_devices(devices, self.name)
         given_checks: object = checks
         if isinstance(given_checks, str | bytes) or not isinstance(given_checks, Collection):
             raise ConfigurationError(f"{self.name}: expected checks to be a collection of callables, got {checks!r}")
