@@ -372,3 +372,29 @@ def test_register_validates_before_changing_anything(kwargs: dict[str, object], 
         op.register("other", "not a function", priority=1, devices="cpu")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="non-empty string"):
         op.register("", _fast, priority=1, devices="cpu")
+
+
+@dataclass(frozen=True)
+class _DecodeFacts:
+    kv_len: int
+
+    def selection_class(self) -> tuple[object, ...]:
+        return (self.kv_len > 0,)
+
+
+def test_facts_with_a_selection_class_are_chosen_once_per_class() -> None:
+    asked: list[int] = []
+
+    def counting(call: CallSpec) -> str | None:
+        facts = call.facts_as(_DecodeFacts)
+        asked.append(-1 if facts is None else facts.kv_len)
+        return None
+
+    op = _new_op(checks=[counting])
+    for kv_len in range(1, 6):
+        x = torch.randn(1, kv_len)
+        op.dispatch(CallSpec.from_tensors(x, facts=_DecodeFacts(kv_len)), x)
+    assert asked == [1]  # longer contexts, same class: no new choice
+    x = torch.randn(1, 0)
+    op.dispatch(CallSpec.from_tensors(x, facts=_DecodeFacts(0)), x)
+    assert asked == [1, 0]

@@ -72,9 +72,18 @@ class CallSpec:
 
     def selection_key(self) -> Hashable:
         """What selection depends on: device, dtype, shapes and facts (hashing it raises ``TypeError`` when a fact
-        cannot be hashed). The device enters by identity: its facts are cached per device."""
+        cannot be hashed). The device enters by identity: its facts are cached per device.
+
+        Facts with a ``selection_class()`` method stand in for the shapes and themselves with what it returns: an
+        operation whose checks read only its facts, and of them only some classes (a decode step, a prefill)
+        rather than every length, is then chosen once per class instead of once per length.
+        """
         attrs = tuple(self.attrs.items()) if self.attrs else ()
-        return (id(self.device), self.dtype, self.shapes, self.facts, attrs)
+        facts = self.facts
+        class_of = getattr(facts, "selection_class", None)
+        if class_of is not None:
+            return (id(self.device), self.dtype, class_of(), attrs)
+        return (id(self.device), self.dtype, self.shapes, facts, attrs)
 
     @classmethod
     def from_tensors(cls, *tensors: torch.Tensor, facts: Hashable | None = None, **attrs: object) -> CallSpec:

@@ -91,6 +91,22 @@ class AttentionCall:
     dropout_p: float
     needs_grad: bool
 
+    def selection_class(self) -> tuple[object, ...]:
+        """What the implementations' checks read: every fact, but of the lengths only how they compare (a decode
+        loop's growing ``kv_len`` keeps its chosen implementation)."""
+        lengths = (self.q_len == 1, self.q_len == self.kv_len, self.q_len > self.kv_len, self.kv_len == 0)
+        return (
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.causal,
+            self.window_size,
+            self.softcap,
+            self.dropout_p,
+            self.needs_grad,
+            lengths,
+        )
+
 
 # ``doctor`` asks about a "typical call" without facts: a causal prefill, head dim 64, no extras.
 _TYPICAL = AttentionCall(1, 1, 1, 1, 1, 64, True, None, None, 0.0, False)
@@ -149,8 +165,8 @@ def _no_mask(call: CallSpec) -> str | None:
         return "takes no sliding window (its is_causal is the only mask it accepts)"
     if _masked(call):
         return (
-            "aligns is_causal to the top-left: a causal call with q_len != kv_len "
-            f"({_facts(call).q_len} != {_facts(call).kv_len}) needs a mask it does not take"
+            "aligns is_causal to the top-left: a causal call with q_len != kv_len (and q_len > 1) needs a mask it "
+            "does not take"
         )
     return None
 
