@@ -38,7 +38,7 @@ nox.options.error_on_external_run = True
 nox.options.sessions = []  # name sessions or a tag explicitly: nox -t cpu
 
 ROOT = Path(__file__).parent
-COMPONENTS = ["graphs", "triton", "tensorcore", "flashattn", "kvcache", "batch", "engine"]
+COMPONENTS = [p for p in PACKAGES if p not in ("core", "meta")]  # derived from packages/, like PACKAGES
 TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
 TORCH_LATEST = os.environ.get("LLAMATELEMETRY_TORCH_LATEST", TORCH_CPU)
@@ -236,6 +236,37 @@ def docs(session: nox.Session) -> None:
     """Build the documentation site in strict mode (API reference from the docstrings)."""
     session.install("mkdocs>=1.6", "mkdocstrings[python]>=0.26")
     session.run("mkdocs", "build", "--strict")
+
+
+HOST_BENCH_FAIL = "median:150%"  # a clear regression only: CI machines are small, shared and noisy
+_HOST_BENCH_FLAGS = ["--benchmark-only", "--benchmark-max-time=0.2", "--benchmark-min-rounds=20", "-q"]
+_BASELINE_PROBE = (
+    "import pathlib, pytest_benchmark.utils as u; from llamatelemetry_core.testing.bench import device_slug; "
+    "d = pathlib.Path('benchmarks/results') / device_slug() / 'pytest-benchmark' / u.get_machine_id(); "
+    "print(d if any(d.glob('*.json')) else '')"
+)
+
+
+@nox.session(tags=["cpu"])
+def bench_host(session: nox.Session) -> None:
+    """Host-side cost per call of every public operation on CPU beside the native torch call, compared with the
+    stored baseline of this CPU model (``benchmarks/results/cpu-<model>/pytest-benchmark/``); fails on a median
+    more than 150% slower. Without a baseline for this machine it runs and says so (``-- --benchmark-save=baseline``
+    stores one)."""
+    session.install(TORCH_CPU, "numpy", *TEST_TOOLS)
+    _install_local(session, list(PACKAGES))
+    session.env["TRITON_INTERPRET"] = "0"
+    baseline = (session.run("python", "-c", _BASELINE_PROBE, silent=True) or "").strip()
+    compare: list[str] = []
+    if baseline and not session.posargs:
+        compare = ["--benchmark-compare", f"--benchmark-compare-fail={HOST_BENCH_FAIL}"]
+        session.log(f"comparing with the stored baseline in {baseline}")
+    elif not baseline:
+        session.log(
+            "no stored host-cost baseline for this machine class: the comparison is skipped. "
+            "Store one with: nox -s bench_host -- --benchmark-save=baseline"
+        )
+    session.run("pytest", "benchmarks/host", *_HOST_BENCH_FLAGS, *compare, *session.posargs)
 
 
 @nox.session

@@ -7,22 +7,16 @@ comparison could put an H100 run beside a T4 baseline. Here the default storage 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llamatelemetry_core.device import real_device_info
+from llamatelemetry_core.testing.bench import device_slug
 
 RESULTS = Path(__file__).parent / "results"
 _DEFAULT_STORAGE = "file://./.benchmarks"
-
-
-def device_slug() -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``; ``cpu`` without a GPU."""
-    device = real_device_info()
-    return "cpu" if not device.is_cuda else re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-")
 
 
 @pytest.hookimpl(tryfirst=True)

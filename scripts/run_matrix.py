@@ -5,10 +5,10 @@
     python scripts/run_matrix.py gpu            # a CUDA GPU: every test, GPU-marked ones included
     python scripts/run_matrix.py cpu-compile -- -m triton_compiler   # Triton's compiler, no GPU, no interpreter
 
-``--package NAME`` (repeatable) limits the run to some packages (core, graphs, triton, tensorcore, flashattn,
-kvcache, batch, meta); extra arguments after ``--`` go to pytest. The nox sessions call this after installing
-the packages. ``--in-place`` runs from the source tree without installing anything (no network, no nox, no
-build backend needed): the packages' ``src`` folders go on ``PYTHONPATH`` beside generated metadata, so
+``--package NAME`` (repeatable) limits the run to some packages (core, meta, and every
+``packages/llamatelemetry-NAME`` folder); extra arguments after ``--`` go to pytest. The nox sessions call this
+after installing the packages. ``--in-place`` runs from the source tree without installing anything (no network,
+no nox, no build backend needed): the packages' ``src`` folders go on ``PYTHONPATH`` beside generated metadata, so
 versions and entry points resolve as if they were installed. That is the one command for the GPU matrix on a
 machine that has torch and Triton but no network:
 
@@ -31,17 +31,30 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {
-    "core": "llamatelemetry-core",
-    "graphs": "llamatelemetry-graphs",
-    "triton": "llamatelemetry-triton",
-    "tensorcore": "llamatelemetry-tensorcore",
-    "flashattn": "llamatelemetry-flashattn",
-    "kvcache": "llamatelemetry-kvcache",
-    "batch": "llamatelemetry-batch",
-    "engine": "llamatelemetry-engine",
-    "meta": "llamatelemetry",
-}
+
+
+def discover_packages(packages_dir: Path | None = None) -> dict[str, str]:
+    """Every distribution under ``packages/``, short name -> folder: the one list of packages.
+
+    ``llamatelemetry-<name>`` is ``<name>``, the meta-package ``llamatelemetry`` is ``meta``; folders starting
+    with ``_`` or ``.``, or without a ``pyproject.toml``, are not packages. Order: core first, the meta-package
+    last, the others by name (a new package is a new folder: ``python scripts/new_package.py NAME``).
+    """
+    base = packages_dir if packages_dir is not None else ROOT / "packages"
+    found: dict[str, str] = {}
+    for folder in sorted(base.iterdir()):
+        if folder.name.startswith(("_", ".")) or not (folder / "pyproject.toml").is_file():
+            continue
+        if folder.name == "llamatelemetry":
+            found["meta"] = folder.name
+        elif folder.name.startswith("llamatelemetry-"):
+            found[folder.name.removeprefix("llamatelemetry-")] = folder.name
+    order = sorted(found, key=lambda n: (n != "core", n == "meta", n))
+    return {name: found[name] for name in order}
+
+
+PACKAGES = discover_packages()
+
 MATRICES = ("cpu-fallback", "cpu-triton", "cpu-compile", "gpu")
 
 

@@ -37,7 +37,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import threading
@@ -47,6 +46,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import torch
+
 from llamatelemetry_batch import (
     BatchConfig,
     BatchInferenceError,
@@ -55,6 +56,7 @@ from llamatelemetry_batch import (
     OpenAICompatibleClient,
 )
 from llamatelemetry_batch.testing import EchoServer
+from llamatelemetry_core.testing.bench import device_slug, envelope
 
 DELAY_S = 0.05
 SIZES = (8, 64)
@@ -177,13 +179,7 @@ def measure_plain_threads(fn: Callable[..., str], size: int, first_id: int) -> d
 
 
 def cpu_slug() -> str:
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            model = next((line.split(":", 1)[1] for line in cpuinfo if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return "cpu-" + (re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or platform.machine())
+    return device_slug(torch.device("cpu"))
 
 
 def environment() -> dict[str, Any]:
@@ -273,7 +269,13 @@ def run(url: str) -> dict[str, Any]:
         BatchInferenceOptimizer(BatchConfig(max_batch_size=max(SIZES))).batch_infer(
             [f"ok {i}" for i in range(max(SIZES))], fn
         )
-    results: dict[str, Any] = {"environment": environment(), "baseline": [], "runs": [], "checks": []}
+    results: dict[str, Any] = {
+        "benchmark": envelope("batch", torch.device("cpu")),
+        "environment": environment(),
+        "baseline": [],
+        "runs": [],
+        "checks": [],
+    }
     first_id = 1_000_000
     for size in SIZES:
         results["baseline"].append(measure_plain_threads(stdlib, size, first_id))

@@ -30,7 +30,6 @@ import functools
 import json
 import math
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from llamatelemetry_core.selection import record_selections
+from llamatelemetry_core.testing.bench import device_slug, envelope, progress
 from llamatelemetry_flashattn import attention_backend_report, flash_attention_forward
 from llamatelemetry_flashattn.triton_kernel import launch_config
 
@@ -60,10 +60,6 @@ PREFILL_SHAPES = [
     {"name": "guide B2 L2048 H32 D64", "batch": 2, "seq": 2048, "heads": 32, "head_dim": 64},
     {"name": "B1 L8192 H32 D128", "batch": 1, "seq": 8192, "heads": 32, "head_dim": 128},
 ]
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def median_ms(fn: Callable[[], object], rep: int = 100) -> float:
@@ -331,11 +327,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.time()
     env = environment()
-    out_dir = args.out or Path(__file__).resolve().parents[1] / "results" / slug(env["device"]) / "flashattn"
+    out_dir = args.out or Path(__file__).resolve().parents[1] / "results" / device_slug() / "flashattn"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"environment": env, "checks": []}
-    results["prefill"] = [bench_prefill(shape, results) for shape in PREFILL_SHAPES]
+    results: dict[str, Any] = {"benchmark": envelope("flashattn"), "environment": env, "checks": []}
+    results["prefill"] = []
+    for shape in PREFILL_SHAPES:
+        progress(f"prefill {shape}")
+        results["prefill"].append(bench_prefill(shape, results))
+    progress("decode")
     results["decode"] = bench_decode(results)
+    progress("the guide's claims")
     results["claims"] = bench_claims(results)
     results["wall_seconds"] = time.time() - start
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")

@@ -32,7 +32,6 @@ import argparse
 import functools
 import json
 import platform
-import re
 import sys
 import time
 import traceback
@@ -47,6 +46,7 @@ from triton.testing import do_bench
 
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_core.selection import record_selections
+from llamatelemetry_core.testing.bench import device_slug, envelope, progress
 from llamatelemetry_flashattn import flash_attention_forward, paged_attention
 from llamatelemetry_flashattn.paged_kernel import PagedLaunch, paged_launch_config, triton_paged_attention
 from llamatelemetry_flashattn.paged_tiles import PagedTiles
@@ -57,10 +57,6 @@ VS_GATHER_SDPA_MIN = 3.0
 PREFILL_VS_CONTIGUOUS_MIN = 0.8
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 FP16 = torch.float16
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def graph_ms(fn: Callable[[], object]) -> float:
@@ -492,15 +488,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.time()
     env = environment()
-    out_dir = args.out or Path(__file__).resolve().parents[1] / "results" / slug(env["device"]) / "flashattn-paged"
+    out_dir = args.out or Path(__file__).resolve().parents[1] / "results" / device_slug() / "flashattn-paged"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"environment": env, "checks": [], "decode": []}
+    results: dict[str, Any] = {"benchmark": envelope("flashattn-paged"), "environment": env, "checks": [], "decode": []}
     warm_gpu()
+    progress("copy bandwidth")
     results["copy_methods_gbps"] = copy_gbps()
     results["copy_gbps"] = results["copy_methods_gbps"]["max"]
+    progress("decode")
     bench_decode(results, results["copy_gbps"])
+    progress("chunked prefill")
     bench_prefill(results)
     if not args.no_sweep:
+        progress("sweep of tiles, warps, stages and split counts")
         try:
             sweep(results, results["copy_gbps"])
         except Exception:  # the sweep informs tuning; a failure there must not hide the targets

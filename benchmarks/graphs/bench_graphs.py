@@ -27,7 +27,6 @@ import gc
 import json
 import math
 import platform
-import re
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamatelemetry_core.testing.bench import device_slug, envelope, progress
 from llamatelemetry_graphs import BatchBucketedGraphs, CUDAGraph, GraphCaptureConfig, GraphPool
 
 WIDTH, LAYERS, HEADS, CONTEXT, FFN = 1024, 8, 16, 32, 2816
@@ -336,10 +336,6 @@ def bench_memory(model: DecoderStep, device: torch.device) -> dict[str, Any]:
 # --- report --------------------------------------------------------------------------------------------------------
 
 
-def gpu_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def _mib(value: float) -> str:
     return f"{value / 2**20:.2f} MiB"
 
@@ -454,15 +450,19 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
     props = torch.cuda.get_device_properties(device)
-    out = args.out or Path(__file__).resolve().parents[1] / "results" / gpu_slug(props.name) / "graphs"
+    out = args.out or Path(__file__).resolve().parents[1] / "results" / device_slug(device) / "graphs"
     out.mkdir(parents=True, exist_ok=True)
 
     model = build_decoder(device)
     with torch.inference_mode():
+        progress("decoder step: eager, graph replay, raw CUDA graph")
         step = bench_decoder_step(model, device, args.quick)
+        progress("batch buckets")
         buckets = bench_buckets(model, device, args.quick)
+        progress("graph pool memory")
         memory = bench_memory(model, device)
     results = {
+        "benchmark": envelope("graphs"),
         "environment": {
             "device": props.name,
             "sm": f"{props.major}{props.minor}",

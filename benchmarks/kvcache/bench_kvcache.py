@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamatelemetry_core.testing.bench import device_slug, envelope, progress
 from llamatelemetry_kvcache import BlockManager, KVCache, KVCacheConfig, PagedKVCache, dequantize_kv, quantize_kv
 from llamatelemetry_kvcache.metadata import BlockTableBuilder, block_tables_tensor
 from llamatelemetry_kvcache.paged_write import paged_write
@@ -364,29 +365,38 @@ def _markdown(report: Report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
+    parser.add_argument("--out", type=Path, default=None, help="folder (default: results/<device-slug>/kvcache)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     report = Report(device=_device(), versions=_versions())
+    progress("block manager host time per step")
     bench_block_manager(report)
+    progress("paged memory")
     bench_memory(report)
+    progress("quantized-KV accuracy")
     bench_accuracy(report)
     if torch.cuda.is_available():
+        progress("cache update against context")
         bench_update(report)
+        progress("write-kernel bandwidth")
         bench_write(report)
     else:
         print("bench_kvcache: no CUDA GPU; the update and write-kernel cases are skipped", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = asdict(report) | {"seconds": round(time.perf_counter() - started, 1)}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    (args.out / "results.md").write_text(_markdown(report), encoding="utf-8")
-    print(f"\nwrote {args.out / 'results.json'} and results.md in {payload['seconds']} s on {report.device['name']}\n")
+    out = args.out or Path(__file__).resolve().parents[1] / "results" / device_slug() / "kvcache"
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": envelope("kvcache")} | asdict(report) | {"seconds": round(time.perf_counter() - started, 1)}
+    (out / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    (out / "results.md").write_text(_markdown(report), encoding="utf-8")
+    print(f"\nwrote {out / 'results.json'} and results.md in {payload['seconds']} s on {report.device['name']}\n")
     for r in report.rows:
         print(f"{r.case:<72} {r.value}  {r.detail}")
     print()
     for c in report.checks:
         print(f"{c.target:<62} {c.measured:<40} {'n/a' if c.passed is None else ('yes' if c.passed else 'NO')}")
-    return 0
+    missed = [c.target for c in report.checks if c.passed is False]
+    if missed:
+        print(f"missed targets: {', '.join(missed)}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import copy
 import gc
 import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatelemetry_core.device import get_device_info
+from llamatelemetry_core.testing.bench import device_slug, envelope, progress
 from llamatelemetry_tensorcore import get_tensor_core_info, matmul_tensor_core, optimize_for_tensor_cores
 
 REQUIRED_RATIO_8192 = 5.0
@@ -189,12 +189,6 @@ def _free(device: torch.device) -> None:
 # --- reporting ----------------------------------------------------------------------------------------------------
 
 
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
 def summary_markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     lines = [
@@ -260,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or Path(__file__).resolve().parents[1] / "results" / device_slug(device) / "tensorcore"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    matmul_rows = [bench_matmul(size, device) for size in args.sizes]
+    matmul_rows = []
+    for size in args.sizes:
+        progress(f"matmul {size}^3")
+        matmul_rows.append(bench_matmul(size, device))
+    progress("model: fp32, fp16, fp16 with fp32 norms")
 
     torch.manual_seed(0)
     base = nn.Sequential(*(Block(args.width, args.heads) for _ in range(args.layers))).eval()
@@ -313,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     results: dict[str, Any] = {
+        "benchmark": envelope("tensorcore"),
         "environment": {
             "device": info.name,
             "compute_capability": tc_info["compute_capability"],

@@ -1,7 +1,7 @@
 """Benchmark of the llamatelemetry-triton kernels against PyTorch eager and torch.compile, on one GPU.
 
     PYTHONPATH=packages/llamatelemetry-core/src:packages/llamatelemetry-triton/src \\
-        python benchmarks/triton/bench_triton.py --out benchmarks/results/<gpu-slug>/triton
+        python benchmarks/triton/bench_triton.py        # --out DIR; default benchmarks/results/<gpu-slug>/triton
 
 Each case is timed twice, both as medians of ``triton.testing.do_bench`` (which flushes L2 before every
 repetition):
@@ -14,8 +14,10 @@ repetition):
 The ceiling is the device-to-device copy bandwidth measured in the same run at the same size (bytes read +
 written once); memory-bound kernels are reported as GB/s and as a percentage of that copy. Baselines: PyTorch
 eager and ``torch.compile`` of the same reference (a compile or capture failure is reported, not fatal).
-Results: a JSON file and a Markdown summary in ``--out``, and a short table printed last. Takes 1-3 minutes
-on an H100.
+Results: a JSON file (under ``benchmark`` the envelope every benchmark writes: schema, component, device
+slug, environment and versions; beside it this benchmark's timings and checks) and a Markdown summary in
+``--out``, progress on stderr, and a short table printed last. Exit status 1 when a target is missed. Takes
+1-3 minutes on an H100.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from llamatelemetry_core.testing.bench import device_slug, envelope, progress
 
 FP16 = torch.float16
 SHAPES = [(4096, 4096), (16384, 8192)]
@@ -115,6 +119,7 @@ class Runner:
         self.copy_gbps: dict[str, float] = {}
 
     def time(self, case: str, shape: str, impl: str, fn: Callable[[], object], nbytes: int | None = None) -> Timing:
+        progress(f"{case} {shape}: {impl}")
         errors = []
         try:
             eager_ms: float | None = _bench(fn)
@@ -424,7 +429,7 @@ def _table(report: Report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
+    parser.add_argument("--out", type=Path, default=None, help="folder (default: results/<gpu-slug>/triton)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_triton: needs a CUDA GPU; torch sees none", file=sys.stderr)
@@ -437,13 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report = Report(device=_device(), versions=_versions())
     run(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = asdict(report) | {"seconds": round(time.perf_counter() - started, 1)}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    (args.out / "results.md").write_text(_markdown(report), encoding="utf-8")
-    print(f"\nwrote {args.out / 'results.json'} and results.md in {payload['seconds']} s on {report.device['name']}\n")
+    out = args.out or Path(__file__).resolve().parents[1] / "results" / device_slug() / "triton"
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": envelope("triton")} | asdict(report) | {"seconds": round(time.perf_counter() - started, 1)}
+    (out / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    (out / "results.md").write_text(_markdown(report), encoding="utf-8")
+    print(f"\nwrote {out / 'results.json'} and results.md in {payload['seconds']} s on {report.device['name']}\n")
     print(_table(report))
-    return 0
+    missed = [c.target for c in report.checks if c.passed is False]
+    if missed:
+        print(f"missed targets: {', '.join(missed)}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

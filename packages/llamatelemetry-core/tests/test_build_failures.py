@@ -20,6 +20,7 @@ from llamatelemetry_core.selection import (
     Operation,
     kernel_failures,
     record_selections,
+    reload_environment,
     reset_fallback_warnings,
     reset_kernel_failures,
 )
@@ -57,6 +58,7 @@ def _reference(x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BACKEND_ENV, raising=False)
+    reload_environment()
     reset_fallback_warnings()
     reset_kernel_failures()
 
@@ -126,6 +128,7 @@ def test_requested_backend_raises_with_the_compile_error_chained(monkeypatch: py
     assert isinstance(info.value.__cause__, CompilationError)
     assert len(kernel_failures(op.name)) == 1
     monkeypatch.setenv(BACKEND_ENV, f"{op.name}=kernel")
+    reload_environment()
     with pytest.raises(BackendUnavailableError, match="block pointers have been removed") as info:
         op.dispatch(call, x)
     assert isinstance(info.value.__cause__, CompilationError)

@@ -19,6 +19,7 @@ from llamatelemetry_core.device import (
 )
 from llamatelemetry_core.errors import CapabilityError, ConfigurationError
 from llamatelemetry_core.gpu_specs import GPU_SPECS, architecture_name, find_spec, spec_by_key
+from llamatelemetry_core.selection import reload_environment
 
 
 @pytest.mark.parametrize(
@@ -170,6 +171,7 @@ def test_simulation_nests_and_restores() -> None:
 
 def test_simulation_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SIMULATE_ENV, "a100")
+    reload_environment()  # the variable is read once
     info = get_device_info()
     assert info.simulated and info.spec_key == "a100" and info.supports_bf16 and info.supports_tf32
     assert real_device_info().simulated is False
@@ -180,6 +182,7 @@ def test_unknown_simulated_device_lists_known_keys(monkeypatch: pytest.MonkeyPat
         pass
     assert "'t5'" in str(exc.value)
     monkeypatch.setenv(SIMULATE_ENV, "k80")
+    reload_environment()
     with pytest.raises(ConfigurationError, match=SIMULATE_ENV):
         get_device_info()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,10 +20,12 @@ from llamatelemetry_core.selection import (
     last_selection,
     operations,
     record_selections,
+    reload_environment,
     requires_dtypes,
     requires_min_capability,
     requires_module,
     reset_fallback_warnings,
+    reset_selection_cache,
 )
 
 _counter = itertools.count()
@@ -48,6 +51,7 @@ def _new_op(**fast_kwargs: object) -> Operation:
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BACKEND_ENV, raising=False)
+    reload_environment()
     reset_fallback_warnings()
 
 
@@ -109,20 +113,26 @@ def test_environment_request_global_and_per_operation(monkeypatch: pytest.Monkey
     x = torch.randn(4)
     call = CallSpec.from_tensors(x)
     monkeypatch.setenv(BACKEND_ENV, "reference")
+    reload_environment()
     assert op.select(call).name == "reference"
     monkeypatch.setenv(BACKEND_ENV, "sdpa")  # not an implementation of any op: automatic choice, and a warning
+    reload_environment()
     with pytest.warns(BackendEnvWarning, match="no registered operation has an implementation named 'sdpa'"):
         assert op.select(call).name == "fast"
     monkeypatch.setenv(BACKEND_ENV, f"other_op=fast, {op.name}=reference")
+    reload_environment()
     with pytest.warns(BackendEnvWarning, match="no operation named 'other_op'"):
         assert op.select(call).name == "reference"
     monkeypatch.setenv(BACKEND_ENV, f"{op.name}=fast")
+    reload_environment()
     with pytest.raises(BackendUnavailableError):
         op.dispatch(CallSpec.from_tensors(x.half()), x.half())
     monkeypatch.setenv(BACKEND_ENV, f"{op.name}=")
+    reload_environment()
     with pytest.raises(ConfigurationError, match="operation=implementation"):
         op.select(call)
     monkeypatch.setenv(BACKEND_ENV, "other_op=fast")  # pairs that do not name this op leave it automatic
+    reload_environment()
     with pytest.warns(BackendEnvWarning):
         assert op.select(call).name == "fast"
 
@@ -217,23 +227,122 @@ def test_an_optional_extra_left_out_is_skipped_quietly() -> None:
     assert selection.skipped == (("extra", "no_such_optional_extra is not installed (pip install it)"),)
 
 
+def test_environment_is_read_once_until_reloaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    op = _new_op()
+    x = torch.randn(4)
+    call = CallSpec.from_tensors(x)
+    assert op.select(call).name == "fast"
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+    assert op.select(call).name == "fast"  # not re-read on every dispatch
+    reload_environment()
+    assert op.select(call).name == "reference"
+    monkeypatch.delenv(BACKEND_ENV)
+    reset_selection_cache()
+    op.dispatch(call, x)
+    assert last_selection(op.name) is not None and last_selection(op.name).implementation == "fast"  # type: ignore[union-attr]
+
+
+def test_choice_is_remembered_per_call_key_and_forgotten_on_register() -> None:
+    asked: list[torch.dtype | None] = []
+
+    def counting(call: CallSpec) -> str | None:
+        asked.append(call.dtype)
+        return None
+
+    op = _new_op(checks=[counting])
+    x = torch.randn(2, 3)
+    for _ in range(5):
+        op.dispatch(CallSpec.from_tensors(x), x)
+    assert asked == [torch.float32]  # chosen once for this key
+    y = x.double()
+    op.dispatch(CallSpec.from_tensors(y), y)
+    op.dispatch(CallSpec.from_tensors(x[:1]), x[:1])  # another shape: another key
+    assert asked == [torch.float32, torch.float64, torch.float32]
+    op.register("faster", _fast, priority=20, devices={"cpu"})
+    with record_selections() as rec:
+        op.dispatch(CallSpec.from_tensors(x), x)
+    assert rec.last(op.name) == "faster"
+    reset_selection_cache()
+    op.dispatch(CallSpec.from_tensors(x), x, backend="fast")
+    assert asked[-1] == torch.float32 and len(asked) == 4
+
+
+def test_remembered_fallback_still_warns_after_a_warning_reset() -> None:
+    op = _new_op()
+    half = torch.randn(3).half()
+    with pytest.warns(BackendFallbackWarning):
+        op.dispatch(CallSpec.from_tensors(half), half)
+    reset_fallback_warnings()
+    with pytest.warns(BackendFallbackWarning), record_selections() as rec:
+        op.dispatch(CallSpec.from_tensors(half), half)
+    assert rec.selections[-1].skipped[0][0] == "fast"
+
+
+def test_every_reason_is_reported_until_a_gate() -> None:
+    def no_odd(call: CallSpec) -> str | None:
+        return "takes no odd sizes" if call.shapes and call.shapes[0][-1] % 2 else None
+
+    op = _new_op(checks=[requires_dtypes(torch.float32), no_odd])
+    x = torch.randn(3).half()
+    reason = {c.name: c.reason for c in op.explain(CallSpec.from_tensors(x))}["fast"]
+    assert reason is not None and "not float16" in reason and "takes no odd sizes" in reason
+    with pytest.raises(BackendUnavailableError, match=r"float16.*; takes no odd sizes"):
+        op.dispatch(CallSpec.from_tensors(x), x, backend="fast")
+    gated = _new_op(checks=[requires_module("not_a_module_here", "pip install it"), no_odd])
+    reason = {c.name: c.reason for c in gated.explain(CallSpec.from_tensors(x))}["fast"]
+    assert reason == "not_a_module_here is not installed (pip install it)"  # the later checks need the module
+
+
+@dataclass(frozen=True)
+class _Facts:
+    causal: bool
+
+
+def test_typed_facts_are_read_and_key_the_choice() -> None:
+    def causal_only(call: CallSpec) -> str | None:
+        facts = call.facts_as(_Facts)
+        return None if facts is None or facts.causal else "supports causal calls only"
+
+    op = _new_op(checks=[causal_only])
+    x = torch.randn(3)
+    with record_selections() as rec:
+        op.dispatch(CallSpec.from_tensors(x, facts=_Facts(causal=True)), x)
+        with pytest.warns(BackendFallbackWarning, match="supports causal calls only"):
+            op.dispatch(CallSpec.from_tensors(x, facts=_Facts(causal=False)), x)
+        op.dispatch(CallSpec.from_tensors(x), x)
+    assert rec.implementations(op.name) == ["fast", "reference", "fast"]
+    with pytest.raises(ConfigurationError, match="expected the call's facts to be a _Facts, got int"):
+        CallSpec.from_tensors(x, facts=1).facts_as(_Facts)
+
+
+def test_unhashable_attributes_are_chosen_afresh() -> None:
+    op = _new_op()
+    x = torch.randn(3)
+    with record_selections() as rec:
+        op.dispatch(CallSpec.from_tensors(x, extra=[1, 2]), x)
+    assert rec.last(op.name) == "fast"
+
+
 def test_backend_variable_typos_warn_once_listing_valid_names(monkeypatch: pytest.MonkeyPatch) -> None:
     op = _new_op()
     x = torch.randn(4)
     call = CallSpec.from_tensors(x)
     monkeypatch.setenv(BACKEND_ENV, f"{op.name[:-1]}x=fast")
+    reload_environment()
     with pytest.warns(BackendEnvWarning, match=rf"no operation named '{op.name[:-1]}x'.*operations: .*{op.name}"):
         assert op.select(call).name == "fast"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         op.select(call)  # once per value
     monkeypatch.setenv(BACKEND_ENV, f"{op.name}=fsat")
+    reload_environment()
     with (
         pytest.warns(BackendEnvWarning, match=r"has no implementation 'fsat' \(one of fast, reference\)"),
         pytest.raises(ConfigurationError, match="no implementation 'fsat'"),
     ):
         op.select(call)
     monkeypatch.setenv(BACKEND_ENV, f"{op.name}=fast")
+    reload_environment()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert op.select(call).name == "fast"  # valid names: no warning
@@ -263,3 +372,29 @@ def test_register_validates_before_changing_anything(kwargs: dict[str, object], 
         op.register("other", "not a function", priority=1, devices="cpu")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="non-empty string"):
         op.register("", _fast, priority=1, devices="cpu")
+
+
+@dataclass(frozen=True)
+class _DecodeFacts:
+    kv_len: int
+
+    def selection_class(self) -> tuple[object, ...]:
+        return (self.kv_len > 0,)
+
+
+def test_facts_with_a_selection_class_are_chosen_once_per_class() -> None:
+    asked: list[int] = []
+
+    def counting(call: CallSpec) -> str | None:
+        facts = call.facts_as(_DecodeFacts)
+        asked.append(-1 if facts is None else facts.kv_len)
+        return None
+
+    op = _new_op(checks=[counting])
+    for kv_len in range(1, 6):
+        x = torch.randn(1, kv_len)
+        op.dispatch(CallSpec.from_tensors(x, facts=_DecodeFacts(kv_len)), x)
+    assert asked == [1]  # longer contexts, same class: no new choice
+    x = torch.randn(1, 0)
+    op.dispatch(CallSpec.from_tensors(x, facts=_DecodeFacts(0)), x)
+    assert asked == [1, 0]

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from llamatelemetry_core import selection
+from llamatelemetry_core import callspec, selection
 from llamatelemetry_core.device import DeviceInfo, simulate_device
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.selection import CallSpec, reset_fallback_warnings
@@ -53,7 +53,7 @@ def _call(
         dropout_p=dropout,
         needs_grad=needs_grad,
     )
-    return CallSpec(device=device, dtype=dtype, attrs=facts.attrs())
+    return CallSpec(device=device, dtype=dtype, facts=facts)
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def fake_flash_attn(monkeypatch: pytest.MonkeyPatch) -> None:
 
     module.flash_attn_func = flash_attn_func  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "flash_attn", module)
-    monkeypatch.setitem(selection._module_cache, "flash_attn", True)
+    monkeypatch.setitem(callspec._module_cache, "flash_attn", True)
 
 
 T4_CALLS = {

@@ -135,7 +135,7 @@ def _supported(backend: str, case: Case, q: torch.Tensor, k: torch.Tensor) -> bo
         dropout_p=0.0,
         needs_grad=False,
     )
-    call = CallSpec.from_tensors(q, k, **facts.attrs())
+    call = CallSpec.from_tensors(q, k, facts=facts)
     return ATTENTION.implementation(backend).unsupported_reason(call) is None
 
 

@@ -28,7 +28,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs the monorepo checkout",
 )
 # The engine composes every component (it is above them all, below the meta-package only).
-COMPOSERS = {"llamatelemetry-engine"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -42,15 +41,76 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("package_dir", COMPONENT_DIRS, ids=lambda p: p.name)
-def test_dependencies_flow_one_way(package_dir: Path) -> None:
-    own = "llamatelemetry_" + package_dir.name.removeprefix("llamatelemetry-")
+def _import_name(package_dir: Path) -> str:
+    return (
+        "llamatelemetry_" + package_dir.name.removeprefix("llamatelemetry-")
+        if package_dir.name != "llamatelemetry"
+        else "llamatelemetry"
+    )
+
+
+def _declared(package_dir: Path) -> set[str]:
+    """The import names of our packages that ``package_dir``'s pyproject.toml requires (extras included)."""
+    project = tomllib.loads((package_dir / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    requirements = list(project.get("dependencies", []))
+    for extra in project.get("optional-dependencies", {}).values():
+        requirements.extend(extra)
+    names = {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].replace("-", "_") for r in requirements}
+    return {n for n in names if n == "llamatelemetry" or n.startswith("llamatelemetry_")}
+
+
+@pytest.mark.parametrize("package_dir", ALL_DIRS, ids=lambda p: p.name)
+def test_imports_follow_the_declared_dependencies(package_dir: Path) -> None:
+    own = _import_name(package_dir)
+    allowed = {own, *_declared(package_dir)}
     for source in (package_dir / "src").rglob("*.py"):
         for name in _imports(source):
             top = name.split(".")[0]
-            assert top != "llamatelemetry", f"{source} imports the meta-package ({name})"
-            if top.startswith("llamatelemetry_") and package_dir.name not in COMPOSERS:
-                assert top in (own, "llamatelemetry_core"), f"{source} imports another component ({name})"
+            if top == "llamatelemetry" or top.startswith("llamatelemetry_"):
+                assert top in allowed, (
+                    f"{source} imports {name}, but {package_dir.name}/pyproject.toml does not require "
+                    f"{top.replace('_', '-')} (declared: {sorted(allowed - {own})})"
+                )
+
+
+def test_declared_dependencies_have_no_cycle() -> None:
+    graph = {_import_name(d): _declared(d) - {_import_name(d)} for d in ALL_DIRS}
+    done: set[str] = set()
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"dependency cycle: {' -> '.join((*path, node))}"
+        if node in done:
+            return
+        for dep in sorted(graph.get(node, ())):
+            visit(dep, (*path, node))
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, ())
+    assert graph["llamatelemetry_core"] == set(), "core depends on none of our packages"
+
+
+def test_every_list_of_packages_is_derived_from_the_packages_folder() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        run_matrix = importlib.import_module("run_matrix")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    folders = {p.name for p in ALL_DIRS}
+    assert set(run_matrix.PACKAGES.values()) == folders
+    # The meta-package is installed from a wheel too, so its component table is written out: it must match.
+    from llamatelemetry._components import COMPONENTS
+
+    components = {p.name for p in COMPONENT_DIRS if p.name != "llamatelemetry-core"}
+    assert {c.distribution for c in COMPONENTS.values()} == components, (
+        "every component package has an entry in packages/llamatelemetry/src/llamatelemetry/_components.py"
+    )
+    ruff = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["ruff"]["lint"]["isort"]
+    patterns = ruff["known-first-party"]
+    for import_name in (_import_name(d) for d in ALL_DIRS):
+        assert any(re.fullmatch(p.replace("*", ".*"), import_name) for p in patterns), (
+            f"{import_name} is not first-party for ruff ({patterns})"
+        )
 
 
 @pytest.mark.parametrize("package_dir", ALL_DIRS, ids=lambda p: p.name)
@@ -127,3 +187,25 @@ def test_meta_extras_use_normalized_names_and_the_components_own_extras() -> Non
     for extra in ("flash-attn", "transformers"):
         assert extra in own
         assert extras[extra] == [f"llamatelemetry-flashattn[{extra}]>=0.1,<0.2"]
+
+
+def test_a_new_package_from_the_template_is_discovered(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        new_package = importlib.import_module("new_package")
+        run_matrix = importlib.import_module("run_matrix")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert new_package.main(["demo", "A demonstration package.", "--root", str(tmp_path)]) == 0
+    assert new_package.main(["demo", "again", "--root", str(tmp_path)]) == 2  # never overwrites
+    (tmp_path / "_notes").mkdir()
+    assert run_matrix.discover_packages(tmp_path) == {"demo": "llamatelemetry-demo"}
+    made = tmp_path / "llamatelemetry-demo"
+    project = tomllib.loads((made / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert _declared(made) == {"llamatelemetry_core"}
+    for requirement in project["dependencies"]:
+        if requirement.startswith("torch"):
+            _check_tested_range(requirement)
+    assert (made / "src" / "llamatelemetry_demo" / "py.typed").exists()
+    assert (made / "tests" / "test_package.py").exists()
+    assert (made / "LICENSE").read_text(encoding="utf-8") == (ROOT / "LICENSE").read_text(encoding="utf-8")

@@ -41,6 +41,7 @@ from llamatelemetry_core.validation import dtype_name
 __all__ = [
     "KernelFailure",
     "build_failure_reason",
+    "failures_generation",
     "kernel_failures",
     "record_failure",
     "recorded_failure",
@@ -78,6 +79,12 @@ class KernelFailure:
 _Key = tuple[object, ...]
 _lock = threading.Lock()
 _failures: dict[_Key, KernelFailure] = {}
+_generation = [0]  # bumped whenever the recorded failures change: selection caches compare it
+
+
+def failures_generation() -> int:
+    """A number that changes whenever a failure is recorded or the record is reset (selection caches key on it)."""
+    return _generation[0]
 
 
 def _triton_class(exc: BaseException) -> str | None:
@@ -159,6 +166,8 @@ def record_failure(
         toolchain=f"triton {_version('triton')}, torch {torch.__version__}",
     )
     with _lock:
+        if key not in _failures:
+            _generation[0] += 1
         return _failures.setdefault(key, failure)
 
 
@@ -187,3 +196,4 @@ def reset_kernel_failures() -> None:
     """Forget every recorded build failure: the next call tries each kernel again (after upgrading Triton, in tests)."""
     with _lock:
         _failures.clear()
+        _generation[0] += 1

@@ -37,6 +37,7 @@ __all__ = [
     "cpu_device_info",
     "get_device_info",
     "real_device_info",
+    "reload_simulation_env",
     "simulate_device",
     "simulated_device_key",
 ]
@@ -302,12 +303,28 @@ def _cached_cuda_device_info(index: int) -> DeviceInfo:
 _valid_keys: set[str] = set()
 
 
+_UNREAD = "\0unread"
+_env_key: list[str | None] = [_UNREAD]  # LLAMATELEMETRY_SIMULATE_DEVICE, read once (dispatch asks on every call)
+
+
+def reload_simulation_env() -> None:
+    """Read ``LLAMATELEMETRY_SIMULATE_DEVICE`` again at the next device query (after changing it in-process;
+    ``llamatelemetry_core.selection.reload_environment`` calls this)."""
+    _env_key[0] = _UNREAD
+
+
 def simulated_device_key() -> str | None:
-    """The key of the device being simulated (context manager first, then the environment), or ``None``."""
+    """The key of the device being simulated (context manager first, then the environment), or ``None``.
+
+    The variable is read once; :func:`reload_simulation_env` reads it again.
+    """
     key = _simulated.get()
     if key is None:
-        raw = os.environ.get(SIMULATE_ENV)
-        key = raw.strip().lower() or None if raw else None
+        key = _env_key[0]
+        if key == _UNREAD:
+            raw = os.environ.get(SIMULATE_ENV)
+            key = raw.strip().lower() or None if raw else None
+            _env_key[0] = key
     if key is not None and key not in _valid_keys:
         _validate_key(key)
         _valid_keys.add(key)

@@ -27,25 +27,39 @@ implementation of that name (``reference`` forces every fallback), or a comma-se
 ``operation=implementation`` pairs, which are strict. A name in it that no registered operation knows (a typo
 such as ``sofmax=triton``) is reported once per value with a :class:`BackendEnvWarning` listing the valid names.
 
+The variable is read once, at the first dispatch; :func:`reload_environment` reads it again (a test that sets it
+calls that). Dispatch remembers its choice per call key (the device, dtype, shapes and facts of the call, the
+``backend=`` argument, and the device kinds of implementations that depend on the process, such as Triton's
+interpreter): a call whose implementation is already chosen costs a dictionary lookup. The memory is forgotten
+when an implementation is registered, when a kernel failure is recorded or reset, and by
+:func:`reset_selection_cache`.
+
+An implementation's checks all run and every reason it cannot run a call is reported (joined by ``"; "``),
+except that a failed *gate* (:func:`~llamatelemetry_core.callspec.gate`, such as :func:`requires_module`) or a
+:class:`QuietReason` ends the list.
+
 Which implementation ran is observable: :func:`last_selection` for the latest call of an operation and
 :func:`record_selections` for every call inside a block.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import importlib.metadata
-import importlib.util
 import os
 import threading
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Callable, Collection, Hashable
+from dataclasses import dataclass
+from typing import Any
 
-import torch
-
+from llamatelemetry_core import build_failures
+from llamatelemetry_core.backend_env import (
+    BACKEND_ENV,
+    check_devices,
+    check_priority,
+    load_operation_providers,
+    parse_backend_env,
+    unknown_backend_names,
+)
 from llamatelemetry_core.build_failures import (
     KernelFailure,
     build_failure_reason,
@@ -54,9 +68,26 @@ from llamatelemetry_core.build_failures import (
     recorded_failure,
     reset_kernel_failures,
 )
-from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.callspec import (
+    CallSpec,
+    Check,
+    QuietReason,
+    combine_reasons,
+    gate,
+    is_gate,
+    requires_dtypes,
+    requires_min_capability,
+    requires_module,
+)
+from llamatelemetry_core.device import reload_simulation_env
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
-from llamatelemetry_core.validation import dtype_name
+from llamatelemetry_core.recording import (
+    Selection,
+    SelectionRecorder,
+    last_selection,
+    record_selection,
+    record_selections,
+)
 
 __all__ = [
     "BACKEND_ENV",
@@ -72,19 +103,22 @@ __all__ = [
     "QuietReason",
     "Selection",
     "SelectionRecorder",
+    "gate",
     "get_operation",
     "kernel_failures",
     "last_selection",
     "operations",
     "record_selections",
+    "reload_environment",
     "requires_dtypes",
     "requires_min_capability",
     "requires_module",
     "reset_fallback_warnings",
     "reset_kernel_failures",
+    "reset_selection_cache",
 ]
 
-BACKEND_ENV = "LLAMATELEMETRY_BACKEND"
+
 REFERENCE = "reference"
 
 
@@ -94,106 +128,6 @@ class BackendFallbackWarning(UserWarning):
 
 class BackendEnvWarning(UserWarning):
     """``LLAMATELEMETRY_BACKEND`` names an operation or implementation that no registered operation has."""
-
-
-@dataclass(frozen=True)
-class CallSpec:
-    """What an implementation needs to know about a call to say whether it supports it.
-
-    ``device`` is the device the call's tensors live on (simulated when a device is being simulated);
-    ``dtype`` the dtype of its main input; ``shapes`` the shapes of its tensor arguments in order; ``attrs``
-    any other facts an implementation may check (``causal``, ``head_dim``, ...).
-    """
-
-    device: DeviceInfo
-    dtype: torch.dtype | None = None
-    shapes: tuple[tuple[int, ...], ...] = ()
-    attrs: Mapping[str, object] = field(default_factory=dict)
-
-    @classmethod
-    def from_tensors(cls, *tensors: torch.Tensor, **attrs: object) -> CallSpec:
-        """Describe a call by its tensors: the first one gives the device and the dtype."""
-        if not tensors:
-            raise ConfigurationError("expected at least one tensor to describe a call, got none")
-        first = tensors[0]
-        return cls(
-            device=get_device_info(first.device, refresh_memory=False),
-            dtype=first.dtype,
-            shapes=tuple(tuple(t.shape) for t in tensors),
-            attrs=attrs,
-        )
-
-    @classmethod
-    def for_device(
-        cls, device: DeviceInfo | None = None, dtype: torch.dtype | None = None, **attrs: object
-    ) -> CallSpec:
-        """Describe a typical call on a device without tensors (what ``doctor`` asks about)."""
-        info = device if device is not None else get_device_info()
-        if dtype is None:
-            dtype = torch.float16 if info.is_cuda else torch.float32
-        return cls(device=info, dtype=dtype, attrs=attrs)
-
-
-class QuietReason(str):
-    """A reason an implementation cannot run that is not worth a warning: an optional package left out on purpose.
-
-    Dispatch skips such an implementation silently; :meth:`Operation.explain` and :class:`Selection` still show
-    the reason.
-    """
-
-    __slots__ = ()
-
-
-Check = Callable[[CallSpec], "str | None"]
-"""A support check: ``None`` when the call is supported, else the reason it is not."""
-
-
-def requires_min_capability(major: int, minor: int = 0) -> Check:
-    """A check that passes on CUDA devices of compute capability >= ``major.minor``."""
-
-    def check(call: CallSpec) -> str | None:
-        if call.device.is_cuda and not call.device.capability_at_least(major, minor):
-            cc = call.device.compute_capability
-            got = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
-            return f"needs compute capability >= {major}.{minor}, {call.device.name} has {got}"
-        return None
-
-    return check
-
-
-def requires_dtypes(*dtypes: torch.dtype) -> Check:
-    """A check that passes when the call's dtype is one of ``dtypes``."""
-    allowed = frozenset(dtypes)
-
-    def check(call: CallSpec) -> str | None:
-        if call.dtype is not None and call.dtype not in allowed:
-            names = ", ".join(sorted(dtype_name(d) for d in allowed))
-            return f"supports dtypes {{{names}}}, not {dtype_name(call.dtype)}"
-        return None
-
-    return check
-
-
-_module_cache: dict[str, bool] = {}
-
-
-def requires_module(module: str, install: str, *, optional: bool = False) -> Check:
-    """A check that passes when ``module`` can be imported; its reason says how to install it.
-
-    ``optional=True`` marks the package as an optional extra: its absence is a :class:`QuietReason`.
-    """
-
-    def check(call: CallSpec) -> str | None:
-        found = _module_cache.get(module)
-        if found is None:
-            found = importlib.util.find_spec(module) is not None
-            _module_cache[module] = found
-        if found:
-            return None
-        reason = f"{module} is not installed ({install})"
-        return QuietReason(reason) if optional else reason
-
-    return check
 
 
 @dataclass(frozen=True)
@@ -209,16 +143,26 @@ class Implementation:
     def device_kinds(self) -> frozenset[str]:
         return self.devices() if callable(self.devices) else self.devices
 
-    def unsupported_reason(self, call: CallSpec) -> str | None:
-        """Why this implementation cannot run ``call`` (``None``: it can)."""
+    def unsupported_reasons(self, call: CallSpec) -> list[str]:
+        """Every reason this implementation cannot run ``call`` (empty: it can); see the module docstring.
+
+        A device kind it does not run on is the only reason given (its checks assume its devices).
+        """
         kinds = self.device_kinds()
         if call.device.kind not in kinds:
-            return f"runs on {', '.join(sorted(kinds)) or 'no device here'}, not {call.device.kind}"
+            return [f"runs on {', '.join(sorted(kinds)) or 'no device here'}, not {call.device.kind}"]
+        reasons: list[str] = []
         for check in self.checks:
             reason = check(call)
             if reason is not None:
-                return reason
-        return None
+                reasons.append(reason)
+                if isinstance(reason, QuietReason) or is_gate(check):
+                    break
+        return reasons
+
+    def unsupported_reason(self, call: CallSpec) -> str | None:
+        """Why this implementation cannot run ``call``, every reason in one string (``None``: it can)."""
+        return combine_reasons(self.unsupported_reasons(call))
 
     def applies_to(self, call: CallSpec) -> bool:
         return call.device.kind in self.device_kinds()
@@ -233,60 +177,10 @@ class Candidate:
     reason: str | None
 
 
-@dataclass(frozen=True)
-class Selection:
-    """The outcome of one dispatch: which implementation ran, whether it was requested, what was skipped."""
-
-    operation: str
-    implementation: str
-    requested: bool
-    skipped: tuple[tuple[str, str], ...] = ()
-
-
-class SelectionRecorder:
-    """Collects the :class:`Selection` of every dispatch inside a :func:`record_selections` block."""
-
-    def __init__(self) -> None:
-        self.selections: list[Selection] = []
-
-    def implementations(self, operation: str) -> list[str]:
-        """Names of the implementations that ran for ``operation``, in call order."""
-        return [s.implementation for s in self.selections if s.operation == operation]
-
-    def last(self, operation: str) -> str:
-        """Name of the implementation that ran last for ``operation``; ``KeyError`` when it never ran."""
-        names = self.implementations(operation)
-        if not names:
-            seen = sorted({s.operation for s in self.selections})
-            raise KeyError(f"operation {operation!r} was not dispatched in this block; dispatched: {seen}")
-        return names[-1]
-
-
 _registry_lock = threading.Lock()
 _operations: dict[str, Operation] = {}
-_last: dict[str, Selection] = {}
 _warned: set[tuple[str, str, str]] = set()
 _env_checked: set[str] = set()
-_recorders: contextvars.ContextVar[tuple[SelectionRecorder, ...]] = contextvars.ContextVar(
-    "llamatelemetry_recorders", default=()
-)
-
-
-@contextlib.contextmanager
-def record_selections() -> Iterator[SelectionRecorder]:
-    """Record every dispatch made in this block (this thread or task, nested blocks included)."""
-    recorder = SelectionRecorder()
-    token = _recorders.set((*_recorders.get(), recorder))
-    try:
-        yield recorder
-    finally:
-        _recorders.reset(token)
-
-
-def last_selection(operation: str) -> Selection | None:
-    """The latest dispatch of ``operation`` in this process, or ``None`` when it never ran."""
-    with _registry_lock:
-        return _last.get(operation)
 
 
 def reset_fallback_warnings() -> None:
@@ -294,6 +188,40 @@ def reset_fallback_warnings() -> None:
     with _registry_lock:
         _warned.clear()
         _env_checked.clear()
+
+
+_env: list[tuple[str, str | None, dict[str, str]] | None] = [None]  # LLAMATELEMETRY_BACKEND, parsed once
+_CACHE_LIMIT = 4096  # distinct call keys remembered per operation (decode shapes grow: the memory is bounded)
+
+
+def _backend_env() -> tuple[str, str | None, dict[str, str]]:
+    """The variable's value and its parse: (value, one name or None, operation=implementation pairs)."""
+    parsed = _env[0]
+    if parsed is None:
+        value = os.environ.get(BACKEND_ENV, "")
+        parsed = (value, *parse_backend_env(value))
+        _env[0] = parsed
+    return parsed
+
+
+def reset_selection_cache() -> None:
+    """Forget every remembered choice of implementation and read ``LLAMATELEMETRY_BACKEND`` (and
+    ``LLAMATELEMETRY_SIMULATE_DEVICE``) again.
+
+    Call it after changing the variable (or anything a support check reads) in a running process; tests that
+    set the variable call it.
+    """
+    reload_simulation_env()
+    with _registry_lock:
+        _env[0] = None
+        ops = list(_operations.values())
+    for op in ops:
+        op._cache.clear()
+
+
+def reload_environment() -> None:
+    """Read ``LLAMATELEMETRY_BACKEND`` again (and forget remembered choices): :func:`reset_selection_cache`."""
+    reset_selection_cache()
 
 
 def operations() -> dict[str, Operation]:
@@ -311,7 +239,7 @@ def get_operation(name: str) -> Operation:
         return op
 
 
-def _warn_once(operation: str, implementation: str, reason: str, used: str) -> None:
+def _warn_once(operation: str, implementation: str, reason: str, used: str, stacklevel: int = 4) -> None:
     key = (operation, implementation, reason)
     with _registry_lock:
         if key in _warned:
@@ -321,60 +249,15 @@ def _warn_once(operation: str, implementation: str, reason: str, used: str) -> N
         f"{operation}: {implementation!r} cannot run here ({reason}); using {used!r} instead. "
         f"Set {BACKEND_ENV}={operation}={used} to choose it explicitly and silence this warning.",
         BackendFallbackWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
-
-
-def _parse_backend_env(value: str) -> tuple[str | None, dict[str, str]]:
-    """``"triton"`` -> ("triton", {}); ``"a=x,b=y"`` -> (None, {"a": "x", "b": "y"})."""
-    value = value.strip()
-    if not value:
-        return None, {}
-    if "=" not in value:
-        return value, {}
-    pairs: dict[str, str] = {}
-    for item in value.split(","):
-        op, sep, impl = item.partition("=")
-        if not sep or not op.strip() or not impl.strip():
-            raise ConfigurationError(
-                f"expected {BACKEND_ENV} to be one implementation name or 'operation=implementation' pairs "
-                f"separated by commas, got {value!r}"
-            )
-        pairs[op.strip()] = impl.strip()
-    return None, pairs
 
 
 def _unknown_backend_names(value: str) -> str | None:
     """What in ``value`` (the variable) names nothing registered, with the valid names; ``None`` when all is known."""
-    name, pairs = _parse_backend_env(value)
     with _registry_lock:
         ops = dict(_operations)
-    valid_ops = ", ".join(sorted(ops)) or "none registered"
-    problems: list[str] = []
-    if name is not None:
-        impls = sorted({i.name for op in ops.values() for i in op.implementations})
-        if name not in impls:
-            problems.append(f"no registered operation has an implementation named {name!r} (known: {', '.join(impls)})")
-    for op_name, impl_name in pairs.items():
-        op = ops.get(op_name)
-        if op is None:
-            problems.append(f"no operation named {op_name!r} is registered (operations: {valid_ops})")
-            continue
-        impls = sorted(i.name for i in op.implementations)
-        if impl_name not in impls:
-            problems.append(f"operation {op_name!r} has no implementation {impl_name!r} (one of {', '.join(impls)})")
-    return "; ".join(problems) or None
-
-
-OPERATIONS_ENTRY_POINT = "llamatelemetry.operations"
-"""Entry-point group naming the modules whose import registers a component's operations."""
-
-
-def _load_operation_providers() -> None:
-    """Import every installed component's operation modules (a broken one is skipped: this only serves a warning)."""
-    for entry in importlib.metadata.entry_points(group=OPERATIONS_ENTRY_POINT):
-        with contextlib.suppress(Exception):
-            entry.load()
+    return unknown_backend_names(value, {name: [i.name for i in op.implementations] for name, op in ops.items()})
 
 
 def _check_backend_env(value: str) -> None:
@@ -387,7 +270,7 @@ def _check_backend_env(value: str) -> None:
         _env_checked.add(value)
     problem = _unknown_backend_names(value)
     if problem is not None:
-        _load_operation_providers()  # the name may belong to a component that is installed but not imported yet
+        load_operation_providers()  # the name may belong to a component that is installed but not imported yet
         problem = _unknown_backend_names(value)
     if problem is not None:
         warnings.warn(
@@ -397,23 +280,15 @@ def _check_backend_env(value: str) -> None:
         )
 
 
-def _check_priority(value: object, operation: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{operation}: expected priority to be an integer, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class _Plan:
+    """What dispatch chose for one call key: the implementation, its place in the ranking and what it recorded."""
 
-
-def _check_devices(value: object, operation: str) -> frozenset[str] | Callable[[], frozenset[str]]:
-    """A device-kind set from a collection of kinds or a single kind; a callable is kept as it is."""
-    if callable(value):
-        return cast("Callable[[], frozenset[str]]", value)
-    kinds = (value,) if isinstance(value, str) else value
-    if not isinstance(kinds, Collection) or not all(isinstance(k, str) and k for k in kinds):
-        raise ConfigurationError(
-            f"{operation}: expected devices to be a device kind ('cuda', 'cpu'), a collection of them or a "
-            f"callable returning a frozenset of them, got {value!r}"
-        )
-    return frozenset(kinds)
+    impl: Implementation
+    index: int
+    selection: Selection
+    to_warn: tuple[tuple[str, str], ...]
+    device: object  # keeps the call's device alive: the key holds its id
 
 
 class Operation:
@@ -426,6 +301,8 @@ class Operation:
             REFERENCE: Implementation(REFERENCE, reference, priority=-(2**31), devices=frozenset({"cpu", "cuda"}))
         }
         self._ranked: tuple[Implementation, ...] = tuple(self._impls.values())
+        self._dynamic: tuple[Implementation, ...] = ()  # implementations whose device kinds are asked per call
+        self._cache: dict[Hashable, _Plan] = {}
         with _registry_lock:
             if name in _operations and not replace:
                 raise ConfigurationError(
@@ -456,8 +333,8 @@ class Operation:
             raise ConfigurationError(f"{self.name}: the name {REFERENCE!r} is kept for the reference implementation")
         if not callable(fn):
             raise TypeError(f"{self.name}: expected fn to be callable, got {type(fn).__name__}")
-        rank = _check_priority(priority, self.name)
-        kinds = _check_devices(devices, self.name)
+        rank = check_priority(priority, self.name)
+        kinds = check_devices(devices, self.name)
         given_checks: object = checks
         if isinstance(given_checks, str | bytes) or not isinstance(given_checks, Collection):
             raise ConfigurationError(f"{self.name}: expected checks to be a collection of callables, got {checks!r}")
@@ -471,6 +348,8 @@ class Operation:
                 )
             self._impls[name] = impl
             self._ranked = tuple(sorted(self._impls.values(), key=lambda i: i.priority, reverse=True))
+            self._dynamic = tuple(i for i in self._ranked if callable(i.devices))
+            self._cache.clear()
         return impl
 
     @property
@@ -495,8 +374,7 @@ class Operation:
         """The implementation asked for by argument or environment, or ``None`` for automatic choice."""
         if backend is not None:
             return backend
-        value = os.environ.get(BACKEND_ENV, "")
-        name, pairs = _parse_backend_env(value)
+        value, name, pairs = _backend_env()
         _check_backend_env(value)
         if pairs:
             return pairs.get(self.name)
@@ -549,28 +427,78 @@ class Operation:
             backend=impl.name,
         )
 
-    def _record(self, selection: Selection) -> None:
-        with _registry_lock:
-            _last[self.name] = selection
-        for recorder in _recorders.get():
-            recorder.selections.append(selection)
+    def _cache_key(self, call: CallSpec, backend: str | None) -> Hashable:
+        kinds = tuple(i.device_kinds() for i in self._dynamic) if self._dynamic else ()
+        return (backend, call.selection_key(), build_failures.failures_generation(), kinds)
+
+    def _plan(self, call: CallSpec, backend: str | None) -> _Plan:
+        """Choose without running: the requested implementation (or raise), else the best that supports ``call``."""
+        requested = self._requested_implementation(call, backend)
+        if requested is not None:
+            return _Plan(requested, -1, Selection(self.name, requested.name, requested=True), (), call.device)
+        skipped: list[tuple[str, str]] = []
+        to_warn: list[tuple[str, str]] = []
+        for index, impl in enumerate(self._ranked):
+            reason = self._reason(impl, call)
+            if reason is None:
+                selection = Selection(self.name, impl.name, requested=False, skipped=tuple(skipped))
+                return _Plan(impl, index, selection, tuple(to_warn), call.device)
+            skipped.append((impl.name, str(reason)))
+            if impl.applies_to(call) and not isinstance(reason, QuietReason):
+                to_warn.append((impl.name, reason))
+        raise AssertionError("the reference implementation supports every call")  # pragma: no cover
 
     def dispatch(self, call: CallSpec, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         """Run the best implementation supporting ``call`` on ``args``; see the module docstring."""
-        requested = self._requested_implementation(call, backend)
-        if requested is not None:
-            self._record(Selection(self.name, requested.name, requested=True))
+        key: Hashable | None = self._cache_key(call, backend)
+        try:
+            plan = self._cache.get(key)
+        except TypeError:  # a fact that cannot be hashed: choose afresh at every call
+            key, plan = None, None
+        if plan is None:
+            plan = self._plan(call, backend)
+            if key is not None:
+                if len(self._cache) >= _CACHE_LIMIT:
+                    self._cache.clear()
+                self._cache[key] = plan
+        impl = plan.impl
+        if plan.index < 0:
+            record_selection(plan.selection)
             try:
-                return requested.fn(*args, **kwargs)
+                return impl.fn(*args, **kwargs)
             except Exception as exc:
-                reason = self._record_build_failure(requested, call, exc)
+                reason = self._record_build_failure(impl, call, exc)
                 if reason is None or isinstance(exc, BackendUnavailableError):
                     raise
-                raise self._unavailable(requested, reason) from exc
+                raise self._unavailable(impl, reason) from exc
+        try:
+            result = impl.fn(*args, **kwargs)
+        except Exception as exc:
+            if impl.name == REFERENCE:
+                raise
+            reason = self._record_build_failure(impl, call, exc)
+            if reason is None:
+                if not isinstance(exc, BackendUnavailableError):
+                    raise
+                reason = str(exc)
+            skipped = [*plan.selection.skipped, (impl.name, reason)]
+            return self._run_from(plan.index + 1, call, skipped, [*plan.to_warn, (impl.name, reason)], args, kwargs)
+        for name, why in plan.to_warn:
+            _warn_once(self.name, name, why, impl.name)
+        record_selection(plan.selection)
+        return result
 
-        skipped: list[tuple[str, str]] = []
-        to_warn: list[tuple[str, str]] = []
-        for impl in self._ranked:
+    def _run_from(
+        self,
+        start: int,
+        call: CallSpec,
+        skipped: list[tuple[str, str]],
+        to_warn: list[tuple[str, str]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """After an implementation failed at run time: try the next ones in rank order (not remembered)."""
+        for impl in self._ranked[start:]:
             reason = self._reason(impl, call)
             if reason is not None:
                 skipped.append((impl.name, str(reason)))
@@ -591,8 +519,8 @@ class Operation:
                 to_warn.append((impl.name, reason))
                 continue
             for name, why in to_warn:
-                _warn_once(self.name, name, why, impl.name)
-            self._record(Selection(self.name, impl.name, requested=False, skipped=tuple(skipped)))
+                _warn_once(self.name, name, why, impl.name, stacklevel=5)
+            record_selection(Selection(self.name, impl.name, requested=False, skipped=tuple(skipped)))
             return result
         raise AssertionError("the reference implementation supports every call")  # pragma: no cover
 

@@ -142,7 +142,7 @@ def flash_attention_forward(
         dropout_p=dropout,
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
     )
-    call = CallSpec.from_tensors(q, k, v, **facts.attrs())
+    call = CallSpec.from_tensors(q, k, v, facts=facts)
     out: torch.Tensor = ATTENTION.dispatch(
         call,
         q,
@@ -183,4 +183,4 @@ def selected_backend(
         dropout_p=dropout_p,
         needs_grad=False,
     )
-    return ATTENTION.select(CallSpec.from_tensors(q, k, v, **facts.attrs())).name
+    return ATTENTION.select(CallSpec.from_tensors(q, k, v, facts=facts)).name

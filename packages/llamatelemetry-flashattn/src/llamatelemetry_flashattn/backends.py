@@ -77,7 +77,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """The facts of one attention call that implementations check (``CallSpec.attrs`` holds them by name)."""
+    """The facts of one attention call that implementations check (``CallSpec.facts``)."""
 
     batch: int
     q_len: int
@@ -91,35 +91,50 @@ class AttentionCall:
     dropout_p: float
     needs_grad: bool
 
-    def attrs(self) -> dict[str, object]:
-        return dict(vars(self))
+    def selection_class(self) -> tuple[object, ...]:
+        """What the implementations' checks read: every fact, but of the lengths only how they compare (a decode
+        loop's growing ``kv_len`` keeps its chosen implementation)."""
+        lengths = (self.q_len == 1, self.q_len == self.kv_len, self.q_len > self.kv_len, self.kv_len == 0)
+        return (
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.causal,
+            self.window_size,
+            self.softcap,
+            self.dropout_p,
+            self.needs_grad,
+            lengths,
+        )
 
 
-def _attr(call: CallSpec, name: str, default: Any) -> Any:
-    # ``doctor`` asks about a "typical call" with no attributes: a causal prefill, head dim 64, no extras.
-    return call.attrs.get(name, default)
+# ``doctor`` asks about a "typical call" without facts: a causal prefill, head dim 64, no extras.
+_TYPICAL = AttentionCall(1, 1, 1, 1, 1, 64, True, None, None, 0.0, False)
+
+
+def _facts(call: CallSpec) -> AttentionCall:
+    return call.facts_as(AttentionCall) or _TYPICAL
 
 
 def _head_dim(call: CallSpec) -> int:
-    return int(_attr(call, "head_dim", 64))
+    return _facts(call).head_dim
 
 
 def _masked(call: CallSpec) -> bool:
     """True when the call needs a mask that SDPA's ``is_causal`` cannot express."""
-    q_len, kv_len = int(_attr(call, "q_len", 1)), int(_attr(call, "kv_len", 1))
-    causal = bool(_attr(call, "causal", True))
-    if _attr(call, "window_size", None) is not None:
+    facts = _facts(call)
+    if facts.window_size is not None:
         return True
-    return causal and q_len != kv_len and q_len != 1
+    return facts.causal and facts.q_len != facts.kv_len and facts.q_len != 1
 
 
 def _has_empty_rows(call: CallSpec) -> bool:
     """Some query sees no key: when there is no key, or more queries than keys and a mask limits them."""
-    q_len, kv_len = int(_attr(call, "q_len", 1)), int(_attr(call, "kv_len", 1))
-    if kv_len == 0 and q_len > 0:
+    facts = _facts(call)
+    if facts.kv_len == 0 and facts.q_len > 0:
         return True
-    left, right = normalize_window(_attr(call, "window_size", None), bool(_attr(call, "causal", True)))
-    return q_len > kv_len and (right != -1 or left != -1)
+    left, right = normalize_window(facts.window_size, facts.causal)
+    return facts.q_len > facts.kv_len and (right != -1 or left != -1)
 
 
 def _head_dim_check(limit: int, multiple: int = 8) -> Check:
@@ -133,25 +148,25 @@ def _head_dim_check(limit: int, multiple: int = 8) -> Check:
 
 
 def _no_softcap(call: CallSpec) -> str | None:
-    return "has no logit softcap" if _attr(call, "softcap", None) is not None else None
+    return "has no logit softcap" if _facts(call).softcap is not None else None
 
 
 def _no_dropout(call: CallSpec) -> str | None:
-    return "has no dropout" if float(_attr(call, "dropout_p", 0.0)) > 0.0 else None
+    return "has no dropout" if _facts(call).dropout_p > 0.0 else None
 
 
 def _no_gqa(call: CallSpec) -> str | None:
-    heads, kv_heads = int(_attr(call, "num_heads", 1)), int(_attr(call, "num_kv_heads", 1))
+    heads, kv_heads = _facts(call).num_heads, _facts(call).num_kv_heads
     return f"needs as many k/v heads as q heads, got {kv_heads} for {heads}" if heads != kv_heads else None
 
 
 def _no_mask(call: CallSpec) -> str | None:
-    if _attr(call, "window_size", None) is not None:
+    if _facts(call).window_size is not None:
         return "takes no sliding window (its is_causal is the only mask it accepts)"
     if _masked(call):
         return (
-            "aligns is_causal to the top-left: a causal call with q_len != kv_len "
-            f"({_attr(call, 'q_len', '?')} != {_attr(call, 'kv_len', '?')}) needs a mask it does not take"
+            "aligns is_causal to the top-left: a causal call with q_len != kv_len (and q_len > 1) needs a mask it "
+            "does not take"
         )
     return None
 
@@ -169,7 +184,7 @@ def _bf16_on_device(call: CallSpec) -> str | None:
 
 
 def _forward_only(call: CallSpec) -> str | None:
-    return "is forward-only (no backward kernel); inputs require grad" if _attr(call, "needs_grad", False) else None
+    return "is forward-only (no backward kernel); inputs require grad" if _facts(call).needs_grad else None
 
 
 @functools.cache
@@ -208,7 +223,7 @@ def _flash_attn_usable(call: CallSpec) -> str | None:
 
 
 def _flash_attn_softcap(call: CallSpec) -> str | None:
-    if _attr(call, "softcap", None) is None:
+    if _facts(call).softcap is None:
         return None
     module = importlib.import_module("flash_attn")
     if "softcap" not in inspect.signature(module.flash_attn_func).parameters:
@@ -555,7 +570,7 @@ def attention_backend_report(
         dropout_p=0.0,
         needs_grad=False,
     )
-    call = CallSpec(device=info, dtype=dtype, attrs=shape.attrs())
+    call = CallSpec(device=info, dtype=dtype, facts=shape)
     candidates = ATTENTION.explain(call)
     chosen = next((c.name for c in candidates if c.reason is None), None)
     return [BackendReport(c.name, c.priority, c.reason is None, c.reason, c.name == chosen) for c in candidates]

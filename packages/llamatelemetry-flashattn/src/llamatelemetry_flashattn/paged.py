@@ -172,7 +172,7 @@ def _call_spec(q: torch.Tensor, layout: PagedKVLayout, batch: int, max_seqlen_q:
         window_size=options["window_size"],  # type: ignore[arg-type]
         softcap=options["softcap"],  # type: ignore[arg-type]
     )
-    return CallSpec.from_tensors(q, **facts.attrs())
+    return CallSpec.from_tensors(q, facts=facts)
 
 
 def paged_attention(

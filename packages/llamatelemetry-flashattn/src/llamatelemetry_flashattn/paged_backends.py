@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -47,7 +46,7 @@ _FP8 = getattr(torch, "float8_e4m3fn", None)
 
 @dataclass(frozen=True)
 class PagedAttentionCall:
-    """The facts of one paged attention call that implementations check (``CallSpec.attrs`` holds them)."""
+    """The facts of one paged attention call that implementations check (``CallSpec.facts``)."""
 
     batch: int
     num_tokens: int
@@ -61,13 +60,9 @@ class PagedAttentionCall:
     window_size: tuple[int, int] | None
     softcap: float | None
 
-    def attrs(self) -> dict[str, object]:
-        return dict(vars(self))
 
-
-def _attr(call: CallSpec, name: str, default: Any) -> Any:
-    # ``doctor`` asks about a "typical call" with no attributes: a decode step, head dim 128, KV in q's dtype.
-    return call.attrs.get(name, default)
+# ``doctor`` asks about a "typical call" without facts: a decode step, head dim 128, KV in q's dtype.
+_TYPICAL_HEAD_DIM = 128
 
 
 def kv_dtype_unsupported_reason(device: DeviceInfo, kv_dtype: torch.dtype) -> str | None:
@@ -99,14 +94,18 @@ def _bf16_on_device(call: CallSpec) -> str | None:
 
 
 def _kv_dtype(call: CallSpec) -> str | None:
-    kv_dtype = _attr(call, "kv_dtype", call.dtype)
+    facts = call.facts_as(PagedAttentionCall)
+    kv_dtype = call.dtype if facts is None else facts.kv_dtype
+    if kv_dtype is None:
+        return None
     if kv_dtype == _FP8 and not call.device.is_cuda:
         return "reads no fp8 KV in the Triton interpreter (NumPy has no float8)"
     return kv_dtype_unsupported_reason(call.device, kv_dtype)
 
 
 def _head_dim(call: CallSpec) -> str | None:
-    head_dim = int(_attr(call, "head_dim", 128))
+    facts = call.facts_as(PagedAttentionCall)
+    head_dim = _TYPICAL_HEAD_DIM if facts is None else facts.head_dim
     return None if head_dim <= MAX_HEAD_DIM else f"supports head dims <= {MAX_HEAD_DIM}, not {head_dim}"
 
 
@@ -243,6 +242,6 @@ def paged_backend_report(
         window_size=None,
         softcap=None,
     )
-    candidates = PAGED_ATTENTION.explain(CallSpec(device=info, dtype=dtype, attrs=facts.attrs()))
+    candidates = PAGED_ATTENTION.explain(CallSpec(device=info, dtype=dtype, facts=facts))
     chosen = next((c.name for c in candidates if c.reason is None), None)
     return [PagedBackendReport(c.name, c.priority, c.reason is None, c.reason, c.name == chosen) for c in candidates]

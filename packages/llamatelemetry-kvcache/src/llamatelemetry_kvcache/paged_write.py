@@ -14,6 +14,7 @@ num_kv_heads, head_dim]``, caches ``[num_blocks, page_size, num_kv_heads, head_d
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -98,9 +99,17 @@ def _triton_runs(call: CallSpec) -> str | None:
     return _triton_usable(call.device.index if call.device.is_cuda else None)
 
 
+@dataclass(frozen=True)
+class PagedWriteCall:
+    """The facts of one paged KV write that implementations check (``CallSpec.facts``): the cache's dtype."""
+
+    kv_dtype: torch.dtype
+
+
 def _fp8_on_device(call: CallSpec) -> str | None:
     fp8 = getattr(torch, "float8_e4m3fn", None)
-    if call.attrs.get("kv_dtype") == fp8 and not call.device.is_cuda:
+    facts = call.facts_as(PagedWriteCall)
+    if facts is not None and facts.kv_dtype == fp8 and not call.device.is_cuda:
         return QuietReason("the interpreter has no float8 e4m3 conversion; CPU fp8 storage takes the reference")
     return None
 
@@ -149,5 +158,5 @@ def paged_write(
     ``PAD_SLOT``; they are not range-checked on the host (that would synchronise with the GPU).
     """
     check_write_inputs(key, value, cache, slot_mapping)
-    call = CallSpec.from_tensors(key, slot_mapping, kv_dtype=cache.key_cache.dtype)
+    call = CallSpec.from_tensors(key, slot_mapping, facts=PagedWriteCall(cache.key_cache.dtype))
     PAGED_WRITE.dispatch(call, key, value, cache, slot_mapping, backend=backend)

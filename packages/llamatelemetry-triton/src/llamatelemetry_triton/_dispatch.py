@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "TRITON",
     "TRITON_DTYPES",
     "TRITON_PRIORITY",
+    "TritonCall",
     "call_spec",
     "check_float_tensor",
     "check_vector",
@@ -42,14 +44,25 @@ def device_info(device: torch.device) -> DeviceInfo:
     return get_device_info(device, refresh_memory=False)
 
 
-def call_spec(first: torch.Tensor, *others: torch.Tensor | None, **attrs: object) -> CallSpec:
-    """Describe a call by its tensors (``None`` for absent optional ones) like ``CallSpec.from_tensors``."""
+@dataclass(frozen=True)
+class TritonCall:
+    """The facts of a call to one of this package's operations: a case the Triton kernel does not cover."""
+
+    unsupported: str | None = None
+
+
+_SUPPORTED = TritonCall()
+
+
+def call_spec(first: torch.Tensor, *others: torch.Tensor | None, triton_unsupported: str | None = None) -> CallSpec:
+    """Describe a call by its tensors (``None`` for absent optional ones) like ``CallSpec.from_tensors``;
+    ``triton_unsupported`` is the reason the Triton kernel cannot take this call, if any."""
     tensors = [first, *(t for t in others if t is not None)]
     return CallSpec(
         device=device_info(first.device),
         dtype=first.dtype,
         shapes=tuple(tuple(t.shape) for t in tensors),
-        attrs=attrs,
+        facts=_SUPPORTED if triton_unsupported is None else TritonCall(triton_unsupported),
     )
 
 
@@ -76,14 +89,14 @@ def _interpreted_bf16(call: CallSpec) -> str | None:
 
 
 def _attr_reason(call: CallSpec) -> str | None:
-    reason = call.attrs.get("triton_unsupported")
-    return None if reason is None else str(reason)
+    facts = call.facts_as(TritonCall)
+    return None if facts is None else facts.unsupported
 
 
 def register_triton(op: Operation, fn: Callable[..., Any], extra_checks: Sequence[Check] = ()) -> None:
     """Register ``fn`` as ``op``'s ``triton`` implementation, with the checks every Triton kernel here needs.
 
-    A call may carry ``triton_unsupported=<reason>`` in its attributes for a case the kernel does not cover.
+    A call may carry a :class:`TritonCall` with the reason the kernel does not cover it.
     """
     checks: list[Check] = [
         requires_module("triton", "pip install triton"),

@@ -32,7 +32,7 @@ import torch
 
 from llamatelemetry_core.device import DeviceInfo, real_device_info
 from llamatelemetry_core.environment import distribution_version, flash_attn_status, triton_interpreter_enabled
-from llamatelemetry_core.selection import reset_fallback_warnings, reset_kernel_failures
+from llamatelemetry_core.selection import reset_fallback_warnings, reset_kernel_failures, reset_selection_cache
 
 _CAPABILITY_MARKERS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm90": (9, 0), "sm100": (10, 0)}
 
@@ -95,6 +95,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_setup(item: pytest.Item) -> None:
     reset_fallback_warnings()
     reset_kernel_failures()
+    reset_selection_cache()  # re-reads LLAMATELEMETRY_BACKEND: a test that sets it mid-test calls it again
 
 
 def pytest_report_header(config: pytest.Config) -> str:
