@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default results/<gpu-slug>/engine)")
     parser.add_argument("--quick", action="store_true", help="fewer requests and tokens (a smoke run)")
+    parser.add_argument(
+        "--engine-only", action="store_true", help="decode throughput of the engine alone (no baselines, no serving)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_engine: needs a CUDA GPU", file=sys.stderr)
@@ -240,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         roof = bandwidth / step_bytes(loaded, batch, 128 + new_tokens / 2) * batch
         row.update(roofline_tokens_per_s=roof, roofline_fraction=row["decode_tokens_per_s"] / roof,
                    target=ROOFLINE_TARGETS[batch])  # fmt: skip
+        print(f"engine decode batch {batch}: {row}", flush=True)
+        if args.engine_only:
+            row["hf_dynamic"] = row["hf_static_compile"] = 0.0
+            results["decode"].append(row)
+            continue
         row["hf_dynamic"] = transformers_decode(loaded, batch, 128, new_tokens, static=False)
         try:
             row["hf_static_compile"] = transformers_decode(loaded, batch, 128, new_tokens, static=True)
@@ -247,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             row["hf_static_compile"], row["hf_static_compile_error"] = 0.0, repr(exc)
         results["decode"].append(row)
         print(f"decode batch {batch}: {row}", flush=True)
+    if args.engine_only:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "engine_only.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        return 0
     count = 64 if args.quick else 256
     results["offline"] = {
         "continuous": offline(loaded, True, 64, count),

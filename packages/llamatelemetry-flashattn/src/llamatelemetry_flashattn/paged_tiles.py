@@ -103,7 +103,7 @@ _DECODE: dict[tuple[str, int], tuple[int, int, int, bool]] = {
 }
 _PREFILL: dict[tuple[str, int], tuple[int, int, int, int, bool]] = {
     ("hopper", 64): (64, 64, 4, 3, False),
-    ("hopper", 128): (128, 32, 4, 3, False),
+    ("hopper", 128): (128, 64, 4, 3, True),  # H200 sweep: 0.2445 ms, best of 14 prefill configurations
     ("hopper", 256): (64, 64, 8, 2, False),
     ("ampere", 64): (64, 64, 4, 3, False),
     ("ampere", 128): (128, 64, 8, 3, False),
