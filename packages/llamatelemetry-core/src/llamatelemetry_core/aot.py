@@ -106,11 +106,12 @@ class CompileReport:
         return not self.problems
 
 
-def _ptxas_path() -> str | None:
+def _ptxas_path(arch: int) -> str | None:
+    """The ptxas Triton itself uses for ``sm_<arch>`` (Triton 3.9 takes a newer one from sm_90 on)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
-        return str(get_ptxas(75).path)
+        return str(get_ptxas(arch).path)
     except (ImportError, AttributeError, TypeError):
         pass
     import triton
@@ -121,8 +122,8 @@ def _ptxas_path() -> str | None:
 
 def _ptxas_resources(ptx: str) -> tuple[int | None, int | None, str | None]:
     """(registers per thread, spill bytes, error) from ``ptxas -v`` on the kernel's PTX."""
-    ptxas = _ptxas_path()
-    target = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, flags=re.MULTILINE)
+    target = re.search(r"^\s*\.target\s+(sm_(\d+)\w*)", ptx, flags=re.MULTILINE)
+    ptxas = None if target is None else _ptxas_path(int(target.group(2)))
     if ptxas is None or target is None:
         return None, None, "ptxas not found: register use not checked"
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,9 +20,9 @@ of ``exp(logit - m)`` and the running, unnormalised output; a larger maximum res
 * On a GPU the loops are ``range`` loops, which Triton software-pipelines (``num_stages``); in the interpreter
   (``PIPELINED=False``) they are ``while`` loops, because Triton 3.6's interpreter cannot take runtime ``range``
   bounds under NumPy 2.4.
-* K and V tiles are addressed with plain pointer arithmetic (a pointer block per tile, moved by ``BLOCK_N``
-  rows per step) and masks only where a tile may cross the sequence end or a padded head dimension; Triton
-  3.9 removed block pointers, and on earlier versions they lowered to the same loads.
+* K and V tiles are read through block pointers where Triton has them (before 3.8), and from 3.8 on (3.9
+  removed them) through plain pointer arithmetic from a 64-bit scalar per tile, with masks only where a tile
+  may cross the sequence end or a padded head dimension (:data:`BLOCK_POINTERS` says which form runs).
 * ``enable_fp_fusion=True`` at launch: FMAs as every Triton up to 3.9 emits by default (3.10 changes it).
 * exp2 with ``log2(e)`` folded into the scale; accumulation in fp32; rows with no visible key are guarded so
   that no ``exp(-inf - -inf)`` NaN can arise.
@@ -46,8 +46,13 @@ from llamatelemetry_flashattn.tiles import TileConfig, choose_tiles
 if TYPE_CHECKING:
     from llamatelemetry_core.aot import KernelBuild
 
-__all__ = ["AOT_HEAD_DIMS", "kernel_builds", "triton_attention"]
+__all__ = ["AOT_HEAD_DIMS", "BLOCK_POINTERS", "kernel_builds", "triton_attention"]
 
+# Block pointers where Triton still has them without a deprecation (before 3.8; 3.9 removed them): the code the
+# kernel was tuned with. From 3.8 on, tiles are addressed with plain pointer arithmetic and masks instead. On
+# Triton 3.6 the block-pointer form needs fewer registers (an H100 decode build: 64 bytes of spills against
+# 4.5 KB), so it stays where it can.
+BLOCK_POINTERS = hasattr(tl, "make_block_ptr") and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8)
 _LOG2E = 1.4426950408889634
 _FAR = 1 << 30  # an "unbounded" window side, far beyond any sequence length yet safe from int32 overflow
 AOT_HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -59,10 +64,15 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     l_i,
     m_i,
     q,
-    k_ptrs,
-    v_ptrs,
+    k_tile,
+    v_tile,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
     n0,
     offs_n,
+    offs_d,
     d_ok,
     pos,
     kv_len,
@@ -75,27 +85,43 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     BLOCK_N: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
+    BLOCK_POINTERS: tl.constexpr,
 ):
     """One key/value tile into the running (acc, l, m) of every row; MASKED tiles apply window and bounds.
 
-    ``k_ptrs`` addresses the tile of K transposed (``[BLOCK_D, BLOCK_N]``), ``v_ptrs`` the tile of V
-    (``[BLOCK_N, BLOCK_D]``); ``d_ok`` marks the real head-dimension columns of a padded ``BLOCK_D``.
+    With ``BLOCK_POINTERS``, ``k_tile`` and ``v_tile`` are block pointers at key ``n0`` (K transposed,
+    ``[BLOCK_D, BLOCK_N]``; V ``[BLOCK_N, BLOCK_D]``). Without, they point at key 0 of this KV head and the
+    tile's pointers are formed here, so that the loops carry no pointer tensors. ``d_ok`` marks the real
+    head-dimension columns of a padded ``BLOCK_D``.
     """
-    if MASKED:
-        cols = n0 + offs_n
-        n_ok = cols < kv_len
-        if HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+    if BLOCK_POINTERS:
+        if MASKED:
+            k = tl.load(k_tile, boundary_check=(0, 1), padding_option="zero")
+            v = tl.load(v_tile, boundary_check=(0, 1), padding_option="zero")
+        elif HEAD_DIM == BLOCK_D:
+            k = tl.load(k_tile)
+            v = tl.load(v_tile)
         else:
-            k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+            k = tl.load(k_tile, boundary_check=(0,), padding_option="zero")
+            v = tl.load(v_tile, boundary_check=(1,), padding_option="zero")
     else:
-        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        # A 64-bit scalar to key n0 keeps long caches with wide rows clear of int32 overflow.
+        k_ptrs = k_tile + n0.to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_ks
+        v_ptrs = v_tile + n0.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        if MASKED:
+            n_ok = (n0 + offs_n) < kv_len
+            if HEAD_DIM == BLOCK_D:
+                k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     s = tl.dot(q, k)
     if USE_SOFTCAP:  # noqa: SIM108 (a constexpr branch: the other one is not compiled)
         # softcap * tanh(x), tanh(x) = 2 * sigmoid(2x) - 1, in log2 units for exp2
@@ -103,8 +129,9 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     else:
         s = s * qk_scale
     if MASKED:
+        cols = n0 + offs_n
         visible = (
-            n_ok[None, :]
+            (cols[None, :] < kv_len)
             & (cols[None, :] >= pos[:, None] - window_left)
             & (cols[None, :] <= pos[:, None] + window_right)
         )
@@ -155,6 +182,7 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
     BLOCK_N: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     PIPELINED: tl.constexpr,
+    BLOCK_POINTERS: tl.constexpr,
 ):
     # Heavier (later, under causal masking) row tiles first, so the last wave is made of short programs.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -210,10 +238,16 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
         else:
             start = mid_hi
             end = hi
-        # Tile pointers of K (transposed, [BLOCK_D, BLOCK_N]) and V ([BLOCK_N, BLOCK_D]) at key `start`; the
-        # 64-bit start offset keeps long caches with wide rows clear of int32 overflow.
-        k_ptrs = k_base + start.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + start.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        if BLOCK_POINTERS:
+            k_tile = tl.make_block_ptr(
+                k_base, (HEAD_DIM, kv_len), (stride_kd, stride_ks), (0, start), (BLOCK_D, BLOCK_N), (0, 1)
+            )
+            v_tile = tl.make_block_ptr(
+                v_base, (kv_len, HEAD_DIM), (stride_vs, stride_vd), (start, 0), (BLOCK_N, BLOCK_D), (1, 0)
+            )
+        else:
+            k_tile = k_base
+            v_tile = v_base
         if PIPELINED:
             for n0 in range(start, end, BLOCK_N):
                 acc, l_i, m_i = _attend_tile(
@@ -221,10 +255,15 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
                     l_i,
                     m_i,
                     q,
-                    k_ptrs,
-                    v_ptrs,
+                    k_tile,
+                    v_tile,
+                    stride_ks,
+                    stride_kd,
+                    stride_vs,
+                    stride_vd,
                     n0,
                     offs_n,
+                    offs_d,
                     d_ok,
                     pos,
                     kv_len,
@@ -237,9 +276,11 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
                     BLOCK_N,
                     USE_SOFTCAP,
                     phase != 1,
+                    BLOCK_POINTERS,
                 )
-                k_ptrs += BLOCK_N * stride_ks
-                v_ptrs += BLOCK_N * stride_vs
+                if BLOCK_POINTERS:
+                    k_tile = tl.advance(k_tile, (0, BLOCK_N))
+                    v_tile = tl.advance(v_tile, (BLOCK_N, 0))
         else:
             n0 = start
             while n0 < end:
@@ -248,10 +289,15 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
                     l_i,
                     m_i,
                     q,
-                    k_ptrs,
-                    v_ptrs,
+                    k_tile,
+                    v_tile,
+                    stride_ks,
+                    stride_kd,
+                    stride_vs,
+                    stride_vd,
                     n0,
                     offs_n,
+                    offs_d,
                     d_ok,
                     pos,
                     kv_len,
@@ -264,9 +310,11 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
                     BLOCK_N,
                     USE_SOFTCAP,
                     phase != 1,
+                    BLOCK_POINTERS,
                 )
-                k_ptrs += BLOCK_N * stride_ks
-                v_ptrs += BLOCK_N * stride_vs
+                if BLOCK_POINTERS:
+                    k_tile = tl.advance(k_tile, (0, BLOCK_N))
+                    v_tile = tl.advance(v_tile, (BLOCK_N, 0))
                 n0 += BLOCK_N
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -345,6 +393,7 @@ def triton_attention(
         BLOCK_N=config.block_n,
         USE_SOFTCAP=softcap is not None,
         PIPELINED=not triton_interpreter_enabled(),
+        BLOCK_POINTERS=BLOCK_POINTERS,
         num_warps=config.num_warps,
         enable_fp_fusion=True,
         num_stages=config.num_stages,
@@ -377,6 +426,7 @@ def kernel_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decod
         "BLOCK_N": config.block_n,
         "USE_SOFTCAP": False,
         "PIPELINED": True,
+        "BLOCK_POINTERS": BLOCK_POINTERS,
     }
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # A unit stride of the head dimension is what the launcher sees for contiguous inputs, and Triton
