@@ -106,9 +106,10 @@ def test_paged_write_is_captured_and_replayed() -> None:
     values = torch.zeros_like(keys)
     slots = torch.zeros(4, dtype=torch.long, device="cuda")
 
-    def write_step() -> torch.Tensor:
+    def write_step(step_keys: torch.Tensor, step_values: torch.Tensor, step_slots: torch.Tensor) -> torch.Tensor:
+        # capture_graph calls fn(*inputs): the static inputs, which replay() copies new values into.
         for layer in range(2):
-            cache.write(layer, keys, values, slots)
+            cache.write(layer, step_keys, step_values, step_slots)
         return cache.layer(1).key_scale  # type: ignore[return-value]
 
     graph = graphs.capture_graph(write_step, inputs=[keys, values, slots])
