@@ -40,8 +40,10 @@ if _FP8 is not None:
 def _quantize_store(x, Cache, Scale, dst, scale_dst, mask, head_mask, QUANT: tl.constexpr, QMAX: tl.constexpr):  # type: ignore[no-untyped-def]
     xf = x.to(tl.float32)
     amax = tl.max(tl.abs(xf), axis=1)
-    scale = tl.where(amax > 0, amax / QMAX, 1.0)
-    y = xf / scale[:, None]
+    # IEEE divisions (div_rn): Triton's ``/`` on fp32 is an approximate division on GPUs, which moved int8
+    # values by one step against the PyTorch reference on an H200.
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), 1.0)
+    y = tl.math.div_rn(xf, tl.broadcast_to(scale[:, None], xf.shape))
     if QUANT == 1:
         r = tl.floor(y + 0.5)
         # Half to even, as torch.round: a tie rounded up to an odd integer goes back down by one.
