@@ -154,7 +154,8 @@ def tests(session: nox.Session, package: str, matrix: str) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over every package's sources and tests, one package at a time."""
     _install_torch(session, "cpu-triton")
-    session.install("mypy>=1.11", "nox>=2024.10", *TEST_TOOLS, "httpx>=0.27")  # httpx: batch's typed http extra
+    # Typed extras the sources import: httpx (batch's http extra), gguf and safetensors (the engine's loaders).
+    session.install("mypy>=1.11", "nox>=2024.10", *TEST_TOOLS, "httpx>=0.27", "gguf>=0.10", "safetensors>=0.4")
     _install_local(session, list(PACKAGES))
     for folder in PACKAGES.values():
         package_dir = ROOT / "packages" / folder
