@@ -36,6 +36,8 @@ __all__ = ["TransformersKVCache", "TransformersPagedKVCache"]
 class _KVCacheLayer(CacheLayerMixin):  # type: ignore[misc,no-untyped-call,unused-ignore]
     """One decoder layer's view of the shared :class:`KVCache`."""
 
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
     is_compileable = False
     is_sliding = False
     is_croppable = True
@@ -129,6 +131,9 @@ class TransformersKVCache(Cache):  # type: ignore[misc,unused-ignore]
 
 class _PagedLayer(CacheLayerMixin):  # type: ignore[misc,no-untyped-call,unused-ignore]
     """One decoder layer's view of a :class:`TransformersPagedKVCache`."""
+
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
 
     is_compileable = False
     is_sliding = False
