@@ -46,8 +46,8 @@ def propagate_query_nan(
     if seen is None:
         # Every row sees a key: one reduction over q and one add over out. A row's sum is NaN or infinite exactly
         # when the row holds NaN or an infinity (summed in a wider type, finite values cannot overflow), and
-        # 0 * sum is then NaN, else zero, so adding it changes nothing else. Masks and a copy of out cost 30% of
-        # a prefill on an H200; this costs a few percent.
+        # 0 * sum is then NaN, else zero, so adding it changes nothing else. On an H200 at L8192 the automatic
+        # path reached 0.74x of cuDNN alone with masks and a copy of out, and 0.89x with this.
         wide = torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
         poison = q.sum(dim=-1, keepdim=True, dtype=wide).mul_(0).to(out.dtype)  # [B, Sq, H, 1]
         # In place unless autograd needs out as it is (SDPA's backward reads its output).
