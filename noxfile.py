@@ -225,10 +225,12 @@ def build(session: nox.Session) -> None:
     session.run("python", "scripts/check_install.py", "--installed=")
     for extra in COMPONENTS:
         session.install(*local, f"llamatelemetry-{extra}")
-        # The engine depends on every other component, so installing it alone installs them all (it comes last).
+        # The engine depends on every other component, so installing it alone installs them all.
         installed = ",".join(COMPONENTS) if extra == "engine" else extra
         session.run("python", "scripts/check_install.py", f"--installed={installed}")
-        session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", f"llamatelemetry-{extra}")
+        # Uninstall every component, not only this one: what it pulled in must not leak into the next check.
+        present = [f"llamatelemetry-{c}" for c in installed.split(",")]
+        session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", *present)
     session.install(*local, "llamatelemetry[all]")
     session.run("python", "scripts/check_install.py", f"--installed={','.join(COMPONENTS)}")
 
