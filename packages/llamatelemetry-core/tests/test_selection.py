@@ -61,7 +61,8 @@ def test_best_supported_implementation_runs_and_is_observable() -> None:
     half = x.half()
     with record_selections() as rec:
         out = op.dispatch(CallSpec.from_tensors(x), x)
-        with pytest.warns(BackendFallbackWarning):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the library choosing for the user is not worth a warning
             op.dispatch(CallSpec.from_tensors(half), half)
     assert torch.equal(out, x * 2)
     assert rec.implementations(op.name) == ["fast", "reference"]
@@ -74,17 +75,20 @@ def test_best_supported_implementation_runs_and_is_observable() -> None:
     assert get_operation(op.name) is op and op.name in operations()
 
 
-def test_fallback_warns_once_per_reason() -> None:
-    op = _new_op()
-    x = torch.randn(4).half()
-    with pytest.warns(BackendFallbackWarning, match=r"'fast' cannot run here \(supports dtypes"):
-        op.dispatch(CallSpec.from_tensors(x), x)
+def test_a_missing_package_warns_once_for_the_process_and_a_choice_never_warns() -> None:
+    needs = [requires_module("no_such_package_for_tests", "pip install it"), requires_dtypes(torch.float32)]
+    first, second = _new_op(checks=needs), _new_op(checks=needs)
+    x = torch.randn(4)
+    with pytest.warns(BackendFallbackWarning, match=r"'fast' cannot run here \(no_such_package_for_tests is not"):
+        first.dispatch(CallSpec.from_tensors(x), x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        op.dispatch(CallSpec.from_tensors(x), x)  # same reason: silent
-    y = torch.randn(4, dtype=torch.float64)
-    with pytest.warns(BackendFallbackWarning, match="not float64"):
-        op.dispatch(CallSpec.from_tensors(y), y)
+        first.dispatch(CallSpec.from_tensors(x.half()), x.half())  # same package: said once
+        second.dispatch(CallSpec.from_tensors(x), x)  # another operation missing the same package: said once
+        third = _new_op()
+        third.dispatch(CallSpec.from_tensors(x.double()), x.double())  # a dtype it lacks: a choice, silent
+    skipped = last_selection(third.name)
+    assert skipped is not None and skipped.skipped == (("fast", "supports dtypes {float32}, not float64"),)
 
 
 def test_not_applicable_device_is_silent() -> None:
@@ -268,7 +272,7 @@ def test_choice_is_remembered_per_call_key_and_forgotten_on_register() -> None:
 
 
 def test_remembered_fallback_still_warns_after_a_warning_reset() -> None:
-    op = _new_op()
+    op = _new_op(checks=[requires_module("no_such_package_for_tests", "pip install it")])
     half = torch.randn(3).half()
     with pytest.warns(BackendFallbackWarning):
         op.dispatch(CallSpec.from_tensors(half), half)
@@ -307,8 +311,7 @@ def test_typed_facts_are_read_and_key_the_choice() -> None:
     x = torch.randn(3)
     with record_selections() as rec:
         op.dispatch(CallSpec.from_tensors(x, facts=_Facts(causal=True)), x)
-        with pytest.warns(BackendFallbackWarning, match="supports causal calls only"):
-            op.dispatch(CallSpec.from_tensors(x, facts=_Facts(causal=False)), x)
+        op.dispatch(CallSpec.from_tensors(x, facts=_Facts(causal=False)), x)
         op.dispatch(CallSpec.from_tensors(x), x)
     assert rec.implementations(op.name) == ["fast", "reference", "fast"]
     with pytest.raises(ConfigurationError, match="expected the call's facts to be a _Facts, got int"):

@@ -6,6 +6,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -170,11 +171,12 @@ def test_not_available_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> No
         assert check_flash_attention_available() is False
 
 
-def test_an_automatic_fallback_warns_once(recwarn: pytest.WarningsRecorder) -> None:
+def test_an_automatic_fallback_is_recorded_without_a_warning() -> None:
     reset_fallback_warnings()
     q = torch.randn(1, 40, 2, 16)
     k = torch.randn(1, 23, 2, 16)
-    with pytest.warns(selection.BackendFallbackWarning, match="sdpa_cpu"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the library choosing for the user is not worth a warning
         # More queries than keys: sdpa_cpu cannot define empty rows (and the Triton kernel has no dropout).
         flash_attention_forward(q, k, k, causal=True, dropout_p=0.1)
     last = selection.last_selection("flash_attention")

@@ -62,7 +62,6 @@ def test_nan_in_a_key_poisons_the_rows_that_see_it_on_every_path() -> None:
         assert_close(got, want, equal_nan=True, name=name, dtype=torch.float16)
 
 
-@pytest.mark.filterwarnings("ignore::llamatelemetry_core.selection.BackendFallbackWarning")  # SDPA is skipped
 @pytest.mark.parametrize("causal", [True, False])
 def test_no_keys_gives_zeros_on_every_path(causal: bool) -> None:
     q, k, v = _qkv(4, 0)
@@ -75,7 +74,6 @@ def test_no_keys_gives_zeros_on_every_path(causal: bool) -> None:
     assert bool((flash_attention_forward(q, k, v, causal=causal) == 0).all())
 
 
-@pytest.mark.filterwarnings("ignore::llamatelemetry_core.selection.BackendFallbackWarning")  # softcap: no SDPA
 def test_explicit_arguments_win_over_the_config() -> None:
     q, k, v = _qkv(6, 6)
     config = FlashAttentionConfig(causal=True, window_size=(2, 0), softcap=3.0)

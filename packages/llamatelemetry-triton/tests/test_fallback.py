@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,7 +12,6 @@ from llamatelemetry_core.device import simulate_device
 from llamatelemetry_core.environment import TRITON_INTERPRET_ENV, triton_devices
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.selection import (
-    BackendFallbackWarning,
     CallSpec,
     get_operation,
     record_selections,
@@ -193,11 +192,13 @@ def test_invalid_arguments_are_explained(call: Callable[[], object], error: type
 def test_add_falls_back_where_the_kernel_does_not_apply() -> None:
     a = torch.arange(6).reshape(2, 3)
     reset_fallback_warnings()
-    # Integers: torch.add. Where Triton could run on this device, the fallback is announced once.
-    announced = pytest.warns(BackendFallbackWarning, match="not int64") if _triton_applies() else nullcontext()
-    with announced, record_selections() as rec:
+    # Integers: torch.add, chosen without a warning; where Triton could run on this device, the skip is recorded.
+    with warnings.catch_warnings(), record_selections() as rec:
+        warnings.simplefilter("error")
         assert torch.equal(triton_add(a, a), a + a)
     assert rec.last("add") == "reference"
+    if _triton_applies():
+        assert "not int64" in dict(rec.selections[-1].skipped)["triton"]
 
 
 def _triton_applies() -> bool:

@@ -118,7 +118,6 @@ def test_registry_arguments_of_the_wrong_type_are_typed_errors() -> None:
         KernelConfig("x", meta=[1, 2])  # type: ignore[arg-type]
 
 
-@pytest.mark.filterwarnings("ignore::llamatelemetry_core.selection.BackendFallbackWarning")  # no fp64 kernels
 def test_float64_is_never_downgraded() -> None:
     x = torch.randn(4, 33, dtype=torch.float64, device=DEVICE) * 10
     assert_close(triton_softmax(x), torch.softmax(x, -1), name="softmax fp64")

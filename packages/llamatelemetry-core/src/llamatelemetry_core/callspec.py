@@ -26,6 +26,7 @@ from llamatelemetry_core.validation import dtype_name
 __all__ = [
     "CallSpec",
     "Check",
+    "NoticeReason",
     "QuietReason",
     "combine_reasons",
     "gate",
@@ -125,6 +126,17 @@ class QuietReason(str):
     __slots__ = ()
 
 
+class NoticeReason(str):
+    """A reason worth telling the user about once: the environment, not the call, keeps an implementation out.
+
+    Two kinds: a package the implementation needs is not installed (the device could do better with it), or its
+    kernel failed to build with the installed compiler. Every other reason (a dtype, a shape, a capability the
+    call or device does not meet) is the library choosing for the user, recorded but not warned about.
+    """
+
+    __slots__ = ()
+
+
 Check = Callable[[CallSpec], "str | None"]
 """A support check: ``None`` when the call is supported, else the reason it is not."""
 
@@ -143,13 +155,16 @@ def is_gate(check: Check) -> bool:
 
 
 def combine_reasons(reasons: list[str]) -> str | None:
-    """One reason from several (joined by ``"; "``); quiet only when every one of them is quiet."""
+    """One reason from several (joined by ``"; "``): quiet only when every one of them is quiet, a notice when any
+    one of them is."""
     if not reasons:
         return None
     if len(reasons) == 1:
         return reasons[0]
     joined = "; ".join(reasons)
-    return QuietReason(joined) if all(isinstance(r, QuietReason) for r in reasons) else joined
+    if all(isinstance(r, QuietReason) for r in reasons):
+        return QuietReason(joined)
+    return NoticeReason(joined) if any(isinstance(r, NoticeReason) for r in reasons) else joined
 
 
 def requires_min_capability(major: int, minor: int = 0) -> Check:
@@ -184,7 +199,8 @@ _module_cache: dict[str, bool] = {}
 def requires_module(module: str, install: str, *, optional: bool = False) -> Check:
     """A check (a :func:`gate`) that passes when ``module`` can be imported; its reason says how to install it.
 
-    ``optional=True`` marks the package as an optional extra: its absence is a :class:`QuietReason`.
+    Its absence is a :class:`NoticeReason` (dispatch warns once that installing it would do better), or, with
+    ``optional=True`` (an optional extra the user may leave out on purpose), a :class:`QuietReason`.
     """
 
     def check(call: CallSpec) -> str | None:
@@ -195,6 +211,6 @@ def requires_module(module: str, install: str, *, optional: bool = False) -> Che
         if found:
             return None
         reason = f"{module} is not installed ({install})"
-        return QuietReason(reason) if optional else reason
+        return QuietReason(reason) if optional else NoticeReason(reason)
 
     return gate(check)

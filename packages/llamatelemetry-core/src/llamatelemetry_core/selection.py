@@ -7,10 +7,12 @@ packages). Dispatch takes the highest-priority implementation that supports the 
 
 * An implementation whose device kind does not match the call is simply not applicable (a Triton kernel for a
   CPU tensor): nothing is said.
-* A better implementation that targets this device but cannot run the call (Triton not installed, a GPU too old)
-  is skipped with one :class:`BackendFallbackWarning` per operation, implementation and reason. A check may
-  answer with a :class:`QuietReason` instead (an optional extra the user chose not to install): the
-  implementation is then skipped without a warning, and the reason is still recorded.
+* A better implementation that targets this device but cannot run the call is skipped, and the reason is
+  recorded (:func:`last_selection`, :meth:`Operation.explain`). Choosing for the user is not worth a warning: a
+  dtype, a shape or a capability the implementation does not support is skipped silently. Only a
+  :class:`NoticeReason` warns, once per reason: a package the implementation needs is not installed (the device
+  could do better with it; :func:`requires_module`), or its kernel failed to build here. An optional extra left
+  out on purpose answers with a :class:`QuietReason` and is never warned about.
 * An automatically chosen implementation whose kernel fails to build here (Triton's compiler rejects it: see
   :mod:`llamatelemetry_core.build_failures` for what counts) is an environment fact: dispatch records it for
   that device and dtype (:func:`kernel_failures`), warns once, runs the next implementation, and does not try
@@ -71,6 +73,7 @@ from llamatelemetry_core.build_failures import (
 from llamatelemetry_core.callspec import (
     CallSpec,
     Check,
+    NoticeReason,
     QuietReason,
     combine_reasons,
     gate,
@@ -99,6 +102,7 @@ __all__ = [
     "Check",
     "Implementation",
     "KernelFailure",
+    "NoticeReason",
     "Operation",
     "QuietReason",
     "Selection",
@@ -123,7 +127,8 @@ REFERENCE = "reference"
 
 
 class BackendFallbackWarning(UserWarning):
-    """A faster implementation could not run and a slower one was used instead."""
+    """A faster implementation could not run for a reason of the environment (a missing package, a kernel that
+    failed to build, a run-time failure it reported) and a slower one was used instead."""
 
 
 class BackendEnvWarning(UserWarning):
@@ -239,8 +244,14 @@ def get_operation(name: str) -> Operation:
         return op
 
 
+def _worth_a_warning(reason: str) -> bool:
+    """Whether a skip for ``reason`` is announced: only reasons of the environment are (see the module docstring)."""
+    return isinstance(reason, NoticeReason)
+
+
 def _warn_once(operation: str, implementation: str, reason: str, used: str, stacklevel: int = 4) -> None:
-    key = (operation, implementation, reason)
+    # A notice (a missing package, a failed build) is given once for the process, not once per operation.
+    key = ("", "", reason) if isinstance(reason, NoticeReason) else (operation, implementation, reason)
     with _registry_lock:
         if key in _warned:
             return
@@ -409,7 +420,7 @@ class Operation:
         if reason is None:
             failure = recorded_failure(self.name, impl.name, call.device, call.dtype)
             if failure is not None:
-                return failure.reason
+                return NoticeReason(failure.reason)
         return reason
 
     def _record_build_failure(self, impl: Implementation, call: CallSpec, exc: Exception) -> str | None:
@@ -417,7 +428,7 @@ class Operation:
         error = build_failure_reason(exc)
         if error is None:
             return None
-        return record_failure(self.name, impl.name, call.device, call.dtype, error).reason
+        return NoticeReason(record_failure(self.name, impl.name, call.device, call.dtype, error).reason)
 
     def _unavailable(self, impl: Implementation, reason: str) -> BackendUnavailableError:
         return BackendUnavailableError(
@@ -444,7 +455,7 @@ class Operation:
                 selection = Selection(self.name, impl.name, requested=False, skipped=tuple(skipped))
                 return _Plan(impl, index, selection, tuple(to_warn), call.device)
             skipped.append((impl.name, str(reason)))
-            if impl.applies_to(call) and not isinstance(reason, QuietReason):
+            if impl.applies_to(call) and _worth_a_warning(reason):
                 to_warn.append((impl.name, reason))
         raise AssertionError("the reference implementation supports every call")  # pragma: no cover
 
@@ -502,7 +513,7 @@ class Operation:
             reason = self._reason(impl, call)
             if reason is not None:
                 skipped.append((impl.name, str(reason)))
-                if impl.applies_to(call) and not isinstance(reason, QuietReason):
+                if impl.applies_to(call) and _worth_a_warning(reason):
                     to_warn.append((impl.name, reason))
                 continue
             try:

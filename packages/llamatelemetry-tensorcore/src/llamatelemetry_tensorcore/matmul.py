@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.errors import ConfigurationError
-from llamatelemetry_core.selection import CallSpec, Operation, requires_min_capability
+from llamatelemetry_core.selection import CallSpec, NoticeReason, Operation, requires_min_capability
 from llamatelemetry_core.validation import check_dtype, check_same_device, check_tensor, dtype_name, format_shape
 
 __all__ = ["MATMUL_OPERATION", "MatmulPadding", "matmul_tensor_core", "range_scale_exponents", "tensor_core_padding"]
@@ -224,7 +224,8 @@ def _tensor_core(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dty
 
 def _native_dtype(call: CallSpec) -> str | None:
     if call.dtype == torch.bfloat16 and call.device.is_cuda and not call.device.supports_bf16:
-        return f"bfloat16 Tensor Cores need compute capability >= 8.0, {call.device.name} has not"
+        # The caller asked for bf16 Tensor Cores by name: running on CUDA cores instead is worth a notice.
+        return NoticeReason(f"bfloat16 Tensor Cores need compute capability >= 8.0, {call.device.name} has not")
     return None
 
 
