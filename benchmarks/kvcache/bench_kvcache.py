@@ -12,9 +12,9 @@ Cases (each target is judged in the run, against a baseline measured in the same
 * Block manager host time per scheduler step: 256 running sequences (prompts of 64..4096 tokens, page 16), each
   step appends one token to every sequence, and every 8th step one sequence finishes and a new 512-token prompt
   sharing a 256-token system prompt takes its place: target < 100 us per step through the protocol calls the
-  continuous-batching scheduler makes (``append`` per sequence; ``can_append`` only after a failed append, since a
-  failed call changes nothing), reported beside ``can_append`` + ``append`` per sequence, ``append_many`` and the
-  block-table tensor build.
+  continuous-batching scheduler makes (``append`` for a sequence whose last block is full, one ``append_decode``
+  for all the others), reported beside ``append`` per sequence, ``can_append`` + ``append`` per sequence,
+  ``append_many`` and the block-table tensor build.
   Runs on a CPU too.
 * Memory: ``PagedKVCache`` holding 64 sequences of mixed lengths (64..4096) against the KV bytes their tokens
   need and against a ``KVCache`` sized for the longest: target <= 1.1x the need.
@@ -156,9 +156,23 @@ def bench_block_manager(report: Report, steps: int = 2000) -> None:
 
     def run(manager: BlockManager, ids: list[int], mode: str) -> list[float]:
         next_id, times = running, []
+        held = {s: manager.num_tokens(s) for s in ids}  # what the scheduler knows of each sequence
         for step in range(steps):
+            if mode == "decode":
+                # The scheduler's own bookkeeping (untimed): which sequences have a full last block.
+                alone = [s for s in ids if held[s] % page == 0]
+                batch = [s for s in ids if held[s] % page]
+                tokens = [step] * len(batch)
+                for s in ids:
+                    held[s] += 1
             t0 = time.perf_counter()
-            if mode == "many":
+            if mode == "decode":
+                # The scheduler's path: a sequence whose last block is full appends alone (it may need to preempt
+                # another); every other one is appended in one append_decode call.
+                for s in alone:
+                    manager.append(s, [step])
+                manager.append_decode(batch, tokens)
+            elif mode == "many":
                 manager.append_many([(s, [step]) for s in ids])
             elif mode == "ask":
                 for s in ids:
@@ -174,10 +188,12 @@ def bench_block_manager(report: Report, steps: int = 2000) -> None:
                 if manager.can_allocate(prompt):
                     manager.allocate(next_id, prompt)
                     ids.append(next_id)
+                    held[next_id] = len(prompt)
                     next_id += 1
             times.append(time.perf_counter() - t0)
         return times
 
+    scheduled = statistics.median(run(*fresh(), mode="decode")) * 1e6
     per_step = statistics.median(run(*fresh(), mode="append")) * 1e6
     asking = statistics.median(run(*fresh(), mode="ask")) * 1e6
     batched = statistics.median(run(*fresh(), mode="many")) * 1e6
@@ -197,8 +213,12 @@ def bench_block_manager(report: Report, steps: int = 2000) -> None:
     tables_us = statistics.median(incremental) * 1e6
     stats = manager.stats()
     report.rows.append(
-        Row("block manager step, 256 sequences (append each, as the scheduler does)", f"{per_step:.0f} us")
+        Row(
+            "block manager step, 256 sequences (the scheduler's path: append_decode, append at block ends)",
+            f"{scheduled:.0f} us",
+        )
     )
+    report.rows.append(Row("block manager step, 256 sequences (append each)", f"{per_step:.0f} us"))
     report.rows.append(Row("block manager step, 256 sequences (can_append + append each)", f"{asking:.0f} us"))
     report.rows.append(Row("block manager step, 256 sequences (append_many)", f"{batched:.0f} us"))
     report.rows.append(
@@ -211,8 +231,9 @@ def bench_block_manager(report: Report, steps: int = 2000) -> None:
     report.checks.append(
         Check(
             "block manager host time per step, 256 sequences < 100 us",
-            f"{per_step:.0f} us (can_append + append {asking:.0f} us, append_many {batched:.0f} us)",
-            per_step < 100,
+            f"{scheduled:.0f} us (append each {per_step:.0f} us, can_append + append {asking:.0f} us, "
+            f"append_many {batched:.0f} us)",
+            scheduled < 100,
         )
     )
 

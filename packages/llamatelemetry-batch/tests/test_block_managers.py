@@ -21,6 +21,7 @@ _operation = st.one_of(
     st.tuples(st.just("allocate"), st.integers(1, 40), st.integers(0, len(_PREFIXES) - 1)),
     st.tuples(st.just("append"), st.integers(0, 7), st.integers(1, 9)),
     st.tuples(st.just("free"), st.integers(0, 7), st.just(0)),
+    st.tuples(st.just("decode"), st.integers(0, 255), st.integers(0, 9)),  # a: which live sequences, as bits
 )
 
 
@@ -87,6 +88,17 @@ def test_block_manager_contract(
                 with pytest.raises(CapacityError):
                     manager.append(seq_id, new)
                 assert manager.num_free_blocks == free_before
+        elif kind == "decode" and live:
+            ids = [seq_id for j, seq_id in enumerate(live) if a >> (j % 8) & 1]
+            before = {seq_id: manager.num_tokens(seq_id) for seq_id in live}
+            try:
+                manager.append_decode(ids, [b] * len(ids))
+            except CapacityError:
+                assert manager.num_free_blocks == free_before, "a failed decode step changed the free count"
+                assert {seq_id: manager.num_tokens(seq_id) for seq_id in live} == before
+            else:
+                for seq_id in ids:
+                    tokens[seq_id].append(b)
         elif kind == "free" and live:
             seq_id = live[a % len(live)]
             manager.free(seq_id)
@@ -97,6 +109,39 @@ def test_block_manager_contract(
     for seq_id in list(tokens):
         manager.free(seq_id)
     assert manager.num_free_blocks == num_blocks, "every block is free (or evictable) once every sequence is freed"
+
+
+def test_append_decode_is_append_for_each_and_all_or_nothing(block_manager_factory: Factory) -> None:
+    batched, single = block_manager_factory(12, 4), block_manager_factory(12, 4)
+    for manager in (batched, single):
+        for seq_id, length in enumerate((3, 4, 8, 1)):  # ends mid-block, on block ends, one token
+            manager.allocate(seq_id, list(range(length)))
+    for step in range(6):
+        batched.append_decode([0, 1, 2, 3], [step, step + 1, step + 2, step + 3])
+        for seq_id in range(4):
+            single.append(seq_id, [step + seq_id])
+        for seq_id in range(4):
+            assert batched.num_tokens(seq_id) == single.num_tokens(seq_id)
+            assert batched.block_table(seq_id) == single.block_table(seq_id)
+        assert batched.num_free_blocks == single.num_free_blocks
+    held = {seq_id: batched.num_tokens(seq_id) for seq_id in range(4)}
+    free = batched.num_free_blocks
+    for call, error, match in (
+        (lambda: batched.append_decode([0, 1], [5]), ConfigurationError, "one token per sequence"),
+        (lambda: batched.append_decode([0, 0], [5, 6]), ConfigurationError, "repeated sequence id"),
+        (lambda: batched.append_decode([0, 99], [5, 6]), KeyError, "99"),
+    ):
+        with pytest.raises(error, match=match):
+            call()
+        assert {seq_id: batched.num_tokens(seq_id) for seq_id in range(4)} == held and batched.num_free_blocks == free
+    full = block_manager_factory(4, 2)  # three sequences on full blocks, one free block: the step needs three
+    for seq_id in range(3):
+        full.allocate(seq_id, [seq_id * 2 + 1, seq_id * 2 + 2])
+    with pytest.raises(CapacityError):
+        full.append_decode([0, 1, 2], [7, 8, 9])
+    assert [full.num_tokens(seq_id) for seq_id in range(3)] == [2, 2, 2] and full.num_free_blocks == 1
+    full.append_decode([2], [9])
+    assert full.num_tokens(2) == 3 and full.num_free_blocks == 0
 
 
 def test_unknown_sequences_raise_key_error(block_manager_factory: Factory) -> None:

@@ -76,6 +76,22 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.tokens[seq_id].extend(new)
         self._write(seq_id, start)
 
+    @rule(data=st.data(), token=st.integers(0, 2))
+    @precondition(lambda self: bool(self.tokens))
+    def append_decode(self, data: st.DataObject, token: int) -> None:
+        assert self.manager is not None
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.tokens)), min_size=1, unique=True))
+        free_before = self.manager.num_free_blocks
+        try:
+            self.manager.append_decode(ids, [token] * len(ids))
+        except CapacityError:
+            assert self.manager.num_free_blocks == free_before
+            assert all(self.manager.num_tokens(s) == len(self.tokens[s]) for s in self.tokens)
+            return
+        for seq_id in ids:
+            self.tokens[seq_id].append(token)
+            self._write(seq_id, len(self.tokens[seq_id]) - 1)
+
     @rule(data=st.data())
     @precondition(lambda self: bool(self.tokens))
     def fork(self, data: st.DataObject) -> None:

@@ -17,7 +17,19 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput"]
+from llamatelemetry_core.errors import ConfigurationError
+
+__all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput", "check_decode_step"]
+
+
+def check_decode_step(seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+    """What every :meth:`KVBlockManager.append_decode` checks first: one token per sequence, each sequence once."""
+    if len(seq_ids) != len(token_ids):
+        raise ConfigurationError(
+            f"expected one token per sequence, got {len(seq_ids)} sequence ids and {len(token_ids)} tokens"
+        )
+    if len(set(seq_ids)) != len(seq_ids):
+        raise ConfigurationError("expected each sequence once per decode step, got a repeated sequence id")
 
 
 @runtime_checkable
@@ -62,6 +74,15 @@ class KVBlockManager(Protocol):
 
     def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
         """Extend a running sequence by ``token_ids`` (decode), taking new blocks as needed."""
+        ...
+
+    def append_decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Extend each sequence of ``seq_ids`` by one token (``token_ids[i]`` for ``seq_ids[i]``): a decode step
+        in one call, all or nothing.
+
+        ``ConfigurationError`` for mismatched lengths or a repeated id, ``KeyError`` for an unknown sequence,
+        ``CapacityError`` when the blocks do not suffice; nothing changes then.
+        """
         ...
 
     def free(self, seq_id: int) -> None:

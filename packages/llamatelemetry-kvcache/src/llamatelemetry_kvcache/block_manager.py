@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
+from llamatelemetry_core.serving import check_decode_step
 from llamatelemetry_core.validation import check_positive_int
 
 __all__ = ["BlockManager", "BlockManagerStats"]
@@ -77,6 +78,9 @@ class _Sequence:
     tokens: list[int]
     computed: int = 0  # leading tokens whose K/V are known to be written
     keys: list[int] = field(default_factory=list)  # chain key of each leading full block already walked
+    # Up to how many tokens the sequence may grow by the decode fast path: while its last block has room and no
+    # block has filled since the last registration (so only the tokens change). Kept by ``_refresh``.
+    limit: int = 0
 
 
 class BlockManager:
@@ -142,7 +146,9 @@ class BlockManager:
             self._take(block)
         blocks = hits + [self._pop_block() for _ in range(need)]
         cached = len(hits) * self._page_size
-        self._seqs[seq_id] = _Sequence(blocks, tokens, computed=cached, keys=self._chain(tokens, len(hits)))
+        seq = _Sequence(blocks, tokens, computed=cached, keys=self._chain(tokens, len(hits)))
+        self._refresh(seq)
+        self._seqs[seq_id] = seq
         self._hit_tokens += cached
         self._prompt_tokens += len(tokens)
         return cached
@@ -165,10 +171,11 @@ class BlockManager:
         if seq is not None and type(token_ids) is list:
             # The decode hot path (once per running sequence per step): room in the last block and no block
             # completed since the last registration, so only the tokens change.
-            held, page = len(seq.tokens), self._page_size
-            if held + len(token_ids) <= len(seq.blocks) * page and held < (len(seq.keys) + 1) * page:
+            tokens = seq.tokens
+            held = len(tokens)
+            if held + len(token_ids) <= seq.limit:
                 seq.computed = held
-                seq.tokens.extend(token_ids)
+                tokens += token_ids  # in place: the list object stays the sequence's
                 return
         seq = seq or self._seq(seq_id)
         tokens = token_ids if type(token_ids) is list else _token_list(token_ids)
@@ -186,8 +193,9 @@ class BlockManager:
         else:
             seq.computed = held
         if need > 0:
-            seq.blocks.extend(self._pop_block() for _ in range(need))
+            self._take_blocks(seq, need)
         seq.tokens.extend(tokens)
+        self._refresh(seq)
 
     def append_many(self, appends: Sequence[tuple[int, Sequence[int]]]) -> None:
         """:meth:`append` for every ``(seq_id, token_ids)`` of a decode step, all or nothing, in one host loop.
@@ -211,13 +219,59 @@ class BlockManager:
             )
         for seq, token_ids, need in plan:
             held = len(seq.tokens)
+            if need <= 0 and type(token_ids) is list and held + len(token_ids) <= seq.limit:
+                seq.computed = held  # the decode fast path, as in append
+                seq.tokens += token_ids
+                continue
             if held // page > len(seq.keys):
                 self._mark(seq, held)
             else:
                 seq.computed = held
             if need > 0:
-                seq.blocks.extend(self._pop_block() for _ in range(need))
+                self._take_blocks(seq, need)
             seq.tokens.extend(token_ids if type(token_ids) is list else _token_list(token_ids))
+            self._refresh(seq)
+
+    def append_decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Append one token to each sequence (a decode step), all or nothing, in one host loop.
+
+        ``token_ids[i]`` is the new token of ``seq_ids[i]``. This is the scheduler's per-step path: one call for
+        every sequence that decodes, instead of one :meth:`append` each. Raises ``ConfigurationError`` for
+        mismatched lengths or a repeated id, ``KeyError`` for an unknown sequence and ``CapacityError`` when the
+        step needs more blocks than can be handed out; nothing changes then.
+        """
+        check_decode_step(seq_ids, token_ids)
+        seqs = self._seqs
+        try:
+            chosen = [seqs[i] for i in seq_ids]
+        except KeyError as exc:
+            raise KeyError(
+                f"unknown sequence {exc.args[0]!r}: allocate it first (known: {len(seqs)} sequences)"
+            ) from None
+        page = self._page_size
+        available = len(self._free) + len(self._cached)
+        if available < len(chosen):  # one token each needs at most one block each: count only when it may not fit
+            need = sum(1 for seq in chosen if len(seq.tokens) >= len(seq.blocks) * page)
+            if need > available:
+                raise CapacityError(
+                    f"this decode step's {len(chosen)} sequences need {need} more blocks but {available} can be "
+                    "handed out; preempt a sequence first"
+                )
+        for seq, token in zip(chosen, token_ids, strict=True):
+            tokens = seq.tokens
+            held = len(tokens)
+            if held < seq.limit:
+                seq.computed = held
+                tokens.append(token)
+                continue
+            if held // page > len(seq.keys):
+                self._mark(seq, held)
+            else:
+                seq.computed = held
+            if held >= len(seq.blocks) * page:
+                self._take_blocks(seq, 1)
+            tokens.append(int(token))
+            self._refresh(seq)
 
     def free(self, seq_id: int) -> None:
         """Release a sequence's blocks; its computed full blocks stay cached for prefix reuse until evicted."""
@@ -276,7 +330,9 @@ class BlockManager:
             dst = self._pop_block()
             copies.append((parent.blocks[-1], dst))
             blocks.append(dst)
-        self._seqs[child_id] = _Sequence(blocks, list(parent.tokens), parent.computed, list(parent.keys))
+        child = _Sequence(blocks, list(parent.tokens), parent.computed, list(parent.keys))
+        self._refresh(child)
+        self._seqs[child_id] = child
         return copies
 
     def mark_computed(self, seq_id: int, num_tokens: int) -> None:
@@ -338,6 +394,10 @@ class BlockManager:
             raise KeyError(f"unknown sequence {seq_id!r}: allocate it first (known: {len(self._seqs)} sequences)")
         return seq
 
+    def _refresh(self, seq: _Sequence) -> None:
+        """Recompute ``seq.limit`` after its blocks or registered keys changed."""
+        seq.limit = min(len(seq.blocks), len(seq.keys) + 1) * self._page_size
+
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self._page_size)
 
@@ -375,6 +435,17 @@ class BlockManager:
             del self._cached[block]
         self._refs[block] += 1
 
+    def _take_blocks(self, seq: _Sequence, need: int) -> None:
+        """Give ``seq`` ``need`` more blocks (the caller checked that they can be handed out)."""
+        free, blocks = self._free, seq.blocks
+        if len(free) >= need:  # the common case: from the free list, no eviction
+            for _ in range(need):
+                block = free.popleft()
+                self._refs[block] = 1
+                blocks.append(block)
+        else:
+            blocks.extend([self._pop_block() for _ in range(need)])
+
     def _pop_block(self) -> int:
         if self._free:
             block = self._free.popleft()
@@ -385,22 +456,30 @@ class BlockManager:
         return block
 
     def _mark(self, seq: _Sequence, computed: int) -> None:
-        """Record ``computed`` tokens and register the full blocks they cover for prefix reuse."""
-        seq.computed = max(seq.computed, computed)
-        full = seq.computed // self._page_size
-        if len(seq.keys) >= full:
+        """Record ``computed`` tokens and register the full blocks they cover for prefix reuse.
+
+        Runs once per block a decoding sequence fills, so it extends the key chain in place (never re-walks it).
+        """
+        if computed > seq.computed:
+            seq.computed = computed
+        page, keys = self._page_size, seq.keys
+        start, full = len(keys), seq.computed // page
+        if start >= full:
             return
-        start = len(seq.keys)
-        seq.keys = self._chain(seq.tokens, full, seq.keys)
-        if not self.enable_prefix_caching:
-            return
+        tokens, blocks = seq.tokens, seq.blocks
+        parent = keys[-1] if keys else _ROOT
+        register = self.enable_prefix_caching
+        block_of, key_of = self._block_of, self._key_of
         for i in range(start, full):
-            key, block = seq.keys[i], seq.blocks[i]
+            parent = hash((parent, tuple(tokens[i * page : (i + 1) * page])))
+            keys.append(parent)
+            block = blocks[i]
             # A block already registered (a prefix hit) keeps its key; a second copy of a known prefix stays
             # unregistered and is freed normally.
-            if key not in self._block_of and block not in self._key_of:
-                self._block_of[key] = block
-                self._key_of[block] = key
+            if register and parent not in block_of and block not in key_of:
+                block_of[parent] = block
+                key_of[block] = parent
+        seq.limit = min(len(blocks), full + 1) * page
 
 
 def _token_list(token_ids: Sequence[int]) -> list[int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
+from llamatelemetry_core.serving import check_decode_step
 from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
 
 __all__ = ["SimpleBlockManager", "TokenBudget"]
@@ -94,6 +95,25 @@ class SimpleBlockManager:
             self._check_free(needed, f"{len(token_ids)} more tokens of sequence {seq_id}")
             table.extend(self._take(needed))
         self._lengths[seq_id] = length
+
+    def append_decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        """One more token for each sequence of ``seq_ids`` (a decode step), all or nothing.
+
+        Raises:
+            ConfigurationError: lengths differ or an id repeats.
+            KeyError: an unknown sequence.
+            CapacityError: not enough free blocks (nothing changes).
+        """
+        check_decode_step(seq_ids, token_ids)
+        tables, lengths, page = self._tables, self._lengths, self._page_size
+        needed = sum(1 for seq_id in seq_ids if lengths[seq_id] >= len(tables[seq_id]) * page)
+        self._check_free(needed, f"one more token for each of {len(seq_ids)} sequences")
+        for seq_id in seq_ids:
+            length = lengths[seq_id] + 1
+            table = tables[seq_id]
+            if length > len(table) * page:
+                table.extend(self._take(1))
+            lengths[seq_id] = length
 
     def free(self, seq_id: int) -> None:
         """Return sequence ``seq_id``'s blocks to the pool (``KeyError`` if unknown)."""
@@ -192,6 +212,20 @@ class TokenBudget:
         self._check(len(token_ids), f"{len(token_ids)} more tokens of sequence {seq_id}")
         self._lengths[seq_id] = length + len(token_ids)
         self._used += len(token_ids)
+
+    def append_decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Count one more token for each sequence of ``seq_ids`` (a decode step), all or nothing
+        (``ConfigurationError`` for mismatched lengths or a repeated id, ``KeyError`` if one is unknown,
+        ``CapacityError`` if over budget)."""
+        check_decode_step(seq_ids, token_ids)
+        lengths = self._lengths
+        for seq_id in seq_ids:
+            if seq_id not in lengths:
+                raise KeyError(seq_id)
+        self._check(len(seq_ids), f"one more token for each of {len(seq_ids)} sequences")
+        for seq_id in seq_ids:
+            lengths[seq_id] += 1
+        self._used += len(seq_ids)
 
     def free(self, seq_id: int) -> None:
         """Give sequence ``seq_id``'s tokens back to the budget (``KeyError`` if unknown)."""

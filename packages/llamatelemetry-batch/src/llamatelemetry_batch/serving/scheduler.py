@@ -187,6 +187,10 @@ class Scheduler:
             plan.logits_sequences.append,
         )
         append, page_size, paged = self.block_manager.append, self._page_size, self.paged
+        # Decoding sequences with room in their last block need no new block, so their append cannot fail: they
+        # are appended together after the loop, in one append_decode call (one host loop, not one call each).
+        later_ids: list[int] = []
+        later_tokens: list[int] = []
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
@@ -200,7 +204,11 @@ class Scheduler:
                 # the step already gave it one). Append first and ask later: a failed append changes nothing
                 # (the protocol's rule), and it rarely fails.
                 token = token_ids[computed]
-                if seq.num_allocated_tokens == computed:
+                if seq.num_allocated_tokens == computed and paged and computed < len(seq.table_tuple) * page_size:
+                    later_ids.append(seq.seq_id)
+                    later_tokens.append(token)
+                    seq.num_allocated_tokens = computed + 1
+                elif seq.num_allocated_tokens == computed:
                     try:
                         append(seq.seq_id, [token])
                     except CapacityError:
@@ -221,6 +229,14 @@ class Scheduler:
                 break
             add_step(self._step_of(seq, n, plan))
             budget -= n
+        if later_ids:
+            if plan.preempted:  # a preempted sequence holds no blocks any more: nothing to append for it
+                gone = {victim.seq_id for victim in plan.preempted}
+                kept = [j for j, seq_id in enumerate(later_ids) if seq_id not in gone]
+                later_ids = [later_ids[j] for j in kept]
+                later_tokens = [later_tokens[j] for j in kept]
+            if later_ids:
+                self.block_manager.append_decode(later_ids, later_tokens)
         if not plan.preempted:
             while self.waiting and budget > 0 and len(running) < self.config.max_num_seqs:
                 seq = self.waiting[0]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from llamatelemetry_core.errors import CapacityError
-from llamatelemetry_core.serving import SequenceStep, StepInput
+from llamatelemetry_core.serving import SequenceStep, StepInput, check_decode_step
 
 __all__ = ["HashDecoder", "PrefixCachingBlockManager", "TinyDecoder"]
 
@@ -393,6 +393,15 @@ class PrefixCachingBlockManager:
                     h = _chain(h, full)
                 self._chain_end[seq_id] = h
                 self._register(table[-1], h)
+
+    def append_decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        check_decode_step(seq_ids, token_ids)
+        page = self._page_size
+        needed = sum(1 for seq_id in seq_ids if len(self._tokens[seq_id]) == len(self._tables[seq_id]) * page)
+        if needed > len(self._free):
+            raise CapacityError(f"no room for one more token of each of {len(seq_ids)} sequences")
+        for seq_id, token in zip(seq_ids, token_ids, strict=True):
+            self.append(seq_id, [token])
 
     def free(self, seq_id: int) -> None:
         table = self._tables.pop(seq_id)
