@@ -144,6 +144,7 @@ class Implementation:
     priority: int
     devices: frozenset[str] | Callable[[], frozenset[str]]
     checks: tuple[Check, ...] = ()
+    traced: Callable[..., Any] | None = None  # what torch.compile traces instead of fn (see llamatelemetry_core.traced)
 
     def device_kinds(self) -> frozenset[str]:
         return self.devices() if callable(self.devices) else self.devices
@@ -330,11 +331,14 @@ class Operation:
         devices: Collection[str] | Callable[[], frozenset[str]],
         checks: Collection[Check] = (),
         replace: bool = False,
+        traced: Callable[..., Any] | None = None,
     ) -> Implementation:
         """Add an implementation; a taken name raises unless ``replace=True``.
 
         ``devices`` is a device kind (``"cuda"``), a collection of kinds, or a callable returning a frozenset of
-        kinds (asked at each dispatch). Every argument is checked before anything changes: a call that raises
+        kinds (asked at each dispatch). ``traced`` is what ``torch.compile`` traces in place of ``fn`` (a custom op
+        around a kernel launcher); without it ``fn`` must be traceable. Every argument is checked before anything
+        changes: a call that raises
         :class:`ConfigurationError` (or ``TypeError`` for a non-callable ``fn``) leaves the operation as it was.
         """
         given_name: object = name  # validated at run time whatever the annotation says
@@ -351,7 +355,9 @@ class Operation:
             raise ConfigurationError(f"{self.name}: expected checks to be a collection of callables, got {checks!r}")
         if not all(callable(c) for c in checks):
             raise ConfigurationError(f"{self.name}: expected every check to be callable, got {list(checks)!r}")
-        impl = Implementation(name, fn, rank, kinds, tuple(checks))
+        if traced is not None and not callable(traced):
+            raise TypeError(f"{self.name}: expected traced to be callable or None, got {type(traced).__name__}")
+        impl = Implementation(name, fn, rank, kinds, tuple(checks), traced)
         with self._lock:
             if name in self._impls and not replace:
                 raise ConfigurationError(
@@ -376,6 +382,13 @@ class Operation:
                     f"{self.name} has no implementation {name!r}; choose one of {sorted(self._impls)}"
                 )
             return impl
+
+    def registered(self, name: str) -> Implementation:
+        """The implementation ``name``, read without the lock (so that ``torch.compile`` can trace it)."""
+        impl = self._impls.get(name)
+        if impl is None:
+            raise ConfigurationError(f"{self.name} has no implementation {name!r}; choose one of {sorted(self._impls)}")
+        return impl
 
     def explain(self, call: CallSpec) -> list[Candidate]:
         """Every implementation, best first, with the reason it cannot run ``call`` (``None``: it can)."""

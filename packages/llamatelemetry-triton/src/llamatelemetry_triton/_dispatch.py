@@ -14,6 +14,7 @@ from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_devices
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.selection import CallSpec, Check, Operation, QuietReason, requires_dtypes, requires_module
+from llamatelemetry_core.traced import traced_request
 from llamatelemetry_core.validation import dtype_name, format_shape
 from llamatelemetry_triton._compat import HAS_TRITON, triton
 
@@ -121,11 +122,14 @@ def dispatch(
     """Run ``op`` on ``args``: through :meth:`Operation.dispatch` eagerly; directly while ``torch.compile`` traces.
 
     Dynamo cannot trace the selection machinery (locks, context variables), and need not: under tracing the
-    Triton path is taken when ``compiled_triton_ok()`` (a CUDA tensor of a supported dtype with Triton
-    installed) or ``backend="triton"``, the reference otherwise; the custom ops then appear in the graph.
+    implementation requested by ``backend`` or ``LLAMATELEMETRY_BACKEND`` runs (read once per trace, a constant
+    of the graph: :func:`llamatelemetry_core.traced.traced_request`); with none requested the Triton path is
+    taken when ``compiled_triton_ok()`` (a CUDA tensor of a supported dtype with Triton installed), the
+    reference otherwise. The custom ops then appear in the graph.
     """
     if torch.compiler.is_compiling():
-        if backend == TRITON or (backend is None and HAS_TRITON and compiled_triton_ok()):
+        requested = traced_request(op.name, backend)
+        if requested == TRITON or (not requested and HAS_TRITON and compiled_triton_ok()):
             return triton_fn(*args)
         return reference_fn(*args)
     return op.dispatch(call(), *args, backend=backend)
