@@ -79,13 +79,7 @@ def dispatch(
     dtype = first.dtype if call_dtype is None else call_dtype
     if not torch.compiler.is_compiling():
         built = None if facts is None else facts[0](**dict(facts[1]))
-        call = CallSpec(
-            device=get_device_info(first.device, refresh_memory=False),
-            dtype=dtype,
-            shapes=tuple(tuple(t.shape) for t in tensors),
-            facts=built,
-        )
-        return op.dispatch(call, *args, backend=backend, **kwargs)
+        return op.run(tensors, *args, facts=built, backend=backend, call_dtype=call_dtype, **kwargs)
     shapes = tuple(tuple(int(d) for d in t.shape) for t in tensors)
     name = traced_choice(op.name, backend, first.device, dtype, shapes, facts)
     return _traceable(op, name)(*args, **kwargs)

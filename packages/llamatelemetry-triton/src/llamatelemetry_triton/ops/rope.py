@@ -30,9 +30,9 @@ from llamatelemetry_core.validation import check_non_negative_int, format_shape
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
-    call_spec,
     check_float_tensor,
     compute_dtype,
+    described,
     device_info,
     dispatch,
     needs_autograd,
@@ -444,7 +444,7 @@ def triton_rope(
     _check_rope_args(q, k, cos, sin, positions)
     return dispatch(  # type: ignore[no-any-return]
         ROPE,
-        lambda: call_spec(q, k, cos, sin, triton_unsupported=_unsupported(q, k)),
+        described(q, k, cos, sin, triton_unsupported=_unsupported(q, k)),
         _rope_triton,
         _rope_reference_inplace,
         lambda: q.is_cuda and q.dtype in TRITON_DTYPES and k.dtype in TRITON_DTYPES,
