@@ -35,3 +35,9 @@ def test_fullgraph_compile_and_the_backend_variable() -> None:
 @pytest.mark.gpu
 def test_cuda_graph_capture_and_replay() -> None:
     SUITE.check_cuda_graph(torch.float16)
+
+
+@pytest.mark.triton
+def test_the_triton_kernels_custom_op_passes_opcheck() -> None:
+    q, k, v = _qkv(torch.Generator().manual_seed(0), torch.float32, DEVICE)
+    Conformance.check_opcheck(torch.ops.llamatelemetry.flashattn_triton.default, (q, k, v, True, 0.25, None, None))
