@@ -137,3 +137,17 @@ def test_a_failing_registration_warns_and_never_breaks_importing_transformers() 
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "llamatelemetry could not register" in done.stdout, done.stdout
+
+
+def test_compiled_decode_over_a_growing_context_does_not_recompile_per_length() -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    q = torch.randn(1, 1, 4, 16)
+    compiled = torch.compile(
+        lambda q, k: flash_attention_forward(q, k, k, causal=True), fullgraph=True, backend="eager"
+    )
+    for length in range(5, 17):
+        k = torch.randn(1, length, 2, 16)
+        assert_close(compiled(q, k), flash_attention_forward(q, k, k, causal=True), name=f"context {length}")
+    assert counters["stats"]["unique_graphs"] <= 2, "a graph per context length"  # static, then dynamic

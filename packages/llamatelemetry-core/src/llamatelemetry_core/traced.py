@@ -80,7 +80,10 @@ def dispatch(
     if not torch.compiler.is_compiling():
         built = None if facts is None else facts[0](**dict(facts[1]))
         return op.run(tensors, *args, facts=built, backend=backend, call_dtype=call_dtype, **kwargs)
-    shapes = tuple(tuple(int(d) for d in t.shape) for t in tensors)
+    # Facts with a selection_class() stand in for the shapes (see CallSpec.selection_key): then the shapes are not
+    # handed over, and the compiled graph is not specialized to them.
+    by_class = facts is not None and hasattr(facts[0], "selection_class")
+    shapes = () if by_class else tuple(tuple(int(d) for d in t.shape) for t in tensors)
     name = traced_choice(op.name, backend, first.device, dtype, shapes, facts)
     return _traceable(op, name)(*args, **kwargs)
 

@@ -130,12 +130,18 @@ def flash_attention_forward(
     window = check_window_size(window_size)
     cap = check_softcap(softcap)
     head_dim = int(q.shape[3])
+    if torch.compiler.is_compiling():
+        # Selection reads only how the lengths compare (AttentionCall.selection_class): hand it lengths that
+        # compare the same, so that a compiled graph guards on the comparisons, not on every length.
+        batch, (q_len, kv_len) = 1, _lengths_that_compare_alike(q.shape[1], k.shape[1])
+    else:
+        batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     facts: FactsSpec = (
         AttentionCall,
         (
-            ("batch", int(q.shape[0])),
-            ("q_len", int(q.shape[1])),
-            ("kv_len", int(k.shape[1])),
+            ("batch", batch),
+            ("q_len", q_len),
+            ("kv_len", kv_len),
             ("num_heads", int(q.shape[2])),
             ("num_kv_heads", int(k.shape[2])),
             ("head_dim", head_dim),
@@ -161,6 +167,19 @@ def flash_attention_forward(
         dropout_p=dropout,
     )
     return out
+
+
+def _lengths_that_compare_alike(q_len: int, kv_len: int) -> tuple[int, int]:
+    """Small lengths with the same comparisons as ``(q_len, kv_len)``: ``q_len == 1``, ``q_len == kv_len``,
+    ``q_len > kv_len`` and ``kv_len == 0`` (what :meth:`AttentionCall.selection_class` keeps of the lengths)."""
+    one = q_len == 1
+    if kv_len == 0:
+        return (1 if one else 2), 0
+    if q_len == kv_len:
+        return (1, 1) if one else (2, 2)
+    if q_len > kv_len:
+        return 3, 2  # kv_len >= 1 here, so q_len >= 2
+    return (1, 2) if one else (2, 3)
 
 
 def selected_backend(
