@@ -23,13 +23,24 @@ __all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput", "check
 
 
 def check_decode_step(seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
-    """What every :meth:`KVBlockManager.append_decode` checks first: one token per sequence, each sequence once."""
+    """What every :meth:`KVBlockManager.append_decode` checks first: one token per sequence, each sequence once,
+    ids and tokens ints (tokens >= 0). Raises ``ConfigurationError`` naming the argument at fault."""
+    for name, values in (("seq_ids", seq_ids), ("token_ids", token_ids)):
+        if type(values) is not list and (isinstance(values, str | bytes) or not isinstance(values, Sequence)):
+            raise ConfigurationError(f"expected {name} to be a sequence of ints, got {type(values).__name__}")
+        # Exact type tests in C (map, set): a decode step runs this for every sequence, every step.
+        if not set(map(type, values)) <= {int}:
+            bad = next(x for x in values if type(x) is not int)
+            raise ConfigurationError(f"expected {name} to hold ints, got {bad!r} ({type(bad).__name__})")
+    if token_ids and min(token_ids) < 0:
+        raise ConfigurationError(f"expected token_ids >= 0, got {min(token_ids)}")
     if len(seq_ids) != len(token_ids):
         raise ConfigurationError(
-            f"expected one token per sequence, got {len(seq_ids)} sequence ids and {len(token_ids)} tokens"
+            f"expected one token per sequence, got {len(seq_ids)} sequence ids (seq_ids) and {len(token_ids)} "
+            "tokens (token_ids)"
         )
     if len(set(seq_ids)) != len(seq_ids):
-        raise ConfigurationError("expected each sequence once per decode step, got a repeated sequence id")
+        raise ConfigurationError("expected each sequence once per decode step, got a repeated sequence id in seq_ids")
 
 
 @runtime_checkable
