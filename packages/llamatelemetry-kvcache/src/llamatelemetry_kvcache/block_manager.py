@@ -22,7 +22,8 @@ returned as ``(source, destination)`` pairs. A block that a sequence still write
 and a full block is never written again.
 
 Every method that cannot be carried out raises :class:`~llamatelemetry_core.errors.CapacityError` (out of
-blocks) or ``KeyError`` (unknown sequence) before changing anything.
+blocks), ``KeyError`` (unknown sequence) or :class:`~llamatelemetry_core.errors.ConfigurationError` (an argument
+of the wrong type or out of range: sequence ids are ints, token ids ints >= 0) before changing anything.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_core.serving import check_decode_step
-from llamatelemetry_core.validation import check_positive_int
+from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
 
 __all__ = ["BlockManager", "BlockManagerStats"]
 
@@ -93,8 +94,13 @@ class BlockManager:
         self._num_blocks = check_positive_int(num_blocks, "num_blocks")
         self._page_size = check_positive_int(page_size, "page_size")
         self.enable_prefix_caching = bool(enable_prefix_caching)
-        self._refs = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        try:
+            self._refs = [0] * num_blocks
+            self._free: deque[int] = deque(range(num_blocks))
+        except MemoryError:
+            raise CapacityError(
+                f"the bookkeeping of num_blocks={num_blocks} blocks does not fit in memory; give fewer blocks"
+            ) from None
         self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced blocks with content, LRU first
         self._key_of: dict[int, int] = {}  # block -> chain key, for registered blocks
         self._block_of: dict[int, int] = {}  # chain key -> block
@@ -121,13 +127,15 @@ class BlockManager:
 
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
         """Whether a new sequence of ``token_ids`` fits now (prefix-cache hits counted)."""
-        if len(token_ids) == 0:
+        tokens = _token_list(token_ids)
+        if not tokens:
             return False
-        hits = self._prefix_hits(token_ids)
-        return self._blocks_for(len(token_ids)) - len(hits) <= self._available_after(hits)
+        hits = self._prefix_hits(tokens)
+        return self._blocks_for(len(tokens)) - len(hits) <= self._available_after(hits)
 
     def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
         """Give a new sequence blocks for ``token_ids``; return how many leading tokens are already cached."""
+        _check_seq_id(seq_id, "seq_id")
         if seq_id in self._seqs:
             raise ConfigurationError(f"sequence {seq_id} already holds blocks; free it first or use another id")
         tokens = _token_list(token_ids)
@@ -155,6 +163,8 @@ class BlockManager:
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Whether ``num_tokens`` more tokens of a running sequence fit now."""
+        if type(num_tokens) is not int or num_tokens < 0:
+            check_non_negative_int(num_tokens, "num_tokens")
         seq = self._seqs.get(seq_id)
         if seq is not None and len(seq.tokens) + num_tokens <= len(seq.blocks) * self._page_size:
             return True  # the decode hot path: room left in the last block
@@ -168,7 +178,7 @@ class BlockManager:
         Every token the sequence held before is taken as computed (its full blocks become reusable prefixes).
         """
         seq = self._seqs.get(seq_id)
-        if seq is not None and type(token_ids) is list:
+        if seq is not None and type(token_ids) is list and _plain_tokens(token_ids):
             # The decode hot path (once per running sequence per step): room in the last block and no block
             # completed since the last registration, so only the tokens change.
             tokens = seq.tokens
@@ -178,7 +188,7 @@ class BlockManager:
                 tokens += token_ids  # in place: the list object stays the sequence's
                 return
         seq = seq or self._seq(seq_id)
-        tokens = token_ids if type(token_ids) is list else _token_list(token_ids)
+        tokens = _token_list(token_ids)
         held = len(seq.tokens)
         need = -(-(held + len(tokens)) // self._page_size) - len(seq.blocks)
         if need > 0:
@@ -207,6 +217,8 @@ class BlockManager:
         total = 0
         for seq_id, token_ids in appends:
             seq = seqs.get(seq_id) or self._seq(seq_id)
+            if not (type(token_ids) is list and _plain_tokens(token_ids)):
+                token_ids = _token_list(token_ids)  # checked before anything changes
             need = -(-(len(seq.tokens) + len(token_ids)) // page) - len(seq.blocks)
             if need > 0:
                 total += need
@@ -219,7 +231,7 @@ class BlockManager:
             )
         for seq, token_ids, need in plan:
             held = len(seq.tokens)
-            if need <= 0 and type(token_ids) is list and held + len(token_ids) <= seq.limit:
+            if need <= 0 and held + len(token_ids) <= seq.limit:
                 seq.computed = held  # the decode fast path, as in append
                 seq.tokens += token_ids
                 continue
@@ -229,7 +241,7 @@ class BlockManager:
                 seq.computed = held
             if need > 0:
                 self._take_blocks(seq, need)
-            seq.tokens.extend(token_ids if type(token_ids) is list else _token_list(token_ids))
+            seq.tokens.extend(token_ids)
             self._refresh(seq)
 
     def append_decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
@@ -270,7 +282,7 @@ class BlockManager:
                 seq.computed = held
             if held >= len(seq.blocks) * page:
                 self._take_blocks(seq, 1)
-            tokens.append(int(token))
+            tokens.append(token)
             self._refresh(seq)
 
     def free(self, seq_id: int) -> None:
@@ -313,6 +325,7 @@ class BlockManager:
         ``(source, destination)`` block copies the tensor side must perform before the child is written.
         """
         parent = self._seq(parent_id)
+        _check_seq_id(child_id, "child_id")
         if child_id in self._seqs:
             raise ConfigurationError(f"sequence {child_id} already holds blocks; fork into a new id")
         partial = len(parent.tokens) % self._page_size != 0
@@ -338,7 +351,8 @@ class BlockManager:
     def mark_computed(self, seq_id: int, num_tokens: int) -> None:
         """Say that the first ``num_tokens`` tokens of a sequence have their K/V written (after a prefill step)."""
         seq = self._seq(seq_id)
-        if not 0 <= num_tokens <= len(seq.tokens):
+        check_non_negative_int(num_tokens, "num_tokens")
+        if not num_tokens <= len(seq.tokens):
             raise ConfigurationError(
                 f"sequence {seq_id} holds {len(seq.tokens)} tokens; expected num_tokens in [0, {len(seq.tokens)}], "
                 f"got {num_tokens}"
@@ -359,6 +373,9 @@ class BlockManager:
 
     def ref_count(self, block: int) -> int:
         """How many sequences reference ``block``."""
+        given: object = block  # checked as the object it is: a caller may pass anything
+        if isinstance(given, bool) or not isinstance(given, int) or not 0 <= given < self._num_blocks:
+            raise ConfigurationError(f"expected block in [0, num_blocks={self._num_blocks}), got {block!r}")
         return self._refs[block]
 
     def stats(self) -> BlockManagerStats:
@@ -482,7 +499,23 @@ class BlockManager:
         seq.limit = min(len(blocks), full + 1) * page
 
 
-def _token_list(token_ids: Sequence[int]) -> list[int]:
-    if isinstance(token_ids, str | bytes):
-        raise ConfigurationError(f"expected token ids (a sequence of ints), got {type(token_ids).__name__}")
-    return [int(t) for t in token_ids]
+def _token_list(token_ids: object) -> list[int]:
+    """``token_ids`` as a new list, checked: ints >= 0 (no bools, floats or strings, which ``int()`` would turn
+    into other tokens without a word)."""
+    if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Iterable):
+        raise ConfigurationError(f"expected token_ids to be a sequence of ints, got {type(token_ids).__name__}")
+    tokens = list(token_ids)
+    if not _plain_tokens(tokens):
+        bad = next(t for t in tokens if type(t) is not int or t < 0)
+        raise ConfigurationError(f"expected token_ids to hold ints >= 0, got {bad!r} ({type(bad).__name__})")
+    return tokens
+
+
+def _plain_tokens(tokens: list[object]) -> bool:
+    """Whether every token is an int >= 0 (exact type tests: this runs on the decode path)."""
+    return all(type(t) is int and t >= 0 for t in tokens)
+
+
+def _check_seq_id(seq_id: object, name: str) -> None:
+    if isinstance(seq_id, bool) or not isinstance(seq_id, int):
+        raise ConfigurationError(f"expected {name} to be an int, got {seq_id!r} ({type(seq_id).__name__})")

@@ -109,7 +109,9 @@ class BlockTableBuilder:
             widest = max(widest, n)
         used = widest if width is None else width
         if used < widest:
-            raise ConfigurationError(f"a table of {widest} blocks does not fit width={used}; raise it")
+            raise ConfigurationError(
+                f"a table of {widest} blocks does not fit width={used} (max_blocks_per_seq); raise it"
+            )
         index = _int32_tensor(rows).long()
         block_tables = self._tensor.index_select(0, index)[:, :used].contiguous()
         seq_lens = _int32_tensor(lengths)

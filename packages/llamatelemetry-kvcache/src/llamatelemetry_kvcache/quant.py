@@ -3,7 +3,9 @@
 For a head vector ``x`` (``head_dim`` values) the scale is ``s = max|x| / qmax`` (``qmax`` = 127 for int8, 448
 for float8 e4m3) and the stored value is ``q = round(x / s)`` (int8, clamped to [-127, 127]) or ``x / s``
 rounded to the nearest e4m3 value; ``q * s`` stands for ``x`` (core's layout: :mod:`llamatelemetry_core.kv_layout`).
-An all-zero vector gets ``s = 1``, so that no division by zero can arise. The largest error is half a step,
+An all-zero vector gets ``s = 1``, so that no division by zero can arise. A vector holding NaN or an infinity
+gets a NaN or infinite scale and reads back as NaN throughout (never as finite values that hide the bad input).
+The largest error is half a step,
 ``s / 2`` per element for int8 (0.4% of the head's largest value); e4m3 keeps 3 mantissa bits (a relative error
 of at most 1/16). These functions are the specification the Triton write kernel is tested against, and the CPU
 path.
@@ -39,7 +41,9 @@ def quantize_kv(x: torch.Tensor, kv_dtype: torch.dtype) -> tuple[torch.Tensor, t
     """
     qmax = qmax_of(kv_dtype)
     amax = x.detach().float().abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # Only an all-zero vector takes the scale 1: a NaN amax (a NaN in the vector) must give a NaN scale, so that
+    # the vector reads back as NaN; ``amax > 0`` would send it to the scale 1 and return rounded garbage.
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax)
     scaled = x.float() / scale.unsqueeze(-1)
     if kv_dtype == torch.int8:
         q = scaled.round().clamp_(-qmax, qmax).to(torch.int8)
