@@ -126,11 +126,12 @@ def test_append_decode_is_append_for_each_and_all_or_nothing(block_manager_facto
         assert batched.num_free_blocks == single.num_free_blocks
     held = {seq_id: batched.num_tokens(seq_id) for seq_id in range(4)}
     free = batched.num_free_blocks
-    for call, error, match in (
+    cases: list[tuple[Callable[[], None], type[Exception], str]] = [
         (lambda: batched.append_decode([0, 1], [5]), ConfigurationError, "one token per sequence"),
         (lambda: batched.append_decode([0, 0], [5, 6]), ConfigurationError, "repeated sequence id"),
         (lambda: batched.append_decode([0, 99], [5, 6]), KeyError, "99"),
-    ):
+    ]
+    for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
         assert {seq_id: batched.num_tokens(seq_id) for seq_id in range(4)} == held and batched.num_free_blocks == free
