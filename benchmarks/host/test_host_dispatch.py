@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llamatelemetry_core.environment import triton_interpreter_enabled
-from llamatelemetry_core.selection import CallSpec, Operation
+from llamatelemetry_core.selection import Operation
 
 pytestmark = pytest.mark.skipif(
     triton_interpreter_enabled(), reason="host cost is measured with TRITON_INTERPRET unset (interpreted kernels)"
@@ -96,7 +96,7 @@ _DISPATCH_ONLY.register("native", lambda x: torch.add(x, x), priority=1, devices
 
 
 def _dispatch_only() -> torch.Tensor:
-    return _DISPATCH_ONLY.dispatch(CallSpec.from_tensors(X), X)  # type: ignore[no-any-return]
+    return _DISPATCH_ONLY.run((X,), X)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("op", sorted(PAIRS))

@@ -49,9 +49,11 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from llamatelemetry_core import build_failures
 from llamatelemetry_core.backend_env import (
@@ -82,7 +84,7 @@ from llamatelemetry_core.callspec import (
     requires_min_capability,
     requires_module,
 )
-from llamatelemetry_core.device import reload_simulation_env
+from llamatelemetry_core.device import get_device_info, reload_simulation_env
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.recording import (
     Selection,
@@ -144,6 +146,7 @@ class Implementation:
     priority: int
     devices: frozenset[str] | Callable[[], frozenset[str]]
     checks: tuple[Check, ...] = ()
+    traced: Callable[..., Any] | None = None  # what torch.compile traces instead of fn (see llamatelemetry_core.traced)
 
     def device_kinds(self) -> frozenset[str]:
         return self.devices() if callable(self.devices) else self.devices
@@ -302,6 +305,12 @@ class _Plan:
     device: object  # keeps the call's device alive: the key holds its id
 
 
+def _described(tensors: Sequence[torch.Tensor], facts: Hashable | None, call_dtype: torch.dtype | None) -> CallSpec:
+    """The :class:`CallSpec` that :meth:`Operation.run` skipped building on its hot path."""
+    call = CallSpec.from_tensors(*tensors, facts=facts)
+    return call if call_dtype is None else CallSpec(call.device, call_dtype, call.shapes, facts=facts)
+
+
 class Operation:
     """An operation with a reference implementation and optional faster ones; see the module docstring."""
 
@@ -330,11 +339,14 @@ class Operation:
         devices: Collection[str] | Callable[[], frozenset[str]],
         checks: Collection[Check] = (),
         replace: bool = False,
+        traced: Callable[..., Any] | None = None,
     ) -> Implementation:
         """Add an implementation; a taken name raises unless ``replace=True``.
 
         ``devices`` is a device kind (``"cuda"``), a collection of kinds, or a callable returning a frozenset of
-        kinds (asked at each dispatch). Every argument is checked before anything changes: a call that raises
+        kinds (asked at each dispatch). ``traced`` is what ``torch.compile`` traces in place of ``fn`` (a custom op
+        around a kernel launcher); without it ``fn`` must be traceable. Every argument is checked before anything
+        changes: a call that raises
         :class:`ConfigurationError` (or ``TypeError`` for a non-callable ``fn``) leaves the operation as it was.
         """
         given_name: object = name  # validated at run time whatever the annotation says
@@ -351,7 +363,9 @@ class Operation:
             raise ConfigurationError(f"{self.name}: expected checks to be a collection of callables, got {checks!r}")
         if not all(callable(c) for c in checks):
             raise ConfigurationError(f"{self.name}: expected every check to be callable, got {list(checks)!r}")
-        impl = Implementation(name, fn, rank, kinds, tuple(checks))
+        if traced is not None and not callable(traced):
+            raise TypeError(f"{self.name}: expected traced to be callable or None, got {type(traced).__name__}")
+        impl = Implementation(name, fn, rank, kinds, tuple(checks), traced)
         with self._lock:
             if name in self._impls and not replace:
                 raise ConfigurationError(
@@ -376,6 +390,13 @@ class Operation:
                     f"{self.name} has no implementation {name!r}; choose one of {sorted(self._impls)}"
                 )
             return impl
+
+    def registered(self, name: str) -> Implementation:
+        """The implementation ``name``, read without the lock (so that ``torch.compile`` can trace it)."""
+        impl = self._impls.get(name)
+        if impl is None:
+            raise ConfigurationError(f"{self.name} has no implementation {name!r}; choose one of {sorted(self._impls)}")
+        return impl
 
     def explain(self, call: CallSpec) -> list[Candidate]:
         """Every implementation, best first, with the reason it cannot run ``call`` (``None``: it can)."""
@@ -459,6 +480,39 @@ class Operation:
                 to_warn.append((impl.name, reason))
         raise AssertionError("the reference implementation supports every call")  # pragma: no cover
 
+    def run(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *args: Any,
+        facts: Hashable | None = None,
+        backend: str | None = None,
+        call_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """:meth:`dispatch` for the call ``tensors`` describe (as :meth:`CallSpec.from_tensors` would, with
+        ``call_dtype`` in place of the first tensor's dtype when given), building the :class:`CallSpec` only
+        when the choice is not remembered yet: the hot path of every public operation.
+        """
+        first = tensors[0]
+        device = get_device_info(first.device, refresh_memory=False)
+        dtype = first.dtype if call_dtype is None else call_dtype
+        shapes = tuple([tuple(t.shape) for t in tensors])
+        class_of = getattr(facts, "selection_class", None)
+        selection = (
+            (id(device), dtype, class_of(), ()) if class_of is not None else (id(device), dtype, shapes, facts, ())
+        )
+        kinds = tuple(i.device_kinds() for i in self._dynamic) if self._dynamic else ()
+        key: Hashable | None = (backend, selection, build_failures.failures_generation(), kinds)
+        try:
+            plan = self._cache.get(key)
+        except TypeError:  # a fact that cannot be hashed: choose afresh at every call
+            key, plan = None, None
+        if plan is None:
+            call = CallSpec(device=device, dtype=dtype, shapes=shapes, facts=facts)
+            plan = self._remember(key, call, backend)
+            return self._execute(plan, call, args, kwargs)
+        return self._execute(plan, None, args, kwargs, tensors, facts, call_dtype)
+
     def dispatch(self, call: CallSpec, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         """Run the best implementation supporting ``call`` on ``args``; see the module docstring."""
         key: Hashable | None = self._cache_key(call, backend)
@@ -467,18 +521,35 @@ class Operation:
         except TypeError:  # a fact that cannot be hashed: choose afresh at every call
             key, plan = None, None
         if plan is None:
-            plan = self._plan(call, backend)
-            if key is not None:
-                if len(self._cache) >= _CACHE_LIMIT:
-                    self._cache.clear()
-                self._cache[key] = plan
+            plan = self._remember(key, call, backend)
+        return self._execute(plan, call, args, kwargs)
+
+    def _remember(self, key: Hashable | None, call: CallSpec, backend: str | None) -> _Plan:
+        plan = self._plan(call, backend)
+        if key is not None:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = plan
+        return plan
+
+    def _execute(
+        self,
+        plan: _Plan,
+        call: CallSpec | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        tensors: Sequence[torch.Tensor] = (),
+        facts: Hashable | None = None,
+        call_dtype: torch.dtype | None = None,
+    ) -> Any:
+        """Run ``plan`` (``call`` is built from ``tensors`` only if an implementation fails and another is tried)."""
         impl = plan.impl
         if plan.index < 0:
             record_selection(plan.selection)
             try:
                 return impl.fn(*args, **kwargs)
             except Exception as exc:
-                reason = self._record_build_failure(impl, call, exc)
+                reason = self._record_build_failure(impl, call or _described(tensors, facts, call_dtype), exc)
                 if reason is None or isinstance(exc, BackendUnavailableError):
                     raise
                 raise self._unavailable(impl, reason) from exc
@@ -487,12 +558,13 @@ class Operation:
         except Exception as exc:
             if impl.name == REFERENCE:
                 raise
-            reason = self._record_build_failure(impl, call, exc)
+            reason = self._record_build_failure(impl, call or _described(tensors, facts, call_dtype), exc)
             if reason is None:
                 if not isinstance(exc, BackendUnavailableError):
                     raise
                 reason = str(exc)
             skipped = [*plan.selection.skipped, (impl.name, reason)]
+            call = call or _described(tensors, facts, call_dtype)
             return self._run_from(plan.index + 1, call, skipped, [*plan.to_warn, (impl.name, reason)], args, kwargs)
         for name, why in plan.to_warn:
             _warn_once(self.name, name, why, impl.name)

@@ -32,8 +32,15 @@ from llamatelemetry_flashattn.paged_backends import (
     paged_backend_report,
 )
 from llamatelemetry_flashattn.paged_reference import paged_attention_reference
-from llamatelemetry_flashattn.patching import HF_ATTENTION_NAME, disable_flash_attention, enable_flash_attention
+from llamatelemetry_flashattn.patching import (
+    HF_ATTENTION_NAME,
+    disable_flash_attention,
+    enable_flash_attention,
+    register_when_transformers_loads,
+)
 from llamatelemetry_flashattn.reference import attention_reference
+
+register_when_transformers_loads()  # attn_implementation="llamatelemetry" works with no other call
 
 __all__ = [
     "ATTENTION",

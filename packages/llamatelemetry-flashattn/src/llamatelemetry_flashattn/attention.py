@@ -10,6 +10,7 @@ from llamatelemetry_core.device import get_device_info
 from llamatelemetry_core.environment import flash_attn_status
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.selection import CallSpec
+from llamatelemetry_core.traced import FactsSpec, dispatch
 from llamatelemetry_core.validation import (
     check_dtype,
     check_ndim,
@@ -128,26 +129,30 @@ def flash_attention_forward(
     scale = check_softmax_scale(softmax_scale)
     window = check_window_size(window_size)
     cap = check_softcap(softcap)
-    head_dim = q.shape[3]
-    facts = AttentionCall(
-        batch=q.shape[0],
-        q_len=q.shape[1],
-        kv_len=k.shape[1],
-        num_heads=q.shape[2],
-        num_kv_heads=k.shape[2],
-        head_dim=head_dim,
-        causal=causal,
-        window_size=window,
-        softcap=cap,
-        dropout_p=dropout,
-        needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+    head_dim = int(q.shape[3])
+    facts: FactsSpec = (
+        AttentionCall,
+        (
+            ("batch", int(q.shape[0])),
+            ("q_len", int(q.shape[1])),
+            ("kv_len", int(k.shape[1])),
+            ("num_heads", int(q.shape[2])),
+            ("num_kv_heads", int(k.shape[2])),
+            ("head_dim", head_dim),
+            ("causal", causal),
+            ("window_size", window),
+            ("softcap", cap),
+            ("dropout_p", dropout),
+            ("needs_grad", torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)),
+        ),
     )
-    call = CallSpec.from_tensors(q, k, v, facts=facts)
-    out: torch.Tensor = ATTENTION.dispatch(
-        call,
+    out: torch.Tensor = dispatch(
+        ATTENTION,
+        (q, k, v),
         q,
         k,
         v,
+        facts=facts,
         backend=backend,
         causal=causal,
         softmax_scale=scale if scale is not None else 1.0 / math.sqrt(head_dim),

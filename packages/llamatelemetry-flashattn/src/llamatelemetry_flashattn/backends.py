@@ -404,6 +404,53 @@ def _triton_impl(
     return propagate_query_nan(q, out, causal=causal, window_size=window_size, kv_len=k.shape[1])
 
 
+@torch.library.custom_op("llamatelemetry::flashattn_triton", mutates_args=())
+def _triton_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    softmax_scale: float | None,
+    window_size: list[int] | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """The Triton kernel as one graph node for ``torch.compile`` (forward only: the checks route autograd away)."""
+    window = None if window_size is None else (window_size[0], window_size[1])
+    return _triton_impl(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window, softcap=softcap, dropout_p=0.0
+    )
+
+
+@_triton_op.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    softmax_scale: float | None,
+    window_size: list[int] | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _triton_traced(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float | None,
+    window_size: tuple[int, int] | None,
+    softcap: float | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    del dropout_p  # the check keeps dropout away from this kernel
+    window = None if window_size is None else [window_size[0], window_size[1]]
+    result: torch.Tensor = _triton_op(q, k, v, causal, softmax_scale, window, softcap)
+    return result
+
+
 def _reference_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -480,6 +527,7 @@ ATTENTION.register(
     _triton_impl,
     priority=350,
     devices=triton_devices,
+    traced=_triton_traced,
     checks=[
         requires_module("triton", "pip install triton"),
         requires_min_capability(7, 5),

@@ -24,6 +24,7 @@ model's dropout rate in training. transformers is imported only when a transform
 
 from __future__ import annotations
 
+import contextlib
 import types
 import weakref
 from collections.abc import Callable
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from llamatelemetry_core.errors import CapabilityError, ConfigurationError
+from llamatelemetry_flashattn._hf_hook import install
 from llamatelemetry_flashattn.attention import flash_attention_forward
 from llamatelemetry_flashattn.config import FlashAttentionConfig
 from llamatelemetry_flashattn.reference import visibility_mask
@@ -246,6 +248,19 @@ def _register_with_transformers() -> None:
 
     AttentionInterface.register(HF_ATTENTION_NAME, _hf_attention)
     AttentionMaskInterface.register(HF_ATTENTION_NAME, sdpa_mask)
+
+
+def register_when_transformers_loads() -> None:
+    """Make ``attn_implementation="llamatelemetry"`` known to transformers as soon as its modeling code is loaded
+    (at once if it is); called when this component is imported. A transformers too old for these interfaces is
+    left alone here: :func:`enable_flash_attention` then says what is missing."""
+
+    def register() -> None:
+        # Without AttentionInterface / AttentionMaskInterface, enable_flash_attention raises with the reason.
+        with contextlib.suppress(ImportError):
+            _register_with_transformers()
+
+    install(register)
 
 
 def _is_transformers_model(model: torch.nn.Module) -> bool:

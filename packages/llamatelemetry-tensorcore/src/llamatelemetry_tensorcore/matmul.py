@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.selection import CallSpec, NoticeReason, Operation, requires_min_capability
+from llamatelemetry_core.traced import dispatch
 from llamatelemetry_core.validation import check_dtype, check_same_device, check_tensor, dtype_name, format_shape
 
 __all__ = ["MATMUL_OPERATION", "MatmulPadding", "matmul_tensor_core", "range_scale_exponents", "tensor_core_padding"]
@@ -222,6 +223,18 @@ def _tensor_core(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dty
     return _compute(a, b, out, dtype, padding, tensor_cores=True)
 
 
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+def _traced_padding(device: torch.device, m: int, n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    padding = tensor_core_padding(_device_info(device), m, n, k, dtype)
+    return (padding.m, padding.n, padding.k)
+
+
+def _tensor_core_traced(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``_tensor_core`` as ``torch.compile`` traces it: the padding (a fact of the device) is a graph constant."""
+    m, n, k = _traced_padding(a.device, int(a.shape[-2]), int(b.shape[-1]), int(a.shape[-1]), dtype)
+    return _compute(a, b, out, dtype, MatmulPadding(m, n, k), tensor_cores=True)
+
+
 def _native_dtype(call: CallSpec) -> str | None:
     if call.dtype == torch.bfloat16 and call.device.is_cuda and not call.device.supports_bf16:
         # The caller asked for bf16 Tensor Cores by name: running on CUDA cores instead is worth a notice.
@@ -255,14 +268,18 @@ class _MatmulFunction(torch.autograd.Function):
 def _dispatch(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype, backend: str | None
 ) -> torch.Tensor:
-    call = CallSpec(device=_device_info(a.device), dtype=dtype, shapes=(tuple(a.shape), tuple(b.shape)))
-    result: torch.Tensor = MATMUL_OPERATION.dispatch(call, a, b, out, dtype, backend=backend)
+    result: torch.Tensor = dispatch(MATMUL_OPERATION, (a, b), a, b, out, dtype, backend=backend, call_dtype=dtype)
     return result
 
 
 MATMUL_OPERATION = Operation("matmul_tensor_core", _reference)
 MATMUL_OPERATION.register(
-    "tensor_core", _tensor_core, priority=10, devices={"cuda"}, checks=[requires_min_capability(7, 0), _native_dtype]
+    "tensor_core",
+    _tensor_core,
+    priority=10,
+    devices={"cuda"},
+    checks=[requires_min_capability(7, 0), _native_dtype],
+    traced=_tensor_core_traced,
 )
 
 

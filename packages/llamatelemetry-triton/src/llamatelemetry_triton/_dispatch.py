@@ -14,6 +14,7 @@ from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_devices
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.selection import CallSpec, Check, Operation, QuietReason, requires_dtypes, requires_module
+from llamatelemetry_core.traced import traced_request
 from llamatelemetry_core.validation import dtype_name, format_shape
 from llamatelemetry_triton._compat import HAS_TRITON, triton
 
@@ -26,6 +27,7 @@ __all__ = [
     "check_float_tensor",
     "check_vector",
     "compute_dtype",
+    "described",
     "device_info",
     "dispatch",
     "needs_autograd",
@@ -54,16 +56,21 @@ class TritonCall:
 _SUPPORTED = TritonCall()
 
 
+Described = tuple[tuple[torch.Tensor, ...], TritonCall]
+"""A call by its tensors and facts: what :func:`dispatch` takes (see :func:`described`)."""
+
+
+def described(first: torch.Tensor, *others: torch.Tensor | None, triton_unsupported: str | None = None) -> Described:
+    """Describe a call by its tensors (``None`` for absent optional ones); ``triton_unsupported`` is the reason
+    the Triton kernel cannot take this call, if any."""
+    tensors = (first, *(t for t in others if t is not None))
+    return tensors, _SUPPORTED if triton_unsupported is None else TritonCall(triton_unsupported)
+
+
 def call_spec(first: torch.Tensor, *others: torch.Tensor | None, triton_unsupported: str | None = None) -> CallSpec:
-    """Describe a call by its tensors (``None`` for absent optional ones) like ``CallSpec.from_tensors``;
-    ``triton_unsupported`` is the reason the Triton kernel cannot take this call, if any."""
-    tensors = [first, *(t for t in others if t is not None)]
-    return CallSpec(
-        device=device_info(first.device),
-        dtype=first.dtype,
-        shapes=tuple(tuple(t.shape) for t in tensors),
-        facts=_SUPPORTED if triton_unsupported is None else TritonCall(triton_unsupported),
-    )
+    """The :class:`CallSpec` of :func:`described` (what ``select`` and ``explain`` take)."""
+    tensors, facts = described(first, *others, triton_unsupported=triton_unsupported)
+    return CallSpec.from_tensors(*tensors, facts=facts)
 
 
 def _bf16_supported(call: CallSpec) -> str | None:
@@ -111,24 +118,27 @@ def register_triton(op: Operation, fn: Callable[..., Any], extra_checks: Sequenc
 
 def dispatch(
     op: Operation,
-    call: Callable[[], CallSpec],
+    call: Described,
     triton_fn: Callable[..., Any],
     reference_fn: Callable[..., Any],
     compiled_triton_ok: Callable[[], bool],
     *args: Any,
     backend: str | None = None,
 ) -> Any:
-    """Run ``op`` on ``args``: through :meth:`Operation.dispatch` eagerly; directly while ``torch.compile`` traces.
+    """Run ``op`` on ``args``: through :meth:`Operation.run` eagerly; directly while ``torch.compile`` traces.
 
     Dynamo cannot trace the selection machinery (locks, context variables), and need not: under tracing the
-    Triton path is taken when ``compiled_triton_ok()`` (a CUDA tensor of a supported dtype with Triton
-    installed) or ``backend="triton"``, the reference otherwise; the custom ops then appear in the graph.
+    implementation requested by ``backend`` or ``LLAMATELEMETRY_BACKEND`` runs (read once per trace, a constant
+    of the graph: :func:`llamatelemetry_core.traced.traced_request`); with none requested the Triton path is
+    taken when ``compiled_triton_ok()`` (a CUDA tensor of a supported dtype with Triton installed), the
+    reference otherwise. The custom ops then appear in the graph.
     """
     if torch.compiler.is_compiling():
-        if backend == TRITON or (backend is None and HAS_TRITON and compiled_triton_ok()):
+        requested = traced_request(op.name, backend)
+        if requested == TRITON or (not requested and HAS_TRITON and compiled_triton_ok()):
             return triton_fn(*args)
         return reference_fn(*args)
-    return op.dispatch(call(), *args, backend=backend)
+    return op.run(call[0], *args, facts=call[1], backend=backend)
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

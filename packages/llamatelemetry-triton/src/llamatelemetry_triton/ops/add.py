@@ -22,7 +22,7 @@ from llamatelemetry_core.validation import dtype_name
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
-    call_spec,
+    described,
     device_info,
     dispatch,
     needs_autograd,
@@ -216,7 +216,7 @@ def triton_add(a: torch.Tensor, b: torch.Tensor | float, *, backend: str | None 
     other = b if isinstance(b, torch.Tensor) else None
     return dispatch(  # type: ignore[no-any-return]
         ADD,
-        lambda: call_spec(a, other, triton_unsupported=_unsupported(a, b)),
+        described(a, other, triton_unsupported=_unsupported(a, b)),
         _add_triton,
         add_reference,
         lambda: a.is_cuda and _unsupported(a, b) is None and torch.result_type(a, b) in TRITON_DTYPES,

@@ -27,9 +27,9 @@ from llamatelemetry_core.validation import format_shape
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
-    call_spec,
     check_float_tensor,
     compute_dtype,
+    described,
     device_info,
     dispatch,
     needs_autograd,
@@ -265,7 +265,7 @@ def triton_swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend
     g, u = _split(gate, up)
     return dispatch(  # type: ignore[no-any-return]
         SWIGLU,
-        lambda: call_spec(g, u, triton_unsupported=_unsupported(u)),
+        described(g, u, triton_unsupported=_unsupported(u)),
         _swiglu_triton,
         swiglu_reference,
         lambda: g.is_cuda and g.dtype in TRITON_DTYPES and u.dtype in TRITON_DTYPES,
@@ -287,7 +287,7 @@ def triton_geglu(
     g, u = _split(gate, up)
     return dispatch(  # type: ignore[no-any-return]
         GEGLU,
-        lambda: call_spec(g, u, triton_unsupported=_unsupported(u)),
+        described(g, u, triton_unsupported=_unsupported(u)),
         _geglu_triton,
         geglu_reference,
         lambda: g.is_cuda and g.dtype in TRITON_DTYPES and u.dtype in TRITON_DTYPES,

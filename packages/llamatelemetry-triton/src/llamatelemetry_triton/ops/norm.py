@@ -33,10 +33,10 @@ from llamatelemetry_core.validation import format_shape
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
-    call_spec,
     check_float_tensor,
     check_vector,
     compute_dtype,
+    described,
     device_info,
     dispatch,
     needs_autograd,
@@ -767,7 +767,7 @@ def triton_layernorm(
     _check_norm_args(x, None, weight, bias, eps)
     return dispatch(  # type: ignore[no-any-return]
         LAYERNORM,
-        lambda: call_spec(x, weight, bias),
+        described(x, weight, bias),
         _layernorm_triton,
         layernorm_reference,
         lambda: _compiled_ok(x),
@@ -789,7 +789,7 @@ def triton_rmsnorm(
     _check_norm_args(x, None, weight, None, eps)
     return dispatch(  # type: ignore[no-any-return]
         RMSNORM,
-        lambda: call_spec(x, weight),
+        described(x, weight),
         _rmsnorm_triton,
         rmsnorm_reference,
         lambda: _compiled_ok(x),
@@ -817,7 +817,7 @@ def triton_fused_add_rmsnorm(
     _check_norm_args(x, residual, weight, None, eps)
     return dispatch(  # type: ignore[no-any-return]
         FUSED_ADD_RMSNORM,
-        lambda: call_spec(x, residual, weight, triton_unsupported=_residual_dtype_reason(residual)),
+        described(x, residual, weight, triton_unsupported=_residual_dtype_reason(residual)),
         _fused_add_rmsnorm_triton,
         fused_add_rmsnorm_reference,
         lambda: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,
@@ -843,7 +843,7 @@ def triton_fused_add_layernorm(
     _check_norm_args(x, residual, weight, bias, eps)
     return dispatch(  # type: ignore[no-any-return]
         FUSED_ADD_LAYERNORM,
-        lambda: call_spec(x, residual, weight, bias, triton_unsupported=_residual_dtype_reason(residual)),
+        described(x, residual, weight, bias, triton_unsupported=_residual_dtype_reason(residual)),
         _fused_add_layernorm_triton,
         fused_add_layernorm_reference,
         lambda: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,

@@ -30,9 +30,9 @@ from llamatelemetry_core.validation import check_non_negative_int, format_shape
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
-    call_spec,
     check_float_tensor,
     compute_dtype,
+    described,
     device_info,
     dispatch,
     needs_autograd,
@@ -340,7 +340,9 @@ def _check_rope_args(
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_float_tensor(t, name)
     for name, t in (("q", q), ("k", k)):
-        if torch._debug_has_internal_overlap(t) == 1:
+        # (Not while torch.compile traces: Dynamo cannot trace the query; PyTorch refuses in-place writes
+        # through such a view there itself.)
+        if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(t) == 1:
             raise ConfigurationError(
                 f"expected {name} whose elements each have their own memory (it is rotated in place), got a view "
                 f"of shape {format_shape(t.shape)} and strides {list(t.stride())} in which several elements share "
@@ -378,7 +380,8 @@ def _check_rope_args(
                 f"expected positions broadcastable to the token dimensions {format_shape(q.shape[:-2])} of q, "
                 f"got {format_shape(positions.shape)}"
             ) from None
-        if positions.device.type == "cpu" and positions.numel():  # checking a GPU tensor would synchronize
+        # Checking a GPU tensor would synchronize; a traced graph cannot branch on values.
+        if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
             low, high = int(positions.min()), int(positions.max())
             if low < 0 or high >= cos.shape[0]:
                 raise ConfigurationError(
@@ -441,7 +444,7 @@ def triton_rope(
     _check_rope_args(q, k, cos, sin, positions)
     return dispatch(  # type: ignore[no-any-return]
         ROPE,
-        lambda: call_spec(q, k, cos, sin, triton_unsupported=_unsupported(q, k)),
+        described(q, k, cos, sin, triton_unsupported=_unsupported(q, k)),
         _rope_triton,
         _rope_reference_inplace,
         lambda: q.is_cuda and q.dtype in TRITON_DTYPES and k.dtype in TRITON_DTYPES,

@@ -24,9 +24,9 @@ from llamatelemetry_core.selection import Operation
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
-    call_spec,
     check_float_tensor,
     compute_dtype,
+    described,
     device_info,
     dispatch,
     needs_autograd,
@@ -295,7 +295,7 @@ def triton_softmax(x: torch.Tensor, dim: int = -1, *, backend: str | None = None
         )
     return dispatch(  # type: ignore[no-any-return]
         SOFTMAX,
-        lambda: call_spec(x),
+        described(x),
         _softmax_triton,
         softmax_reference,
         lambda: x.is_cuda and x.dtype in TRITON_DTYPES,

@@ -1,0 +1,40 @@
+"""Every public op of the component under ``torch.compile(fullgraph=True)``: no graph break, the eager result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import llamatelemetry_triton as lt
+from llamatelemetry_core.testing import assert_close
+
+_W = torch.linspace(0.5, 1.5, 16)
+
+
+def _rope(x: torch.Tensor) -> torch.Tensor:
+    cos, sin = lt.rope_cos_sin(8, 16)
+    q, k = lt.triton_rope(x.clone(), x[..., :1, :].clone(), cos, sin)
+    return torch.cat([q, k], dim=-2)
+
+
+_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "add": lambda x: lt.triton_add(x, x),
+    "softmax": lambda x: lt.triton_softmax(x),
+    "rmsnorm": lambda x: lt.triton_rmsnorm(x, _W),
+    "layernorm": lambda x: lt.triton_layernorm(x, _W, _W - 1),
+    "fused_add_rmsnorm": lambda x: lt.triton_fused_add_rmsnorm(x, x, _W)[0],
+    "swiglu": lambda x: lt.triton_swiglu(x, x.flip(-1)),
+    "geglu": lambda x: lt.triton_geglu(x, x.flip(-1)),
+    "rope": _rope,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OPS))
+def test_fullgraph_op_matches_eager(name: str) -> None:
+    torch._dynamo.reset()
+    x = torch.randn(1, 6, 2, 16, generator=torch.Generator().manual_seed(1))
+    op = _OPS[name]
+    compiled = torch.compile(op, fullgraph=True, backend="eager")
+    assert_close(compiled(x), op(x), name=f"compiled {name}", dtype=torch.float32)
