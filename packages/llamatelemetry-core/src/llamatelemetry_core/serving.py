@@ -22,18 +22,20 @@ from llamatelemetry_core.errors import ConfigurationError
 __all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput", "check_decode_step"]
 
 
+_INT = frozenset({int})
+
+
 def check_decode_step(seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
     """What every :meth:`KVBlockManager.append_decode` checks first: one token per sequence, each sequence once,
-    ids and tokens ints (tokens >= 0). Raises ``ConfigurationError`` naming the argument at fault."""
+    tokens ints >= 0. Raises ``ConfigurationError`` naming the argument at fault. (A sequence id that is not a
+    known key raises the manager's ``KeyError``.)"""
     for name, values in (("seq_ids", seq_ids), ("token_ids", token_ids)):
         if type(values) is not list and (isinstance(values, str | bytes) or not isinstance(values, Sequence)):
             raise ConfigurationError(f"expected {name} to be a sequence of ints, got {type(values).__name__}")
-        # Exact type tests in C (map, set): a decode step runs this for every sequence, every step.
-        if not set(map(type, values)) <= {int}:
-            bad = next(x for x in values if type(x) is not int)
-            raise ConfigurationError(f"expected {name} to hold ints, got {bad!r} ({type(bad).__name__})")
-    if token_ids and min(token_ids) < 0:
-        raise ConfigurationError(f"expected token_ids >= 0, got {min(token_ids)}")
+    # Exact type tests in C (map, set), then the sign: a decode step runs this for every sequence, every step.
+    if token_ids and (not set(map(type, token_ids)) <= _INT or min(token_ids) < 0):
+        bad = next(t for t in token_ids if type(t) is not int or t < 0)
+        raise ConfigurationError(f"expected token_ids to hold ints >= 0, got {bad!r} ({type(bad).__name__})")
     if len(seq_ids) != len(token_ids):
         raise ConfigurationError(
             f"expected one token per sequence, got {len(seq_ids)} sequence ids (seq_ids) and {len(token_ids)} "

@@ -39,6 +39,7 @@ from llamatelemetry_core.validation import check_non_negative_int, check_positiv
 __all__ = ["BlockManager", "BlockManagerStats"]
 
 _ROOT = 0  # the "key" before a sequence's first block
+_INT = frozenset({int})
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class BlockManager:
         _check_seq_id(seq_id, "seq_id")
         if seq_id in self._seqs:
             raise ConfigurationError(f"sequence {seq_id} already holds blocks; free it first or use another id")
-        tokens = _token_list(token_ids)
+        tokens = _token_list(token_ids, fresh=True)  # the sequence's own list: the caller's stays the caller's
         if not tokens:
             raise ConfigurationError(f"sequence {seq_id}: expected at least one token to allocate, got none")
         hits = self._prefix_hits(tokens)
@@ -178,14 +179,16 @@ class BlockManager:
         Every token the sequence held before is taken as computed (its full blocks become reusable prefixes).
         """
         seq = self._seqs.get(seq_id)
-        if seq is not None and type(token_ids) is list and _plain_tokens(token_ids):
-            # The decode hot path (once per running sequence per step): room in the last block and no block
-            # completed since the last registration, so only the tokens change.
+        if seq is not None and type(token_ids) is list and len(token_ids) == 1:
+            # The decode hot path (once per running sequence per step): one token, an int >= 0 (checked inline: a
+            # call would cost more than the append), room in the last block and no block completed since the last
+            # registration, so only the tokens change. Anything else takes the general path below.
             tokens = seq.tokens
             held = len(tokens)
-            if held + len(token_ids) <= seq.limit:
+            token = token_ids[0]
+            if held < seq.limit and type(token) is int and token >= 0:
                 seq.computed = held
-                tokens += token_ids  # in place: the list object stays the sequence's
+                tokens.append(token)  # in place: the list object stays the sequence's
                 return
         seq = seq or self._seq(seq_id)
         tokens = _token_list(token_ids)
@@ -217,8 +220,9 @@ class BlockManager:
         total = 0
         for seq_id, token_ids in appends:
             seq = seqs.get(seq_id) or self._seq(seq_id)
-            if not (type(token_ids) is list and _plain_tokens(token_ids)):
-                token_ids = _token_list(token_ids)  # checked before anything changes
+            # Checked before anything changes: one int >= 0 inline (the decode step), anything else in full.
+            if type(token_ids) is not list or len(token_ids) != 1 or type(token_ids[0]) is not int or token_ids[0] < 0:
+                token_ids = _token_list(token_ids)
             need = -(-(len(seq.tokens) + len(token_ids)) // page) - len(seq.blocks)
             if need > 0:
                 total += need
@@ -499,12 +503,12 @@ class BlockManager:
         seq.limit = min(len(blocks), full + 1) * page
 
 
-def _token_list(token_ids: object) -> list[int]:
-    """``token_ids`` as a new list, checked: ints >= 0 (no bools, floats or strings, which ``int()`` would turn
-    into other tokens without a word)."""
-    if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Iterable):
+def _token_list(token_ids: object, *, fresh: bool = False) -> list[int]:
+    """``token_ids`` as a list, checked: ints >= 0 (no bools, floats or strings, which ``int()`` would turn into
+    other tokens without a word). A list comes back as it is unless ``fresh`` (the caller keeps the result)."""
+    if type(token_ids) is not list and (isinstance(token_ids, str | bytes) or not isinstance(token_ids, Iterable)):
         raise ConfigurationError(f"expected token_ids to be a sequence of ints, got {type(token_ids).__name__}")
-    tokens = list(token_ids)
+    tokens = token_ids if type(token_ids) is list and not fresh else list(token_ids)
     if not _plain_tokens(tokens):
         bad = next(t for t in tokens if type(t) is not int or t < 0)
         raise ConfigurationError(f"expected token_ids to hold ints >= 0, got {bad!r} ({type(bad).__name__})")
@@ -512,8 +516,8 @@ def _token_list(token_ids: object) -> list[int]:
 
 
 def _plain_tokens(tokens: list[object]) -> bool:
-    """Whether every token is an int >= 0 (exact type tests: this runs on the decode path)."""
-    return all(type(t) is int and t >= 0 for t in tokens)
+    """Whether every token is an int >= 0, with exact type tests (no bools, floats, strings), in C."""
+    return not tokens or (set(map(type, tokens)) <= _INT and min(tokens) >= 0)  # type: ignore[type-var, operator]
 
 
 def _check_seq_id(seq_id: object, name: str) -> None:
