@@ -22,6 +22,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llamatelemetry_core.device import get_device_info
 from llamatelemetry_core.kv_layout import PAD_SLOT
 from llamatelemetry_core.testing.fuzz import TensorSpec, check_call, fuzz_settings, make_tensor, tensor_specs
 from llamatelemetry_kvcache import BlockManager, KVCache, KVCacheConfig, PagedKVCache, dequantize_kv, quantize_kv
@@ -33,8 +34,28 @@ KV_ARGS = ["new_keys", "new_values", "positions", "num_new_tokens", "layer_idx",
 SPECS = tensor_specs(MODEL_DTYPES, layouts=("contiguous", "transposed", "expanded", "sliced"))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
 def _kv_dtype(storage: str, dtype: torch.dtype) -> torch.dtype | None:
     return {"same": None, "int8": torch.int8, "fp8": FP8}[storage]
+
+
+def _on_device(device: str, dtype: torch.dtype, storage: str) -> tuple[torch.dtype, str]:
+    """The drawn dtypes, or the nearest ones this GPU holds (fp16 for bf16, int8 for fp8 on older GPUs)."""
+    if device == "cuda":
+        info = get_device_info("cuda")
+        if dtype == torch.bfloat16 and not info.supports_bf16:
+            dtype = torch.float16
+        if storage == "fp8" and not info.supports_fp8:
+            storage = "int8"
+    return dtype, storage
 
 
 def assert_quantized_close(got: torch.Tensor, want: torch.Tensor, kv_dtype: torch.dtype, name: str) -> None:
@@ -43,7 +64,7 @@ def assert_quantized_close(got: torch.Tensor, want: torch.Tensor, kv_dtype: torc
     int8: half a step, ``max|x| / 127 / 2``; e4m3: 1/16 of the value, plus a subnormal step of the scale. A head
     holding NaN or an infinity must read back as NaN throughout.
     """
-    g, w = got.double(), want.double()
+    g, w = got.double().cpu(), want.double().cpu()
     bad = ~torch.isfinite(w).all(dim=-1, keepdim=True).expand_as(w)
     assert bool(g[bad].isnan().all()), f"{name}: a head holding NaN/inf must read back as NaN"
     amax = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0).abs().amax(dim=-1, keepdim=True)
@@ -87,7 +108,7 @@ def _compare(got: Any, want: Any, config: KVCacheConfig, name: str) -> None:
         assert got is None, f"{name}: expected None (nothing cached)"
         return
     assert got is not None, f"{name}: got None, expected tensors"
-    for label, g, w in ((f"{name} keys", got[0], want[0]), (f"{name} values", got[1], want[1])):
+    for label, g, w in ((f"{name} keys", got[0].cpu(), want[0].cpu()), (f"{name} values", got[1].cpu(), want[1].cpu())):
         assert g.shape == w.shape and g.dtype == w.dtype, f"{label}: {g.shape} {g.dtype}, expected {w.shape} {w.dtype}"
         if config.quantized:
             assert_quantized_close(g, w, config.kv_dtype, label)
@@ -155,6 +176,7 @@ def _counts(kind: str, batch: int, width: int, g: torch.Generator) -> Any:
     steps=st.lists(STEP, min_size=1, max_size=5),
 )
 def test_kv_cache_steps_equal_the_model(
+    device: str,
     batch: int,
     seq: int,
     layers: int,
@@ -164,13 +186,14 @@ def test_kv_cache_steps_equal_the_model(
     storage: str,
     steps: list[dict[str, Any]],
 ) -> None:
-    config = KVCacheConfig(
-        batch, seq, layers, kv_heads, head_dim, dtype=dtype, device="cpu", kv_dtype=_kv_dtype(storage, dtype)
-    )
+    dtype, storage = _on_device(device, dtype, storage)
+    kv_dtype = _kv_dtype(storage, dtype)
+    config = KVCacheConfig(batch, seq, layers, kv_heads, head_dim, dtype=dtype, device=device, kv_dtype=kv_dtype)
     cache = KVCache(config)
-    for layer in range(layers):  # dirty memory: whatever was never written must not show through
-        for t in cache.storage(layer):
-            t.fill_(float("nan") if t.is_floating_point() else 1)
+    if device == "cpu":  # dirty memory (GPU storage is zeroed): whatever was never written must not show through
+        for layer in range(layers):
+            for t in cache.storage(layer):
+                t.fill_(float("nan") if t.is_floating_point() else 1)
     model = CacheModel(config)
     for n, step in enumerate(steps):
         _run_step(cache, model, config, step, f"step {n}")
@@ -207,11 +230,14 @@ def _run_step(cache: KVCache, model: CacheModel, config: KVCacheConfig, step: di
     }
     k_dtype = config.dtype if step["shape"] != "dtype" else torch.float64
     k_spec = TensorSpec(k_dtype, spec.layout, spec.special, spec.seed)
-    k = make_tensor(shape.get(step["shape"], [b, width, heads, dim]), k_spec)
+    device = config.device
+    k = make_tensor(shape.get(step["shape"], [b, width, heads, dim]), k_spec, device=device)
     v_shape = [b, width + 1, heads, dim] if step["shape"] == "mismatch" else list(k.shape)
-    v = make_tensor(v_shape, TensorSpec(k.dtype, spec.layout, "none", spec.seed + 1))
+    v = make_tensor(v_shape, TensorSpec(k.dtype, spec.layout, "none", spec.seed + 1), device=device)
     keys: Any = None if step["shape"] == "none" else k
     positions = _positions(step["positions"], b, width, model.lengths, config.max_seq_length, g)
+    if isinstance(positions, torch.Tensor):  # only valid device positions: a GPU checks them in the kernel
+        positions = positions.to(device)
     counts = _counts(step["counts"], b, width, g)
     layer_of: dict[str, Callable[[int], object]] = {
         "ok": lambda i: i,
@@ -263,7 +289,7 @@ def _run_step(cache: KVCache, model: CacheModel, config: KVCacheConfig, step: di
         if outcome.raised:
             assert cache.lengths == lengths_before, f"{name}: a refused update changed the lengths"
             return
-        model.write(layer, lk, lv, starts, new_counts)
+        model.write(layer, lk.cpu(), lv.cpu(), starts, new_counts)
         if device_positions:
             want: Any = (model.keys[layer, :b], model.values[layer, :b])
         else:
@@ -322,6 +348,7 @@ def test_kv_cache_state_calls(lengths: Any, batch: Any) -> None:
     pad=st.integers(0, 2),
 )
 def test_paged_writes_read_back_through_gather(
+    device: str,
     page_size: int,
     kv_heads: int,
     head_dim: int,
@@ -332,8 +359,11 @@ def test_paged_writes_read_back_through_gather(
     hostile: str,
     pad: int,
 ) -> None:
+    if device == "cuda" and hostile in ("slot_past", "slot_negative"):
+        hostile = "none"  # a GPU does not range-check slots (it would synchronise): the contract is the caller's
+    dtype, storage = _on_device(device, dtype, storage)
     kv_dtype = _kv_dtype(storage, dtype)
-    config = KVCacheConfig(len(prompts), 12, 2, kv_heads, head_dim, dtype=dtype, device="cpu", kv_dtype=kv_dtype)
+    config = KVCacheConfig(len(prompts), 12, 2, kv_heads, head_dim, dtype=dtype, device=device, kv_dtype=kv_dtype)
     cache = PagedKVCache(config, page_size)
     manager = cache.block_manager
     for i, n in enumerate(prompts):
@@ -341,14 +371,15 @@ def test_paged_writes_read_back_through_gather(
     spans = [(i, 0, n) for i, n in enumerate(prompts)]
     total = sum(prompts)
     slots = cache.slot_mapping(spans, pad_to=total + pad)
-    keys = make_tensor([total + pad, kv_heads, head_dim], TensorSpec(dtype, spec.layout, spec.special, spec.seed))
-    values = make_tensor([total + pad, kv_heads, head_dim], TensorSpec(dtype, spec.layout, "none", spec.seed + 1))
+    shape = [total + pad, kv_heads, head_dim]
+    keys = make_tensor(shape, TensorSpec(dtype, spec.layout, spec.special, spec.seed), device=device)
+    values = make_tensor(shape, TensorSpec(dtype, spec.layout, "none", spec.seed + 1), device=device)
     args: dict[str, Any] = {"keys": keys, "values": values, "slot_mapping": slots}
-    rows = cache.num_blocks * page_size
+    rows, first = cache.num_blocks * page_size, torch.tensor([0], device=device)
     if hostile == "slot_past":
-        args["slot_mapping"] = slots.clone().index_fill_(0, torch.tensor([0]), rows)
+        args["slot_mapping"] = slots.clone().index_fill_(0, first, rows)
     elif hostile == "slot_negative":
-        args["slot_mapping"] = slots.clone().index_fill_(0, torch.tensor([0]), PAD_SLOT - 1)
+        args["slot_mapping"] = slots.clone().index_fill_(0, first, PAD_SLOT - 1)
     elif hostile == "slot_int32":
         args["slot_mapping"] = slots.int()
     elif hostile == "value_dtype":
@@ -406,8 +437,12 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     spec=tensor_specs(MODEL_DTYPES, special_weight=0.6),
     storage=st.sampled_from([s for s in STORAGE if s != "same"]),
 )
-def test_quantized_storage_is_within_its_documented_error(shape: list[int], spec: TensorSpec, storage: str) -> None:
-    x = make_tensor(shape, spec)
+def test_quantized_storage_is_within_its_documented_error(
+    device: str, shape: list[int], spec: TensorSpec, storage: str
+) -> None:
+    dtype, storage = _on_device(device, spec.dtype, storage)
+    spec = TensorSpec(dtype, spec.layout, spec.special, spec.seed)
+    x = make_tensor(shape, spec, device=device)
     kv_dtype = _kv_dtype(storage, spec.dtype)
     assert kv_dtype is not None
     outcome = check_call(
