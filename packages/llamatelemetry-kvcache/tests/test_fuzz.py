@@ -119,7 +119,18 @@ def _compare(got: Any, want: Any, config: KVCacheConfig, name: str) -> None:
 FAULTS = {
     "positions": ["overflow", "negative", "float", "scalar"],
     "counts": ["zero", "too_many", "wrong_length", "with_tensor"],
-    "shape": ["heads", "head_dim", "mismatch", "dtype", "none", "3d", "empty_batch", "no_tokens", "big_batch"],
+    "shape": [
+        "heads",
+        "head_dim",
+        "mismatch",
+        "dtype",
+        "none",
+        "3d",
+        "empty_batch",
+        "no_tokens",
+        "big_batch",
+        "device",
+    ],
     "layer": ["negative", "past", "str"],
 }
 # Most steps are valid (so that the cache fills up and later steps meet its state); the rest carry one fault.
@@ -235,6 +246,8 @@ def _run_step(cache: KVCache, model: CacheModel, config: KVCacheConfig, step: di
     v_shape = [b, width + 1, heads, dim] if step["shape"] == "mismatch" else list(k.shape)
     v = make_tensor(v_shape, TensorSpec(k.dtype, spec.layout, "none", spec.seed + 1), device=device)
     keys: Any = None if step["shape"] == "none" else k
+    if step["shape"] == "device":  # K/V on another device than the cache's
+        keys = torch.empty(k.shape, dtype=k.dtype, device="meta")
     positions = _positions(step["positions"], b, width, model.lengths, config.max_seq_length, g)
     if isinstance(positions, torch.Tensor):  # only valid device positions: a GPU checks them in the kernel
         positions = positions.to(device)
