@@ -339,3 +339,66 @@ def test_submit_hostile_prompts(prompt: Any, params: Any) -> None:
     else:
         output = outcome.result.result()
         assert output.prompt_token_ids == tuple(prompt) and output.finished and output.error is None
+
+
+# --- block managers (every implementation in conftest.BLOCK_MANAGERS) -----------------------------------------------
+
+HOSTILE_IDS = st.one_of(st.sampled_from([0, 1, 2]), st.sampled_from([-1, 2**63, "0", None, 1.5]))
+HOSTILE_TOKENS = st.one_of(
+    st.lists(st.integers(0, 5), max_size=4),
+    st.lists(st.one_of(st.integers(-2, 5), st.sampled_from([1.5, "a", None, True])), min_size=1, max_size=3),
+    st.sampled_from([None, "abc", 3, b"ab"]),
+)
+HOSTILE_COUNTS = st.one_of(st.integers(-2, 9), st.sampled_from([1.5, "1", None, True]))
+
+
+def _manager_state(manager: Any) -> tuple[object, ...]:
+    return manager.num_free_blocks, [(manager.num_tokens(s), manager.block_table(s)) for s in (0, 1)]
+
+
+@fuzz_settings(ci=40)
+@given(
+    method=st.sampled_from(["allocate", "can_allocate", "append", "append_decode", "can_append", "free", "num_tokens"]),
+    seq_id=HOSTILE_IDS,
+    tokens=HOSTILE_TOKENS,
+    count=HOSTILE_COUNTS,
+    ids=st.lists(HOSTILE_IDS, max_size=3),
+)
+def test_block_managers_refuse_hostile_arguments(
+    block_manager_factory: Callable[[int, int], Any],
+    method: str,
+    seq_id: Any,
+    tokens: Any,
+    count: Any,
+    ids: list[Any],
+) -> None:
+    manager = block_manager_factory(6, 2)
+    manager.allocate(0, [1, 2, 3])
+    manager.allocate(1, [4])
+    calls: dict[str, Callable[[], object]] = {
+        "allocate": lambda: manager.allocate(seq_id, tokens),
+        "can_allocate": lambda: manager.can_allocate(tokens),
+        "append": lambda: manager.append(seq_id, tokens),
+        "append_decode": lambda: manager.append_decode(ids, tokens),
+        "can_append": lambda: manager.can_append(seq_id, count),
+        "free": lambda: manager.free(seq_id),
+        "num_tokens": lambda: manager.num_tokens(seq_id),
+    }
+    before = _manager_state(manager)
+    keys = [repr(x) for x in (seq_id, *ids)] + [str(x) for x in (seq_id, *ids)]  # a KeyError names the key
+    outcome = check_call(
+        calls[method],
+        None,
+        arguments=["seq_id", "token_ids", "num_tokens", "sequence", *keys],
+        documented=(KeyError,),
+        name=method,
+    )
+    if outcome.raised:
+        if method != "free" or not isinstance(outcome.error, KeyError):
+            assert _manager_state(manager) == before, f"{method} raised {outcome.error!r} but changed the manager"
+        return
+    plain_tokens = isinstance(tokens, list) and all(type(t) is int and t >= 0 for t in tokens)
+    if method in ("allocate", "can_allocate", "append", "append_decode"):
+        assert plain_tokens, f"{method} accepted token_ids={tokens!r}"
+    if method == "can_append":
+        assert type(count) is int and count >= 0, f"can_append accepted num_tokens={count!r}"

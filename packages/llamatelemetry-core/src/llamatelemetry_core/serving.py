@@ -19,10 +19,23 @@ import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 
-__all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput", "check_decode_step"]
+__all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput", "check_decode_step", "check_token_ids"]
 
 
 _INT = frozenset({int})
+
+
+def check_token_ids(token_ids: object, name: str = "token_ids") -> None:
+    """What a :class:`KVBlockManager` checks of the tokens it is given: a sequence (not a string) of ints >= 0.
+
+    Raises ``ConfigurationError`` naming ``name``; exact type tests, so a float, a bool or a string never becomes
+    another token.
+    """
+    if type(token_ids) is not list and (isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence)):
+        raise ConfigurationError(f"expected {name} to be a sequence of ints, got {type(token_ids).__name__}")
+    if token_ids and (not set(map(type, token_ids)) <= _INT or min(token_ids) < 0):
+        bad = next(t for t in token_ids if type(t) is not int or t < 0)
+        raise ConfigurationError(f"expected {name} to hold ints >= 0, got {bad!r} ({type(bad).__name__})")
 
 
 def check_decode_step(seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:

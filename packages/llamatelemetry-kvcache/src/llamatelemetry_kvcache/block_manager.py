@@ -94,7 +94,11 @@ class BlockManager:
     def __init__(self, num_blocks: int, page_size: int, *, enable_prefix_caching: bool = True) -> None:
         self._num_blocks = check_positive_int(num_blocks, "num_blocks")
         self._page_size = check_positive_int(page_size, "page_size")
-        self.enable_prefix_caching = bool(enable_prefix_caching)
+        if not isinstance(enable_prefix_caching, bool):
+            raise ConfigurationError(
+                f"expected enable_prefix_caching to be True or False, got {enable_prefix_caching!r}"
+            )
+        self.enable_prefix_caching = enable_prefix_caching
         try:
             self._refs = [0] * num_blocks
             self._free: deque[int] = deque(range(num_blocks))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
-from llamatelemetry_core.serving import check_decode_step
+from llamatelemetry_core.serving import check_decode_step, check_token_ids
 from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
 
 __all__ = ["SimpleBlockManager", "TokenBudget"]
@@ -56,6 +56,7 @@ class SimpleBlockManager:
 
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
         """Whether a new sequence of these tokens fits now."""
+        check_token_ids(token_ids)
         return self._blocks_for(len(token_ids)) <= self.num_free_blocks
 
     def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
@@ -68,6 +69,7 @@ class SimpleBlockManager:
         check_non_negative_int(seq_id, "seq_id")
         if seq_id in self._tables:
             raise ConfigurationError(f"sequence {seq_id} already holds blocks; free it before allocating again")
+        check_token_ids(token_ids)
         if not token_ids:
             raise ConfigurationError("expected at least one token to allocate, got an empty sequence")
         needed = self._blocks_for(len(token_ids))
@@ -79,6 +81,7 @@ class SimpleBlockManager:
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Whether ``num_tokens`` more tokens of sequence ``seq_id`` fit now (``KeyError`` if unknown)."""
         table = self._tables[seq_id]
+        check_non_negative_int(num_tokens, "num_tokens")
         return self._blocks_for(self._lengths[seq_id] + num_tokens) - len(table) <= self.num_free_blocks
 
     def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
@@ -89,6 +92,7 @@ class SimpleBlockManager:
             CapacityError: not enough free blocks (nothing changes).
         """
         table = self._tables[seq_id]
+        check_token_ids(token_ids)
         length = self._lengths[seq_id] + len(token_ids)
         if length > len(table) * self._page_size:
             needed = self._blocks_for(length) - len(table)
@@ -180,6 +184,7 @@ class TokenBudget:
 
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
         """Whether a new sequence of these tokens fits now."""
+        check_token_ids(token_ids)
         return self._used + len(token_ids) <= self._capacity
 
     def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
@@ -192,6 +197,7 @@ class TokenBudget:
         check_non_negative_int(seq_id, "seq_id")
         if seq_id in self._lengths:
             raise ConfigurationError(f"sequence {seq_id} is already counted; free it before allocating again")
+        check_token_ids(token_ids)
         if not token_ids:
             raise ConfigurationError("expected at least one token to allocate, got an empty sequence")
         self._check(len(token_ids), f"a new sequence of {len(token_ids)} tokens")
@@ -203,12 +209,14 @@ class TokenBudget:
         """Whether ``num_tokens`` more tokens of sequence ``seq_id`` fit now (``KeyError`` if unknown)."""
         if seq_id not in self._lengths:
             raise KeyError(seq_id)
+        check_non_negative_int(num_tokens, "num_tokens")
         return self._used + num_tokens <= self._capacity
 
     def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
         """Count ``token_ids`` more tokens of sequence ``seq_id`` (``KeyError`` if unknown, ``CapacityError`` if
         over budget; nothing changes then)."""
         length = self._lengths[seq_id]
+        check_token_ids(token_ids)
         self._check(len(token_ids), f"{len(token_ids)} more tokens of sequence {seq_id}")
         self._lengths[seq_id] = length + len(token_ids)
         self._used += len(token_ids)
