@@ -29,8 +29,12 @@ def check_token_ids(token_ids: object, name: str = "token_ids") -> None:
     """What a :class:`KVBlockManager` checks of the tokens it is given: a sequence (not a string) of ints >= 0.
 
     Raises ``ConfigurationError`` naming ``name``; exact type tests, so a float, a bool or a string never becomes
-    another token.
+    another token. One token (a decode step's append) is checked without a pass over a list.
     """
+    if type(token_ids) is list and len(token_ids) == 1:
+        token = token_ids[0]
+        if type(token) is int and token >= 0:
+            return
     if type(token_ids) is not list and (isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence)):
         raise ConfigurationError(f"expected {name} to be a sequence of ints, got {type(token_ids).__name__}")
     if token_ids and (not set(map(type, token_ids)) <= _INT or min(token_ids) < 0):
