@@ -401,3 +401,24 @@ def test_facts_with_a_selection_class_are_chosen_once_per_class() -> None:
     x = torch.randn(1, 0)
     op.dispatch(CallSpec.from_tensors(x, facts=_DecodeFacts(0)), x)
     assert asked == [1, 0]
+
+
+def test_a_former_name_is_an_alias_everywhere_an_operation_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    suffix = next(_counter)
+    op = Operation(f"component.double_{suffix}", _reference, aliases=(f"double_alias_{suffix}",))
+    op.register("fast", _fast, priority=10, devices={"cpu"})
+    alias = f"double_alias_{suffix}"
+    assert get_operation(alias) is op
+    x = torch.randn(3)
+    with record_selections() as rec:
+        op.dispatch(CallSpec.from_tensors(x), x)
+    assert rec.last(alias) == "fast" and rec.implementations(op.name) == ["fast"]
+    last = last_selection(alias)
+    assert last is not None and last.operation == op.name
+    monkeypatch.setenv(BACKEND_ENV, f"{alias}=reference")
+    reload_environment()
+    op.dispatch(CallSpec.from_tensors(x), x)
+    last = last_selection(op.name)
+    assert last is not None and last.implementation == "reference"
+    with pytest.raises(ConfigurationError, match="already names another operation"):
+        Operation(f"other.double_{suffix}", _reference, aliases=(alias,))

@@ -50,3 +50,33 @@ def test_t4_builds_compile_within_its_limits(kv_dtype: torch.dtype) -> None:
         report = compile_build(kernel_build(128, 8, torch.float16, kv_dtype, t4), t4)
     assert report.ok, report.problems
     assert report.target == "sm_75"
+
+
+@pytest.mark.triton_compiler
+@pytest.mark.skipif(
+    triton_interpreter_enabled(),
+    reason="compiling ahead of time needs TRITON_INTERPRET unset (the t4 nox session runs it)",
+)
+@pytest.mark.parametrize(("device", "cc"), [("t4", 75), ("h100", 90)])
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantizing_builds_divide_exactly(device: str, cc: int, kv_dtype: torch.dtype) -> None:
+    """The scale and the scaled values use IEEE divisions (``div.rn``): Triton's ``/`` is an approximate division
+    on GPUs, which made quantized codes differ from the reference's by one on a GPU while the CPU interpreter
+    (exact numpy division) agreed. Checked in the PTX, so that no GPU is needed to catch it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from llamatelemetry_kvcache.write_kernel import kernel_build
+
+    with simulate_device(device) as info:
+        if kv_dtype == torch.float8_e4m3fn and not info.capability_at_least(8, 9):
+            pytest.skip(f"no fp8 storage on {device}")
+        build = kernel_build(128, 8, torch.float16, kv_dtype, info)
+    source = ASTSource(build.kernel, signature=dict(build.signature), constexprs=dict(build.constexprs))
+    options = {"num_warps": build.num_warps, "num_stages": build.num_stages, "enable_fp_fusion": True}
+    ptx = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options).asm["ptx"]
+    assert "div.rn.f32" in ptx
+    assert not any(approx in ptx for approx in ("div.full.f32", "div.approx.f32", "div.approx.ftz.f32")), (
+        "an approximate fp32 division in the quantizing write kernel"
+    )

@@ -149,14 +149,14 @@ def test_cpu_summary_and_no_measured_ratios(monkeypatch: pytest.MonkeyPatch) -> 
 def test_measured_ratios_for_a_measured_gpu_model_and_not_for_others(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor", "--json", "--simulate", "h100"]) == 0
     h100 = json.loads(capsys.readouterr().out)
-    if "triton" not in h100["operations"]["layernorm"]["selected"]:
+    if "triton" not in h100["operations"]["triton.layernorm"]["selected"]:
         pytest.skip("needs the Triton component and Triton installed (the cpu-triton matrix)")
-    layernorm = h100["operations"]["layernorm"]["measured"]
+    layernorm = h100["operations"]["triton.layernorm"]["measured"]
     assert layernorm["applies"] and layernorm["device"] == "NVIDIA H100 80GB HBM3"
     assert layernorm["source"].startswith("benchmarks/results/nvidia-h100-80gb-hbm3/")
-    matmul = h100["operations"]["matmul_tensor_core"]["measured"]
+    matmul = h100["operations"]["tensorcore.matmul"]["measured"]
     assert matmul["gpu_time"][0] < 1 < matmul["gpu_time"][1]  # the loss at 1024 is shown beside the gains
-    assert h100["operations"]["rope"]["measured"] is None
+    assert h100["operations"]["triton.rope"]["measured"] is None
     assert "below 1x is a loss" in h100["summary"] and "not measured on this GPU" in h100["summary"]
     assert main(["doctor", "--simulate", "t4"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,32 @@ import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["Selection", "SelectionRecorder", "last_selection", "record_selection", "record_selections"]
+__all__ = [
+    "Selection",
+    "SelectionRecorder",
+    "canonical_operation_name",
+    "last_selection",
+    "record_selection",
+    "record_selections",
+]
+
+_aliases: dict[str, str] = {}  # an operation's former, unnamespaced name -> its name (filled by the registry)
+
+
+def alias_of(alias: str) -> str | None:
+    """The operation ``alias`` names, if it is an alias (the registry's bookkeeping)."""
+    return _aliases.get(alias)
+
+
+def set_alias(alias: str, name: str) -> None:
+    """Make ``alias`` name the operation ``name`` (called by the registry when an operation registers)."""
+    _aliases[alias] = name
+
+
+def canonical_operation_name(name: str) -> str:
+    """``name`` itself, or the namespaced name of the operation it is an alias of (``"flash_attention"`` ->
+    ``"flashattn.attention"``)."""
+    return _aliases.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -29,6 +54,7 @@ class SelectionRecorder:
 
     def implementations(self, operation: str) -> list[str]:
         """Names of the implementations that ran for ``operation``, in call order."""
+        operation = canonical_operation_name(operation)
         return [s.implementation for s in self.selections if s.operation == operation]
 
     def last(self, operation: str) -> str:
@@ -59,7 +85,7 @@ def record_selections() -> Iterator[SelectionRecorder]:
 
 def last_selection(operation: str) -> Selection | None:
     """The latest dispatch of ``operation`` in this process, or ``None`` when it never ran."""
-    return _last.get(operation)
+    return _last.get(canonical_operation_name(operation))
 
 
 def record_selection(selection: Selection) -> None:

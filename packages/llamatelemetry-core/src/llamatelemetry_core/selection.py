@@ -89,9 +89,12 @@ from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationErr
 from llamatelemetry_core.recording import (
     Selection,
     SelectionRecorder,
+    alias_of,
+    canonical_operation_name,
     last_selection,
     record_selection,
     record_selections,
+    set_alias,
 )
 
 __all__ = [
@@ -241,7 +244,7 @@ def operations() -> dict[str, Operation]:
 def get_operation(name: str) -> Operation:
     """The registered operation ``name``; ``KeyError`` listing the registered ones otherwise."""
     with _registry_lock:
-        op = _operations.get(name)
+        op = _operations.get(canonical_operation_name(name))
         if op is None:
             raise KeyError(f"no operation named {name!r}; registered: {sorted(_operations)}")
         return op
@@ -271,7 +274,11 @@ def _unknown_backend_names(value: str) -> str | None:
     """What in ``value`` (the variable) names nothing registered, with the valid names; ``None`` when all is known."""
     with _registry_lock:
         ops = dict(_operations)
-    return unknown_backend_names(value, {name: [i.name for i in op.implementations] for name, op in ops.items()})
+    known = {name: [i.name for i in op.implementations] for name, op in ops.items()}
+    for op in ops.values():
+        for alias in op.aliases:
+            known[alias] = known[op.name]
+    return unknown_backend_names(value, known)
 
 
 def _check_backend_env(value: str) -> None:
@@ -314,8 +321,11 @@ def _described(tensors: Sequence[torch.Tensor], facts: Hashable | None, call_dty
 class Operation:
     """An operation with a reference implementation and optional faster ones; see the module docstring."""
 
-    def __init__(self, name: str, reference: Callable[..., Any], *, replace: bool = False) -> None:
+    def __init__(
+        self, name: str, reference: Callable[..., Any], *, replace: bool = False, aliases: Collection[str] = ()
+    ) -> None:
         self.name = name
+        self.aliases = tuple(aliases)  # former names, still accepted wherever an operation is named
         self._lock = threading.Lock()
         self._impls: dict[str, Implementation] = {
             REFERENCE: Implementation(REFERENCE, reference, priority=-(2**31), devices=frozenset({"cpu", "cuda"}))
@@ -328,7 +338,13 @@ class Operation:
                 raise ConfigurationError(
                     f"an operation named {name!r} is already registered; pass replace=True to redefine it"
                 )
+            for alias in self.aliases:
+                taken = _operations.get(alias) is not None or alias_of(alias) not in (None, name)
+                if taken and not replace:
+                    raise ConfigurationError(f"{name}: the alias {alias!r} already names another operation")
             _operations[name] = self
+            for alias in self.aliases:
+                set_alias(alias, name)
 
     def register(
         self,
@@ -409,7 +425,11 @@ class Operation:
         value, name, pairs = _backend_env()
         _check_backend_env(value)
         if pairs:
-            return pairs.get(self.name)
+            chosen = pairs.get(self.name)
+            for alias in self.aliases:
+                if chosen is None:
+                    chosen = pairs.get(alias)
+            return chosen
         if name is not None and name in self._impls:
             return name
         return None

@@ -148,9 +148,9 @@ class _Bench:
 
 
 _OPERATIONS = {
-    "triton_kernels": ("fused_add_rmsnorm", "rope", "swiglu"),
-    "flash_attention": ("flash_attention",),
-    "paged_kv": ("paged_attention",),
+    "triton_kernels": ("triton.fused_add_rmsnorm", "triton.rope", "triton.swiglu"),
+    "flash_attention": ("flashattn.attention",),
+    "paged_kv": ("flashattn.paged_attention",),
 }
 
 

@@ -107,7 +107,7 @@ def flash_attention_forward(
     NaN propagates the same way on every implementation: a query row holding NaN or an infinity gives a NaN
     output row, and a NaN key or value poisons the rows that see it.
 
-    Which implementation ran is recorded: ``llamatelemetry_core.selection.last_selection("flash_attention")``.
+    Which implementation ran is recorded: ``llamatelemetry_core.selection.last_selection("flashattn.attention")``.
     Raises ``ConfigurationError`` (a ``ValueError``) for invalid shapes, dtypes or settings.
     """
     if config is not None and not isinstance(config, FlashAttentionConfig):

@@ -71,7 +71,7 @@ __all__ = [
     "attention_backend_report",
 ]
 
-OPERATION_NAME = "flash_attention"
+OPERATION_NAME = "flashattn.attention"
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -474,7 +474,7 @@ def _reference_impl(
     )
 
 
-ATTENTION = Operation(OPERATION_NAME, _reference_impl)
+ATTENTION = Operation(OPERATION_NAME, _reference_impl, aliases=("flash_attention",))
 ATTENTION.register(
     "flash_attn",
     _flash_attn_impl,

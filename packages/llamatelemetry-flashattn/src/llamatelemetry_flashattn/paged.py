@@ -216,7 +216,7 @@ def paged_attention(
     Raises ``ConfigurationError`` (a ``ValueError``) for invalid shapes, dtypes, devices or metadata,
     ``TypeError`` when ``kv`` is not a ``PagedKV``, ``CapabilityError`` for fp8 storage on a GPU without fp8,
     and ``BackendUnavailableError`` when a requested backend cannot run the call. Which implementation ran:
-    ``llamatelemetry_core.selection.last_selection("paged_attention")``.
+    ``llamatelemetry_core.selection.last_selection("flashattn.paged_attention")``.
     """
     if not isinstance(causal, bool):
         raise ConfigurationError(f"expected causal to be True or False, got {causal!r}")

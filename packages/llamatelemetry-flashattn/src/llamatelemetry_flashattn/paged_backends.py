@@ -40,7 +40,7 @@ __all__ = [
     "paged_backend_report",
 ]
 
-PAGED_OPERATION_NAME = "paged_attention"
+PAGED_OPERATION_NAME = "flashattn.paged_attention"
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
@@ -185,7 +185,7 @@ def _reference_impl(
     return out.copy_(result)
 
 
-PAGED_ATTENTION = Operation(PAGED_OPERATION_NAME, _reference_impl)
+PAGED_ATTENTION = Operation(PAGED_OPERATION_NAME, _reference_impl, aliases=("paged_attention",))
 PAGED_ATTENTION.register(
     "triton",
     _triton_impl,

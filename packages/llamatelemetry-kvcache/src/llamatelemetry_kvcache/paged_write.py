@@ -28,7 +28,7 @@ from llamatelemetry_kvcache.quant import quantize_kv
 
 __all__ = ["PAGED_WRITE", "as_bytes", "check_write_inputs", "paged_write", "paged_write_reference"]
 
-OPERATION_NAME = "paged_kv_write"
+OPERATION_NAME = "kvcache.paged_write"
 
 
 def paged_write_reference(key: torch.Tensor, value: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
@@ -137,7 +137,7 @@ def _triton_impl(key: torch.Tensor, value: torch.Tensor, cache: PagedKV, slot_ma
     triton_paged_write(key, value, cache, slot_mapping)
 
 
-PAGED_WRITE = Operation(OPERATION_NAME, paged_write_reference)
+PAGED_WRITE = Operation(OPERATION_NAME, paged_write_reference, aliases=("paged_kv_write",))
 PAGED_WRITE.register(
     "triton",
     _triton_impl,

@@ -272,7 +272,7 @@ def _dispatch(
     return result
 
 
-MATMUL_OPERATION = Operation("matmul_tensor_core", _reference)
+MATMUL_OPERATION = Operation("tensorcore.matmul", _reference, aliases=("matmul_tensor_core",))
 MATMUL_OPERATION.register(
     "tensor_core",
     _tensor_core,

@@ -83,12 +83,13 @@ def _cudnn_version() -> int | None:
     return version
 
 
-def _measured(name: str, selected: str, info: DeviceInfo) -> dict[str, Any] | None:
-    """What the benchmarks measured for operation ``name`` on ``info``'s GPU model (``None``: nothing)."""
+def _measured(names: tuple[str, ...], selected: str, info: DeviceInfo) -> dict[str, Any] | None:
+    """What the benchmarks measured for the operation named ``names`` (its name, then its former names, as the
+    results may use) on ``info``'s GPU model (``None``: nothing)."""
     if not info.is_cuda or info.spec_key is None:
         return None
     gpu = measured_results()["gpus"].get(info.spec_key)
-    entry = None if gpu is None else gpu["operations"].get(name)
+    entry = None if gpu is None else next((gpu["operations"][n] for n in names if n in gpu["operations"]), None)
     if gpu is None or entry is None:
         return None
     gpu_time = [c["gpu_time"] for c in entry["cases"] if c["gpu_time"] is not None]
@@ -145,7 +146,7 @@ def doctor_report() -> dict[str, Any]:
             "selected": selected,
             "dtype": str(call.dtype).removeprefix("torch."),
             "candidates": [asdict(c) for c in candidates],
-            "measured": _measured(name, selected, info),
+            "measured": _measured((name, *op.aliases), selected, info),
         }
     return {
         "schema_version": SCHEMA_VERSION,

@@ -199,7 +199,7 @@ def _add_triton(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
     return result
 
 
-ADD = Operation("add", add_reference)
+ADD = Operation("triton.add", add_reference, aliases=("add",))
 register_triton(ADD, _add_triton)
 
 

@@ -251,8 +251,8 @@ def _geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> tor
     return _glu_apply(gate, up, _APPROXIMATIONS[approximate])
 
 
-SWIGLU = Operation("swiglu", swiglu_reference)
-GEGLU = Operation("geglu", geglu_reference)
+SWIGLU = Operation("triton.swiglu", swiglu_reference, aliases=("swiglu",))
+GEGLU = Operation("triton.geglu", geglu_reference, aliases=("geglu",))
 register_triton(SWIGLU, _swiglu_triton)
 register_triton(GEGLU, _geglu_triton)
 

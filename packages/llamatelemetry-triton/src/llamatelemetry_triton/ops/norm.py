@@ -740,10 +740,12 @@ def _residual_dtype_reason(residual: torch.Tensor) -> str | None:
     return None
 
 
-LAYERNORM = Operation("layernorm", layernorm_reference)
-RMSNORM = Operation("rmsnorm", rmsnorm_reference)
-FUSED_ADD_RMSNORM = Operation("fused_add_rmsnorm", fused_add_rmsnorm_reference)
-FUSED_ADD_LAYERNORM = Operation("fused_add_layernorm", fused_add_layernorm_reference)
+LAYERNORM = Operation("triton.layernorm", layernorm_reference, aliases=("layernorm",))
+RMSNORM = Operation("triton.rmsnorm", rmsnorm_reference, aliases=("rmsnorm",))
+FUSED_ADD_RMSNORM = Operation("triton.fused_add_rmsnorm", fused_add_rmsnorm_reference, aliases=("fused_add_rmsnorm",))
+FUSED_ADD_LAYERNORM = Operation(
+    "triton.fused_add_layernorm", fused_add_layernorm_reference, aliases=("fused_add_layernorm",)
+)
 register_triton(LAYERNORM, _layernorm_triton)
 register_triton(RMSNORM, _rmsnorm_triton)
 register_triton(FUSED_ADD_RMSNORM, _fused_add_rmsnorm_triton)

@@ -417,7 +417,7 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
-ROPE = Operation("rope", _rope_reference_inplace)
+ROPE = Operation("triton.rope", _rope_reference_inplace, aliases=("rope",))
 register_triton(ROPE, _rope_triton)
 
 

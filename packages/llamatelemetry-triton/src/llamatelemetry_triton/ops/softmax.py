@@ -276,7 +276,7 @@ def _softmax_last_dim(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-SOFTMAX = Operation("softmax", softmax_reference)
+SOFTMAX = Operation("triton.softmax", softmax_reference, aliases=("softmax",))
 register_triton(SOFTMAX, _softmax_triton)
 
 

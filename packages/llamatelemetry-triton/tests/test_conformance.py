@@ -1,0 +1,70 @@
+"""Every public operation of the component through core's conformance suite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import llamatelemetry_triton as lt
+from llamatelemetry_core.testing.conformance import Conformance
+from llamatelemetry_triton.ops.add import ADD
+from llamatelemetry_triton.ops.glu import GEGLU, SWIGLU
+from llamatelemetry_triton.ops.norm import FUSED_ADD_RMSNORM, LAYERNORM, RMSNORM
+from llamatelemetry_triton.ops.rope import ROPE
+from llamatelemetry_triton.ops.softmax import SOFTMAX
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _rows(gen: torch.Generator, dtype: torch.dtype, device: torch.device, cols: int = 37) -> torch.Tensor:
+    return torch.randn(3, 5, cols, generator=gen).to(dtype).to(device)
+
+
+def _rope_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    cos, sin = lt.rope_cos_sin(16, 8, device=device)
+    q = torch.randn(2, 7, 3, 8, generator=gen).to(dtype).to(device)
+    k = torch.randn(2, 7, 1, 8, generator=gen).to(dtype).to(device)
+    return q, k, cos, sin
+
+
+SUITES = {
+    "softmax": Conformance(SOFTMAX, lt.triton_softmax, lambda g, d, dev: (_rows(g, d, dev),)),
+    "add": Conformance(ADD, lt.triton_add, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
+    "rmsnorm": Conformance(
+        RMSNORM, lt.triton_rmsnorm, lambda g, d, dev: (_rows(g, d, dev), torch.rand(37, generator=g).to(d).to(dev))
+    ),
+    "layernorm": Conformance(
+        LAYERNORM,
+        lt.triton_layernorm,
+        lambda g, d, dev: (_rows(g, d, dev), torch.rand(37, generator=g).to(d).to(dev), _rows(g, d, dev)[0, 0]),
+    ),
+    "fused_add_rmsnorm": Conformance(
+        FUSED_ADD_RMSNORM,
+        lt.triton_fused_add_rmsnorm,
+        lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev), torch.rand(37, generator=g).to(d).to(dev)),
+    ),
+    "swiglu": Conformance(SWIGLU, lt.triton_swiglu, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
+    "geglu": Conformance(GEGLU, lt.triton_geglu, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
+    "rope": Conformance(ROPE, lt.triton_rope, _rope_inputs),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(SUITES))
+def test_every_implementation_matches_the_reference(name: str, dtype: torch.dtype) -> None:
+    SUITES[name].check_implementations(dtype, DEVICE)
+
+
+@pytest.mark.parametrize("name", sorted(SUITES))
+def test_fullgraph_compile_and_the_backend_variable(name: str) -> None:
+    SUITES[name].check_fullgraph(torch.float32, DEVICE)
+    SUITES[name].check_fallback(torch.float32, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(SUITES))
+def test_cuda_graph_capture_and_replay(name: str) -> None:
+    SUITES[name].check_cuda_graph(torch.float16)
