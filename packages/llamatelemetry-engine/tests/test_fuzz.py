@@ -163,7 +163,7 @@ PARAM_VALUES: dict[str, tuple[list[Any], list[Any]]] = {  # (valid, hostile)
 def sampling_kwargs(draw: st.DrawFn) -> tuple[dict[str, Any], bool]:
     """Valid values for some fields and, in about a third of the draws, one hostile field."""
     kwargs = {name: draw(st.sampled_from(valid)) for name, (valid, _) in PARAM_VALUES.items() if draw(st.booleans())}
-    bad = draw(st.sampled_from([None, None, *sorted(PARAM_VALUES)]))
+    bad = draw(st.one_of(st.none(), st.none(), st.sampled_from(sorted(PARAM_VALUES))))
     if bad is not None:
         kwargs[bad] = draw(st.sampled_from(PARAM_VALUES[bad][1]))
     return kwargs, bad is None

@@ -53,6 +53,14 @@ def test_the_runner_refuses_bad_steps(llm: LLM, contiguous: LLM) -> None:
         runner.step(StepInput((SequenceStep(902, (5,), 3),)))
     with pytest.raises(ConfigurationError, match="at least one sequence"):
         runner.step(StepInput(()))
+    # A float token became another token in the int64 tensor, and a sequence twice in one step wrote its KV twice.
+    with pytest.raises(ConfigurationError, match="must be ints"):
+        runner.step(StepInput((SequenceStep(904, (1.5,), 0),)))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="repeated seq_id"):
+        runner.step(StepInput((SequenceStep(905, (1,), 0), SequenceStep(905, (2,), 0))))
+    with pytest.raises(ConfigurationError, match="start_pos"):
+        runner.step(StepInput((SequenceStep(906, (1,), -1),)))
+    assert runner.store.num_tokens(904) == runner.store.num_tokens(905) == 0
     assert llm.runner.page_size == 16
     with pytest.raises(ConfigurationError, match="need 2 blocks of 16, the block table has 1"):
         llm.runner.step(StepInput((SequenceStep(903, tuple(range(3, 23)), 0, (0,)),)))

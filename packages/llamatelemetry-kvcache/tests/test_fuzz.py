@@ -25,7 +25,16 @@ from hypothesis import strategies as st
 from llamatelemetry_core.device import get_device_info
 from llamatelemetry_core.kv_layout import PAD_SLOT
 from llamatelemetry_core.testing.fuzz import TensorSpec, check_call, fuzz_settings, make_tensor, tensor_specs
-from llamatelemetry_kvcache import BlockManager, KVCache, KVCacheConfig, PagedKVCache, dequantize_kv, quantize_kv
+from llamatelemetry_kvcache import (
+    BlockManager,
+    KVCache,
+    KVCacheConfig,
+    PagedKVCache,
+    block_tables_tensor,
+    dequantize_kv,
+    quantize_kv,
+    slot_mapping_tensor,
+)
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 MODEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -556,3 +565,43 @@ def test_non_int_tokens_never_enter_the_decode_fast_path(call: str) -> None:
     with pytest.raises(ValueError, match="token_ids"):
         refused()
     assert manager.token_ids(0) == [1, 2]
+
+
+SPAN_VALUES = st.one_of(st.integers(-2, 9), st.sampled_from([0.5, "1", None]))
+
+
+@fuzz_settings(ci=40)
+@given(
+    spans=st.one_of(
+        st.lists(st.tuples(st.sampled_from([0, 1, 7]), SPAN_VALUES, SPAN_VALUES), max_size=3),
+        st.sampled_from([None, "abc", [(0, 1)], [[0, 0, 2]]]),
+    ),
+    pad_to=st.one_of(st.none(), st.integers(-1, 12), st.sampled_from([2.5, "4"])),
+    width=st.one_of(st.none(), st.integers(-1, 5), st.sampled_from([1.5, "2"])),
+)
+def test_step_metadata_from_hostile_spans(spans: Any, pad_to: Any, width: Any) -> None:
+    manager = BlockManager(8, 2)
+    manager.allocate(0, [1, 2, 3])
+    manager.allocate(1, [4, 5, 6, 7, 8])
+    outcome = check_call(
+        lambda: slot_mapping_tensor(manager, spans, pad_to=pad_to),
+        None,
+        arguments=["spans", "start", "end", "pad_to", "sequence"],
+        documented=(KeyError,),
+        name="slot_mapping_tensor",
+    )
+    if not outcome.raised:  # the slots of each span, in order, then padding
+        want: list[int] = []
+        for seq_id, start, end in spans:
+            table = manager.block_table(seq_id)
+            assert type(start) is int and type(end) is int and 0 <= start <= end <= len(table) * 2
+            want += [table[t // 2] * 2 + t % 2 for t in range(start, end)]
+        want += [PAD_SLOT] * ((pad_to or 0) - len(want))
+        assert outcome.result.tolist() == want
+    outcome = check_call(
+        lambda: block_tables_tensor(manager, [0, 1], max_blocks_per_seq=width),
+        None,
+        arguments=["max_blocks_per_seq"],
+        name="block_tables_tensor",
+    )
+    assert outcome.raised != (width is None or (type(width) is int and width >= 3))
