@@ -2,8 +2,11 @@
 
 * :class:`BatchConfig`: every field with hostile values; a bad one raises a typed error naming the field.
 * ``batch_infer``: hostile prompt lists (non-strings, empty, containers that are not lists) and small configs,
-  with one-prompt, list (:func:`batched`) and ``async`` functions, some prompts failing: results in prompt order,
-  each equal to the function's answer, failures reported by index, never lost.
+  with one-prompt, list (:func:`batched`) and ``async`` functions, through ``batch_infer`` and ``abatch_infer``,
+  some prompts failing: results in prompt order, each equal to the function's answer, failures reported by
+  index, never lost.
+* Every block manager of ``conftest.BLOCK_MANAGERS`` with hostile ids, tokens and counts: a refused call changes
+  nothing.
 * The continuous-batching engine: ``submit`` with hostile prompts and hostile sampling parameters (temperature,
   top-k, top-p, repetition penalty, max tokens, seeds, stop tokens and strings) over the deterministic
   :class:`~llamatelemetry_batch.serving.testing.HashDecoder`: greedy output equals the model's known
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import warnings
@@ -127,6 +131,7 @@ def _list_answer(prompts: list[str]) -> list[str]:
     prompts=prompt_lists(),
     container=st.sampled_from(["list", "list", "list", "tuple", "generator", "str", "dict", "none"]),
     kind=st.sampled_from(["one", "list", "async"]),
+    awaited=st.booleans(),
     max_batch_size=st.integers(1, 3),
     max_tokens=st.integers(1, 6),
     dynamic=st.booleans(),
@@ -140,6 +145,7 @@ def test_batch_infer_keeps_every_prompt_in_order(
     max_tokens: int,
     dynamic: bool,
     stop_on_error: bool,
+    awaited: bool,
 ) -> None:
     config = BatchConfig(
         max_batch_size=max_batch_size,
@@ -164,6 +170,8 @@ def test_batch_infer_keeps_every_prompt_in_order(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OversizePromptWarning)  # a prompt over max_tokens runs alone
+                if awaited:  # abatch_infer, from a running event loop
+                    return asyncio.run(optimizer.abatch_infer(given_prompts, fn))
                 return optimizer.batch_infer(given_prompts, fn)
         except BatchInferenceError as exc:
             return exc  # some prompts failed: judged below, with the results it carries
