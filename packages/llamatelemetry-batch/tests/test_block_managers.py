@@ -126,14 +126,14 @@ def test_append_decode_is_append_for_each_and_all_or_nothing(block_manager_facto
         assert batched.num_free_blocks == single.num_free_blocks
     held = {seq_id: batched.num_tokens(seq_id) for seq_id in range(4)}
     free = batched.num_free_blocks
-    cases: list[tuple[Callable[[], None], type[Exception], str]] = [
-        (lambda: batched.append_decode([0, 1], [5]), ConfigurationError, "one token per sequence"),
-        (lambda: batched.append_decode([0, 0], [5, 6]), ConfigurationError, "repeated sequence id"),
-        (lambda: batched.append_decode([0, 99], [5, 6]), KeyError, "99"),
+    bad: list[tuple[list[int], list[int], type[Exception], str]] = [
+        ([0, 1], [5], ConfigurationError, "one token per sequence"),
+        ([0, 0], [5, 6], ConfigurationError, "repeated sequence id"),
+        ([0, 99], [5, 6], KeyError, "99"),
     ]
-    for call, error, match in cases:
+    for ids, tokens, error, match in bad:
         with pytest.raises(error, match=match):
-            call()
+            batched.append_decode(ids, tokens)
         assert {seq_id: batched.num_tokens(seq_id) for seq_id in range(4)} == held and batched.num_free_blocks == free
     full = block_manager_factory(4, 2)  # three sequences on full blocks, one free block: the step needs three
     for seq_id in range(3):

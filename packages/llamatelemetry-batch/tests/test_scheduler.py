@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from llamatelemetry_batch.serving import (
@@ -198,3 +200,29 @@ def test_a_block_manager_breaking_the_cached_count_contract_is_reported() -> Non
 def test_scheduler_config_names_the_bad_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigurationError, match=field):
         SchedulerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+class _WithoutDecodeStep:
+    """A paged manager written before the protocol had ``append_decode``: every other call delegates."""
+
+    def __init__(self, inner: SimpleBlockManager) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        if name == "append_decode":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_decoding_batches_appends_and_a_manager_without_append_decode_still_works() -> None:
+    tables = []
+    managers: list[Any] = [SimpleBlockManager(64, 4), _WithoutDecodeStep(SimpleBlockManager(64, 4))]
+    for manager in managers:
+        scheduler = Scheduler(manager, SchedulerConfig(), paged=True)
+        for seq_id, length in enumerate((3, 4, 6)):
+            scheduler.add(_seq(seq_id, list(range(length)), max_new_tokens=9))
+        for _ in range(9):
+            _run(scheduler)
+        tables.append([(manager.num_tokens(i), manager.block_table(i)) for i in range(3)])
+    assert tables[0] == tables[1]
+    assert [n for n, _ in tables[0]] == [11, 12, 14]  # prompt + 8 decoded tokens held (the 9th is not computed)

@@ -110,3 +110,30 @@ def test_attn_implementation_works_after_importing_the_component(order: str) -> 
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["llamatelemetry", "1"], done.stdout
+
+
+_HOOK_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, sys, warnings
+    import llamatelemetry_flashattn.patching as patching
+    assert importlib.util.find_spec("transformers.modeling_utils") is not None  # a probe imports nothing
+    assert "transformers.modeling_utils" not in sys.modules
+    def broken():
+        raise TypeError("an AttentionInterface from the future")
+    patching._register_with_transformers = broken
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import transformers.modeling_utils
+    print([str(w.message)[:60] for w in caught if w.category is RuntimeWarning])
+    """
+)
+
+
+def test_a_failing_registration_warns_and_never_breaks_importing_transformers() -> None:
+    pytest.importorskip("transformers")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, "-c", _HOOK_SCRIPT], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "llamatelemetry could not register" in done.stdout, done.stdout

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import llamatelemetry_triton as lt
+from llamatelemetry_core.errors import BackendUnavailableError
 from llamatelemetry_core.testing import assert_close
 
 _W = torch.linspace(0.5, 1.5, 16)
@@ -38,3 +39,13 @@ def test_fullgraph_op_matches_eager(name: str) -> None:
     op = _OPS[name]
     compiled = torch.compile(op, fullgraph=True, backend="eager")
     assert_close(compiled(x), op(x), name=f"compiled {name}", dtype=torch.float32)
+
+
+def test_an_impossible_request_raises_under_compile_as_it_does_eagerly() -> None:
+    torch._dynamo.reset()
+    x = torch.randn(3, 8, dtype=torch.float64)  # no kernel takes float64 (and on a CPU none runs uninterpreted)
+    compiled = torch.compile(lambda t: lt.triton_softmax(t, backend="triton"), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="triton") as raised:
+        compiled(x)
+    error = raised.value
+    assert isinstance(error, BackendUnavailableError) or isinstance(error.__context__, BackendUnavailableError)

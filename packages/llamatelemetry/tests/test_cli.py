@@ -26,7 +26,7 @@ def test_doctor_json_reports_every_section(capsys: pytest.CaptureFixture[str]) -
     report = json.loads(capsys.readouterr().out)
     for key in ("device", "tensor_cores", "triton", "flash_attn", "sdpa_backends", "operations", "components"):
         assert key in report
-    assert report["schema_version"] == SCHEMA_VERSION == 2
+    assert report["schema_version"] == SCHEMA_VERSION == 3
     for key in ("driver", "packages", "environment_variables", "gpus", "summary", "outside_tested_ranges"):
         assert key in report
     assert set(report["driver"]) == {"nvidia_driver", "cuda_driver", "cuda_runtime"}

@@ -129,9 +129,10 @@ class QuietReason(str):
 class NoticeReason(str):
     """A reason worth telling the user about once: the environment, not the call, keeps an implementation out.
 
-    Two kinds: a package the implementation needs is not installed (the device could do better with it), or its
-    kernel failed to build with the installed compiler. Every other reason (a dtype, a shape, a capability the
-    call or device does not meet) is the library choosing for the user, recorded but not warned about.
+    A package the implementation needs is not installed (the device could do better with it), its kernel failed
+    to build with the installed compiler, or the caller asked for it by name and the device lacks it (bf16 Tensor
+    Cores requested on a T4). Every other reason (a dtype, a shape, a capability the call or device does not
+    meet) is the library choosing for the user, recorded but not warned about.
     """
 
     __slots__ = ()

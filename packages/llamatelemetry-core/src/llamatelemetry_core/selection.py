@@ -338,6 +338,10 @@ class Operation:
                 raise ConfigurationError(
                     f"an operation named {name!r} is already registered; pass replace=True to redefine it"
                 )
+            if alias_of(name) is not None and not replace:
+                raise ConfigurationError(
+                    f"{name!r} is a former name of the operation {alias_of(name)!r} (an alias); choose another name"
+                )
             for alias in self.aliases:
                 taken = _operations.get(alias) is not None or alias_of(alias) not in (None, name)
                 if taken and not replace:

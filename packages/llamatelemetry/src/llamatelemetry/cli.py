@@ -47,7 +47,7 @@ from llamatelemetry_core.selection import CallSpec, operations
 
 __all__ = ["SCHEMA_VERSION", "doctor_report", "main"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: operations keyed by namespaced names (triton.rmsnorm, flashattn.attention, ...)
 """Layout of ``doctor --json``: raised when a key changes meaning or disappears (2 added the environment,
 every GPU, driver versions, measured ratios, the summary and versions outside the tested ranges)."""
 CPU_SUMMARY = "every operation runs its PyTorch reference here; the speedups need a CUDA GPU"

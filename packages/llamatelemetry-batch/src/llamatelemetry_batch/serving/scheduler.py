@@ -192,6 +192,8 @@ class Scheduler:
         append, page_size, paged = self.block_manager.append, self._page_size, self.paged
         # Decoding sequences with room in their last block need no new block, so their append cannot fail: they
         # are appended together after the loop, in one append_decode call (one host loop, not one call each).
+        # A manager written before the protocol had append_decode is appended one sequence at a time.
+        batched = paged and hasattr(self.block_manager, "append_decode")
         later_ids: list[int] = []
         later_tokens: list[int] = []
         i = 0
@@ -207,7 +209,7 @@ class Scheduler:
                 # the step already gave it one). Append first and ask later: a failed append changes nothing
                 # (the protocol's rule), and it rarely fails.
                 token = token_ids[computed]
-                if seq.num_allocated_tokens == computed and paged and computed < len(seq.table_tuple) * page_size:
+                if seq.num_allocated_tokens == computed and batched and computed < len(seq.table_tuple) * page_size:
                     later_ids.append(seq.seq_id)
                     later_tokens.append(token)
                     seq.num_allocated_tokens = computed + 1
