@@ -20,6 +20,7 @@ from llamatelemetry_batch import (
     batch_inference_optimized,
     batched,
 )
+from llamatelemetry_core.errors import ConfigurationError
 
 
 class Recorder:
@@ -360,3 +361,15 @@ def test_a_sync_function_returning_a_coroutine_is_reported() -> None:
     with pytest.raises(BatchInferenceError) as caught:
         BatchInferenceOptimizer().batch_infer(["a"], lambda p: answer(p))
     assert "async def" in str(caught.value.errors[0])
+
+
+def test_a_timeout_longer_than_threading_can_wait_is_no_limit() -> None:
+    # threading's waits take at most TIMEOUT_MAX seconds; a longer timeout raised OverflowError in the waiting loop.
+    optimizer = BatchInferenceOptimizer(BatchConfig(timeout=1e300, max_batch_size=2))
+    assert optimizer.batch_infer(["a", "bb", "c"], batched(lambda ps: [p * 2 for p in ps])) == ["aa", "bbbb", "cc"]
+
+
+def test_progress_takes_booleans_and_bar_names_only() -> None:
+    for value in (0, 1, 0.0, "yes"):
+        with pytest.raises(ConfigurationError, match="progress"):
+            BatchConfig(progress=value)  # type: ignore[arg-type]

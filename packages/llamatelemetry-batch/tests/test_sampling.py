@@ -143,3 +143,34 @@ def test_a_lone_stop_string_or_token_is_one_stop() -> None:
     params = SamplingParams(stop="###", stop_token_ids=2)  # type: ignore[arg-type]
     assert params.stop == ("###",) and params.stop_token_ids == (2,)
     assert SamplingParams().greedy and not SamplingParams(temperature=0.5).greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300])
+def test_a_vanishing_temperature_samples_the_arg_max(temperature: float, rng: torch.Generator) -> None:
+    # Below float32's smallest normal number the division gave NaN probabilities and the race picked token 0.
+    logits = torch.randn(3, 17, generator=rng)
+    logits[:, 0] = -5.0
+    params = SamplingParams(temperature=temperature, seed=1)
+    got = sample_next_tokens(logits, [params] * 3, [make_generator(1, logits.device)] * 3, [(), (), ()])
+    assert got == logits.argmax(dim=-1).tolist()
+
+
+def test_infinite_logits_and_extreme_penalties_stay_finite_distributions() -> None:
+    logits = torch.tensor([[0.0, float("inf"), 1.0, float("inf")], [1.0, 2.0, 3.0, 4.0]])
+    params = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=1.0, repetition_penalty=1e-30)]
+    probs = _filtered_probs(logits, params)
+    assert torch.equal(probs[0], torch.tensor([0.0, 0.5, 0.0, 0.5]))  # the +inf entries share the mass
+    got = sample_next_tokens(logits, params, [make_generator(3, logits.device), None], [(), [0, 1]])
+    assert got[0] in (1, 3) and got[1] in (0, 1)  # a tiny penalty makes seen tokens overwhelmingly likely
+
+
+def test_sampling_parameters_refuse_what_a_generator_or_the_flags_cannot_take() -> None:
+    for kwargs, match in (
+        ({"seed": 2**64}, "seed"),
+        ({"ignore_eos": "no"}, "ignore_eos"),
+        ({"stop": None}, "stop"),
+        ({"stop_token_ids": None}, "stop_token_ids"),
+    ):
+        with pytest.raises(ConfigurationError, match=match):
+            SamplingParams(**kwargs)
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1

@@ -53,6 +53,14 @@ def test_the_runner_refuses_bad_steps(llm: LLM, contiguous: LLM) -> None:
         runner.step(StepInput((SequenceStep(902, (5,), 3),)))
     with pytest.raises(ConfigurationError, match="at least one sequence"):
         runner.step(StepInput(()))
+    # A float token became another token in the int64 tensor, and a sequence twice in one step wrote its KV twice.
+    with pytest.raises(ConfigurationError, match="must be ints"):
+        runner.step(StepInput((SequenceStep(904, (1.5,), 0),)))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="repeated seq_id"):
+        runner.step(StepInput((SequenceStep(905, (1,), 0), SequenceStep(905, (2,), 0))))
+    with pytest.raises(ConfigurationError, match="start_pos"):
+        runner.step(StepInput((SequenceStep(906, (1,), -1),)))
+    assert runner.store.num_tokens(904) == runner.store.num_tokens(905) == 0
     assert llm.runner.page_size == 16
     with pytest.raises(ConfigurationError, match="need 2 blocks of 16, the block table has 1"):
         llm.runner.step(StepInput((SequenceStep(903, tuple(range(3, 23)), 0, (0,)),)))
@@ -85,3 +93,50 @@ def test_flags_report_what_runs_here() -> None:
     assert all(s.reason is None for s in off.states.values())
     with pytest.raises(ConfigurationError, match="unknown engine flag"):
         EngineFlags().without("warp_drive")
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_prompt_outside_the_vocabulary_fails_alone(continuous: bool) -> None:
+    # The static path raised from the middle of the run (every request lost) where the continuous one failed alone.
+    flags = EngineFlags() if continuous else EngineFlags().without("continuous_batching")
+    llm = LLM(random_weights(TINY, seed=1), flags=flags, device="cpu", max_model_len=32, max_batch_size=4)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    good, outside, negative = llm.generate([[5, 6], [TINY.vocab_size], [-1, 4]], params)
+    assert good.error is None and len(good.token_ids) == 3
+    for bad in (outside, negative):
+        assert isinstance(bad.error, ConfigurationError) and "vocab_size" in str(bad.error)
+        assert bad.finish_reason == "error" and bad.token_ids == []
+    with pytest.raises(ConfigurationError, match="token ids to be ints"):
+        llm.generate([[1.5, 2]], params)  # type: ignore[list-item]
+
+
+def test_sampling_parameters_and_engine_arguments_are_checked() -> None:
+    for kwargs, match in (
+        ({"temperature": "x"}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"seed": 2**64}, "seed"),
+        ({"stop_token_ids": None}, "stop_token_ids"),
+        ({"ignore_eos": "no"}, "ignore_eos"),
+    ):
+        with pytest.raises(ConfigurationError, match=match):
+            SamplingParams(**kwargs)
+    assert SamplingParams(stop_token_ids=5).stop_token_ids == (5,)  # type: ignore[arg-type]
+    loaded = random_weights(TINY, seed=1)
+    for kwargs, match in (
+        ({"max_model_len": 0}, "max_model_len"),
+        ({"device": "tpu"}, "device"),
+        ({"seed": "a"}, "seed"),
+    ):
+        with pytest.raises(ConfigurationError, match=match):
+            LLM(loaded, **kwargs)
+    with pytest.raises(TypeError, match="flags"):
+        LLM(loaded, flags={"paged_kv": False})  # type: ignore[arg-type]
+
+
+def test_a_vanishing_temperature_samples_the_arg_max_on_the_static_path() -> None:
+    flags = EngineFlags().without("continuous_batching")
+    llm = LLM(random_weights(TINY, seed=1), flags=flags, device="cpu", max_model_len=32, max_batch_size=4)
+    greedy = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
+    tiny = SamplingParams(max_tokens=4, ignore_eos=True, temperature=1e-45, seed=3)
+    assert llm.generate([[5, 6, 7]], tiny)[0].token_ids == greedy  # multinomial raised on NaN probabilities

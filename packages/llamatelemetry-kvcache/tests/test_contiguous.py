@@ -185,3 +185,51 @@ def test_graph_safe_path_quantizes_too() -> None:
     assert_close(kf[1, 5], k[1, 0], atol=k.abs().max().item() / 127, rtol=0)
     with pytest.raises(ConfigurationError, match=r"shape \[2\]"):
         cache.update(0, k, v, positions=torch.tensor([0]))
+
+
+def test_a_shorter_row_never_shows_uninitialised_storage() -> None:
+    cache = _cache(batch=2, seq=64)
+    for layer in range(LAYERS):  # the operating system may hand out dirty memory
+        for t in cache.storage(layer):
+            t.fill_(float("nan"))
+    _step(cache, 2, 3)
+    _step(cache, 1, 30)  # only row 0 grows; get() reads row 1 up to row 0's length
+    keys, values = cache.get(0)  # type: ignore[misc]
+    assert keys.shape[:2] == (2, 33) and not bool(keys.isnan().any()) and not bool(values.isnan().any())
+    assert bool((keys[1, 3:] == 0).all())
+    cache.set_lengths([40])
+    keys, _ = cache.get(0)  # type: ignore[misc]
+    assert keys.shape[1] == 40 and not bool(keys.isnan().any())
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantized_heads_that_are_not_finite_read_back_as_nan(kv_dtype: torch.dtype) -> None:
+    cache = _cache(batch=2, seq=4, dtype=torch.float16, kv_dtype=kv_dtype)
+    k, v = _kv(2, 1, torch.float16)
+    k[0, 0, 0, 0] = float("nan")  # came back as rounded finite values (scale 1)
+    k[0, 0, 1] = float("-inf")  # read back as NaN only if the undefined cast of NaN to int8 gave 0
+    got, _ = cache.update(0, k, v)
+    assert bool(got[0, 0].isnan().all()), f"heads that are not finite must read back as NaN, got {got[0, 0]}"
+    assert not bool(got[1].isnan().any())
+
+
+def test_graph_safe_positions_out_of_range_raise_before_writing() -> None:
+    cache = _cache(batch=2, seq=8)
+    k, v = _kv(2, 2)
+    before = cache.storage(0)[0].clone()
+    with pytest.raises(ConfigurationError, match="positions >= 0"):
+        cache.update(0, k, v, positions=torch.tensor([-1, 0]))
+    with pytest.raises(CapacityError, match="max_seq_length=8"):
+        cache.update(0, k, v, positions=torch.tensor([7, 0]))
+    assert torch.equal(cache.storage(0)[0].nan_to_num(), before.nan_to_num())
+
+
+def test_set_lengths_checks_every_value_before_setting_any() -> None:
+    cache = _cache(batch=3, seq=8)
+    _step(cache, 3, 2)
+    for bad in ([0, -1], [1.5], ["3"], None, 3):
+        with pytest.raises((ConfigurationError, CapacityError), match="length"):
+            cache.set_lengths(bad)  # type: ignore[arg-type]
+        assert cache.lengths == [2, 2, 2]
+    with pytest.raises(ConfigurationError, match="batch"):
+        cache.prepare_static(4)

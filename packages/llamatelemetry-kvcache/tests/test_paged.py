@@ -245,3 +245,23 @@ def test_the_write_custom_op_passes_opcheck_and_compiles() -> None:
 
     write(key, value)
     _assert_same(store, expected)  # the untouched store, written through the compiled custom op
+
+
+def test_refused_writes_change_nothing_and_name_the_argument() -> None:
+    config = KVCacheConfig(1, 8, 1, 2, 4, torch.float32, device="cpu")
+    cache = PagedKVCache(config, 4, num_blocks=2)
+    cache.block_manager.allocate(0, [1, 2])
+    slots = cache.slot_mapping([(0, 0, 2)])
+    k = torch.randn(2, 2, 4)
+    for values, mapping, match in (
+        (k.half(), slots, "values of dtype"),
+        (k, torch.tensor([0, 8]), "slot_mapping in"),
+        (k, torch.tensor([0, -2]), "slot_mapping in"),
+    ):
+        with pytest.raises(ConfigurationError, match=match):
+            cache.write(0, k, values, mapping)
+        assert cache._zeroed_blocks == 0, "a refused write leaves the lazily zeroed store alone"
+    with pytest.raises(TypeError, match="keys"):
+        cache.write(0, None, k, slots)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="max_blocks_per_seq"):
+        cache.block_tables([0], max_blocks_per_seq=3)  # wider than ceil(8 / 4)

@@ -56,8 +56,9 @@ class BatchConfig:
             ``None`` means :func:`~llamatelemetry_batch.retry.is_transient_error` (timeouts, connection errors,
             HTTP 408/409/425/429/5xx).
         stop_on_error: stop at the first prompt that fails for good: no call starts after it, calls in flight
-            finish, and the error reports the prompts not run. Otherwise every prompt runs, and the failures are
-            reported together at the end.
+            finish, and the error reports the prompts not run. A failed call of a list function is not split to
+            find the prompt at fault then: each prompt of that batch is reported with the call's error.
+            Otherwise every prompt runs, and the failures are reported together at the end.
         progress: show a progress bar over the prompts: ``True`` (tqdm if installed, else rich), ``"tqdm"``,
             ``"rich"``, or ``False``. Needs ``pip install "llamatelemetry-batch[progress]"`` (tqdm) or rich.
         token_estimator: ``estimator(prompt) -> tokens``, e.g. a tokenizer's length function; ``None`` means
@@ -97,7 +98,8 @@ class BatchConfig:
             )
         _check_fraction(self.retry_jitter, "retry_jitter")
         self._check_retry_on()
-        if self.progress not in (True, False, "tqdm", "rich"):
+        progress: object = self.progress
+        if not isinstance(progress, bool) and progress not in ("tqdm", "rich"):
             raise ConfigurationError(
                 f"expected BatchConfig.progress to be True, False, 'tqdm' or 'rich', got {self.progress!r}"
             )

@@ -218,7 +218,9 @@ class _Driver:
         wake = math.inf if retry_at is None else retry_at
         if self.thread_timeout is not None and self.live:
             wake = min(wake, min(live.deadline for live in self.live.values()))
-        return None if wake == math.inf else max(0.0, wake - now)
+        # threading's waits take at most TIMEOUT_MAX seconds (a longer one raises OverflowError): wake then and
+        # look again, as for any other wake-up.
+        return None if wake == math.inf else min(max(0.0, wake - now), threading.TIMEOUT_MAX)
 
     def needs_timer(self) -> bool:
         """Whether a deadline or a retry may need the waiting thread to wake before the next call ends."""

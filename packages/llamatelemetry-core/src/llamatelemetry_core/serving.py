@@ -19,17 +19,47 @@ import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 
-__all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput", "check_decode_step"]
+__all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput", "check_decode_step", "check_token_ids"]
+
+
+_INT = frozenset({int})
+
+
+def check_token_ids(token_ids: object, name: str = "token_ids") -> None:
+    """What a :class:`KVBlockManager` checks of the tokens it is given: a sequence (not a string) of ints >= 0.
+
+    Raises ``ConfigurationError`` naming ``name``; exact type tests, so a float, a bool or a string never becomes
+    another token. One token (a decode step's append) is checked without a pass over a list.
+    """
+    if type(token_ids) is list and len(token_ids) == 1:
+        token = token_ids[0]
+        if type(token) is int and token >= 0:
+            return
+    if type(token_ids) is not list and (isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence)):
+        raise ConfigurationError(f"expected {name} to be a sequence of ints, got {type(token_ids).__name__}")
+    if token_ids and (not set(map(type, token_ids)) <= _INT or min(token_ids) < 0):
+        bad = next(t for t in token_ids if type(t) is not int or t < 0)
+        raise ConfigurationError(f"expected {name} to hold ints >= 0, got {bad!r} ({type(bad).__name__})")
 
 
 def check_decode_step(seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
-    """What every :meth:`KVBlockManager.append_decode` checks first: one token per sequence, each sequence once."""
+    """What every :meth:`KVBlockManager.append_decode` checks first: one token per sequence, each sequence once,
+    tokens ints >= 0. Raises ``ConfigurationError`` naming the argument at fault. (A sequence id that is not a
+    known key raises the manager's ``KeyError``.)"""
+    for name, values in (("seq_ids", seq_ids), ("token_ids", token_ids)):
+        if type(values) is not list and (isinstance(values, str | bytes) or not isinstance(values, Sequence)):
+            raise ConfigurationError(f"expected {name} to be a sequence of ints, got {type(values).__name__}")
+    # Exact type tests in C (map, set), then the sign: a decode step runs this for every sequence, every step.
+    if token_ids and (not set(map(type, token_ids)) <= _INT or min(token_ids) < 0):
+        bad = next(t for t in token_ids if type(t) is not int or t < 0)
+        raise ConfigurationError(f"expected token_ids to hold ints >= 0, got {bad!r} ({type(bad).__name__})")
     if len(seq_ids) != len(token_ids):
         raise ConfigurationError(
-            f"expected one token per sequence, got {len(seq_ids)} sequence ids and {len(token_ids)} tokens"
+            f"expected one token per sequence, got {len(seq_ids)} sequence ids (seq_ids) and {len(token_ids)} "
+            "tokens (token_ids)"
         )
     if len(set(seq_ids)) != len(seq_ids):
-        raise ConfigurationError("expected each sequence once per decode step, got a repeated sequence id")
+        raise ConfigurationError("expected each sequence once per decode step, got a repeated sequence id in seq_ids")
 
 
 @runtime_checkable

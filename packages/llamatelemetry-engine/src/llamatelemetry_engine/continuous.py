@@ -55,7 +55,7 @@ class ContinuousServer:
         """Serve every request to completion (or to its error); return them in order."""
         handles = []
         for req in requests:
-            error = check_request(req, self.runner.max_model_len, self.runner.block_manager)
+            error = check_request(req, self.runner.max_model_len, self.runner.block_manager, self.runner.vocab_size)
             if error is None:
                 try:
                     callback = None if on_token is None else _forward(req, on_token)

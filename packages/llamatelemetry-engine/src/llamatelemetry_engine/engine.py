@@ -7,16 +7,18 @@ continuous-batching scheduler of ``llamatelemetry-batch`` or, with ``continuous_
 
 from __future__ import annotations
 
+import operator
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
 from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.continuous import ContinuousServer
 from llamatelemetry_engine.flags import EngineFlags, ResolvedFlags, resolve_flags
@@ -83,6 +85,20 @@ def _make_paged(
     return PagedKVCache(kv_config, page_size, num_blocks=num_blocks, enable_prefix_caching=prefix_caching)
 
 
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigurationError(
+            f"expected device to be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}"
+        ) from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigurationError(f"expected a cpu or cuda device, got {resolved}")
+    return resolved
+
+
 class LLM:
     """A Llama-family model ready to generate.
 
@@ -112,11 +128,24 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         seed: int = 0,
     ) -> None:
+        # Every argument is checked before the weights are loaded: a typo costs no load.
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("page_size", page_size),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
+            check_positive_int(value, name)
+        for name, optional in (("max_model_len", max_model_len), ("num_blocks", num_blocks)):
+            if optional is not None:
+                check_positive_int(optional, name)
+        check_non_negative_int(seed, "seed")
+        if flags is not None and not isinstance(flags, EngineFlags):
+            raise TypeError(f"expected flags to be an EngineFlags or None, got {type(flags).__name__}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ConfigurationError(f"expected dtype to be a torch.dtype (float16, bfloat16, float32), got {dtype!r}")
         self.loaded = load_model(model, seed=seed)
         self.config = self.loaded.config
-        dev = (
-            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        dev = _resolve_device(device)
         self.flags = resolve_flags(flags or EngineFlags(), dev, dtype)
         self.max_model_len = min(self.config.max_position_embeddings, max_model_len or 4096)
         self.max_batch_size = max_batch_size
@@ -145,12 +174,24 @@ class LLM:
     # --- prompts ----------------------------------------------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids of ``prompt`` (a string needs a tokenizer; ids pass through)."""
+        """Token ids of ``prompt`` (a string needs a tokenizer; ids pass through: ints, or integer scalars such as
+        NumPy's; a float or a bool raises instead of becoming another token)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigurationError(f"{self.loaded.source} has no tokenizer; pass token ids instead of text")
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        return [int(t) for t in prompt]
+        given: object = prompt
+        if isinstance(given, bytes) or not isinstance(given, Iterable):
+            raise TypeError(f"expected a prompt to be a string or a sequence of token ids, got {type(given).__name__}")
+        ids = []
+        for t in given:
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                ids.append(operator.index(t))
+            except TypeError:
+                raise ConfigurationError(f"expected a prompt's token ids to be ints, got {t!r}") from None
+        return ids
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` formatted by the model's chat template, ready for the assistant's turn."""
@@ -170,7 +211,18 @@ class LLM:
     def _requests(
         self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Request]:
-        each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        given: object = prompts
+        if isinstance(given, str | bytes) or not isinstance(given, Sequence):
+            raise TypeError(
+                f"expected prompts to be a list of prompts (strings or token ids), got {type(given).__name__}"
+            )
+        given_params: object = params
+        if isinstance(given_params, SamplingParams):
+            each = [given_params] * len(prompts)
+        elif isinstance(given_params, Sequence) and all(isinstance(p, SamplingParams) for p in given_params):
+            each = list(given_params)
+        else:
+            raise TypeError(f"expected params to be a SamplingParams or one per prompt, got {params!r:.80}")
         if len(each) != len(prompts):
             raise ConfigurationError(f"expected one SamplingParams per prompt ({len(prompts)}), got {len(each)}")
         reqs = []
@@ -210,7 +262,7 @@ class LLM:
 
         A request that cannot run carries its error in :attr:`Completion.error` while the others complete.
         """
-        params = params or SamplingParams()
+        params = params if params is not None else SamplingParams()
         done = self._serve(self._requests(prompts, params))
         out = []
         for r in done:
@@ -226,7 +278,7 @@ class LLM:
 
         The request runs in a worker thread that hands each token over as soon as it is sampled.
         """
-        params = params or SamplingParams()
+        params = params if params is not None else SamplingParams()
         req = self._requests([prompt], params)[0]
         engine = StaticBatchEngine(self.runner, max_batch_size=1, eos_token_ids=self.eos_token_ids)
         channel: queue.Queue[int | Exception | None] = queue.Queue()

@@ -135,19 +135,26 @@ class ModelRunner:
     def _validate(self, batch: StepInput) -> None:
         if not batch.sequences:
             raise ConfigurationError("expected a step with at least one sequence, got none")
+        if len({s.seq_id for s in batch.sequences}) != len(batch.sequences):
+            raise ConfigurationError("expected each sequence once per step, got a repeated seq_id")
         vocab = self.config.vocab_size
         for s in batch.sequences:
             if not s.token_ids:
                 raise ConfigurationError(f"sequence {s.seq_id}: expected at least one new token, got none")
+            if type(s.start_pos) is not int or s.start_pos < 0:
+                raise ConfigurationError(
+                    f"sequence {s.seq_id}: expected start_pos to be an int >= 0, got {s.start_pos!r}"
+                )
             if s.end_pos > self._max_model_len:
                 raise PromptTooLongError(
                     f"sequence {s.seq_id} reaches {s.end_pos} tokens, past max_model_len {self._max_model_len}; "
                     "shorten the prompt or ask for fewer new tokens"
                 )
-            bad = [t for t in s.token_ids if not 0 <= t < vocab]
+            # Exact ints: a float would become another token in the int64 tensor without a word.
+            bad = [t for t in s.token_ids if type(t) is not int or not 0 <= t < vocab]
             if bad:
                 raise ConfigurationError(
-                    f"sequence {s.seq_id}: token ids must be in [0, {vocab}) (the vocabulary), got {bad[:5]}"
+                    f"sequence {s.seq_id}: token ids must be ints in [0, {vocab}) (the vocabulary), got {bad[:5]}"
                 )
             if self.paged:
                 needed = math.ceil(s.end_pos / self._page_size)  # type: ignore[operator]

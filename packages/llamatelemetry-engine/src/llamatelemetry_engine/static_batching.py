@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.serving import SequenceStep, StepInput
 from llamatelemetry_engine.errors import PromptTooLongError, RequestTooLargeError
 from llamatelemetry_engine.sampling import SamplingParams, sample
@@ -43,11 +44,19 @@ class Request:
         return self.finish_reason is not None
 
 
-def check_request(request: Request, max_model_len: int, block_manager: Any) -> Exception | None:
-    """The error that keeps ``request`` from ever running, or ``None``."""
+def check_request(
+    request: Request, max_model_len: int, block_manager: Any, vocab_size: int | None = None
+) -> Exception | None:
+    """The error that keeps ``request`` from ever running, or ``None`` (token ids checked against ``vocab_size``)."""
     n = len(request.prompt_ids)
     if n == 0:
         return PromptTooLongError(f"request {request.request_id}: expected a prompt of at least one token, got none")
+    if vocab_size is not None and not 0 <= min(request.prompt_ids) <= max(request.prompt_ids) < vocab_size:
+        bad = next(t for t in request.prompt_ids if not 0 <= t < vocab_size)
+        return ConfigurationError(
+            f"request {request.request_id}: expected prompt token ids in [0, {vocab_size}) (the model's vocab_size), "
+            f"got {bad}"
+        )
     if n >= max_model_len:
         return PromptTooLongError(
             f"request {request.request_id}: prompt of {n} tokens, but the context holds {max_model_len} "
@@ -105,7 +114,7 @@ class StaticBatchEngine:
         bm = self.block_manager
         queue: list[Request] = []
         for req in requests:
-            error = check_request(req, self.model.max_model_len, bm)
+            error = check_request(req, self.model.max_model_len, bm, self.model.vocab_size)
             if error is not None:
                 req.error, req.finish_reason = error, "error"
             else:

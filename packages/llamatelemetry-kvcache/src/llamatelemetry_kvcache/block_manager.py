@@ -22,7 +22,8 @@ returned as ``(source, destination)`` pairs. A block that a sequence still write
 and a full block is never written again.
 
 Every method that cannot be carried out raises :class:`~llamatelemetry_core.errors.CapacityError` (out of
-blocks) or ``KeyError`` (unknown sequence) before changing anything.
+blocks), ``KeyError`` (unknown sequence) or :class:`~llamatelemetry_core.errors.ConfigurationError` (an argument
+of the wrong type or out of range: sequence ids are ints, token ids ints >= 0) before changing anything.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from dataclasses import dataclass, field
 
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_core.serving import check_decode_step
-from llamatelemetry_core.validation import check_positive_int
+from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
 
 __all__ = ["BlockManager", "BlockManagerStats"]
 
 _ROOT = 0  # the "key" before a sequence's first block
+_INT = frozenset({int})
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,18 @@ class BlockManager:
     def __init__(self, num_blocks: int, page_size: int, *, enable_prefix_caching: bool = True) -> None:
         self._num_blocks = check_positive_int(num_blocks, "num_blocks")
         self._page_size = check_positive_int(page_size, "page_size")
-        self.enable_prefix_caching = bool(enable_prefix_caching)
-        self._refs = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        if not isinstance(enable_prefix_caching, bool):
+            raise ConfigurationError(
+                f"expected enable_prefix_caching to be True or False, got {enable_prefix_caching!r}"
+            )
+        self.enable_prefix_caching = enable_prefix_caching
+        try:
+            self._refs = [0] * num_blocks
+            self._free: deque[int] = deque(range(num_blocks))
+        except MemoryError:
+            raise CapacityError(
+                f"the bookkeeping of num_blocks={num_blocks} blocks does not fit in memory; give fewer blocks"
+            ) from None
         self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced blocks with content, LRU first
         self._key_of: dict[int, int] = {}  # block -> chain key, for registered blocks
         self._block_of: dict[int, int] = {}  # chain key -> block
@@ -121,16 +132,18 @@ class BlockManager:
 
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
         """Whether a new sequence of ``token_ids`` fits now (prefix-cache hits counted)."""
-        if len(token_ids) == 0:
+        tokens = _token_list(token_ids)
+        if not tokens:
             return False
-        hits = self._prefix_hits(token_ids)
-        return self._blocks_for(len(token_ids)) - len(hits) <= self._available_after(hits)
+        hits = self._prefix_hits(tokens)
+        return self._blocks_for(len(tokens)) - len(hits) <= self._available_after(hits)
 
     def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
         """Give a new sequence blocks for ``token_ids``; return how many leading tokens are already cached."""
+        _check_seq_id(seq_id, "seq_id")
         if seq_id in self._seqs:
             raise ConfigurationError(f"sequence {seq_id} already holds blocks; free it first or use another id")
-        tokens = _token_list(token_ids)
+        tokens = _token_list(token_ids, fresh=True)  # the sequence's own list: the caller's stays the caller's
         if not tokens:
             raise ConfigurationError(f"sequence {seq_id}: expected at least one token to allocate, got none")
         hits = self._prefix_hits(tokens)
@@ -155,6 +168,8 @@ class BlockManager:
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Whether ``num_tokens`` more tokens of a running sequence fit now."""
+        if type(num_tokens) is not int or num_tokens < 0:
+            check_non_negative_int(num_tokens, "num_tokens")
         seq = self._seqs.get(seq_id)
         if seq is not None and len(seq.tokens) + num_tokens <= len(seq.blocks) * self._page_size:
             return True  # the decode hot path: room left in the last block
@@ -168,17 +183,19 @@ class BlockManager:
         Every token the sequence held before is taken as computed (its full blocks become reusable prefixes).
         """
         seq = self._seqs.get(seq_id)
-        if seq is not None and type(token_ids) is list:
-            # The decode hot path (once per running sequence per step): room in the last block and no block
-            # completed since the last registration, so only the tokens change.
+        if seq is not None and type(token_ids) is list and len(token_ids) == 1:
+            # The decode hot path (once per running sequence per step): one token, an int >= 0 (checked inline: a
+            # call would cost more than the append), room in the last block and no block completed since the last
+            # registration, so only the tokens change. Anything else takes the general path below.
             tokens = seq.tokens
             held = len(tokens)
-            if held + len(token_ids) <= seq.limit:
+            token = token_ids[0]
+            if held < seq.limit and type(token) is int and token >= 0:
                 seq.computed = held
-                tokens += token_ids  # in place: the list object stays the sequence's
+                tokens.append(token)  # in place: the list object stays the sequence's
                 return
         seq = seq or self._seq(seq_id)
-        tokens = token_ids if type(token_ids) is list else _token_list(token_ids)
+        tokens = _token_list(token_ids)
         held = len(seq.tokens)
         need = -(-(held + len(tokens)) // self._page_size) - len(seq.blocks)
         if need > 0:
@@ -207,6 +224,9 @@ class BlockManager:
         total = 0
         for seq_id, token_ids in appends:
             seq = seqs.get(seq_id) or self._seq(seq_id)
+            # Checked before anything changes: one int >= 0 inline (the decode step), anything else in full.
+            if type(token_ids) is not list or len(token_ids) != 1 or type(token_ids[0]) is not int or token_ids[0] < 0:
+                token_ids = _token_list(token_ids)
             need = -(-(len(seq.tokens) + len(token_ids)) // page) - len(seq.blocks)
             if need > 0:
                 total += need
@@ -219,7 +239,7 @@ class BlockManager:
             )
         for seq, token_ids, need in plan:
             held = len(seq.tokens)
-            if need <= 0 and type(token_ids) is list and held + len(token_ids) <= seq.limit:
+            if need <= 0 and held + len(token_ids) <= seq.limit:
                 seq.computed = held  # the decode fast path, as in append
                 seq.tokens += token_ids
                 continue
@@ -229,7 +249,7 @@ class BlockManager:
                 seq.computed = held
             if need > 0:
                 self._take_blocks(seq, need)
-            seq.tokens.extend(token_ids if type(token_ids) is list else _token_list(token_ids))
+            seq.tokens.extend(token_ids)
             self._refresh(seq)
 
     def append_decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
@@ -270,7 +290,7 @@ class BlockManager:
                 seq.computed = held
             if held >= len(seq.blocks) * page:
                 self._take_blocks(seq, 1)
-            tokens.append(int(token))
+            tokens.append(token)
             self._refresh(seq)
 
     def free(self, seq_id: int) -> None:
@@ -313,6 +333,7 @@ class BlockManager:
         ``(source, destination)`` block copies the tensor side must perform before the child is written.
         """
         parent = self._seq(parent_id)
+        _check_seq_id(child_id, "child_id")
         if child_id in self._seqs:
             raise ConfigurationError(f"sequence {child_id} already holds blocks; fork into a new id")
         partial = len(parent.tokens) % self._page_size != 0
@@ -338,7 +359,8 @@ class BlockManager:
     def mark_computed(self, seq_id: int, num_tokens: int) -> None:
         """Say that the first ``num_tokens`` tokens of a sequence have their K/V written (after a prefill step)."""
         seq = self._seq(seq_id)
-        if not 0 <= num_tokens <= len(seq.tokens):
+        check_non_negative_int(num_tokens, "num_tokens")
+        if not num_tokens <= len(seq.tokens):
             raise ConfigurationError(
                 f"sequence {seq_id} holds {len(seq.tokens)} tokens; expected num_tokens in [0, {len(seq.tokens)}], "
                 f"got {num_tokens}"
@@ -359,6 +381,9 @@ class BlockManager:
 
     def ref_count(self, block: int) -> int:
         """How many sequences reference ``block``."""
+        given: object = block  # checked as the object it is: a caller may pass anything
+        if isinstance(given, bool) or not isinstance(given, int) or not 0 <= given < self._num_blocks:
+            raise ConfigurationError(f"expected block in [0, num_blocks={self._num_blocks}), got {block!r}")
         return self._refs[block]
 
     def stats(self) -> BlockManagerStats:
@@ -482,7 +507,23 @@ class BlockManager:
         seq.limit = min(len(blocks), full + 1) * page
 
 
-def _token_list(token_ids: Sequence[int]) -> list[int]:
-    if isinstance(token_ids, str | bytes):
-        raise ConfigurationError(f"expected token ids (a sequence of ints), got {type(token_ids).__name__}")
-    return [int(t) for t in token_ids]
+def _token_list(token_ids: object, *, fresh: bool = False) -> list[int]:
+    """``token_ids`` as a list, checked: ints >= 0 (no bools, floats or strings, which ``int()`` would turn into
+    other tokens without a word). A list comes back as it is unless ``fresh`` (the caller keeps the result)."""
+    if type(token_ids) is not list and (isinstance(token_ids, str | bytes) or not isinstance(token_ids, Iterable)):
+        raise ConfigurationError(f"expected token_ids to be a sequence of ints, got {type(token_ids).__name__}")
+    tokens = token_ids if type(token_ids) is list and not fresh else list(token_ids)
+    if not _plain_tokens(tokens):
+        bad = next(t for t in tokens if type(t) is not int or t < 0)
+        raise ConfigurationError(f"expected token_ids to hold ints >= 0, got {bad!r} ({type(bad).__name__})")
+    return tokens
+
+
+def _plain_tokens(tokens: list[object]) -> bool:
+    """Whether every token is an int >= 0, with exact type tests (no bools, floats, strings), in C."""
+    return not tokens or (set(map(type, tokens)) <= _INT and min(tokens) >= 0)  # type: ignore[type-var, operator]
+
+
+def _check_seq_id(seq_id: object, name: str) -> None:
+    if isinstance(seq_id, bool) or not isinstance(seq_id, int):
+        raise ConfigurationError(f"expected {name} to be an int, got {seq_id!r} ({type(seq_id).__name__})")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -211,17 +212,18 @@ class KVCache:
 
     def set_lengths(self, lengths: Sequence[int] | torch.Tensor) -> None:
         """Set the host-side lengths of sequences ``0..len(lengths)-1`` (after graph-safe steps; a tensor syncs)."""
-        values = [int(x) for x in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+        given = lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths
+        values = _ints(given, None, "lengths")
         if len(values) > self.config.max_batch_size:
             raise CapacityError(f"got {len(values)} lengths for a cache of max_batch_size={self.config.max_batch_size}")
-        for i, n in enumerate(values):
+        for i, n in enumerate(values):  # every value checked before any is set: a refused call changes nothing
             if not 0 <= n <= self.config.max_seq_length:
                 raise CapacityError(
                     f"sequence {i}: length {n} is outside [0, max_seq_length={self.config.max_seq_length}]"
                 )
-            self._lengths[i] = n
-        self._clean_rows(range(len(values)), max(values, default=0))
+        self._lengths[: len(values)] = values
         self._active = max(self._active, len(values))
+        self._clean_active()
         self._step = None
 
     def select_rows(self, indices: Sequence[int]) -> None:
@@ -243,6 +245,7 @@ class KVCache:
         self._lengths[:n] = [self._lengths[r] for r in rows]
         self._clean[:n] = [self._clean[r] for r in rows]
         self._active = n
+        self._clean_active()
 
     def prepare_static(self, batch: int | None = None) -> None:
         """Make every position of rows ``0..batch-1`` hold finite values, ahead of graph-safe steps.
@@ -250,7 +253,10 @@ class KVCache:
         The graph-safe path calls it itself outside capture; call it before capturing on CPU-like lazily zeroed
         storage (GPU storage is zeroed at allocation, so there it does nothing).
         """
-        rows = self.config.max_batch_size if batch is None else batch
+        limit, given = self.config.max_batch_size, cast("object", batch)
+        if given is not None and (isinstance(given, bool) or not isinstance(given, int) or not 0 <= given <= limit):
+            raise ConfigurationError(f"expected batch in [0, max_batch_size={limit}] or None, got {batch!r}")
+        rows = limit if batch is None else batch
         self._clean_rows(range(rows), self.config.max_seq_length)
 
     # --- internals -----------------------------------------------------------------------------------------------
@@ -270,9 +276,9 @@ class KVCache:
         k = check_tensor(new_keys, "new_keys")
         v = check_tensor(new_values, "new_values")
         for name, t in (("new_keys", k), ("new_values", v)):
-            if t.dim() != 4 or t.shape[2] != c.num_kv_heads or t.shape[3] != c.head_dim or t.shape[1] == 0:
+            if t.dim() != 4 or t.shape[2] != c.num_kv_heads or t.shape[3] != c.head_dim or 0 in t.shape[:2]:
                 raise ConfigurationError(
-                    f"expected {name} of shape [batch, new_tokens >= 1, num_kv_heads={c.num_kv_heads}, "
+                    f"expected {name} of shape [batch >= 1, new_tokens >= 1, num_kv_heads={c.num_kv_heads}, "
                     f"head_dim={c.head_dim}], got {format_shape(t.shape)}"
                 )
             if t.dtype != c.dtype:
@@ -322,19 +328,25 @@ class KVCache:
         for i, (start, count) in enumerate(zip(starts, counts, strict=True)):
             if not 1 <= count <= width:
                 raise ConfigurationError(
-                    f"sequence {i}: expected between 1 and {width} new tokens (new_keys has {width}), got {count}"
+                    f"sequence {i}: expected between 1 and {width} new tokens (num_new_tokens; new_keys has {width}), "
+                    f"got {count}"
                 )
             if start < 0:
-                raise ConfigurationError(f"sequence {i}: expected a position >= 0, got {start}")
+                raise ConfigurationError(f"sequence {i}: expected positions >= 0, got {start}")
             if start + count > c.max_seq_length:
                 raise CapacityError(
                     f"sequence {i} would hold {start + count} tokens ({start} cached + {count} new) but the cache "
                     f"holds max_seq_length={c.max_seq_length}; build it with a larger max_seq_length"
                 )
         step = _Step(list(starts), counts, width)
-        self._clean_rows(range(batch), step.end)
+        # Every row get() will return, not only this step's: a shorter row is read up to the longest one.
+        self._clean_rows(range(max(batch, self._active)), step.end)
         self._step = step
         return step
+
+    def _clean_active(self) -> None:
+        """Make the rows :meth:`get` returns hold finite values up to the longest of them."""
+        self._clean_rows(range(self._active), max(self._lengths[: self._active], default=0))
 
     def _clean_rows(self, rows: range, upto: int) -> None:
         """Zero positions ``clean[i] .. >= upto`` of each row (CPU storage only), ahead in growing chunks."""
@@ -386,6 +398,15 @@ class KVCache:
             raise ConfigurationError(f"expected positions on {c.device} (the cache's device), got {positions.device}")
         if self._step is not None:
             raise ConfigurationError("a host-positioned step is in progress; finish it before a graph-safe step")
+        if c.device.type == "cpu":  # checking costs no synchronisation here
+            lo, hi = int(positions.min()), int(positions.max())
+            if lo < 0:
+                raise ConfigurationError(f"expected positions >= 0, got {lo}")
+            if hi + width > c.max_seq_length:
+                raise CapacityError(
+                    f"a sequence would hold {hi + width} tokens (position {hi} + {width} new) but the cache holds "
+                    f"max_seq_length={c.max_seq_length}"
+                )
         if any(self._clean[i] < c.max_seq_length for i in range(batch)):
             if c.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise ConfigurationError(
@@ -393,9 +414,12 @@ class KVCache:
                     "before capturing"
                 )
             self.prepare_static(batch)
-        # Out-of-range positions fail in the indexing kernel itself (a device-side assertion on CUDA): checking
-        # them here would need the host synchronisation this path exists to avoid.
         cols = positions.unsqueeze(1).long() + torch.arange(width, device=c.device)
+        if c.device.type != "cpu":
+            # On a GPU, checking would need the host synchronisation this path exists to avoid: out-of-range
+            # positions fail in the indexing kernel (a device-side assertion). A negative column would be taken
+            # from the end of the row instead, a silent wrong write, so it is made out of range too.
+            cols = cols.masked_fill(cols < 0, c.max_seq_length)
         rows = self._rows[:batch]
         if self._key_scales is not None and self._value_scales is not None:
             kq, ks = quantize_kv(k, c.kv_dtype)
@@ -410,9 +434,11 @@ class KVCache:
         return self._read(layer_idx, batch, c.max_seq_length)
 
 
-def _ints(values: Sequence[int], batch: int, name: str) -> list[int]:
-    if isinstance(values, str | bytes) or len(values) != batch:
-        raise ConfigurationError(f"expected {name} to list one int per sequence ({batch}), got {values!r}")
+def _ints(values: object, batch: int | None, name: str) -> list[int]:
+    """``values`` as a list of ints, one per sequence (``batch`` of them; any number for ``None``)."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or batch not in (None, len(values)):
+        count = "one int per sequence" if batch is None else f"one int per sequence ({batch})"
+        raise ConfigurationError(f"expected {name} to list {count}, got {values!r}")
     out = []
     for x in values:
         if isinstance(x, bool) or not isinstance(x, int):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
 from llamatelemetry_core.serving import KVBlockManager
+from llamatelemetry_core.validation import check_non_negative_int
 
 __all__ = ["BlockTableBuilder", "block_tables_tensor", "slot_mapping", "slot_mapping_tensor"]
 
@@ -32,6 +34,9 @@ def block_tables_tensor(
     ``max_blocks_per_seq`` fixes the table width (a CUDA graph needs fixed shapes); by default it is the longest
     table. Raises ``ConfigurationError`` when a table is wider than ``max_blocks_per_seq``.
     """
+    _check_ids(seq_ids)
+    if max_blocks_per_seq is not None:
+        check_non_negative_int(max_blocks_per_seq, "max_blocks_per_seq")
     tables = [manager.block_table(s) for s in seq_ids]
     lengths = [manager.num_tokens(s) for s in seq_ids]
     width = max((len(t) for t in tables), default=0) if max_blocks_per_seq is None else max_blocks_per_seq
@@ -78,6 +83,7 @@ class BlockTableBuilder:
         self, seq_ids: Sequence[int], *, device: torch.device | str | None = None, width: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(block_tables, seq_lens)`` of ``seq_ids``, int32, ``[batch, width]`` (default: the longest table)."""
+        _check_ids(seq_ids)
         if len(seq_ids) > self.max_rows:
             raise ConfigurationError(f"got {len(seq_ids)} sequences, more than max_rows={self.max_rows}")
         if len(self._free_rows) < len(seq_ids):  # rows of finished sequences are only reclaimed here
@@ -109,7 +115,9 @@ class BlockTableBuilder:
             widest = max(widest, n)
         used = widest if width is None else width
         if used < widest:
-            raise ConfigurationError(f"a table of {widest} blocks does not fit width={used}; raise it")
+            raise ConfigurationError(
+                f"a table of {widest} blocks does not fit width={used} (max_blocks_per_seq); raise it"
+            )
         index = _int32_tensor(rows).long()
         block_tables = self._tensor.index_select(0, index)[:, :used].contiguous()
         seq_lens = _int32_tensor(lengths)
@@ -117,6 +125,11 @@ class BlockTableBuilder:
             block_tables = block_tables.to(device, non_blocking=True)
             seq_lens = seq_lens.to(device, non_blocking=True)
         return block_tables, seq_lens
+
+
+def _check_ids(seq_ids: object) -> None:
+    if isinstance(seq_ids, str | bytes) or not isinstance(seq_ids, Sequence):
+        raise ConfigurationError(f"expected seq_ids to be a sequence of sequence ids, got {type(seq_ids).__name__}")
 
 
 def _int32_tensor(values: list[int]) -> torch.Tensor:
@@ -129,6 +142,9 @@ def _int32_tensor(values: list[int]) -> torch.Tensor:
 def slot_mapping(manager: KVBlockManager, seq_id: int, start: int, end: int) -> list[int]:
     """Slots (``block * page_size + offset``) of tokens ``start .. end - 1`` of a sequence."""
     table, page = manager.block_table(seq_id), manager.page_size
+    for name, value in (("start", start), ("end", end)):
+        if type(value) is not int:
+            raise ConfigurationError(f"sequence {seq_id}: expected {name} to be an int, got {value!r}")
     if not 0 <= start <= end <= len(table) * page:
         raise ConfigurationError(
             f"sequence {seq_id} has blocks for {len(table) * page} tokens; expected 0 <= start <= end <= that, "
@@ -145,10 +161,17 @@ def slot_mapping_tensor(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """int64 slots of every ``(seq_id, start, end)`` span, in order, padded with ``PAD_SLOT`` to ``pad_to``."""
+    given: object = spans  # checked as the object it is: a caller may pass anything
+    if isinstance(given, str | bytes) or not isinstance(given, Sequence):
+        raise ConfigurationError(f"expected spans to be a sequence of (seq_id, start, end), got {given!r:.60}")
     slots: list[int] = []
-    for seq_id, start, end in spans:
+    for span in cast("Sequence[object]", given):
+        if not isinstance(span, tuple | list) or len(span) != 3:
+            raise ConfigurationError(f"expected spans to hold (seq_id, start, end) triples, got {span!r:.60}")
+        seq_id, start, end = span
         slots.extend(slot_mapping(manager, seq_id, start, end))
     if pad_to is not None:
+        check_non_negative_int(pad_to, "pad_to")
         if pad_to < len(slots):
             raise ConfigurationError(f"got {len(slots)} tokens, more than pad_to={pad_to}")
         slots.extend([PAD_SLOT] * (pad_to - len(slots)))

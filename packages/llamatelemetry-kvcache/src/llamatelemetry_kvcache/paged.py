@@ -17,18 +17,20 @@ reference attention).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
 from llamatelemetry_core.device import get_device_info
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
 from llamatelemetry_core.kv_layout import PagedKV, PagedKVLayout
-from llamatelemetry_core.validation import check_positive_int
+from llamatelemetry_core.validation import check_positive_int, check_tensor
 from llamatelemetry_kvcache.block_manager import BlockManager
 from llamatelemetry_kvcache.config import KVCacheConfig, format_bytes
 from llamatelemetry_kvcache.metadata import BlockTableBuilder, slot_mapping_tensor
-from llamatelemetry_kvcache.paged_write import as_bytes, paged_write
+from llamatelemetry_kvcache.paged_write import as_bytes, check_write_inputs, paged_write
 from llamatelemetry_kvcache.quant import dequantize_kv
 
 __all__ = ["PagedKVCache"]
@@ -136,6 +138,13 @@ class PagedKVCache:
         at most ``ceil(max_seq_length / page_size)``). Built incrementally: only blocks added since the last call
         are copied.
         """
+        if max_blocks_per_seq is not None:
+            check_positive_int(max_blocks_per_seq, "max_blocks_per_seq")
+            if max_blocks_per_seq > self.max_blocks_per_seq:
+                raise ConfigurationError(
+                    f"expected max_blocks_per_seq <= {self.max_blocks_per_seq} (ceil(max_seq_length / page_size)), "
+                    f"got {max_blocks_per_seq}"
+                )
         return self._tables.build(seq_ids, device=self.config.device, width=max_blocks_per_seq)
 
     def slot_mapping(self, spans: Sequence[tuple[int, int, int]], *, pad_to: int | None = None) -> torch.Tensor:
@@ -159,9 +168,13 @@ class PagedKVCache:
         on GPUs and under the interpreter, the PyTorch reference elsewhere; ``backend`` forces one).
         """
         self._check_layer(layer_idx)
-        if keys.dtype != self.config.dtype:
-            raise ConfigurationError(f"expected keys of dtype {self.config.dtype} (the config's), got {keys.dtype}")
+        for name, t in (("keys", keys), ("values", values)):
+            if check_tensor(t, name).dtype != self.config.dtype:
+                raise ConfigurationError(f"expected {name} of dtype {self.config.dtype} (the config's), got {t.dtype}")
+        check_tensor(slot_mapping, "slot_mapping")
         if self._zeroed_blocks < self.num_blocks and slot_mapping.numel():
+            # Checked before zeroing (CPU storage only): a refused write leaves the store as it was.
+            check_write_inputs(keys, values, self._layers[layer_idx], slot_mapping)
             self._zero_blocks_upto(int(slot_mapping.max()) // self.page_size + 1)
         paged_write(keys, values, self._layers[layer_idx], slot_mapping, backend=backend)
 
@@ -201,8 +214,8 @@ class PagedKVCache:
         if not copies:
             return
         for src, dst in copies:
-            for block in (src, dst):
-                if not 0 <= block < self.num_blocks:
+            for block in cast("tuple[object, object]", (src, dst)):
+                if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.num_blocks:
                     raise ConfigurationError(f"expected block indices in [0, {self.num_blocks}), got {block}")
         self._zero_blocks_upto(max(dst for _, dst in copies) + 1)
         device = self.config.device
@@ -237,7 +250,7 @@ class PagedKVCache:
 
 
 def _budget_bytes(budget: object, config: KVCacheConfig) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0:
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
         raise ConfigurationError(
             f"expected memory_budget as bytes (an int > 0) or a fraction of free memory in (0, 1], got {budget!r}"
         )

@@ -21,7 +21,7 @@ import torch
 from llamatelemetry_core.device import get_device_info
 from llamatelemetry_core.environment import triton_devices, triton_status
 from llamatelemetry_core.errors import ConfigurationError
-from llamatelemetry_core.kv_layout import PagedKV
+from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
 from llamatelemetry_core.selection import CallSpec, Operation, QuietReason, requires_min_capability, requires_module
 from llamatelemetry_core.validation import check_tensor, dtype_name, format_shape
 from llamatelemetry_kvcache.quant import quantize_kv
@@ -71,9 +71,10 @@ def check_write_inputs(key: object, value: object, cache: PagedKV, slot_mapping:
             raise ConfigurationError(f"expected {name} of a float dtype (float16, bfloat16, float32), got {t.dtype}")
         if t.device != cache.key_cache.device:
             raise ConfigurationError(f"expected {name} on {cache.key_cache.device} (the cache's), got {t.device}")
-    if k.shape != v.shape:
+    if k.shape != v.shape or k.dtype != v.dtype:
         raise ConfigurationError(
-            f"expected key and value of one shape, got {format_shape(k.shape)} and {format_shape(v.shape)}"
+            f"expected key and value of one shape and dtype, got {format_shape(k.shape)} {dtype_name(k.dtype)} and "
+            f"{format_shape(v.shape)} {dtype_name(v.dtype)}"
         )
     if not layout.quantized and k.dtype != layout.dtype:
         raise ConfigurationError(
@@ -84,6 +85,14 @@ def check_write_inputs(key: object, value: object, cache: PagedKV, slot_mapping:
             f"expected slot_mapping as int64 [{k.shape[0]}] on {k.device} (one slot per token, -1 = padding), got "
             f"{dtype_name(slots.dtype)} {format_shape(slots.shape)} on {slots.device}"
         )
+    if slots.device.type == "cpu" and slots.numel():  # on a GPU the check would synchronise; here it is free
+        rows = layout.num_blocks * layout.page_size
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo < PAD_SLOT or hi >= rows:
+            raise ConfigurationError(
+                f"expected slot_mapping in [0, {rows}) (num_blocks * page_size) or {PAD_SLOT} (padding), got "
+                f"values in [{lo}, {hi}]"
+            )
 
 
 @functools.cache
@@ -155,7 +164,8 @@ def paged_write(
     """Write new K/V into ``cache`` through ``slot_mapping`` (see the module docstring), in place.
 
     ``backend`` forces ``"triton"`` or ``"reference"``. Slots must lie in ``[0, num_blocks * page_size)`` or be
-    ``PAD_SLOT``; they are not range-checked on the host (that would synchronise with the GPU).
+    ``PAD_SLOT``; on a GPU they are not range-checked on the host (that would synchronise with the GPU), on a CPU
+    a slot out of range raises ``ConfigurationError``.
     """
     check_write_inputs(key, value, cache, slot_mapping)
     call = CallSpec.from_tensors(key, slot_mapping, facts=PagedWriteCall(cache.key_cache.dtype))

@@ -3,7 +3,10 @@
 For a head vector ``x`` (``head_dim`` values) the scale is ``s = max|x| / qmax`` (``qmax`` = 127 for int8, 448
 for float8 e4m3) and the stored value is ``q = round(x / s)`` (int8, clamped to [-127, 127]) or ``x / s``
 rounded to the nearest e4m3 value; ``q * s`` stands for ``x`` (core's layout: :mod:`llamatelemetry_core.kv_layout`).
-An all-zero vector gets ``s = 1``, so that no division by zero can arise. The largest error is half a step,
+An all-zero vector gets ``s = 1``, so that no division by zero can arise. A vector holding NaN or an infinity
+gets a NaN scale and reads back as NaN throughout (never as finite values that hide the bad input, whatever the
+cast of its scaled values stored).
+The largest error is half a step,
 ``s / 2`` per element for int8 (0.4% of the head's largest value); e4m3 keeps 3 mantissa bits (a relative error
 of at most 1/16). These functions are the specification the Triton write kernel is tested against, and the CPU
 path.
@@ -38,8 +41,12 @@ def quantize_kv(x: torch.Tensor, kv_dtype: torch.dtype) -> tuple[torch.Tensor, t
     Pure tensor operations, no host synchronisation: safe inside CUDA graph capture.
     """
     qmax = qmax_of(kv_dtype)
+    # A vector that is not finite (amax NaN or inf) gets a NaN scale: it reads back as NaN whatever its values were
+    # cast to (casting NaN to int8 is undefined). Only an all-zero vector takes the scale 1 (``amax > 0`` would
+    # send a NaN amax there too, and return rounded garbage). The Triton kernel computes the same.
     amax = x.detach().float().abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax)
+    scale = torch.where(amax.isfinite(), scale, torch.full_like(amax, float("nan")))
     scaled = x.float() / scale.unsqueeze(-1)
     if kv_dtype == torch.int8:
         q = scaled.round().clamp_(-qmax, qmax).to(torch.int8)

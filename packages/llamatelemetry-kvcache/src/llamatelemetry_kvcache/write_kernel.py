@@ -39,10 +39,13 @@ if _FP8 is not None:
 @triton.jit  # type: ignore[untyped-decorator]
 def _quantize_store(x, Cache, Scale, dst, scale_dst, mask, head_mask, QUANT: tl.constexpr, QMAX: tl.constexpr):  # type: ignore[no-untyped-def]
     xf = x.to(tl.float32)
-    amax = tl.max(tl.abs(xf), axis=1)
+    # A NaN counts as an infinity (a GPU maximum would drop it), as in the reference; a head that is not finite
+    # gets a NaN scale below, so that all of it reads back as NaN, whatever the cast of its values stored.
+    amax = tl.max(tl.where(xf == xf, tl.abs(xf), float("inf")), axis=1)
     # IEEE divisions (div_rn): Triton's ``/`` on fp32 is an approximate division on GPUs, which moved int8
-    # values by one step against the PyTorch reference on an H200.
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), 1.0)
+    # values by one step against the PyTorch reference on an H200. Only an all-zero head takes the scale 1.
+    scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)))
+    scale = tl.where(amax < float("inf"), scale, float("nan"))
     y = tl.math.div_rn(xf, tl.broadcast_to(scale[:, None], xf.shape))
     if QUANT == 1:
         r = tl.floor(y + 0.5)

@@ -8,6 +8,10 @@
   a tensor per sequence): ``max_tokens`` tokens over all sequences, counted, with no block ids (its "blocks"
   are single tokens, ``page_size`` 1). The scheduler admits and preempts against it exactly as against a paged
   cache; a paged model cannot use it (it has no block tables to give).
+
+Neither reads the values of the tokens it is given, only how many there are: token lists must be sequences (a
+string is refused, not counted by its characters), and a decode step's tokens are checked by the protocol's
+``check_decode_step``.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ class SimpleBlockManager:
         return -(-num_tokens // self._page_size)
 
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
-        """Whether a new sequence of these tokens fits now."""
+        """Whether a new sequence of these tokens fits now (the tokens themselves are checked by ``allocate``)."""
+        _check_container(token_ids)
         return self._blocks_for(len(token_ids)) <= self.num_free_blocks
 
     def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
@@ -68,6 +73,7 @@ class SimpleBlockManager:
         check_non_negative_int(seq_id, "seq_id")
         if seq_id in self._tables:
             raise ConfigurationError(f"sequence {seq_id} already holds blocks; free it before allocating again")
+        _check_container(token_ids)
         if not token_ids:
             raise ConfigurationError("expected at least one token to allocate, got an empty sequence")
         needed = self._blocks_for(len(token_ids))
@@ -79,6 +85,7 @@ class SimpleBlockManager:
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Whether ``num_tokens`` more tokens of sequence ``seq_id`` fit now (``KeyError`` if unknown)."""
         table = self._tables[seq_id]
+        check_non_negative_int(num_tokens, "num_tokens")
         return self._blocks_for(self._lengths[seq_id] + num_tokens) - len(table) <= self.num_free_blocks
 
     def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
@@ -89,6 +96,7 @@ class SimpleBlockManager:
             CapacityError: not enough free blocks (nothing changes).
         """
         table = self._tables[seq_id]
+        _check_container(token_ids)
         length = self._lengths[seq_id] + len(token_ids)
         if length > len(table) * self._page_size:
             needed = self._blocks_for(length) - len(table)
@@ -179,7 +187,8 @@ class TokenBudget:
         return self._capacity - self._used
 
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
-        """Whether a new sequence of these tokens fits now."""
+        """Whether a new sequence of these tokens fits now (the tokens themselves are checked by ``allocate``)."""
+        _check_container(token_ids)
         return self._used + len(token_ids) <= self._capacity
 
     def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
@@ -192,6 +201,7 @@ class TokenBudget:
         check_non_negative_int(seq_id, "seq_id")
         if seq_id in self._lengths:
             raise ConfigurationError(f"sequence {seq_id} is already counted; free it before allocating again")
+        _check_container(token_ids)
         if not token_ids:
             raise ConfigurationError("expected at least one token to allocate, got an empty sequence")
         self._check(len(token_ids), f"a new sequence of {len(token_ids)} tokens")
@@ -203,12 +213,14 @@ class TokenBudget:
         """Whether ``num_tokens`` more tokens of sequence ``seq_id`` fit now (``KeyError`` if unknown)."""
         if seq_id not in self._lengths:
             raise KeyError(seq_id)
+        check_non_negative_int(num_tokens, "num_tokens")
         return self._used + num_tokens <= self._capacity
 
     def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
         """Count ``token_ids`` more tokens of sequence ``seq_id`` (``KeyError`` if unknown, ``CapacityError`` if
         over budget; nothing changes then)."""
         length = self._lengths[seq_id]
+        _check_container(token_ids)
         self._check(len(token_ids), f"{len(token_ids)} more tokens of sequence {seq_id}")
         self._lengths[seq_id] = length + len(token_ids)
         self._used += len(token_ids)
@@ -248,3 +260,12 @@ class TokenBudget:
                 f"{what} needs {needed} tokens of the budget, {free} of {self._capacity} are left; finish or cancel "
                 "requests first or raise max_tokens"
             )
+
+
+def _check_container(token_ids: object) -> None:
+    """A counting manager reads only how many tokens it is given, not their values: it checks that they come as a
+    sequence (a string is not one), cheaply, since the scheduler appends through here for every sequence."""
+    if type(token_ids) is list:
+        return
+    if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence):
+        raise ConfigurationError(f"expected token_ids to be a sequence of ints, got {type(token_ids).__name__}")

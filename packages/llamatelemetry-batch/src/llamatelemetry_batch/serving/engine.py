@@ -130,6 +130,8 @@ class ContinuousBatchingEngine:
     def _new_sequence(self, prompt_token_ids: SequenceOf[int], params: SamplingParams | None) -> Sequence:
         """A checked request, not queued yet (see :meth:`submit` for what is raised)."""
         params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"expected params to be a SamplingParams or None, got {type(params).__name__}")
         prompt = self._check_prompt(prompt_token_ids)
         if params.stop and self.detokenize is None:
             raise ConfigurationError("stop strings need text: pass detokenize=tokenizer.decode to the engine")
@@ -146,7 +148,12 @@ class ContinuousBatchingEngine:
         return seq
 
     def _check_prompt(self, prompt_token_ids: SequenceOf[int]) -> list[int]:
-        prompt: list[object] = list(prompt_token_ids)
+        given: object = prompt_token_ids
+        if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+            raise TypeError(
+                f"expected prompt_token_ids to be a sequence of token ids (ints), got {type(given).__name__}"
+            )
+        prompt: list[object] = list(given)
         vocab, limit = self.model.vocab_size, self.model.max_model_len
         if not prompt:
             raise ConfigurationError("expected a prompt of at least one token id, got an empty one")
@@ -320,9 +327,20 @@ class ContinuousBatchingEngine:
                 prompt (named by its index; then no prompt runs).
             CapacityError: a prompt that could not fit even alone (named by its index; then no prompt runs).
         """
+        given: object = prompts_token_ids
+        if isinstance(given, str | bytes) or not isinstance(given, SequenceOf):
+            raise TypeError(
+                f"expected prompts_token_ids to be a list of prompts (each a list of token ids), got "
+                f"{type(given).__name__}"
+            )
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             per_prompt = [sampling_params] * len(prompts_token_ids)
         else:
+            if not isinstance(sampling_params, Iterable):
+                raise TypeError(
+                    f"expected sampling_params to be a SamplingParams, one per prompt, or None, got "
+                    f"{type(sampling_params).__name__}"
+                )
             per_prompt = list(sampling_params)
             if len(per_prompt) != len(prompts_token_ids):
                 raise ConfigurationError(
@@ -333,7 +351,7 @@ class ContinuousBatchingEngine:
         for index, (prompt, params) in enumerate(zip(prompts_token_ids, per_prompt, strict=True)):
             try:
                 checked.append(self._new_sequence(prompt, params))
-            except (ConfigurationError, CapacityError) as exc:
+            except (ConfigurationError, CapacityError, TypeError) as exc:
                 raise type(exc)(f"prompt {index}: {exc}") from exc
         handles = [RequestHandle(self, seq, None, None) for seq in checked]
         with self._lock:

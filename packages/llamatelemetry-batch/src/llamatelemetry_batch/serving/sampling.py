@@ -68,10 +68,20 @@ class SamplingParams:
         _check_real(self.repetition_penalty, "repetition_penalty", "a number > 0 (1 is off)", lambda v: v > 0.0)
         if self.seed is not None:
             check_non_negative_int(self.seed, "seed")
+            if self.seed >= 2**64:  # what a torch.Generator takes
+                raise ConfigurationError(f"expected seed to be an integer in [0, 2**64), got {self.seed}")
+        ignore_eos: object = self.ignore_eos
+        if not isinstance(ignore_eos, bool):
+            raise ConfigurationError(f"expected ignore_eos to be True or False, got {ignore_eos!r}")
         # Tuples, so that the parameters stay hashable and nobody mutates them under a running request.
         # A lone string or token id is one stop, not a sequence of characters.
         stop: object = self.stop
         stop_token_ids: object = self.stop_token_ids
+        for name, value in (("stop", stop), ("stop_token_ids", stop_token_ids)):
+            if not isinstance(value, str | int | Iterable) or isinstance(value, bytes):
+                raise ConfigurationError(
+                    f"expected {name} to be one value or a sequence of them, got {type(value).__name__}"
+                )
         stops: tuple[object, ...] = (stop,) if isinstance(stop, str) else tuple(cast("Iterable[object]", stop))
         tokens: tuple[object, ...] = (
             (stop_token_ids,) if isinstance(stop_token_ids, int) else tuple(cast("Iterable[object]", stop_token_ids))
@@ -141,7 +151,10 @@ def sample_next_tokens(
             penalty = params[row].repetition_penalty
             seen = torch.tensor(histories[row], dtype=torch.long, device=logits.device)
             values = logits[row, seen]
-            logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty)
+            # Clamped to finite values: an extreme penalty must not create infinities that a sampled row's
+            # softmax would turn into NaN.
+            big = torch.finfo(torch.float32).max
+            logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty).clamp(-big, big)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled_rows:  # all greedy, the common serving case: one arg-max, one transfer
         return [int(t) for t in logits.argmax(dim=-1).tolist()]
@@ -155,8 +168,14 @@ def sample_next_tokens(
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k and top-p applied row by row; returns probabilities (zeros where filtered out)."""
     device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-    logits = logits / temperature.unsqueeze(1)
+    # A temperature below float32's smallest normal number would divide by zero (or a subnormal) and give NaN;
+    # the limit of a vanishing temperature is the arg-max, which the smallest normal one already gives.
+    tiny = torch.finfo(torch.float32).tiny
+    temperature = torch.tensor([max(p.temperature, tiny) for p in params], dtype=torch.float32, device=device)
+    # Relative to each row's maximum, so that 0 / temperature stays 0 for the best token; a +inf logit (equal to
+    # the maximum) becomes 0 too instead of inf - inf = NaN.
+    top = logits.amax(dim=-1, keepdim=True)
+    logits = torch.where(logits == top, 0.0, logits - top) / temperature.unsqueeze(1)
     if all(p.top_k == 0 or p.top_k >= vocab for p in params) and all(p.top_p == 1.0 for p in params):
         return torch.softmax(logits, dim=-1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)

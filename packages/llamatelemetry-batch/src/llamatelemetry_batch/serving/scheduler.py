@@ -74,6 +74,9 @@ class SchedulerConfig:
             raise ConfigurationError(f"expected watermark to be a number in [0, 1), got {self.watermark!r}")
         if not 0.0 <= self.watermark < 1.0:
             raise ConfigurationError(f"expected watermark to be a number in [0, 1), got {self.watermark!r}")
+        reuse: object = self.enable_prefix_reuse
+        if not isinstance(reuse, bool):
+            raise ConfigurationError(f"expected enable_prefix_reuse to be True or False, got {reuse!r}")
 
 
 @dataclass

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from llamatelemetry_core.errors import CapacityError
-from llamatelemetry_core.serving import SequenceStep, StepInput, check_decode_step
+from llamatelemetry_core.errors import CapacityError, ConfigurationError
+from llamatelemetry_core.serving import SequenceStep, StepInput, check_decode_step, check_token_ids
 
 __all__ = ["HashDecoder", "PrefixCachingBlockManager", "TinyDecoder"]
 
@@ -351,13 +351,18 @@ class PrefixCachingBlockManager:
         return matched
 
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
+        check_token_ids(token_ids)
+        if not token_ids:
+            return False
         matched = self._matched(token_ids)
         fresh = -(-len(token_ids) // self._page_size) - len(matched)
         return fresh + sum(1 for b in matched if b in self._free) <= len(self._free)
 
     def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
         if seq_id in self._tables:
-            raise KeyError(f"sequence {seq_id} already allocated")
+            raise ConfigurationError(f"sequence {seq_id} already holds blocks; free it first (seq_id)")
+        if not token_ids:
+            raise ConfigurationError(f"sequence {seq_id}: expected at least one token to allocate (token_ids)")
         if not self.can_allocate(token_ids):
             raise CapacityError(f"no room for {len(token_ids)} tokens ({len(self._free)} free blocks)")
         matched = self._matched(token_ids)
@@ -376,10 +381,14 @@ class PrefixCachingBlockManager:
         return min(len(matched) * self._page_size, (len(token_ids) - 1) // self._page_size * self._page_size)
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
-        needed = -(-(len(self._tokens[seq_id]) + num_tokens) // self._page_size) - len(self._tables[seq_id])
+        tokens = self._tokens[seq_id]
+        if type(num_tokens) is not int or num_tokens < 0:
+            raise ConfigurationError(f"expected num_tokens to be an int >= 0, got {num_tokens!r}")
+        needed = -(-(len(tokens) + num_tokens) // self._page_size) - len(self._tables[seq_id])
         return needed <= len(self._free)
 
     def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        check_token_ids(token_ids)
         if not self.can_append(seq_id, len(token_ids)):
             raise CapacityError(f"no room for {len(token_ids)} more tokens of sequence {seq_id}")
         tokens, table = self._tokens[seq_id], self._tables[seq_id]

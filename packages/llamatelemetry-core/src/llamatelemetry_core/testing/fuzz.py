@@ -246,6 +246,7 @@ def check_call(
     dtype: torch.dtype | None = None,
     scale: Callable[[torch.Tensor], float] | None = None,
     name: str = "result",
+    documented: tuple[type[BaseException], ...] = (),
 ) -> Outcome:
     """Run ``call`` and judge it against ``reference`` (see the module docstring); return what happened.
 
@@ -254,14 +255,16 @@ def check_call(
     (default: each result's dtype); ``scale(expected)`` widens the absolute tolerance to
     ``tolerance.atol * scale`` for results whose size is set by the inputs' magnitude (matmul, attention).
     ``reference`` runs only when ``call`` returned; it must not raise. ``reference=None`` checks only the kind of
-    outcome (for calls whose result is not a tensor computation, such as validators).
+    outcome (for calls whose result is not a tensor computation, such as validators). ``documented`` adds
+    exception types the call's contract names besides the typed ones (``KeyError`` for an unknown key of a
+    mapping-like API); they too must name an argument.
     """
     before = _snapshot(read_only or {})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BackendFallbackWarning)  # falling back is a legitimate outcome
             result = call()
-    except TYPED_ERRORS as exc:
+    except (*TYPED_ERRORS, *documented) as exc:
         message = str(exc)
         if not any(arg in message for arg in arguments):
             raise AssertionError(
