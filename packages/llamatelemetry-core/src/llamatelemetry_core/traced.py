@@ -5,12 +5,14 @@ selection decides depends only on the device, dtype, shapes and facts of a call,
 ``LLAMATELEMETRY_BACKEND``. While Dynamo traces, :func:`dispatch` hands those as plain constants to
 :func:`traced_choice`, which ``torch.compiler.assume_constant_result`` makes Dynamo run eagerly, once per trace,
 baking the implementation's name into the graph; the implementation's traceable form is then traced in place.
-Eagerly, :func:`dispatch` is :meth:`Operation.dispatch` (one cached lookup per call).
+Eagerly, :func:`dispatch` is :meth:`Operation.run` (one cached lookup per call).
 
 So ``backend=`` and ``LLAMATELEMETRY_BACKEND`` are honoured under ``torch.compile`` as they are eagerly, with one
 difference: a compiled graph keeps the choice it was traced with. After changing the variable and calling
 :func:`~llamatelemetry_core.selection.reload_environment`, call ``torch._dynamo.reset()`` (or compile again) for
-compiled code to choose again. Dynamo guards on the shapes the choice read (it specializes them).
+compiled code to choose again. The shapes handed over are specialized in the graph (Dynamo guards on them),
+unless the facts have a ``selection_class()``: then no shapes are handed over, and the caller passes facts
+whose values only keep what selection reads (attention passes lengths that compare as the call's do).
 
 An implementation registered with ``traced=`` (a custom op wrapping a Triton launcher, say) is traced through
 that callable; any other through its ``fn``, which must then be traceable (plain PyTorch, SDPA).
@@ -69,7 +71,7 @@ def dispatch(
     call_dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Run ``op`` on ``args``: :meth:`Operation.dispatch` eagerly, a traced constant choice under ``torch.compile``.
+    """Run ``op`` on ``args``: :meth:`Operation.run` eagerly, a traced constant choice under ``torch.compile``.
 
     ``tensors`` describe the call (the first gives the device and, unless ``call_dtype`` is given, the dtype; all
     give the shapes); ``facts`` are the operation's facts as a :data:`FactsSpec`. ``args`` and ``kwargs`` go to
