@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from llamatelemetry_core.testing.conformance import Conformance
+from llamatelemetry_core.testing.conformance import Conformance, conformance_tests
 from llamatelemetry_flashattn import ATTENTION, flash_attention_forward
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -22,19 +22,12 @@ def _qkv(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tupl
 SUITE = Conformance(ATTENTION, flash_attention_forward, _qkv)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_every_implementation_matches_the_reference(dtype: torch.dtype) -> None:
-    SUITE.check_implementations(dtype, DEVICE)
-
-
-def test_fullgraph_compile_and_the_backend_variable() -> None:
-    SUITE.check_fullgraph(torch.float32, DEVICE)
-    SUITE.check_fallback(torch.float32, DEVICE)
-
-
-@pytest.mark.gpu
-def test_cuda_graph_capture_and_replay() -> None:
-    SUITE.check_cuda_graph(torch.float16)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+(
+    test_every_implementation_matches_the_reference,
+    test_fullgraph_compile_and_the_backend_variable,
+    test_cuda_graph_capture_and_replay,
+) = conformance_tests({"attention": SUITE}, DTYPES, DEVICE)
 
 
 @pytest.mark.triton

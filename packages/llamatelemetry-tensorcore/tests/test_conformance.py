@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import torch
 
-from llamatelemetry_core.testing.conformance import Conformance
+from llamatelemetry_core.testing.conformance import Conformance, conformance_tests
 from llamatelemetry_tensorcore import matmul_tensor_core
 from llamatelemetry_tensorcore.matmul import MATMUL_OPERATION
 
@@ -23,16 +22,9 @@ def _ab(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple
 SUITE = Conformance(MATMUL_OPERATION, matmul_tensor_core, _ab)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_every_implementation_matches_the_reference(dtype: torch.dtype) -> None:
-    SUITE.check_implementations(dtype, DEVICE)
-
-
-def test_fullgraph_compile_and_the_backend_variable() -> None:
-    SUITE.check_fullgraph(torch.float32, DEVICE)
-    SUITE.check_fallback(torch.float32, DEVICE)
-
-
-@pytest.mark.gpu
-def test_cuda_graph_capture_and_replay() -> None:
-    SUITE.check_cuda_graph(torch.float16)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+(
+    test_every_implementation_matches_the_reference,
+    test_fullgraph_compile_and_the_backend_variable,
+    test_cuda_graph_capture_and_replay,
+) = conformance_tests({"matmul": SUITE}, DTYPES, DEVICE)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import torch
 
 import llamatelemetry_triton as lt
-from llamatelemetry_core.testing.conformance import Conformance
+from llamatelemetry_core.testing.conformance import Conformance, conformance_tests
 from llamatelemetry_triton.ops.add import ADD
 from llamatelemetry_triton.ops.glu import GEGLU, SWIGLU
 from llamatelemetry_triton.ops.norm import FUSED_ADD_RMSNORM, LAYERNORM, RMSNORM
@@ -52,19 +51,8 @@ SUITES = {
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", sorted(SUITES))
-def test_every_implementation_matches_the_reference(name: str, dtype: torch.dtype) -> None:
-    SUITES[name].check_implementations(dtype, DEVICE)
-
-
-@pytest.mark.parametrize("name", sorted(SUITES))
-def test_fullgraph_compile_and_the_backend_variable(name: str) -> None:
-    SUITES[name].check_fullgraph(torch.float32, DEVICE)
-    SUITES[name].check_fallback(torch.float32, DEVICE)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", sorted(SUITES))
-def test_cuda_graph_capture_and_replay(name: str) -> None:
-    SUITES[name].check_cuda_graph(torch.float16)
+(
+    test_every_implementation_matches_the_reference,
+    test_fullgraph_compile_and_the_backend_variable,
+    test_cuda_graph_capture_and_replay,
+) = conformance_tests(SUITES, DTYPES, DEVICE)

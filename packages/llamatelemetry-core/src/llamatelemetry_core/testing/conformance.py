@@ -1,7 +1,7 @@
 """What every public operation promises, checked the same way for each: the conformance suite.
 
-Each operation's tests describe it once, as a :class:`Conformance`, and call its checks from their own test
-functions (parametrized over the device and dtypes they cover):
+Each operation's tests describe it once, as a :class:`Conformance`, and get the standard test functions from
+:func:`conformance_tests` (or call the checks from their own tests):
 
 * :meth:`Conformance.check_implementations`: every implementation that runs the call here (requested by name)
   gives the reference's result within the shared tolerance of the dtype; an implementation that cannot run it
@@ -21,10 +21,11 @@ inputs in place), returning the positional arguments of the public call.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 
 from llamatelemetry_core.errors import BackendUnavailableError
@@ -38,7 +39,7 @@ from llamatelemetry_core.selection import (
 )
 from llamatelemetry_core.testing.compare import assert_close
 
-__all__ = ["Conformance"]
+__all__ = ["Conformance", "conformance_tests"]
 
 Inputs = Callable[[torch.Generator, torch.dtype, torch.device], tuple[Any, ...]]
 
@@ -140,3 +141,32 @@ class Conformance:
     def check_opcheck(custom_op: Any, args: Sequence[Any]) -> None:
         """``torch.library.opcheck`` (schema, fake, autograd registration) on ``custom_op`` with ``args``."""
         torch.library.opcheck(custom_op, tuple(args))
+
+
+TestFunction = Callable[..., None]
+
+
+def conformance_tests(
+    suites: Mapping[str, Conformance], dtypes: Sequence[torch.dtype], device: torch.device
+) -> tuple[TestFunction, TestFunction, TestFunction]:
+    """The three standard tests over ``suites`` (by name), for a test module to bind to ``test_*`` names:
+    every implementation against the reference in each of ``dtypes``; the fullgraph compile and the backend
+    variable (float32); CUDA-graph capture and replay (float16, GPU only)."""
+    names = sorted(suites)
+
+    @pytest.mark.parametrize("dtype", list(dtypes), ids=str)
+    @pytest.mark.parametrize("name", names)
+    def implementations(name: str, dtype: torch.dtype) -> None:
+        suites[name].check_implementations(dtype, device)
+
+    @pytest.mark.parametrize("name", names)
+    def fullgraph_and_fallback(name: str) -> None:
+        suites[name].check_fullgraph(torch.float32, device)
+        suites[name].check_fallback(torch.float32, device)
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("name", names)
+    def cuda_graph(name: str) -> None:
+        suites[name].check_cuda_graph(torch.float16)
+
+    return implementations, fullgraph_and_fallback, cuda_graph
