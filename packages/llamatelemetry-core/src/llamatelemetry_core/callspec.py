@@ -34,6 +34,7 @@ __all__ = [
     "requires_dtypes",
     "requires_min_capability",
     "requires_module",
+    "selection_key",
 ]
 
 FactsT = TypeVar("FactsT")
@@ -80,11 +81,7 @@ class CallSpec:
         rather than every length, is then chosen once per class instead of once per length.
         """
         attrs = tuple(self.attrs.items()) if self.attrs else ()
-        facts = self.facts
-        class_of = getattr(facts, "selection_class", None)
-        if class_of is not None:
-            return (id(self.device), self.dtype, class_of(), attrs)
-        return (id(self.device), self.dtype, self.shapes, facts, attrs)
+        return selection_key(self.device, self.dtype, self.shapes, self.facts, attrs)
 
     @classmethod
     def from_tensors(cls, *tensors: torch.Tensor, facts: Hashable | None = None, **attrs: object) -> CallSpec:
@@ -114,6 +111,21 @@ class CallSpec:
         if dtype is None:
             dtype = torch.float16 if info.is_cuda else torch.float32
         return cls(device=info, dtype=dtype, attrs=attrs, facts=facts)
+
+
+def selection_key(
+    device: DeviceInfo,
+    dtype: torch.dtype | None,
+    shapes: tuple[tuple[int, ...], ...],
+    facts: Hashable | None,
+    attrs: tuple[tuple[str, object], ...] = (),
+) -> Hashable:
+    """:meth:`CallSpec.selection_key` of a call with these fields, for callers that have not built the
+    :class:`CallSpec` (dispatch's hot path builds it only when the choice is not remembered)."""
+    class_of = getattr(facts, "selection_class", None)
+    if class_of is not None:
+        return (id(device), dtype, class_of(), attrs)
+    return (id(device), dtype, shapes, facts, attrs)
 
 
 class QuietReason(str):

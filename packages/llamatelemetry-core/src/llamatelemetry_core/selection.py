@@ -83,6 +83,7 @@ from llamatelemetry_core.callspec import (
     requires_dtypes,
     requires_min_capability,
     requires_module,
+    selection_key,
 )
 from llamatelemetry_core.device import get_device_info, reload_simulation_env
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
@@ -484,8 +485,13 @@ class Operation:
         )
 
     def _cache_key(self, call: CallSpec, backend: str | None) -> Hashable:
+        return self._key(backend, call.selection_key())
+
+    def _key(self, backend: str | None, selection: Hashable) -> Hashable:
+        """The memory's key: the call's selection key, and what else selection read (kernel failures, and the
+        device kinds of implementations that depend on the process)."""
         kinds = tuple(i.device_kinds() for i in self._dynamic) if self._dynamic else ()
-        return (backend, call.selection_key(), build_failures.failures_generation(), kinds)
+        return (backend, selection, build_failures.failures_generation(), kinds)
 
     def _plan(self, call: CallSpec, backend: str | None) -> _Plan:
         """Choose without running: the requested implementation (or raise), else the best that supports ``call``."""
@@ -521,12 +527,7 @@ class Operation:
         device = get_device_info(first.device, refresh_memory=False)
         dtype = first.dtype if call_dtype is None else call_dtype
         shapes = tuple([tuple(t.shape) for t in tensors])
-        class_of = getattr(facts, "selection_class", None)
-        selection = (
-            (id(device), dtype, class_of(), ()) if class_of is not None else (id(device), dtype, shapes, facts, ())
-        )
-        kinds = tuple(i.device_kinds() for i in self._dynamic) if self._dynamic else ()
-        key: Hashable | None = (backend, selection, build_failures.failures_generation(), kinds)
+        key: Hashable | None = self._key(backend, selection_key(device, dtype, shapes, facts))
         try:
             plan = self._cache.get(key)
         except TypeError:  # a fact that cannot be hashed: choose afresh at every call
