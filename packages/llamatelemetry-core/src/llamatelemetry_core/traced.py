@@ -29,7 +29,7 @@ from llamatelemetry_core.callspec import CallSpec
 from llamatelemetry_core.device import get_device_info
 from llamatelemetry_core.selection import Operation, get_operation
 
-__all__ = ["FactsSpec", "dispatch", "traced_choice", "traced_request"]
+__all__ = ["FactsSpec", "dispatch", "traced_choice", "traced_name", "traced_request"]
 
 FactsSpec = tuple[type, tuple[tuple[str, Any], ...]]
 """An operation's facts as their type and ``(field, value)`` pairs: what Dynamo can hand over as constants
@@ -77,17 +77,28 @@ def dispatch(
     give the shapes); ``facts`` are the operation's facts as a :data:`FactsSpec`. ``args`` and ``kwargs`` go to
     the implementation.
     """
-    first = tensors[0]
-    dtype = first.dtype if call_dtype is None else call_dtype
     if not torch.compiler.is_compiling():
         built = None if facts is None else facts[0](**dict(facts[1]))
         return op.run(tensors, *args, facts=built, backend=backend, call_dtype=call_dtype, **kwargs)
+    return _traceable(op, traced_name(op, tensors, facts, backend, call_dtype))(*args, **kwargs)
+
+
+def traced_name(
+    op: Operation,
+    tensors: Sequence[torch.Tensor],
+    facts: FactsSpec | None,
+    backend: str | None,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """While Dynamo traces: the implementation :func:`traced_choice` names for the call ``tensors`` and ``facts``
+    describe (``dtype`` in place of the first tensor's when given)."""
+    first = tensors[0]
     # Facts with a selection_class() stand in for the shapes (see CallSpec.selection_key): then the shapes are not
     # handed over, and the compiled graph is not specialized to them.
     by_class = facts is not None and hasattr(facts[0], "selection_class")
     shapes = () if by_class else tuple(tuple(int(d) for d in t.shape) for t in tensors)
-    name = traced_choice(op.name, backend, first.device, dtype, shapes, facts)
-    return _traceable(op, name)(*args, **kwargs)
+    name: str = traced_choice(op.name, backend, first.device, first.dtype if dtype is None else dtype, shapes, facts)
+    return name
 
 
 def _traceable(op: Operation, name: str) -> Callable[..., Any]:

@@ -14,7 +14,7 @@ from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_devices
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.selection import CallSpec, Check, Operation, QuietReason, requires_dtypes, requires_module
-from llamatelemetry_core.traced import traced_choice, traced_request
+from llamatelemetry_core.traced import traced_name, traced_request
 from llamatelemetry_core.validation import dtype_name, format_shape
 from llamatelemetry_triton._compat import HAS_TRITON, triton
 
@@ -129,17 +129,14 @@ def dispatch(
 
     Dynamo cannot trace the selection machinery (locks, context variables), and need not: under tracing the
     choice is made as eagerly, once per trace, and is a constant of the graph
-    (:func:`llamatelemetry_core.traced.traced_choice`: ``backend`` and ``LLAMATELEMETRY_BACKEND`` honoured, an
+    (:func:`llamatelemetry_core.traced.traced_name`: ``backend`` and ``LLAMATELEMETRY_BACKEND`` honoured, an
     impossible request raises). The Triton path is traced (its custom ops enter the graph) when it is chosen and
     ``compiled_triton_ok()`` (a CUDA tensor of a supported dtype) or it was requested; the reference otherwise
     (an interpreted kernel on a CPU tensor is not worth tracing unless asked for).
     """
     if torch.compiler.is_compiling():
         tensors, facts = call
-        first = tensors[0]
-        shapes = tuple(tuple(int(d) for d in t.shape) for t in tensors)
-        spec = (TritonCall, (("unsupported", facts.unsupported),))
-        name = traced_choice(op.name, backend, first.device, first.dtype, shapes, spec)
+        name = traced_name(op, tensors, (TritonCall, (("unsupported", facts.unsupported),)), backend)
         if name == TRITON and (compiled_triton_ok() or traced_request(op.name, backend) == TRITON):
             return triton_fn(*args)
         return reference_fn(*args)
