@@ -45,7 +45,9 @@ def quantize_kv(x: torch.Tensor, kv_dtype: torch.dtype) -> tuple[torch.Tensor, t
     # cast to (casting NaN to int8 is undefined). Only an all-zero vector takes the scale 1 (``amax > 0`` would
     # send a NaN amax there too, and return rounded garbage). The Triton kernel computes the same.
     amax = x.detach().float().abs().amax(dim=-1)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax)
+    # Divided by a tensor, not a Python number: PyTorch's CUDA division by a scalar multiplies by its reciprocal,
+    # which is not the correctly rounded quotient that the CPU (and the kernel's div_rn) compute.
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, qmax))
     scale = torch.where(amax.isfinite(), scale, torch.full_like(amax, float("nan")))
     scaled = x.float() / scale.unsqueeze(-1)
     if kv_dtype == torch.int8:
