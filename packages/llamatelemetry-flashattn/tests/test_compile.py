@@ -79,6 +79,25 @@ def test_a_patched_llama_compiles_with_no_graph_break() -> None:
         assert_close(compiled(ids).logits, expected, name="compiled patched Llama", dtype=torch.float32)
 
 
+def test_a_patched_llama_with_padding_compiles_with_no_graph_break() -> None:
+    # A padded batch gives the attention an explicit mask, whose values a traced graph cannot read: under
+    # torch.compile it goes to SDPA with that mask, and the real tokens get the eager logits.
+    model, _ = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in the second row
+    with torch.no_grad():
+        enable_flash_attention(model)
+        expected = model(ids, attention_mask=mask).logits
+        explained = torch._dynamo.explain(model)(ids, attention_mask=mask)
+        assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        got = compiled(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert_close(got[real], expected[real], name="compiled padded Llama", dtype=torch.float32)
+
+
 _SCRIPT = textwrap.dedent(
     """
     import sys

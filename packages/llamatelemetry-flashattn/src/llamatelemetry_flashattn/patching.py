@@ -224,6 +224,8 @@ def _hf_attention(
     allowed_len = attention_mask.shape[-1]
     if allowed_len < k.shape[1]:  # a static cache longer than the mask: the tail is unused
         k, v = k[:, :allowed_len], v[:, :allowed_len]
+    if torch.compiler.is_compiling():
+        return _traced_masked_attention(q, k, v, attention_mask, config, kind, scaling, cap, dropout_p, module), None
     plans = _cached_plan(attention_mask, causal, model_window, kind)
     first = plans[0]
     if first is not None and first.full_span is None and all(p is not None and p.same_as(first) for p in plans):
@@ -240,6 +242,41 @@ def _hf_attention(
             f0, f1 = plan.full_span
             out[b : b + 1, f0:f1] = run(q[b : b + 1, f0:f1], k[b : b + 1, k0:k1], v[b : b + 1, k0:k1], False)
     return out, None
+
+
+def _traced_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: FlashAttentionConfig,
+    kind: str,
+    scaling: float | None,
+    softcap: float | None,
+    dropout_p: float,
+    module: torch.nn.Module,
+) -> torch.Tensor:
+    """An explicit mask under ``torch.compile``: PyTorch SDPA with that mask, ``[B, Sq, H, D]`` out.
+
+    Planning a masked call reads the mask's values (which rows and keys it allows), which a traced graph cannot
+    do without breaking. transformers builds the mask with its SDPA mask function (registered for this
+    implementation), so SDPA over it computes what transformers' ``"sdpa"`` implementation computes.
+    """
+    if softcap is not None or config.window_size is not None:
+        raise ConfigurationError(
+            f"{kind}: under torch.compile an explicit attention mask runs through PyTorch SDPA, which has no "
+            f"softcap or extra window (got softcap={softcap}, window_size={config.window_size}); compile without "
+            "a mask (no padding), or leave softcap and window_size unset in the FlashAttentionConfig"
+        )
+    allowed = _allowed(attention_mask)
+    heads, kv_heads = q.shape[2], k.shape[2]
+    kh, vh = k.transpose(1, 2), v.transpose(1, 2)
+    if heads != kv_heads:
+        kh, vh = kh.repeat_interleave(heads // kv_heads, dim=1), vh.repeat_interleave(heads // kv_heads, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), kh, vh, attn_mask=allowed, dropout_p=dropout_p if module.training else 0.0, scale=scaling
+    )
+    return out.transpose(1, 2)
 
 
 def _register_with_transformers() -> None:
