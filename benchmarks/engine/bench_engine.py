@@ -129,8 +129,9 @@ def transformers_decode(loaded: LoadedModel, batch: int, prompt_len: int, new_to
     ids = torch.tensor(prompts(batch, prompt_len, loaded.config.vocab_size), device="cuda")
     kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     if static:
+        # transformers compiles the forward itself for a static cache (its generation_config.compile_config);
+        # compiling model.forward by hand as well reuses CUDA-graph outputs across steps and fails.
         kwargs["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     with torch.inference_mode():
         model.generate(ids, **kwargs)  # warm-up (and compilation)
         model.generate(ids, **kwargs)
@@ -234,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         },
         "decode": [],
     }
+
+    def save(name: str = "results.json") -> None:
+        # After every section, so that a run stopped part-way keeps what it measured.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / name).write_text(json.dumps(results, indent=2), encoding="utf-8")
+
     for batch in (1, 64):
         llm = LLM(loaded, device="cuda", max_model_len=512, max_batch_size=64)
         row: dict[str, Any] = {"batch": batch, **engine_decode(llm, batch, 128, new_tokens)}
@@ -254,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # reported, not hidden: transformers' compiled path is not ours to fix
             row["hf_static_compile"], row["hf_static_compile_error"] = 0.0, repr(exc)
         results["decode"].append(row)
+        save()
         print(f"decode batch {batch}: {row}", flush=True)
     if args.engine_only:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "engine_only.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        save("engine_only.json")
         return 0
     count = 64 if args.quick else 256
     results["offline"] = {
@@ -267,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     results["offline"]["ratio"] = (
         results["offline"]["continuous"]["output_tokens_per_s"] / results["offline"]["static"]["output_tokens_per_s"]
     )
+    save()
     results["online"] = online(loaded, rate=8.0, count=32 if args.quick else 128, max_batch=64)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    save()
     text = summary(results)
     (out_dir / "summary.md").write_text(text, encoding="utf-8")
     print(text)

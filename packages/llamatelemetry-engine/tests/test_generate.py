@@ -10,6 +10,7 @@ import torch
 
 from llamatelemetry_engine import FLAG_NAMES, LLM, PRESETS, EngineFlags, SamplingParams, random_weights
 from llamatelemetry_engine.loader import LoadedModel
+from llamatelemetry_engine.models import DecoderLayer
 
 Greedy = Callable[[torch.nn.Module, list[int], int], list[int]]
 # Under Triton's interpreter every fused kernel runs in Python: fewer tokens there.
@@ -51,6 +52,24 @@ def test_every_architecture_matches_transformers(
         llm = LLM(loaded, flags=flags, device="cpu")
         got = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
         assert [c.token_ids for c in got] == expected, f"{arch} with {flags}"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_merged_projections_keep_the_transformers_tokens(
+    arch: str, prompts: list[list[int]], hf_reference: Callable[[LoadedModel], torch.nn.Module], greedy: Greedy
+) -> None:
+    # On a GPU with Tensor Cores the engine merges q/k/v and gate/up into one matmul each; a CPU does not, so the
+    # merge is applied here by hand (biases and grouped heads included) and must keep transformers' tokens.
+    loaded = random_weights(ARCHS[arch], seed=5)
+    expected = [greedy(hf_reference(loaded), p, NEW_TOKENS) for p in prompts]
+    llm = LLM(loaded, device="cpu")
+    llm.model.merge_projections()
+    layer = llm.model.model.layers[0]
+    assert isinstance(layer, DecoderLayer)
+    assert layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None
+    assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")
+    got = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [c.token_ids for c in got] == expected
 
 
 @pytest.mark.parametrize("name", sorted(FLAG_SETS))

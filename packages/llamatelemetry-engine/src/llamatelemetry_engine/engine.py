@@ -62,6 +62,8 @@ def build_model(loaded: LoadedModel, flags: ResolvedFlags, max_positions: int) -
     if loaded.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.reset_tables()
+    if flags.active("tensor_cores"):
+        model.merge_projections()
     return model.eval()
 
 

@@ -24,8 +24,9 @@ __all__ = ["FLAG_NAMES", "EngineFlags", "FlagState", "ResolvedFlags", "resolve_f
 class EngineFlags:
     """Which optimizations to use (all on by default).
 
-    * ``tensor_cores``: fp16 weights and activations on a GPU with Tensor Cores (bf16 with ``dtype=bfloat16``);
-      off, fp32 with TF32 off.
+    * ``tensor_cores``: fp16 weights and activations on a GPU with Tensor Cores (bf16 with ``dtype=bfloat16``),
+      with each layer's q/k/v and gate/up projections merged into one matmul each; off, fp32 with TF32 off and
+      the separate projections of transformers.
     * ``triton_kernels``: fused residual + RMSNorm, RoPE and SwiGLU kernels of ``llamatelemetry-triton``.
     * ``flash_attention``: prefill attention through ``llamatelemetry-flashattn``'s dispatcher.
     * ``paged_kv``: the paged KV cache of ``llamatelemetry-kvcache`` read by paged attention; off, one
@@ -150,10 +151,10 @@ def resolve_flags(flags: EngineFlags, device: torch.device, dtype: torch.dtype |
         raise ConfigurationError(f"expected dtype float16, bfloat16 or float32, got {dtype}")
     if cuda and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ConfigurationError("this GPU has no bf16; use dtype=torch.float16 (Tensor Cores) or float32")
+    matmuls = f"{str(dtype).removeprefix('torch.')} matmuls, q/k/v and gate/up merged"
     states["tensor_cores"] = FlagState(
-        flags.tensor_cores, tc_active and dtype != torch.float32, f"{str(dtype).removeprefix('torch.')} matmuls",
-        None if not flags.tensor_cores else tc_reason,
-    )  # fmt: skip
+        flags.tensor_cores, tc_active and dtype != torch.float32, matmuls, None if not flags.tensor_cores else tc_reason
+    )
     states["triton_kernels"] = FlagState(
         flags.triton_kernels, flags.triton_kernels, _triton_state() if flags.triton_kernels else "PyTorch"
     )

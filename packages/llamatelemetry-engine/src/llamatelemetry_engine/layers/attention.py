@@ -2,7 +2,9 @@
 
 ``q``/``k``/``v`` projections (bias on Qwen2), rotary positions applied to ``q`` and ``k``, then the step
 context stores the new keys and values and computes attention (see :mod:`llamatelemetry_engine.context`), and
-the output projection. Tokens of a step are packed: ``[tokens, hidden]`` in, ``[tokens, hidden]`` out.
+the output projection. :meth:`Attention.merge_projections` replaces the three input projections by one matmul
+over their concatenated weights (one larger GEMM instead of three small ones: at decode batch sizes the k and v
+projections alone are launch-bound). Tokens of a step are packed: ``[tokens, hidden]`` in, ``[tokens, hidden]`` out.
 """
 
 from __future__ import annotations
@@ -14,7 +16,20 @@ from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.context import AttentionParams, StepContext
 from llamatelemetry_engine.layers.rotary import RotaryEmbedding
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "merged_linear"]
+
+
+def merged_linear(*parts: nn.Linear) -> nn.Linear:
+    """One ``nn.Linear`` whose output is the outputs of ``parts`` side by side (same input, same dtype)."""
+    first = parts[0]
+    weight = torch.cat([p.weight.detach() for p in parts])
+    has_bias = first.bias is not None
+    merged = nn.Linear(first.in_features, weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        merged.weight.copy_(weight)
+        if has_bias:
+            merged.bias.copy_(torch.cat([p.bias.detach() for p in parts]))
+    return merged.requires_grad_(False)
 
 
 class Attention(nn.Module):
@@ -31,14 +46,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, config.kv_size, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, config.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.q_size, h, bias=config.o_bias)
+        self.qkv_proj: nn.Linear | None = None
         self.rotary = [rotary]  # a list, so the shared module is not registered once per layer
         self.params = AttentionParams(scale=config.head_dim**-0.5, window=config.sliding_window, flash=flash)
 
+    def merge_projections(self) -> None:
+        """Compute ``q``, ``k`` and ``v`` with one matmul (weights concatenated; the separate ones are freed)."""
+        self.qkv_proj = merged_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q_size = self.num_heads * self.head_dim
+            kv_size = self.num_kv_heads * self.head_dim
+            qf, kf, vf = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
+            q = qf.view(tokens, self.num_heads, self.head_dim)
+            k = kf.view(tokens, self.num_kv_heads, self.head_dim)
+            v = vf.view(tokens, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary[0](positions, q, k)
         out = ctx.attend(self.layer_idx, q, k, v, self.params)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))  # type: ignore[no-any-return]

@@ -1,7 +1,8 @@
 """The SwiGLU feed-forward block: ``down(silu(gate(x)) * up(x))``.
 
 The plain path is PyTorch's ``silu`` and a multiply in the model dtype (transformers' formula); the fused path
-is ``llamatelemetry-triton``'s SwiGLU kernel (one pass, fp32 inside).
+is ``llamatelemetry-triton``'s SwiGLU kernel (one pass, fp32 inside). :meth:`SwiGLUMLP.merge_projections` computes
+gate and up with one matmul over their concatenated weights.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamatelemetry_engine.layers.attention import merged_linear
 from llamatelemetry_triton import triton_swiglu
 
 __all__ = ["SwiGLUMLP"]
@@ -24,8 +26,17 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.fused = fused
+        self.gate_up_proj: nn.Linear | None = None
+
+    def merge_projections(self) -> None:
+        """Compute gate and up with one matmul (weights concatenated; the separate ones are freed)."""
+        self.gate_up_proj = merged_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         act = triton_swiglu(gate, up) if self.fused else F.silu(gate) * up
         return self.down_proj(act)  # type: ignore[no-any-return]

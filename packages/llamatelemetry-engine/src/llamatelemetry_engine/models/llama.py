@@ -80,6 +80,14 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states ``[tokens, hidden]`` after the final norm (call :meth:`logits` on the rows needed)."""
         return self.model(input_ids, positions, ctx)  # type: ignore[no-any-return]
 
+    def merge_projections(self) -> None:
+        """Merge each layer's q/k/v and gate/up projections into one matmul each (after the weights are loaded:
+        state-dict names stay transformers')."""
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.merge_projections()
+            layer.mlp.merge_projections()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[rows, vocab]`` logits of ``hidden`` rows, in the model dtype."""
         return self.lm_head(hidden)  # type: ignore[no-any-return]
