@@ -270,6 +270,10 @@ def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
 _HAS_ENABLE_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+# SDPA kernels that turn a non-finite query row into a NaN output row by themselves on a GPU (no mask).
+_NATIVE_NAN_SDPA = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
 def _run_sdpa(
     backend: SDPBackend | None,
     q: torch.Tensor,
@@ -329,7 +333,10 @@ def _run_sdpa(
             operation=OPERATION_NAME,
             backend=str(backend),
         ) from exc
-    return propagate_query_nan(q, out.transpose(1, 2), causal=causal, window_size=window_size, kv_len=kv_len)
+    native = mask is None and backend in _NATIVE_NAN_SDPA  # measured without masks (probe_dispatch_cost.py)
+    return propagate_query_nan(
+        q, out.transpose(1, 2), causal=causal, window_size=window_size, kv_len=kv_len, native_on_cuda=native
+    )
 
 
 def _sdpa_impl(backend: SDPBackend | None, gqa: str, allow_mask: bool) -> Callable[..., torch.Tensor]:
@@ -401,7 +408,9 @@ def _triton_impl(
         out = triton_attention(
             q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap
         )
-    return propagate_query_nan(q, out, causal=causal, window_size=window_size, kv_len=k.shape[1])
+    return propagate_query_nan(
+        q, out, causal=causal, window_size=window_size, kv_len=k.shape[1], native_on_cuda=window_size is None
+    )
 
 
 @torch.library.custom_op("llamatelemetry::flashattn_triton", mutates_args=())
