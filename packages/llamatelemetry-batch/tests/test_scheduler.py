@@ -75,6 +75,22 @@ def test_admission_stops_at_max_num_seqs_and_keeps_arrival_order() -> None:
     assert [s.seq_id for s in _run(scheduler).sequences] == [1, 2]
 
 
+def test_admission_batch_admits_several_sequences_in_one_step() -> None:
+    config = SchedulerConfig(max_num_seqs=4, admission_batch=2)
+    scheduler = Scheduler(TokenBudget(256), config, paged=False)
+    for seq_id in range(7):
+        scheduler.add(_seq(seq_id, [1, 2]))
+    assert [s.seq_id for s in _run(scheduler).sequences] == [0, 1, 2, 3], "nothing runs: admit at once"
+    scheduler.finish(scheduler.running[0], FinishReason.STOP)
+    assert [s.seq_id for s in _run(scheduler).sequences] == [1, 2, 3], "one free slot: keep decoding, admit none"
+    scheduler.finish(scheduler.running[1], FinishReason.STOP)
+    plan = _run(scheduler)
+    assert [s.seq_id for s in plan.sequences] == [1, 3, 4, 5], "two free slots: both admitted in one step"
+    assert _shape(plan)[2:] == [(4, 0, 2, True), (5, 0, 2, True)]
+    scheduler.finish(scheduler.running[0], FinishReason.STOP)
+    assert [s.seq_id for s in _run(scheduler).sequences] == [3, 4, 5, 6], "one waits, one slot free: admitted"
+
+
 def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_recomputed_with_its_output() -> None:
     released: list[int] = []
     manager = TokenBudget(6)
@@ -195,6 +211,9 @@ def test_a_block_manager_breaking_the_cached_count_contract_is_reported() -> Non
         ({"max_prefill_chunk": 0}, "max_prefill_chunk"),
         ({"watermark": 1.0}, "watermark"),
         ({"watermark": "a"}, "watermark"),
+        ({"admission_batch": 0}, "admission_batch"),
+        ({"admission_batch": 2.0}, "admission_batch"),
+        ({"max_num_seqs": 4, "admission_batch": 5}, "admission_batch"),
     ],
 )
 def test_scheduler_config_names_the_bad_field(kwargs: dict[str, object], field: str) -> None:

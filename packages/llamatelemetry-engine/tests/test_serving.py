@@ -127,6 +127,8 @@ def test_sampling_parameters_and_engine_arguments_are_checked() -> None:
         ({"max_model_len": 0}, "max_model_len"),
         ({"device": "tpu"}, "device"),
         ({"seed": "a"}, "seed"),
+        ({"admission_batch": 0}, "admission_batch"),
+        ({"admission_batch": 65}, r"admission_batch <= max_batch_size \(64\)"),
     ):
         with pytest.raises(ConfigurationError, match=match):
             LLM(loaded, **kwargs)
@@ -140,3 +142,16 @@ def test_a_vanishing_temperature_samples_the_arg_max_on_the_static_path() -> Non
     greedy = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
     tiny = SamplingParams(max_tokens=4, ignore_eos=True, temperature=1e-45, seed=3)
     assert llm.generate([[5, 6, 7]], tiny)[0].token_ids == greedy  # multinomial raised on NaN probabilities
+
+
+def test_batched_admission_gives_the_same_tokens() -> None:
+    # admission_batch changes when prompts start, never what a request computes: greedy tokens are the same.
+    loaded = random_weights(TINY, seed=1)
+    prompts = [[5 + i, 6, 7 + i] for i in range(7)]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    one = LLM(loaded, device="cpu", max_model_len=32, max_batch_size=4)
+    four = LLM(loaded, device="cpu", max_model_len=32, max_batch_size=4, admission_batch=4)
+    assert one.admission_batch == 1 and four.admission_batch == 4  # no CUDA graphs on a CPU: default 1
+    expected = [c.token_ids for c in one.generate(prompts, params)]
+    assert [c.token_ids for c in four.generate(prompts, params)] == expected
+    assert four.continuous_server().engine.scheduler.config.admission_batch == 4

@@ -40,12 +40,14 @@ class ContinuousServer:
         max_num_batched_tokens: int,
         prefix_reuse: bool,
         eos_token_ids: tuple[int, ...],
+        admission_batch: int = 1,
     ) -> None:
         self.runner = runner
         config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
             enable_prefix_reuse=prefix_reuse,
+            admission_batch=admission_batch,
         )
         self.engine = ContinuousBatchingEngine(
             runner, runner.block_manager, scheduler_config=config, eos_token_ids=eos_token_ids

@@ -114,6 +114,10 @@ class LLM:
         page_size: tokens per block of the paged cache.
         num_blocks: blocks of the paged cache (default: enough for a full batch at ``max_model_len``).
         max_num_batched_tokens: the continuous-batching token budget of a step (long prompts are chunked).
+        admission_batch: continuous batching admits waiting requests only when this many can start together (or
+            all waiting ones can, or nothing runs). Default: ``max_batch_size // 8`` with CUDA graphs on (a step
+            carrying a prompt runs eagerly, many times the cost of a graphed decode step: one such step for
+            several prompts instead of one each), else 1.
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class LLM:
         page_size: int = 16,
         num_blocks: int | None = None,
         max_num_batched_tokens: int = 2048,
+        admission_batch: int | None = None,
         seed: int = 0,
     ) -> None:
         # Every argument is checked before the weights are loaded: a typo costs no load.
@@ -137,10 +142,18 @@ class LLM:
             ("max_num_batched_tokens", max_num_batched_tokens),
         ):
             check_positive_int(value, name)
-        for name, optional in (("max_model_len", max_model_len), ("num_blocks", num_blocks)):
+        for name, optional in (
+            ("max_model_len", max_model_len),
+            ("num_blocks", num_blocks),
+            ("admission_batch", admission_batch),
+        ):
             if optional is not None:
                 check_positive_int(optional, name)
         check_non_negative_int(seed, "seed")
+        if admission_batch is not None and admission_batch > max_batch_size:
+            raise ConfigurationError(
+                f"expected admission_batch <= max_batch_size ({max_batch_size}), got {admission_batch}"
+            )
         if flags is not None and not isinstance(flags, EngineFlags):
             raise TypeError(f"expected flags to be an EngineFlags or None, got {type(flags).__name__}")
         if dtype is not None and not isinstance(dtype, torch.dtype):
@@ -166,6 +179,9 @@ class LLM:
         )  # fmt: skip
         self.tokenizer = self.loaded.tokenizer
         self.max_num_batched_tokens = max_num_batched_tokens
+        if admission_batch is None:
+            admission_batch = max(1, max_batch_size // 8) if self.flags.active("cuda_graphs") else 1
+        self.admission_batch = admission_batch
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
@@ -246,6 +262,7 @@ class LLM:
             self._continuous = ContinuousServer(
                 self.runner, max_num_seqs=self.max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
                 prefix_reuse=self.flags.active("prefix_caching"), eos_token_ids=self.eos_token_ids,
+                admission_batch=self.admission_batch,
             )  # fmt: skip
         return self._continuous
 

@@ -10,7 +10,11 @@ Policy (vLLM v1's unified step, in plain Python):
    the front of the waiting queue with its generated tokens, which are recomputed as part of its prompt).
 2. **Then waiting sequences, in arrival order**, while the budget, ``max_num_seqs`` and the free blocks allow
    (and never in a step that had to preempt). Admission allocates blocks for the whole prompt; the tokens the
-   block manager reports as cached (prefix reuse) are not computed.
+   block manager reports as cached (prefix reuse) are not computed. With ``admission_batch = n`` a step admits
+   only when ``n`` sequences fit at once (or every waiting one does, or nothing runs): one step with several new
+   prompts instead of several steps with one, for models whose step with a prompt costs much more than a decode
+   step (a decode replayed from a CUDA graph, a prompt run eagerly). vLLM's ``scheduler_delay_factor`` trades
+   the same latency for the same throughput.
 
 Prefix reuse with chunked prefill needs one more fact than the block manager gives: whether a cached block's
 K/V has actually been written. A block manager may register a block for reuse as soon as it is allocated,
@@ -54,6 +58,8 @@ class SchedulerConfig:
         watermark: fraction of the blocks left free when admitting a sequence while others run, so that
             running sequences can keep decoding instead of being preempted at once.
         enable_prefix_reuse: skip the prompt tokens the block manager reports as cached (paged models only).
+        admission_batch: admit waiting sequences only when this many can start together (or all waiting ones,
+            or nothing runs); 1 admits at every step. At most ``max_num_seqs``.
 
     Raises:
         ConfigurationError: a value out of range, naming the field.
@@ -64,9 +70,16 @@ class SchedulerConfig:
     max_prefill_chunk: int | None = None
     watermark: float = 0.01
     enable_prefix_reuse: bool = True
+    admission_batch: int = 1
 
     def __post_init__(self) -> None:
         check_positive_int(self.max_num_seqs, "max_num_seqs")
+        check_positive_int(self.admission_batch, "admission_batch")
+        if self.admission_batch > self.max_num_seqs:
+            raise ConfigurationError(
+                f"expected admission_batch <= max_num_seqs ({self.max_num_seqs}), got {self.admission_batch}; "
+                "more sequences than can run at once could never be admitted together"
+            )
         check_positive_int(self.max_num_batched_tokens, "max_num_batched_tokens")
         if self.max_prefill_chunk is not None:
             check_positive_int(self.max_prefill_chunk, "max_prefill_chunk")
@@ -242,7 +255,7 @@ class Scheduler:
                 later_tokens = [later_tokens[j] for j in kept]
             if later_ids:
                 self.block_manager.append_decode(later_ids, later_tokens)
-        if not plan.preempted:
+        if not plan.preempted and self.waiting and self._admission_open(len(running)):
             while self.waiting and budget > 0 and len(running) < self.config.max_num_seqs:
                 seq = self.waiting[0]
                 if not self._can_admit(seq):
@@ -274,6 +287,11 @@ class Scheduler:
                         del writer[block]
 
     # --- helpers -----------------------------------------------------------------------------------------------
+
+    def _admission_open(self, num_running: int) -> bool:
+        """Whether this step may admit: ``admission_batch`` free slots (fewer when fewer wait), or none running."""
+        wanted = min(self.config.admission_batch, len(self.waiting))
+        return num_running == 0 or self.config.max_num_seqs - num_running >= wanted
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         n = seq.num_tokens - seq.num_computed_tokens
