@@ -258,3 +258,41 @@ def test_t4_builds_compile_within_64_kib(head_dim: int, kv_dtype: torch.dtype, k
     assert report.ok, report.problems
     assert report.target == "sm_75"
     assert report.shared_memory_bytes <= 64 * 1024 == report.shared_memory_limit_bytes
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_paged_attention_compiles_fullgraph_and_honours_the_backend(
+    compiler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llamatelemetry_core import record_selections
+    from llamatelemetry_core.selection import BACKEND_ENV, reload_environment
+
+    args = inputs()
+    expected = call(args, window_size=(4, 0), softcap=30.0)
+    out = torch.empty_like(expected)
+
+    kv, cu = args["kv"], args["cu_seqlens_q"]
+    assert isinstance(kv, PagedKV) and isinstance(cu, torch.Tensor)
+
+    def step(q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        result = paged_attention(
+            q, kv, block_tables, seq_lens, cu, max_seqlen_q=3, window_size=(4, 0), softcap=30.0, out=out
+        )
+        return result * 2
+
+    q, tables, lens = args["q"], args["block_tables"], args["seq_lens"]
+    assert isinstance(q, torch.Tensor) and isinstance(tables, torch.Tensor) and isinstance(lens, torch.Tensor)
+    explained = torch._dynamo.explain(step)(q, tables, lens)
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    monkeypatch.setenv(BACKEND_ENV, "flashattn.paged_attention=reference")
+    reload_environment()
+    with record_selections() as record:
+        got = compiled(q, tables, lens)
+    torch.testing.assert_close(got, expected * 2)
+    torch.testing.assert_close(out, expected)  # out= is written under compile too
+    assert record.implementations("flashattn.paged_attention") == ["reference"]
+    monkeypatch.delenv(BACKEND_ENV)
+    reload_environment()
+    torch._dynamo.reset()

@@ -265,3 +265,39 @@ def test_refused_writes_change_nothing_and_name_the_argument() -> None:
         cache.write(0, None, k, slots)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="max_blocks_per_seq"):
         cache.block_tables([0], max_blocks_per_seq=3)  # wider than ceil(8 / 4)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8], ids=["same", "int8"])
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_paged_write_compiles_fullgraph_and_writes_in_place(
+    compiler: str, kv_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llamatelemetry_core.selection import BACKEND_ENV, reload_environment
+
+    layout = PagedKVLayout(num_blocks=5, page_size=4, num_kv_heads=2, head_dim=8, dtype=kv_dtype)
+    original = _store(layout)
+    expected, store = _clone(original), _clone(original)
+    key, value = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    slots = torch.tensor([7, PAD_SLOT, 12])
+    paged_write_reference(key, value, expected, slots)
+
+    def step(k: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        paged_write(k, v, store, s)
+        return k.sum()  # something after the write, so the write is not the graph's last node
+
+    explained = torch._dynamo.explain(step)(key, value, slots)
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    store = _clone(original)  # explain ran the step: the compiled run starts from the unwritten contents
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    monkeypatch.setenv(BACKEND_ENV, "kvcache.paged_write=reference")
+    reload_environment()
+    with record_selections() as record:
+        compiled(key, value, slots)
+    _assert_same(store, expected)
+    assert record.implementations("kvcache.paged_write") == ["reference"]
+    with pytest.raises(ConfigurationError, match="slot_mapping in"):  # the checks run inside the op
+        compiled(key, value, torch.tensor([7, 99, 12]))
+    monkeypatch.delenv(BACKEND_ENV)
+    reload_environment()
+    torch._dynamo.reset()

@@ -218,6 +218,16 @@ def paged_attention(
     and ``BackendUnavailableError`` when a requested backend cannot run the call. Which implementation ran:
     ``llamatelemetry_core.selection.last_selection("flashattn.paged_attention")``.
     """
+    if torch.compiler.is_compiling() and isinstance(kv, PagedKV):
+        # Dynamo cannot trace the checks that read metadata values nor the selection machinery: the whole call is
+        # one custom op of the graph, whose body is this function run eagerly (checks, then the implementation
+        # selected at run time, so LLAMATELEMETRY_BACKEND and backend= are honoured as they are eagerly).
+        left, right = (-2, -2) if window_size is None else window_size
+        traced: torch.Tensor = _paged_attention_op(
+            q, kv.key_cache, kv.value_cache, kv.key_scale, kv.value_scale, block_tables, seq_lens, cu_seqlens_q,
+            max_seqlen_q, softmax_scale, causal, left, right, softcap, backend or "",
+        )  # fmt: skip
+        return traced if out is None else out.copy_(traced)
     if not isinstance(causal, bool):
         raise ConfigurationError(f"expected causal to be True or False, got {causal!r}")
     layout = _validate(q, kv, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, out)
@@ -241,6 +251,39 @@ def paged_attention(
         out=out,
     )
     return result
+
+
+@torch.library.custom_op("llamatelemetry::flashattn_paged_attention_dispatch", mutates_args=())
+def _paged_attention_op(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    softmax_scale: float | None,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float | None,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`paged_attention` as one custom op (what ``torch.compile`` records); ``window_left == -2``: no window."""
+    kv = PagedKV(key_cache, value_cache, key_scale, value_scale)
+    window = None if window_left == -2 else (window_left, window_right)
+    result: torch.Tensor = paged_attention(
+        q, kv, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q=max_seqlen_q, softmax_scale=softmax_scale,
+        causal=causal, window_size=window, softcap=softcap, backend=backend or None,
+    )  # fmt: skip
+    return result
+
+
+@_paged_attention_op.register_fake
+def _(q: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty_like(q)
 
 
 def paged_decode(

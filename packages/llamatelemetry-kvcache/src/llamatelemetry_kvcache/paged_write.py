@@ -167,6 +167,34 @@ def paged_write(
     ``PAD_SLOT``; on a GPU they are not range-checked on the host (that would synchronise with the GPU), on a CPU
     a slot out of range raises ``ConfigurationError``.
     """
+    if torch.compiler.is_compiling() and isinstance(cache, PagedKV):
+        # Dynamo cannot trace the slot range check (it reads values) nor the selection machinery: the whole call
+        # is one custom op of the graph, whose body is this function run eagerly (checks, then the implementation
+        # selected at run time, so LLAMATELEMETRY_BACKEND and backend= are honoured as they are eagerly).
+        _paged_write_op(
+            key, value, cache.key_cache, cache.value_cache, cache.key_scale, cache.value_scale, slot_mapping,
+            backend or "",
+        )  # fmt: skip
+        return
     check_write_inputs(key, value, cache, slot_mapping)
     call = CallSpec.from_tensors(key, slot_mapping, facts=PagedWriteCall(cache.key_cache.dtype))
     PAGED_WRITE.dispatch(call, key, value, cache, slot_mapping, backend=backend)
+
+
+@torch.library.custom_op(
+    "llamatelemetry::kvcache_paged_write_dispatch",
+    mutates_args=("key_cache", "value_cache", "key_scale", "value_scale"),
+)
+def _paged_write_op(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+    backend: str,
+) -> None:
+    """:func:`paged_write` as one custom op (what ``torch.compile`` records): it writes the caches in place."""
+    paged_write(key, value, PagedKV(key_cache, value_cache, key_scale, value_scale), slot_mapping,
+                backend=backend or None)  # fmt: skip
