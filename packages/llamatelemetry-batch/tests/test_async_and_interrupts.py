@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -172,6 +173,18 @@ def test_keyboard_interrupt_under_abatch_infer() -> None:
     assert caught.value.results == ["p0", None, None] and caught.value.not_run == [1, 2]
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """Python's own SIGINT handler for the test: a process started in the background of a non-interactive shell
+    inherits SIGINT ignored, and Ctrl-C would then do nothing at all."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 @pytest.mark.skipif(os.name != "posix" or threading.current_thread() is not threading.main_thread(), reason="SIGINT")
 def test_ctrl_c_stops_new_calls_and_keeps_what_completed() -> None:
     fn = Recorder(delay=0.05)
@@ -191,6 +204,7 @@ def test_ctrl_c_stops_new_calls_and_keeps_what_completed() -> None:
     assert len(caught.value.not_run) == 40 - len(done)
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 @pytest.mark.skipif(os.name != "posix" or threading.current_thread() is not threading.main_thread(), reason="SIGINT")
 def test_ctrl_c_stops_an_async_function_run_from_sync_code() -> None:
     started: list[str] = []
