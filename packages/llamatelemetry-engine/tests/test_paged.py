@@ -81,3 +81,22 @@ def test_a_request_larger_than_the_cache_fails_alone(continuous: bool, loaded: L
     assert isinstance(huge.error, RequestTooLargeError) and "whole cache has 8" in str(huge.error)
     assert small.error is None and len(small.token_ids) == 4
     assert small2.error is None and len(small2.token_ids) == 4
+
+
+def test_step_metadata_matches_the_tables_and_forgets_released_sequences(loaded: LoadedModel) -> None:
+    from llamatelemetry_core.kv_layout import PAD_BLOCK
+    from llamatelemetry_core.serving import SequenceStep
+
+    runner = LLM(loaded, device="cpu", max_model_len=64, page_size=4).runner
+    steps = (SequenceStep(3, (7,), 5, (9, 2)), SequenceStep(8, (1, 2, 3), 0, (4,)), SequenceStep(5, (6,), 8, (0, 1, 6)))
+    slots, tables, lens, cu = runner.paged_metadata(steps)
+    assert slots.tolist() == [2 * 4 + 1, 16, 17, 18, 6 * 4 + 0]
+    assert tables.tolist() == [[9, 2, PAD_BLOCK], [4, PAD_BLOCK, PAD_BLOCK], [0, 1, 6]]
+    assert lens.tolist() == [6, 3, 9] and cu.tolist() == [0, 1, 4, 5]
+    ids, positions, slots2, tables2, lens2 = runner.decode_metadata((steps[0], steps[2]), width=4)
+    assert ids.tolist() == [7, 6] and positions.tolist() == [5, 8] and slots2.tolist() == [9, 24]
+    assert tables2.tolist() == [[9, 2, PAD_BLOCK, PAD_BLOCK], [0, 1, 6, PAD_BLOCK]] and lens2.tolist() == [6, 9]
+    grown = SequenceStep(3, (7,), 8, (9, 2, 11))  # the sequence grew into a new block: a new table
+    assert runner.decode_metadata((grown,), width=4)[3].tolist() == [[9, 2, 11, PAD_BLOCK]]
+    runner.release(3)
+    assert 3 not in runner._table_rows and 5 in runner._table_rows

@@ -86,9 +86,6 @@ class DecodeGraphs:
             with torch.inference_mode():
                 self.buckets.capture()
             self.captured = True
-        slot_mapping, block_tables, seq_lens, _ = self.runner.paged_metadata(seqs, width=self.width)
-        dev = self.runner.device
-        input_ids = torch.tensor([s.token_ids[0] for s in seqs], dtype=torch.long, device=dev)
-        positions = torch.tensor([s.start_pos for s in seqs], dtype=torch.long, device=dev)
-        out: torch.Tensor = self.buckets(input_ids, positions, slot_mapping, block_tables, seq_lens, copy=True)
+        inputs = self.runner.decode_metadata(seqs, self.width)
+        out: torch.Tensor = self.buckets(*inputs, copy=True)
         return out

@@ -12,6 +12,7 @@ contiguous KV tensor per layer.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,7 @@ class ModelRunner:
         self.store = ContiguousKVStore(self.config.num_layers)
         self._page_size: int | None = paged_cache.block_manager.page_size if paged_cache is not None else None
         self.max_blocks_per_seq = math.ceil(max_model_len / self._page_size) if self._page_size else 0
+        self._table_rows: dict[int, tuple[tuple[int, ...], int, bytes]] = {}  # seq_id -> (table, width, int32 row)
         self.graphs: Any = None
         if self.paged and flags.active("cuda_graphs"):
             from llamatelemetry_engine.graphs import DecodeGraphs
@@ -97,8 +99,10 @@ class ModelRunner:
         return self.cache.block_manager if self.cache is not None else None
 
     def release(self, seq_id: int) -> None:
-        """Forget a sequence's contiguous KV (paged blocks are freed through the block manager)."""
+        """Forget a sequence's contiguous KV (paged blocks are freed through the block manager) and its cached
+        block-table row."""
         self.store.release(seq_id)
+        self._table_rows.pop(seq_id, None)
 
     @torch.inference_mode()
     def step(self, batch: StepInput) -> torch.Tensor:
@@ -176,23 +180,73 @@ class ModelRunner:
         self, seqs: tuple[SequenceStep, ...], width: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(slot_mapping int64, block_tables int32 [B, width], seq_lens int32, cu_seqlens_q int32)``."""
+        longs, ints, width = self._pack(seqs, width, with_ids=False)
+        batch = len(seqs)
+        return (
+            longs,
+            ints[: batch * width].view(batch, width),
+            ints[batch * width : batch * width + batch],
+            ints[-batch - 1 :],
+        )
+
+    def decode_metadata(self, seqs: tuple[SequenceStep, ...], width: int) -> list[torch.Tensor]:
+        """A decode step's inputs (one token per sequence): ``[input_ids, positions, slot_mapping]`` int64 and
+        ``[block_tables [B, width], seq_lens]`` int32, from two host-to-device copies."""
+        longs, ints, _ = self._pack(seqs, width, with_ids=True)
+        batch = len(seqs)
+        return [
+            longs[:batch], longs[batch : 2 * batch], longs[2 * batch :],
+            ints[: batch * width].view(batch, width), ints[batch * width : batch * width + batch],
+        ]  # fmt: skip
+
+    def _pack(
+        self, seqs: tuple[SequenceStep, ...], width: int | None, *, with_ids: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The step's metadata as two flat tensors on the device, built in ``array``s (one host loop, no tensor
+        per sequence, two copies): int64 ``[ids, positions,] slots``; int32 ``tables, seq_lens, cu_seqlens_q``.
+
+        Per step and sequence this is the engine's host hot path (64 sequences: about 4x less host time than
+        nested lists handed to ``torch.tensor``)."""
         page = self._page_size
         assert page is not None
-        slots: list[int] = []
+        if width is None:
+            width = max(-(-(s.start_pos + len(s.token_ids)) // page) for s in seqs)
+        slots, lens, cu = array("q"), array("i"), array("i", [0])
+        ids, positions = array("q"), array("q")
+        rows: list[bytes] = []
+        cached, total = self._table_rows, 0
         for s in seqs:
-            slots.extend(s.block_table[p // page] * page + p % page for p in range(s.start_pos, s.end_pos))
-        width = width or max(math.ceil(s.end_pos / page) for s in seqs)
-        table = [list(s.block_table[:width]) + [PAD_BLOCK] * (width - len(s.block_table[:width])) for s in seqs]
-        cu = [0]
-        for s in seqs:
-            cu.append(cu[-1] + len(s.token_ids))
+            table, start, n = s.block_table, s.start_pos, len(s.token_ids)
+            end = start + n
+            if n == 1:
+                slots.append(table[start // page] * page + start % page)
+            else:
+                slots.extend([table[p // page] * page + p % page for p in range(start, end)])
+            if with_ids:
+                ids.extend(s.token_ids)
+                positions.append(start)
+            # A table changes only when its sequence grows into a new block, and the scheduler hands over the
+            # same tuple until then: its padded int32 row is converted once and reused (converting Python ints
+            # is most of this loop's cost otherwise).
+            hit = cached.get(s.seq_id)
+            if hit is None or hit[0] is not table or hit[1] != width:
+                row = array("i", table[:width])
+                row.extend((PAD_BLOCK,) * (width - len(row)))
+                hit = (table, width, row.tobytes())
+                cached[s.seq_id] = hit
+            rows.append(hit[2])
+            lens.append(end)
+            total += n
+            cu.append(total)
+        longs = ids + positions + slots if with_ids else slots
+        ints = array("i", b"".join(rows)) + lens + cu
         dev = self.device
-        return (
-            torch.tensor(slots, dtype=torch.int64, device=dev),
-            torch.tensor(table, dtype=torch.int32, device=dev),
-            torch.tensor([s.end_pos for s in seqs], dtype=torch.int32, device=dev),
-            torch.tensor(cu, dtype=torch.int32, device=dev),
-        )
+        # frombuffer shares the arrays' memory (kept alive by the tensors); .to() copies it to the device, and a
+        # CPU step clones it so that the tensors own their memory.
+        as_long, as_int = torch.frombuffer(longs, dtype=torch.int64), torch.frombuffer(ints, dtype=torch.int32)
+        if dev.type == "cpu":
+            return as_long.clone(), as_int.clone(), width
+        return as_long.to(dev), as_int.to(dev), width
 
     def _paged_context(self, seqs: tuple[SequenceStep, ...]) -> StepContext:
         assert self.cache is not None and self.paged_attention is not None
