@@ -30,7 +30,6 @@ import gc
 import json
 import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -40,15 +39,12 @@ from typing import Any
 
 import torch
 
+from llamatelemetry_core.testing.bench import device_slug
 from llamatelemetry_engine import LLM, PRESETS, EngineFlags, SamplingParams, random_weights
 from llamatelemetry_engine.loader import LoadedModel
 
 ROOFLINE_TARGETS = {1: 0.60, 64: 0.70}
 CONTINUOUS_TARGET = 2.0
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def copy_bandwidth() -> float:
@@ -222,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_engine: needs a CUDA GPU", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name()
-    out_dir = args.out or Path(__file__).resolve().parents[1] / "results" / slug(gpu) / "engine"
+    out_dir = args.out or Path(__file__).resolve().parents[1] / "results" / device_slug() / "engine"
     loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
     bandwidth = copy_bandwidth()
     new_tokens = 32 if args.quick else 128
