@@ -22,7 +22,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -32,31 +31,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from llamatelemetry_core.kv_layout import PAD_BLOCK
+from llamatelemetry_core.testing.bench import copy_gbps, gpu_ms
 from llamatelemetry_engine import LLM, PRESETS, SamplingParams, random_weights
 
 CONTEXT = 192
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = event_ms(lambda: dst.copy_(src), rep=20)
-    return 2 * 2**30 / (ms * 1e-3)
-
-
-def event_ms(fn: Any, rep: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(rep):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(float(start.elapsed_time(end)))
-    return statistics.median(times)
 
 
 def wall(fn: Any) -> float:
@@ -140,7 +118,7 @@ def kernel_table(llm: LLM, inputs: list[torch.Tensor]) -> list[tuple[str, float,
 def replay_and_eager_ms(llm: LLM, inputs: list[torch.Tensor]) -> tuple[float, float]:
     graphs = llm.runner.graphs
     with torch.inference_mode():
-        return event_ms(lambda: graphs.buckets(*inputs)), event_ms(lambda: graphs._decode(*inputs), rep=10)
+        return gpu_ms(lambda: graphs.buckets(*inputs)), gpu_ms(lambda: graphs._decode(*inputs), reps=10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
     c = loaded.config
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_gbps() * 1e9
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; copy {bandwidth / 1e9:.0f} GB/s", flush=True)
     summary = []
     for batch in args.batches:

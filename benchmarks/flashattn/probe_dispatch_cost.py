@@ -17,7 +17,6 @@ Usage (from the repository root, no installs):
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 import traceback
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llamatelemetry_core.testing.bench import gpu_ms
 from llamatelemetry_flashattn import flash_attention_forward
 from llamatelemetry_flashattn._special import propagate_query_nan
 
@@ -37,21 +37,6 @@ BACKENDS = {
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa_math": SDPBackend.MATH,
 }
-
-
-def gpu_ms(fn: Callable[[], object], rep: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(rep):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(float(start.elapsed_time(end)))
-    return statistics.median(times)
 
 
 def queued_ms(fn: Callable[[], object], calls: int = 20) -> float:
