@@ -102,6 +102,7 @@ def _check_common(
     chunk=st.one_of(st.none(), st.integers(1, 12)),
     watermark=st.sampled_from([0.0, 0.05]),
     token_budget=st.booleans(),
+    admission=st.integers(1, 6),
 )
 def test_greedy_requests_finish_as_if_alone(
     block_manager_factory: Factory,
@@ -114,6 +115,7 @@ def test_greedy_requests_finish_as_if_alone(
     chunk: int | None,
     watermark: float,
     token_budget: bool,
+    admission: int,
 ) -> None:
     longest = max(len(a.prompt) + a.max_new_tokens for a in arrivals)
     num_blocks = -(-longest // page_size) + spare_blocks
@@ -122,7 +124,8 @@ def test_greedy_requests_finish_as_if_alone(
         manager = TokenBudget(num_blocks * page_size)
     model = HashDecoder(vocab_size=61, max_model_len=64, page_size=page_size if paged else None, num_blocks=num_blocks)
     model.record_steps = True
-    config = SchedulerConfig(max_num_seqs, budget, chunk, watermark)
+    admission_batch = min(admission, max_num_seqs)  # changes when requests start, never what they compute
+    config = SchedulerConfig(max_num_seqs, budget, chunk, watermark, admission_batch=admission_batch)
     engine = ContinuousBatchingEngine(model, manager, scheduler_config=config, eos_token_ids=[0])
     handles, finished = _drive(engine, arrivals, lambda a: SamplingParams(max_new_tokens=a.max_new_tokens))
     _check_common(engine, manager, handles, finished)
