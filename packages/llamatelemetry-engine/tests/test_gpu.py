@@ -64,7 +64,10 @@ def test_prefill_and_decode_logits_match_transformers(
     bm.free(1)
 
 
-def test_fp32_engine_gives_the_transformers_tokens(hf_reference: Callable[[LoadedModel], torch.nn.Module]) -> None:
+@pytest.mark.parametrize("step_graphs", [False, True], ids=["eager_prompt_steps", "step_graphs"])
+def test_fp32_engine_gives_the_transformers_tokens(
+    hf_reference: Callable[[LoadedModel], torch.nn.Module], step_graphs: bool
+) -> None:
     loaded = random_weights(CONFIG, seed=22)
     hf = hf_reference(loaded).to("cuda")
     gen = torch.Generator().manual_seed(5)
@@ -74,6 +77,11 @@ def test_fp32_engine_gives_the_transformers_tokens(hf_reference: Callable[[Loade
         ids = torch.tensor([p], device="cuda")
         out = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)  # type: ignore[operator]
         expected.append(out[0, len(p) :].tolist())
-    llm = LLM(loaded, flags=EngineFlags().without("tensor_cores"), device="cuda", max_model_len=256)
+    # A small token budget chunks the prompts, so that steps mix prompt chunks with decodes.
+    llm = LLM(loaded, flags=EngineFlags().without("tensor_cores"), device="cuda", max_model_len=256,
+              max_num_batched_tokens=32, step_graphs=step_graphs)  # fmt: skip
     got = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
     assert [c.token_ids for c in got] == expected
+    assert (llm.runner.step_graphs is not None) == step_graphs
+    if step_graphs:
+        assert llm.runner.step_graphs.replays > 0

@@ -15,7 +15,7 @@ from llamatelemetry_engine import (
     SamplingParams,
     random_weights,
 )
-from llamatelemetry_engine.graphs import DecodeGraphs
+from llamatelemetry_engine.graphs import DecodeGraphs, StepGraphs
 from llamatelemetry_engine.loader import LoadedModel
 
 TINY = PRESETS["tiny"]
@@ -69,6 +69,27 @@ def test_padded_decode_graphs_give_the_eager_logits(loaded: LoadedModel, prompts
     got = [c.token_ids for c in graphed.generate(prompts, params)]
     assert got == [c.token_ids for c in eager.generate(prompts, params)]
     assert graphed.runner.graphs.captured and graphed.runner.graphs.buckets.replays >= 4
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU emulation of graphs only; with CUDA, capture refuses CPU tensors"
+)
+@pytest.mark.parametrize("flash", [True, False])
+def test_step_graphs_give_the_eager_tokens_with_chunks_and_mixed_steps(
+    loaded: LoadedModel, prompts: list[list[int]], flash: bool
+) -> None:
+    # Steps that carry prompt chunks beside decodes replay token-count graphs (emulated without CUDA): padding
+    # to the bucket, the extra padding sequence and the logits rows must leave every token as the eager one.
+    flags = EngineFlags() if flash else EngineFlags().without("flash_attention")
+    kwargs = {"device": "cpu", "max_model_len": 64, "max_batch_size": 2, "max_num_batched_tokens": 8, "page_size": 4}
+    eager = LLM(loaded, flags=flags, **kwargs)  # type: ignore[arg-type]
+    graphed = LLM(loaded, flags=flags, **kwargs)  # type: ignore[arg-type]
+    runner = graphed.runner
+    runner.step_graphs = StepGraphs(runner, 2, 8, smallest=4)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    many = [*prompts, prompts[0][:3]]
+    assert [c.token_ids for c in graphed.generate(many, params)] == [c.token_ids for c in eager.generate(many, params)]
+    assert runner.step_graphs.sizes == [4, 8] and runner.step_graphs.replays > 0
 
 
 @pytest.mark.parametrize("continuous", [True, False])

@@ -118,6 +118,10 @@ class LLM:
             all waiting ones can, or nothing runs). Default: ``max_batch_size // 8`` with CUDA graphs on (a step
             carrying a prompt runs eagerly, many times the cost of a graphed decode step: one such step for
             several prompts instead of one each), else 1.
+        step_graphs: with CUDA graphs on, also replay steps that carry prompt tokens beside decodes from graphs
+            bucketed by token count (up to ``max_num_batched_tokens``), instead of running them eagerly.
+            Experimental: checked against transformers on CPU (where graphs are emulated), not yet measured on a
+            GPU.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class LLM:
         num_blocks: int | None = None,
         max_num_batched_tokens: int = 2048,
         admission_batch: int | None = None,
+        step_graphs: bool = False,
         seed: int = 0,
     ) -> None:
         # Every argument is checked before the weights are loaded: a typo costs no load.
@@ -150,6 +155,8 @@ class LLM:
             if optional is not None:
                 check_positive_int(optional, name)
         check_non_negative_int(seed, "seed")
+        if not isinstance(step_graphs, bool):
+            raise ConfigurationError(f"expected step_graphs to be True or False, got {step_graphs!r}")
         if admission_batch is not None and admission_batch > max_batch_size:
             raise ConfigurationError(
                 f"expected admission_batch <= max_batch_size ({max_batch_size}), got {admission_batch}"
@@ -175,7 +182,7 @@ class LLM:
             )  # fmt: skip
         self.runner = ModelRunner(
             self.model, self.flags, max_model_len=self.max_model_len, paged_cache=cache, paged_attention=attention,
-            max_batch_size=max_batch_size,
+            max_batch_size=max_batch_size, step_graph_tokens=max_num_batched_tokens if step_graphs else None,
         )  # fmt: skip
         self.tokenizer = self.loaded.tokenizer
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -6,6 +6,12 @@ sequence lengths. :class:`~llamatelemetry_graphs.BatchBucketedGraphs` captures t
 sizes, largest first, into one memory pool, copies each call's inputs into static buffers and pads the rest
 (padded rows write no KV, slot ``PAD_SLOT``, and have length 0, which paged attention treats as padding).
 Graphs are captured on the first decode step, after the cache exists.
+
+:class:`StepGraphs` (opt-in: ``LLM(step_graphs=True)``) does the same for steps that carry prompt tokens beside
+decodes, which otherwise run eagerly: one graph per token count (powers of two up to the step's token budget),
+each for ``max_batch_size + 1`` sequences. A step is padded to the nearest token count; the padding tokens belong
+to one extra sequence with no cached tokens (paged attention gives it zeros) and write no KV, and paged attention
+is launched for as many query rows per sequence as the graph has tokens.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
 from llamatelemetry_core.serving import SequenceStep
 from llamatelemetry_engine.context import PagedStep
-from llamatelemetry_graphs import BatchBucketedGraphs
+from llamatelemetry_graphs import BatchBucketedGraphs, CUDAGraph, GraphPool
 
 if TYPE_CHECKING:
     from llamatelemetry_engine.runner import ModelRunner
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["DecodeGraphs", "StepGraphs", "token_buckets"]
 
 
 class DecodeGraphs:
@@ -89,3 +95,87 @@ class DecodeGraphs:
         inputs = self.runner.decode_metadata(seqs, self.width)
         out: torch.Tensor = self.buckets(*inputs, copy=True)
         return out
+
+
+def token_buckets(max_tokens: int, smallest: int = 64) -> list[int]:
+    """Powers of two from ``smallest`` up to the first one >= ``max_tokens``: the token counts of step graphs."""
+    sizes = [smallest]
+    while sizes[-1] < max_tokens:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+class StepGraphs:
+    """Graphs of the runner's paged step (prompt chunks and decodes together) for token counts up to
+    ``max_tokens``, each for up to ``max_batch_size`` sequences; captured on first use, largest first, into one
+    memory pool."""
+
+    def __init__(self, runner: ModelRunner, max_batch_size: int, max_tokens: int, smallest: int = 64) -> None:
+        if runner.cache is None or runner.paged_attention is None:
+            raise ConfigurationError("step graphs need the paged KV cache (fixed-shape steps)")
+        self.runner = runner
+        self.cache = runner.cache
+        self.attention = runner.paged_attention
+        self.max_batch_size = max_batch_size
+        self.batch = max_batch_size + 1  # one more sequence owns the padding tokens
+        self.width = runner.max_blocks_per_seq
+        self.sizes = token_buckets(max_tokens, smallest)
+        self.pool = GraphPool()
+        self.graphs: dict[int, CUDAGraph] = {}
+        self.replays = 0
+
+    def _step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        logits_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx = PagedStep(
+            self.cache,
+            self.attention,
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens,
+            cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=input_ids.shape[0],  # any sequence may hold every token of the graph
+        )
+        hidden = self.runner.model(input_ids, positions, ctx)
+        return self.runner.model.logits(hidden.index_select(0, logits_rows)).float()
+
+    def fits(self, seqs: tuple[SequenceStep, ...]) -> bool:
+        """Whether a step of these sequences replays a graph."""
+        return len(seqs) <= self.max_batch_size and sum(len(s.token_ids) for s in seqs) <= self.sizes[-1]
+
+    def _capture(self) -> None:
+        dev, b, w = self.runner.device, self.batch, self.width
+        with torch.inference_mode():
+            for size in reversed(self.sizes):
+                # Valid placeholders: every token belongs to sequence 0, which has no cached tokens (padding).
+                cu = torch.full((b + 1,), size, dtype=torch.int32, device=dev)
+                cu[0] = 0
+                inputs = [
+                    torch.zeros(size, dtype=torch.long, device=dev),
+                    torch.zeros(size, dtype=torch.long, device=dev),
+                    torch.full((size,), PAD_SLOT, dtype=torch.int64, device=dev),
+                    torch.full((b, w), PAD_BLOCK, dtype=torch.int32, device=dev),
+                    torch.zeros(b, dtype=torch.int32, device=dev),
+                    cu,
+                    torch.zeros(b, dtype=torch.int32, device=dev),
+                ]
+                self.pool.capture(f"tokens_{size}", self._step, inputs=inputs)
+                self.graphs[size] = self.pool.get(f"tokens_{size}")
+
+    def run(self, seqs: tuple[SequenceStep, ...]) -> torch.Tensor:
+        """Logits ``[len(seqs), vocab]`` of the last new token of each sequence, from a graph."""
+        if not self.graphs:
+            self._capture()
+        total = sum(len(s.token_ids) for s in seqs)
+        size = next(t for t in self.sizes if t >= total)
+        inputs = self.runner.step_graph_metadata(seqs, self.width, size, self.batch)
+        out: torch.Tensor = self.graphs[size].replay(*inputs)
+        self.replays += 1
+        return out[: len(seqs)].clone()  # the static output is overwritten by the next replay

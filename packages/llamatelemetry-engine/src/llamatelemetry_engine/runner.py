@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
-from llamatelemetry_core.kv_layout import PAD_BLOCK
+from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
 from llamatelemetry_core.serving import SequenceStep, StepInput
 from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.context import ContiguousKVStore, ContiguousStep, PagedStep, StepContext
@@ -41,6 +41,8 @@ class ModelRunner:
         paged_cache: the paged KV cache (``llamatelemetry-kvcache``'s ``PagedKVCache``), when ``paged_kv`` is on.
         paged_attention: ``llamatelemetry-flashattn``'s ``paged_attention``, when ``paged_kv`` is on.
         max_batch_size: the largest decode batch captured in CUDA graphs.
+        step_graph_tokens: with CUDA graphs on, also replay steps that carry prompt tokens (up to this many
+            tokens) from graphs (:class:`~llamatelemetry_engine.graphs.StepGraphs`); ``None``: they run eagerly.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class ModelRunner:
         paged_cache: PagedKVCache | None = None,
         paged_attention: Callable[..., torch.Tensor] | None = None,
         max_batch_size: int = 64,
+        step_graph_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.config: ModelConfig = model.config
@@ -73,10 +76,13 @@ class ModelRunner:
         self.max_blocks_per_seq = math.ceil(max_model_len / self._page_size) if self._page_size else 0
         self._table_rows: dict[int, tuple[tuple[int, ...], int, bytes]] = {}  # seq_id -> (table, width, int32 row)
         self.graphs: Any = None
+        self.step_graphs: Any = None
         if self.paged and flags.active("cuda_graphs"):
-            from llamatelemetry_engine.graphs import DecodeGraphs
+            from llamatelemetry_engine.graphs import DecodeGraphs, StepGraphs
 
             self.graphs = DecodeGraphs(self, max_batch_size)
+            if step_graph_tokens is not None:
+                self.step_graphs = StepGraphs(self, max_batch_size, step_graph_tokens)
         self.steps = 0
 
     # --- DecoderModel -----------------------------------------------------------------------------------------
@@ -117,6 +123,13 @@ class ModelRunner:
         seqs = batch.sequences
         if self.graphs is not None and all(len(s.token_ids) == 1 for s in seqs) and self.graphs.fits(len(seqs)):
             logits: torch.Tensor = self.graphs.run(seqs)
+            want = [i for i, s in enumerate(seqs) if s.want_logits]
+            return logits if len(want) == len(seqs) else logits[want]
+        # A step that carries prompt tokens replays a step graph when there are step graphs, except a fresh
+        # prefill with FlashAttention on, which keeps FlashAttention.
+        fresh_flash = self.flags.active("flash_attention") and all(s.start_pos == 0 for s in seqs)
+        if self.step_graphs is not None and not fresh_flash and self.step_graphs.fits(seqs):
+            logits = self.step_graphs.run(seqs)
             want = [i for i, s in enumerate(seqs) if s.want_logits]
             return logits if len(want) == len(seqs) else logits[want]
         ids = [t for s in seqs for t in s.token_ids]
@@ -199,11 +212,33 @@ class ModelRunner:
             ints[: batch * width].view(batch, width), ints[batch * width : batch * width + batch],
         ]  # fmt: skip
 
+    def step_graph_metadata(
+        self, seqs: tuple[SequenceStep, ...], width: int, tokens: int, batch: int
+    ) -> list[torch.Tensor]:
+        """A step's inputs padded to ``tokens`` tokens and ``batch`` sequences (see
+        :class:`~llamatelemetry_engine.graphs.StepGraphs`): ``[input_ids, positions, slot_mapping]`` int64 and
+        ``[block_tables [batch, width], seq_lens, cu_seqlens_q, logits_rows]`` int32. The padding tokens belong
+        to the first padding sequence (no cached tokens, so attention gives it zeros) and write no KV."""
+        longs, ints, _ = self._pack(seqs, width, with_ids=True, tokens_to=tokens, batch_to=batch)
+        t, grid = tokens, batch * width
+        return [
+            longs[:t], longs[t : 2 * t], longs[2 * t :],
+            ints[:grid].view(batch, width), ints[grid : grid + batch], ints[grid + batch : grid + 2 * batch + 1],
+            ints[grid + 2 * batch + 1 :],
+        ]  # fmt: skip
+
     def _pack(
-        self, seqs: tuple[SequenceStep, ...], width: int | None, *, with_ids: bool
+        self,
+        seqs: tuple[SequenceStep, ...],
+        width: int | None,
+        *,
+        with_ids: bool,
+        tokens_to: int | None = None,
+        batch_to: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The step's metadata as two flat tensors on the device, built in ``array``s (one host loop, no tensor
-        per sequence, two copies): int64 ``[ids, positions,] slots``; int32 ``tables, seq_lens, cu_seqlens_q``.
+        per sequence, two copies): int64 ``[ids, positions,] slots``; int32 ``tables, seq_lens, cu_seqlens_q``
+        (and the logits rows when padding to ``batch_to`` sequences; tokens padded to ``tokens_to``).
 
         Per step and sequence this is the engine's host hot path (64 sequences: about 4x less host time than
         nested lists handed to ``torch.tensor``)."""
@@ -224,7 +259,10 @@ class ModelRunner:
                 slots.extend([table[p // page] * page + p % page for p in range(start, end)])
             if with_ids:
                 ids.extend(s.token_ids)
-                positions.append(start)
+                if n == 1:
+                    positions.append(start)
+                else:
+                    positions.extend(range(start, end))
             # A table changes only when its sequence grows into a new block, and the scheduler hands over the
             # same tuple until then: its padded int32 row is converted once and reused (converting Python ints
             # is most of this loop's cost otherwise).
@@ -238,8 +276,21 @@ class ModelRunner:
             lens.append(end)
             total += n
             cu.append(total)
+        logits_rows = array("i")
+        if batch_to is not None:
+            logits_rows = array("i", [c - 1 for c in cu[1:]])
+            pad = batch_to - len(seqs)
+            rows.append(array("i", (PAD_BLOCK,) * (width * pad)).tobytes())
+            lens.extend((0,) * pad)
+            cu.extend((tokens_to if tokens_to is not None else total,) * pad)
+            logits_rows.extend((0,) * pad)
+        if tokens_to is not None:
+            pad = tokens_to - total
+            ids.extend((0,) * pad)
+            positions.extend((0,) * pad)
+            slots.extend((PAD_SLOT,) * pad)
         longs = ids + positions + slots if with_ids else slots
-        ints = array("i", b"".join(rows)) + lens + cu
+        ints = array("i", b"".join(rows)) + lens + cu + logits_rows
         dev = self.device
         # frombuffer shares the arrays' memory (kept alive by the tensors); .to() copies it to the device, and a
         # CPU step clones it so that the tensors own their memory.
