@@ -32,17 +32,49 @@ if TYPE_CHECKING:
 __all__ = ["DecodeGraphs", "StepGraphs", "token_buckets"]
 
 
-class DecodeGraphs:
-    """Graphs of the runner's paged decode step for batch sizes up to ``max_batch_size``."""
+class _PagedStepGraphs:
+    """What both kinds of graphs share: the runner's paged cache and attention, and the captured forward."""
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
+    def __init__(self, runner: ModelRunner, what: str) -> None:
         if runner.cache is None or runner.paged_attention is None:
-            raise ConfigurationError("decode graphs need the paged KV cache (fixed-shape decode steps)")
+            raise ConfigurationError(f"{what} need the paged KV cache (fixed-shape steps)")
         self.runner = runner
         self.cache = runner.cache
         self.attention = runner.paged_attention
-        self.max_batch_size = max_batch_size
         self.width = runner.max_blocks_per_seq
+
+    def _logits(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        max_seqlen_q: int,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """fp32 logits of the step's tokens (of ``rows`` only, when given); ``metadata`` is ``(slot_mapping,
+        block_tables, seq_lens, cu_seqlens_q)``."""
+        slot_mapping, block_tables, seq_lens, cu_seqlens_q = metadata
+        ctx = PagedStep(
+            self.cache,
+            self.attention,
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens,
+            cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=max_seqlen_q,
+        )
+        hidden = self.runner.model(input_ids, positions, ctx)
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        return self.runner.model.logits(hidden).float()
+
+
+class DecodeGraphs(_PagedStepGraphs):
+    """Graphs of the runner's paged decode step for batch sizes up to ``max_batch_size``."""
+
+    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
+        super().__init__(runner, "decode graphs")
+        self.max_batch_size = max_batch_size
         dev = runner.device
         b = max_batch_size
         examples = [
@@ -69,18 +101,8 @@ class DecodeGraphs:
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
     ) -> torch.Tensor:
-        batch = input_ids.shape[0]
-        ctx = PagedStep(
-            self.cache,
-            self.attention,
-            slot_mapping=slot_mapping,
-            block_tables=block_tables,
-            seq_lens=seq_lens,
-            cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device),
-            max_seqlen_q=1,
-        )
-        hidden = self.runner.model(input_ids, positions, ctx)
-        return self.runner.model.logits(hidden).float()
+        cu = torch.arange(input_ids.shape[0] + 1, dtype=torch.int32, device=input_ids.device)
+        return self._logits(input_ids, positions, (slot_mapping, block_tables, seq_lens, cu), 1)
 
     def fits(self, batch_size: int) -> bool:
         """Whether a decode batch of this size replays a graph."""
@@ -105,20 +127,15 @@ def token_buckets(max_tokens: int, smallest: int = 64) -> list[int]:
     return sizes
 
 
-class StepGraphs:
+class StepGraphs(_PagedStepGraphs):
     """Graphs of the runner's paged step (prompt chunks and decodes together) for token counts up to
     ``max_tokens``, each for up to ``max_batch_size`` sequences; captured on first use, largest first, into one
     memory pool."""
 
     def __init__(self, runner: ModelRunner, max_batch_size: int, max_tokens: int, smallest: int = 64) -> None:
-        if runner.cache is None or runner.paged_attention is None:
-            raise ConfigurationError("step graphs need the paged KV cache (fixed-shape steps)")
-        self.runner = runner
-        self.cache = runner.cache
-        self.attention = runner.paged_attention
+        super().__init__(runner, "step graphs")
         self.max_batch_size = max_batch_size
         self.batch = max_batch_size + 1  # one more sequence owns the padding tokens
-        self.width = runner.max_blocks_per_seq
         self.sizes = token_buckets(max_tokens, smallest)
         self.pool = GraphPool()
         self.graphs: dict[int, CUDAGraph] = {}
@@ -134,17 +151,9 @@ class StepGraphs:
         cu_seqlens_q: torch.Tensor,
         logits_rows: torch.Tensor,
     ) -> torch.Tensor:
-        ctx = PagedStep(
-            self.cache,
-            self.attention,
-            slot_mapping=slot_mapping,
-            block_tables=block_tables,
-            seq_lens=seq_lens,
-            cu_seqlens_q=cu_seqlens_q,
-            max_seqlen_q=input_ids.shape[0],  # any sequence may hold every token of the graph
-        )
-        hidden = self.runner.model(input_ids, positions, ctx)
-        return self.runner.model.logits(hidden.index_select(0, logits_rows)).float()
+        # Any sequence may hold every token of the graph: paged attention is launched for that many query rows.
+        metadata = (slot_mapping, block_tables, seq_lens, cu_seqlens_q)
+        return self._logits(input_ids, positions, metadata, input_ids.shape[0], logits_rows)
 
     def fits(self, seqs: tuple[SequenceStep, ...]) -> bool:
         """Whether a step of these sequences replays a graph."""
