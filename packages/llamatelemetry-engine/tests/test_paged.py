@@ -87,7 +87,7 @@ def test_step_graphs_give_the_eager_tokens_with_chunks_and_mixed_steps(
     runner = graphed.runner
     runner.step_graphs = StepGraphs(runner, 2, 8, smallest=4)
     params = SamplingParams(max_tokens=3, ignore_eos=True)
-    many = [*prompts, prompts[0][:3]]
+    many = [prompts[0][:13], prompts[1][:11], prompts[2]]  # chunks of 8 beside decodes, a shared prefix
     assert [c.token_ids for c in graphed.generate(many, params)] == [c.token_ids for c in eager.generate(many, params)]
     assert runner.step_graphs.sizes == [4, 8] and runner.step_graphs.replays > 0
 

@@ -147,8 +147,8 @@ def test_a_vanishing_temperature_samples_the_arg_max_on_the_static_path() -> Non
 def test_batched_admission_gives_the_same_tokens() -> None:
     # admission_batch changes when prompts start, never what a request computes: greedy tokens are the same.
     loaded = random_weights(TINY, seed=1)
-    prompts = [[5 + i, 6, 7 + i] for i in range(7)]
-    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    prompts = [[5 + i, 6, 7 + i] for i in range(6)]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
     one = LLM(loaded, device="cpu", max_model_len=32, max_batch_size=4)
     four = LLM(loaded, device="cpu", max_model_len=32, max_batch_size=4, admission_batch=4)
     assert one.admission_batch == 1 and four.admission_batch == 4  # no CUDA graphs on a CPU: default 1
