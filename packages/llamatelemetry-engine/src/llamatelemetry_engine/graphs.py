@@ -155,9 +155,12 @@ class StepGraphs(_PagedStepGraphs):
         metadata = (slot_mapping, block_tables, seq_lens, cu_seqlens_q)
         return self._logits(input_ids, positions, metadata, input_ids.shape[0], logits_rows)
 
-    def fits(self, seqs: tuple[SequenceStep, ...]) -> bool:
-        """Whether a step of these sequences replays a graph."""
-        return len(seqs) <= self.max_batch_size and sum(len(s.token_ids) for s in seqs) <= self.sizes[-1]
+    def bucket(self, seqs: tuple[SequenceStep, ...]) -> int | None:
+        """The token count of the graph a step of these sequences replays; ``None`` when none fits."""
+        if len(seqs) > self.max_batch_size:
+            return None
+        total = sum(len(s.token_ids) for s in seqs)
+        return next((t for t in self.sizes if t >= total), None)
 
     def _capture(self) -> None:
         dev, b, w = self.runner.device, self.batch, self.width
@@ -178,12 +181,11 @@ class StepGraphs(_PagedStepGraphs):
                 self.pool.capture(f"tokens_{size}", self._step, inputs=inputs)
                 self.graphs[size] = self.pool.get(f"tokens_{size}")
 
-    def run(self, seqs: tuple[SequenceStep, ...]) -> torch.Tensor:
-        """Logits ``[len(seqs), vocab]`` of the last new token of each sequence, from a graph."""
+    def run(self, seqs: tuple[SequenceStep, ...], size: int) -> torch.Tensor:
+        """Logits ``[len(seqs), vocab]`` of the last new token of each sequence, from the graph of ``size``
+        tokens (:meth:`bucket`)."""
         if not self.graphs:
             self._capture()
-        total = sum(len(s.token_ids) for s in seqs)
-        size = next(t for t in self.sizes if t >= total)
         inputs = self.runner.step_graph_metadata(seqs, self.width, size, self.batch)
         out: torch.Tensor = self.graphs[size].replay(*inputs)
         self.replays += 1

@@ -122,16 +122,14 @@ class ModelRunner:
         self.steps += 1
         seqs = batch.sequences
         if self.graphs is not None and all(len(s.token_ids) == 1 for s in seqs) and self.graphs.fits(len(seqs)):
-            logits: torch.Tensor = self.graphs.run(seqs)
-            want = [i for i, s in enumerate(seqs) if s.want_logits]
-            return logits if len(want) == len(seqs) else logits[want]
+            return _wanted_rows(self.graphs.run(seqs), seqs)
         # A step that carries prompt tokens replays a step graph when there are step graphs, except a fresh
         # prefill with FlashAttention on, which keeps FlashAttention.
         fresh_flash = self.flags.active("flash_attention") and all(s.start_pos == 0 for s in seqs)
-        if self.step_graphs is not None and not fresh_flash and self.step_graphs.fits(seqs):
-            logits = self.step_graphs.run(seqs)
-            want = [i for i, s in enumerate(seqs) if s.want_logits]
-            return logits if len(want) == len(seqs) else logits[want]
+        if self.step_graphs is not None and not fresh_flash:
+            size = self.step_graphs.bucket(seqs)
+            if size is not None:
+                return _wanted_rows(self.step_graphs.run(seqs, size), seqs)
         ids = [t for s in seqs for t in s.token_ids]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(
@@ -314,3 +312,9 @@ class ModelRunner:
             query_lens=query_lens,
             fresh_prefill=all(s.start_pos == 0 for s in seqs),
         )
+
+
+def _wanted_rows(logits: torch.Tensor, seqs: tuple[SequenceStep, ...]) -> torch.Tensor:
+    """The rows of ``logits`` (one per sequence) of the sequences that want logits."""
+    want = [i for i, s in enumerate(seqs) if s.want_logits]
+    return logits if len(want) == len(seqs) else logits[want]
