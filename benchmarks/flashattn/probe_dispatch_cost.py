@@ -75,33 +75,22 @@ def raw(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 def sync_check() -> None:
     print("== 1. host synchronisation in the automatic call", flush=True)
     for b, length, h, d in [*SHAPES, (1, 1, 32, 128)]:
-        q = torch.randn(b, length, h, d, device="cuda", dtype=torch.float16)
         kv_len = 4096 if length == 1 else length
-        k = torch.randn(b, kv_len, h // 4, d, device="cuda", dtype=torch.float16)
-        flash_attention_forward(q, k, k, causal=True)  # warm caches first: the first call may resolve lazily
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            flash_attention_forward(q, k, k, causal=True)
-            print(f"  B{b} L{length} kv{kv_len} H{h} D{d} gqa4: no synchronisation")
-        except RuntimeError:
-            print(f"  B{b} L{length} kv{kv_len} H{h} D{d} gqa4: SYNCHRONISES:")
-            print("    " + "    ".join(traceback.format_exc().splitlines(keepends=True)[-12:]))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        q2 = torch.randn(b, length, h, d, device="cuda", dtype=torch.float16)
-        k2 = torch.randn(b, kv_len, h, d, device="cuda", dtype=torch.float16)
-        flash_attention_forward(q2, k2, k2, causal=True)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            flash_attention_forward(q2, k2, k2, causal=True)
-            print(f"  B{b} L{length} kv{kv_len} H{h} D{d} mha: no synchronisation")
-        except RuntimeError:
-            print(f"  B{b} L{length} kv{kv_len} H{h} D{d} mha: SYNCHRONISES:")
-            print("    " + "    ".join(traceback.format_exc().splitlines(keepends=True)[-12:]))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        for label, kv_heads in (("gqa4", h // 4), ("mha", h)):
+            q = torch.randn(b, length, h, d, device="cuda", dtype=torch.float16)
+            k = torch.randn(b, kv_len, kv_heads, d, device="cuda", dtype=torch.float16)
+            flash_attention_forward(q, k, k, causal=True)  # warm caches first: the first call may resolve lazily
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            name = f"B{b} L{length} kv{kv_len} H{h} D{d} {label}"
+            try:
+                flash_attention_forward(q, k, k, causal=True)
+                print(f"  {name}: no synchronisation")
+            except RuntimeError:
+                print(f"  {name}: SYNCHRONISES:")
+                print("    " + "    ".join(traceback.format_exc().splitlines(keepends=True)[-12:]))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
 
 
 def special_values() -> None:
