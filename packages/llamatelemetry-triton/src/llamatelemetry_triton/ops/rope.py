@@ -217,12 +217,16 @@ def _footprints_may_overlap(q3: torch.Tensor, k3: torch.Tensor) -> bool:
     if q3.numel() == 0 or k3.numel() == 0 or not torch._C._overlaps(q3, k3):
         return False
     size_q, size_k = q3.element_size(), k3.element_size()
-    step = q3.stride(0) * size_q
-    if q3.stride(0) * size_q != k3.stride(0) * size_k or step <= 0:
-        return True
     span_q = ((q3.shape[1] - 1) * q3.stride(1) + q3.shape[2]) * size_q
     span_k = ((k3.shape[1] - 1) * k3.stride(1) + k3.shape[2]) * size_k
     shift = k3.data_ptr() - q3.data_ptr()
+    if q3.shape[0] == 1 and k3.shape[0] == 1:
+        # One token (a decode step of batch 1): the token strides say nothing (a view of one row may carry any),
+        # and the two heads' byte ranges decide.
+        return shift < span_q and shift + span_k > 0
+    step = q3.stride(0) * size_q
+    if q3.stride(0) * size_q != k3.stride(0) * size_k or step <= 0:
+        return True
     # k's token t' meets q's token t when [0, span_q) and shift + m*step + [0, span_k) intersect, m = t' - t.
     m_low = (-span_k - shift) // step + 1
     m_high = -((shift - span_q) // step) - 1
