@@ -121,3 +121,53 @@ def test_step_metadata_matches_the_tables_and_forgets_released_sequences(loaded:
     assert runner.decode_metadata((grown,), width=4)[3].tolist() == [[9, 2, 11, PAD_BLOCK]]
     runner.release(3)
     assert 3 not in runner._table_rows and 5 in runner._table_rows
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU emulation of graphs only; with CUDA, capture refuses CPU tensors"
+)
+@pytest.mark.parametrize("graphs", ["eager", "decode", "step"])
+def test_overlapped_steps_take_their_tokens_from_the_device(
+    graphs: str,
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    hf_reference: Callable[[LoadedModel], torch.nn.Module],
+    greedy: Greedy,
+) -> None:
+    # With overlap, every step after the first takes the tokens sampled last step from the device (a TokenFeed)
+    # through the eager path, a decode graph or a step graph; prefix reuse and chunks go on as without.
+    many = [prompts[0][:13], prompts[1][:11], prompts[2], prompts[0][:13]]
+    expected = [greedy(hf_reference(loaded), p, 4) for p in many]
+    llm = LLM(loaded, device="cpu", max_model_len=64, max_batch_size=2, max_num_batched_tokens=8, page_size=4,
+              overlap=True)  # fmt: skip
+    runner = llm.runner
+    if graphs == "decode":
+        runner.graphs = DecodeGraphs(runner, 2)
+    elif graphs == "step":
+        runner.step_graphs = StepGraphs(runner, 2, 8, smallest=4)
+    fed = []
+    original = runner.apply_feed
+
+    def spy(*args: object) -> None:
+        fed.append(args[2])
+        original(*args)  # type: ignore[arg-type]
+
+    runner.apply_feed = spy  # type: ignore[method-assign,assignment]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert [c.token_ids for c in llm.generate(many, params)] == expected
+    assert fed, "no step took its tokens from the device"
+    assert llm.continuous_server().engine.overlap
+
+
+def test_apply_feed_writes_the_fed_tokens_where_they_belong(loaded: LoadedModel) -> None:
+    from llamatelemetry_core.serving import SequenceStep, TokenFeed
+
+    runner = LLM(loaded, device="cpu", max_model_len=64, page_size=4).runner
+    steps = (SequenceStep(1, (0,), 5), SequenceStep(2, (0,), 3), SequenceStep(3, (4, 5, 6), 0))
+    ids = torch.tensor([0, 0, 4, 5, 6])
+    runner.apply_feed(ids, steps, TokenFeed(torch.tensor([10, 11]), (0, 1, -1)))  # the same order: a prefix copy
+    assert ids.tolist() == [10, 11, 4, 5, 6]
+    moved = (SequenceStep(3, (4, 5), 0), SequenceStep(2, (0,), 3), SequenceStep(1, (0,), 5))
+    ids = torch.tensor([4, 5, 0, 0])
+    runner.apply_feed(ids, moved, TokenFeed(torch.tensor([10, 11, 12]), (-1, 2, 0)))  # reordered: gather, scatter
+    assert ids.tolist() == [4, 5, 12, 10]

@@ -121,3 +121,28 @@ def test_prefix_caching_can_be_switched_off() -> None:
     manager.append(1, [4])
     manager.free(1)
     assert manager.stats().cached == 0 and manager.allocate(2, [1, 2, 3]) == 0
+
+
+def test_a_stand_in_token_replaced_before_its_block_fills_is_what_the_prefix_cache_hashes() -> None:
+    bm = BlockManager(num_blocks=8, page_size=4)
+    bm.allocate(0, [1, 2, 3])
+    bm.append(0, [0])  # a stand-in for a token still on the device
+    bm.replace_last_tokens([0], [4])
+    bm.append_decode([0], [0])  # the next stand-in, in the next block: the full block [1, 2, 3, 4] is hashed now
+    bm.replace_last_tokens([0], [5])
+    assert bm.allocate(1, [1, 2, 3, 4, 9]) == 4, "the block registered under its real tokens is reused"
+    bm.allocate(2, [1, 2, 3, 0, 9])
+    assert bm.block_table(2)[0] != bm.block_table(0)[0], "no block was registered under the stand-in"
+
+
+def test_a_token_whose_block_is_registered_cannot_be_replaced() -> None:
+    bm = BlockManager(num_blocks=8, page_size=2)
+    bm.allocate(0, [1, 2])
+    bm.append(0, [3])  # block 0 ([1, 2]) is registered once the sequence grows past it
+    bm.replace_last_tokens([0], [4])  # the last token is in the unregistered second block: fine
+    bm.allocate(1, [7, 8])
+    bm.mark_computed(1, 2)  # the whole block computed and registered, the last token with it
+    with pytest.raises(ConfigurationError, match="already registered"):
+        bm.replace_last_tokens([1], [9])
+    with pytest.raises(KeyError, match="unknown sequence"):
+        bm.replace_last_tokens([5], [1])

@@ -19,7 +19,16 @@ import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 
-__all__ = ["DecoderModel", "KVBlockManager", "SequenceStep", "StepInput", "check_decode_step", "check_token_ids"]
+__all__ = [
+    "DecoderModel",
+    "KVBlockManager",
+    "SequenceStep",
+    "StepInput",
+    "TokenFeed",
+    "check_decode_step",
+    "check_feed",
+    "check_token_ids",
+]
 
 
 _INT = frozenset({int})
@@ -127,6 +136,12 @@ class KVBlockManager(Protocol):
         """Tokens the sequence holds."""
         ...
 
+    # Beyond the checked protocol, optional: ``replace_last_tokens(seq_ids, token_ids)`` sets the last token of
+    # each sequence, which was appended as a stand-in because its value was still on the device (an engine that
+    # overlaps its host work with the model; see TokenFeed). A manager that reads token values (prefix hashes)
+    # must not have used the stand-in yet; one that only counts tokens accepts the call and changes nothing. An
+    # engine overlaps only with a manager that has this method.
+
 
 @dataclass(slots=True)
 class SequenceStep:
@@ -155,10 +170,29 @@ class SequenceStep:
 
 
 @dataclass(frozen=True)
+class TokenFeed:
+    """New tokens that are still on the device: the ones sampled in the previous step, not read back yet.
+
+    An engine that overlaps its host work with the model (it plans step ``n + 1`` while step ``n`` runs) cannot
+    put the tokens sampled in step ``n`` into step ``n + 1``'s ``token_ids``: it puts a stand-in (``0``) there
+    and names, in ``rows``, the element of ``tokens`` that replaces it. ``rows[i]`` belongs to
+    ``StepInput.sequences[i]``: ``-1`` when its ``token_ids`` are real, else an index into ``tokens``, and then
+    that sequence has exactly one new token. Only a model whose ``accepts_token_feed`` attribute is true is
+    handed a feed (see :class:`DecoderModel`).
+    """
+
+    tokens: torch.Tensor
+    """1-D int64 token ids on the model's device."""
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class StepInput:
-    """One model step: the scheduled sequences, in the order their logits come back."""
+    """One model step: the scheduled sequences, in the order their logits come back, and the tokens that come
+    from the device instead of ``token_ids`` (:class:`TokenFeed`; ``None``: every token is in ``token_ids``)."""
 
     sequences: tuple[SequenceStep, ...]
+    feed: TokenFeed | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -169,6 +203,52 @@ class StepInput:
     def num_logits(self) -> int:
         """Rows of the logits the model returns."""
         return sum(1 for s in self.sequences if s.want_logits)
+
+    def read_feed(self) -> StepInput:
+        """This step with the fed tokens read back into ``token_ids`` (waits for the device), for a model that
+        reads token values on the host; ``self`` when nothing is fed.
+
+        Raises ``ConfigurationError`` for a feed that does not match the sequences (see :class:`TokenFeed`).
+        """
+        feed = self.feed
+        if feed is None:
+            return self
+        rows = check_feed(self, feed)
+        values = feed.tokens.tolist()
+        steps = tuple(
+            s if row < 0 else SequenceStep(s.seq_id, (int(values[row]),), s.start_pos, s.block_table, s.want_logits)
+            for s, row in zip(self.sequences, rows, strict=True)
+        )
+        return StepInput(steps)
+
+
+def check_feed(batch: StepInput, feed: TokenFeed) -> tuple[int, ...]:
+    """``feed.rows`` once checked against ``batch``: one row per sequence, each ``-1`` or an index into a 1-D
+    int64 ``feed.tokens``, and a fed sequence has one new token. Raises ``ConfigurationError`` naming the fault."""
+    given: object = feed.tokens
+    rows = feed.rows
+    if not isinstance(given, torch.Tensor):
+        raise ConfigurationError(f"expected TokenFeed.tokens to be a 1-D int64 tensor, got {type(given).__name__}")
+    tokens = given
+    if tokens.dim() != 1 or tokens.dtype != torch.int64:
+        raise ConfigurationError(
+            f"expected TokenFeed.tokens to be a 1-D int64 tensor, got {list(tokens.shape)} {tokens.dtype}"
+        )
+    if len(rows) != len(batch.sequences):
+        raise ConfigurationError(
+            f"expected one TokenFeed row per sequence of the step ({len(batch.sequences)}), got {len(rows)}"
+        )
+    count = tokens.shape[0]
+    for s, row in zip(batch.sequences, rows, strict=True):
+        if type(row) is not int or not -1 <= row < count:
+            raise ConfigurationError(
+                f"sequence {s.seq_id}: expected its TokenFeed row to be -1 or an index below {count}, got {row!r}"
+            )
+        if row >= 0 and len(s.token_ids) != 1:
+            raise ConfigurationError(
+                f"sequence {s.seq_id}: a fed token replaces a step's only new token, got {len(s.token_ids)} tokens"
+            )
+    return rows
 
 
 @runtime_checkable
@@ -195,6 +275,11 @@ class DecoderModel(Protocol):
 
         Returns float logits of shape ``[batch.num_logits, vocab_size]``: one row per sequence with
         ``want_logits``, in the order of ``batch.sequences``, for its last new token.
+
+        A model may set a class attribute ``accepts_token_feed = True`` (it is not part of the protocol's
+        checks): it then takes the tokens named by ``batch.feed`` from the device (:class:`TokenFeed`), which
+        lets an engine launch a step before the previous step's tokens have reached the host. Without it, an
+        engine hands over real tokens only.
         """
         ...
 

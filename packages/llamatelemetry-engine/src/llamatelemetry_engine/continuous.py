@@ -41,6 +41,7 @@ class ContinuousServer:
         prefix_reuse: bool,
         eos_token_ids: tuple[int, ...],
         admission_batch: int = 1,
+        overlap: bool = False,
     ) -> None:
         self.runner = runner
         config = SchedulerConfig(
@@ -50,7 +51,7 @@ class ContinuousServer:
             admission_batch=admission_batch,
         )
         self.engine = ContinuousBatchingEngine(
-            runner, runner.block_manager, scheduler_config=config, eos_token_ids=eos_token_ids
+            runner, runner.block_manager, scheduler_config=config, eos_token_ids=eos_token_ids, overlap=overlap
         )
 
     def run(self, requests: list[Request], on_token: Callable[[Request, int], None] | None = None) -> list[Request]:

@@ -122,6 +122,10 @@ class LLM:
             bucketed by token count (up to ``max_num_batched_tokens``), instead of running them eagerly.
             Experimental: checked against transformers on CPU (where graphs are emulated), not yet measured on a
             GPU.
+        overlap: continuous batching plans and launches each step before the previous step's tokens are read
+            back, so that the host's work per step (scheduling, metadata, streaming) runs while the device
+            computes (``llamatelemetry-batch``'s ``overlap``). Default: on for a CUDA device, off on a CPU (whose
+            steps compute while they are launched: nothing to hide).
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         admission_batch: int | None = None,
         step_graphs: bool = False,
+        overlap: bool | None = None,
         seed: int = 0,
     ) -> None:
         # Every argument is checked before the weights are loaded: a typo costs no load.
@@ -157,6 +162,8 @@ class LLM:
         check_non_negative_int(seed, "seed")
         if not isinstance(step_graphs, bool):
             raise ConfigurationError(f"expected step_graphs to be True or False, got {step_graphs!r}")
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ConfigurationError(f"expected overlap to be True, False or None (automatic), got {overlap!r}")
         if admission_batch is not None and admission_batch > max_batch_size:
             raise ConfigurationError(
                 f"expected admission_batch <= max_batch_size ({max_batch_size}), got {admission_batch}"
@@ -189,6 +196,7 @@ class LLM:
         if admission_batch is None:
             admission_batch = max(1, max_batch_size // 8) if self.flags.active("cuda_graphs") else 1
         self.admission_batch = admission_batch
+        self.overlap = dev.type == "cuda" if overlap is None else overlap
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
@@ -269,7 +277,7 @@ class LLM:
             self._continuous = ContinuousServer(
                 self.runner, max_num_seqs=self.max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
                 prefix_reuse=self.flags.active("prefix_caching"), eos_token_ids=self.eos_token_ids,
-                admission_batch=self.admission_batch,
+                admission_batch=self.admission_batch, overlap=self.overlap,
             )  # fmt: skip
         return self._continuous
 

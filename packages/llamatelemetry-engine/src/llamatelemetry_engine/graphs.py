@@ -22,7 +22,7 @@ import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
-from llamatelemetry_core.serving import SequenceStep
+from llamatelemetry_core.serving import SequenceStep, TokenFeed
 from llamatelemetry_engine.context import PagedStep
 from llamatelemetry_graphs import BatchBucketedGraphs, CUDAGraph, GraphPool
 
@@ -108,13 +108,16 @@ class DecodeGraphs(_PagedStepGraphs):
         """Whether a decode batch of this size replays a graph."""
         return batch_size <= self.max_batch_size
 
-    def run(self, seqs: tuple[SequenceStep, ...]) -> torch.Tensor:
-        """Logits ``[len(seqs), vocab]`` of a decode step (one new token per sequence), from a graph."""
+    def run(self, seqs: tuple[SequenceStep, ...], feed: TokenFeed | None = None) -> torch.Tensor:
+        """Logits ``[len(seqs), vocab]`` of a decode step (one new token per sequence), from a graph; ``feed``:
+        tokens taken from the device (checked by the runner)."""
         if not self.captured:
             with torch.inference_mode():
                 self.buckets.capture()
             self.captured = True
         inputs = self.runner.decode_metadata(seqs, self.width)
+        if feed is not None:
+            self.runner.apply_feed(inputs[0], seqs, feed)
         out: torch.Tensor = self.buckets(*inputs, copy=True)
         return out
 
@@ -181,12 +184,14 @@ class StepGraphs(_PagedStepGraphs):
                 self.pool.capture(f"tokens_{size}", self._step, inputs=inputs)
                 self.graphs[size] = self.pool.get(f"tokens_{size}")
 
-    def run(self, seqs: tuple[SequenceStep, ...], size: int) -> torch.Tensor:
+    def run(self, seqs: tuple[SequenceStep, ...], size: int, feed: TokenFeed | None = None) -> torch.Tensor:
         """Logits ``[len(seqs), vocab]`` of the last new token of each sequence, from the graph of ``size``
-        tokens (:meth:`bucket`)."""
+        tokens (:meth:`bucket`); ``feed``: tokens taken from the device (checked by the runner)."""
         if not self.graphs:
             self._capture()
         inputs = self.runner.step_graph_metadata(seqs, self.width, size, self.batch)
+        if feed is not None:
+            self.runner.apply_feed(inputs[0], seqs, feed)
         out: torch.Tensor = self.graphs[size].replay(*inputs)
         self.replays += 1
         return out[: len(seqs)].clone()  # the static output is overwritten by the next replay

@@ -20,7 +20,7 @@ import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
-from llamatelemetry_core.serving import SequenceStep, StepInput
+from llamatelemetry_core.serving import SequenceStep, StepInput, TokenFeed, check_feed
 from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.context import ContiguousKVStore, ContiguousStep, PagedStep, StepContext
 from llamatelemetry_engine.errors import PromptTooLongError
@@ -34,6 +34,10 @@ __all__ = ["ModelRunner"]
 class ModelRunner:
     """Runs ``model`` one step at a time (implements ``llamatelemetry_core.serving.DecoderModel``).
 
+    It takes tokens fed from the device (``accepts_token_feed``; :class:`~llamatelemetry_core.serving.TokenFeed`),
+    so that a continuous-batching engine with ``overlap=True`` launches a step before the previous step's tokens
+    reach the host; the step's host-to-device copies do not wait for the device either.
+
     Args:
         model: the module, already on its device and in its dtype.
         flags: the resolved optimization flags (:func:`~llamatelemetry_engine.flags.resolve_flags`).
@@ -44,6 +48,8 @@ class ModelRunner:
         step_graph_tokens: with CUDA graphs on, also replay steps that carry prompt tokens (up to this many
             tokens) from graphs (:class:`~llamatelemetry_engine.graphs.StepGraphs`); ``None``: they run eagerly.
     """
+
+    accepts_token_feed = True
 
     def __init__(
         self,
@@ -119,21 +125,30 @@ class ModelRunner:
         or a contiguous-cache step that does not continue where the sequence's cache ends.
         """
         self._validate(batch)
+        feed = batch.feed
+        if feed is not None:
+            check_feed(batch, feed)
+            if feed.tokens.device != self.device:
+                raise ConfigurationError(
+                    f"expected the fed tokens on the model's device {self.device}, got them on {feed.tokens.device}"
+                )
         self.steps += 1
         seqs = batch.sequences
         if self.graphs is not None and all(len(s.token_ids) == 1 for s in seqs) and self.graphs.fits(len(seqs)):
-            return _wanted_rows(self.graphs.run(seqs), seqs)
+            return _wanted_rows(self.graphs.run(seqs, feed), seqs)
         # A step that carries prompt tokens replays a step graph when there are step graphs, except a fresh
         # prefill with FlashAttention on, which keeps FlashAttention.
         fresh_flash = self.flags.active("flash_attention") and all(s.start_pos == 0 for s in seqs)
         if self.step_graphs is not None and not fresh_flash:
             size = self.step_graphs.bucket(seqs)
             if size is not None:
-                return _wanted_rows(self.step_graphs.run(seqs, size), seqs)
-        ids = [t for s in seqs for t in s.token_ids]
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(
-            [p for s in seqs for p in range(s.start_pos, s.end_pos)], dtype=torch.long, device=self.device
+                return _wanted_rows(self.step_graphs.run(seqs, size, feed), seqs)
+        dev = self.device
+        input_ids = _to_device(torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long), dev)
+        if feed is not None:
+            self.apply_feed(input_ids, seqs, feed)
+        positions = _to_device(
+            torch.tensor([p for s in seqs for p in range(s.start_pos, s.end_pos)], dtype=torch.long), dev
         )
         ctx = self._paged_context(seqs) if self.cache is not None else self._contiguous_context(seqs)
         hidden = self.model(input_ids, positions, ctx)
@@ -142,8 +157,31 @@ class ModelRunner:
             last += len(s.token_ids)
             if s.want_logits:
                 rows.append(last - 1)
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        index = _to_device(torch.tensor(rows, dtype=torch.long), dev)
         return self.model.logits(hidden.index_select(0, index)).float()
+
+    def apply_feed(self, input_ids: torch.Tensor, seqs: tuple[SequenceStep, ...], feed: TokenFeed) -> None:
+        """Write the fed tokens into the step's flat ``input_ids`` (on the device, nothing read back).
+
+        The common case, the same requests as last step in the same order (new ones after them), is one copy
+        of a prefix; otherwise one gather and scatter through an index copied to the device."""
+        rows = feed.rows
+        offset, dst, src = 0, array("q"), array("q")
+        prefix = True
+        for i, (s, row) in enumerate(zip(seqs, rows, strict=True)):
+            if row >= 0:
+                dst.append(offset)
+                src.append(row)
+                prefix = prefix and row == i and offset == i
+            offset += len(s.token_ids)
+        count = len(dst)
+        if not count:
+            return
+        if prefix and count == (dst[-1] + 1):
+            input_ids[:count].copy_(feed.tokens[:count])
+            return
+        index = _to_device(torch.frombuffer(dst + src, dtype=torch.int64), self.device)
+        input_ids.index_copy_(0, index[:count], feed.tokens.index_select(0, index[count:]))
 
     # --- internals -----------------------------------------------------------------------------------------------
 
@@ -290,12 +328,9 @@ class ModelRunner:
         longs = ids + positions + slots if with_ids else slots
         ints = array("i", b"".join(rows)) + lens + cu + logits_rows
         dev = self.device
-        # frombuffer shares the arrays' memory (kept alive by the tensors); .to() copies it to the device, and a
-        # CPU step clones it so that the tensors own their memory.
+        # frombuffer shares the arrays' memory (kept alive by the tensors until copied).
         as_long, as_int = torch.frombuffer(longs, dtype=torch.int64), torch.frombuffer(ints, dtype=torch.int32)
-        if dev.type == "cpu":
-            return as_long.clone(), as_int.clone(), width
-        return as_long.to(dev), as_int.to(dev), width
+        return _to_device(as_long, dev), _to_device(as_int, dev), width
 
     def _paged_context(self, seqs: tuple[SequenceStep, ...]) -> StepContext:
         assert self.cache is not None and self.paged_attention is not None
@@ -312,6 +347,17 @@ class ModelRunner:
             query_lens=query_lens,
             fresh_prefill=all(s.start_pos == 0 for s in seqs),
         )
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (a view of an ``array``) as a tensor of its own on ``device``. To a GPU through pinned memory
+    with a non-blocking copy: a plain copy from pageable memory would wait until the device has finished every
+    queued step, which an engine that overlaps its host work with the device cannot afford."""
+    if device.type == "cpu":
+        return host.clone()
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _wanted_rows(logits: torch.Tensor, seqs: tuple[SequenceStep, ...]) -> torch.Tensor:

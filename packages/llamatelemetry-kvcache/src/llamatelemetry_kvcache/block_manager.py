@@ -293,6 +293,34 @@ class BlockManager:
             tokens.append(token)
             self._refresh(seq)
 
+    def replace_last_tokens(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Set the last token of each sequence (``token_ids[i]`` for ``seq_ids[i]``), all or nothing.
+
+        For an engine that appends a stand-in while the token's value is still on the device and hands over the
+        value once it has read it back (``llamatelemetry_core.serving.TokenFeed``). A token can be replaced until
+        its block is registered for prefix reuse, which happens only once the sequence has grown past that block:
+        a later replacement raises ``ConfigurationError`` (the block's hash would no longer match its tokens), as
+        do mismatched lengths or a repeated id; ``KeyError`` for an unknown sequence.
+        """
+        check_decode_step(seq_ids, token_ids)
+        seqs = self._seqs
+        try:
+            chosen = [seqs[i] for i in seq_ids]
+        except KeyError as exc:
+            raise KeyError(
+                f"unknown sequence {exc.args[0]!r}: allocate it first (known: {len(seqs)} sequences)"
+            ) from None
+        page = self._page_size
+        for seq_id, seq in zip(seq_ids, chosen, strict=True):
+            last = len(seq.tokens) - 1
+            if last < 0 or last < len(seq.keys) * page:
+                raise ConfigurationError(
+                    f"sequence {seq_id}: its last token (position {last}) is in a block already registered for "
+                    "prefix reuse; replace a stand-in token before appending past its block"
+                )
+        for seq, token in zip(chosen, token_ids, strict=True):
+            seq.tokens[-1] = token
+
     def free(self, seq_id: int) -> None:
         """Release a sequence's blocks; its computed full blocks stay cached for prefix reuse until evicted."""
         seq = self._seq(seq_id)

@@ -123,6 +123,11 @@ class SimpleBlockManager:
                 table.extend(self._take(1))
             lengths[seq_id] = length
 
+    def replace_last_tokens(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Accept the values of stand-in tokens (see ``llamatelemetry_core.serving.TokenFeed``): nothing to change,
+        since this manager never reads token values; checked as :meth:`append_decode` checks its arguments."""
+        _check_replacement(self._lengths, seq_ids, token_ids)
+
     def free(self, seq_id: int) -> None:
         """Return sequence ``seq_id``'s blocks to the pool (``KeyError`` if unknown)."""
         table = self._tables.pop(seq_id)
@@ -239,6 +244,11 @@ class TokenBudget:
             lengths[seq_id] += 1
         self._used += len(seq_ids)
 
+    def replace_last_tokens(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Accept the values of stand-in tokens (see ``llamatelemetry_core.serving.TokenFeed``): nothing to change,
+        since a budget only counts tokens; checked as :meth:`append_decode` checks its arguments."""
+        _check_replacement(self._lengths, seq_ids, token_ids)
+
     def free(self, seq_id: int) -> None:
         """Give sequence ``seq_id``'s tokens back to the budget (``KeyError`` if unknown)."""
         self._used -= self._lengths.pop(seq_id)
@@ -260,6 +270,15 @@ class TokenBudget:
                 f"{what} needs {needed} tokens of the budget, {free} of {self._capacity} are left; finish or cancel "
                 "requests first or raise max_tokens"
             )
+
+
+def _check_replacement(lengths: dict[int, int], seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+    check_decode_step(seq_ids, token_ids)
+    for seq_id in seq_ids:
+        if seq_id not in lengths:
+            raise KeyError(seq_id)
+        if lengths[seq_id] == 0:
+            raise ConfigurationError(f"sequence {seq_id} holds no token to replace")
 
 
 def _check_container(token_ids: object) -> None:

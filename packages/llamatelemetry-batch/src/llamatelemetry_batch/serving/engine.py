@@ -5,6 +5,14 @@ step, run the model once, sample the next token of every sequence whose prompt (
 it to the request, and finish the requests that are done (their blocks are freed at once, so a waiting request
 can join the very next step). A request submitted while the engine runs joins at the next step.
 
+With ``overlap=True`` (a model that accepts a :class:`~llamatelemetry_core.serving.TokenFeed`), the host's work
+of one step runs while the device computes the previous one: the tokens sampled in step ``n`` stay on the device,
+step ``n + 1`` is planned and launched with them fed from there (stand-ins in its ``token_ids``), and only then
+are step ``n``'s tokens read back, checked for stops and streamed. A request that stops in step ``n`` has also
+run in step ``n + 1``; that token is dropped. A step whose sampling needs the history on the host (a repetition
+penalty) or that ends a request by length is read back at once, as without overlap. Outputs are the same tokens
+either way; :meth:`~ContinuousBatchingEngine.step` returns a request finished by a stop one step later.
+
 The engine runs either in the caller's thread (:meth:`ContinuousBatchingEngine.step`,
 :meth:`~ContinuousBatchingEngine.generate`, or waiting on a :class:`RequestHandle`) or in a background thread
 (:meth:`~ContinuousBatchingEngine.start`, or ``with engine:``), which :meth:`~ContinuousBatchingEngine.stream`
@@ -27,12 +35,17 @@ import torch
 
 from llamatelemetry_batch.serving.budget import TokenBudget
 from llamatelemetry_batch.serving.handle import RequestHandle, TokenCallback
-from llamatelemetry_batch.serving.sampling import SamplingParams, make_generator, sample_next_tokens
+from llamatelemetry_batch.serving.sampling import (
+    SamplingParams,
+    make_generator,
+    sample_next_tokens,
+    sample_token_tensor,
+)
 from llamatelemetry_batch.serving.scheduler import ScheduledStep, Scheduler, SchedulerConfig
-from llamatelemetry_batch.serving.sequence import FinishReason, RequestOutput, Sequence
+from llamatelemetry_batch.serving.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
 from llamatelemetry_batch.serving.text import Detokenize, IncrementalDetokenizer
 from llamatelemetry_core.errors import CapacityError, ConfigurationError
-from llamatelemetry_core.serving import DecoderModel, KVBlockManager
+from llamatelemetry_core.serving import DecoderModel, KVBlockManager, StepInput, TokenFeed
 
 __all__ = ["ContinuousBatchingEngine", "RequestHandle", "TokenCallback"]
 
@@ -48,10 +61,13 @@ class ContinuousBatchingEngine:
         scheduler_config: step limits (:class:`SchedulerConfig`).
         eos_token_ids: tokens that end every request (unless its ``ignore_eos``).
         detokenize: ``token_ids -> str`` (``tokenizer.decode``): enables text output and stop strings.
+        overlap: plan and launch each step before the previous step's tokens are read back (see the module
+            docstring); needs a model with ``accepts_token_feed`` and a block manager with
+            ``replace_last_tokens``.
 
     Raises:
         ConfigurationError: ``model`` does not implement ``DecoderModel``, a paged model without a block
-            manager, or page sizes that differ.
+            manager, page sizes that differ, or ``overlap`` with a model or block manager that cannot take it.
     """
 
     def __init__(
@@ -62,6 +78,7 @@ class ContinuousBatchingEngine:
         scheduler_config: SchedulerConfig | None = None,
         eos_token_ids: Iterable[int] = (),
         detokenize: Detokenize | None = None,
+        overlap: bool = False,
     ) -> None:
         if not isinstance(model, DecoderModel):
             raise ConfigurationError(
@@ -87,6 +104,20 @@ class ContinuousBatchingEngine:
                 f"expected the block manager's page_size to equal the model's {model.page_size}, "
                 f"got {block_manager.page_size}"
             )
+        if not isinstance(overlap, bool):
+            raise ConfigurationError(f"expected overlap to be True or False, got {overlap!r}")
+        if overlap and getattr(model, "accepts_token_feed", False) is not True:
+            raise ConfigurationError(
+                f"overlap=True needs a model that takes tokens from the device (accepts_token_feed = True, see "
+                f"llamatelemetry_core.serving.TokenFeed); {type(model).__name__} does not: pass overlap=False"
+            )
+        if overlap and not callable(getattr(block_manager, "replace_last_tokens", None)):
+            raise ConfigurationError(
+                f"overlap=True needs a block manager with replace_last_tokens (stand-in tokens are replaced once "
+                f"read back); {type(block_manager).__name__} has none: pass overlap=False"
+            )
+        self.overlap = overlap
+        self._pending: _PendingTokens | None = None
         self.model = model
         self.scheduler = Scheduler(block_manager, config, paged=paged, release=model.release)
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -202,21 +233,141 @@ class ContinuousBatchingEngine:
     def _step(self) -> list[RequestOutput]:
         finished: list[RequestOutput] = []
         self._drain_inbox(finished)
+        pending = self._pending
         if not self._live:
+            self._settle(finished)
             return finished
         plan = self.scheduler.schedule()
         if plan.empty:
+            if pending is not None:  # what runs next depends on the tokens still on the device
+                self._settle(finished)
+                return finished
             raise RuntimeError(
                 f"the scheduler planned nothing with {len(self._live)} unfinished requests "
                 f"({self.scheduler.num_waiting} waiting); this is a bug in llamatelemetry-batch"
             )
-        logits = self.model.step(plan.step_input)
-        self._check_logits(logits, plan)  # before anything is recorded: a failed step can be run again
+        step_input = plan.step_input
+        if pending is not None:
+            feed = self._feed(plan, pending)
+            if feed is not None:
+                step_input = StepInput(step_input.sequences, feed)
+        try:
+            logits = self.model.step(step_input)
+            self._check_logits(logits, plan)  # before anything is recorded: a failed step can be run again
+        except BaseException:
+            self._settle(finished)  # the tokens already sampled are delivered; the stand-ins become real
+            raise
         self.num_steps += 1
         self.scheduler.complete_step(plan)
-        if plan.logits_sequences:
-            self._sample_and_stream(logits, plan, finished)
+        seqs = plan.logits_sequences
+        if seqs and self.overlap and self._can_defer(seqs):
+            # This step's tokens stay on the device until the next step has been launched with them.
+            self._pending = self._defer(logits, seqs)
+            if pending is not None:
+                self._resolve(pending, finished)
+        else:
+            self._settle(finished)  # first: the tokens of the last step come before this step's
+            if seqs:
+                self._sample_and_stream(logits, plan, finished)
+        if not self._live:
+            self._settle(finished)
         return finished
+
+    # --- overlap: tokens read back one step late ----------------------------------------------------------------
+
+    @staticmethod
+    def _can_defer(seqs: list[Sequence]) -> bool:
+        """Whether this step's tokens may stay on the device for a step: no request needs its history on the
+        host to sample (a repetition penalty), and none ends by length with this token (the next step must not
+        run it past its limit)."""
+        for seq in seqs:
+            if seq.params.repetition_penalty != 1.0 or seq.num_tokens + 1 >= seq.max_num_tokens:
+                return False
+        return True
+
+    def _defer(self, logits: torch.Tensor, seqs: list[Sequence]) -> _PendingTokens:
+        """Sample on the device, start the copy back to the host, and append a stand-in token to each request."""
+        self._ensure_generators(seqs, logits.device)
+        tokens = sample_token_tensor(logits, [s.params for s in seqs], [s.generator for s in seqs], [()] * len(seqs))
+        if tokens.device.type == "cuda":
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event: torch.cuda.Event | None = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            assert event is not None
+            event.record()
+        else:
+            host, event = tokens, None
+        positions = []
+        for seq in seqs:
+            positions.append(len(seq.token_ids))
+            seq.token_ids.append(0)
+            seq.stand_ins += 1
+        return _PendingTokens(seqs, positions, tokens, host, event)
+
+    @staticmethod
+    def _feed(plan: ScheduledStep, pending: _PendingTokens) -> TokenFeed | None:
+        """Which of the planned steps take their token from ``pending`` (a decode of a stand-in)."""
+        row_of, positions = pending.row_of, pending.positions
+        rows: list[int] = []
+        fed = False
+        for seq, step in zip(plan.sequences, plan.step_input.sequences, strict=True):
+            row = row_of.get(seq.seq_id, -1)
+            if row >= 0:
+                position = positions[row]
+                if step.start_pos == position and len(step.token_ids) == 1:
+                    rows.append(row)
+                    fed = True
+                    continue
+                if step.start_pos <= position < step.end_pos:
+                    raise RuntimeError(
+                        f"sequence {seq.seq_id}: a step of {len(step.token_ids)} tokens from position "
+                        f"{step.start_pos} holds a token not read back yet; this is a bug in llamatelemetry-batch"
+                    )
+            rows.append(-1)
+        return TokenFeed(pending.tokens, tuple(rows)) if fed else None
+
+    def _settle(self, finished: list[RequestOutput]) -> None:
+        """Read back and hand out the tokens still on the device, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._resolve(pending, finished)
+
+    def _resolve(self, pending: _PendingTokens, finished: list[RequestOutput]) -> None:
+        if self._pending is pending:
+            self._pending = None
+        if pending.event is not None:
+            pending.event.synchronize()
+        tokens: list[int] = pending.host.tolist()
+        now = time.perf_counter()
+        fix_ids: list[int] = []
+        fix_tokens: list[int] = []
+        live: list[tuple[Sequence, int, int]] = []
+        for seq, position, token in zip(pending.seqs, pending.positions, tokens, strict=True):
+            if seq.status is SequenceStatus.FINISHED:  # stopped or cancelled meanwhile: its stand-in went too
+                continue
+            seq.token_ids[position] = token
+            seq.stand_ins -= 1
+            if seq.num_allocated_tokens == position + 1:  # a step since holds it: the block manager has it last
+                fix_ids.append(seq.seq_id)
+                fix_tokens.append(token)
+            live.append((seq, position, token))
+        if fix_ids:
+            self.scheduler.block_manager.replace_last_tokens(fix_ids, fix_tokens)  # type: ignore[attr-defined]
+        for seq, position, token in live:
+            # A later stand-in (this request is in the step now running) is set aside while the token is
+            # handed out, so that stops and text see the tokens up to this one only.
+            later = seq.token_ids[position + 1 :]
+            if later:
+                del seq.token_ids[position + 1 :]
+                seq.stand_ins -= len(later)
+            if not self._accept(seq, token, now, finished) and later:
+                seq.token_ids.extend(later)
+                seq.stand_ins += len(later)
+
+    def _ensure_generators(self, seqs: list[Sequence], device: torch.device) -> None:
+        for seq in seqs:
+            if seq.generator is None and seq.params.seed is not None and not seq.params.greedy:
+                seq.generator = make_generator(seq.params.seed, device)
 
     def _check_logits(self, logits: torch.Tensor, plan: ScheduledStep) -> None:
         expected = (len(plan.logits_sequences), self.model.vocab_size)
@@ -228,9 +379,7 @@ class ContinuousBatchingEngine:
 
     def _sample_and_stream(self, logits: torch.Tensor, plan: ScheduledStep, finished: list[RequestOutput]) -> None:
         seqs = plan.logits_sequences
-        for seq in seqs:
-            if seq.generator is None and seq.params.seed is not None and not seq.params.greedy:
-                seq.generator = make_generator(seq.params.seed, logits.device)
+        self._ensure_generators(seqs, logits.device)
         tokens = sample_next_tokens(
             logits,
             [s.params for s in seqs],
@@ -238,34 +387,42 @@ class ContinuousBatchingEngine:
             [s.token_ids if s.params.repetition_penalty != 1.0 else () for s in seqs],
         )
         now = time.perf_counter()
-        eos = self.eos_token_ids
         for seq, token in zip(seqs, tokens, strict=True):
+            if seq.status is SequenceStatus.FINISHED:  # stopped by the token read back just before (overlap)
+                continue
             seq.token_ids.append(token)
-            metrics = seq.metrics
-            if metrics.first_token_time is None:
-                metrics.first_token_time = now
-            metrics.token_times.append(now)
-            params = seq.params
-            reason = None
-            if token in params.stop_token_ids or (token in eos and not params.ignore_eos):
-                reason = FinishReason.STOP
-            handle = self._live[seq.seq_id][1]
-            try:
-                text = ""
-                if seq.detokenizer is not None:
-                    text, stopped = seq.detokenizer.add(seq.token_ids)
-                    if stopped:
-                        reason = FinishReason.STOP
-                if reason is None and seq.num_tokens >= seq.max_num_tokens:
-                    reason = FinishReason.LENGTH
-                handle._deliver(token)
-                if handle._on_token is not None:
-                    handle._on_token(token, text)
-            except Exception as exc:  # a callback or the detokenizer failed: that request ends, the others go on
-                seq.error = exc
-                reason = FinishReason.ERROR
-            if reason is not None:
-                finished.append(self._finish(seq, reason))
+            self._accept(seq, token, now, finished)
+
+    def _accept(self, seq: Sequence, token: int, now: float, finished: list[RequestOutput]) -> bool:
+        """Record and stream ``token``, the newest of ``seq.token_ids``; finish the request if it stops there.
+        Returns whether it finished."""
+        metrics = seq.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.token_times.append(now)
+        params = seq.params
+        reason = None
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            reason = FinishReason.STOP
+        handle = self._live[seq.seq_id][1]
+        try:
+            text = ""
+            if seq.detokenizer is not None:
+                text, stopped = seq.detokenizer.add(seq.token_ids)
+                if stopped:
+                    reason = FinishReason.STOP
+            if reason is None and seq.num_tokens >= seq.max_num_tokens:
+                reason = FinishReason.LENGTH
+            handle._deliver(token)
+            if handle._on_token is not None:
+                handle._on_token(token, text)
+        except Exception as exc:  # a callback or the detokenizer failed: that request ends, the others go on
+            seq.error = exc
+            reason = FinishReason.ERROR
+        if reason is None:
+            return False
+        finished.append(self._finish(seq, reason))
+        return True
 
     def _drain_inbox(self, finished: list[RequestOutput]) -> None:
         with self._lock:
@@ -281,6 +438,9 @@ class ContinuousBatchingEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
         """Free the sequence's blocks now and hand its output to its handle."""
+        if seq.stand_ins:  # tokens still on the device (overlap) are not part of the output
+            del seq.token_ids[-seq.stand_ins :]
+            seq.stand_ins = 0
         self.scheduler.finish(seq, reason)
         _, handle = self._live.pop(seq.seq_id)
         text = None
@@ -402,6 +562,7 @@ class ContinuousBatchingEngine:
 
     def _cancel_all(self, error: BaseException | None) -> None:
         finished: list[RequestOutput] = []
+        self._pending = None  # every request ends now: tokens still on the device are dropped with them
         self._drain_inbox(finished)
         for seq, _ in list(self._live.values()):
             seq.error = error
@@ -439,6 +600,27 @@ class ContinuousBatchingEngine:
         finally:
             if not handle.done():
                 handle.cancel()
+
+
+class _PendingTokens:
+    """The tokens of one step, sampled on the device and being copied back (``event`` marks the copy's end)."""
+
+    __slots__ = ("event", "host", "positions", "row_of", "seqs", "tokens")
+
+    def __init__(
+        self,
+        seqs: list[Sequence],
+        positions: list[int],
+        tokens: torch.Tensor,
+        host: torch.Tensor,
+        event: torch.cuda.Event | None,
+    ) -> None:
+        self.seqs = seqs
+        self.positions = positions  # where each request's stand-in sits in its token_ids
+        self.tokens = tokens
+        self.host = host
+        self.event = event
+        self.row_of = {seq.seq_id: row for row, seq in enumerate(seqs)}
 
 
 _Item = TypeVar("_Item")

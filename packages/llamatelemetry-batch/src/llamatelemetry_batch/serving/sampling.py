@@ -117,7 +117,18 @@ def sample_next_tokens(
     generators: Sequence[torch.Generator | None],
     histories: Sequence[Sequence[int]],
 ) -> list[int]:
-    """Pick the next token of every row of ``logits``.
+    """Pick the next token of every row of ``logits`` (:func:`sample_token_tensor`, read back to the host)."""
+    return [int(t) for t in sample_token_tensor(logits, params, generators, histories).tolist()]
+
+
+def sample_token_tensor(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    histories: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Pick the next token of every row of ``logits``, as an int64 tensor on ``logits.device``: nothing waits for
+    the device unless a repetition penalty needs a history on it (the sampled tokens are read back later).
 
     Args:
         logits: ``[n, vocab]`` float logits, one row per request (any float dtype; computed in float32).
@@ -126,7 +137,7 @@ def sample_next_tokens(
         histories: the ``n`` requests' prompt and output tokens so far (read only with a repetition penalty).
 
     Returns:
-        The ``n`` chosen token ids.
+        The ``n`` chosen token ids ``[n]``.
 
     Raises:
         ConfigurationError: ``logits`` is not 2-D floating point or the lists do not have ``n`` entries.
@@ -142,7 +153,7 @@ def sample_next_tokens(
             f"{len(params)}, {len(generators)} and {len(histories)}"
         )
     if n == 0:
-        return []
+        return torch.empty(0, dtype=torch.long, device=logits.device)
     penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i]]
     if penalized:
         # A float32 copy: the penalty writes into it.
@@ -156,13 +167,13 @@ def sample_next_tokens(
             big = torch.finfo(torch.float32).max
             logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty).clamp(-big, big)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not sampled_rows:  # all greedy, the common serving case: one arg-max, one transfer
-        return [int(t) for t in logits.argmax(dim=-1).tolist()]
     chosen = logits.argmax(dim=-1)
+    if not sampled_rows:  # all greedy, the common serving case: one arg-max
+        return chosen
     index = torch.tensor(sampled_rows, device=logits.device)
     probs = _filtered_probs(logits[index].float(), [params[i] for i in sampled_rows])
     chosen[index] = _exponential_race(probs, [generators[i] for i in sampled_rows])
-    return [int(t) for t in chosen.tolist()]
+    return chosen
 
 
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

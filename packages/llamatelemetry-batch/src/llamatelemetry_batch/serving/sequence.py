@@ -121,6 +121,7 @@ class Sequence:
         "num_prompt_tokens",
         "params",
         "seq_id",
+        "stand_ins",
         "status",
         "table_tuple",
         "token_ids",
@@ -144,6 +145,9 @@ class Sequence:
         self.error: BaseException | None = None
         self.detokenizer: IncrementalDetokenizer | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
+        # Trailing tokens of token_ids that are stand-ins (0) for tokens sampled but still on the device, with an
+        # engine that overlaps its host work with the model; the engine writes their values once read back.
+        self.stand_ins = 0
 
     @property
     def num_tokens(self) -> int:

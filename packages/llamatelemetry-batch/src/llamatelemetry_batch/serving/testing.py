@@ -45,6 +45,8 @@ class HashDecoder:
             logits are a random normal row seeded by the hash (a non-trivial distribution to sample from; its
             arg-max is forced to the hash token, so greedy decoding still follows the hash).
         device: where the logits are returned (the bookkeeping stays in Python).
+        token_feed: accept tokens fed from the device (``accepts_token_feed``; read back on the host), so that
+            an engine with ``overlap=True`` can drive it.
     """
 
     def __init__(
@@ -56,8 +58,10 @@ class HashDecoder:
         num_blocks: int = 0,
         one_hot: bool = True,
         device: str | torch.device = "cpu",
+        token_feed: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        self.accepts_token_feed = token_feed
         self._vocab_size = vocab_size
         self._max_model_len = max_model_len
         self._page_size = page_size
@@ -102,6 +106,7 @@ class HashDecoder:
         return out
 
     def step(self, batch: StepInput) -> torch.Tensor:
+        batch = batch.read_feed()
         if self.record_steps:
             self.steps.append(batch)
         rows: list[torch.Tensor] = []
@@ -162,7 +167,7 @@ class TinyDecoder:
     Unpaged (``page_size=None``): K/V of each sequence in its own tensors, keyed by ``seq_id``. Paged: K/V in
     ``[num_blocks, page_size, num_heads, head_dim]`` tensors per layer, written and read through the block
     tables (slot ``block_table[t // page_size] * page_size + t % page_size``). Weights and caches live on
-    ``device``.
+    ``device``. ``token_feed=True``: accepts tokens fed from the device (read back on the host).
     """
 
     def __init__(
@@ -177,7 +182,9 @@ class TinyDecoder:
         num_blocks: int = 0,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        token_feed: bool = False,
     ) -> None:
+        self.accepts_token_feed = token_feed
         g = torch.Generator().manual_seed(seed)
         dtype = torch.float64
         self.device = device = torch.device(device)
@@ -230,6 +237,7 @@ class TinyDecoder:
 
     @torch.inference_mode()
     def step(self, batch: StepInput) -> torch.Tensor:
+        batch = batch.read_feed()
         rows = [self._forward(seq) for seq in batch.sequences]
         wanted = [row[-1] for row, seq in zip(rows, batch.sequences, strict=True) if seq.want_logits]
         if not wanted:
