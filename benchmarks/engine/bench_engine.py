@@ -154,6 +154,14 @@ def offline(
     return out
 
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one folder each): the difference over a phase counts its compilations."""
+    import os
+
+    folder = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    return sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     values = sorted(values)
     if not values:
@@ -170,9 +178,23 @@ def online(loaded: LoadedModel, rate: float, count: int, max_batch: int) -> dict
     llm.generate(prompts(4, 100, loaded.config.vocab_size), SamplingParams(max_tokens=8))  # warm-up
     engine = llm.continuous_server().engine
     result: dict[str, Any] = {"rate_per_s": rate, "requests": count, "overlap": engine.overlap}
+    # Each model step's wall time and the Triton kernels compiled meanwhile: what a long time to first token
+    # was spent on.
+    step_seconds: list[float] = []
+    model_step = engine.model.step
+
+    def timed_step(batch: Any) -> Any:
+        start = time.perf_counter()
+        out = model_step(batch)
+        step_seconds.append(time.perf_counter() - start)
+        return out
+
+    engine.model.step = timed_step  # type: ignore[method-assign]
     for name in ("cold", "warm"):
         rng = random.Random(0)
         handles = []
+        step_seconds.clear()
+        compiled = triton_cache_entries()
         engine.start()
         try:
             for i in range(count):
@@ -184,7 +206,15 @@ def online(loaded: LoadedModel, rate: float, count: int, max_batch: int) -> dict
             engine.stop()
         ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outputs if o.metrics.first_token_time]
         itl = [b - a for o in outputs for a, b in zip(o.metrics.token_times, o.metrics.token_times[1:], strict=False)]
-        result[name] = {"ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl)}
+        slow = sorted(step_seconds, reverse=True)
+        result[name] = {
+            "ttft_ms": percentiles(ttft),
+            "itl_ms": percentiles(itl),
+            "steps": len(step_seconds),
+            "steps_over_50ms": sum(1 for t in slow if t > 0.05),
+            "slowest_steps_ms": [round(t * 1e3, 1) for t in slow[:5]],
+            "triton_kernels_compiled": triton_cache_entries() - compiled,
+        }
         print(f"online {name}: {result[name]}", flush=True)
     # The headline figures are the warm ones; the cold ones say what a fresh server pays on first use.
     result["ttft_ms"], result["itl_ms"] = result["warm"]["ttft_ms"], result["warm"]["itl_ms"]
@@ -231,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--engine-only", action="store_true", help="decode throughput of the engine alone (no baselines, no serving)"
     )
+    parser.add_argument("--online-only", action="store_true", help="the online section alone (its own JSON file)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_engine: needs a CUDA GPU", file=sys.stderr)
@@ -255,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / name).write_text(json.dumps(results, indent=2), encoding="utf-8")
 
+    if args.online_only:
+        results["online"] = online(loaded, rate=8.0, count=32 if args.quick else 128, max_batch=64)
+        save("online_only.json")
+        return 0
     for batch in (1, 64):
         llm = LLM(loaded, device="cuda", max_model_len=512, max_batch_size=64)
         row: dict[str, Any] = {"batch": batch, **engine_decode(llm, batch, 128, new_tokens)}

@@ -64,9 +64,10 @@ def test_prefill_and_decode_logits_match_transformers(
     bm.free(1)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in_step", "overlap"])
 @pytest.mark.parametrize("step_graphs", [False, True], ids=["eager_prompt_steps", "step_graphs"])
 def test_fp32_engine_gives_the_transformers_tokens(
-    hf_reference: Callable[[LoadedModel], torch.nn.Module], step_graphs: bool
+    hf_reference: Callable[[LoadedModel], torch.nn.Module], step_graphs: bool, overlap: bool
 ) -> None:
     loaded = random_weights(CONFIG, seed=22)
     hf = hf_reference(loaded).to("cuda")
@@ -79,7 +80,7 @@ def test_fp32_engine_gives_the_transformers_tokens(
         expected.append(out[0, len(p) :].tolist())
     # A small token budget chunks the prompts, so that steps mix prompt chunks with decodes.
     llm = LLM(loaded, flags=EngineFlags().without("tensor_cores"), device="cuda", max_model_len=256,
-              max_num_batched_tokens=32, step_graphs=step_graphs)  # fmt: skip
+              max_num_batched_tokens=32, step_graphs=step_graphs, overlap=overlap)  # fmt: skip
     got = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
     assert [c.token_ids for c in got] == expected
     assert (llm.runner.step_graphs is not None) == step_graphs

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_engine import (
     LLM,
     PRESETS,
@@ -171,3 +172,21 @@ def test_apply_feed_writes_the_fed_tokens_where_they_belong(loaded: LoadedModel)
     ids = torch.tensor([4, 5, 0, 0])
     runner.apply_feed(ids, moved, TokenFeed(torch.tensor([10, 11, 12]), (-1, 2, 0)))  # reordered: gather, scatter
     assert ids.tolist() == [4, 5, 12, 10]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_warm_up_runs_every_kind_of_step_and_changes_no_answer(
+    overlap: bool, loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    kwargs = {"device": "cpu", "max_model_len": 64, "max_batch_size": 2, "max_num_batched_tokens": 8, "page_size": 4}
+    cold = LLM(loaded, overlap=overlap, warmup=False, **kwargs)  # type: ignore[arg-type]
+    warm = LLM(loaded, overlap=overlap, warmup=True, **kwargs)  # type: ignore[arg-type]
+    assert cold.warmup_seconds == 0.0 and warm.warmup_seconds > 0.0
+    steps = warm.runner.steps
+    assert steps >= 5, "the warm-up prompts must be chunked beside decodes"
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert [c.token_ids for c in warm.generate(prompts, params)] == [
+        c.token_ids for c in cold.generate(prompts, params)
+    ]
+    with pytest.raises(ConfigurationError, match="warmup"):
+        LLM(loaded, warmup=1, **kwargs)  # type: ignore[arg-type]

@@ -126,6 +126,8 @@ class LLM:
             back, so that the host's work per step (scheduling, metadata, streaming) runs while the device
             computes (``llamatelemetry-batch``'s ``overlap``). Default: on for a CUDA device, off on a CPU (whose
             steps compute while they are launched: nothing to hide).
+        warmup: run :meth:`warm_up` at the end of construction, so that kernels compile and CUDA graphs are
+            captured before the first request instead of during it. Default: on for a CUDA device.
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class LLM:
         admission_batch: int | None = None,
         step_graphs: bool = False,
         overlap: bool | None = None,
+        warmup: bool | None = None,
         seed: int = 0,
     ) -> None:
         # Every argument is checked before the weights are loaded: a typo costs no load.
@@ -162,8 +165,9 @@ class LLM:
         check_non_negative_int(seed, "seed")
         if not isinstance(step_graphs, bool):
             raise ConfigurationError(f"expected step_graphs to be True or False, got {step_graphs!r}")
-        if overlap is not None and not isinstance(overlap, bool):
-            raise ConfigurationError(f"expected overlap to be True, False or None (automatic), got {overlap!r}")
+        for name, switch in (("overlap", overlap), ("warmup", warmup)):
+            if switch is not None and not isinstance(switch, bool):
+                raise ConfigurationError(f"expected {name} to be True, False or None (automatic), got {switch!r}")
         if admission_batch is not None and admission_batch > max_batch_size:
             raise ConfigurationError(
                 f"expected admission_batch <= max_batch_size ({max_batch_size}), got {admission_batch}"
@@ -203,6 +207,35 @@ class LLM:
         self.eos_token_ids = tuple(sorted(eos))
         self._next_id = 0
         self._continuous: ContinuousServer | None = None
+        self.warmup_seconds = self.warm_up() if (dev.type == "cuda" if warmup is None else warmup) else 0.0
+
+    def warm_up(self) -> float:
+        """Run a few synthetic requests through the engine; returns the seconds it took.
+
+        What a fresh engine's first requests would otherwise pay: Triton compiles a kernel the first time a
+        launch configuration appears (about a second each), and the CUDA graphs are captured at the first decode.
+        The prompts (one token, a few dozen, just over the step's token budget, and up to the longest context
+        the cache holds for one request) are chunked beside each other's decodes, so prefills, prompt chunks at
+        growing contexts (with and without split-KV), prefix reuse and decodes all run; each generates two
+        tokens. Raises ``RuntimeError`` if a warm-up request fails (then this engine would fail requests too).
+        """
+        start = time.perf_counter()
+        longest = self.max_model_len - 2
+        manager = self.runner.block_manager
+        if manager is not None:
+            longest = min(longest, (manager.num_blocks - 1) * manager.page_size - 2)
+        budget = self.max_num_batched_tokens
+        lengths = sorted({n for n in (1, 37, budget + 5, longest // 2, longest) if 1 <= n <= longest})
+        vocab = self.config.vocab_size
+        prompts = [[(7 * i + 3) % vocab for i in range(n)] for n in lengths]
+        for n, completion in zip(
+            lengths, self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True)), strict=True
+        ):
+            if completion.error is not None:
+                raise RuntimeError(
+                    f"the warm-up request of {n} prompt tokens failed: {completion.error}"
+                ) from completion.error
+        return time.perf_counter() - start
 
     # --- prompts ----------------------------------------------------------------------------------------------
 

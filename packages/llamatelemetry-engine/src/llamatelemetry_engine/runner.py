@@ -128,7 +128,8 @@ class ModelRunner:
         feed = batch.feed
         if feed is not None:
             check_feed(batch, feed)
-            if feed.tokens.device != self.device:
+            on, mine = feed.tokens.device, self.device
+            if on.type != mine.type or (None not in (on.index, mine.index) and on.index != mine.index):
                 raise ConfigurationError(
                     f"expected the fed tokens on the model's device {self.device}, got them on {feed.tokens.device}"
                 )

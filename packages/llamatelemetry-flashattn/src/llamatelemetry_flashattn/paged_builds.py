@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamatelemetry_core.device import DeviceInfo
-from llamatelemetry_flashattn.paged_tiles import PagedTiles, choose_paged_tiles, uses_page_ids
+from llamatelemetry_flashattn.paged_tiles import MERGE_BLOCK_S, PagedTiles, choose_paged_tiles, uses_page_ids
 from llamatelemetry_flashattn.tiles import padded_head_dim
 
 if TYPE_CHECKING:
@@ -130,7 +130,11 @@ def merge_kernel_build(head_dim: int, q_dtype: torch.dtype) -> KernelBuild:
     for name in ("stride_ps", "stride_pt", "stride_ph", "stride_ls", "stride_lt", "stride_ot", "stride_oh"):
         signature[name] = "i32"
     signature["num_splits"] = "i32"
-    constexprs: dict[str, int | float | bool | str] = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": 32}
+    constexprs: dict[str, int | float | bool | str] = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": block_d,
+        "BLOCK_S": MERGE_BLOCK_S,
+    }
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     name = f"flashattn.paged_merge[{_TRITON_DTYPES[q_dtype]},d={head_dim}]"
     return KernelBuild(

@@ -41,7 +41,13 @@ import triton.language as tl
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_interpreter_enabled
 from llamatelemetry_core.kv_layout import PagedKV
-from llamatelemetry_flashattn.paged_tiles import PagedTiles, choose_num_splits, choose_paged_tiles, uses_page_ids
+from llamatelemetry_flashattn.paged_tiles import (
+    MERGE_BLOCK_S,
+    PagedTiles,
+    choose_num_splits,
+    choose_paged_tiles,
+    uses_page_ids,
+)
 from llamatelemetry_flashattn.reference import UNBOUNDED, normalize_window
 
 __all__ = ["PagedLaunch", "merge_warps", "paged_launch_config", "triton_paged_attention"]
@@ -156,7 +162,9 @@ def _paged_tile(  # type: ignore[no-untyped-def]
     return acc, l_i, m_new
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+# The split count changes with the batch and the context from step to step: it is not specialised on (a value of
+# 1 or a multiple of 16 would each compile another kernel, in the middle of serving).
+@triton.jit(do_not_specialize=["num_splits"])  # type: ignore[untyped-decorator]
 def _paged_attention_kernel(  # type: ignore[no-untyped-def]
     Q,
     KCache,
@@ -351,7 +359,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
         tl.store(PartialLse + split * stride_ls + token * stride_lt + head, lse, mask=row_ok)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit(do_not_specialize=["num_splits"])  # type: ignore[untyped-decorator]
 def _merge_splits_kernel(  # type: ignore[no-untyped-def]
     PartialOut,
     PartialLse,
@@ -538,7 +546,9 @@ def triton_paged_attention(
             splits,
             HEAD_DIM=head_dim,
             BLOCK_D=tiles.block_d,
-            BLOCK_S=triton.next_power_of_2(splits),
+            # One width for every split count (masked lanes load nothing): a kernel per power of two would be
+            # compiled whenever a longer context first asks for more splits.
+            BLOCK_S=MERGE_BLOCK_S,
             num_warps=merge_warps(tiles.block_d),
             enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
         )

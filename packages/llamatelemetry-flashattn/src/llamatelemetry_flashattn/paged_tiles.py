@@ -31,6 +31,7 @@ from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM, padded_head_dim
 
 __all__ = [
     "MAX_SPLITS",
+    "MERGE_BLOCK_S",
     "MIN_TOKENS_PER_SPLIT",
     "SPLIT_TARGET_PROGRAMS_PER_SM",
     "PagedTiles",
@@ -43,6 +44,8 @@ __all__ = [
 _MIN_TILE = 16
 MAX_SPLITS = 32
 """The most parts one sequence's keys are split into."""
+MERGE_BLOCK_S = 32
+"""Lanes of the merge kernel: one power of two >= ``MAX_SPLITS`` for every split count (one compiled kernel)."""
 MIN_TOKENS_PER_SPLIT = 256
 """A split reads at least this many keys, so that its partial result costs less to merge than it saved."""
 SPLIT_TARGET_PROGRAMS_PER_SM = 1.0
