@@ -373,3 +373,38 @@ def test_progress_takes_booleans_and_bar_names_only() -> None:
     for value in (0, 1, 0.0, "yes"):
         with pytest.raises(ConfigurationError, match="progress"):
             BatchConfig(progress=value)  # type: ignore[arg-type]
+
+
+def test_a_retry_that_becomes_ready_while_a_call_is_reported_is_still_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A clock that moves 10 ms at every reading, and a 15 ms backoff: the retry is not ready when the worker
+    # asks what may start, and is ready by the next reading. The run must still wake for it (it once hung here,
+    # with every thread idle, about one run in a few hundred on a real clock with a 1 ms backoff).
+    import llamatelemetry_batch.runner as runner_module
+
+    ticks = iter(range(10**9))
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return 1000.0 + next(ticks) * 0.010
+
+        perf_counter = staticmethod(time.perf_counter)
+
+    monkeypatch.setattr(runner_module, "time", Clock)
+    attempts: dict[str, int] = {}
+
+    def flaky(prompt: str) -> str:
+        attempts[prompt] = attempts.get(prompt, 0) + 1
+        if attempts[prompt] == 1:
+            raise TimeoutError(prompt)
+        return prompt.upper()
+
+    config = BatchConfig(max_batch_size=1, retry_backoff=0.015, retry_backoff_max=0.015, retry_jitter=0.0)
+    outcome: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(BatchInferenceOptimizer(config).batch_infer(["a"], flaky)), daemon=True
+    )
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the run never ended: a ready retry was left waiting"
+    assert outcome == [["A"]] and attempts == {"a": 2}

@@ -204,9 +204,14 @@ class _Driver:
         self._ids = itertools.count()
         # Async calls carry their own timeout (and are cancelled by it); a thread's is enforced here.
         self.thread_timeout = None if job.is_async else job.timeout
+        # When launch_ready last asked the dispatcher what may start. The retries to wait for are those still
+        # in their backoff then: one that became ready a moment later has not been started, and asking with a
+        # later clock would drop its wake-up and leave it waiting forever (the run then never ends).
+        self.launched_at = time.monotonic()
 
     def launch_ready(self, launch: Callable[[WorkItem, int], Callable[[], Any]]) -> None:
         now = time.monotonic()
+        self.launched_at = now
         for item in self.job.dispatcher.start(now):
             call_id = next(self._ids)
             deadline = math.inf if self.thread_timeout is None else now + self.thread_timeout
@@ -214,7 +219,7 @@ class _Driver:
 
     def wait_time(self) -> float | None:
         now = time.monotonic()
-        retry_at = self.job.dispatcher.next_ready_at(now)
+        retry_at = self.job.dispatcher.next_ready_at(self.launched_at)
         wake = math.inf if retry_at is None else retry_at
         if self.thread_timeout is not None and self.live:
             wake = min(wake, min(live.deadline for live in self.live.values()))
@@ -224,7 +229,7 @@ class _Driver:
 
     def needs_timer(self) -> bool:
         """Whether a deadline or a retry may need the waiting thread to wake before the next call ends."""
-        return self.thread_timeout is not None or self.job.dispatcher.next_ready_at(time.monotonic()) is not None
+        return self.thread_timeout is not None or self.job.dispatcher.next_ready_at(self.launched_at) is not None
 
     def expire(self) -> None:
         if self.thread_timeout is None:
