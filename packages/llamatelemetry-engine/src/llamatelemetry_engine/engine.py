@@ -120,8 +120,8 @@ class LLM:
             several prompts instead of one each), else 1.
         step_graphs: with CUDA graphs on, also replay steps that carry prompt tokens beside decodes from graphs
             bucketed by token count (up to ``max_num_batched_tokens``), instead of running them eagerly.
-            Experimental: checked against transformers on CPU (where graphs are emulated), not yet measured on a
-            GPU.
+            Experimental: 1.25x offline throughput on an H200 (docs/engine.md), GPU tests pass; off by default
+            until a capture failure seen once in a GPU test run is understood.
         overlap: continuous batching plans and launches each step before the previous step's tokens are read
             back, so that the host's work per step (scheduling, metadata, streaming) runs while the device
             computes (``llamatelemetry-batch``'s ``overlap``). Default: on for a CUDA device, off on a CPU (whose
