@@ -46,7 +46,7 @@ OVERLAP_MANAGERS = sorted(BLOCK_MANAGERS)
 
 def _on_device(engine: ContinuousBatchingEngine) -> bool:
     """Whether sampled tokens wait on the device to be read back."""
-    return engine._pending is not None
+    return bool(engine._pendings)
 
 
 def _letters(token_ids: Sequence[int]) -> str:
@@ -85,12 +85,12 @@ def _run(
         handles.append(engine.submit(prompt, params, on_token=on_token))
     deferred = 0
     while engine.has_unfinished:
-        before = engine._pending
+        before = engine._pendings[-1] if engine._pendings else None
         engine.step()
-        deferred += engine._pending is not None and engine._pending is not before
+        deferred += bool(engine._pendings) and engine._pendings[-1] is not before
         if cancel_at is not None and engine.num_steps == cancel_at:
             handles[0].cancel()
-    assert engine._pending is None, "tokens left on the device after the last request finished"
+    assert not engine._pendings, "tokens left on the device after the last request finished"
     return [h.result() for h in handles], streamed, deferred, engine
 
 
@@ -251,3 +251,92 @@ def test_read_feed_puts_the_device_tokens_in_place_and_checks_the_feed() -> None
     ):
         with pytest.raises(ConfigurationError, match=match):
             _feed_step(rows, tokens, lengths).read_feed()
+
+
+class _InterruptOnce:
+    """Stands for a step's copy on the host; reading it raises ``KeyboardInterrupt`` the first time (Ctrl-C while
+    the engine waits for the device)."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self.host, self.raised = host, False
+
+    def tolist(self) -> list[int]:
+        if not self.raised:
+            self.raised = True
+            raise KeyboardInterrupt
+        values: list[int] = self.host.tolist()
+        return values
+
+
+def test_ctrl_c_while_reading_back_loses_no_token_and_caches_no_stand_in() -> None:
+    manager = "kvcache" if "kvcache" in BLOCK_MANAGERS else "simple"
+    model = HashDecoder(vocab_size=VOCAB, max_model_len=MAX_LEN, page_size=4, num_blocks=24, token_feed=True)
+    engine = ContinuousBatchingEngine(model, BLOCK_MANAGERS[manager](24, 4), overlap=True)
+    prompt = [1, 2, 3]
+    handle = engine.submit(prompt, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    engine._pendings[-1].host = _InterruptOnce(engine._pendings[-1].host)  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    out = handle.result()
+    expected = model.expected_greedy(prompt, 10)
+    assert list(out.output_token_ids) == expected and out.prompt_token_ids == tuple(prompt)
+    # A request that reuses the cached prefix reads the K/V (here: chained hashes) of real tokens only.
+    again = engine.generate([prompt + expected[:6]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
+    assert list(again.output_token_ids) == model.expected_greedy(prompt + expected[:6], 3)
+
+
+def test_ctrl_c_in_a_callback_loses_and_repeats_no_token() -> None:
+    model = HashDecoder(vocab_size=VOCAB, max_model_len=MAX_LEN, page_size=4, num_blocks=24, token_feed=True)
+    engine = ContinuousBatchingEngine(model, SimpleBlockManager(24, 4), overlap=True)
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+
+    def on_token(index: int) -> Any:
+        def callback(token: int | None, _: str) -> None:
+            if token is None:
+                return
+            streamed[index].append(token)
+            if index == 0 and len(streamed[0]) == 2 and not interrupted:
+                interrupted.append(True)
+                raise KeyboardInterrupt
+
+        return callback
+
+    interrupted: list[bool] = []
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    first = engine.submit([1, 2, 3], params, on_token=on_token(0))
+    second = engine.submit([4, 5], params, on_token=on_token(1))
+
+    def run_until_interrupted() -> None:
+        while engine.has_unfinished:
+            engine.step()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_until_interrupted()
+    a, b = first.result(), second.result()
+    assert a.prompt_token_ids == (1, 2, 3) and list(a.output_token_ids) == model.expected_greedy([1, 2, 3], 6)
+    assert list(b.output_token_ids) == model.expected_greedy([4, 5], 6)
+    assert streamed == {0: list(a.output_token_ids), 1: list(b.output_token_ids)}
+
+
+def test_outputs_finished_by_a_failing_step_come_back_from_the_next_one() -> None:
+    model = HashDecoder(vocab_size=VOCAB, max_model_len=MAX_LEN, token_feed=True)
+    prompt = [4, 5, 6]
+    stop = model.expected_greedy(prompt, 1)[0]
+    engine = ContinuousBatchingEngine(model, overlap=True)
+    engine.submit(prompt, SamplingParams(max_new_tokens=5, stop_token_ids=(stop,)))
+    engine.submit([7], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert engine.step() == []  # the prefill: its tokens (the first one a stop) are still on the device
+    original = model.step
+
+    def broken(batch: StepInput) -> torch.Tensor:
+        raise RuntimeError("device lost")
+
+    model.step = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    model.step = original  # type: ignore[method-assign]
+    outputs = engine.step()
+    assert [o.finish_reason for o in outputs][:1] == [FinishReason.STOP]
+    assert list(outputs[0].output_token_ids) == [stop]

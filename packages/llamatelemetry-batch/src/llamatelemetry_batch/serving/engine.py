@@ -117,7 +117,9 @@ class ContinuousBatchingEngine:
                 f"read back); {type(block_manager).__name__} has none: pass overlap=False"
             )
         self.overlap = overlap
-        self._pending: _PendingTokens | None = None
+        self._pendings: deque[_PendingTokens] = deque()  # steps whose tokens are still on the device, oldest first
+        self._to_accept: deque[tuple[Sequence, int, int, float]] = deque()  # read back, not handed out yet
+        self._late_outputs: list[RequestOutput] = []
         self.model = model
         self.scheduler = Scheduler(block_manager, config, paged=paged, release=model.release)
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -231,17 +233,30 @@ class ContinuousBatchingEngine:
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
-        finished: list[RequestOutput] = []
+        # Outputs finished by a step that then raised come back from the next call: none is lost.
+        finished, self._late_outputs = self._late_outputs, []
+        try:
+            self._run_step(finished)
+        except BaseException:
+            self._late_outputs = finished
+            raise
+        return finished
+
+    def _run_step(self, finished: list[RequestOutput]) -> None:
         self._drain_inbox(finished)
-        pending = self._pending
+        if self._to_accept or len(self._pendings) > 1:
+            # An earlier step stopped part-way (Ctrl-C, a failing callback): settle it before planning, so that
+            # no stand-in older than the last step is ever appended past.
+            self._settle(finished)
         if not self._live:
             self._settle(finished)
-            return finished
+            return
         plan = self.scheduler.schedule()
+        pending = self._pendings[-1] if self._pendings else None
         if plan.empty:
             if pending is not None:  # what runs next depends on the tokens still on the device
                 self._settle(finished)
-                return finished
+                return
             raise RuntimeError(
                 f"the scheduler planned nothing with {len(self._live)} unfinished requests "
                 f"({self.scheduler.num_waiting} waiting); this is a bug in llamatelemetry-batch"
@@ -262,16 +277,15 @@ class ContinuousBatchingEngine:
         seqs = plan.logits_sequences
         if seqs and self.overlap and self._can_defer(seqs):
             # This step's tokens stay on the device until the next step has been launched with them.
-            self._pending = self._defer(logits, seqs)
+            self._defer(logits, seqs)
             if pending is not None:
-                self._resolve(pending, finished)
+                self._resolve_oldest(finished)
         else:
             self._settle(finished)  # first: the tokens of the last step come before this step's
             if seqs:
                 self._sample_and_stream(logits, plan, finished)
         if not self._live:
             self._settle(finished)
-        return finished
 
     # --- overlap: tokens read back one step late ----------------------------------------------------------------
 
@@ -285,7 +299,7 @@ class ContinuousBatchingEngine:
                 return False
         return True
 
-    def _defer(self, logits: torch.Tensor, seqs: list[Sequence]) -> _PendingTokens:
+    def _defer(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Sample on the device, start the copy back to the host, and append a stand-in token to each request."""
         self._ensure_generators(seqs, logits.device)
         tokens = sample_token_tensor(logits, [s.params for s in seqs], [s.generator for s in seqs], [()] * len(seqs))
@@ -294,15 +308,16 @@ class ContinuousBatchingEngine:
             host.copy_(tokens, non_blocking=True)
             event: torch.cuda.Event | None = torch.cuda.Event()  # type: ignore[no-untyped-call]
             assert event is not None
-            event.record()
+            # On the stream the copy went to: the tokens' device, which need not be this thread's current one.
+            event.record(torch.cuda.current_stream(tokens.device))
         else:
             host, event = tokens, None
-        positions = []
+        positions = [len(seq.token_ids) for seq in seqs]
+        pending = _PendingTokens(seqs, positions, tokens, host, event)
         for seq in seqs:
-            positions.append(len(seq.token_ids))
             seq.token_ids.append(0)
             seq.stand_ins += 1
-        return _PendingTokens(seqs, positions, tokens, host, event)
+        self._pendings.append(pending)
 
     @staticmethod
     def _feed(plan: ScheduledStep, pending: _PendingTokens) -> TokenFeed | None:
@@ -327,21 +342,23 @@ class ContinuousBatchingEngine:
         return TokenFeed(pending.tokens, tuple(rows)) if fed else None
 
     def _settle(self, finished: list[RequestOutput]) -> None:
-        """Read back and hand out the tokens still on the device, if any."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self._resolve(pending, finished)
+        """Read back and hand out every token still on the device or not handed out yet."""
+        while self._pendings:
+            self._resolve_oldest(finished)
+        self._hand_out(finished)
 
-    def _resolve(self, pending: _PendingTokens, finished: list[RequestOutput]) -> None:
-        if self._pending is pending:
-            self._pending = None
+    def _resolve_oldest(self, finished: list[RequestOutput]) -> None:
+        """Read back the oldest step's tokens, put them in place of their stand-ins (in the requests and in the
+        block manager), then hand them out. Only once every value is in place is the step taken off the queue:
+        an interruption while waiting for the device leaves it to be read again."""
+        pending = self._pendings[0]
         if pending.event is not None:
             pending.event.synchronize()
         tokens: list[int] = pending.host.tolist()
         now = time.perf_counter()
         fix_ids: list[int] = []
         fix_tokens: list[int] = []
-        live: list[tuple[Sequence, int, int]] = []
+        accepted: list[tuple[Sequence, int, int, float]] = []
         for seq, position, token in zip(pending.seqs, pending.positions, tokens, strict=True):
             if seq.status is SequenceStatus.FINISHED:  # stopped or cancelled meanwhile: its stand-in went too
                 continue
@@ -350,19 +367,33 @@ class ContinuousBatchingEngine:
             if seq.num_allocated_tokens == position + 1:  # a step since holds it: the block manager has it last
                 fix_ids.append(seq.seq_id)
                 fix_tokens.append(token)
-            live.append((seq, position, token))
+            accepted.append((seq, position, token, now))
         if fix_ids:
             self.scheduler.block_manager.replace_last_tokens(fix_ids, fix_tokens)  # type: ignore[attr-defined]
-        for seq, position, token in live:
+        self._pendings.popleft()
+        self._to_accept.extend(accepted)
+        self._hand_out(finished)
+
+    def _hand_out(self, finished: list[RequestOutput]) -> None:
+        """Stream the tokens read back and finish the requests they stop, one at a time, so that a callback that
+        raises ``KeyboardInterrupt`` leaves the rest for the next step."""
+        todo = self._to_accept
+        while todo:
+            seq, position, token, now = todo.popleft()
+            if seq.status is SequenceStatus.FINISHED:
+                continue
             # A later stand-in (this request is in the step now running) is set aside while the token is
             # handed out, so that stops and text see the tokens up to this one only.
             later = seq.token_ids[position + 1 :]
             if later:
                 del seq.token_ids[position + 1 :]
                 seq.stand_ins -= len(later)
-            if not self._accept(seq, token, now, finished) and later:
-                seq.token_ids.extend(later)
-                seq.stand_ins += len(later)
+            try:
+                self._accept(seq, token, now, finished)
+            finally:
+                if later and not seq.finished:
+                    seq.token_ids.extend(later)
+                    seq.stand_ins += len(later)
 
     def _ensure_generators(self, seqs: list[Sequence], device: torch.device) -> None:
         for seq in seqs:
@@ -562,7 +593,9 @@ class ContinuousBatchingEngine:
 
     def _cancel_all(self, error: BaseException | None) -> None:
         finished: list[RequestOutput] = []
-        self._pending = None  # every request ends now: tokens still on the device are dropped with them
+        # Every request ends now: tokens already read back are handed out, those still on the device are dropped.
+        self._pendings.clear()
+        self._hand_out(finished)
         self._drain_inbox(finished)
         for seq, _ in list(self._live.values()):
             seq.error = error

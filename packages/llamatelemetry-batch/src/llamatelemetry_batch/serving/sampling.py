@@ -160,7 +160,7 @@ def sample_token_tensor(
         logits = logits.to(torch.float32, copy=True)
         for row in penalized:
             penalty = params[row].repetition_penalty
-            seen = torch.tensor(histories[row], dtype=torch.long, device=logits.device)
+            seen = _on(histories[row], torch.long, logits.device)
             values = logits[row, seen]
             # Clamped to finite values: an extreme penalty must not create infinities that a sampled row's
             # softmax would turn into NaN.
@@ -170,10 +170,19 @@ def sample_token_tensor(
     chosen = logits.argmax(dim=-1)
     if not sampled_rows:  # all greedy, the common serving case: one arg-max
         return chosen
-    index = torch.tensor(sampled_rows, device=logits.device)
+    index = _on(sampled_rows, torch.long, logits.device)
     probs = _filtered_probs(logits[index].float(), [params[i] for i in sampled_rows])
     chosen[index] = _exponential_race(probs, [generators[i] for i in sampled_rows])
     return chosen
+
+
+def _on(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``. To a GPU through pinned memory without waiting: a plain copy from
+    pageable memory would wait for every queued step, which an engine overlapping its host work cannot afford."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -182,7 +191,7 @@ def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     # A temperature below float32's smallest normal number would divide by zero (or a subnormal) and give NaN;
     # the limit of a vanishing temperature is the arg-max, which the smallest normal one already gives.
     tiny = torch.finfo(torch.float32).tiny
-    temperature = torch.tensor([max(p.temperature, tiny) for p in params], dtype=torch.float32, device=device)
+    temperature = _on([max(p.temperature, tiny) for p in params], torch.float32, device)
     # Relative to each row's maximum, so that 0 / temperature stays 0 for the best token; a +inf logit (equal to
     # the maximum) becomes 0 too instead of inf - inf = NaN.
     top = logits.amax(dim=-1, keepdim=True)
@@ -191,10 +200,10 @@ def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
         return torch.softmax(logits, dim=-1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=device).unsqueeze(0)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_k = _on([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device)
     sorted_logits = sorted_logits.masked_fill(rank >= top_k.unsqueeze(1), float("-inf"))
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    top_p = _on([p.top_p for p in params], torch.float32, device)
     # Drop a token when the tokens ranked above it already reach top_p; the most likely one always stays.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
@@ -208,7 +217,7 @@ def _exponential_race(probs: torch.Tensor, generators: Sequence[torch.Generator 
     noise = torch.empty_like(probs)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        index = torch.tensor(unseeded, device=probs.device)
+        index = _on(unseeded, torch.long, probs.device)
         noise[index] = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_()
     for row, generator in enumerate(generators):
         if generator is not None:
