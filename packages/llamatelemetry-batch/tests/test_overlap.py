@@ -49,6 +49,21 @@ def _on_device(engine: ContinuousBatchingEngine) -> bool:
     return bool(engine._pendings)
 
 
+def _fail_one_step(engine: ContinuousBatchingEngine, model: HashDecoder) -> None:
+    """Run one engine step whose model step raises (a lost device), then give the model back."""
+    original = model.step
+
+    def broken(batch: StepInput) -> torch.Tensor:
+        raise RuntimeError("device lost")
+
+    model.step = broken  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            engine.step()
+    finally:
+        model.step = original  # type: ignore[method-assign]
+
+
 def _letters(token_ids: Sequence[int]) -> str:
     return "".join(chr(ord("a") + t % 26) for t in token_ids)
 
@@ -194,16 +209,8 @@ def test_a_failing_model_step_hands_out_the_tokens_already_sampled() -> None:
     handle = engine.submit([1, 2], SamplingParams(max_new_tokens=6, ignore_eos=True))
     engine.step()  # prefill: its token stays on the device
     assert _on_device(engine)
-    original = model.step
-
-    def broken(batch: StepInput) -> torch.Tensor:
-        raise RuntimeError("device lost")
-
-    model.step = broken  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="device lost"):
-        engine.step()
+    _fail_one_step(engine, model)
     assert not _on_device(engine) and handle.token_ids == model.expected_greedy([1, 2], 1)
-    model.step = original  # type: ignore[method-assign]
     out = handle.result()  # the step is run again, now with the token on the host
     assert list(out.output_token_ids) == model.expected_greedy([1, 2], 6)
 
@@ -328,15 +335,7 @@ def test_outputs_finished_by_a_failing_step_come_back_from_the_next_one() -> Non
     engine.submit(prompt, SamplingParams(max_new_tokens=5, stop_token_ids=(stop,)))
     engine.submit([7], SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert engine.step() == []  # the prefill: its tokens (the first one a stop) are still on the device
-    original = model.step
-
-    def broken(batch: StepInput) -> torch.Tensor:
-        raise RuntimeError("device lost")
-
-    model.step = broken  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="device lost"):
-        engine.step()
-    model.step = original  # type: ignore[method-assign]
+    _fail_one_step(engine, model)
     outputs = engine.step()
     assert [o.finish_reason for o in outputs][:1] == [FinishReason.STOP]
     assert list(outputs[0].output_token_ids) == [stop]

@@ -260,14 +260,7 @@ class BlockManager:
         mismatched lengths or a repeated id, ``KeyError`` for an unknown sequence and ``CapacityError`` when the
         step needs more blocks than can be handed out; nothing changes then.
         """
-        check_decode_step(seq_ids, token_ids)
-        seqs = self._seqs
-        try:
-            chosen = [seqs[i] for i in seq_ids]
-        except KeyError as exc:
-            raise KeyError(
-                f"unknown sequence {exc.args[0]!r}: allocate it first (known: {len(seqs)} sequences)"
-            ) from None
+        chosen = self._decode_step(seq_ids, token_ids)
         page = self._page_size
         available = len(self._free) + len(self._cached)
         if available < len(chosen):  # one token each needs at most one block each: count only when it may not fit
@@ -302,14 +295,7 @@ class BlockManager:
         a later replacement raises ``ConfigurationError`` (the block's hash would no longer match its tokens), as
         do mismatched lengths or a repeated id; ``KeyError`` for an unknown sequence.
         """
-        check_decode_step(seq_ids, token_ids)
-        seqs = self._seqs
-        try:
-            chosen = [seqs[i] for i in seq_ids]
-        except KeyError as exc:
-            raise KeyError(
-                f"unknown sequence {exc.args[0]!r}: allocate it first (known: {len(seqs)} sequences)"
-            ) from None
+        chosen = self._decode_step(seq_ids, token_ids)
         page = self._page_size
         for seq_id, seq in zip(seq_ids, chosen, strict=True):
             last = len(seq.tokens) - 1
@@ -320,6 +306,17 @@ class BlockManager:
                 )
         for seq, token in zip(chosen, token_ids, strict=True):
             seq.tokens[-1] = token
+
+    def _decode_step(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> list[_Sequence]:
+        """The sequences of a one-token-each call, once its arguments are checked."""
+        check_decode_step(seq_ids, token_ids)
+        seqs = self._seqs
+        try:
+            return [seqs[i] for i in seq_ids]
+        except KeyError as exc:
+            raise KeyError(
+                f"unknown sequence {exc.args[0]!r}: allocate it first (known: {len(seqs)} sequences)"
+            ) from None
 
     def free(self, seq_id: int) -> None:
         """Release a sequence's blocks; its computed full blocks stay cached for prefix reuse until evicted."""
