@@ -28,6 +28,7 @@ __all__ = [
     "check_decode_step",
     "check_feed",
     "check_token_ids",
+    "copy_to_device",
 ]
 
 
@@ -69,6 +70,18 @@ def check_decode_step(seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
         )
     if len(set(seq_ids)) != len(seq_ids):
         raise ConfigurationError("expected each sequence once per decode step, got a repeated sequence id in seq_ids")
+
+
+def copy_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of the CPU tensor ``host`` on ``device`` (its own memory: ``host`` may be a view of a buffer that
+    goes away). To a GPU it goes through pinned memory with a non-blocking copy: a plain copy from pageable memory
+    waits until the device has finished every queued step, which an engine that plans a step while the device
+    computes the previous one cannot afford."""
+    if device.type == "cpu":
+        return host.clone()
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 @runtime_checkable

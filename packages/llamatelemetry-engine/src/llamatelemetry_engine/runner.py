@@ -20,7 +20,7 @@ import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
-from llamatelemetry_core.serving import SequenceStep, StepInput, TokenFeed, check_feed
+from llamatelemetry_core.serving import SequenceStep, StepInput, TokenFeed, check_feed, copy_to_device
 from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.context import ContiguousKVStore, ContiguousStep, PagedStep, StepContext
 from llamatelemetry_engine.errors import PromptTooLongError
@@ -145,10 +145,10 @@ class ModelRunner:
             if size is not None:
                 return _wanted_rows(self.step_graphs.run(seqs, size, feed), seqs)
         dev = self.device
-        input_ids = _to_device(torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long), dev)
+        input_ids = copy_to_device(torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long), dev)
         if feed is not None:
             self.apply_feed(input_ids, seqs, feed)
-        positions = _to_device(
+        positions = copy_to_device(
             torch.tensor([p for s in seqs for p in range(s.start_pos, s.end_pos)], dtype=torch.long), dev
         )
         ctx = self._paged_context(seqs) if self.cache is not None else self._contiguous_context(seqs)
@@ -158,7 +158,7 @@ class ModelRunner:
             last += len(s.token_ids)
             if s.want_logits:
                 rows.append(last - 1)
-        index = _to_device(torch.tensor(rows, dtype=torch.long), dev)
+        index = copy_to_device(torch.tensor(rows, dtype=torch.long), dev)
         return self.model.logits(hidden.index_select(0, index)).float()
 
     def apply_feed(self, input_ids: torch.Tensor, seqs: tuple[SequenceStep, ...], feed: TokenFeed) -> None:
@@ -181,7 +181,7 @@ class ModelRunner:
         if prefix and count == (dst[-1] + 1):
             input_ids[:count].copy_(feed.tokens[:count])
             return
-        index = _to_device(torch.frombuffer(dst + src, dtype=torch.int64), self.device)
+        index = copy_to_device(torch.frombuffer(dst + src, dtype=torch.int64), self.device)
         input_ids.index_copy_(0, index[:count], feed.tokens.index_select(0, index[count:]))
 
     # --- internals -----------------------------------------------------------------------------------------------
@@ -331,7 +331,7 @@ class ModelRunner:
         dev = self.device
         # frombuffer shares the arrays' memory (kept alive by the tensors until copied).
         as_long, as_int = torch.frombuffer(longs, dtype=torch.int64), torch.frombuffer(ints, dtype=torch.int32)
-        return _to_device(as_long, dev), _to_device(as_int, dev), width
+        return copy_to_device(as_long, dev), copy_to_device(as_int, dev), width
 
     def _paged_context(self, seqs: tuple[SequenceStep, ...]) -> StepContext:
         assert self.cache is not None and self.paged_attention is not None
@@ -348,17 +348,6 @@ class ModelRunner:
             query_lens=query_lens,
             fresh_prefill=all(s.start_pos == 0 for s in seqs),
         )
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host`` (a view of an ``array``) as a tensor of its own on ``device``. To a GPU through pinned memory
-    with a non-blocking copy: a plain copy from pageable memory would wait until the device has finished every
-    queued step, which an engine that overlaps its host work with the device cannot afford."""
-    if device.type == "cpu":
-        return host.clone()
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def _wanted_rows(logits: torch.Tensor, seqs: tuple[SequenceStep, ...]) -> torch.Tensor:

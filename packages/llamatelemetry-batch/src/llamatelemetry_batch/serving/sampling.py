@@ -21,6 +21,7 @@ from typing import cast
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.serving import copy_to_device
 from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
 
 __all__ = ["SamplingParams", "make_generator", "sample_next_tokens"]
@@ -177,12 +178,8 @@ def sample_token_tensor(
 
 
 def _on(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` as a tensor on ``device``. To a GPU through pinned memory without waiting: a plain copy from
-    pageable memory would wait for every queued step, which an engine overlapping its host work cannot afford."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    """``values`` as a tensor on ``device``, copied without waiting for the step being computed."""
+    return copy_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
