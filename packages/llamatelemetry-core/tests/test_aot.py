@@ -85,14 +85,14 @@ def test_cli_fails_when_a_registered_build_exceeds_limits(
         yield _transpose_build(tile, 256, num_warps=8)
 
     monkeypatch.setattr(aot, "discover_providers", lambda: {"demo": provider})
-    assert aot.main(["--device", "t4", "--device", "h100"]) == 0
+    assert aot.main(["--device", "t4", "--device", "h100", "--jobs", "1"]) == 0
     assert "4 kernel builds from 1 components (demo) for t4, h100: 4 fit" in capsys.readouterr().out
 
     def greedy(device: DeviceInfo) -> Iterable[KernelBuild]:
         yield _transpose_build(128, 256, num_warps=8)
 
     monkeypatch.setattr(aot, "discover_providers", lambda: {"greedy": greedy})
-    assert aot.main(["--device", "t4"]) == 1
+    assert aot.main(["--device", "t4", "--jobs", "1"]) == 1
     out = capsys.readouterr().out
     assert "FAIL sm_75" in out and "1 do not compile or exceed" in out
     reports = compile_all(["h100"], {"greedy": greedy})
@@ -141,7 +141,7 @@ def test_a_build_that_does_not_compile_is_a_failed_report_not_a_crash(
     assert "does not compile with triton" in reports[0].problems[0]
     assert "function_removed_in_this_release" in reports[0].problems[0]
     monkeypatch.setattr(aot, "discover_providers", lambda: {"demo": provider})
-    assert aot.main(["--device", "t4"]) == 1
+    assert aot.main(["--device", "t4", "--jobs", "1"]) == 1
     out = capsys.readouterr().out
     assert re.search(r"^FAIL sm_75 +broken .*\n +- does not compile with triton", out, flags=re.MULTILINE), out
 
@@ -152,3 +152,22 @@ def test_installed_providers_include_the_doctor_probe() -> None:
     reports = compile_all(["t4"], {"core": providers["core"]})
     assert [r.build for r in reports] == ["core.doctor_probe[fp32]"]
     assert reports[0].ok
+
+
+def test_worker_processes_give_the_reports_of_one_process() -> None:
+    serial = compile_all(["t4", "h100"], components=["core"])
+    parallel = compile_all(["t4", "h100"], jobs=2, components=["core"])
+    assert [r.target for r in serial] == ["sm_75", "sm_90"]
+    assert parallel == serial
+
+
+def test_bad_worker_and_component_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigurationError, match="expected jobs >= 1"):
+        compile_all(["t4"], jobs=0)
+    with pytest.raises(ConfigurationError, match="no installed kernel build provider named"):
+        compile_all(["t4"], components=["no-such-component"])
+    with pytest.raises(ConfigurationError, match="not both"):
+        compile_all(["t4"], {}, components=["core"])
+    with pytest.raises(SystemExit):
+        aot.main(["--jobs", "0"])
+    assert "--jobs expects a number of worker processes >= 1, got 0" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -251,29 +252,82 @@ def discover_providers() -> dict[str, BuildProvider]:
     return found
 
 
-def compile_all(
-    device_keys: Sequence[str], providers: Mapping[str, BuildProvider] | None = None
-) -> list[CompileReport]:
-    """Compile every build of every provider for each simulated device in ``device_keys``.
-
-    A build that Triton's compiler rejects gets a failed report saying why (see
-    :func:`~llamatelemetry_core.build_failures.build_failure_reason`); any other error propagates.
-    """
-    providers = discover_providers() if providers is None else providers
-    reports: list[CompileReport] = []
+def _compile_selected(
+    device_keys: Sequence[str], providers: Mapping[str, BuildProvider], shard: int = 0, shards: int = 1
+) -> list[tuple[int, CompileReport]]:
+    """Compile the builds whose position (over every device and provider, in order) is ``shard`` modulo
+    ``shards``; return them with their positions."""
+    reports: list[tuple[int, CompileReport]] = []
+    position = -1
     for key in device_keys:
         with simulate_device(key):
             device = get_device_info()
             for provider in providers.values():
                 for build in provider(device):
+                    position += 1
+                    if position % shards != shard:
+                        continue
                     try:
-                        reports.append(compile_build(build, device))
+                        reports.append((position, compile_build(build, device)))
                     except Exception as exc:
                         error = build_failure_reason(exc)
                         if error is None:
                             raise
-                        reports.append(_failed_to_compile(build, device, error))
+                        reports.append((position, _failed_to_compile(build, device, error)))
     return reports
+
+
+def _installed(components: Sequence[str] | None) -> dict[str, BuildProvider]:
+    found = discover_providers()
+    if components is None:
+        return found
+    unknown = sorted(set(components) - set(found))
+    if unknown:
+        raise ConfigurationError(
+            f"no installed kernel build provider named {unknown}; installed: {sorted(found) or 'none'} "
+            f"(install the component, or leave out the name)"
+        )
+    return {name: found[name] for name in components}
+
+
+def _compile_shard_of_installed(
+    device_keys: Sequence[str], components: Sequence[str] | None, shard: int, shards: int
+) -> list[tuple[int, CompileReport]]:
+    """A worker process's share: the installed providers are found again there (kernels do not pickle)."""
+    return _compile_selected(device_keys, _installed(components), shard, shards)
+
+
+def compile_all(
+    device_keys: Sequence[str],
+    providers: Mapping[str, BuildProvider] | None = None,
+    jobs: int = 1,
+    components: Sequence[str] | None = None,
+) -> list[CompileReport]:
+    """Compile every build of every provider for each simulated device in ``device_keys``.
+
+    ``providers`` defaults to the installed ones (those named in ``components``, or all). A build that Triton's
+    compiler rejects gets a failed report saying why (see
+    :func:`~llamatelemetry_core.build_failures.build_failure_reason`); any other error propagates. With ``jobs``
+    above 1 the installed providers' builds are shared among that many worker processes (given ``providers`` are
+    compiled in this process: they need not be importable elsewhere); the reports come back in the same order
+    as from one process.
+    """
+    if jobs < 1:
+        raise ConfigurationError(f"expected jobs >= 1 (worker processes), got {jobs}")
+    if providers is not None and components is not None:
+        raise ConfigurationError("expected providers or components (names of installed providers), not both")
+    if providers is not None or jobs == 1:
+        found = _installed(components) if providers is None else providers
+        return [report for _, report in _compile_selected(device_keys, found)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a forked child would inherit this process's torch and Triton state mid-flight
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        names = None if components is None else list(components)
+        shares = [pool.submit(_compile_shard_of_installed, list(device_keys), names, n, jobs) for n in range(jobs)]
+        positioned = [item for share in shares for item in share.result()]
+    return [report for _, report in sorted(positioned, key=lambda item: item[0])]
 
 
 def _format(report: CompileReport) -> str:
@@ -299,10 +353,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY",
         help="GPU to compile for, e.g. t4, a100, h100 (repeatable; default: t4)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="worker processes compiling in parallel (default: the number of CPUs)",
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs expects a number of worker processes >= 1, got {args.jobs}")
     devices = args.devices or ["t4"]
     providers = discover_providers()
-    reports = compile_all(devices, providers)
+    # One process compiles the providers found here; workers find the installed ones again on their own.
+    reports = compile_all(devices, providers, jobs=1) if args.jobs == 1 else compile_all(devices, jobs=args.jobs)
     for report in reports:
         print(_format(report))
     failed = [r for r in reports if not r.ok]
