@@ -109,6 +109,31 @@ def fused_add_layernorm_reference(
 
 
 @triton.jit  # type: ignore[untyped-decorator]
+def _add_residual(x, R, H, cols, mask, HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constexpr):  # type: ignore[no-untyped-def]
+    """A block of the row to normalize, in fp32: x, or h = x + residual rounded to h's dtype (the sum the model
+    stores), written to H when STORE_H."""
+    if HAS_RESIDUAL:
+        h = (x + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+        if STORE_H:
+            tl.store(H + cols, h, mask=mask)
+        x = h.to(tl.float32)
+    return x
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _store_normalized(  # type: ignore[no-untyped-def]
+    Y, W, B, cols, mask, xc, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EVICTION: tl.constexpr
+):
+    """y = xc * rstd (* weight) (+ bias), stored in Y's dtype; weight and bias loaded with ``EVICTION``."""
+    y = xc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+    tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
 def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
     X,
     R,
@@ -138,17 +163,13 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
     if SINGLE_BLOCK:
         cols = tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
-        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         # Without a bias, the weight is loaded before the reductions, so that its latency overlaps x's instead of
         # following their barriers (RMSNorm at 16384 x 8192 on an H100: 99.2% -> 99.8% of copy). Holding weight
         # and bias both across the reductions costs registers: LayerNorm there fell to 89.5%, so it loads them after.
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_WEIGHT and not HAS_BIAS:
             w = tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
-            h = (x + r).to(H.dtype.element_ty)
-            tl.store(H + cols, h, mask=mask)
-            x = h.to(tl.float32)
+        x = _add_residual(x, R, H, cols, mask, HAS_RESIDUAL, True)
         if IS_RMS:
             xc = x
         else:
@@ -159,14 +180,11 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
         rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
         if STORE_STATS:
             tl.store(Rstd + row, rstd)
-        y = xc * rstd
-        if HAS_WEIGHT and HAS_BIAS:
-            w = tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        if HAS_WEIGHT:
-            y = y * w
-        if HAS_BIAS:
-            y = y + tl.load(B + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT and not HAS_BIAS:
+            y = xc * rstd * w
+            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        else:
+            _store_normalized(Y, W, B, cols, mask, xc, rstd, HAS_WEIGHT, HAS_BIAS, "evict_last")
     else:
         # Loops are `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
         # Pass 1: sum (LayerNorm) or sum of squares (RMSNorm), writing h on the way.
@@ -176,10 +194,7 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
             cols = start + tl.arange(0, BLOCK_SIZE)
             mask = cols < n_cols
             x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                h = (x + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
-                tl.store(H + cols, h, mask=mask)
-                x = h.to(tl.float32)
+            x = _add_residual(x, R, H, cols, mask, HAS_RESIDUAL, True)
             if IS_RMS:
                 acc += x * x
             else:
@@ -199,9 +214,7 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
                 cols = start + tl.arange(0, BLOCK_SIZE)
                 mask = cols < n_cols
                 x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_RESIDUAL:
-                    r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
-                    x = (x + r).to(H.dtype.element_ty).to(tl.float32)
+                x = _add_residual(x, R, H, cols, mask, HAS_RESIDUAL, False)
                 xc = tl.where(mask, x - mean, 0.0)
                 acc += xc * xc
                 start += BLOCK_SIZE
@@ -215,16 +228,21 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
             cols = start + tl.arange(0, BLOCK_SIZE)
             mask = cols < n_cols
             x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
-                x = (x + r).to(H.dtype.element_ty).to(tl.float32)
-            y = (x - mean) * rstd
-            if HAS_WEIGHT:
-                y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+            x = _add_residual(x, R, H, cols, mask, HAS_RESIDUAL, False)
+            _store_normalized(Y, W, B, cols, mask, x - mean, rstd, HAS_WEIGHT, HAS_BIAS, "")
             start += BLOCK_SIZE
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _bwd_block(  # type: ignore[no-untyped-def]
+    DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT: tl.constexpr
+):
+    """(dy, xhat, g = dy * weight) of a block of row ``r64``, in fp32."""
+    x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
+    return dy, xhat, g
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -270,7 +288,7 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(Rstd + row)
             xhat = x * rstd if IS_RMS else tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
-            if HAS_WEIGHT:
+            if HAS_WEIGHT:  # the weight is held across rows
                 g = dy * w
                 dw_acc += dy * xhat
             else:
@@ -305,10 +323,7 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             while start < n_cols:
                 cols = start + tl.arange(0, BLOCK_SIZE)
                 mask = cols < n_cols
-                x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
+                dy, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
                 acc1 += xhat * g
                 acc2 += g
                 start += BLOCK_SIZE
@@ -318,14 +333,9 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             while start < n_cols:
                 cols = start + tl.arange(0, BLOCK_SIZE)
                 mask = cols < n_cols
-                x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                dy, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
                 if HAS_WEIGHT:
-                    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                     tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
-                else:
-                    g = dy
                 if HAS_BIAS:
                     tl.store(DB + cols, tl.load(DB + cols, mask=mask, other=0.0) + dy, mask=mask)
                 dx = (g - xhat * c1) * rstd if IS_RMS else (g - (xhat * c1 + c2)) * rstd
@@ -376,6 +386,31 @@ _PARTIAL_BLOCK_P = 32
 _PARTIAL_BLOCK_N = 64
 
 
+def _forward_outputs(
+    x: torch.Tensor, residual: torch.Tensor | None, is_rms: bool, store_stats: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Empty ``(y, h, mean, rstd)`` of a forward (``None`` where :func:`_norm_forward` says)."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = None if residual is None else torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if store_stats else None
+    mean = None if is_rms or rstd is None else torch.empty_like(rstd)
+    return y, h, mean, rstd
+
+
+def _backward_outputs(
+    x: torch.Tensor, weight: torch.Tensor | None, has_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Empty ``(dx, dweight, dbias)``: the parameter gradients in the weight's dtype, ``None`` where absent.
+
+    dweight and dbias are separate tensors: outputs of a custom op may not alias each other, and each becomes a
+    parameter's ``.grad``."""
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.empty(x.shape[-1], dtype=param_dtype, device=x.device) if weight is not None else None
+    db = torch.empty(x.shape[-1], dtype=param_dtype, device=x.device) if has_bias else None
+    return dx, dw, db
+
+
 def _norm_forward(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -388,15 +423,7 @@ def _norm_forward(
     """``(y, h, mean, rstd)``: ``h`` is ``None`` without a residual; ``mean`` and ``rstd`` (per row, fp32, for the
     backward) are ``None`` unless ``store_stats``, and ``mean`` is ``None`` for RMSNorm, which has none."""
     n_cols = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = None
-    if residual is not None:
-        h = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
-    mean = rstd = None
-    if store_stats:
-        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-        if not is_rms:
-            mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    y, h, mean, rstd = _forward_outputs(x, residual, is_rms, store_stats)
     if x.numel() == 0:
         return y, h, mean, rstd
     x2, n_rows, stride_x = rows_of(x)
@@ -444,13 +471,8 @@ def _norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` without a weight / bias."""
     n_cols = x.shape[-1]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    # dweight and dbias are separate tensors: outputs of a custom op may not alias each other, and each becomes
-    # a parameter's .grad. The fp32 partials they are reduced from share one allocation (below).
-    n_params = (weight is not None) + has_bias
-    dw = torch.empty(n_cols, dtype=param_dtype, device=x.device) if weight is not None else None
-    db = torch.empty(n_cols, dtype=param_dtype, device=x.device) if has_bias else None
+    dx, dw, db = _backward_outputs(x, weight, has_bias)
+    n_params = (weight is not None) + has_bias  # their fp32 partials share one allocation (below)
     if x.numel() == 0:
         return dx, None if dw is None else dw.zero_(), None if db is None else db.zero_()
     x2, n_rows, stride_x = rows_of(x)
@@ -541,14 +563,9 @@ def _norm_fwd_fake(
     eps: float,
     is_rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if residual is not None:
-        h = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
-    else:
-        h = x.new_empty(0)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    mean = rstd.new_empty(0) if is_rms else torch.empty_like(rstd)
-    return y, h, mean, rstd
+    y, h, mean, rstd = _forward_outputs(x, residual, is_rms, True)
+    assert rstd is not None
+    return y, _or_empty(h, x), _or_empty(mean, rstd), rstd
 
 
 @torch.library.custom_op("llamatelemetry::triton_norm_bwd", mutates_args=())
@@ -577,12 +594,8 @@ def _norm_bwd_fake(
     is_rms: bool,
     has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n_cols = x.shape[-1]
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw = torch.empty(n_cols, dtype=param_dtype, device=x.device) if weight is not None else x.new_empty(0)
-    db = torch.empty(n_cols, dtype=param_dtype, device=x.device) if has_bias else x.new_empty(0)
-    return dx, dw, db
+    dx, dw, db = _backward_outputs(x, weight, has_bias)
+    return dx, _or_empty(dw, x), _or_empty(db, x)
 
 
 def _forward(

@@ -130,6 +130,25 @@ def _rope_reference_inplace(
 
 
 @triton.jit  # type: ignore[untyped-decorator]
+def _rotate_heads(  # type: ignore[no-untyped-def]
+    X, stride_h, n_heads, heads, first, second, d_mask, cos, sin, BLOCK_H: tl.constexpr
+):
+    """Rotate, in place, the feature pairs (first, second) of every head of one token of q or k, BLOCK_H heads
+    at a time."""
+    # Loops are `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
+    h0 = tl.program_id(0) * 0
+    while h0 < n_heads:
+        h = h0 + heads
+        mask = (h[:, None] < n_heads) & d_mask[None, :]
+        base = X + h[:, None] * stride_h
+        x1 = tl.load(base + first[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + second[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(base + first[None, :], (x1 * cos - x2 * sin).to(X.dtype.element_ty), mask=mask)
+        tl.store(base + second[None, :], (x2 * cos + x1 * sin).to(X.dtype.element_ty), mask=mask)
+        h0 += BLOCK_H
+
+
+@triton.jit  # type: ignore[untyped-decorator]
 def _rope_kernel(  # type: ignore[no-untyped-def]
     Q,
     K,
@@ -169,30 +188,9 @@ def _rope_kernel(  # type: ignore[no-untyped-def]
     else:
         first = d
         second = d + rotary_half
-    # Loops are `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
     heads = tl.arange(0, BLOCK_H)
-    Q += token * q_stride_t
-    h0 = tl.program_id(0) * 0
-    while h0 < n_q_heads:
-        h = h0 + heads
-        mask = (h[:, None] < n_q_heads) & d_mask[None, :]
-        base = Q + h[:, None] * q_stride_h
-        x1 = tl.load(base + first[None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + second[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(base + first[None, :], (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=mask)
-        tl.store(base + second[None, :], (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=mask)
-        h0 += BLOCK_H
-    K += token * k_stride_t
-    h0 = tl.program_id(0) * 0
-    while h0 < n_k_heads:
-        h = h0 + heads
-        mask = (h[:, None] < n_k_heads) & d_mask[None, :]
-        base = K + h[:, None] * k_stride_h
-        x1 = tl.load(base + first[None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + second[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(base + first[None, :], (x1 * cos - x2 * sin).to(K.dtype.element_ty), mask=mask)
-        tl.store(base + second[None, :], (x2 * cos + x1 * sin).to(K.dtype.element_ty), mask=mask)
-        h0 += BLOCK_H
+    _rotate_heads(Q + token * q_stride_t, q_stride_h, n_q_heads, heads, first, second, d_mask, cos, sin, BLOCK_H)
+    _rotate_heads(K + token * k_stride_t, k_stride_h, n_k_heads, heads, first, second, d_mask, cos, sin, BLOCK_H)
 
 
 def _token_view(t: torch.Tensor) -> torch.Tensor | None:
