@@ -23,13 +23,13 @@ __all__ = [
     "TRITON_DTYPES",
     "TRITON_PRIORITY",
     "TritonCall",
+    "TritonOperation",
     "call_spec",
     "check_float_tensor",
     "check_vector",
     "compute_dtype",
     "described",
     "device_info",
-    "dispatch",
     "needs_autograd",
     "register_triton",
     "run_op",
@@ -116,31 +116,46 @@ def register_triton(op: Operation, fn: Callable[..., Any], extra_checks: Sequenc
     op.register(TRITON, fn, priority=TRITON_PRIORITY, devices=triton_devices, checks=checks)
 
 
-def dispatch(
-    op: Operation,
-    call: Described,
-    triton_fn: Callable[..., Any],
-    reference_fn: Callable[..., Any],
-    compiled_triton_ok: Callable[[], bool],
-    *args: Any,
-    backend: str | None = None,
-) -> Any:
-    """Run ``op`` on ``args``: through :meth:`Operation.run` eagerly; directly while ``torch.compile`` traces.
+class TritonOperation(Operation):
+    """An operation of this package: its reference, its Triton implementation (registered with the checks of
+    :func:`register_triton`), and how a call is described; calling it runs the call.
 
-    Dynamo cannot trace the selection machinery (locks, context variables), and need not: under tracing the
-    choice is made as eagerly, once per trace, and is a constant of the graph
-    (:func:`llamatelemetry_core.traced.traced_name`: ``backend`` and ``LLAMATELEMETRY_BACKEND`` honoured, an
-    impossible request raises). The Triton path is traced (its custom ops enter the graph) when it is chosen and
-    ``compiled_triton_ok()`` (a CUDA tensor of a supported dtype) or it was requested; the reference otherwise
-    (an interpreted kernel on a CPU tensor is not worth tracing unless asked for).
+    ``describe(*args)`` gives the call's :data:`Described` (its tensors, and a reason the kernel cannot take it);
+    ``traceable(*args)`` says whether the Triton path is worth putting in a ``torch.compile`` graph when chosen
+    (a CUDA tensor of a supported dtype; an interpreted kernel on a CPU tensor is not, unless requested).
     """
-    if torch.compiler.is_compiling():
-        tensors, facts = call
-        name = traced_name(op, tensors, (TritonCall, (("unsupported", facts.unsupported),)), backend)
-        if name == TRITON and (compiled_triton_ok() or traced_request(op.name, backend) == TRITON):
-            return triton_fn(*args)
-        return reference_fn(*args)
-    return op.run(call[0], *args, facts=call[1], backend=backend)
+
+    def __init__(
+        self,
+        name: str,
+        reference: Callable[..., Any],
+        triton_fn: Callable[..., Any],
+        *,
+        describe: Callable[..., Described],
+        traceable: Callable[..., bool],
+        aliases: Sequence[str] = (),
+        extra_checks: Sequence[Check] = (),
+    ) -> None:
+        super().__init__(name, reference, aliases=aliases)
+        register_triton(self, triton_fn, extra_checks)
+        self._reference_fn = reference
+        self._triton_fn = triton_fn
+        self._describe = describe
+        self._traceable = traceable
+
+    def __call__(self, *args: Any, backend: str | None = None) -> Any:
+        """Run the operation on ``args``: through :meth:`Operation.run` eagerly; directly while ``torch.compile``
+        traces. Dynamo cannot trace the selection machinery (locks, context variables), and need not: under
+        tracing the choice is made as eagerly, once per trace, and is a constant of the graph
+        (:func:`llamatelemetry_core.traced.traced_name`: ``backend`` and ``LLAMATELEMETRY_BACKEND`` honoured, an
+        impossible request raises)."""
+        tensors, facts = self._describe(*args)
+        if torch.compiler.is_compiling():
+            name = traced_name(self, tensors, (TritonCall, (("unsupported", facts.unsupported),)), backend)
+            if name == TRITON and (self._traceable(*args) or traced_request(self.name, backend) == TRITON):
+                return self._triton_fn(*args)
+            return self._reference_fn(*args)
+        return self.run(tensors, *args, facts=facts, backend=backend)
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

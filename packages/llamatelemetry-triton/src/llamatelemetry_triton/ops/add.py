@@ -13,25 +13,33 @@ reference runs.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llamatelemetry_core.selection import Operation
 from llamatelemetry_core.validation import dtype_name
+from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, ROWS, TYPE_NAMES
+from llamatelemetry_triton._bounds import BoundsCheck, int_argument, require_elements
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
+    TritonOperation,
     described,
     device_info,
-    dispatch,
     needs_autograd,
-    register_triton,
     run_op,
     triton_errors,
 )
 from llamatelemetry_triton._launch import on_device
 from llamatelemetry_triton.heuristics import elementwise_config
+from llamatelemetry_triton.registry import KernelConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.device import DeviceInfo
 
 __all__ = ["AddFunction", "add_reference", "triton_add"]
 
@@ -199,8 +207,16 @@ def _add_triton(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
     return result
 
 
-ADD = Operation("triton.add", add_reference, aliases=("add",))
-register_triton(ADD, _add_triton)
+ADD = TritonOperation(
+    "triton.add",
+    add_reference,
+    _add_triton,
+    describe=lambda a, b: described(
+        a, b if isinstance(b, torch.Tensor) else None, triton_unsupported=_unsupported(a, b)
+    ),
+    traceable=lambda a, b: a.is_cuda and _unsupported(a, b) is None and torch.result_type(a, b) in TRITON_DTYPES,
+    aliases=("add",),
+)
 
 
 def triton_add(a: torch.Tensor, b: torch.Tensor | float, *, backend: str | None = None) -> torch.Tensor:
@@ -213,14 +229,55 @@ def triton_add(a: torch.Tensor, b: torch.Tensor | float, *, backend: str | None 
         raise TypeError(f"expected a to be a torch.Tensor, got {type(a).__name__}")
     if not isinstance(b, torch.Tensor | int | float):
         raise TypeError(f"expected b to be a torch.Tensor or a Python number, got {type(b).__name__}")
-    other = b if isinstance(b, torch.Tensor) else None
-    return dispatch(  # type: ignore[no-any-return]
-        ADD,
-        described(a, other, triton_unsupported=_unsupported(a, b)),
-        _add_triton,
-        add_reference,
-        lambda: a.is_cuda and _unsupported(a, b) is None and torch.result_type(a, b) in TRITON_DTYPES,
-        a,
-        b,
-        backend=backend,
-    )
+    return ADD(a, b, backend=backend)  # type: ignore[no-any-return]
+
+
+# --- ahead-of-time builds ----------------------------------------------------------------------------------
+
+
+def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
+    """Every build of this module's kernels as they would be launched on ``device`` in ``dtype``, for the
+    representative shapes (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
+    from llamatelemetry_core.aot import KernelBuild
+
+    t = TYPE_NAMES[dtype]
+    for hidden in HIDDEN_SIZES:
+        config = elementwise_config(ROWS * hidden, dtype, device)
+        yield KernelBuild(
+            f"triton.add[{t},BLOCK={config.block_size}]",
+            _add_kernel,
+            {"A": f"*{t}", "B": f"*{t}", "Out": f"*{t}", "n_elements": "i32", "BLOCK_SIZE": "constexpr"},
+            {"BLOCK_SIZE": config.block_size},
+            num_warps=config.num_warps,
+        )
+        strided = {
+            "A": f"*{t}",
+            "B": f"*{t}",
+            "Out": f"*{t}",
+            **dict.fromkeys(("n_elements", "size1", "size2", "size3"), "i32"),
+            **dict.fromkeys((f"{x}_stride{i}" for x in "ab" for i in range(4)), "i32"),
+            "BLOCK_SIZE": "constexpr",
+        }
+        config = elementwise_config(ROWS * hidden, dtype, device, strided=True)
+        yield KernelBuild(
+            f"triton.add_broadcast[{t},BLOCK={config.block_size}]",
+            _add_strided_kernel,
+            strided,
+            {"BLOCK_SIZE": config.block_size},
+            num_warps=config.num_warps,
+        )
+
+
+# --- registry entries ---------------------------------------------------------------------------------------
+
+
+def _add_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
+    n = int_argument(args, "n_elements", "add")
+    for name in ("A", "B", "Out"):
+        require_elements(args, name, n, "add", f"n_elements = {n}")
+
+
+def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+    """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
+    config = KernelConfig("add", 1024, 4, 1, description="out = a + b; (A, B, Out, n)")
+    return {"add": (_add_kernel, config, _add_bounds)}

@@ -16,29 +16,36 @@ per (row, block of up to 8 KiB); the backward kernel recomputes the activation i
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from llamatelemetry_core.errors import ConfigurationError
-from llamatelemetry_core.selection import Operation
 from llamatelemetry_core.validation import format_shape
+from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, TYPE_NAMES
+from llamatelemetry_triton._bounds import BoundsCheck, rowwise
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
+    TritonOperation,
     check_float_tensor,
     compute_dtype,
     described,
     device_info,
-    dispatch,
     needs_autograd,
-    register_triton,
     run_op,
     triton_errors,
 )
 from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, glu_config
+from llamatelemetry_triton.registry import KernelConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.device import DeviceInfo
 
 __all__ = ["GLUFunction", "geglu_reference", "swiglu_reference", "triton_geglu", "triton_swiglu"]
 
@@ -251,10 +258,26 @@ def _geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> tor
     return _glu_apply(gate, up, _APPROXIMATIONS[approximate])
 
 
-SWIGLU = Operation("triton.swiglu", swiglu_reference, aliases=("swiglu",))
-GEGLU = Operation("triton.geglu", geglu_reference, aliases=("geglu",))
-register_triton(SWIGLU, _swiglu_triton)
-register_triton(GEGLU, _geglu_triton)
+def _traceable(g: torch.Tensor, u: torch.Tensor, *_: Any) -> bool:
+    return g.is_cuda and g.dtype in TRITON_DTYPES and u.dtype in TRITON_DTYPES
+
+
+SWIGLU = TritonOperation(
+    "triton.swiglu",
+    swiglu_reference,
+    _swiglu_triton,
+    describe=lambda g, u: described(g, u, triton_unsupported=_unsupported(u)),
+    traceable=_traceable,
+    aliases=("swiglu",),
+)
+GEGLU = TritonOperation(
+    "triton.geglu",
+    geglu_reference,
+    _geglu_triton,
+    describe=lambda g, u, approximate: described(g, u, triton_unsupported=_unsupported(u)),
+    traceable=_traceable,
+    aliases=("geglu",),
+)
 
 
 def triton_swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
@@ -263,16 +286,7 @@ def triton_swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend
     Returns ``[..., N]`` in the gate's dtype; differentiable in both.
     """
     g, u = _split(gate, up)
-    return dispatch(  # type: ignore[no-any-return]
-        SWIGLU,
-        described(g, u, triton_unsupported=_unsupported(u)),
-        _swiglu_triton,
-        swiglu_reference,
-        lambda: g.is_cuda and g.dtype in TRITON_DTYPES and u.dtype in TRITON_DTYPES,
-        g,
-        u,
-        backend=backend,
-    )
+    return SWIGLU(g, u, backend=backend)  # type: ignore[no-any-return]
 
 
 def triton_geglu(
@@ -285,14 +299,59 @@ def triton_geglu(
     if approximate not in _APPROXIMATIONS:
         raise ConfigurationError(f"expected approximate to be 'none' or 'tanh' (as in F.gelu), got {approximate!r}")
     g, u = _split(gate, up)
-    return dispatch(  # type: ignore[no-any-return]
-        GEGLU,
-        described(g, u, triton_unsupported=_unsupported(u)),
-        _geglu_triton,
-        geglu_reference,
-        lambda: g.is_cuda and g.dtype in TRITON_DTYPES and u.dtype in TRITON_DTYPES,
-        g,
-        u,
-        approximate,
-        backend=backend,
-    )
+    return GEGLU(g, u, approximate, backend=backend)  # type: ignore[no-any-return]
+
+
+# --- ahead-of-time builds ----------------------------------------------------------------------------------
+
+
+def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
+    """Every build of this module's kernels as they would be launched on ``device`` in ``dtype``, for the
+    representative shapes (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
+    from llamatelemetry_core.aot import KernelBuild
+
+    t = TYPE_NAMES[dtype]
+    for hidden in HIDDEN_SIZES:
+        config = glu_config(hidden, dtype, device)
+        for name, activation in (("swiglu", 0), ("geglu", 1), ("geglu_tanh", 2)):
+            tag = f"{t},BLOCK={config.block_size}"
+            yield KernelBuild(
+                f"triton.{name}_fwd[{tag}]",
+                _glu_fwd_kernel,
+                {
+                    **dict.fromkeys(("G", "U", "Y"), f"*{t}"),
+                    **dict.fromkeys(("stride_g", "stride_u", "n_cols"), "i32"),
+                    "ACTIVATION": "constexpr",
+                    "BLOCK_SIZE": "constexpr",
+                },
+                {"ACTIVATION": activation, "BLOCK_SIZE": config.block_size},
+                num_warps=config.num_warps,
+            )
+            yield KernelBuild(
+                f"triton.{name}_bwd[{tag}]",
+                _glu_bwd_kernel,
+                {
+                    **dict.fromkeys(("DY", "G", "U", "DG", "DU"), f"*{t}"),
+                    **dict.fromkeys(("stride_dy", "stride_g", "stride_u", "n_cols"), "i32"),
+                    "ACTIVATION": "constexpr",
+                    "BLOCK_SIZE": "constexpr",
+                },
+                {"ACTIVATION": activation, "BLOCK_SIZE": config.block_size},
+                num_warps=config.num_warps,
+            )
+
+
+# --- registry entries ---------------------------------------------------------------------------------------
+
+
+def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+    """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
+    variants = {"swiglu": (0, "silu(gate) * up"), "geglu": (1, "gelu(gate) * up")}
+    return {
+        name: (
+            _glu_fwd_kernel,
+            KernelConfig(name, 1024, 4, 1, meta={"ACTIVATION": activation}, description=what),
+            rowwise(name, (("G", "stride_g"), ("U", "stride_u")), ("Y",)),
+        )
+        for name, (activation, what) in variants.items()
+    }

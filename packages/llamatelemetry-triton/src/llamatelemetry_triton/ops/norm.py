@@ -23,33 +23,43 @@ program, summed afterwards), the scheme of Triton's fused LayerNorm tutorial and
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
-from llamatelemetry_core.selection import Operation
 from llamatelemetry_core.validation import format_shape
+from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, TYPE_NAMES
+from llamatelemetry_triton._bounds import BoundsCheck, grid_rows, int_argument, require_elements, rowwise
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
+    TritonOperation,
     check_float_tensor,
     check_vector,
     compute_dtype,
     described,
     device_info,
-    dispatch,
     needs_autograd,
-    register_triton,
     triton_errors,
 )
 from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, norm_backward_programs, norm_config
+from llamatelemetry_triton.registry import KernelConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.device import DeviceInfo
 
 __all__ = [
+    "aot_builds",
     "fused_add_layernorm_reference",
     "fused_add_rmsnorm_reference",
     "layernorm_reference",
+    "registry_entries",
     "rmsnorm_reference",
     "triton_fused_add_layernorm",
     "triton_fused_add_rmsnorm",
@@ -753,16 +763,42 @@ def _residual_dtype_reason(residual: torch.Tensor) -> str | None:
     return None
 
 
-LAYERNORM = Operation("triton.layernorm", layernorm_reference, aliases=("layernorm",))
-RMSNORM = Operation("triton.rmsnorm", rmsnorm_reference, aliases=("rmsnorm",))
-FUSED_ADD_RMSNORM = Operation("triton.fused_add_rmsnorm", fused_add_rmsnorm_reference, aliases=("fused_add_rmsnorm",))
-FUSED_ADD_LAYERNORM = Operation(
-    "triton.fused_add_layernorm", fused_add_layernorm_reference, aliases=("fused_add_layernorm",)
+LAYERNORM = TritonOperation(
+    "triton.layernorm",
+    layernorm_reference,
+    _layernorm_triton,
+    describe=lambda x, weight, bias, eps: described(x, weight, bias),
+    traceable=lambda x, *_: _compiled_ok(x),
+    aliases=("layernorm",),
 )
-register_triton(LAYERNORM, _layernorm_triton)
-register_triton(RMSNORM, _rmsnorm_triton)
-register_triton(FUSED_ADD_RMSNORM, _fused_add_rmsnorm_triton)
-register_triton(FUSED_ADD_LAYERNORM, _fused_add_layernorm_triton)
+RMSNORM = TritonOperation(
+    "triton.rmsnorm",
+    rmsnorm_reference,
+    _rmsnorm_triton,
+    describe=lambda x, weight, eps: described(x, weight),
+    traceable=lambda x, *_: _compiled_ok(x),
+    aliases=("rmsnorm",),
+)
+FUSED_ADD_RMSNORM = TritonOperation(
+    "triton.fused_add_rmsnorm",
+    fused_add_rmsnorm_reference,
+    _fused_add_rmsnorm_triton,
+    describe=lambda x, residual, weight, eps: described(
+        x, residual, weight, triton_unsupported=_residual_dtype_reason(residual)
+    ),
+    traceable=lambda x, residual, *_: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,
+    aliases=("fused_add_rmsnorm",),
+)
+FUSED_ADD_LAYERNORM = TritonOperation(
+    "triton.fused_add_layernorm",
+    fused_add_layernorm_reference,
+    _fused_add_layernorm_triton,
+    describe=lambda x, residual, weight, bias, eps: described(
+        x, residual, weight, bias, triton_unsupported=_residual_dtype_reason(residual)
+    ),
+    traceable=lambda x, residual, *_: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,
+    aliases=("fused_add_layernorm",),
+)
 
 
 def triton_layernorm(
@@ -780,18 +816,7 @@ def triton_layernorm(
     (``backend="triton"`` or ``"reference"`` chooses). Raises :class:`ConfigurationError` for mismatched shapes.
     """
     _check_norm_args(x, None, weight, bias, eps)
-    return dispatch(  # type: ignore[no-any-return]
-        LAYERNORM,
-        described(x, weight, bias),
-        _layernorm_triton,
-        layernorm_reference,
-        lambda: _compiled_ok(x),
-        x,
-        weight,
-        bias,
-        eps,
-        backend=backend,
-    )
+    return LAYERNORM(x, weight, bias, eps, backend=backend)  # type: ignore[no-any-return]
 
 
 def triton_rmsnorm(
@@ -802,17 +827,7 @@ def triton_rmsnorm(
     Computed in fp32, returned in ``x``'s dtype; differentiable in ``x`` and ``weight``.
     """
     _check_norm_args(x, None, weight, None, eps)
-    return dispatch(  # type: ignore[no-any-return]
-        RMSNORM,
-        described(x, weight),
-        _rmsnorm_triton,
-        rmsnorm_reference,
-        lambda: _compiled_ok(x),
-        x,
-        weight,
-        eps,
-        backend=backend,
-    )
+    return RMSNORM(x, weight, eps, backend=backend)  # type: ignore[no-any-return]
 
 
 def triton_fused_add_rmsnorm(
@@ -830,18 +845,7 @@ def triton_fused_add_rmsnorm(
     """
     check_float_tensor(residual, "residual")  # required here: None is an error, not "no residual"
     _check_norm_args(x, residual, weight, None, eps)
-    return dispatch(  # type: ignore[no-any-return]
-        FUSED_ADD_RMSNORM,
-        described(x, residual, weight, triton_unsupported=_residual_dtype_reason(residual)),
-        _fused_add_rmsnorm_triton,
-        fused_add_rmsnorm_reference,
-        lambda: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,
-        x,
-        residual,
-        weight,
-        eps,
-        backend=backend,
-    )
+    return FUSED_ADD_RMSNORM(x, residual, weight, eps, backend=backend)  # type: ignore[no-any-return]
 
 
 def triton_fused_add_layernorm(
@@ -856,16 +860,129 @@ def triton_fused_add_layernorm(
     """``h = x + residual``, then LayerNorm of ``h``, in one pass; returns ``(normed, h)``."""
     check_float_tensor(residual, "residual")  # required here: None is an error, not "no residual"
     _check_norm_args(x, residual, weight, bias, eps)
-    return dispatch(  # type: ignore[no-any-return]
-        FUSED_ADD_LAYERNORM,
-        described(x, residual, weight, bias, triton_unsupported=_residual_dtype_reason(residual)),
-        _fused_add_layernorm_triton,
-        fused_add_layernorm_reference,
-        lambda: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,
-        x,
-        residual,
-        weight,
-        bias,
-        eps,
-        backend=backend,
-    )
+    return FUSED_ADD_LAYERNORM(x, residual, weight, bias, eps, backend=backend)  # type: ignore[no-any-return]
+
+
+# --- ahead-of-time builds ----------------------------------------------------------------------------------
+
+
+# (is_rms, has_residual, has_weight, has_bias) of LayerNorm, RMSNorm and their fused residual forms
+_AOT_VARIANTS = {
+    "layernorm": (False, False, True, True),
+    "rmsnorm": (True, False, True, False),
+    "fused_add_rmsnorm": (True, True, True, False),
+    "fused_add_layernorm": (False, True, True, True),
+}
+
+
+def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
+    """Every build of this module's kernels as they would be launched on ``device`` in ``dtype``, for the
+    representative shapes (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
+    from llamatelemetry_core.aot import KernelBuild
+
+    t = TYPE_NAMES[dtype]
+    for hidden in HIDDEN_SIZES:
+        config = norm_config(hidden, dtype, device)
+        backward = norm_config(hidden, dtype, device, backward=True)
+        tag = f"{t},N={hidden},BLOCK={config.block_size},{'single' if config.single_block else 'looped'}"
+        for name, (is_rms, residual, weight, bias) in _AOT_VARIANTS.items():
+            signature = {
+                **dict.fromkeys(("X", "R", "W", "B", "Y", "H"), f"*{t}"),
+                "Mean": "*fp32",
+                "Rstd": "*fp32",
+                "stride_x": "i32",
+                "stride_r": "i32",
+                "n_cols": "i32",
+                "eps": "fp32",
+                **dict.fromkeys(
+                    (
+                        "IS_RMS",
+                        "HAS_RESIDUAL",
+                        "HAS_WEIGHT",
+                        "HAS_BIAS",
+                        "STORE_STATS",
+                        "SINGLE_BLOCK",
+                        "BLOCK_SIZE",
+                    ),
+                    "constexpr",
+                ),
+            }
+            yield KernelBuild(
+                f"triton.{name}_fwd[{tag}]",
+                _norm_fwd_kernel,
+                signature,
+                {
+                    "IS_RMS": is_rms,
+                    "HAS_RESIDUAL": residual,
+                    "HAS_WEIGHT": weight,
+                    "HAS_BIAS": bias,
+                    "STORE_STATS": False,
+                    "SINGLE_BLOCK": config.single_block,
+                    "BLOCK_SIZE": config.block_size,
+                },
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+            signature = {
+                **dict.fromkeys(("DY", "X", "W"), f"*{t}"),
+                "Mean": "*fp32",
+                "Rstd": "*fp32",
+                "DRES": f"*{t}",
+                "DX": f"*{t}",
+                "DW": "*fp32",
+                "DB": "*fp32",
+                **dict.fromkeys(
+                    ("stride_dy", "stride_x", "stride_dres", "n_rows", "n_cols", "rows_per_program"), "i32"
+                ),
+                **dict.fromkeys(
+                    ("IS_RMS", "HAS_WEIGHT", "HAS_BIAS", "HAS_DRES", "SINGLE_BLOCK", "BLOCK_SIZE"), "constexpr"
+                ),
+            }
+            yield KernelBuild(
+                f"triton.{name}_bwd[{tag}]",
+                _norm_bwd_kernel,
+                signature,
+                {
+                    "IS_RMS": is_rms,
+                    "HAS_WEIGHT": weight,
+                    "HAS_BIAS": bias,
+                    "HAS_DRES": residual,
+                    "SINGLE_BLOCK": backward.single_block,
+                    "BLOCK_SIZE": backward.block_size,
+                },
+                num_warps=backward.num_warps,
+                num_stages=backward.num_stages,
+            )
+
+
+# --- registry entries ---------------------------------------------------------------------------------------
+
+
+def _norm_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
+    rows, n_cols = grid_rows(grid), int_argument(args, "n_cols", "norm")
+    if rows == 0 or n_cols == 0:
+        return
+    rowwise("norm", (("X", "stride_x"),), ("Y",))(args, grid)
+    if args.get("HAS_RESIDUAL"):
+        rowwise("norm", (("R", "stride_r"),), ("H",))(args, grid)
+    for flag, name in (("HAS_WEIGHT", "W"), ("HAS_BIAS", "B")):
+        if args.get(flag):
+            require_elements(args, name, n_cols, "norm", f"n_cols = {n_cols}")
+    if args.get("STORE_STATS"):
+        for name in ("Mean", "Rstd"):
+            require_elements(args, name, rows, "norm", f"one value per row, {rows} rows")
+
+
+def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+    """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
+    doc = "(X, R, W, B, Y, H, Mean, Rstd, stride_x, stride_r, n_cols, eps, IS_RMS, HAS_RESIDUAL, ...)"
+    variants = {
+        "layernorm": ({"IS_RMS": False}, "LayerNorm"),
+        "rmsnorm": ({"IS_RMS": True}, "RMSNorm"),
+        "fused_add_layernorm": ({"IS_RMS": False, "HAS_RESIDUAL": True}, "residual add + LayerNorm"),
+        "fused_add_rmsnorm": ({"IS_RMS": True, "HAS_RESIDUAL": True}, "residual add + RMSNorm"),
+    }
+    return {
+        name: (_norm_fwd_kernel, KernelConfig(name, 1024, 4, 1, meta=meta, description=f"{what} {doc}"), _norm_bounds)
+        for name, (meta, what) in variants.items()
+    }

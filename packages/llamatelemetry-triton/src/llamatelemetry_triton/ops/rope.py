@@ -20,28 +20,36 @@ row once and rotates every query and key head; the backward is the inverse rotat
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
-from llamatelemetry_core.selection import Operation
 from llamatelemetry_core.validation import check_non_negative_int, format_shape
+from llamatelemetry_triton._aot_shapes import HEAD_DIMS, TYPE_NAMES
+from llamatelemetry_triton._bounds import BoundsCheck, grid_rows, int_argument, require_elements
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
+    TritonOperation,
     check_float_tensor,
     compute_dtype,
     described,
     device_info,
-    dispatch,
     needs_autograd,
-    register_triton,
     run_op,
     triton_errors,
 )
 from llamatelemetry_triton._launch import on_device
 from llamatelemetry_triton.heuristics import rope_config
+from llamatelemetry_triton.registry import KernelConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.device import DeviceInfo
 
 __all__ = ["RopeFunction", "rope_cos_sin", "rope_reference", "triton_rope"]
 
@@ -419,8 +427,16 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
-ROPE = Operation("triton.rope", _rope_reference_inplace, aliases=("rope",))
-register_triton(ROPE, _rope_triton)
+ROPE = TritonOperation(
+    "triton.rope",
+    _rope_reference_inplace,
+    _rope_triton,
+    describe=lambda q, k, cos, sin, positions, interleaved: described(
+        q, k, cos, sin, triton_unsupported=_unsupported(q, k)
+    ),
+    traceable=lambda q, k, *_: q.is_cuda and q.dtype in TRITON_DTYPES and k.dtype in TRITON_DTYPES,
+    aliases=("rope",),
+)
 
 
 def triton_rope(
@@ -444,17 +460,87 @@ def triton_rope(
     leave a token unrotated on GPU (checking would synchronize); on CPU they raise :class:`ConfigurationError`.
     """
     _check_rope_args(q, k, cos, sin, positions)
-    return dispatch(  # type: ignore[no-any-return]
-        ROPE,
-        described(q, k, cos, sin, triton_unsupported=_unsupported(q, k)),
-        _rope_triton,
-        _rope_reference_inplace,
-        lambda: q.is_cuda and q.dtype in TRITON_DTYPES and k.dtype in TRITON_DTYPES,
-        q,
-        k,
-        cos,
-        sin,
-        positions,
-        bool(interleaved),
-        backend=backend,
-    )
+    return ROPE(q, k, cos, sin, positions, bool(interleaved), backend=backend)  # type: ignore[no-any-return]
+
+
+# --- ahead-of-time builds ----------------------------------------------------------------------------------
+
+
+def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
+    """Every build of this module's kernels as they would be launched on ``device`` in ``dtype``, for the
+    representative shapes (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
+    from llamatelemetry_core.aot import KernelBuild
+
+    t = TYPE_NAMES[dtype]
+    for head_dim in HEAD_DIMS:
+        config = rope_config(head_dim // 2, 32, dtype, device)
+        for interleaved in (False, True):
+            signature = {
+                "Q": f"*{t}",
+                "K": f"*{t}",
+                "Cos": "*fp32",
+                "Sin": "*fp32",
+                "Pos": "*i64",
+                **dict.fromkeys(
+                    (
+                        "q_stride_t",
+                        "q_stride_h",
+                        "k_stride_t",
+                        "k_stride_h",
+                        "cos_stride",
+                        "sin_stride",
+                        "n_q_heads",
+                        "n_k_heads",
+                        "rotary_half",
+                        "n_positions",
+                    ),
+                    "i32",
+                ),
+                **dict.fromkeys(("INTERLEAVED", "INVERSE", "BLOCK_H", "BLOCK_SIZE"), "constexpr"),
+            }
+            yield KernelBuild(
+                f"triton.rope[{t},D={head_dim},{'gptj' if interleaved else 'neox'}]",
+                _rope_kernel,
+                signature,
+                {
+                    "INTERLEAVED": interleaved,
+                    "INVERSE": False,
+                    "BLOCK_H": config.chunk_size,
+                    "BLOCK_SIZE": config.block_size,
+                },
+                num_warps=config.num_warps,
+            )
+
+
+# --- registry entries ---------------------------------------------------------------------------------------
+
+
+def _rope_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
+    tokens = grid_rows(grid)
+    half = int_argument(args, "rotary_half", "rope")
+    if tokens == 0 or half == 0:
+        return
+    require_elements(args, "Pos", tokens, "rope", f"one position per token, {tokens} tokens")
+    for name, heads, stride_t, stride_h in (
+        ("Q", "n_q_heads", "q_stride_t", "q_stride_h"),
+        ("K", "n_k_heads", "k_stride_t", "k_stride_h"),
+    ):
+        h = int_argument(args, heads, "rope")
+        if h:
+            extent = (
+                (tokens - 1) * int_argument(args, stride_t, "rope")
+                + (h - 1) * int_argument(args, stride_h, "rope")
+                + 2 * half
+            )
+            require_elements(args, name, extent, "rope", f"{tokens} tokens x {h} heads, rotary_half {half}")
+    rows = int_argument(args, "n_positions", "rope")
+    for name, stride in (("Cos", "cos_stride"), ("Sin", "sin_stride")):
+        if rows:
+            extent = (rows - 1) * int_argument(args, stride, "rope") + half
+            require_elements(args, name, extent, "rope", f"{rows} table rows")
+
+
+def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+    """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
+    config = KernelConfig("rope", 64, 4, 1, description="rotary embedding of q and k in place")
+    return {"rope": (_rope_kernel, config, _rope_bounds)}

@@ -15,27 +15,34 @@ Backward: ``dx = y * (dy - sum(dy * y))`` per row.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
-from llamatelemetry_core.selection import Operation
+from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, ROWS, TYPE_NAMES, VOCAB_SIZE
+from llamatelemetry_triton._bounds import BoundsCheck, rowwise
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
+    TritonOperation,
     check_float_tensor,
     compute_dtype,
     described,
     device_info,
-    dispatch,
     needs_autograd,
-    register_triton,
     run_op,
     triton_errors,
 )
 from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, next_power_of_2, softmax_config
+from llamatelemetry_triton.registry import KernelConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.device import DeviceInfo
 
 __all__ = ["SoftmaxFunction", "softmax_reference", "triton_softmax"]
 
@@ -276,8 +283,14 @@ def _softmax_last_dim(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-SOFTMAX = Operation("triton.softmax", softmax_reference, aliases=("softmax",))
-register_triton(SOFTMAX, _softmax_triton)
+SOFTMAX = TritonOperation(
+    "triton.softmax",
+    softmax_reference,
+    _softmax_triton,
+    describe=lambda x, dim: described(x),
+    traceable=lambda x, dim: x.is_cuda and x.dtype in TRITON_DTYPES,
+    aliases=("softmax",),
+)
 
 
 def triton_softmax(x: torch.Tensor, dim: int = -1, *, backend: str | None = None) -> torch.Tensor:
@@ -293,13 +306,78 @@ def triton_softmax(x: torch.Tensor, dim: int = -1, *, backend: str | None = None
         raise ConfigurationError(
             f"expected dim to be an integer in [{-ndim}, {ndim - 1}] for x of {x.dim()} dimensions, got {dim!r}"
         )
-    return dispatch(  # type: ignore[no-any-return]
-        SOFTMAX,
-        described(x),
-        _softmax_triton,
-        softmax_reference,
-        lambda: x.is_cuda and x.dtype in TRITON_DTYPES,
-        x,
-        dim,
-        backend=backend,
-    )
+    return SOFTMAX(x, dim, backend=backend)  # type: ignore[no-any-return]
+
+
+# --- ahead-of-time builds ----------------------------------------------------------------------------------
+
+
+def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
+    """Every build of this module's kernels as they would be launched on ``device`` in ``dtype``, for the
+    representative shapes (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
+    from llamatelemetry_core.aot import KernelBuild
+
+    t = TYPE_NAMES[dtype]
+    for rows, cols in [*((ROWS, h) for h in HIDDEN_SIZES), (32, VOCAB_SIZE)]:
+        config = softmax_config(rows, cols, dtype, device)
+        tag = f"{t},{rows}x{cols},BLOCK={config.block_size}"
+        if config.single_block:
+            yield KernelBuild(
+                f"triton.softmax_fwd[{tag}]",
+                _softmax_fwd_kernel,
+                {"X": f"*{t}", "Y": f"*{t}", "stride_x": "i32", "n_cols": "i32", "BLOCK_SIZE": "constexpr"},
+                {"BLOCK_SIZE": config.block_size},
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+        else:
+            ints = dict.fromkeys(("stride_x", "n_cols", "chunk_size", "splits"), "i32")
+            yield KernelBuild(
+                f"triton.softmax_partial_stats[{tag},splits={config.splits}]",
+                _softmax_partial_stats_kernel,
+                {"X": f"*{t}", "M": "*fp32", "D": "*fp32", **ints, "BLOCK_SIZE": "constexpr"},
+                {"BLOCK_SIZE": config.block_size},
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+            yield KernelBuild(
+                f"triton.softmax_normalize[{tag},splits={config.splits}]",
+                _softmax_normalize_kernel,
+                {
+                    "X": f"*{t}",
+                    "Y": f"*{t}",
+                    "M": "*fp32",
+                    "D": "*fp32",
+                    **ints,
+                    "SPLITS_BLOCK": "constexpr",
+                    "BLOCK_SIZE": "constexpr",
+                },
+                {"SPLITS_BLOCK": next_power_of_2(config.splits), "BLOCK_SIZE": config.block_size},
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+        yield KernelBuild(
+            f"triton.softmax_bwd[{tag}]",
+            _softmax_bwd_kernel,
+            {
+                "DY": f"*{t}",
+                "Y": f"*{t}",
+                "DX": f"*{t}",
+                "stride_dy": "i32",
+                "n_cols": "i32",
+                "SINGLE_BLOCK": "constexpr",
+                "BLOCK_SIZE": "constexpr",
+            },
+            {"SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size},
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+
+
+# --- registry entries ---------------------------------------------------------------------------------------
+
+
+def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+    """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
+    config = KernelConfig("softmax", 1024, 4, 1, description="row softmax, a row per block; (X, Y, stride_x, n_cols)")
+    return {"softmax": (_softmax_fwd_kernel, config, rowwise("softmax", (("X", "stride_x"),), ("Y",)))}
