@@ -99,17 +99,27 @@ def _device_info(device: torch.device) -> DeviceInfo:
     return get_device_info(device, refresh_memory=False)
 
 
-def _largest_finite_log2(x: torch.Tensor) -> torch.Tensor:
-    """log2 of the largest finite ``|x|`` as a float64 0-dim tensor on x's device (-inf when there is none)."""
+def _largest_finite(x: torch.Tensor) -> torch.Tensor:
+    """The largest finite ``|x|`` (0 when there is none), as a 0-dim tensor on x's device."""
     finite = torch.nan_to_num(x.detach(), nan=0.0, posinf=0.0, neginf=0.0)
-    return torch.log2(torch.linalg.vector_norm(finite, ord=math.inf).to(torch.float64))
+    largest: torch.Tensor = torch.linalg.vector_norm(finite, ord=math.inf)
+    return largest
 
 
-def _exponent(log_max: torch.Tensor) -> torch.Tensor:
-    """The power of two that brings a largest value of ``2^log_max`` to at most ``2^15`` (0 for an all-zero input)."""
-    e = torch.ceil(log_max - _FP16_SAFE_LOG2)
-    # An input with no finite non-zero value needs no scaling; the bound keeps 2^-e finite in float64.
-    return torch.where(torch.isfinite(e), e, torch.zeros_like(e)).clamp(min=-_MAX_UPSCALE_LOG2)
+def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _exponents(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[eA, eB]`` (float64, on a's device) of step 1 of the module docstring, computed for both inputs at once:
+    a few element-wise kernels on a 2-vector, whatever the inputs' size."""
+    log_max = torch.log2(torch.stack([_largest_finite(a), _largest_finite(b)]).to(torch.float64))
+    # The power of two that brings each largest value to at most 2^15; an input with no finite non-zero value
+    # (log -inf) needs none, and the bound keeps 2^-e finite in float64.
+    e = _finite_or_zero(torch.ceil(log_max - _FP16_SAFE_LOG2)).clamp(min=-_MAX_UPSCALE_LOG2)
+    excess = (log_max - e).sum() + math.log2(max(a.shape[-1], 1)) - _FP16_SAFE_LOG2
+    e_product = _finite_or_zero(torch.ceil(excess)).clamp(min=0) / 2
+    return e + torch.stack([torch.ceil(e_product), torch.floor(e_product)])
 
 
 def range_scale_exponents(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,13 +128,8 @@ def range_scale_exponents(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tenso
     ``a`` is ``[..., M, K]`` and ``b`` ``[..., K, N]``; only finite values count, so an inf or NaN elsewhere does
     not stop the finite ones from being brought into fp16's range. Negative exponents scale up.
     """
-    log_a = _largest_finite_log2(a)
-    log_b = _largest_finite_log2(b)
-    e_a, e_b = _exponent(log_a), _exponent(log_b)
-    excess = (log_a - e_a) + (log_b - e_b) + math.log2(max(a.shape[-1], 1)) - _FP16_SAFE_LOG2
-    e_product = torch.ceil(excess)
-    e_product = torch.where(torch.isfinite(e_product), e_product, torch.zeros_like(e_product)).clamp(min=0)
-    return e_a + torch.ceil(e_product / 2), e_b + torch.floor(e_product / 2)
+    e = _exponents(a, b)
+    return e[0], e[1]
 
 
 @dataclass(frozen=True)
@@ -139,12 +144,9 @@ def _range_scales(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> _Scal
         return None  # bf16 has fp32's range; fp16 inputs are in range and an fp16 result overflows like theirs
     if a.numel() == 0 or b.numel() == 0:
         return None
-    e_a, e_b = range_scale_exponents(a, b)
-    return _Scales(
-        a=torch.exp2(-e_a).reshape(1, 1),
-        b=torch.exp2(-e_b).reshape(1, 1),
-        unscale=torch.exp2(e_a + e_b).reshape(1, 1),
-    )
+    e = _exponents(a, b)
+    scales = torch.exp2(-e).reshape(2, 1, 1)
+    return _Scales(a=scales[0], b=scales[1], unscale=torch.exp2(e.sum()).reshape(1, 1))
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -295,6 +297,8 @@ def _result_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
             f"expected B of shape [..., K, N] with K = A.shape[-1] = {a.shape[-1]}, got A {format_shape(a.shape)} "
             f"and B {format_shape(b.shape)}"
         )
+    if a.shape[:-2] == b.shape[:-2]:  # the common case, without broadcast_shapes' tens of microseconds
+        return (*a.shape[:-2], a.shape[-2], b.shape[-1])
     try:
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])  # type: ignore[no-untyped-call]
     except RuntimeError as exc:
