@@ -6,8 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -164,14 +165,8 @@ def test_measured_ratios_for_a_measured_gpu_model_and_not_for_others(capsys: pyt
     assert "none was measured on this GPU model" in out
 
 
-def test_the_shipped_measurements_match_benchmarks_results() -> None:
-    script = ROOT / "scripts" / "benchmark_summary.py"
-    if not script.is_file():
-        pytest.skip("needs the monorepo checkout")
-    spec = importlib.util.spec_from_file_location("benchmark_summary", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_the_shipped_measurements_match_benchmarks_results(load_script: Callable[[str], ModuleType]) -> None:
+    module = load_script("benchmark_summary")
     assert measured_results() == json.loads(module.render()), "run: python scripts/benchmark_summary.py"
     for gpu in measured_results()["gpus"].values():
         for operation in gpu["operations"].values():

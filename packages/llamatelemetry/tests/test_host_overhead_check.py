@@ -3,27 +3,18 @@ overhead factor fails, a group that was not measured fails, and the best of seve
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-SCRIPT = ROOT / "scripts" / "check_host_overhead.py"
-
-pytestmark = pytest.mark.skipif(not SCRIPT.is_file(), reason="needs the monorepo checkout")
-
 
 @pytest.fixture(scope="module")
-def check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("check_host_overhead", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def check(load_script: Callable[[str], ModuleType]) -> ModuleType:
+    return load_script("check_host_overhead")
 
 
 def _report(pairs: dict[str, tuple[float, float]], speed: float = 1.0) -> dict[str, Any]:

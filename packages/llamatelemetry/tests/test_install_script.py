@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-SCRIPT = ROOT / "scripts" / "install.py"
-
-pytestmark = pytest.mark.skipif(not SCRIPT.is_file(), reason="needs the monorepo checkout")
 
 
 @pytest.fixture(scope="module")
-def install() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("install_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def install(load_script: Callable[[str], ModuleType]) -> ModuleType:
+    return load_script("install")
 
 
 def _editable_targets(command: list[str]) -> list[str]:
