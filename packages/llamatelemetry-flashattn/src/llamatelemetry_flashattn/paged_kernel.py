@@ -31,7 +31,6 @@ the shape of flash-attn's ``flash_attn_with_kvcache`` and FlashInfer's paged ``r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +40,7 @@ import triton.language as tl
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_interpreter_enabled
 from llamatelemetry_core.kv_layout import PagedKV
+from llamatelemetry_flashattn._attention_tile import kernel_scales, online_softmax, window_bounds
 from llamatelemetry_flashattn.paged_tiles import (
     MERGE_BLOCK_S,
     PagedTiles,
@@ -48,12 +48,8 @@ from llamatelemetry_flashattn.paged_tiles import (
     choose_paged_tiles,
     uses_page_ids,
 )
-from llamatelemetry_flashattn.reference import UNBOUNDED, normalize_window
 
 __all__ = ["PagedLaunch", "merge_warps", "paged_launch_config", "triton_paged_attention"]
-
-_LOG2E = 1.4426950408889634
-_FAR = 1 << 30  # an "unbounded" window side, far beyond any sequence length yet safe from int32 overflow
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -138,6 +134,7 @@ def _paged_tile(  # type: ignore[no-untyped-def]
             k_scale = tl.load(KScale + scale_ptrs)
             v_scale = tl.load(VScale + scale_ptrs)
         s = s * k_scale[None, :]
+    # The logits as _attention_tile.tile_logits forms them, inline (see that module).
     if USE_SOFTCAP:  # noqa: SIM108 (a constexpr branch: the other one is not compiled)
         # softcap * tanh(x), tanh(x) = 2 * sigmoid(2x) - 1, in log2 units for exp2
         s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * (s * qk_scale)) - 1.0)
@@ -150,12 +147,7 @@ def _paged_tile(  # type: ignore[no-untyped-def]
             & (cols[None, :] <= pos[:, None] + window_right)
         )
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no visible key yet keeps m = -inf; exp2(-inf - -inf) would be NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
     if QUANTIZED:
         p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
@@ -431,19 +423,6 @@ def merge_warps(block_d: int) -> int:
     return 4 if block_d >= 128 else 2
 
 
-def _window_bounds(causal: bool, window_size: tuple[int, int] | None) -> tuple[int, int]:
-    left, right = normalize_window(window_size, causal)
-    return (_FAR if left == UNBOUNDED else left), (_FAR if right == UNBOUNDED else right)
-
-
-def _scales(head_dim: int, softmax_scale: float | None, softcap: float | None) -> tuple[float, float]:
-    """(qk_scale, softcap_log2): the factors of the logits in log2 units, see the kernel."""
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    if softcap is None:
-        return scale * _LOG2E, 0.0
-    return scale / softcap, softcap * _LOG2E
-
-
 def triton_paged_attention(
     q: torch.Tensor,
     kv: PagedKV,
@@ -476,8 +455,8 @@ def triton_paged_attention(
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()  # the kernel reads each head's vector as one contiguous run
-    left, right = _window_bounds(causal, window_size)
-    qk_scale, softcap_log2 = _scales(head_dim, softmax_scale, softcap)
+    left, right = window_bounds(causal, window_size)
+    qk_scale, softcap_log2 = kernel_scales(head_dim, softmax_scale, softcap)
     quantized = kv.key_scale is not None
     key_scale = kv.key_scale if kv.key_scale is not None else kv.key_cache
     value_scale = kv.value_scale if kv.value_scale is not None else kv.value_cache

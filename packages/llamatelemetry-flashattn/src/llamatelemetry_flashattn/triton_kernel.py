@@ -30,7 +30,6 @@ of ``exp(logit - m)`` and the running, unnormalised output; a larger maximum res
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -40,7 +39,7 @@ import triton.language as tl
 
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_interpreter_enabled
-from llamatelemetry_flashattn.reference import UNBOUNDED, normalize_window
+from llamatelemetry_flashattn._attention_tile import kernel_scales, online_softmax, tile_logits, window_bounds
 from llamatelemetry_flashattn.tiles import TileConfig, choose_tiles
 
 if TYPE_CHECKING:
@@ -53,8 +52,6 @@ __all__ = ["AOT_HEAD_DIMS", "BLOCK_POINTERS", "kernel_builds", "triton_attention
 # Triton 3.6 the block-pointer form needs fewer registers (an H100 decode build: 64 bytes of spills against
 # 4.5 KB), so it stays where it can.
 BLOCK_POINTERS = hasattr(tl, "make_block_ptr") and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8)
-_LOG2E = 1.4426950408889634
-_FAR = 1 << 30  # an "unbounded" window side, far beyond any sequence length yet safe from int32 overflow
 AOT_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
@@ -122,26 +119,10 @@ def _attend_tile(  # type: ignore[no-untyped-def]
         else:
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    s = tl.dot(q, k)
-    if USE_SOFTCAP:  # noqa: SIM108 (a constexpr branch: the other one is not compiled)
-        # softcap * tanh(x), tanh(x) = 2 * sigmoid(2x) - 1, in log2 units for exp2
-        s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * (s * qk_scale)) - 1.0)
-    else:
-        s = s * qk_scale
-    if MASKED:
-        cols = n0 + offs_n
-        visible = (
-            (cols[None, :] < kv_len)
-            & (cols[None, :] >= pos[:, None] - window_left)
-            & (cols[None, :] <= pos[:, None] + window_right)
-        )
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no visible key yet keeps m = -inf; exp2(-inf - -inf) would be NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    s = tile_logits(
+        tl.dot(q, k), n0 + offs_n, pos, kv_len, qk_scale, softcap_log2, window_left, window_right, USE_SOFTCAP, MASKED
+    )
+    p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
@@ -325,19 +306,6 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _window_bounds(causal: bool, window_size: tuple[int, int] | None) -> tuple[int, int]:
-    left, right = normalize_window(window_size, causal)
-    return (_FAR if left == UNBOUNDED else left), (_FAR if right == UNBOUNDED else right)
-
-
-def _scales(head_dim: int, softmax_scale: float | None, softcap: float | None) -> tuple[float, float]:
-    """(qk_scale, softcap_log2): the factors of the logits in log2 units, see the kernel."""
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    if softcap is None:
-        return scale * _LOG2E, 0.0
-    return scale / softcap, softcap * _LOG2E
-
-
 def launch_config(q: torch.Tensor, k: torch.Tensor, device: DeviceInfo | None = None) -> TileConfig:
     """The tiles :func:`triton_attention` uses for these inputs on ``device`` (default: the tensors' device)."""
     info = device if device is not None else get_device_info(q.device, refresh_memory=False)
@@ -367,8 +335,8 @@ def triton_attention(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q_len == 0 or batch == 0:
         return out
-    left, right = _window_bounds(causal, window_size)
-    qk_scale, softcap_log2 = _scales(head_dim, softmax_scale, softcap)
+    left, right = window_bounds(causal, window_size)
+    qk_scale, softcap_log2 = kernel_scales(head_dim, softmax_scale, softcap)
     grid = (triton.cdiv(q_len * group, config.block_m), batch * kv_heads)
     _attention_fwd_kernel[grid](
         q,
