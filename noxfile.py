@@ -257,14 +257,18 @@ def bench_host(session: nox.Session) -> None:
     newest stored baseline of this CPU model (``benchmarks/results/cpu-<model>/pytest-benchmark/``) by
     ``scripts/check_host_overhead.py``: per operation, the library's call over the native call in the same run,
     which does not move with the machine's speed; fails when that factor grew more than 1.5x in both of two runs.
-    Without a baseline for this machine it runs and says so (``-- --benchmark-save=baseline`` stores one)."""
+    Without a baseline for this machine it runs and says so; with arguments it runs once, passing them to pytest
+    (``-- --benchmark-save=baseline`` stores a baseline)."""
     session.install(TORCH_CPU, "numpy", *TEST_TOOLS)
     _install_local(session, list(PACKAGES))
     session.env["TRITON_INTERPRET"] = "0"
+    if session.posargs:  # e.g. --benchmark-save=baseline: one run, as asked, no comparison
+        session.run("pytest", "benchmarks/host", *_HOST_BENCH_FLAGS, *session.posargs)
+        return
     baseline = (session.run("python", "-c", _BASELINE_PROBE, silent=True) or "").strip()
     runs = [Path(session.create_tmp()) / f"host-cost-{n}.json" for n in (1, 2)]  # best of two: see the script
     for run in runs:
-        session.run("pytest", "benchmarks/host", *_HOST_BENCH_FLAGS, f"--benchmark-json={run}", *session.posargs)
+        session.run("pytest", "benchmarks/host", *_HOST_BENCH_FLAGS, f"--benchmark-json={run}")
     if not baseline:
         session.log(
             "no stored host-cost baseline for this machine class: the comparison is skipped. "

@@ -55,6 +55,7 @@ ENTRY_POINT_GROUP = "llamatelemetry.kernel_builds"
 MAX_THREADS_PER_BLOCK = 1024
 MAX_REGISTERS_PER_THREAD = 255
 MAX_REGISTERS_PER_BLOCK = 65536
+_DEFAULT_MAX_JOBS = 8
 
 
 @dataclass(frozen=True)
@@ -356,9 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=os.cpu_count() or 1,
+        default=min(os.cpu_count() or 1, _DEFAULT_MAX_JOBS),
         metavar="N",
-        help="worker processes compiling in parallel (default: the number of CPUs)",
+        help=f"worker processes compiling in parallel (default: the number of CPUs, at most {_DEFAULT_MAX_JOBS}: "
+        "each imports torch and Triton)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
