@@ -28,6 +28,7 @@ __all__ = [
     "check_float_tensor",
     "check_vector",
     "compute_dtype",
+    "cuda_in_triton_dtypes",
     "described",
     "device_info",
     "needs_autograd",
@@ -156,6 +157,12 @@ class TritonOperation(Operation):
                 return self._triton_fn(*args)
             return self._reference_fn(*args)
         return self.run(tensors, *args, facts=facts, backend=backend)
+
+
+def cuda_in_triton_dtypes(first: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether a call is worth tracing into a Triton kernel when chosen: its first tensor is on a CUDA device and
+    every tensor named has a dtype the kernels take (see :class:`TritonOperation`'s ``traceable``)."""
+    return first.is_cuda and first.dtype in TRITON_DTYPES and all(t.dtype in TRITON_DTYPES for t in others)
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

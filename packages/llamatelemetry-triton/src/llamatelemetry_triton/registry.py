@@ -84,6 +84,11 @@ class KernelConfig:
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
 
 
+BuiltinEntry = tuple[Any, KernelConfig, BoundsCheck]
+"""A built-in kernel as its operation's module lists it (``registry_entries``): kernel, default launch config,
+bounds check."""
+
+
 def _parameter_names(kernel: Any) -> tuple[str, ...]:
     names = getattr(kernel, "arg_names", None)
     if names is None:

@@ -20,7 +20,7 @@ import torch
 
 from llamatelemetry_core.validation import dtype_name
 from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, ROWS, TYPE_NAMES
-from llamatelemetry_triton._bounds import BoundsCheck, int_argument, require_elements
+from llamatelemetry_triton._bounds import int_argument, require_elements
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
@@ -33,7 +33,7 @@ from llamatelemetry_triton._dispatch import (
 )
 from llamatelemetry_triton._launch import on_device
 from llamatelemetry_triton.heuristics import elementwise_config
-from llamatelemetry_triton.registry import KernelConfig
+from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -277,7 +277,7 @@ def _add_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
         require_elements(args, name, n, "add", f"n_elements = {n}")
 
 
-def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+def registry_entries() -> dict[str, BuiltinEntry]:
     """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
     config = KernelConfig("add", 1024, 4, 1, description="out = a + b; (A, B, Out, n)")
     return {"add": (_add_kernel, config, _add_bounds)}

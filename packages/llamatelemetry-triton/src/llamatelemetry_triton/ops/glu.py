@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.validation import format_shape
 from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, TYPE_NAMES
-from llamatelemetry_triton._bounds import BoundsCheck, rowwise
+from llamatelemetry_triton._bounds import rowwise
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
     TritonOperation,
     check_float_tensor,
     compute_dtype,
+    cuda_in_triton_dtypes,
     described,
     device_info,
     needs_autograd,
@@ -39,7 +40,7 @@ from llamatelemetry_triton._dispatch import (
 )
 from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, glu_config
-from llamatelemetry_triton.registry import KernelConfig
+from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -258,16 +259,12 @@ def _geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> tor
     return _glu_apply(gate, up, _APPROXIMATIONS[approximate])
 
 
-def _traceable(g: torch.Tensor, u: torch.Tensor, *_: Any) -> bool:
-    return g.is_cuda and g.dtype in TRITON_DTYPES and u.dtype in TRITON_DTYPES
-
-
 SWIGLU = TritonOperation(
     "triton.swiglu",
     swiglu_reference,
     _swiglu_triton,
     describe=lambda g, u: described(g, u, triton_unsupported=_unsupported(u)),
-    traceable=_traceable,
+    traceable=lambda g, u, *_: cuda_in_triton_dtypes(g, u),
     aliases=("swiglu",),
 )
 GEGLU = TritonOperation(
@@ -275,7 +272,7 @@ GEGLU = TritonOperation(
     geglu_reference,
     _geglu_triton,
     describe=lambda g, u, approximate: described(g, u, triton_unsupported=_unsupported(u)),
-    traceable=_traceable,
+    traceable=lambda g, u, *_: cuda_in_triton_dtypes(g, u),
     aliases=("geglu",),
 )
 
@@ -344,7 +341,7 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
 # --- registry entries ---------------------------------------------------------------------------------------
 
 
-def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+def registry_entries() -> dict[str, BuiltinEntry]:
     """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
     variants = {"swiglu": (0, "silu(gate) * up"), "geglu": (1, "gelu(gate) * up")}
     return {

@@ -31,7 +31,7 @@ import torch
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.validation import format_shape
 from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, TYPE_NAMES
-from llamatelemetry_triton._bounds import BoundsCheck, grid_rows, int_argument, require_elements, rowwise
+from llamatelemetry_triton._bounds import grid_rows, int_argument, require_elements, rowwise
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
@@ -39,6 +39,7 @@ from llamatelemetry_triton._dispatch import (
     check_float_tensor,
     check_vector,
     compute_dtype,
+    cuda_in_triton_dtypes,
     described,
     device_info,
     needs_autograd,
@@ -46,7 +47,7 @@ from llamatelemetry_triton._dispatch import (
 )
 from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, norm_backward_programs, norm_config
-from llamatelemetry_triton.registry import KernelConfig
+from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -708,10 +709,6 @@ def _check_norm_args(
         raise ConfigurationError(f"expected eps to be a number >= 0, got {eps!r}")
 
 
-def _compiled_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in TRITON_DTYPES
-
-
 def _norm_apply(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -768,7 +765,7 @@ LAYERNORM = TritonOperation(
     layernorm_reference,
     _layernorm_triton,
     describe=lambda x, weight, bias, eps: described(x, weight, bias),
-    traceable=lambda x, *_: _compiled_ok(x),
+    traceable=lambda x, *_: cuda_in_triton_dtypes(x),
     aliases=("layernorm",),
 )
 RMSNORM = TritonOperation(
@@ -776,7 +773,7 @@ RMSNORM = TritonOperation(
     rmsnorm_reference,
     _rmsnorm_triton,
     describe=lambda x, weight, eps: described(x, weight),
-    traceable=lambda x, *_: _compiled_ok(x),
+    traceable=lambda x, *_: cuda_in_triton_dtypes(x),
     aliases=("rmsnorm",),
 )
 FUSED_ADD_RMSNORM = TritonOperation(
@@ -786,7 +783,7 @@ FUSED_ADD_RMSNORM = TritonOperation(
     describe=lambda x, residual, weight, eps: described(
         x, residual, weight, triton_unsupported=_residual_dtype_reason(residual)
     ),
-    traceable=lambda x, residual, *_: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,
+    traceable=lambda x, residual, *_: cuda_in_triton_dtypes(x, residual),
     aliases=("fused_add_rmsnorm",),
 )
 FUSED_ADD_LAYERNORM = TritonOperation(
@@ -796,7 +793,7 @@ FUSED_ADD_LAYERNORM = TritonOperation(
     describe=lambda x, residual, weight, bias, eps: described(
         x, residual, weight, bias, triton_unsupported=_residual_dtype_reason(residual)
     ),
-    traceable=lambda x, residual, *_: _compiled_ok(x) and residual.dtype in TRITON_DTYPES,
+    traceable=lambda x, residual, *_: cuda_in_triton_dtypes(x, residual),
     aliases=("fused_add_layernorm",),
 )
 
@@ -973,7 +970,7 @@ def _norm_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
             require_elements(args, name, rows, "norm", f"one value per row, {rows} rows")
 
 
-def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+def registry_entries() -> dict[str, BuiltinEntry]:
     """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
     doc = "(X, R, W, B, Y, H, Mean, Rstd, stride_x, stride_r, n_cols, eps, IS_RMS, HAS_RESIDUAL, ...)"
     variants = {

@@ -28,13 +28,14 @@ import torch
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.validation import check_non_negative_int, format_shape
 from llamatelemetry_triton._aot_shapes import HEAD_DIMS, TYPE_NAMES
-from llamatelemetry_triton._bounds import BoundsCheck, grid_rows, int_argument, require_elements
+from llamatelemetry_triton._bounds import grid_rows, int_argument, require_elements
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
     TritonOperation,
     check_float_tensor,
     compute_dtype,
+    cuda_in_triton_dtypes,
     described,
     device_info,
     needs_autograd,
@@ -43,7 +44,7 @@ from llamatelemetry_triton._dispatch import (
 )
 from llamatelemetry_triton._launch import on_device
 from llamatelemetry_triton.heuristics import rope_config
-from llamatelemetry_triton.registry import KernelConfig
+from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -434,7 +435,7 @@ ROPE = TritonOperation(
     describe=lambda q, k, cos, sin, positions, interleaved: described(
         q, k, cos, sin, triton_unsupported=_unsupported(q, k)
     ),
-    traceable=lambda q, k, *_: q.is_cuda and q.dtype in TRITON_DTYPES and k.dtype in TRITON_DTYPES,
+    traceable=lambda q, k, *_: cuda_in_triton_dtypes(q, k),
     aliases=("rope",),
 )
 
@@ -540,7 +541,7 @@ def _rope_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
             require_elements(args, name, extent, "rope", f"{rows} table rows")
 
 
-def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+def registry_entries() -> dict[str, BuiltinEntry]:
     """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
     config = KernelConfig("rope", 64, 4, 1, description="rotary embedding of q and k in place")
     return {"rope": (_rope_kernel, config, _rope_bounds)}

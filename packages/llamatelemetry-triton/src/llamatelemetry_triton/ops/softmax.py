@@ -21,13 +21,13 @@ import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, ROWS, TYPE_NAMES, VOCAB_SIZE
-from llamatelemetry_triton._bounds import BoundsCheck, rowwise
+from llamatelemetry_triton._bounds import rowwise
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
-    TRITON_DTYPES,
     TritonOperation,
     check_float_tensor,
     compute_dtype,
+    cuda_in_triton_dtypes,
     described,
     device_info,
     needs_autograd,
@@ -36,7 +36,7 @@ from llamatelemetry_triton._dispatch import (
 )
 from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, next_power_of_2, softmax_config
-from llamatelemetry_triton.registry import KernelConfig
+from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -288,7 +288,7 @@ SOFTMAX = TritonOperation(
     softmax_reference,
     _softmax_triton,
     describe=lambda x, dim: described(x),
-    traceable=lambda x, dim: x.is_cuda and x.dtype in TRITON_DTYPES,
+    traceable=lambda x, dim: cuda_in_triton_dtypes(x),
     aliases=("softmax",),
 )
 
@@ -377,7 +377,7 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
 # --- registry entries ---------------------------------------------------------------------------------------
 
 
-def registry_entries() -> dict[str, tuple[Any, KernelConfig, BoundsCheck]]:
+def registry_entries() -> dict[str, BuiltinEntry]:
     """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
     config = KernelConfig("softmax", 1024, 4, 1, description="row softmax, a row per block; (X, Y, stride_x, n_cols)")
     return {"softmax": (_softmax_fwd_kernel, config, rowwise("softmax", (("X", "stride_x"),), ("Y",)))}
