@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llamatelemetry_core import record_selections, simulate_device
+from llamatelemetry_core.environment import triton_interpreter_enabled
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_tensorcore import MatmulPadding, matmul_tensor_core, tensor_core_padding
 from llamatelemetry_tensorcore.matmul import _compute, range_scale_exponents
@@ -132,13 +133,18 @@ def test_gradients_flow(check_matmul: CheckMatmul) -> None:
 
 def test_cpu_runs_the_reference_and_tensor_core_backend_needs_cuda() -> None:
     a, b = _randn(4, 8, seed=17), _randn(8, 4, seed=18)
+    # a CPU runs the reference, or the fused Triton kernel where Triton's interpreter is on (cpu-triton matrix)
+    expected = "fused" if triton_interpreter_enabled() else "reference"
     with record_selections() as rec:
         matmul_tensor_core(a, b)
-    assert rec.last("matmul_tensor_core") == "reference"
+    assert rec.last("matmul_tensor_core") == expected
     with pytest.raises(BackendUnavailableError, match="runs on cuda, not cpu"):
         matmul_tensor_core(a, b, backend="tensor_core")
     with simulate_device("h100"), record_selections() as rec:
         matmul_tensor_core(a, b)  # CPU tensors: the simulated GPU does not apply
+    assert rec.last("matmul_tensor_core") == expected
+    with record_selections() as rec:
+        matmul_tensor_core(a.double(), b.double())  # float64 is not the fused path's
     assert rec.last("matmul_tensor_core") == "reference"
 
 

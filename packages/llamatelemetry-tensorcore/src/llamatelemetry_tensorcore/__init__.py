@@ -4,7 +4,8 @@ Documented import path: ``llamatelemetry.cuda.tensor_core``.
 
 * :mod:`~llamatelemetry_tensorcore.info`: ``check_tensor_core_support``, ``get_tensor_core_info``;
 * :mod:`~llamatelemetry_tensorcore.config`: ``enable_tensor_cores`` and the :class:`TensorCoreConfig` it returns;
-* :mod:`~llamatelemetry_tensorcore.matmul`: ``matmul_tensor_core``;
+* :mod:`~llamatelemetry_tensorcore.matmul`: ``matmul_tensor_core`` (its ``fused`` Triton path:
+  :mod:`~llamatelemetry_tensorcore.fused_matmul`);
 * :mod:`~llamatelemetry_tensorcore.model`: ``optimize_for_tensor_cores``;
 * :mod:`~llamatelemetry_tensorcore.amp`: ``enable_amp``.
 """
@@ -26,6 +27,7 @@ from llamatelemetry_tensorcore.info import (
     tensor_core_dtypes,
 )
 from llamatelemetry_tensorcore.matmul import MatmulPadding, matmul_tensor_core, tensor_core_padding
+from llamatelemetry_tensorcore import fused_matmul as _fused_matmul  # registers the fused implementation
 from llamatelemetry_tensorcore.model import PRECISION_SENSITIVE, ModelPlan, optimize_for_tensor_cores, plan_model
 
 __all__ = [

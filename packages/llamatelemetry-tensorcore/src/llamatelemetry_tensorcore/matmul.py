@@ -23,6 +23,11 @@ finite exactly when the forward does; batch dimensions that were broadcast are s
 
 Implementations (chosen by :mod:`llamatelemetry_core.selection`):
 
+* ``fused`` (CUDA compute capability >= 7.5 with Triton; :mod:`~llamatelemetry_tensorcore.fused_matmul`): steps 1-4
+  in two Triton launches (a reduction to the largest values, then one GEMM that scales, rounds, multiplies and
+  unscales its tiles in registers), for fp16 products of non-fp16 inputs up to
+  :data:`~llamatelemetry_tensorcore.fused_matmul.FUSED_MATMUL_MAX_MNK`, where the separate passes of
+  ``tensor_core`` cost more than the product.
 * ``tensor_core`` (CUDA, compute capability >= 7.0; bf16 needs >= 8.0): pads the dimensions cuBLAS needs
   aligned with zeros (see :func:`tensor_core_padding`), runs :func:`torch.matmul` in ``dtype``, slices back.
 * ``reference`` (every device): the same numbers from an fp32 matmul of the rounded inputs (a product of two
@@ -32,6 +37,7 @@ Implementations (chosen by :mod:`llamatelemetry_core.selection`):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +51,15 @@ from llamatelemetry_core.selection import CallSpec, NoticeReason, Operation, req
 from llamatelemetry_core.traced import dispatch
 from llamatelemetry_core.validation import check_dtype, check_same_device, check_tensor, dtype_name, format_shape
 
-__all__ = ["MATMUL_OPERATION", "MatmulPadding", "matmul_tensor_core", "range_scale_exponents", "tensor_core_padding"]
+__all__ = [
+    "MATMUL_OPERATION",
+    "MatmulCall",
+    "MatmulPadding",
+    "matmul_tensor_core",
+    "product_thresholds",
+    "range_scale_exponents",
+    "tensor_core_padding",
+]
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
@@ -54,6 +68,19 @@ _FP16_SAFE_LOG2 = 15.0
 # Scaling up stops at 2^960, which keeps every scale and its inverse finite in float64.
 _MAX_UPSCALE_LOG2 = 960.0
 _ALIGNMENT_BYTES = 16
+
+
+@dataclass(frozen=True)
+class MatmulCall:
+    """The facts of a call selection reads beyond the compute dtype and the shapes: the inputs' dtypes."""
+
+    a_dtype: torch.dtype
+    b_dtype: torch.dtype
+
+
+@functools.cache
+def _call_facts(a_dtype: torch.dtype, b_dtype: torch.dtype) -> MatmulCall:
+    return MatmulCall(a_dtype, b_dtype)
 
 
 @dataclass(frozen=True)
@@ -106,20 +133,50 @@ def _largest_finite(x: torch.Tensor) -> torch.Tensor:
     return largest
 
 
-def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+def product_thresholds(k: int) -> tuple[int, int, int, int]:
+    """``(bits, half, quarter, eighth)`` for inner dimension ``k`` (>= 1): what step 1's product bound needs of K.
+
+    With ``K = fK 2^bits`` (``fK`` in [1/2, 1)) and 24-bit integer mantissas ``mA``, ``mB`` of the largest
+    values (``max|A| = mA 2^(xA-24)``), the product ``P = mA mB fK / 2^48`` lies in [1/8, 1), and it exceeds
+    1/2 exactly when ``mA mB > half`` (1/4: ``quarter``, 1/8: ``eighth``): integer comparisons whose
+    thresholds are computed here once per call, on the host.
+    """
+    bits = k.bit_length()
+    return bits, (1 << (47 + bits)) // k, (1 << (46 + bits)) // k, (1 << (45 + bits)) // k
+
+
+def _exponents_from_maxima(largest: torch.Tensor, k: int) -> torch.Tensor:
+    """``[eA, eB]`` (float64) from ``[max|A|, max|B|]`` (finite, >= 0) and K, computed exactly.
+
+    The arithmetic, which the fused kernel (:mod:`~llamatelemetry_tensorcore._fused_kernels`) follows step by
+    step in integers:
+
+    * ``max = f 2^x`` with ``f`` in [1/2, 1) (frexp), so ``ceil(log2 max) = x - (f == 1/2)`` and
+      ``e0 = max(ceil(log2 max) - 15, -960)`` (0 for an input with no finite non-zero value);
+    * ``ceil(log2(K max|A| max|B|)) = xA + xB + bits + c`` with ``c`` in {0, -1, -2, -3} from comparing the product
+      of the 24-bit mantissas ``m = ceil(f 2^24)`` with :func:`product_thresholds` (exact for inputs of fp32
+      precision or less; a float64 maximum's mantissa is rounded up to 24 bits, which can only make the product
+      bound stricter);
+    * ``p = max(ceil(log2(K max|A| max|B|)) - 15 - e0A - e0B, 0)`` (0 unless both inputs have a finite non-zero
+      value), ``eA = e0A + ceil(p / 2)``, ``eB = e0B + floor(p / 2)``.
+    """
+    fraction, exponent = torch.frexp(largest.to(torch.float64))
+    x = exponent.to(torch.float64)
+    present = largest > 0
+    e0 = torch.where(present, (x - (fraction == 0.5).to(torch.float64) - _FP16_SAFE_LOG2).clamp(min=-_MAX_UPSCALE_LOG2), 0.0)
+    mantissa = torch.ceil(fraction * 2.0**24)
+    product = mantissa[0] * mantissa[1]  # < 2^49: exact in float64
+    bits, half, quarter, eighth = product_thresholds(max(k, 1))
+    above = (product > half).to(torch.float64) + (product > quarter).to(torch.float64) + (product > eighth)
+    excess = x.sum() + (bits - 3 - _FP16_SAFE_LOG2) + above - e0.sum()
+    p = torch.where(present.all(), excess.clamp(min=0), 0.0)
+    return e0 + torch.stack([torch.ceil(p / 2), torch.floor(p / 2)])
 
 
 def _exponents(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[eA, eB]`` (float64, on a's device) of step 1 of the module docstring, computed for both inputs at once:
     a few element-wise kernels on a 2-vector, whatever the inputs' size."""
-    log_max = torch.log2(torch.stack([_largest_finite(a), _largest_finite(b)]).to(torch.float64))
-    # The power of two that brings each largest value to at most 2^15; an input with no finite non-zero value
-    # (log -inf) needs none, and the bound keeps 2^-e finite in float64.
-    e = _finite_or_zero(torch.ceil(log_max - _FP16_SAFE_LOG2)).clamp(min=-_MAX_UPSCALE_LOG2)
-    excess = (log_max - e).sum() + math.log2(max(a.shape[-1], 1)) - _FP16_SAFE_LOG2
-    e_product = _finite_or_zero(torch.ceil(excess)).clamp(min=0) / 2
-    return e + torch.stack([torch.ceil(e_product), torch.floor(e_product)])
+    return _exponents_from_maxima(torch.stack([_largest_finite(a), _largest_finite(b)]), a.shape[-1])
 
 
 def range_scale_exponents(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +327,16 @@ class _MatmulFunction(torch.autograd.Function):
 def _dispatch(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype, backend: str | None
 ) -> torch.Tensor:
-    result: torch.Tensor = dispatch(MATMUL_OPERATION, (a, b), a, b, out, dtype, backend=backend, call_dtype=dtype)
+    if not torch.compiler.is_compiling():  # the hot path: the facts object is made once per pair of dtypes
+        facts = _call_facts(a.dtype, b.dtype)
+        ran: torch.Tensor = MATMUL_OPERATION.run(
+            (a, b), a, b, out, dtype, facts=facts, backend=backend, call_dtype=dtype
+        )
+        return ran
+    spec = (MatmulCall, (("a_dtype", a.dtype), ("b_dtype", b.dtype)))
+    result: torch.Tensor = dispatch(
+        MATMUL_OPERATION, (a, b), a, b, out, dtype, facts=spec, backend=backend, call_dtype=dtype
+    )
     return result
 
 
@@ -322,7 +388,7 @@ def matmul_tensor_core(
     dimensions that broadcast; the result is ``[..., M, N]`` in A's dtype, written into ``out`` when given
     (``out`` must have that shape and dtype). fp32 values beyond fp16's range are scaled by powers of two, never
     turned into inf: see the module docstring for exactly what is computed. Without a GPU the same numbers are
-    computed on the CPU. ``backend`` forces an implementation (``"tensor_core"`` or ``"reference"``).
+    computed on the CPU. ``backend`` forces an implementation (``"fused"``, ``"tensor_core"`` or ``"reference"``).
 
     Raises ``TypeError`` for a non-tensor, :class:`~llamatelemetry_core.errors.ConfigurationError` for bad
     shapes, dtypes or devices, and :class:`~llamatelemetry_core.errors.BackendUnavailableError` when the

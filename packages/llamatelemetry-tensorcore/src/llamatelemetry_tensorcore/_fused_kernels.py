@@ -1,0 +1,300 @@
+"""Triton kernels of the fused ``matmul_tensor_core`` path: range scaling, fp16 product and unscaling in two launches.
+
+What is computed is the specification of :mod:`llamatelemetry_tensorcore.matmul` (steps 1-4), bit for bit except
+for the order of the fp32 sums inside the product:
+
+1. :func:`_largest_finite_kernel` (one launch over A and B): each program reduces a contiguous span of one input to
+   its largest finite ``|x|`` and stores it, as the bits of a non-negative fp32 (ordered as integers), in a small
+   buffer of partial maxima. No atomics and no zero-filled buffer: the next kernel reduces the partials.
+2. :func:`_scaled_matmul_kernel`: every program reduces the partial maxima (a few hundred integers, from L2),
+   derives ``eA`` and ``eB`` with :func:`_range_exponents` (the integer form of
+   :func:`~llamatelemetry_tensorcore.matmul._exponents_from_maxima`), then multiplies tiles of A and B by
+   ``2^-eA`` and ``2^-eB``, rounds them to fp16 in registers, accumulates ``tl.dot`` in fp32, rounds the tile to
+   fp16 and multiplies it by ``2^(eA+eB)``, stored in the output's dtype.
+
+Powers of two are built from their bits, never by ``exp2``. A scale beyond fp32's exponent range is applied as
+two factors within it, chosen so that the first multiplication is exact and the second rounds once, which is
+what the reference's float64 product rounded to the output dtype gives (PyTorch rounds float64 to fp16 or bf16
+through fp32 as well).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llamatelemetry_core.environment import triton_interpreter_enabled
+from llamatelemetry_tensorcore.fused_matmul import (
+    FusedTiles,
+    choose_fused_tiles,
+    fused_operands,
+    largest_finite_programs,
+)
+from llamatelemetry_tensorcore.matmul import product_thresholds
+
+__all__ = ["fused_matmul"]
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _block_largest_finite(x_ptr, start, numel, largest, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """``largest`` raised elementwise to the finite ``|x|`` of ``x[start:start + BLOCK]`` (within ``numel``)."""
+    index = start + tl.arange(0, BLOCK)
+    magnitude = tl.abs(tl.load(x_ptr + index, mask=index < numel, other=0.0).to(tl.float32))
+    # NaN fails the comparison as well as inf does: neither counts
+    return tl.maximum(largest, tl.where(magnitude < float("inf"), magnitude, 0.0))
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _largest_finite_kernel(  # type: ignore[no-untyped-def]
+    a_ptr,
+    b_ptr,
+    partial_ptr,
+    a_numel,
+    b_numel,
+    a_span,
+    b_span,
+    programs_a,
+    BLOCK: tl.constexpr,
+    PIPELINED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    largest = tl.zeros([BLOCK], dtype=tl.float32)
+    # Triton's interpreter cannot take range() over a scalar argument (NumPy 2 refuses int() of its 1-element
+    # arrays): it loops with while, compiled code with range, which Triton pipelines.
+    if pid < programs_a:
+        if PIPELINED:
+            for offset in range(0, a_span, BLOCK):
+                largest = _block_largest_finite(a_ptr, pid * a_span + offset, a_numel, largest, BLOCK)
+        else:
+            offset = 0
+            while offset < a_span:
+                largest = _block_largest_finite(a_ptr, pid * a_span + offset, a_numel, largest, BLOCK)
+                offset += BLOCK
+    else:
+        start = (pid - programs_a) * b_span
+        if PIPELINED:
+            for offset in range(0, b_span, BLOCK):
+                largest = _block_largest_finite(b_ptr, start + offset, b_numel, largest, BLOCK)
+        else:
+            offset = 0
+            while offset < b_span:
+                largest = _block_largest_finite(b_ptr, start + offset, b_numel, largest, BLOCK)
+                offset += BLOCK
+    tl.store(partial_ptr + pid, tl.max(largest, axis=0).to(tl.int32, bitcast=True))
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _normalize_step(m, x, SHIFT: tl.constexpr):  # type: ignore[no-untyped-def]
+    small = m < (1 << (24 - SHIFT))
+    return tl.where(small, m << SHIFT, m), tl.where(small, x - SHIFT, x)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _frexp_bits(bits):  # type: ignore[no-untyped-def]
+    """``(m, x)`` with ``value = m 2^(x - 24)`` and ``m`` in [2^23, 2^24), for the bits of a positive finite fp32
+    (frexp with a 24-bit integer mantissa; subnormals normalized by shifts, so no float arithmetic is involved)."""
+    biased = (bits >> 23) & 0xFF
+    fraction = bits & 0x7FFFFF
+    m = tl.where(biased > 0, fraction | 0x800000, fraction)
+    x = tl.maximum(biased, 1) - 126
+    m, x = _normalize_step(m, x, 16)
+    m, x = _normalize_step(m, x, 8)
+    m, x = _normalize_step(m, x, 4)
+    m, x = _normalize_step(m, x, 2)
+    return _normalize_step(m, x, 1)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _range_exponents(bits_a, bits_b, k_bits, half, quarter, eighth):  # type: ignore[no-untyped-def]
+    """``(eA, eB)`` (int32) of step 1 from the bits of ``max|A|`` and ``max|B|`` (non-negative fp32) and K's
+    :func:`~llamatelemetry_tensorcore.matmul.product_thresholds`, as ``_exponents_from_maxima`` computes them."""
+    m_a, x_a = _frexp_bits(bits_a)
+    m_b, x_b = _frexp_bits(bits_b)
+    e0_a = tl.where(bits_a > 0, tl.maximum(x_a - (m_a == 0x800000).to(tl.int32) - 15, -960), 0)
+    e0_b = tl.where(bits_b > 0, tl.maximum(x_b - (m_b == 0x800000).to(tl.int32) - 15, -960), 0)
+    product = m_a.to(tl.int64) * m_b.to(tl.int64)
+    above = (product > half).to(tl.int32) + (product > quarter).to(tl.int32) + (product > eighth).to(tl.int32)
+    excess = x_a + x_b + k_bits - 3 - 15 + above - e0_a - e0_b
+    p = tl.where((bits_a > 0) & (bits_b > 0), tl.maximum(excess, 0), 0)
+    return e0_a + ((p + 1) >> 1), e0_b + (p >> 1)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _power_of_two(e):  # type: ignore[no-untyped-def]
+    """``2^e`` in fp32 from its bits, for an integer ``e`` in [-126, 127]."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _scaled_to_fp16(x, first, second):  # type: ignore[no-untyped-def]
+    """``round_fp16(x 2^e)`` for ``2^e = first * second`` (same signs of exponent): scaling up never rounds, and
+    scaling down rounds at most once above fp16's zero threshold."""
+    return (x.to(tl.float32) * first * second).to(tl.float16)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _scaled_dot(  # type: ignore[no-untyped-def]
+    acc, a_tile, b_tile, rows, cols, inner, k_left, M, N, a_first, a_second, b_first, b_second
+):
+    """``acc`` plus the product of one K step: tiles of A and B loaded (zeros beyond the edges), scaled and
+    rounded to fp16, multiplied on Tensor Cores with fp32 accumulation."""
+    a = tl.load(a_tile, mask=(rows[:, None] < M) & (inner[None, :] < k_left), other=0.0)
+    b = tl.load(b_tile, mask=(inner[:, None] < k_left) & (cols[None, :] < N), other=0.0)
+    return tl.dot(_scaled_to_fp16(a, a_first, a_second), _scaled_to_fp16(b, b_first, b_second), acc)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    partial_ptr,
+    M,
+    N,
+    K,
+    stride_ab,
+    stride_am,
+    stride_ak,
+    stride_bb,
+    stride_bk,
+    stride_bn,
+    stride_cb,
+    stride_cm,
+    stride_cn,
+    programs_a,
+    programs_b,
+    k_bits,
+    half,
+    quarter,
+    eighth,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PARTIALS: tl.constexpr,
+    PIPELINED: tl.constexpr,
+):
+    partials = tl.arange(0, PARTIALS)
+    bits_a = tl.max(tl.load(partial_ptr + partials, mask=partials < programs_a, other=0), axis=0)
+    bits_b = tl.max(tl.load(partial_ptr + programs_a + partials, mask=partials < programs_b, other=0), axis=0)
+    e_a, e_b = _range_exponents(bits_a, bits_b, k_bits, half, quarter, eighth)
+    # 2^-eA and 2^-eB as two fp32 factors each (|eA| reaches 164 for fp32 inputs), 2^(eA+eB) likewise after a
+    # clamp to [-170, 170], beyond which every fp16 value times the power is 0 or inf in fp32 anyway.
+    a_first = _power_of_two((-e_a) >> 1)
+    a_second = _power_of_two(-e_a - ((-e_a) >> 1))
+    b_first = _power_of_two((-e_b) >> 1)
+    b_second = _power_of_two(-e_b - ((-e_b) >> 1))
+    e_c = tl.minimum(tl.maximum(e_a + e_b, -170), 170)
+    c_first = _power_of_two(e_c >> 1)
+    c_second = _power_of_two(e_c - (e_c >> 1))
+
+    # grouped order of the output tiles: GROUP_M rows of tiles share the columns of B they read from L2
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inner = tl.arange(0, BLOCK_K)
+    a_tile = a_ptr + batch * stride_ab + rows[:, None] * stride_am + inner[None, :] * stride_ak
+    b_tile = b_ptr + batch * stride_bb + inner[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PIPELINED:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _scaled_dot(acc, a_tile, b_tile, rows, cols, inner, K - k0, M, N, a_first, a_second, b_first, b_second)
+            a_tile += BLOCK_K * stride_ak
+            b_tile += BLOCK_K * stride_bk
+    else:
+        k0 = 0
+        while k0 < K:
+            acc = _scaled_dot(acc, a_tile, b_tile, rows, cols, inner, K - k0, M, N, a_first, a_second, b_first, b_second)
+            a_tile += BLOCK_K * stride_ak
+            b_tile += BLOCK_K * stride_bk
+            k0 += BLOCK_K
+    result = acc.to(tl.float16).to(tl.float32) * c_first * c_second
+    c_tile = c_ptr + batch * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_tile, result.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s elements in memory order as one dense span: ``x`` itself when it is contiguous or a transposed
+    contiguous tensor (``W.mT``), else a contiguous copy (the largest value does not depend on the order)."""
+    if x.is_contiguous() or x.mT.is_contiguous():
+        return x
+    return x.contiguous()
+
+
+def fused_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``matmul_tensor_core(a, b, out, dtype=torch.float16)`` for a call the fused path supports (see
+    :func:`~llamatelemetry_tensorcore.fused_matmul.fused_scope_reason`): two launches, no host sync."""
+    operands = fused_operands(a, b)
+    tiles: FusedTiles = choose_fused_tiles(operands.m, operands.n, operands.batch, a.device)
+    shape = operands.result_shape
+    c = out if out is not None else torch.empty(shape, dtype=a.dtype, device=a.device)
+    c3 = operands.view_result(c)
+    target = c3 if c3 is not None else torch.empty(operands.batched_shape, dtype=a.dtype, device=a.device)
+
+    interpreted = triton_interpreter_enabled()
+    flat_a, flat_b = _flat(a), _flat(b)
+    programs_a, span_a = largest_finite_programs(flat_a.numel(), tiles)
+    programs_b, span_b = largest_finite_programs(flat_b.numel(), tiles)
+    partial = torch.empty(programs_a + programs_b, dtype=torch.int32, device=a.device)
+    _largest_finite_kernel[(programs_a + programs_b,)](
+        flat_a,
+        flat_b,
+        partial,
+        flat_a.numel(),
+        flat_b.numel(),
+        span_a,
+        span_b,
+        programs_a,
+        BLOCK=tiles.reduce_block,
+        PIPELINED=not interpreted,
+        num_warps=tiles.reduce_warps,
+        enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
+    )
+    a3, b3 = operands.a3, operands.b3
+    k_bits, half, quarter, eighth = product_thresholds(operands.k)
+    grid = (triton.cdiv(operands.m, tiles.block_m) * triton.cdiv(operands.n, tiles.block_n), operands.batch)
+    _scaled_matmul_kernel[grid](
+        a3,
+        b3,
+        target,
+        partial,
+        operands.m,
+        operands.n,
+        operands.k,
+        a3.stride(0),
+        a3.stride(1),
+        a3.stride(2),
+        b3.stride(0),
+        b3.stride(1),
+        b3.stride(2),
+        target.stride(0),
+        target.stride(1),
+        target.stride(2),
+        programs_a,
+        programs_b,
+        k_bits,
+        half,
+        quarter,
+        eighth,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        GROUP_M=tiles.group_m,
+        PARTIALS=tiles.partials,
+        PIPELINED=not interpreted,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        enable_fp_fusion=True,
+    )
+    if c3 is None:
+        c.copy_(target.reshape(shape))
+    return c

@@ -1,0 +1,329 @@
+"""The ``fused`` implementation of ``matmul_tensor_core``: the whole specification in two Triton launches.
+
+The ``tensor_core`` path range-scales in separate passes (largest values, exponents, scaled copies of A and B in
+fp16, cuBLAS, unscaling): about 34 kernel launches per fp32 call, a fixed cost that dominates small products
+(1024^3 from fp32 ran at 0.12x of a plain fp32 matmul on an H200). This path computes the same specification
+(:mod:`llamatelemetry_tensorcore.matmul`, steps 1-4) in two launches (:mod:`~llamatelemetry_tensorcore._fused_kernels`):
+one reduction of A and B to their largest finite magnitudes, then one GEMM that derives the exponents, scales
+and rounds its tiles to fp16 in registers, multiplies them on Tensor Cores with fp32 accumulation, rounds the
+tile to fp16 and unscales it into the output. Results equal the reference's except for the order of the fp32
+sums (within the error bound the tests hold cuBLAS to).
+
+Scope (checks refuse anything else with a reason, and the ``tensor_core`` path runs): ``dtype=torch.float16``
+with an input that is not fp16 (fp32, bf16; fp16 with the other one of those); no float64; B of 2 dimensions
+(A's leading dimensions fold into M) or A and B of at most 3 with one batch dimension; no empty product; fewer
+than 2^31 elements per tensor; CUDA compute capability >= 7.5 with Triton installed (or Triton's interpreter on
+a CPU, without bf16, which NumPy cannot round); and a product small enough, :data:`FUSED_MATMUL_MAX_MNK`.
+
+Launch heuristics (pure functions of the shape and the device, shared by the launcher and the ahead-of-time
+builds): :func:`fused_tiles` and :func:`largest_finite_programs`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.environment import triton_devices
+from llamatelemetry_core.interpreter import triton_launch_guard
+from llamatelemetry_core.selection import CallSpec, QuietReason, gate, requires_min_capability, requires_module
+from llamatelemetry_tensorcore.matmul import MATMUL_OPERATION, MatmulCall
+
+if TYPE_CHECKING:
+    from llamatelemetry_core.aot import KernelBuild
+
+__all__ = [
+    "FUSED",
+    "FUSED_MATMUL_MAX_MNK",
+    "FusedOperands",
+    "FusedTiles",
+    "choose_fused_tiles",
+    "fused_operands",
+    "fused_scope_reason",
+    "fused_tiles",
+    "kernel_builds",
+    "largest_finite_programs",
+]
+
+FUSED = "fused"
+
+FUSED_MATMUL_MAX_MNK = 2**36
+"""Largest ``batch * M * N * K`` the fused path is chosen for; larger products take ``tensor_core`` (cuBLAS).
+
+Below it the fused path wins by skipping the range-scaling passes and their launches; above it cuBLAS's fp16
+GEMM, faster than this Triton GEMM on fp32 tiles, pays for them. Initial estimate for an H100/H200: at 4096^3
+(2^36) the separate passes move about 0.6 GB (0.15 ms at 4 TB/s) beside a 0.2 ms cuBLAS product, while the fused
+GEMM, reading fp32 tiles, runs at an estimated 60-70% of cuBLAS. Measured by
+``python benchmarks/tensorcore/check_fused_matmul.py``, which times both paths (forced) over square and skinny
+shapes and prints the crossover it recommends for this constant.
+"""
+
+_MAX_ELEMENTS = 2**31  # int32 offsets in the kernels
+_PARTIALS = 256  # partial maxima per input: programs of the reduction launch, reduced again by each GEMM program
+_REDUCE_BLOCK = 4096
+_INTERPRETED_REDUCE_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class FusedTiles:
+    """How the two kernels are launched: the GEMM's tiles, warps and stages; the reduction's block and warps."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    reduce_block: int
+    reduce_warps: int
+    partials: int = _PARTIALS
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def fused_tiles(m: int, n: int, batch: int, info: DeviceInfo) -> FusedTiles:
+    """The launch configuration for a ``[batch, m, K] @ [batch, K, n]`` product on ``info``.
+
+    Tiles of 128 x 128 on Ampere and newer (fp32 tiles of 128 x 32 for A and B: 32 KiB per pipeline stage,
+    three stages), 64 x 64 with two stages on a T4 (64 KiB of shared memory per block); M's tile shrinks to the
+    smallest power of two >= 16 holding M (``tl.dot`` needs 16), and N's halves, down to 32, while there are
+    fewer tiles than SMs (a decode-shaped ``1 x 4096 x 4096`` product). The Triton interpreter (a CPU) gets
+    few, small programs.
+    """
+    if not info.is_cuda:
+        return FusedTiles(
+            block_m=min(32, max(16, _pow2_at_least(m))),
+            block_n=min(32, max(16, _pow2_at_least(n))),
+            block_k=16,
+            group_m=4,
+            num_warps=4,
+            num_stages=1,
+            reduce_block=_INTERPRETED_REDUCE_BLOCK,
+            reduce_warps=4,
+        )
+    ampere = info.capability_at_least(8, 0)
+    block_m = min(128 if ampere else 64, max(16, _pow2_at_least(m)))
+    block_n = 128 if ampere else 64
+    while block_n > 32 and batch * math.ceil(m / block_m) * math.ceil(n / block_n) < info.sm_count:
+        block_n //= 2
+    return FusedTiles(
+        block_m=block_m,
+        block_n=block_n,
+        block_k=32,
+        group_m=8,
+        num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+        num_stages=3 if ampere else 2,
+        reduce_block=_REDUCE_BLOCK,
+        reduce_warps=8,
+    )
+
+
+def largest_finite_programs(numel: int, tiles: FusedTiles) -> tuple[int, int]:
+    """``(programs, span)`` of the reduction for an input of ``numel`` elements: at most ``tiles.partials``
+    programs, each reducing ``span`` consecutive elements (a multiple of the block)."""
+    blocks = max(1, math.ceil(numel / tiles.reduce_block))
+    programs = min(blocks, tiles.partials)
+    span = math.ceil(blocks / programs) * tiles.reduce_block
+    return max(1, math.ceil(numel / span)), span
+
+
+@dataclass(frozen=True)
+class FusedOperands:
+    """A and B as the GEMM kernel reads them, ``[batch, M, K]`` and ``[batch, K, N]`` (a broadcast batch has
+    stride 0), and the result's shapes: the caller's and the kernel's ``[batch, M, N]``."""
+
+    a3: torch.Tensor
+    b3: torch.Tensor
+    result_shape: tuple[int, ...]
+
+    @property
+    def batch(self) -> int:
+        return int(self.a3.shape[0])
+
+    @property
+    def m(self) -> int:
+        return int(self.a3.shape[1])
+
+    @property
+    def k(self) -> int:
+        return int(self.a3.shape[2])
+
+    @property
+    def n(self) -> int:
+        return int(self.b3.shape[2])
+
+    @property
+    def batched_shape(self) -> tuple[int, int, int]:
+        return (self.batch, self.m, self.n)
+
+    def view_result(self, c: torch.Tensor) -> torch.Tensor | None:
+        """``c`` (of ``result_shape``) viewed as ``[batch, M, N]``; ``None`` when its strides do not allow it."""
+        try:
+            return c.view(self.batched_shape)
+        except RuntimeError:
+            return None
+
+
+def _fused_result_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(b_shape) == 2:
+        return (*a_shape[:-1], b_shape[-1])
+    batch = max(a_shape[0] if len(a_shape) == 3 else 1, b_shape[0])
+    return (batch, a_shape[-2], b_shape[-1])
+
+
+def fused_operands(a: torch.Tensor, b: torch.Tensor) -> FusedOperands:
+    """A and B of a call :func:`fused_scope_reason` accepts, as the kernel reads them (views where possible)."""
+    a, b = a.detach(), b.detach()
+    shape = _fused_result_shape(tuple(a.shape), tuple(b.shape))
+    if b.dim() == 2:
+        return FusedOperands(a.reshape(1, -1, a.shape[-1]), b.unsqueeze(0), shape)
+    a3 = a if a.dim() == 3 else a.unsqueeze(0)
+    return FusedOperands(a3.expand(shape[0], -1, -1), b.expand(shape[0], -1, -1), shape)
+
+
+def _shape_reason(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> str | None:
+    if len(b_shape) > 3 or (len(b_shape) == 3 and len(a_shape) > 3):
+        return "multiplies B of 2 dimensions, or A and B of at most 3 (one batch dimension)"
+    result = _fused_result_shape(a_shape, b_shape)
+    k = a_shape[-1]
+    if k == 0 or 0 in result:
+        return "an empty product has nothing to fuse"
+    if max(math.prod(a_shape), math.prod(b_shape), math.prod(result)) >= _MAX_ELEMENTS:
+        return "indexes at most 2^31 elements per tensor"
+    if math.prod(result) * k > FUSED_MATMUL_MAX_MNK:
+        return f"chosen for products of batch*M*N*K <= 2^{FUSED_MATMUL_MAX_MNK.bit_length() - 1}; cuBLAS is faster above"
+    return None
+
+
+def fused_scope_reason(call: CallSpec) -> str | None:
+    """Why the fused path does not take ``call`` (``None``: it does); see the module docstring."""
+    if call.dtype != torch.float16:
+        return "range-scales for dtype=torch.float16 only (bfloat16 needs no scaling)"
+    facts = call.facts_as(MatmulCall)
+    if facts is not None:
+        dtypes = (facts.a_dtype, facts.b_dtype)
+        if dtypes == (torch.float16, torch.float16):
+            return "float16 inputs need no range scaling"
+        if torch.float64 in dtypes:
+            return "takes float32, bfloat16 and float16 inputs, not float64"
+        if torch.bfloat16 in dtypes and not call.device.is_cuda:
+            return QuietReason("the Triton interpreter cannot round to bfloat16 (NumPy has none)")
+        if torch.bfloat16 in dtypes and not call.device.supports_bf16:
+            return f"reads bfloat16 inputs where the GPU has bfloat16 (compute capability >= 8.0), not on {call.device.name}"
+    if len(call.shapes) >= 2:
+        return _shape_reason(call.shapes[0], call.shapes[1])
+    return None
+
+
+def _fused(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    from llamatelemetry_tensorcore._fused_kernels import fused_matmul
+
+    del dtype  # float16: the scope check sees to it
+    with triton_launch_guard(a.device):  # the interpreter runs one launch at a time
+        return fused_matmul(a, b, out)
+
+
+@torch.library.custom_op("llamatelemetry::tensorcore_fused_matmul", mutates_args=())
+def _fused_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The fused path as one graph node for ``torch.compile`` (the result in a new tensor)."""
+    return _fused(a, b, None, torch.float16)
+
+
+@_fused_op.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(_fused_result_shape(tuple(a.shape), tuple(b.shape)))
+
+
+def _fused_traced(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``_fused`` as ``torch.compile`` traces it: the custom op, then a copy into ``out`` when given."""
+    del dtype
+    result: torch.Tensor = _fused_op(a, b)
+    return result if out is None else out.copy_(result)
+
+
+MATMUL_OPERATION.register(
+    FUSED,
+    _fused,
+    priority=20,
+    devices=triton_devices,
+    checks=[
+        gate(fused_scope_reason),  # a product out of scope is the library's choice: no notice about Triton
+        requires_module("triton", "pip install triton"),
+        requires_min_capability(7, 5),
+    ],
+    traced=_fused_traced,
+)
+
+
+# --- ahead-of-time builds (entry point llamatelemetry.kernel_builds: tensorcore) ---------------------------------
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_AOT_SHAPES = ((1, 4096), (128, 4096), (1024, 1024), (4096, 4096))  # (M, N): decode, prefill chunk, squares
+_GEMM_INTS = ("M", "N", "K", *(f"stride_{t}{d}" for t, dims in (("a", "bmk"), ("b", "bkn"), ("c", "bmn")) for d in dims))
+
+
+def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_tensorcore._fused_kernels import _scaled_matmul_kernel
+
+    ptr = "*" + _TRITON_TYPES[in_dtype]
+    signature = {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "partial_ptr": "*i32"}
+    signature.update(dict.fromkeys(_GEMM_INTS, "i32"))
+    signature.update({"programs_a": "i32", "programs_b": "i32", "k_bits": "i32"})
+    signature.update({"half": "i64", "quarter": "i64", "eighth": "i64"})
+    constexprs: dict[str, int | float | bool | str] = {
+        "BLOCK_M": tiles.block_m,
+        "BLOCK_N": tiles.block_n,
+        "BLOCK_K": tiles.block_k,
+        "GROUP_M": tiles.group_m,
+        "PARTIALS": tiles.partials,
+        "PIPELINED": True,
+    }
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    name = (
+        f"tensorcore.fused_matmul[{_TRITON_TYPES[in_dtype]}->fp16,{tiles.block_m}x{tiles.block_n}x{tiles.block_k},"
+        f"w{tiles.num_warps},s{tiles.num_stages}]"
+    )
+    return KernelBuild(
+        name, _scaled_matmul_kernel, signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages
+    )
+
+
+def _reduction_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_tensorcore._fused_kernels import _largest_finite_kernel
+
+    ptr = "*" + _TRITON_TYPES[in_dtype]
+    signature = {"a_ptr": ptr, "b_ptr": ptr, "partial_ptr": "*i32"}
+    signature.update(dict.fromkeys(("a_numel", "b_numel", "a_span", "b_span", "programs_a"), "i32"))
+    constexprs: dict[str, int | float | bool | str] = {"BLOCK": tiles.reduce_block, "PIPELINED": True}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    name = f"tensorcore.largest_finite[{_TRITON_TYPES[in_dtype]},{tiles.reduce_block},w{tiles.reduce_warps}]"
+    return KernelBuild(name, _largest_finite_kernel, signature, constexprs, num_warps=tiles.reduce_warps)
+
+
+def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
+    """The fused path's builds on ``device``: the GEMM with the tiles :func:`fused_tiles` picks for decode,
+    prefill and square shapes, from fp32 (and bf16 where the device has it), and the reduction."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    in_dtypes = [torch.float32, torch.bfloat16] if device.supports_bf16 else [torch.float32]
+    configs = list(dict.fromkeys(fused_tiles(m, n, 1, device) for m, n in _AOT_SHAPES))
+    for in_dtype in in_dtypes:
+        for tiles in configs:
+            yield _gemm_build(in_dtype, tiles)
+        yield _reduction_build(in_dtype, configs[0])
+
+
+def choose_fused_tiles(m: int, n: int, batch: int, device: torch.device) -> FusedTiles:
+    """:func:`fused_tiles` for a tensor's device (its facts from core's cache: no device query per call)."""
+    return fused_tiles(m, n, batch, get_device_info(device, refresh_memory=False))

@@ -1,0 +1,149 @@
+"""When the fused path is chosen, why it is refused, and its launch heuristics (no kernel runs: simulated GPUs)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llamatelemetry_core import simulate_device
+from llamatelemetry_core.selection import CallSpec, NoticeReason, QuietReason
+from llamatelemetry_tensorcore.fused_matmul import (
+    FUSED_MATMUL_MAX_MNK,
+    fused_scope_reason,
+    fused_tiles,
+    kernel_builds,
+    largest_finite_programs,
+)
+from llamatelemetry_tensorcore.matmul import MATMUL_OPERATION, MatmulCall
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _reasons(
+    key: str,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    a_dtype: torch.dtype = F32,
+    b_dtype: torch.dtype = F32,
+    dtype: torch.dtype = F16,
+) -> dict[str, str | None]:
+    with simulate_device(key) as info:
+        call = CallSpec(device=info, dtype=dtype, shapes=(a_shape, b_shape), facts=MatmulCall(a_dtype, b_dtype))
+        return {c.name: c.reason for c in MATMUL_OPERATION.explain(call)}
+
+
+def _chosen(key: str, *args: object) -> str:
+    reasons = _reasons(key, *args)  # type: ignore[arg-type]
+    return next(name for name, reason in reasons.items() if reason is None)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the fused path needs Triton (the cpu-fallback matrix has none)")
+@pytest.mark.parametrize("key", ["t4", "a100", "h100"])
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape"),
+    [((1024, 1024), (1024, 1024)), ((1, 4096), (4096, 4096)), ((4, 77, 300), (300, 50)), ((3, 9, 5), (3, 5, 7))],
+)
+def test_small_fp32_products_choose_the_fused_path(key: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
+    assert _chosen(key, a_shape, b_shape) == "fused"
+    assert _chosen(key, a_shape, b_shape, F16, F32) == "fused"  # one fp16 input: the other still needs scaling
+
+
+@pytest.mark.parametrize(
+    ("key", "a_shape", "b_shape", "a_dtype", "b_dtype", "dtype", "reason"),
+    [
+        ("h100", (8192, 8192), (8192, 8192), F32, F32, F16, "cuBLAS is faster above"),
+        ("h100", (64, 64), (64, 64), F16, F16, F16, "float16 inputs need no range scaling"),
+        ("h100", (64, 64), (64, 64), F32, F32, BF16, "bfloat16 needs no scaling"),
+        ("h100", (64, 64), (64, 64), torch.float64, F32, F16, "not float64"),
+        ("t4", (64, 64), (64, 64), BF16, F32, F16, "bfloat16 inputs where the GPU has bfloat16"),
+        ("h100", (2, 3, 64, 64), (2, 3, 64, 64), F32, F32, F16, "one batch dimension"),
+        ("h100", (0, 64), (64, 64), F32, F32, F16, "empty product"),
+        ("h100", (64, 0), (0, 64), F32, F32, F16, "empty product"),
+        ("h100", (1, 2**31), (2**31, 1), F32, F32, F16, "2^31 elements"),
+        ("v100", (64, 64), (64, 64), F32, F32, F16, "compute capability >= 7.5"),
+    ],
+)
+def test_refusals_say_why_and_are_not_warnings(
+    key: str,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    a_dtype: torch.dtype,
+    b_dtype: torch.dtype,
+    dtype: torch.dtype,
+    reason: str,
+) -> None:
+    if reason.startswith("compute capability") and not HAS_TRITON:
+        pytest.skip("without Triton the module gate answers first")
+    got = _reasons(key, a_shape, b_shape, a_dtype, b_dtype, dtype)["fused"]
+    assert got is not None and reason in got
+    assert not isinstance(got, NoticeReason)  # the library's choice, never announced
+
+
+def test_the_threshold_is_inclusive_and_counts_the_batch() -> None:
+    side = round(FUSED_MATMUL_MAX_MNK ** (1 / 3))
+    assert side**3 == FUSED_MATMUL_MAX_MNK
+    at = _reasons("h100", (side, side), (side, side))["fused"]
+    above = _reasons("h100", (2, side, side), (2, side, side))["fused"]
+    assert above is not None and "cuBLAS is faster above" in above
+    assert at is None or isinstance(at, NoticeReason)  # None with Triton, the install notice without
+
+
+@pytest.mark.no_triton
+def test_without_triton_an_in_scope_call_notices_the_missing_package() -> None:
+    reason = _reasons("h100", (64, 64), (64, 64))["fused"]
+    assert isinstance(reason, NoticeReason) and "pip install triton" in reason
+    out_of_scope = _reasons("h100", (64, 64), (64, 64), F16, F16)["fused"]
+    assert out_of_scope is not None and not isinstance(out_of_scope, NoticeReason)  # the gate ends the list first
+
+
+def test_bf16_on_the_interpreter_is_a_quiet_refusal() -> None:
+    with simulate_device("cpu") as cpu:
+        call = CallSpec(device=cpu, dtype=F16, shapes=((4, 4), (4, 4)), facts=MatmulCall(BF16, F32))
+    assert isinstance(fused_scope_reason(call), QuietReason)  # NumPy cannot round to bf16: the reference runs
+
+
+@pytest.mark.parametrize("key", ["t4", "a100", "h100", "cpu"])
+@pytest.mark.parametrize(("m", "n", "batch"), [(1, 4096, 1), (1, 7, 1), (128, 11008, 1), (4096, 4096, 1), (9, 5, 3)])
+def test_tiles_fit_the_device(key: str, m: int, n: int, batch: int) -> None:
+    with simulate_device(key) as info:
+        tiles = fused_tiles(m, n, batch, info)
+    for block in (tiles.block_m, tiles.block_n, tiles.block_k):
+        assert block >= 16 and block & (block - 1) == 0  # tl.dot needs powers of two >= 16
+    assert tiles.block_m <= max(16, 1 << max(0, m - 1).bit_length())
+    if info.is_cuda:
+        fp32_tile_bytes = 4 * tiles.block_k * (tiles.block_m + tiles.block_n) * tiles.num_stages
+        assert info.shared_memory_per_block_bytes is not None
+        assert fp32_tile_bytes <= info.shared_memory_per_block_bytes * 2 // 3  # room for the fp16 operands
+        # N's tile is halved, down to 32, until the tiles fill the SMs
+        assert tiles.block_n == 32 or batch * math.ceil(m / tiles.block_m) * math.ceil(n / tiles.block_n) >= info.sm_count
+
+
+@given(numel=st.integers(1, 2**31 - 1), key=st.sampled_from(["t4", "h100", "cpu"]))
+@settings(max_examples=200, deadline=None)
+def test_reduction_programs_cover_every_element_once(numel: int, key: str) -> None:
+    with simulate_device(key) as info:
+        tiles = fused_tiles(64, 64, 1, info)
+    programs, span = largest_finite_programs(numel, tiles)
+    assert 1 <= programs <= tiles.partials and span % tiles.reduce_block == 0
+    assert (programs - 1) * span < numel <= programs * span
+
+
+def test_kernel_builds_are_registered_and_follow_the_device() -> None:
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="llamatelemetry.kernel_builds")}
+    assert eps["tensorcore"].load() is kernel_builds
+    with simulate_device("t4") as t4, simulate_device("h100") as h100:
+        t4_names = [b.name for b in kernel_builds(t4)]
+        h100_names = [b.name for b in kernel_builds(h100)]
+    if not HAS_TRITON:
+        assert t4_names == h100_names == []
+        return
+    assert t4_names and not any("bf16" in n for n in t4_names)  # a T4 has no bf16
+    assert any("bf16" in n for n in h100_names) and any("128x128" in n for n in h100_names)
+    assert sum("largest_finite" in n for n in h100_names) == 2
