@@ -103,6 +103,13 @@ def test_without_triton_an_in_scope_call_notices_the_missing_package() -> None:
     assert out_of_scope is not None and not isinstance(out_of_scope, NoticeReason)  # the gate ends the list first
 
 
+def test_the_interpreter_takes_small_products_only() -> None:
+    small = _reasons("cpu", (64, 64), (64, 64))["fused"]
+    assert small is None or "runs on cuda" in small  # chosen where the interpreter is on
+    large = _reasons("cpu", (64, 65), (65, 64))["fused"]
+    assert large is not None and ("the interpreter is slower above" in large or "runs on cuda" in large)
+
+
 def test_bf16_on_the_interpreter_is_a_quiet_refusal() -> None:
     with simulate_device("cpu") as cpu:
         call = CallSpec(device=cpu, dtype=F16, shapes=((4, 4), (4, 4)), facts=MatmulCall(BF16, F32))

@@ -13,7 +13,8 @@ Scope (checks refuse anything else with a reason, and the ``tensor_core`` path r
 with an input that is not fp16 (fp32, bf16; fp16 with the other one of those); no float64; B of 2 dimensions
 (A's leading dimensions fold into M) or A and B of at most 3 with one batch dimension; no empty product; fewer
 than 2^31 elements per tensor; CUDA compute capability >= 7.5 with Triton installed (or Triton's interpreter on
-a CPU, without bf16, which NumPy cannot round); and a product small enough, :data:`FUSED_MATMUL_MAX_MNK`.
+a CPU, without bf16, which NumPy cannot round); and a product small enough, :data:`FUSED_MATMUL_MAX_MNK`
+(:data:`FUSED_INTERPRETED_MAX_MNK` in the interpreter).
 
 Launch heuristics (pure functions of the shape and the device, shared by the launcher and the ahead-of-time
 builds): :func:`fused_tiles` and :func:`largest_finite_programs`.
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FUSED",
+    "FUSED_INTERPRETED_MAX_MNK",
     "FUSED_MATMUL_MAX_MNK",
     "FusedOperands",
     "FusedTiles",
@@ -62,6 +64,10 @@ GEMM, reading fp32 tiles, runs at an estimated 60-70% of cuBLAS. Measured by
 ``python benchmarks/tensorcore/check_fused_matmul.py``, which times both paths (forced) over square and skinny
 shapes and prints the crossover it recommends for this constant.
 """
+
+FUSED_INTERPRETED_MAX_MNK = 2**18
+"""The same bound under Triton's interpreter (CPU tensors, ``TRITON_INTERPRET=1``): a vehicle for testing the kernels,
+never faster than the reference, so only small products take it there."""
 
 _MAX_ELEMENTS = 2**31  # int32 offsets in the kernels
 _PARTIALS = 256  # partial maxima per input: programs of the reduction launch, reduced again by each GEMM program
@@ -92,7 +98,8 @@ def fused_tiles(m: int, n: int, batch: int, info: DeviceInfo) -> FusedTiles:
     """The launch configuration for a ``[batch, m, K] @ [batch, K, n]`` product on ``info``.
 
     Tiles of 128 x 128 on Ampere and newer (fp32 tiles of 128 x 32 for A and B: 32 KiB per pipeline stage,
-    three stages), 64 x 64 with two stages on a T4 (64 KiB of shared memory per block); M's tile shrinks to the
+    three stages), 64 x 64 with two stages on a T4 (64 KiB of shared memory per block); 8 warps from 64 x 128
+    (64 x 64 on a T4), where 4 would need more than 255 registers per thread; M's tile shrinks to the
     smallest power of two >= 16 holding M (``tl.dot`` needs 16), and N's halves, down to 32, while there are
     fewer tiles than SMs (a decode-shaped ``1 x 4096 x 4096`` product). The Triton interpreter (a CPU) gets
     few, small programs.
@@ -118,7 +125,8 @@ def fused_tiles(m: int, n: int, batch: int, info: DeviceInfo) -> FusedTiles:
         block_n=block_n,
         block_k=32,
         group_m=8,
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+        # Turing's mma needs more registers per output: 64 x 64 on 4 warps spills there, on 8 it does not
+        num_warps=8 if block_m * block_n >= (8192 if ampere else 4096) else 4,
         num_stages=3 if ampere else 2,
         reduce_block=_REDUCE_BLOCK,
         reduce_warps=8,
@@ -188,7 +196,7 @@ def fused_operands(a: torch.Tensor, b: torch.Tensor) -> FusedOperands:
     return FusedOperands(a3.expand(shape[0], -1, -1), b.expand(shape[0], -1, -1), shape)
 
 
-def _shape_reason(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> str | None:
+def _shape_reason(a_shape: tuple[int, ...], b_shape: tuple[int, ...], limit: int) -> str | None:
     if len(b_shape) > 3 or (len(b_shape) == 3 and len(a_shape) > 3):
         return "multiplies B of 2 dimensions, or A and B of at most 3 (one batch dimension)"
     result = _fused_result_shape(a_shape, b_shape)
@@ -197,8 +205,9 @@ def _shape_reason(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> str | N
         return "an empty product has nothing to fuse"
     if max(math.prod(a_shape), math.prod(b_shape), math.prod(result)) >= _MAX_ELEMENTS:
         return "indexes at most 2^31 elements per tensor"
-    if math.prod(result) * k > FUSED_MATMUL_MAX_MNK:
-        return f"chosen for products of batch*M*N*K <= 2^{FUSED_MATMUL_MAX_MNK.bit_length() - 1}; cuBLAS is faster above"
+    if math.prod(result) * k > limit:
+        where = "cuBLAS is faster above" if limit == FUSED_MATMUL_MAX_MNK else "the interpreter is slower above"
+        return f"chosen for products of batch*M*N*K <= 2^{limit.bit_length() - 1}; {where}"
     return None
 
 
@@ -218,7 +227,8 @@ def fused_scope_reason(call: CallSpec) -> str | None:
         if torch.bfloat16 in dtypes and not call.device.supports_bf16:
             return f"reads bfloat16 inputs where the GPU has bfloat16 (compute capability >= 8.0), not on {call.device.name}"
     if len(call.shapes) >= 2:
-        return _shape_reason(call.shapes[0], call.shapes[1])
+        limit = FUSED_MATMUL_MAX_MNK if call.device.is_cuda else FUSED_INTERPRETED_MAX_MNK
+        return _shape_reason(call.shapes[0], call.shapes[1], limit)
     return None
 
 
@@ -265,7 +275,10 @@ MATMUL_OPERATION.register(
 # --- ahead-of-time builds (entry point llamatelemetry.kernel_builds: tensorcore) ---------------------------------
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_AOT_SHAPES = ((1, 4096), (128, 4096), (1024, 1024), (4096, 4096))  # (M, N): decode, prefill chunk, squares
+# (M, N): decode, a few rows, a prefill chunk, squares; between them every tile shape fused_tiles picks
+_AOT_SHAPES = ((1, 4096), (48, 4096), (128, 4096), (1024, 1024), (4096, 4096))
+# The launches' unit strides (row-major A, B and C), which Triton's JIT specializes as constants as well
+_UNIT_STRIDES = ("stride_ak", "stride_bn", "stride_cn")
 _GEMM_INTS = ("M", "N", "K", *(f"stride_{t}{d}" for t, dims in (("a", "bmk"), ("b", "bkn"), ("c", "bmn")) for d in dims))
 
 
@@ -275,7 +288,7 @@ def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
 
     ptr = "*" + _TRITON_TYPES[in_dtype]
     signature = {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "partial_ptr": "*i32"}
-    signature.update(dict.fromkeys(_GEMM_INTS, "i32"))
+    signature.update({name: "constexpr" if name in _UNIT_STRIDES else "i32" for name in _GEMM_INTS})
     signature.update({"programs_a": "i32", "programs_b": "i32", "k_bits": "i32"})
     signature.update({"half": "i64", "quarter": "i64", "eighth": "i64"})
     constexprs: dict[str, int | float | bool | str] = {
@@ -285,6 +298,7 @@ def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
         "GROUP_M": tiles.group_m,
         "PARTIALS": tiles.partials,
         "PIPELINED": True,
+        **dict.fromkeys(_UNIT_STRIDES, 1),
     }
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     name = (

@@ -1,0 +1,183 @@
+"""The fused path against the reference: on a GPU, or in Triton's interpreter on CPU tensors (tiny shapes)."""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from llamatelemetry_core import record_selections
+from llamatelemetry_tensorcore import matmul_tensor_core
+from llamatelemetry_tensorcore.fused_matmul import _fused_op
+from llamatelemetry_tensorcore.matmul import _exponents_from_maxima, product_thresholds
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from llamatelemetry_tensorcore._fused_kernels import _range_exponents  # noqa: E402 (needs Triton)
+
+pytestmark = pytest.mark.triton
+
+CheckMatmul = Callable[..., None]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_numpy() -> Iterator[None]:
+    # The interpreter multiplies with NumPy, which warns where inf meets 0 (the NaN the specification expects).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)  # fp16 results: inf
+        yield
+
+
+def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+
+
+def _same_specification(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor, check: CheckMatmul) -> None:
+    """``got`` (the fused path) against the reference: the same non-finite elements, the same dtype and shape, and
+    the finite ones within the error bound the cuBLAS path is held to (only the order of fp32 sums differs)."""
+    ref = matmul_tensor_core(a, b, backend="reference")
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+    assert torch.equal(got[got.isinf()], ref[ref.isinf()])
+    rows = torch.isfinite(ref).all(dim=-1)
+    if bool(rows.any()) and a.dim() == 2 and b.dim() == 2:
+        check(got[rows], a[rows], b, torch.float16)
+    elif torch.isfinite(ref).all():
+        check(got, a, b, torch.float16)
+
+
+def _fused(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    with record_selections() as rec:
+        got = matmul_tensor_core(a, b, out, backend="fused")
+    assert rec.last("matmul_tensor_core") == "fused"
+    return got
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(1, 1, 1), (5, 7, 3), (17, 1, 9), (1, 40, 1), (33, 19, 47), (3, 100, 2), (16, 32, 16)]
+)
+@pytest.mark.parametrize(("scale_a", "scale_b"), [(1.0, 1.0), (1e30, 1e-25), (1e-30, 1e-5), (3e5, 2e3), (1e-20, 1e-20)])
+def test_fused_matches_the_reference(
+    check_matmul: CheckMatmul, m: int, k: int, n: int, scale_a: float, scale_b: float
+) -> None:
+    a, b = _randn(m, k, seed=m * k) * scale_a, _randn(k, n, seed=k + n) * scale_b
+    _same_specification(_fused(a, b), a, b, check_matmul)
+
+
+def test_largest_and_smallest_fp32_values(check_matmul: CheckMatmul) -> None:
+    tiny = torch.finfo(torch.float32).tiny
+    a = torch.tensor([[3.0e38, 0.0, 1e-30], [tiny, 2 * tiny, 0.0], [1e-45, 3e-45, 0.0]], device=DEVICE)
+    b = torch.tensor([[1.0, 0.5], [0.0, 1.0], [2.0, -1.0]], device=DEVICE)
+    _same_specification(_fused(a, b), a, b, check_matmul)
+    subnormal = torch.full((4, 3), 1e-42, device=DEVICE)  # scaled up by 2^154: exact, nothing flushed to zero
+    got = _fused(subnormal, b)
+    assert torch.equal(got, matmul_tensor_core(subnormal, b, backend="reference")) and got.abs().max() > 0
+
+
+def test_non_finite_inputs_and_zeros(check_matmul: CheckMatmul) -> None:
+    a = _randn(7, 20, seed=1) * 1e5
+    b = _randn(20, 6, seed=2)
+    a[0, 3], a[1, 4], a[2, 5] = float("inf"), float("nan"), float("-inf")
+    b[7, 2] = float("nan")
+    _same_specification(_fused(a, b), a, b, check_matmul)
+    zeros = torch.zeros(5, 9, device=DEVICE)
+    assert _fused(zeros, _randn(9, 4, seed=3)).eq(0).all()
+    all_inf = torch.full((2, 3), float("inf"), device=DEVICE)  # no finite value at all: no scaling, inf * 1 = inf
+    positive = _randn(3, 2, seed=4).abs() + 1
+    _same_specification(_fused(all_inf, positive), all_inf, positive, check_matmul)
+
+
+def test_out_batches_strides_and_mixed_dtypes(check_matmul: CheckMatmul) -> None:
+    a, b = _randn(3, 9, 13, seed=5) * 1e6, _randn(3, 13, 7, seed=6)
+    out = torch.full((3, 9, 7), float("nan"), device=DEVICE)
+    assert _fused(a, b, out) is out  # same batch
+    for i in range(3):
+        check_matmul(out[i], a[i], b[i], torch.float16)
+    folded = _fused(a, b[0])  # B of 2 dimensions: A's batch folds into M
+    torch.testing.assert_close(folded, matmul_tensor_core(a, b[0], backend="reference"), rtol=2e-3, atol=0)
+    broadcast = _fused(a[0], b)  # A of 2 dimensions against a batch of B: stride 0
+    _same_specification(broadcast, a[0].expand(3, -1, -1), b, check_matmul)
+    strided_out = torch.empty(7, 9, device=DEVICE).t()  # written through its strides
+    _fused(a[0], b[0], strided_out)
+    check_matmul(strided_out, a[0], b[0], torch.float16)
+    a_t = _randn(13, 9, seed=7).t()  # transposed and sliced operands
+    b_s = _randn(13, 14, seed=8)[:, ::2]
+    _same_specification(_fused(a_t, b_s), a_t, b_s, check_matmul)
+    half = _randn(9, 13, seed=9, dtype=torch.float16)  # fp16 A, fp32 B: both scaled, the result in fp16
+    got = _fused(half, b[0] * 1e4)
+    assert got.dtype == torch.float16
+    _same_specification(got, half, b[0] * 1e4, check_matmul)
+
+
+def test_automatic_choice_and_compile_round_trip() -> None:
+    a, b = _randn(6, 10, seed=10) * 1e5, _randn(10, 4, seed=11)
+    with record_selections() as rec:
+        eager = matmul_tensor_core(a, b)
+    assert rec.last("matmul_tensor_core") == "fused"
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y: matmul_tensor_core(x, y, backend="fused"), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(a, b), eager)
+    torch.library.opcheck(_fused_op, (a, b))
+
+
+def test_gradients_through_the_fused_forward() -> None:
+    a = (_randn(5, 8, seed=12) * 1e5).requires_grad_()
+    b = _randn(8, 3, seed=13).requires_grad_()
+    with record_selections() as rec:
+        matmul_tensor_core(a, b).sum().backward()  # type: ignore[no-untyped-call]
+    assert "fused" in rec.implementations("matmul_tensor_core")
+    assert a.grad is not None and b.grad is not None
+    torch.testing.assert_close(a.grad, b.detach().sum(1).expand(5, 8), rtol=2e-3, atol=0)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _exponents_kernel(bits_a, bits_b, out, n, k_bits, half, quarter, eighth, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    index = tl.arange(0, BLOCK)
+    mask = index < n
+    e_a, e_b = _range_exponents(
+        tl.load(bits_a + index, mask=mask, other=0), tl.load(bits_b + index, mask=mask, other=0), k_bits, half, quarter, eighth
+    )
+    tl.store(out + 2 * index, e_a, mask=mask)
+    tl.store(out + 2 * index + 1, e_b, mask=mask)
+
+
+def _edge_maxima(rng: random.Random, count: int) -> list[float]:
+    """fp32 maxima from zero through subnormals to the largest finite, weighted to powers of two and their
+    neighbours (where ``ceil(log2)`` and the product comparisons turn)."""
+    f32 = torch.float32
+    values = [0.0, 1e-45, torch.finfo(f32).tiny, torch.finfo(f32).max, 1.0, 0.5, 2.0**-149, 2.0**127]
+    while len(values) < count:
+        power = torch.tensor(2.0 ** rng.randint(-149, 127), dtype=f32)
+        choice = rng.random()
+        if choice < 0.3:
+            values.append(float(power))
+        elif choice < 0.6:
+            values.append(float(power.nextafter(torch.tensor(math.inf if rng.random() < 0.5 else 0.0))))
+        else:
+            values.append(float(torch.tensor(2.0 ** rng.uniform(-149, 127.99), dtype=f32)))
+    return values
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 97, 1000, 4096, 11008, 2**20 + 1])
+def test_kernel_exponents_equal_the_torch_arithmetic(k: int) -> None:
+    rng = random.Random(k)
+    maxima_a = torch.tensor(_edge_maxima(rng, 256), dtype=torch.float32)
+    maxima_b = torch.tensor(_edge_maxima(rng, 256)[::-1], dtype=torch.float32)
+    out = torch.empty(256, 2, dtype=torch.int32, device=DEVICE)
+    k_bits, half, quarter, eighth = product_thresholds(k)
+    bits_a, bits_b = (m.view(torch.int32).to(DEVICE) for m in (maxima_a, maxima_b))
+    _exponents_kernel[(1,)](bits_a, bits_b, out, 256, k_bits, half, quarter, eighth, BLOCK=256)
+    expected = torch.stack([_exponents_from_maxima(torch.stack([x, y]), k) for x, y in zip(maxima_a, maxima_b)])
+    mismatch = (out.cpu().double() != expected).any(dim=1)
+    assert not mismatch.any(), (
+        f"first of {int(mismatch.sum())} at maxima {maxima_a[mismatch][0].item()!r}, {maxima_b[mismatch][0].item()!r}: "
+        f"kernel {out.cpu()[mismatch][0].tolist()}, torch {expected[mismatch][0].tolist()}"
+    )
