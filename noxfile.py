@@ -182,7 +182,18 @@ def _compile_ahead_of_time(session: nox.Session, matrix: str) -> None:
     _install_local(session, list(PACKAGES))
     env = {"TRITON_INTERPRET": "0"}
     session.run("python", "-m", "llamatelemetry_core.aot", *(f"--device={d}" for d in AOT_DEVICES), env=env)
-    compiled = ("--package", "core", "--package", "triton", "--package", "flashattn", "--package", "kvcache")
+    compiled = (
+        "--package",
+        "core",
+        "--package",
+        "triton",
+        "--package",
+        "flashattn",
+        "--package",
+        "kvcache",
+        "--package",
+        "tensorcore",
+    )
     session.run("python", "scripts/run_matrix.py", "cpu-compile", *compiled, "--", "-m", "triton_compiler")
 
 

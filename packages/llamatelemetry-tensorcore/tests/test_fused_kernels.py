@@ -15,10 +15,12 @@ from llamatelemetry_tensorcore import matmul_tensor_core
 from llamatelemetry_tensorcore.fused_matmul import _fused_op
 from llamatelemetry_tensorcore.matmul import _exponents_from_maxima, product_thresholds
 
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
+pytest.importorskip("triton")
 
-from llamatelemetry_tensorcore._fused_kernels import _range_exponents  # noqa: E402 (needs Triton)
+import triton
+import triton.language as tl
+
+from llamatelemetry_tensorcore._fused_kernels import _range_exponents
 
 pytestmark = pytest.mark.triton
 
@@ -143,7 +145,12 @@ def _exponents_kernel(bits_a, bits_b, out, n, k_bits, half, quarter, eighth, BLO
     index = tl.arange(0, BLOCK)
     mask = index < n
     e_a, e_b = _range_exponents(
-        tl.load(bits_a + index, mask=mask, other=0), tl.load(bits_b + index, mask=mask, other=0), k_bits, half, quarter, eighth
+        tl.load(bits_a + index, mask=mask, other=0),
+        tl.load(bits_b + index, mask=mask, other=0),
+        k_bits,
+        half,
+        quarter,
+        eighth,
     )
     tl.store(out + 2 * index, e_a, mask=mask)
     tl.store(out + 2 * index + 1, e_b, mask=mask)
@@ -175,7 +182,8 @@ def test_kernel_exponents_equal_the_torch_arithmetic(k: int) -> None:
     k_bits, half, quarter, eighth = product_thresholds(k)
     bits_a, bits_b = (m.view(torch.int32).to(DEVICE) for m in (maxima_a, maxima_b))
     _exponents_kernel[(1,)](bits_a, bits_b, out, 256, k_bits, half, quarter, eighth, BLOCK=256)
-    expected = torch.stack([_exponents_from_maxima(torch.stack([x, y]), k) for x, y in zip(maxima_a, maxima_b)])
+    pairs = zip(maxima_a, maxima_b, strict=True)
+    expected = torch.stack([_exponents_from_maxima(torch.stack([x, y]), k) for x, y in pairs])
     mismatch = (out.cpu().double() != expected).any(dim=1)
     assert not mismatch.any(), (
         f"first of {int(mismatch.sum())} at maxima {maxima_a[mismatch][0].item()!r}, {maxima_b[mismatch][0].item()!r}: "

@@ -50,7 +50,9 @@ def _chosen(key: str, *args: object) -> str:
     ("a_shape", "b_shape"),
     [((1024, 1024), (1024, 1024)), ((1, 4096), (4096, 4096)), ((4, 77, 300), (300, 50)), ((3, 9, 5), (3, 5, 7))],
 )
-def test_small_fp32_products_choose_the_fused_path(key: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
+def test_small_fp32_products_choose_the_fused_path(
+    key: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]
+) -> None:
     assert _chosen(key, a_shape, b_shape) == "fused"
     assert _chosen(key, a_shape, b_shape, F16, F32) == "fused"  # one fp16 input: the other still needs scaling
 
@@ -62,7 +64,7 @@ def test_small_fp32_products_choose_the_fused_path(key: str, a_shape: tuple[int,
         ("h100", (64, 64), (64, 64), F16, F16, F16, "float16 inputs need no range scaling"),
         ("h100", (64, 64), (64, 64), F32, F32, BF16, "bfloat16 needs no scaling"),
         ("h100", (64, 64), (64, 64), torch.float64, F32, F16, "not float64"),
-        ("t4", (64, 64), (64, 64), BF16, F32, F16, "bfloat16 inputs where the GPU has bfloat16"),
+        ("t4", (64, 64), (64, 64), BF16, F32, F16, "bfloat16 inputs on GPUs with bfloat16"),
         ("h100", (2, 3, 64, 64), (2, 3, 64, 64), F32, F32, F16, "one batch dimension"),
         ("h100", (0, 64), (64, 64), F32, F32, F16, "empty product"),
         ("h100", (64, 0), (0, 64), F32, F32, F16, "empty product"),
@@ -129,7 +131,9 @@ def test_tiles_fit_the_device(key: str, m: int, n: int, batch: int) -> None:
         assert info.shared_memory_per_block_bytes is not None
         assert fp32_tile_bytes <= info.shared_memory_per_block_bytes * 2 // 3  # room for the fp16 operands
         # N's tile is halved, down to 32, until the tiles fill the SMs
-        assert tiles.block_n == 32 or batch * math.ceil(m / tiles.block_m) * math.ceil(n / tiles.block_n) >= info.sm_count
+        assert (
+            tiles.block_n == 32 or batch * math.ceil(m / tiles.block_m) * math.ceil(n / tiles.block_n) >= info.sm_count
+        )
 
 
 @given(numel=st.integers(1, 2**31 - 1), key=st.sampled_from(["t4", "h100", "cpu"]))

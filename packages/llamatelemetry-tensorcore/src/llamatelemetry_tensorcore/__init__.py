@@ -10,6 +10,7 @@ Documented import path: ``llamatelemetry.cuda.tensor_core``.
 * :mod:`~llamatelemetry_tensorcore.amp`: ``enable_amp``.
 """
 
+from llamatelemetry_tensorcore import fused_matmul  # noqa: F401 (registers matmul's fused implementation)
 from llamatelemetry_tensorcore.__about__ import __version__
 from llamatelemetry_tensorcore.amp import AmpPlan, ReusableAutocast, enable_amp, plan_amp
 from llamatelemetry_tensorcore.config import (
@@ -27,7 +28,6 @@ from llamatelemetry_tensorcore.info import (
     tensor_core_dtypes,
 )
 from llamatelemetry_tensorcore.matmul import MatmulPadding, matmul_tensor_core, tensor_core_padding
-from llamatelemetry_tensorcore import fused_matmul as _fused_matmul  # registers the fused implementation
 from llamatelemetry_tensorcore.model import PRECISION_SENSITIVE, ModelPlan, optimize_for_tensor_cores, plan_model
 
 __all__ = [

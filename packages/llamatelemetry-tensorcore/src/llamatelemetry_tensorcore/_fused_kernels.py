@@ -35,6 +35,7 @@ from llamatelemetry_tensorcore.matmul import product_thresholds
 
 __all__ = ["fused_matmul"]
 
+
 @triton.jit  # type: ignore[untyped-decorator]
 def _block_largest_finite(x_ptr, start, numel, largest, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
     """``largest`` raised elementwise to the finite ``|x|`` of ``x[start:start + BLOCK]`` (within ``numel``)."""
@@ -89,7 +90,7 @@ def _normalize_step(m, x, SHIFT: tl.constexpr):  # type: ignore[no-untyped-def]
     return tl.where(small, m << SHIFT, m), tl.where(small, x - SHIFT, x)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit
 def _frexp_bits(bits):  # type: ignore[no-untyped-def]
     """``(m, x)`` with ``value = m 2^(x - 24)`` and ``m`` in [2^23, 2^24), for the bits of a positive finite fp32
     (frexp with a 24-bit integer mantissa; subnormals normalized by shifts, so no float arithmetic is involved)."""
@@ -104,7 +105,7 @@ def _frexp_bits(bits):  # type: ignore[no-untyped-def]
     return _normalize_step(m, x, 1)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit
 def _range_exponents(bits_a, bits_b, k_bits, half, quarter, eighth):  # type: ignore[no-untyped-def]
     """``(eA, eB)`` (int32) of step 1 from the bits of ``max|A|`` and ``max|B|`` (non-negative fp32) and K's
     :func:`~llamatelemetry_tensorcore.matmul.product_thresholds`, as ``_exponents_from_maxima`` computes them."""
@@ -119,20 +120,20 @@ def _range_exponents(bits_a, bits_b, k_bits, half, quarter, eighth):  # type: ig
     return e0_a + ((p + 1) >> 1), e0_b + (p >> 1)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit
 def _power_of_two(e):  # type: ignore[no-untyped-def]
     """``2^e`` in fp32 from its bits, for an integer ``e`` in [-126, 127]."""
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit
 def _scaled_to_fp16(x, first, second):  # type: ignore[no-untyped-def]
     """``round_fp16(x 2^e)`` for ``2^e = first * second`` (same signs of exponent): scaling up never rounds, and
     scaling down rounds at most once above fp16's zero threshold."""
     return (x.to(tl.float32) * first * second).to(tl.float16)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit
 def _scaled_dot(  # type: ignore[no-untyped-def]
     acc, a_tile, b_tile, rows, cols, inner, k_left, M, N, a_first, a_second, b_first, b_second
 ):
@@ -207,13 +208,17 @@ def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if PIPELINED:
         for k0 in range(0, K, BLOCK_K):
-            acc = _scaled_dot(acc, a_tile, b_tile, rows, cols, inner, K - k0, M, N, a_first, a_second, b_first, b_second)
+            acc = _scaled_dot(
+                acc, a_tile, b_tile, rows, cols, inner, K - k0, M, N, a_first, a_second, b_first, b_second
+            )
             a_tile += BLOCK_K * stride_ak
             b_tile += BLOCK_K * stride_bk
     else:
         k0 = 0
         while k0 < K:
-            acc = _scaled_dot(acc, a_tile, b_tile, rows, cols, inner, K - k0, M, N, a_first, a_second, b_first, b_second)
+            acc = _scaled_dot(
+                acc, a_tile, b_tile, rows, cols, inner, K - k0, M, N, a_first, a_second, b_first, b_second
+            )
             a_tile += BLOCK_K * stride_ak
             b_tile += BLOCK_K * stride_bk
             k0 += BLOCK_K

@@ -225,7 +225,7 @@ def fused_scope_reason(call: CallSpec) -> str | None:
         if torch.bfloat16 in dtypes and not call.device.is_cuda:
             return QuietReason("the Triton interpreter cannot round to bfloat16 (NumPy has none)")
         if torch.bfloat16 in dtypes and not call.device.supports_bf16:
-            return f"reads bfloat16 inputs where the GPU has bfloat16 (compute capability >= 8.0), not on {call.device.name}"
+            return f"reads bfloat16 inputs on GPUs with bfloat16 (compute capability >= 8.0), not on {call.device.name}"
     if len(call.shapes) >= 2:
         limit = FUSED_MATMUL_MAX_MNK if call.device.is_cuda else FUSED_INTERPRETED_MAX_MNK
         return _shape_reason(call.shapes[0], call.shapes[1], limit)
@@ -279,7 +279,12 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 _AOT_SHAPES = ((1, 4096), (48, 4096), (128, 4096), (1024, 1024), (4096, 4096))
 # The launches' unit strides (row-major A, B and C), which Triton's JIT specializes as constants as well
 _UNIT_STRIDES = ("stride_ak", "stride_bn", "stride_cn")
-_GEMM_INTS = ("M", "N", "K", *(f"stride_{t}{d}" for t, dims in (("a", "bmk"), ("b", "bkn"), ("c", "bmn")) for d in dims))
+_GEMM_INTS = (
+    "M",
+    "N",
+    "K",
+    *(f"stride_{t}{d}" for t, dims in (("a", "bmk"), ("b", "bkn"), ("c", "bmn")) for d in dims),
+)
 
 
 def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:

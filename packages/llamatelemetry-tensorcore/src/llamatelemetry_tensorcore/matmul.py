@@ -163,7 +163,9 @@ def _exponents_from_maxima(largest: torch.Tensor, k: int) -> torch.Tensor:
     fraction, exponent = torch.frexp(largest.to(torch.float64))
     x = exponent.to(torch.float64)
     present = largest > 0
-    e0 = torch.where(present, (x - (fraction == 0.5).to(torch.float64) - _FP16_SAFE_LOG2).clamp(min=-_MAX_UPSCALE_LOG2), 0.0)
+    e0 = torch.where(
+        present, (x - (fraction == 0.5).to(torch.float64) - _FP16_SAFE_LOG2).clamp(min=-_MAX_UPSCALE_LOG2), 0.0
+    )
     mantissa = torch.ceil(fraction * 2.0**24)
     product = mantissa[0] * mantissa[1]  # < 2^49: exact in float64
     bits, half, quarter, eighth = product_thresholds(max(k, 1))
