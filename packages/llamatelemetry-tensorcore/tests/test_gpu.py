@@ -25,10 +25,25 @@ def _randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int) -> torch.
 def test_fp16_numerics_and_alignment_padding(check_matmul: CheckMatmul, m: int, k: int, n: int) -> None:
     a, b = _randn(m, k, seed=m), _randn(k, n, seed=n)
     with record_selections() as rec:
-        c = matmul_tensor_core(a, b, dtype=torch.float16)
+        c = matmul_tensor_core(a, b, dtype=torch.float16, backend="tensor_core")
     assert rec.last("matmul_tensor_core") == "tensor_core"
     assert c.dtype == torch.float32 and c.shape == (m, n) and c.device == a.device and c.is_contiguous()
     check_matmul(c, a, b, torch.float16)
+
+
+@pytest.mark.triton
+@pytest.mark.sm75
+@pytest.mark.parametrize(("m", "k", "n"), [(256, 512, 128), (1023, 777, 1001), (1, 4096, 1), (129, 65, 33)])
+@pytest.mark.parametrize("scale", [1.0, 1e6, 1e-12])
+def test_small_fp32_products_run_fused(check_matmul: CheckMatmul, m: int, k: int, n: int, scale: float) -> None:
+    a, b = _randn(m, k, seed=m) * scale, _randn(k, n, seed=n)
+    with record_selections() as rec:
+        c = matmul_tensor_core(a, b, dtype=torch.float16)
+    assert rec.last("matmul_tensor_core") == "fused"
+    assert c.dtype == torch.float32 and c.shape == (m, n) and c.is_contiguous()
+    check_matmul(c, a, b, torch.float16)
+    cublas = matmul_tensor_core(a, b, dtype=torch.float16, backend="tensor_core")
+    torch.testing.assert_close(c, cublas, rtol=2e-3, atol=2e-3 * float(cublas.abs().max()))
 
 
 @pytest.mark.sm80
