@@ -169,10 +169,10 @@ def _exponents_from_maxima(largest: torch.Tensor, k: int) -> torch.Tensor:
     mantissa = torch.ceil(fraction * 2.0**24)
     product = mantissa[0] * mantissa[1]  # < 2^49: exact in float64
     bits, half, quarter, eighth = product_thresholds(max(k, 1))
-    above = (product > half).to(torch.float64) + (product > quarter).to(torch.float64) + (product > eighth)
-    excess = x.sum() + (bits - 3 - _FP16_SAFE_LOG2) + above - e0.sum()
+    above = (product > half).to(torch.float64) + (product > quarter) + (product > eighth)
+    excess = (x - e0).sum() + (bits - 3 - _FP16_SAFE_LOG2) + above
     p = torch.where(present.all(), excess.clamp(min=0), 0.0)
-    return e0 + torch.stack([torch.ceil(p / 2), torch.floor(p / 2)])
+    return e0 + torch.stack([p + 1, p]).div(2, rounding_mode="floor")  # + [ceil(p / 2), floor(p / 2)]
 
 
 def _exponents(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
