@@ -12,7 +12,8 @@ Usage (from the repository root; no network, no installs; under two minutes on a
    the fp16 rounding of a differently ordered fp32 sum: ``|fused - ref| <= 2^-10 |ref| + 2 K 2^-24 (|A| @ |B|)``.
 2. Timing (``llamatelemetry_core.testing.bench.gpu_ms``: median, L2 flushed, eager launches): fp32
    ``torch.matmul`` with TF32 off (the baseline), the cuBLAS range-scaled path (``backend="tensor_core"``), the
-   fused path (its launcher called directly, so that it runs above the threshold too) and the automatic choice.
+   fused path (its launcher called directly, so that it runs above the threshold too) and the automatic choice;
+   then the automatic choice and fp32 replayed from CUDA graphs (GPU time without the host's share).
 3. The recommended threshold: the largest measured ``batch*M*N*K`` up to which the fused path is never more
    than 2% slower than the cuBLAS path, against ``FUSED_MATMUL_MAX_MNK`` as set.
 
@@ -96,19 +97,22 @@ def _timed(fn: Callable[[], object]) -> float:
     return gpu_ms(fn, reps=20, warmup=3)
 
 
-Timings = tuple[float, float, float, float, str]
+Timings = tuple[float, float, float, float, float, float, str]
 
 
 def _time_shape(m: int, k: int, n: int, device: torch.device) -> Timings:
-    """(fp32, cuBLAS range-scaled, fused, automatic) in ms for one shape, and the automatic choice's name."""
+    """(fp32, cuBLAS range-scaled, fused, automatic) in ms for one shape, eagerly, then fp32 and the automatic
+    choice replayed from CUDA graphs (GPU time alone, no host work), and the automatic choice's name."""
     a, b = _inputs(m, k, n, device, seed=1)
     fp32 = _timed(lambda: torch.matmul(a, b))
     scaled = _timed(lambda: matmul_tensor_core(a, b, backend="tensor_core"))
     fused = _timed(lambda: fused_matmul(a, b, None))
     auto = _timed(lambda: matmul_tensor_core(a, b))
+    fp32_graph = gpu_ms(lambda: torch.matmul(a, b), graph=True, reps=20, warmup=3)
+    auto_graph = gpu_ms(lambda: matmul_tensor_core(a, b), graph=True, reps=20, warmup=3)
     with record_selections() as rec:
         matmul_tensor_core(a, b)
-    return fp32, scaled, fused, auto, rec.last("matmul_tensor_core") or "?"
+    return fp32, scaled, fused, auto, fp32_graph, auto_graph, rec.last("matmul_tensor_core") or "?"
 
 
 def time_paths(
@@ -117,7 +121,7 @@ def time_paths(
     """Time the four paths per shape; returns (M*N*K, fused ms, cuBLAS-scaled ms) per shape."""
     measured = []
     for m, k, n in shapes:
-        fp32, scaled, fused, auto, chosen = _time_shape(m, k, n, device)
+        fp32, scaled, fused, auto, fp32_graph, auto_graph, chosen = _time_shape(m, k, n, device)
         torch.cuda.empty_cache()
         name = f"{m}x{k}x{n}"
         tflop = 2.0 * m * n * k / 1e9  # TFLOP/s when divided by milliseconds
@@ -125,6 +129,7 @@ def time_paths(
         report.add(Row(name, "tensor_core (cuBLAS, range-scaled)", scaled, "ms", fp32, "fp32"))
         report.add(Row(name, "fused (forced)", fused, "ms", fp32, "fp32", note=f"{tflop / fused:.1f} TFLOP/s"))
         report.add(Row(name, f"automatic ({chosen})", auto, "ms", fp32, "fp32"))
+        report.add(Row(name, f"automatic ({chosen}), graph replay", auto_graph, "ms", fp32_graph, "fp32, graph replay"))
         report.check(f"{name}: automatic choice >= 1.0x fp32", fp32 / auto, 1.0)
         measured.append((m * n * k, fused, scaled))
     return measured
