@@ -11,10 +11,10 @@ sums (within the error bound the tests hold cuBLAS to).
 
 Scope (checks refuse anything else with a reason, and the ``tensor_core`` path runs): ``dtype=torch.float16``
 with an input that is not fp16 (fp32, bf16; fp16 with the other one of those); no float64; B of 2 dimensions
-(A's leading dimensions fold into M) or A and B of at most 3 with one batch dimension; no empty product; fewer
-than 2^31 elements per tensor; CUDA compute capability >= 7.5 with Triton installed (or Triton's interpreter on
-a CPU, without bf16, which NumPy cannot round); and a product small enough, :data:`FUSED_MATMUL_MAX_MNK`
-(:data:`FUSED_INTERPRETED_MAX_MNK` in the interpreter).
+(A's leading dimensions fold into M) or A and B of at most 3 with one batch dimension (at most 65535 batches);
+no empty product; at most 2^30 elements per tensor; CUDA compute capability >= 7.5 with Triton installed (or
+Triton's interpreter on a CPU, without bf16, which NumPy cannot round); and a product small enough,
+:data:`FUSED_MATMUL_MAX_MNK` (:data:`FUSED_INTERPRETED_MAX_MNK` in the interpreter).
 
 Launch heuristics (pure functions of the shape and the device, shared by the launcher and the ahead-of-time
 builds): :func:`fused_tiles` and :func:`largest_finite_programs`.
@@ -69,7 +69,8 @@ FUSED_INTERPRETED_MAX_MNK = 2**18
 """The same bound under Triton's interpreter (CPU tensors, ``TRITON_INTERPRET=1``): a vehicle for testing the kernels,
 never faster than the reference, so only small products take it there."""
 
-_MAX_ELEMENTS = 2**31  # int32 offsets in the kernels
+_MAX_ELEMENTS = 2**30  # int32 offsets in the kernels, with room for a block past the last element
+_MAX_BATCH = 65535  # the grid's second dimension
 _PARTIALS = 256  # partial maxima per input: programs of the reduction launch, reduced again by each GEMM program
 _REDUCE_BLOCK = 4096
 _INTERPRETED_REDUCE_BLOCK = 1024
@@ -203,8 +204,10 @@ def _shape_reason(a_shape: tuple[int, ...], b_shape: tuple[int, ...], limit: int
     k = a_shape[-1]
     if k == 0 or 0 in result:
         return "an empty product has nothing to fuse"
-    if max(math.prod(a_shape), math.prod(b_shape), math.prod(result)) >= _MAX_ELEMENTS:
-        return "indexes at most 2^31 elements per tensor"
+    if max(math.prod(a_shape), math.prod(b_shape), math.prod(result)) > _MAX_ELEMENTS:
+        return "indexes at most 2^30 elements per tensor"
+    if len(result) == 3 and len(b_shape) == 3 and result[0] > _MAX_BATCH:
+        return f"runs at most {_MAX_BATCH} batches in one launch"
     if math.prod(result) * k > limit:
         where = "cuBLAS is faster above" if limit == FUSED_MATMUL_MAX_MNK else "the interpreter is slower above"
         return f"chosen for products of batch*M*N*K <= 2^{limit.bit_length() - 1}; {where}"
