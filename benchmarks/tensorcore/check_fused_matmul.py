@@ -37,7 +37,7 @@ from llamatelemetry_core import record_selections
 from llamatelemetry_core.testing.bench import Report, Row, gpu_ms, progress
 from llamatelemetry_tensorcore import matmul_tensor_core
 from llamatelemetry_tensorcore._fused_kernels import fused_matmul
-from llamatelemetry_tensorcore.fused_matmul import FUSED_MATMUL_MAX_MNK
+from llamatelemetry_tensorcore.fused_matmul import FUSED_MATMUL_MAX_MNK, one_launch
 
 SQUARES = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 SKINNY: tuple[tuple[int, int, int], ...] = (
@@ -97,7 +97,7 @@ def _timed(fn: Callable[[], object]) -> float:
     return gpu_ms(fn, reps=20, warmup=3)
 
 
-Timings = tuple[float, float, float, float, float, float, str]
+Timings = tuple[float, float, float, float, float, float, float | None, str]
 
 
 def _time_shape(m: int, k: int, n: int, device: torch.device) -> Timings:
@@ -107,12 +107,14 @@ def _time_shape(m: int, k: int, n: int, device: torch.device) -> Timings:
     fp32 = _timed(lambda: torch.matmul(a, b))
     scaled = _timed(lambda: matmul_tensor_core(a, b, backend="tensor_core"))
     fused = _timed(lambda: fused_matmul(a, b, None))
+    # where one launch is chosen, the two-launch form beside it (FUSED_ONE_LAUNCH_MAX_ELEMENTS is a guess)
+    two = _timed(lambda: fused_matmul(a, b, None, launches=2)) if one_launch(a.numel(), b.numel()) else None
     auto = _timed(lambda: matmul_tensor_core(a, b))
     fp32_graph = gpu_ms(lambda: torch.matmul(a, b), graph=True, reps=20, warmup=3)
     auto_graph = gpu_ms(lambda: matmul_tensor_core(a, b), graph=True, reps=20, warmup=3)
     with record_selections() as rec:
         matmul_tensor_core(a, b)
-    return fp32, scaled, fused, auto, fp32_graph, auto_graph, rec.last("matmul_tensor_core") or "?"
+    return fp32, scaled, fused, auto, fp32_graph, auto_graph, two, rec.last("matmul_tensor_core") or "?"
 
 
 def time_paths(
@@ -121,13 +123,17 @@ def time_paths(
     """Time the four paths per shape; returns (M*N*K, fused ms, cuBLAS-scaled ms) per shape."""
     measured = []
     for m, k, n in shapes:
-        fp32, scaled, fused, auto, fp32_graph, auto_graph, chosen = _time_shape(m, k, n, device)
+        fp32, scaled, fused, auto, fp32_graph, auto_graph, two, chosen = _time_shape(m, k, n, device)
         torch.cuda.empty_cache()
         name = f"{m}x{k}x{n}"
         tflop = 2.0 * m * n * k / 1e9  # TFLOP/s when divided by milliseconds
         report.add(Row(name, "fp32 torch.matmul (TF32 off)", fp32, "ms", note=f"{tflop / fp32:.1f} TFLOP/s"))
         report.add(Row(name, "tensor_core (cuBLAS, range-scaled)", scaled, "ms", fp32, "fp32"))
-        report.add(Row(name, "fused (forced)", fused, "ms", fp32, "fp32", note=f"{tflop / fused:.1f} TFLOP/s"))
+        launches = "one launch" if two is not None else "two launches"
+        note = f"{tflop / fused:.1f} TFLOP/s"
+        report.add(Row(name, f"fused, {launches} (forced)", fused, "ms", fp32, "fp32", note=note))
+        if two is not None:
+            report.add(Row(name, "fused, two launches (forced)", two, "ms", fp32, "fp32"))
         report.add(Row(name, f"automatic ({chosen})", auto, "ms", fp32, "fp32"))
         report.add(Row(name, f"automatic ({chosen}), graph replay", auto_graph, "ms", fp32_graph, "fp32, graph replay"))
         report.check(f"{name}: automatic choice >= 1.0x fp32", fp32 / auto, 1.0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from llamatelemetry_core import record_selections
+from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_tensorcore import matmul_tensor_core
 from llamatelemetry_tensorcore.fused_matmul import _fused_op
 from llamatelemetry_tensorcore.matmul import _exponents_from_maxima, product_thresholds
@@ -20,7 +21,8 @@ pytest.importorskip("triton")
 import triton
 import triton.language as tl
 
-from llamatelemetry_tensorcore._fused_kernels import _range_exponents
+from llamatelemetry_tensorcore import _fused_kernels
+from llamatelemetry_tensorcore._fused_kernels import _range_exponents, fused_matmul
 
 pytestmark = pytest.mark.triton
 
@@ -117,6 +119,37 @@ def test_out_batches_strides_and_mixed_dtypes(check_matmul: CheckMatmul) -> None
     got = _fused(half, b[0] * 1e4)
     assert got.dtype == torch.float16
     _same_specification(got, half, b[0] * 1e4, check_matmul)
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape"), [((5, 7), (7, 3)), ((2, 9, 13), (13, 7)), ((3, 9, 13), (3, 13, 7)), ((40, 17), (17, 33))]
+)
+def test_one_launch_and_two_launches_agree_bit_for_bit(
+    a_shape: tuple[int, ...], b_shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launches: list[object] = []
+    reduction = _fused_kernels._largest_finite_kernel
+
+    class _Counted:
+        def __getitem__(self, grid: object) -> object:
+            launches.append(grid)
+            return reduction[grid]
+
+    monkeypatch.setattr(_fused_kernels, "_largest_finite_kernel", _Counted())
+    a, b = _randn(*a_shape, seed=20) * 1e7, _randn(*b_shape, seed=21) * 1e-9
+    a.view(-1)[3] = float("nan")
+    b_t = _randn(*b_shape[:-2], b_shape[-1], b_shape[-2], seed=22).mT  # a transposed B is dense too
+    for right in (b, b_t):
+        one = fused_matmul(a, right, None)  # small and dense: every program reduces A and B itself
+        assert not launches
+        two = fused_matmul(a, right, None, launches=2)  # a reduction launch, then the GEMM
+        assert len(launches) == 1
+        launches.clear()
+        assert torch.equal(one.isnan(), two.isnan()) and bool(one.isnan().any())
+        assert torch.equal(one.nan_to_num(), two.nan_to_num())
+    strided = a[..., ::2, :]
+    with pytest.raises(ConfigurationError, match="dense in memory"):
+        fused_matmul(strided, b, None, launches=1)
 
 
 def test_automatic_choice_and_compile_round_trip() -> None:

@@ -1,11 +1,12 @@
-"""Triton kernels of the fused ``matmul_tensor_core`` path: range scaling, fp16 product and unscaling in two launches.
+"""Triton kernels of the fused ``matmul_tensor_core`` path: range scaling, fp16 product and unscaling in 1-2 launches.
 
 What is computed is the specification of :mod:`llamatelemetry_tensorcore.matmul` (steps 1-4), bit for bit except
 for the order of the fp32 sums inside the product:
 
 1. :func:`_largest_finite_kernel` (one launch over A and B): each program reduces a contiguous span of one input to
    its largest finite ``|x|`` and stores it, as the bits of a non-negative fp32 (ordered as integers), in a small
-   buffer of partial maxima. No atomics and no zero-filled buffer: the next kernel reduces the partials.
+   buffer of partial maxima. No atomics and no zero-filled buffer: the next kernel reduces the partials. For
+   small dense inputs this launch is skipped: every GEMM program reduces all of A and B itself.
 2. :func:`_scaled_matmul_kernel`: every program reduces the partial maxima (a few hundred integers, from L2),
    derives ``eA`` and ``eB`` with :func:`_range_exponents` (the integer form of
    :func:`~llamatelemetry_tensorcore.matmul._exponents_from_maxima`), then multiplies tiles of A and B by
@@ -25,11 +26,13 @@ import triton
 import triton.language as tl
 
 from llamatelemetry_core.environment import triton_interpreter_enabled
+from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_tensorcore.fused_matmul import (
     FusedTiles,
     choose_fused_tiles,
     fused_operands,
     largest_finite_programs,
+    one_launch,
 )
 from llamatelemetry_tensorcore.matmul import product_thresholds
 
@@ -168,16 +171,41 @@ def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
     half,
     quarter,
     eighth,
+    a_numel,
+    b_numel,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    PARTIALS: tl.constexpr,
+    REDUCE_BLOCK: tl.constexpr,  # partial maxima read per input, or (ONE_LAUNCH) elements reduced per step
+    ONE_LAUNCH: tl.constexpr,
     PIPELINED: tl.constexpr,
 ):
-    partials = tl.arange(0, PARTIALS)
-    bits_a = tl.max(tl.load(partial_ptr + partials, mask=partials < programs_a, other=0), axis=0)
-    bits_b = tl.max(tl.load(partial_ptr + programs_a + partials, mask=partials < programs_b, other=0), axis=0)
+    if ONE_LAUNCH:
+        # Small dense inputs: every program reduces all of A and B itself (from L2) instead of reading the
+        # partials of a reduction launch, which saves that launch. A's and B's pointers are their storage.
+        largest_a = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
+        largest_b = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
+        if PIPELINED:
+            for offset in range(0, a_numel, REDUCE_BLOCK):
+                largest_a = _block_largest_finite(a_ptr, offset, a_numel, largest_a, REDUCE_BLOCK)
+            for offset in range(0, b_numel, REDUCE_BLOCK):
+                largest_b = _block_largest_finite(b_ptr, offset, b_numel, largest_b, REDUCE_BLOCK)
+        else:
+            offset = 0
+            while offset < a_numel:
+                largest_a = _block_largest_finite(a_ptr, offset, a_numel, largest_a, REDUCE_BLOCK)
+                offset += REDUCE_BLOCK
+            offset = 0
+            while offset < b_numel:
+                largest_b = _block_largest_finite(b_ptr, offset, b_numel, largest_b, REDUCE_BLOCK)
+                offset += REDUCE_BLOCK
+        bits_a = tl.max(largest_a, axis=0).to(tl.int32, bitcast=True)
+        bits_b = tl.max(largest_b, axis=0).to(tl.int32, bitcast=True)
+    else:
+        partials = tl.arange(0, REDUCE_BLOCK)
+        bits_a = tl.max(tl.load(partial_ptr + partials, mask=partials < programs_a, other=0), axis=0)
+        bits_b = tl.max(tl.load(partial_ptr + programs_a + partials, mask=partials < programs_b, other=0), axis=0)
     e_a, e_b = _range_exponents(bits_a, bits_b, k_bits, half, quarter, eighth)
     # 2^-eA and 2^-eB as two fp32 factors each (|eA| reaches 164 for fp32 inputs), 2^(eA+eB) likewise after a
     # clamp to [-170, 170], beyond which every fp16 value times the power is 0 or inf in fp32 anyway.
@@ -235,36 +263,58 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def fused_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def fused_matmul(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, launches: int | None = None
+) -> torch.Tensor:
     """``matmul_tensor_core(a, b, out, dtype=torch.float16)`` for a call the fused path supports (see
-    :func:`~llamatelemetry_tensorcore.fused_matmul.fused_scope_reason`): two launches, no host sync."""
+    :func:`~llamatelemetry_tensorcore.fused_matmul.fused_scope_reason`), with no host sync.
+
+    ``launches`` (for tests and measurements; the same numbers, bit for bit): ``None`` chooses one launch for
+    small dense inputs (:func:`~llamatelemetry_tensorcore.fused_matmul.one_launch`) and two otherwise; ``1`` or
+    ``2`` force it. Raises :class:`ConfigurationError` for ``1`` when A or B is not dense in memory.
+    """
+    a, b = a.detach(), b.detach()
     operands = fused_operands(a, b)
     tiles: FusedTiles = choose_fused_tiles(operands.m, operands.n, operands.batch, a.device)
     shape = operands.result_shape
     c = out if out is not None else torch.empty(shape, dtype=a.dtype, device=a.device)
     c3 = operands.view_result(c)
     target = c3 if c3 is not None else torch.empty(operands.batched_shape, dtype=a.dtype, device=a.device)
+    a3, b3 = operands.a3, operands.b3
 
     interpreted = triton_interpreter_enabled()
     flat_a, flat_b = _flat(a), _flat(b)
-    programs_a, span_a = largest_finite_programs(flat_a.numel(), tiles)
-    programs_b, span_b = largest_finite_programs(flat_b.numel(), tiles)
-    partial = torch.empty(programs_a + programs_b, dtype=torch.int32, device=a.device)
-    _largest_finite_kernel[(programs_a + programs_b,)](
-        flat_a,
-        flat_b,
-        partial,
-        flat_a.numel(),
-        flat_b.numel(),
-        span_a,
-        span_b,
-        programs_a,
-        BLOCK=tiles.reduce_block,
-        PIPELINED=not interpreted,
-        num_warps=tiles.reduce_warps,
-        enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
-    )
-    a3, b3 = operands.a3, operands.b3
+    # one launch reads A and B through a3 and b3's base pointers: only when those are their dense storage
+    dense = flat_a is a and flat_b is b and a3.data_ptr() == a.data_ptr() and b3.data_ptr() == b.data_ptr()
+    if launches == 1 and not dense:
+        raise ConfigurationError(
+            "expected A and B dense in memory (contiguous, or transposed contiguous) for one launch, got strides "
+            f"{tuple(a.stride())} and {tuple(b.stride())}; pass launches=None or 2"
+        )
+    single = dense and (one_launch(a.numel(), b.numel()) if launches is None else launches == 1)
+    if single:
+        programs_a = programs_b = 0
+        partial = torch.empty(1, dtype=torch.int32, device=a.device)
+        reduce_block = tiles.one_launch_block
+    else:
+        programs_a, span_a = largest_finite_programs(flat_a.numel(), tiles)
+        programs_b, span_b = largest_finite_programs(flat_b.numel(), tiles)
+        partial = torch.empty(programs_a + programs_b, dtype=torch.int32, device=a.device)
+        reduce_block = tiles.partials
+        _largest_finite_kernel[(programs_a + programs_b,)](
+            flat_a,
+            flat_b,
+            partial,
+            flat_a.numel(),
+            flat_b.numel(),
+            span_a,
+            span_b,
+            programs_a,
+            BLOCK=tiles.reduce_block,
+            PIPELINED=not interpreted,
+            num_warps=tiles.reduce_warps,
+            enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
+        )
     k_bits, half, quarter, eighth = product_thresholds(operands.k)
     grid = (triton.cdiv(operands.m, tiles.block_m) * triton.cdiv(operands.n, tiles.block_n), operands.batch)
     _scaled_matmul_kernel[grid](
@@ -290,11 +340,14 @@ def fused_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> 
         half,
         quarter,
         eighth,
+        a.numel(),
+        b.numel(),
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         GROUP_M=tiles.group_m,
-        PARTIALS=tiles.partials,
+        REDUCE_BLOCK=reduce_block,
+        ONE_LAUNCH=single,
         PIPELINED=not interpreted,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,

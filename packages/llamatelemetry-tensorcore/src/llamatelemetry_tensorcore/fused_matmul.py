@@ -1,4 +1,4 @@
-"""The ``fused`` implementation of ``matmul_tensor_core``: the whole specification in two Triton launches.
+"""The ``fused`` implementation of ``matmul_tensor_core``: the whole specification in one or two Triton launches.
 
 The ``tensor_core`` path range-scales in separate passes (largest values, exponents, scaled copies of A and B in
 fp16, cuBLAS, unscaling): about 34 kernel launches per fp32 call, a fixed cost that dominates small products
@@ -6,7 +6,8 @@ fp16, cuBLAS, unscaling): about 34 kernel launches per fp32 call, a fixed cost t
 (:mod:`llamatelemetry_tensorcore.matmul`, steps 1-4) in two launches (:mod:`~llamatelemetry_tensorcore._fused_kernels`):
 one reduction of A and B to their largest finite magnitudes, then one GEMM that derives the exponents, scales
 and rounds its tiles to fp16 in registers, multiplies them on Tensor Cores with fp32 accumulation, rounds the
-tile to fp16 and unscales it into the output. Results equal the reference's except for the order of the fp32
+tile to fp16 and unscales it into the output. Small dense inputs take one launch: each GEMM program reduces A
+and B itself. Results equal the reference's except for the order of the fp32
 sums (within the error bound the tests hold cuBLAS to).
 
 Scope (checks refuse anything else with a reason, and the ``tensor_core`` path runs): ``dtype=torch.float16``
@@ -17,7 +18,8 @@ Triton's interpreter on a CPU, without bf16, which NumPy cannot round); and a pr
 :data:`FUSED_MATMUL_MAX_MNK` (:data:`FUSED_INTERPRETED_MAX_MNK` in the interpreter).
 
 Launch heuristics (pure functions of the shape and the device, shared by the launcher and the ahead-of-time
-builds): :func:`fused_tiles` and :func:`largest_finite_programs`.
+builds): :func:`fused_tiles`, :func:`largest_finite_programs` and :func:`one_launch` (small dense inputs skip the
+reduction launch: each GEMM program reduces A and B itself).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "FUSED",
     "FUSED_INTERPRETED_MAX_MNK",
     "FUSED_MATMUL_MAX_MNK",
+    "FUSED_ONE_LAUNCH_MAX_ELEMENTS",
     "FusedOperands",
     "FusedTiles",
     "choose_fused_tiles",
@@ -50,6 +53,7 @@ __all__ = [
     "fused_tiles",
     "kernel_builds",
     "largest_finite_programs",
+    "one_launch",
 ]
 
 FUSED = "fused"
@@ -68,6 +72,12 @@ shapes and prints the crossover it recommends for this constant.
 FUSED_INTERPRETED_MAX_MNK = 2**18
 """The same bound under Triton's interpreter (CPU tensors, ``TRITON_INTERPRET=1``): a vehicle for testing the kernels,
 never faster than the reference, so only small products take it there."""
+
+FUSED_ONE_LAUNCH_MAX_ELEMENTS = 2**15
+"""Largest ``A.numel() + B.numel()`` (dense inputs) for which the reduction launch is skipped and every GEMM program
+reduces all of A and B itself. One SM reads about 100-200 GB/s from L2, so 128 KiB of fp32 per program takes
+about a microsecond, less than a launch; beyond that the reduction launch, spread over the GPU, is cheaper.
+An estimate, like :data:`FUSED_MATMUL_MAX_MNK`: ``check_fused_matmul.py`` times the sizes around it."""
 
 _MAX_ELEMENTS = 2**30  # int32 offsets in the kernels, with room for a block past the last element
 _MAX_BATCH = 65535  # the grid's second dimension
@@ -89,6 +99,7 @@ class FusedTiles:
     reduce_block: int
     reduce_warps: int
     partials: int = _PARTIALS
+    one_launch_block: int = 1024  # elements per step of a GEMM program's own reduction (one launch)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -132,6 +143,11 @@ def fused_tiles(m: int, n: int, batch: int, info: DeviceInfo) -> FusedTiles:
         reduce_block=_REDUCE_BLOCK,
         reduce_warps=8,
     )
+
+
+def one_launch(a_numel: int, b_numel: int) -> bool:
+    """Whether inputs of these sizes are small enough for one launch (see :data:`FUSED_ONE_LAUNCH_MAX_ELEMENTS`)."""
+    return a_numel + b_numel <= FUSED_ONE_LAUNCH_MAX_ELEMENTS
 
 
 def largest_finite_programs(numel: int, tiles: FusedTiles) -> tuple[int, int]:
@@ -290,7 +306,7 @@ _GEMM_INTS = (
 )
 
 
-def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
+def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles, *, single: bool = False) -> KernelBuild:
     from llamatelemetry_core.aot import KernelBuild
     from llamatelemetry_tensorcore._fused_kernels import _scaled_matmul_kernel
 
@@ -298,20 +314,21 @@ def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
     signature = {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "partial_ptr": "*i32"}
     signature.update({name: "constexpr" if name in _UNIT_STRIDES else "i32" for name in _GEMM_INTS})
     signature.update({"programs_a": "i32", "programs_b": "i32", "k_bits": "i32"})
-    signature.update({"half": "i64", "quarter": "i64", "eighth": "i64"})
+    signature.update({"half": "i64", "quarter": "i64", "eighth": "i64", "a_numel": "i32", "b_numel": "i32"})
     constexprs: dict[str, int | float | bool | str] = {
         "BLOCK_M": tiles.block_m,
         "BLOCK_N": tiles.block_n,
         "BLOCK_K": tiles.block_k,
         "GROUP_M": tiles.group_m,
-        "PARTIALS": tiles.partials,
+        "REDUCE_BLOCK": tiles.one_launch_block if single else tiles.partials,
+        "ONE_LAUNCH": single,
         "PIPELINED": True,
         **dict.fromkeys(_UNIT_STRIDES, 1),
     }
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     name = (
         f"tensorcore.fused_matmul[{_TRITON_TYPES[in_dtype]}->fp16,{tiles.block_m}x{tiles.block_n}x{tiles.block_k},"
-        f"w{tiles.num_warps},s{tiles.num_stages}]"
+        f"w{tiles.num_warps},s{tiles.num_stages}{',one-launch' if single else ''}]"
     )
     return KernelBuild(
         name, _scaled_matmul_kernel, signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages
@@ -333,16 +350,19 @@ def _reduction_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
 
 def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
     """The fused path's builds on ``device``: the GEMM with the tiles :func:`fused_tiles` picks for decode,
-    prefill and square shapes, from fp32 (and bf16 where the device has it), and the reduction."""
+    prefill and square shapes, from fp32 (and bf16 where the device has it), its one-launch form for a small
+    product, and the reduction."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return
     in_dtypes = [torch.float32, torch.bfloat16] if device.supports_bf16 else [torch.float32]
     configs = list(dict.fromkeys(fused_tiles(m, n, 1, device) for m, n in _AOT_SHAPES))
+    small = fused_tiles(128, 128, 1, device)  # what one launch takes: A and B of 2^15 elements together
     for in_dtype in in_dtypes:
         for tiles in configs:
             yield _gemm_build(in_dtype, tiles)
+        yield _gemm_build(in_dtype, small, single=True)
         yield _reduction_build(in_dtype, configs[0])
 
 

@@ -25,7 +25,7 @@ Implementations (chosen by :mod:`llamatelemetry_core.selection`):
 
 * ``fused`` (CUDA compute capability >= 7.5 with Triton; :mod:`~llamatelemetry_tensorcore.fused_matmul`): steps 1-4
   in two Triton launches (a reduction to the largest values, then one GEMM that scales, rounds, multiplies and
-  unscales its tiles in registers), for fp16 products of non-fp16 inputs up to
+  unscales its tiles in registers; one launch for small inputs), for fp16 products of non-fp16 inputs up to
   :data:`~llamatelemetry_tensorcore.fused_matmul.FUSED_MATMUL_MAX_MNK`, where the separate passes of
   ``tensor_core`` cost more than the product.
 * ``tensor_core`` (CUDA, compute capability >= 7.0; bf16 needs >= 8.0): pads the dimensions cuBLAS needs
