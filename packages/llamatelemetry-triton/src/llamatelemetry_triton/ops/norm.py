@@ -273,7 +273,9 @@ def _norm_forward(
     r2, _, stride_r = rows_of(residual) if residual is not None else (x2, n_rows, stride_x)
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
-    config = norm_config(n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size())
+    config = norm_config(
+        n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size(), layernorm=not is_rms
+    )
     with on_device(x):
         _norm_fwd_kernel[(n_rows,)](
             x2,
@@ -594,9 +596,9 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     types = {**dict.fromkeys(("X", "R", "W", "B", "Y", "H"), f"*{t}"), "Mean": "*fp32", "Rstd": "*fp32"}
     signature = kernel_signature(_norm_fwd_kernel, {**types, "eps": "fp32"})
     for hidden in HIDDEN_SIZES:
-        config = norm_config(hidden, dtype, device)
-        tag = f"{t},N={hidden},BLOCK={config.block_size},{'single' if config.single_block else 'looped'}"
         for name, (is_rms, residual, bias, _) in _VARIANTS.items():
+            config = norm_config(hidden, dtype, device, layernorm=not is_rms)
+            tag = f"{t},N={hidden},BLOCK={config.block_size},{'single' if config.single_block else 'looped'}"
             yield KernelBuild(
                 f"triton.{name}_fwd[{tag}]",
                 _norm_fwd_kernel,
