@@ -27,12 +27,14 @@ import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
 
 from llamatelemetry_core.device import real_device_info
+from llamatelemetry_core.recording import record_selections
+from llamatelemetry_core.selection import REFERENCE
 from llamatelemetry_core.testing import assert_close, tolerance_for
 from llamatelemetry_core.testing.bench import copy_gbps, device_slug
 
@@ -43,6 +45,7 @@ BASELINE_PREFIX = "baseline"
 _BASELINE_FILE = re.compile(rf"^(\d{{4}})_{BASELINE_PREFIX}[^/]*\.json$")
 ROUNDS = 60  # replays timed per benchmark: enough for a stable median, a fraction of a second each
 WARMUP_ROUNDS = 3
+T = TypeVar("T")
 
 
 def find_baseline(storage: Path, machine_id: str) -> Path | None:
@@ -196,10 +199,12 @@ class GpuBench:
         moved_bytes: int = 0,
         flops: int = 0,
         baseline: tuple[str, torch.cuda.CUDAGraph, int] | None = None,
+        implementations: dict[str, str] | None = None,
     ) -> None:
         """Benchmark replays of ``graph`` (``launches`` calls, each moving ``moved_bytes`` or computing ``flops``);
         ``baseline``: ``(name, graph, launches)`` of the PyTorch reference, timed here with CUDA events so that
-        this row carries the same-run figures and ratio."""
+        this row carries the same-run figures and ratio; ``implementations``: what the library's call dispatched
+        to (:func:`run_recorded`), recorded beside the figures."""
 
         def run() -> None:
             graph.replay()
@@ -214,6 +219,8 @@ class GpuBench:
             info["baseline_us_per_call"] = theirs * 1e6
             info["speedup_vs_baseline"] = theirs / ours
             info.update({f"baseline_{k}": v for k, v in _figures(theirs, moved_bytes, flops, self.copy).items()})
+        if implementations and info:
+            info["implementations"] = ", ".join(f"{op}={impl}" for op, impl in sorted(implementations.items()))
         self.benchmark.extra_info.update(info)
 
     def synchronized(
@@ -286,6 +293,25 @@ def check_close(actual: torch.Tensor, expected: torch.Tensor, *, name: str, scal
     if bool(((got - want).abs() <= tol.atol + tol.rtol * want.abs()).all()):
         return
     assert_close(actual, expected, atol=tol.atol, rtol=tol.rtol, name=name)
+
+
+def run_recorded(fn: Callable[[], T]) -> tuple[T, dict[str, str]]:
+    """Call ``fn`` once; return its result and the implementation each operation it dispatched ran.
+
+    Raises ``AssertionError`` when one ran its PyTorch reference: on a GPU that would time the fallback under
+    the library's name (a kernel that failed to build here, a missing Triton)."""
+    with record_selections() as recorder:
+        result = fn()
+    chosen = {s.operation: s.implementation for s in recorder.selections}
+    fallbacks = sorted(op for op, impl in chosen.items() if impl == REFERENCE)
+    assert not fallbacks, f"{', '.join(fallbacks)} ran the PyTorch reference on this GPU: nothing to benchmark"
+    return result, chosen
+
+
+@pytest.fixture(scope="session")
+def recorded() -> Callable[[Callable[[], Any]], tuple[Any, dict[str, str]]]:
+    """:func:`run_recorded`, for the fixtures that build a case once."""
+    return run_recorded
 
 
 @pytest.fixture(scope="session")

@@ -134,16 +134,19 @@ class Captured:
     ours: torch.cuda.CUDAGraph
     torch_graph: torch.cuda.CUDAGraph
     case: Case
+    implementations: dict[str, str]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request: pytest.FixtureRequest, graph_of: Any, close: Callable[..., None]) -> Captured:
+def case(request: pytest.FixtureRequest, graph_of: Any, close: Callable[..., None], recorded: Any) -> Captured:
     built = CASES[request.param](close)
+    _, chosen = recorded(built.ours)  # which implementation the library chose, and not the reference
     return Captured(
         f"flashattn {request.param} fp16",
         graph_of(built.ours, built.launches),
         graph_of(built.torch_call, built.launches),
         built,
+        chosen,
     )
 
 
@@ -153,6 +156,7 @@ def test_attention(gpu_bench: Any, case: Captured, side: str) -> None:
     figures = {"moved_bytes": c.moved_bytes, "flops": c.flops}
     if side == "flashattn":
         baseline = ("torch", case.torch_graph, c.launches)
-        gpu_bench.replay(case.group, case.ours, c.launches, baseline=baseline, **figures)
+        chosen = case.implementations
+        gpu_bench.replay(case.group, case.ours, c.launches, baseline=baseline, implementations=chosen, **figures)
     else:
         gpu_bench.replay(case.group, case.torch_graph, c.launches, **figures)

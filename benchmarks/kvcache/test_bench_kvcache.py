@@ -45,10 +45,11 @@ class Captured:
     torch_graph: torch.cuda.CUDAGraph
     launches: int
     moved_bytes: int
+    implementations: dict[str, str]
 
 
 @pytest.fixture(scope="module", params=list(WRITE_TOKENS))
-def write_case(request: pytest.FixtureRequest, graph_of: Any) -> Captured:
+def write_case(request: pytest.FixtureRequest, graph_of: Any, recorded: Any) -> Captured:
     from llamatelemetry_core.kv_layout import PagedKV
     from llamatelemetry_kvcache import paged_write
 
@@ -72,11 +73,12 @@ def write_case(request: pytest.FixtureRequest, graph_of: Any) -> Captured:
         spare_k.index_copy_(0, slots, key)
         spare_v.index_copy_(0, slots, value)
 
-    ours()
+    _, chosen = recorded(ours)  # the Triton kernel, not the reference
     assert torch.equal(flat_k[slots], key) and torch.equal(flat_v[slots], value), "paged_write: wrong slots"
     group = f"kvcache paged-write {request.param} fp16"
     # Read K and V, write them: the slot mapping and the untouched store are not counted.
-    return Captured(group, graph_of(ours, launches), graph_of(index_copy, launches), launches, 4 * key.nbytes)
+    ours_graph, index_copy_graph = graph_of(ours, launches), graph_of(index_copy, launches)
+    return Captured(group, ours_graph, index_copy_graph, launches, 4 * key.nbytes, chosen)
 
 
 @pytest.mark.parametrize("side", ["kvcache", "torch"])
@@ -112,6 +114,7 @@ def append_case(graph_of: Any) -> Captured:
         graph_of(index_put, launches),
         launches,
         4 * k.nbytes,
+        {},  # plain indexing: no operation to dispatch
     )
 
 
@@ -123,7 +126,14 @@ def test_append(gpu_bench: Any, append_case: Captured, side: str) -> None:
 def _bench_pair(gpu_bench: Any, case: Captured, side: str, baseline: str) -> None:
     if side == "kvcache":
         pair = (baseline, case.torch_graph, case.launches)
-        gpu_bench.replay(case.group, case.ours, case.launches, moved_bytes=case.moved_bytes, baseline=pair)
+        gpu_bench.replay(
+            case.group,
+            case.ours,
+            case.launches,
+            moved_bytes=case.moved_bytes,
+            baseline=pair,
+            implementations=case.implementations,
+        )
     else:
         gpu_bench.replay(case.group, case.torch_graph, case.launches, moved_bytes=case.moved_bytes)
 

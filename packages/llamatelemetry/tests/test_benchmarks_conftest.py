@@ -1,5 +1,6 @@
-"""The benchmarks' ``--device-baseline`` (``benchmarks/conftest.py``): the newest stored baseline of the machine is
-found, a run is compared with it and fails on a regression, and without one the run is stored as the baseline."""
+"""What every benchmark shares (``benchmarks/conftest.py``): ``--device-baseline`` finds the newest stored baseline
+of the machine, compares a run with it and fails on a regression, and without one stores the run as the baseline;
+the GPU suites' checks refuse a result out of tolerance and a call that ran the PyTorch fallback."""
 
 from __future__ import annotations
 
@@ -129,3 +130,30 @@ def test_a_bad_expression_or_two_comparisons_are_refused(
     both = _run(bench_project, monkeypatch, 0.001, "--device-baseline=median:100%", "--benchmark-compare")
     assert both.ret != 0
     both.stderr.fnmatch_lines(["*give --device-baseline or --benchmark-compare, not both*"])
+
+
+def test_check_close_passes_within_the_tolerance_and_shows_where_it_fails(conftest: ModuleType) -> None:
+    import torch
+
+    expected = torch.linspace(-4, 4, 64).to(torch.float16)
+    conftest.check_close(expected + 1e-3, expected, name="within")  # fp16 table: atol 2e-3
+    with pytest.raises(AssertionError, match=r"(?s)off by one: 1 of 64 elements differ .*largest error at \[5\]"):
+        conftest.check_close(expected.clone().index_fill_(0, torch.tensor([5]), 9.0), expected, name="off by one")
+    conftest.check_close(expected + 6e-3, expected, name="scaled", scale=4.0)
+    with pytest.raises(AssertionError, match="scaled"):
+        conftest.check_close(expected + 6e-3, expected, name="scaled")
+
+
+def test_run_recorded_names_the_implementations_and_refuses_the_reference(conftest: ModuleType) -> None:
+    import torch
+
+    from llamatelemetry_core.selection import Operation
+
+    x = torch.ones(3)
+    fast = Operation("bench_test.fast", lambda t: t + 1, replace=True)
+    fast.register("native", lambda t: t + 1, priority=1, devices={"cpu", "cuda"})
+    result, chosen = conftest.run_recorded(lambda: fast.run((x,), x))
+    assert torch.equal(result, x + 1) and chosen == {"bench_test.fast": "native"}
+    only_reference = Operation("bench_test.slow", lambda t: t * 2, replace=True)
+    with pytest.raises(AssertionError, match=r"bench_test\.slow ran the PyTorch reference"):
+        conftest.run_recorded(lambda: (fast.run((x,), x), only_reference.run((x,), x)))
