@@ -17,7 +17,9 @@ GPU timing (the ``gpu_bench`` fixture): a call is captured ``launches`` times in
 benchmark round replays the graph and synchronizes (``benchmark.pedantic``). The recorded time is that of one
 replay, ``launches`` calls back to back with no host work between them; ``extra_info`` holds the time per call,
 the achieved GB/s or TFLOP/s, the share of the device-to-device copy bandwidth measured in the same run, and
-for the library's side the same figures of the PyTorch baseline, which is its own benchmark in the same group.
+for the library's side the same figures of the PyTorch baseline, which is its own benchmark in the same group,
+and which implementation each operation of the library's call ran (:func:`run_recorded`, which refuses the
+PyTorch fallback). What a graph cannot hold is timed as calls from Python, synchronized at the end of each round.
 """
 
 from __future__ import annotations
