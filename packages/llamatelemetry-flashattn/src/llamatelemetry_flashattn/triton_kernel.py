@@ -45,7 +45,7 @@ from llamatelemetry_flashattn.tiles import TileConfig, choose_tiles
 if TYPE_CHECKING:
     from llamatelemetry_core.aot import KernelBuild
 
-__all__ = ["AOT_HEAD_DIMS", "BLOCK_POINTERS", "kernel_builds", "triton_attention"]
+__all__ = ["AOT_HEAD_DIMS", "BLOCK_POINTERS", "aot_build", "aot_builds", "triton_attention"]
 
 # Block pointers where Triton still has them without a deprecation (before 3.8; 3.9 removed them): the code the
 # kernel was tuned with. From 3.8 on, tiles are addressed with plain pointer arithmetic and masks instead. On
@@ -372,7 +372,7 @@ def triton_attention(
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def kernel_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decode: bool = False) -> KernelBuild:
+def aot_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decode: bool = False) -> KernelBuild:
     """The build :func:`triton_attention` launches for ``head_dim`` and ``dtype`` on ``device``.
 
     ``decode=False`` is a prefill (many rows per program), ``decode=True`` one query with 4 heads per KV head.
@@ -412,11 +412,9 @@ def kernel_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decod
     )
 
 
-def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
-    """Every build the library launches on ``device``: head dims 64, 80, 96, 128, 256; prefill and decode tiles;
-    fp16, and bf16 where the device supports it."""
-    dtypes = [torch.float16, torch.bfloat16] if device.supports_bf16 else [torch.float16]
-    for dtype in dtypes:
-        for head_dim in AOT_HEAD_DIMS:
-            for decode in (False, True):
-                yield kernel_build(head_dim, dtype, device, decode=decode)
+def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
+    """Every build the library launches on ``device`` in ``dtype``: head dims 64, 80, 96, 128, 256; prefill and
+    decode tiles (the ahead-of-time checks, :mod:`llamatelemetry_flashattn.aot`)."""
+    for head_dim in AOT_HEAD_DIMS:
+        for decode in (False, True):
+            yield aot_build(head_dim, dtype, device, decode=decode)
