@@ -33,6 +33,7 @@ from llamatelemetry_core.device import DeviceInfo
 from llamatelemetry_core.errors import ConfigurationError
 
 __all__ = [
+    "NORM_BWD_MAX_SINGLE_BLOCK",
     "NORM_LOOP_BLOCK",
     "NORM_MAX_SINGLE_BLOCK",
     "SOFTMAX_LOOP_BLOCK",
@@ -50,10 +51,16 @@ __all__ = [
     "softmax_config",
 ]
 
-NORM_MAX_SINGLE_BLOCK = 8192
-"""Longest row (elements) a norm kernel keeps in registers; longer rows loop. x, weight and bias are held."""
+NORM_MAX_SINGLE_BLOCK = 16384
+"""Longest row (elements) the norm forward keeps in registers; longer rows loop (and read their input again).
+
+At 16384 with 16 warps every forward variant fits in the 128 registers a 512-thread program may use, with no
+spills (sm_75 and sm_90, fp16 and fp32, checked with ``cuobjdump -res-usage``), so hidden sizes up to 16384 (a
+405B model's) are read once."""
+NORM_BWD_MAX_SINGLE_BLOCK = 8192
+"""Longest row the norm backward keeps in registers: it holds about seven row-sized fp32 values per element."""
 NORM_LOOP_BLOCK = 4096
-"""Block of a norm kernel looping over a row longer than ``NORM_MAX_SINGLE_BLOCK``."""
+"""Block of a norm kernel looping over a row longer than its single-block limit."""
 SOFTMAX_MAX_SINGLE_BLOCK = 16384
 """Longest row a softmax keeps in registers; only the row itself is held, so it can be twice a norm's."""
 SOFTMAX_LOOP_BLOCK = 4096
@@ -175,7 +182,7 @@ def norm_config(
     The backward holds about seven row-sized fp32 values per element (x, dy, weight, two accumulators, ...), so
     it gets twice the warps of the forward, up to 16, to stay within the registers ptxas allows per thread.
     """
-    cap = _cap(NORM_MAX_SINGLE_BLOCK, max_block)
+    cap = _cap(NORM_BWD_MAX_SINGLE_BLOCK if backward else NORM_MAX_SINGLE_BLOCK, max_block)
     block = next_power_of_2(n_cols)
     size = _element_size(dtype)
     if block <= cap:
