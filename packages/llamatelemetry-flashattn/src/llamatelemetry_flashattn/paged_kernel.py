@@ -380,7 +380,7 @@ def aot_build(
 ) -> KernelBuild:
     """The attention kernel's build for ``kind`` in ``("decode", "decode-split", "prefill")`` on ``device``, with
     pages of ``AOT_PAGE_SIZE`` tokens and the tiles :func:`triton_paged_attention` would launch."""
-    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.aot import KernelBuild, kernel_signature
 
     rows = None if kind == "prefill" else _AOT_DECODE_ROWS
     tiles = choose_paged_tiles(head_dim, q_dtype, kv_dtype, device, rows_per_program=rows)
@@ -389,23 +389,10 @@ def aot_build(
     quantized = kv_dtype not in (torch.float16, torch.bfloat16, torch.float32)
     scale_ptr = "*fp32" if quantized else kv_ptr
     partial_ptr = "*fp32" if split else q_ptr
-    signature: dict[str, str] = {
-        "Q": q_ptr,
-        "KCache": kv_ptr,
-        "VCache": kv_ptr,
-        "KScale": scale_ptr,
-        "VScale": scale_ptr,
-        "BlockTables": "*i32",
-        "SeqLens": "*i32",
-        "CuSeqlensQ": "*i32",
-        "Out": q_ptr,
-        "PartialOut": partial_ptr,
-        "PartialLse": partial_ptr,
-    }
-    integers = "qt qh kv_block kv_token kv_head scale_block scale_token bt ot oh ps pt ph ls lt"
-    signature.update(dict.fromkeys((f"stride_{s}" for s in integers.split()), "i32"))
-    signature.update(dict.fromkeys(("num_kv_heads", "group", "num_splits"), "i32"))
-    signature.update({"qk_scale": "fp32", "softcap_log2": "fp32", "window_left": "i32", "window_right": "i32"})
+    types = {"Q": q_ptr, "KCache": kv_ptr, "VCache": kv_ptr, "KScale": scale_ptr, "VScale": scale_ptr, "Out": q_ptr}
+    types |= dict.fromkeys(("BlockTables", "SeqLens", "CuSeqlensQ"), "*i32")
+    types |= {"PartialOut": partial_ptr, "PartialLse": partial_ptr, "qk_scale": "fp32", "softcap_log2": "fp32"}
+    signature = kernel_signature(_paged_attention_kernel, types)  # strides, counts and window sides: i32
     constexprs: dict[str, int | float | bool | str] = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": tiles.block_d,
@@ -418,7 +405,6 @@ def aot_build(
         "USE_SOFTCAP": False,
         "PIPELINED": True,
     }
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
     ids = ",page-ids" if tiles.page_ids else ""
     name = (
         f"flashattn.paged[{_TRITON_DTYPES[q_dtype]},kv={_TRITON_DTYPES[kv_dtype]},d={head_dim},p={AOT_PAGE_SIZE},"

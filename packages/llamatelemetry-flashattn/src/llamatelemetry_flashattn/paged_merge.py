@@ -100,19 +100,16 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: 
 
 def aot_build(head_dim: int, dtype: torch.dtype) -> KernelBuild:
     """The merge kernel's build for ``head_dim`` writing ``dtype`` (the same on every device)."""
-    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.aot import KernelBuild, kernel_signature
 
     block_d = padded_head_dim(head_dim)
-    signature: dict[str, str] = {"PartialOut": "*fp32", "PartialLse": "*fp32", "Out": "*" + _TRITON_DTYPES[dtype]}
-    for name in ("stride_ps", "stride_pt", "stride_ph", "stride_ls", "stride_lt", "stride_ot", "stride_oh"):
-        signature[name] = "i32"
-    signature["num_splits"] = "i32"
+    types = {"PartialOut": "*fp32", "PartialLse": "*fp32", "Out": "*" + _TRITON_DTYPES[dtype]}
+    signature = kernel_signature(_merge_splits_kernel, types)  # strides and the split count: i32
     constexprs: dict[str, int | float | bool | str] = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d,
         "BLOCK_S": MERGE_BLOCK_S,
     }
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
     name = f"flashattn.paged_merge[{_TRITON_DTYPES[dtype]},d={head_dim}]"
     return KernelBuild(name, _merge_splits_kernel, signature, constexprs, num_warps=merge_warps(block_d), num_stages=1)
 

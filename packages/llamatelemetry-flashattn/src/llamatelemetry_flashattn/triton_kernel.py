@@ -377,16 +377,12 @@ def aot_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decode: 
 
     ``decode=False`` is a prefill (many rows per program), ``decode=True`` one query with 4 heads per KV head.
     """
-    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.aot import KernelBuild, kernel_signature
 
     config = choose_tiles(head_dim, dtype, device, rows_per_program=4 if decode else None)
-    pointer = "*" + _TRITON_DTYPES[dtype]
-    signature: dict[str, str] = dict.fromkeys(("Q", "K", "V", "Out"), pointer)
-    for tensor in "qkvo":
-        for dim in "bshd":
-            signature[f"stride_{tensor}{dim}"] = "i32"
-    signature.update({"q_len": "i32", "kv_len": "i32", "num_kv_heads": "i32", "group": "i32"})
-    signature.update({"qk_scale": "fp32", "softcap_log2": "fp32", "window_left": "i32", "window_right": "i32"})
+    types = dict.fromkeys(("Q", "K", "V", "Out"), "*" + _TRITON_DTYPES[dtype])
+    # strides, lengths, head counts and window sides: i32
+    signature = kernel_signature(_attention_fwd_kernel, {**types, "qk_scale": "fp32", "softcap_log2": "fp32"})
     constexprs: dict[str, int | float | bool | str] = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": config.block_d,
@@ -396,7 +392,6 @@ def aot_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decode: 
         "PIPELINED": True,
         "BLOCK_POINTERS": BLOCK_POINTERS,
     }
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
     # A unit stride of the head dimension is what the launcher sees for contiguous inputs, and Triton
     # specialises on it; the AOT build does the same so that it compiles the kernel that will actually run.
     for tensor in "qkvo":
