@@ -48,8 +48,8 @@ from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_core.selection import record_selections
 from llamatelemetry_core.testing.bench import device_slug, envelope, progress
 from llamatelemetry_flashattn import flash_attention_forward, paged_attention
-from llamatelemetry_flashattn.paged_kernel import PagedLaunch, paged_launch_config, triton_paged_attention
-from llamatelemetry_flashattn.paged_tiles import PagedTiles
+from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
+from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles, paged_launch_config
 
 COPY_FRACTION_MIN = 0.85
 VS_CONTIGUOUS_MIN = 0.9

@@ -39,7 +39,10 @@ import torch.nn.functional as F
 from llamatelemetry_core.testing.bench import device_slug, envelope, progress
 
 FP16 = torch.float16
-SHAPES = [(4096, 4096), (16384, 8192)]
+SHAPES = [(4096, 4096), (16384, 8192), (4096, 16384)]
+NORM_COPY_PCT = 95.0
+"""Every norm at every shape in ``SHAPES``: at least this share of the copy bandwidth, and no slower than
+torch.compile of its reference (equal within 0.5%, the resolution of the medians)."""
 SMALL = (32, 768)
 VOCAB = (32, 128256)
 
@@ -239,7 +242,9 @@ def _row_cases(r: Runner, report: Report, shape: tuple[int, int], compiled: dict
     unfused = r.time(
         "fused add+rmsnorm", key, "torch eager unfused (HF LlamaRMSNorm)", lambda: hf_rmsnorm_unfused(x, res, w)
     )
-    r.time("fused add+rmsnorm", key, "torch.compile(reference)", lambda: compiled_fused(x, res, w), fused_io)
+    fused_comp = r.time(
+        "fused add+rmsnorm", key, "torch.compile(reference)", lambda: compiled_fused(x, res, w), fused_io
+    )
 
     if shape == SMALL:
         for name, fast, eager in [
@@ -258,8 +263,9 @@ def _row_cases(r: Runner, report: Report, shape: tuple[int, int], compiled: dict
         return
 
     for name, fast, comp, pct in [
-        ("layernorm", ln, ln_comp, 90.0),
-        ("rmsnorm", rms, rms_comp, 90.0),
+        ("layernorm", ln, ln_comp, NORM_COPY_PCT),
+        ("rmsnorm", rms, rms_comp, NORM_COPY_PCT),
+        ("fused add+rmsnorm", fused, fused_comp, NORM_COPY_PCT),
         ("add", add, add_comp, 90.0),
         ("softmax", sm, sm_comp, 85.0),
     ]:
@@ -273,7 +279,7 @@ def _row_cases(r: Runner, report: Report, shape: tuple[int, int], compiled: dict
             r.check(
                 f"{name} {key}: no slower than torch.compile",
                 _speedup(comp, fast) + (f" (compile failed: {comp.error})" if comp.error else ""),
-                None if ratio is None else ratio >= 1.0,
+                None if ratio is None else ratio >= 0.995,
             )
     ratio = _ratio(unfused, fused)
     r.check(

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from llamatelemetry_core import aot
-from llamatelemetry_core.aot import KernelBuild, compile_all, compile_build
+from llamatelemetry_core.aot import KernelBuild, compile_all, compile_build, kernel_signature
 from llamatelemetry_core.device import DeviceInfo, simulate_device
 from llamatelemetry_core.errors import ConfigurationError
 
@@ -104,6 +104,24 @@ def test_build_needs_every_constexpr() -> None:
         KernelBuild("copy", copy_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"})
     with pytest.raises(ConfigurationError, match="expected a CUDA device"), simulate_device("cpu") as cpu:
         compile_build(_copy_build(), cpu)
+
+
+def test_kernel_signature_follows_the_kernel() -> None:
+    assert list(kernel_signature(copy_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp32"}).items()) == [
+        ("x_ptr", "*fp16"),
+        ("y_ptr", "*fp32"),
+        ("n", "i32"),
+        ("BLOCK", "constexpr"),
+    ]
+    assert kernel_signature(transpose_tile_kernel, {}, default="*fp32") == {
+        "x_ptr": "*fp32",
+        "y_ptr": "*fp32",
+        "M": "constexpr",
+        "N": "constexpr",
+    }
+    for wrong in ({"z_ptr": "*fp16"}, {"BLOCK": "i32"}):
+        with pytest.raises(ConfigurationError, match="which it lacks or takes as constexpr"):
+            kernel_signature(copy_kernel, wrong)
 
 
 @triton.jit  # type: ignore[untyped-decorator]

@@ -55,14 +55,15 @@ def test_choice_is_a_pure_function_of_its_inputs() -> None:
 
 def test_provider_is_registered_and_yields_what_the_library_launches() -> None:
     pytest.importorskip("triton")
+    from llamatelemetry_flashattn import triton_kernel
+
     eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="llamatelemetry.kernel_builds")}
     assert "flashattn" in eps
     provider = eps["flashattn"].load()
     with simulate_device("t4") as t4:
-        builds = list(provider(t4))
-        names = [b.name for b in builds]
-        assert len(builds) == 2 * len(HEAD_DIMS)  # prefill + decode per head dim, fp16 only: no bf16 on a T4
-        assert all("fp16" in n for n in names)
+        builds = list(triton_kernel.aot_builds(t4, torch.float16))
+        assert len(builds) == 2 * len(HEAD_DIMS)  # prefill + decode per head dim
+        assert all(b.name.startswith("flashattn.fwd[fp16,") for b in builds)
         for build in builds:
             d = int(build.constexprs["HEAD_DIM"])
             rows = 4 if "decode" in build.name else None
@@ -73,8 +74,37 @@ def test_provider_is_registered_and_yields_what_the_library_launches() -> None:
                 tiles.num_warps,
                 tiles.num_stages,
             )
+        names = [b.name for b in provider(t4)]
+        assert all("bf16" not in n for n in names)  # no bf16 on a T4
+        assert {b.name for b in builds} <= set(names)
     with simulate_device("h100") as h100:
         assert any("bf16" in b.name for b in provider(h100))
+
+
+def test_provider_yields_the_builds_of_every_kernel_module() -> None:
+    """Each module with Triton kernels lists its own builds (``aot_builds``); the provider only loops over them,
+    and forgets none (a new kernel module is covered, or this test names it)."""
+    pytest.importorskip("triton")
+    import pkgutil
+
+    import llamatelemetry_flashattn
+
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="llamatelemetry.kernel_builds")}
+    assert [n for n in eps if n.startswith("flashattn")] == ["flashattn"]  # one provider for the package
+    provider = eps["flashattn"].load()
+    modules = [
+        importlib.import_module(f"llamatelemetry_flashattn.{m.name}")
+        for m in pkgutil.iter_modules(llamatelemetry_flashattn.__path__)
+    ]
+    with_builds = [m for m in modules if hasattr(m, "aot_builds")]
+    assert {m.__name__.rsplit(".", 1)[1] for m in with_builds} == {"triton_kernel", "paged_kernel", "paged_merge"}
+    with simulate_device("h100") as h100:
+        expected = sorted(
+            b.name for m in with_builds for dtype in (torch.float16, torch.bfloat16) for b in m.aot_builds(h100, dtype)
+        )
+        assert sorted(b.name for b in provider(h100)) == expected
+        kernels = {getattr(b.kernel, "__name__", None) or b.kernel.fn.__name__ for b in provider(h100)}
+    assert kernels == {"_attention_fwd_kernel", "_paged_attention_kernel", "_merge_splits_kernel"}
 
 
 @pytest.mark.triton_compiler
@@ -86,10 +116,10 @@ def test_provider_is_registered_and_yields_what_the_library_launches() -> None:
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_t4_prefill_build_compiles_within_64_kib(head_dim: int) -> None:
     from llamatelemetry_core.aot import compile_build
-    from llamatelemetry_flashattn.triton_kernel import kernel_build
+    from llamatelemetry_flashattn.triton_kernel import aot_build
 
     with simulate_device("t4") as t4:
-        report = compile_build(kernel_build(head_dim, torch.float16, t4), t4)
+        report = compile_build(aot_build(head_dim, torch.float16, t4), t4)
     assert report.ok, report.problems
     assert report.target == "sm_75"
     assert report.shared_memory_bytes <= 64 * 1024 == report.shared_memory_limit_bytes

@@ -235,8 +235,8 @@ def test_triton_matches_the_reference(case: Case, rng: torch.Generator) -> None:
 @interpreted
 @pytest.mark.parametrize("splits", [2, 3, 5])
 def test_split_kv_merges_to_the_same_result(splits: int, rng: torch.Generator) -> None:
-    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
-    from llamatelemetry_flashattn.paged_tiles import PagedTiles
+    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles
 
     # Sequence lengths that leave some parts empty (3 keys over 5 parts), a padding sequence, and a window.
     store = make_store(rng, [70, 3, 0, 41], [1, 1, 1, 2], heads=4, kv_heads=2)
@@ -261,8 +261,8 @@ def test_split_kv_merges_to_the_same_result(splits: int, rng: torch.Generator) -
 @pytest.mark.parametrize("kv_name", ["fp32", "int8"])
 def test_one_block_id_per_page_is_exact(page_size: int, kv_name: str, rng: torch.Generator) -> None:
     """The per-page address path (tiles spanning whole pages) computes what the per-key path and reference do."""
-    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
-    from llamatelemetry_flashattn.paged_tiles import PagedTiles, uses_page_ids
+    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles, uses_page_ids
 
     kv_dtype = torch.int8 if kv_name == "int8" else torch.float32
     # Lengths ending inside a page and inside a tile, a padding sequence, decode and a chunk of prefill.
@@ -453,8 +453,8 @@ def test_gpu_kernel_matches_the_reference(case: Case, dtype: torch.dtype, rng: t
 def test_gpu_each_devices_tiles_and_forced_splits(device_key: str, rows: int | None, rng: torch.Generator) -> None:
     """The tiles chosen for a T4 (and A100, H100), with and without split-KV, on whatever GPU is here."""
     from llamatelemetry_core.device import get_device_info, simulate_device
-    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
-    from llamatelemetry_flashattn.paged_tiles import choose_paged_tiles
+    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedLaunch, choose_paged_tiles
 
     store = make_store(rng, [700, 33, 1, 1024], [1, 5, 1, 40], heads=8, kv_heads=2, head_dim=128, dtype=torch.float16)
     cuda = store.to("cuda")
@@ -487,8 +487,8 @@ def test_gpu_one_block_id_per_page(
 ) -> None:
     """The per-page address path at the sizes the benchmark sweeps, page 16, with and without split-KV."""
     from llamatelemetry_core.device import get_device_info
-    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
-    from llamatelemetry_flashattn.paged_tiles import PagedTiles
+    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles
 
     tiles = PagedTiles(*shape[:2], 128, *shape[2:], page_ids=True)
     if tiles.shared_memory_estimate(2, kv_dtype.itemsize) > (get_device_info().shared_memory_per_block_bytes or 0):
@@ -604,8 +604,8 @@ def test_triton_on_random_layouts(
     data: st.DataObject, page_size: int, group: int, splits: int, left: int, softcap: float | None
 ) -> None:
     """Property: any page size (powers of two or not), grouping, split count and window match the reference."""
-    from llamatelemetry_flashattn.paged_kernel import PagedLaunch, triton_paged_attention
-    from llamatelemetry_flashattn.paged_tiles import PagedTiles
+    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles
 
     batch = data.draw(st.integers(1, 3))
     seq_lens = data.draw(st.lists(st.integers(0, 50), min_size=batch, max_size=batch))

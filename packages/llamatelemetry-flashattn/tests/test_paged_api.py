@@ -11,7 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llamatelemetry_core.device import get_device_info, simulate_device
+from llamatelemetry_core.aot import KernelBuild
+from llamatelemetry_core.device import DeviceInfo, get_device_info, simulate_device
 from llamatelemetry_core.environment import triton_interpreter_enabled
 from llamatelemetry_core.errors import CapabilityError, ConfigurationError
 from llamatelemetry_core.gpu_specs import GPU_SPECS
@@ -219,11 +220,15 @@ def test_small_batch_long_context_splits_and_large_batch_does_not() -> None:
 def test_provider_is_registered_and_builds_match_the_tiles() -> None:
     pytest.importorskip("triton")
     eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="llamatelemetry.kernel_builds")}
-    assert "flashattn_paged" in eps
-    provider = eps["flashattn_paged"].load()
+    assert "flashattn" in eps
+
+    def provider(device: DeviceInfo) -> list[KernelBuild]:
+        return [b for b in eps["flashattn"].load()(device) if b.name.startswith("flashattn.paged")]
+
     with simulate_device("t4") as t4:
-        builds = list(provider(t4))
+        builds = provider(t4)
         names = [b.name for b in builds]
+        assert sum("paged_merge" in n for n in names) == 3  # head dims 64, 128, 256
         assert all("bf16" not in n and "fp8" not in n for n in names)  # no bf16 or fp8 on a T4
         assert any("kv=i8" in n for n in names) and any("decode-split" in n for n in names)
         for build in builds:
@@ -251,10 +256,10 @@ def test_provider_is_registered_and_builds_match_the_tiles() -> None:
 )
 def test_t4_builds_compile_within_64_kib(head_dim: int, kv_dtype: torch.dtype, kind: str) -> None:
     from llamatelemetry_core.aot import compile_build
-    from llamatelemetry_flashattn.paged_builds import kernel_build
+    from llamatelemetry_flashattn.paged_kernel import aot_build
 
     with simulate_device("t4") as t4:
-        report = compile_build(kernel_build(head_dim, torch.float16, kv_dtype, t4, kind=kind), t4)
+        report = compile_build(aot_build(head_dim, torch.float16, kv_dtype, t4, kind=kind), t4)
     assert report.ok, report.problems
     assert report.target == "sm_75"
     assert report.shared_memory_bytes <= 64 * 1024 == report.shared_memory_limit_bytes

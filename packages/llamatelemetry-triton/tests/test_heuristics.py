@@ -57,6 +57,18 @@ def test_norm_config_covers_the_row_and_fits(
     assert config == norm_config(n_cols, dtype, device, backward=backward, max_block=cap)  # pure
 
 
+@pytest.mark.parametrize("key", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_forward_reads_rows_up_to_16384_once(key: str, dtype: torch.dtype) -> None:
+    # A 405B model's hidden size stays in registers in the forward; the backward, holding about seven values per
+    # element, loops beyond 8192.
+    device = _device(key)
+    assert norm_config(16384, dtype, device).single_block
+    assert not norm_config(16385, dtype, device).single_block
+    assert norm_config(8192, dtype, device, backward=True).single_block
+    assert not norm_config(16384, dtype, device, backward=True).single_block
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     n_rows=st.integers(1, 100_000),

@@ -48,6 +48,7 @@ __all__ = [
     "KernelBuild",
     "compile_build",
     "discover_providers",
+    "kernel_signature",
     "main",
 ]
 
@@ -142,6 +143,25 @@ def _ptxas_resources(ptx: str) -> tuple[int | None, int | None, str | None]:
     regs = re.search(r"Used (\d+) registers", proc.stderr)
     spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", proc.stderr)
     return (int(regs.group(1)) if regs else None, sum(int(s) for s in spills) if spills else 0, None)
+
+
+def kernel_signature(kernel: Any, types: Mapping[str, str], default: str = "i32") -> dict[str, str]:
+    """A :class:`KernelBuild` signature for ``kernel``: each of its arguments in order, ``"constexpr"`` for those
+    annotated ``tl.constexpr``, ``types[name]`` for the others and ``default`` for the ones ``types`` leaves out.
+
+    Raises :class:`ConfigurationError` when ``types`` names an argument the kernel lacks or a constexpr one.
+    """
+    import inspect
+
+    parameters = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+    constexpr = {name for name, p in parameters.items() if "constexpr" in str(p.annotation)}
+    wrong = sorted(set(types) - (set(parameters) - constexpr))
+    if wrong:
+        raise ConfigurationError(
+            f"expected types for runtime arguments of {getattr(kernel, '__name__', 'the kernel')} "
+            f"({[n for n in parameters if n not in constexpr]}), got {wrong}, which it lacks or takes as constexpr"
+        )
+    return {name: "constexpr" if name in constexpr else types.get(name, default) for name in parameters}
 
 
 def _check_arguments(build: KernelBuild) -> None:

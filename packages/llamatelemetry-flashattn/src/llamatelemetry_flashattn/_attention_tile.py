@@ -2,9 +2,9 @@
 online-softmax update, and the host-side factors and window bounds they are launched with. Each kernel loads
 its keys and values its own way (strided tensors, or pages through a block table).
 
-The paged kernel forms its logits inline, the same way as :func:`tile_logits`: called there, the helper changed
-ptxas's register allocation of two sm_90 builds (a few more local-memory spills), while here the SASS of every
-build stays the same but for instruction order. Keep the two in step."""
+The paged kernel's tile step (:mod:`._paged_tile`) forms its logits inline, the same way as :func:`tile_logits`:
+called there, the helper changed ptxas's register allocation of two sm_90 builds (a few more local-memory
+spills), while here the SASS of every build stays the same but for instruction order. Keep the two in step."""
 
 from __future__ import annotations
 

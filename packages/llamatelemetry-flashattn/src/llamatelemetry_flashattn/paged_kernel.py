@@ -21,8 +21,8 @@ the shape of flash-attn's ``flash_attn_with_kvcache`` and FlashInfer's paged ``r
   in where they are cheapest: the K scale into each logit column, the V scale into each probability column.
 * Split-KV (flash-decoding, Dao et al. 2023): with ``SPLIT_KV`` the key range of every program is cut into
   that many parts, run by separate programs that write a normalised partial output and its log-sum-exp; a second
-  kernel merges them. The grid depends on shapes and ``max_seqlen_q`` only, so the launch never reads a device
-  value on the host and can be captured in a CUDA graph.
+  kernel (:mod:`.paged_merge`) merges them. The grid depends on shapes and ``max_seqlen_q`` only, so the launch
+  never reads a device value on the host and can be captured in a CUDA graph.
 * ``enable_fp_fusion=True`` at launch (fused multiply-adds, the default of every Triton up to 3.9, which the
   AOT builds compile too).
 * exp2 with ``log2(e)`` folded into the scale; accumulation in fp32; rows with no visible key are guarded (no
@@ -31,127 +31,31 @@ the shape of flash-attn's ``flash_attn_with_kvcache`` and FlashInfer's paged ``r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.device import DeviceInfo
 from llamatelemetry_core.environment import triton_interpreter_enabled
 from llamatelemetry_core.kv_layout import PagedKV
-from llamatelemetry_flashattn._attention_tile import kernel_scales, online_softmax, window_bounds
-from llamatelemetry_flashattn.paged_tiles import (
-    MERGE_BLOCK_S,
-    PagedTiles,
-    choose_num_splits,
-    choose_paged_tiles,
-    uses_page_ids,
-)
+from llamatelemetry_flashattn._attention_tile import kernel_scales, window_bounds
+from llamatelemetry_flashattn._paged_tile import paged_tile
+from llamatelemetry_flashattn.paged_merge import merge_splits
+from llamatelemetry_flashattn.paged_tiles import PagedLaunch, choose_paged_tiles, paged_launch_config, uses_page_ids
 
-__all__ = ["PagedLaunch", "merge_warps", "paged_launch_config", "triton_paged_attention"]
+if TYPE_CHECKING:
+    from llamatelemetry_core.aot import KernelBuild
 
-
-@triton.jit  # type: ignore[untyped-decorator]
-def _paged_tile(  # type: ignore[no-untyped-def]
-    acc,
-    l_i,
-    m_i,
-    q,
-    n0,
-    pos,
-    seq_len,
-    block_row,
-    KCache,
-    VCache,
-    KScale,
-    VScale,
-    kv_head_offset,
-    scale_head_offset,
-    stride_kv_block,
-    stride_kv_token,
-    stride_scale_block,
-    stride_scale_token,
-    qk_scale,
-    softcap_log2,
-    window_left,
-    window_right,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    PAGE_IDS: tl.constexpr,
-    QUANTIZED: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """Keys ``n0 .. n0 + BLOCK_N - 1`` into the running (acc, l, m) of every row; MASKED tiles apply bounds."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if PAGE_SIZE % BLOCK_N == 0:
-        # The tile lies in one page: one block number for all of it.
-        block = tl.load(block_row + n0 // PAGE_SIZE).to(tl.int64)
-        slot_block = block + tl.zeros([BLOCK_N], dtype=tl.int64)
-        slot_offset = (n0 % PAGE_SIZE) + tl.arange(0, BLOCK_N)
-    elif PAGE_IDS:
-        # The tile spans BLOCK_N // PAGE_SIZE whole pages: one block number per page, broadcast to its keys.
-        pages = n0 // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
-        if MASKED:
-            blocks = tl.load(block_row + pages, mask=pages * PAGE_SIZE < seq_len, other=0).to(tl.int64)
-        else:
-            blocks = tl.load(block_row + pages).to(tl.int64)
-        grid = tl.zeros([BLOCK_N // PAGE_SIZE, PAGE_SIZE], dtype=tl.int32)
-        slot_block = tl.reshape(blocks[:, None] + grid, [BLOCK_N])
-        slot_offset = tl.reshape(tl.arange(0, PAGE_SIZE)[None, :] + grid, [BLOCK_N])
-    elif MASKED:
-        slot_block = tl.load(block_row + cols // PAGE_SIZE, mask=cols < seq_len, other=0).to(tl.int64)
-        slot_offset = cols % PAGE_SIZE
-    else:
-        slot_block = tl.load(block_row + cols // PAGE_SIZE).to(tl.int64)
-        slot_offset = cols % PAGE_SIZE
-    token = slot_block * stride_kv_block + slot_offset * stride_kv_token + kv_head_offset
-    k_ptrs = KCache + token[None, :] + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
-    v_ptrs = VCache + token[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    if MASKED:
-        col_ok = cols < seq_len
-        d_ok = offs_d < HEAD_DIM
-        k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        d_ok = offs_d < HEAD_DIM
-        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    s = tl.dot(q, k.to(q.dtype))
-    if QUANTIZED:
-        scale_ptrs = slot_block * stride_scale_block + slot_offset * stride_scale_token + scale_head_offset
-        if MASKED:
-            k_scale = tl.load(KScale + scale_ptrs, mask=cols < seq_len, other=0.0)
-            v_scale = tl.load(VScale + scale_ptrs, mask=cols < seq_len, other=0.0)
-        else:
-            k_scale = tl.load(KScale + scale_ptrs)
-            v_scale = tl.load(VScale + scale_ptrs)
-        s = s * k_scale[None, :]
-    # The logits as _attention_tile.tile_logits forms them, inline (see that module).
-    if USE_SOFTCAP:  # noqa: SIM108 (a constexpr branch: the other one is not compiled)
-        # softcap * tanh(x), tanh(x) = 2 * sigmoid(2x) - 1, in log2 units for exp2
-        s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * (s * qk_scale)) - 1.0)
-    else:
-        s = s * qk_scale
-    if MASKED:
-        visible = (
-            (cols[None, :] < seq_len)
-            & (cols[None, :] >= pos[:, None] - window_left)
-            & (cols[None, :] <= pos[:, None] + window_right)
-        )
-        s = tl.where(visible, s, float("-inf"))
-    p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
-    if QUANTIZED:
-        p = p * v_scale[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return acc, l_i, m_new
+__all__ = [
+    "AOT_PAGE_SIZE",
+    "aot_build",
+    "aot_builds",
+    "kv_dtypes_for",
+    "triton_paged_attention",
+]
 
 
 # What changes from one serving step to the next is not specialised on: the split count (with the batch and the
@@ -272,7 +176,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
             end = hi
         if PIPELINED:
             for n0 in range(start, end, BLOCK_N):
-                acc, l_i, m_i = _paged_tile(
+                acc, l_i, m_i = paged_tile(
                     acc,
                     l_i,
                     m_i,
@@ -308,7 +212,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
             # Triton 3.6's interpreter cannot take runtime range bounds under NumPy 2.4.
             n0 = start
             while n0 < end:
-                acc, l_i, m_i = _paged_tile(
+                acc, l_i, m_i = paged_tile(
                     acc,
                     l_i,
                     m_i,
@@ -354,73 +258,6 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
         # log2-sum-exp2 of the row's logits in this part; -inf when the part holds no visible key.
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         tl.store(PartialLse + split * stride_ls + token * stride_lt + head, lse, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["stride_ps", "stride_ls", "num_splits"])  # type: ignore[untyped-decorator]
-def _merge_splits_kernel(  # type: ignore[no-untyped-def]
-    PartialOut,
-    PartialLse,
-    Out,
-    stride_ps,
-    stride_pt,
-    stride_ph,
-    stride_ls,
-    stride_lt,
-    stride_ot,
-    stride_oh,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """One (token, head): the partial outputs weighted by exp2(lse_s - max lse), normalised; zeros if none saw a key."""
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    splits = tl.arange(0, BLOCK_S)
-    split_ok = splits < num_splits
-    lse = tl.load(PartialLse + splits * stride_ls + token * stride_lt + head, mask=split_ok, other=float("-inf"))
-    top = tl.max(lse, 0)
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.math.exp2(lse - top_safe)  # 0 for parts without keys
-    total = tl.sum(weight, 0)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    ptrs = PartialOut + splits[:, None] * stride_ps + token * stride_pt + head * stride_ph + offs_d[None, :]
-    parts = tl.load(ptrs, mask=split_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(parts * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(Out + token * stride_ot + head * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
-
-
-@dataclass(frozen=True)
-class PagedLaunch:
-    """Tiles and split count of one launch (what :func:`paged_launch_config` chooses)."""
-
-    tiles: PagedTiles
-    num_splits: int
-
-
-def paged_launch_config(
-    q: torch.Tensor,
-    kv: PagedKV,
-    block_tables: torch.Tensor,
-    max_seqlen_q: int,
-    device: DeviceInfo | None = None,
-) -> PagedLaunch:
-    """What :func:`triton_paged_attention` launches for these inputs on ``device`` (default: q's device)."""
-    info = device if device is not None else get_device_info(q.device, refresh_memory=False)
-    _, heads, head_dim = q.shape
-    _, page_size, kv_heads, _ = kv.key_cache.shape
-    group = heads // kv_heads
-    rows = max(1, max_seqlen_q) * group
-    tiles = choose_paged_tiles(head_dim, q.dtype, kv.key_cache.dtype, info, rows_per_program=rows)
-    programs = block_tables.shape[0] * kv_heads * triton.cdiv(rows, tiles.block_m)
-    splits = choose_num_splits(programs, block_tables.shape[1] * page_size, info)
-    return PagedLaunch(tiles, splits)
-
-
-def merge_warps(block_d: int) -> int:
-    """Warps of the split-KV merge kernel for a head of ``block_d`` columns."""
-    return 4 if block_d >= 128 else 2
 
 
 def triton_paged_attention(
@@ -516,24 +353,90 @@ def triton_paged_attention(
         num_stages=tiles.num_stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(num_tokens, heads)](
-            partial,
-            lse,
-            out,
-            partial.stride(0),
-            partial.stride(1),
-            partial.stride(2),
-            lse.stride(0),
-            lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            splits,
-            HEAD_DIM=head_dim,
-            BLOCK_D=tiles.block_d,
-            # One width for every split count (masked lanes load nothing): a kernel per power of two would be
-            # compiled whenever a longer context first asks for more splits.
-            BLOCK_S=MERGE_BLOCK_S,
-            num_warps=merge_warps(tiles.block_d),
-            enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
-        )
+        merge_splits(partial, lse, out, head_dim)
     return out
+
+
+# --- ahead-of-time builds (``python -m llamatelemetry_core.aot``, through llamatelemetry_flashattn.aot) ---------
+
+AOT_PAGE_SIZE = 16
+_AOT_DECODE_ROWS = 4  # one query, four query heads per KV head (Llama-3-8B's grouping)
+# (head dim, kind) of the builds in q's own KV dtype: the largest tiles (256), the usual head (128), the smallest
+_AOT_PLAIN = (
+    (128, "decode"),
+    (128, "decode-split"),
+    (128, "prefill"),
+    (256, "decode"),
+    (256, "prefill"),
+    (64, "prefill"),
+)
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "i8"}
+if hasattr(torch, "float8_e4m3fn"):
+    _TRITON_DTYPES[torch.float8_e4m3fn] = "fp8e4nv"
+
+
+def aot_build(
+    head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, device: DeviceInfo, *, kind: str
+) -> KernelBuild:
+    """The attention kernel's build for ``kind`` in ``("decode", "decode-split", "prefill")`` on ``device``, with
+    pages of ``AOT_PAGE_SIZE`` tokens and the tiles :func:`triton_paged_attention` would launch."""
+    from llamatelemetry_core.aot import KernelBuild, kernel_signature
+
+    rows = None if kind == "prefill" else _AOT_DECODE_ROWS
+    tiles = choose_paged_tiles(head_dim, q_dtype, kv_dtype, device, rows_per_program=rows)
+    split = kind == "decode-split"
+    q_ptr, kv_ptr = "*" + _TRITON_DTYPES[q_dtype], "*" + _TRITON_DTYPES[kv_dtype]
+    quantized = kv_dtype not in (torch.float16, torch.bfloat16, torch.float32)
+    scale_ptr = "*fp32" if quantized else kv_ptr
+    partial_ptr = "*fp32" if split else q_ptr
+    types = {"Q": q_ptr, "KCache": kv_ptr, "VCache": kv_ptr, "KScale": scale_ptr, "VScale": scale_ptr, "Out": q_ptr}
+    types |= dict.fromkeys(("BlockTables", "SeqLens", "CuSeqlensQ"), "*i32")
+    types |= {"PartialOut": partial_ptr, "PartialLse": partial_ptr, "qk_scale": "fp32", "softcap_log2": "fp32"}
+    signature = kernel_signature(_paged_attention_kernel, types)  # strides, counts and window sides: i32
+    constexprs: dict[str, int | float | bool | str] = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": tiles.block_d,
+        "BLOCK_M": tiles.block_m,
+        "BLOCK_N": tiles.block_n,
+        "PAGE_SIZE": AOT_PAGE_SIZE,
+        "PAGE_IDS": uses_page_ids(tiles, AOT_PAGE_SIZE),
+        "SPLIT_KV": split,
+        "QUANTIZED": quantized,
+        "USE_SOFTCAP": False,
+        "PIPELINED": True,
+    }
+    ids = ",page-ids" if tiles.page_ids else ""
+    name = (
+        f"flashattn.paged[{_TRITON_DTYPES[q_dtype]},kv={_TRITON_DTYPES[kv_dtype]},d={head_dim},p={AOT_PAGE_SIZE},"
+        f"{kind},{tiles.block_m}x{tiles.block_n},w{tiles.num_warps},s{tiles.num_stages}{ids}]"
+    )
+    return KernelBuild(
+        name, _paged_attention_kernel, signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages
+    )
+
+
+def kv_dtypes_for(q_dtype: torch.dtype, device: DeviceInfo) -> list[torch.dtype]:
+    """KV storage dtypes the kernel runs with ``q_dtype`` on ``device``: q's own, int8, and fp8 where it exists."""
+    dtypes = [q_dtype, torch.int8]
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    if fp8 is not None and device.supports_fp8:
+        dtypes.append(fp8)
+    return dtypes
+
+
+def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
+    """The builds whose resources bound what :func:`triton_paged_attention` launches on ``device`` with ``dtype``
+    queries (page size 16; the merge kernel's are :func:`.paged_merge.aot_builds`).
+
+    Head dim 128 (decode, decode with split-KV, prefill), 256 (decode, prefill: the largest tiles) and 64
+    (prefill), KV stored in q's dtype; for fp16 queries also int8 storage and, where the device has fp8, e4m3
+    storage at head dim 128 (decode, prefill). Each compile for sm_75 takes tens of seconds, so the list covers
+    the extremes rather than every combination.
+    """
+    for head_dim, kind in _AOT_PLAIN:
+        yield aot_build(head_dim, dtype, dtype, device, kind=kind)
+    if dtype != torch.float16:
+        return
+    for kv_dtype in kv_dtypes_for(dtype, device)[1:]:
+        for kind in ("decode", "prefill"):
+            yield aot_build(128, dtype, kv_dtype, device, kind=kind)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llamatelemetry_core.device import DeviceInfo
+from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM, padded_head_dim
 
 __all__ = [
@@ -34,10 +35,13 @@ __all__ = [
     "MERGE_BLOCK_S",
     "MIN_TOKENS_PER_SPLIT",
     "SPLIT_TARGET_PROGRAMS_PER_SM",
+    "PagedLaunch",
     "PagedTiles",
     "choose_num_splits",
     "choose_paged_tiles",
     "device_class",
+    "merge_warps",
+    "paged_launch_config",
     "uses_page_ids",
 ]
 
@@ -199,3 +203,36 @@ def choose_num_splits(programs: int, max_kv_len: int, device: DeviceInfo) -> int
     wanted = -(-target // programs)
     by_length = max(1, max_kv_len // MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, by_length, MAX_SPLITS))
+
+
+@dataclass(frozen=True)
+class PagedLaunch:
+    """Tiles and split count of one launch (what :func:`paged_launch_config` chooses)."""
+
+    tiles: PagedTiles
+    num_splits: int
+
+
+def paged_launch_config(
+    q: torch.Tensor,
+    kv: PagedKV,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    device: DeviceInfo | None = None,
+) -> PagedLaunch:
+    """What the kernel launches for these inputs on ``device`` (default: q's device): ``q`` ``[num_tokens, H,
+    D]``, ``kv`` core's paged layout, ``block_tables`` ``[batch, max_blocks]``; reads shapes only."""
+    info = device if device is not None else get_device_info(q.device, refresh_memory=False)
+    _, heads, head_dim = q.shape
+    _, page_size, kv_heads, _ = kv.key_cache.shape
+    group = heads // kv_heads
+    rows = max(1, max_seqlen_q) * group
+    tiles = choose_paged_tiles(head_dim, q.dtype, kv.key_cache.dtype, info, rows_per_program=rows)
+    programs = block_tables.shape[0] * kv_heads * -(-rows // tiles.block_m)
+    splits = choose_num_splits(programs, block_tables.shape[1] * page_size, info)
+    return PagedLaunch(tiles, splits)
+
+
+def merge_warps(block_d: int) -> int:
+    """Warps of the split-KV merge kernel for a head of ``block_d`` columns."""
+    return 4 if block_d >= 128 else 2

@@ -45,7 +45,7 @@ from llamatelemetry_flashattn.tiles import TileConfig, choose_tiles
 if TYPE_CHECKING:
     from llamatelemetry_core.aot import KernelBuild
 
-__all__ = ["AOT_HEAD_DIMS", "BLOCK_POINTERS", "kernel_builds", "triton_attention"]
+__all__ = ["AOT_HEAD_DIMS", "BLOCK_POINTERS", "aot_build", "aot_builds", "triton_attention"]
 
 # Block pointers where Triton still has them without a deprecation (before 3.8; 3.9 removed them): the code the
 # kernel was tuned with. From 3.8 on, tiles are addressed with plain pointer arithmetic and masks instead. On
@@ -372,21 +372,17 @@ def triton_attention(
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def kernel_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decode: bool = False) -> KernelBuild:
+def aot_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decode: bool = False) -> KernelBuild:
     """The build :func:`triton_attention` launches for ``head_dim`` and ``dtype`` on ``device``.
 
     ``decode=False`` is a prefill (many rows per program), ``decode=True`` one query with 4 heads per KV head.
     """
-    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.aot import KernelBuild, kernel_signature
 
     config = choose_tiles(head_dim, dtype, device, rows_per_program=4 if decode else None)
-    pointer = "*" + _TRITON_DTYPES[dtype]
-    signature: dict[str, str] = dict.fromkeys(("Q", "K", "V", "Out"), pointer)
-    for tensor in "qkvo":
-        for dim in "bshd":
-            signature[f"stride_{tensor}{dim}"] = "i32"
-    signature.update({"q_len": "i32", "kv_len": "i32", "num_kv_heads": "i32", "group": "i32"})
-    signature.update({"qk_scale": "fp32", "softcap_log2": "fp32", "window_left": "i32", "window_right": "i32"})
+    types = dict.fromkeys(("Q", "K", "V", "Out"), "*" + _TRITON_DTYPES[dtype])
+    # strides, lengths, head counts and window sides: i32
+    signature = kernel_signature(_attention_fwd_kernel, {**types, "qk_scale": "fp32", "softcap_log2": "fp32"})
     constexprs: dict[str, int | float | bool | str] = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": config.block_d,
@@ -396,7 +392,6 @@ def kernel_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decod
         "PIPELINED": True,
         "BLOCK_POINTERS": BLOCK_POINTERS,
     }
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
     # A unit stride of the head dimension is what the launcher sees for contiguous inputs, and Triton
     # specialises on it; the AOT build does the same so that it compiles the kernel that will actually run.
     for tensor in "qkvo":
@@ -412,11 +407,9 @@ def kernel_build(head_dim: int, dtype: torch.dtype, device: DeviceInfo, *, decod
     )
 
 
-def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
-    """Every build the library launches on ``device``: head dims 64, 80, 96, 128, 256; prefill and decode tiles;
-    fp16, and bf16 where the device supports it."""
-    dtypes = [torch.float16, torch.bfloat16] if device.supports_bf16 else [torch.float16]
-    for dtype in dtypes:
-        for head_dim in AOT_HEAD_DIMS:
-            for decode in (False, True):
-                yield kernel_build(head_dim, dtype, device, decode=decode)
+def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
+    """Every build the library launches on ``device`` in ``dtype``: head dims 64, 80, 96, 128, 256; prefill and
+    decode tiles (the ahead-of-time checks, :mod:`llamatelemetry_flashattn.aot`)."""
+    for head_dim in AOT_HEAD_DIMS:
+        for decode in (False, True):
+            yield aot_build(head_dim, dtype, device, decode=decode)

@@ -217,7 +217,9 @@ def _to_compute(
 ) -> torch.Tensor:
     """``round(x * scale)`` in ``dtype``, zero-padded on its last two dimensions, in one pass where possible."""
     rows, cols = x.shape[-2], x.shape[-1]
-    if _needs_grad(x):  # out= is not differentiable: the same values through autograd-aware ops
+    if _needs_grad(x) or torch.compiler.is_compiling():
+        # out= is not differentiable, and Dynamo cannot trace a write into a padded buffer's non-contiguous body:
+        # the same values through out-of-place ops.
         y = (x if scale is None else x * scale).to(dtype)
         return F.pad(y, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else y
     if not pad_rows and not pad_cols:

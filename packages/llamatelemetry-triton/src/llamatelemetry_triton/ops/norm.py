@@ -11,14 +11,9 @@ For a row ``x`` of ``N`` elements, in fp32 whatever the input dtype::
 The fused form reads ``x`` and ``residual`` once and writes ``h`` and ``y`` once, where the unfused PyTorch code
 (Hugging Face's ``LlamaRMSNorm`` after an add) makes several fp32 round trips.
 
-Forward: one program per row; a row that fits in one block stays in registers, a longer one is looped over
-three times (sum, centered sum of squares, normalize; RMSNorm needs two). Backward: a fixed grid of programs,
-each owning consecutive rows and accumulating its share of ``dweight``/``dbias`` in registers (a partial row per
-program, summed afterwards), the scheme of Triton's fused LayerNorm tutorial and Liger-Kernel::
-
-    xhat = (x - mean) * rstd,  g = dy * weight
-    dx = rstd * (g - xhat * mean(g * xhat) - mean(g))       (RMSNorm: without the last term)
-    dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)
+Forward (here): one program per row; a row that fits in one block stays in registers, a longer one is looped
+over three times (sum, centered sum of squares, normalize; RMSNorm needs two). The backward, with its kernels,
+launcher, custom op and builds, is in ``_norm_backward.py``; the autograd function below joins the two.
 """
 
 from __future__ import annotations
@@ -46,7 +41,8 @@ from llamatelemetry_triton._dispatch import (
     triton_errors,
 )
 from llamatelemetry_triton._launch import on_device, rows_of
-from llamatelemetry_triton.heuristics import current_max_block_size, norm_backward_programs, norm_config
+from llamatelemetry_triton.heuristics import current_max_block_size, norm_config
+from llamatelemetry_triton.ops._norm_backward import backward_build, norm_backward
 from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
 if TYPE_CHECKING:
@@ -244,157 +240,7 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
             start += BLOCK_SIZE
 
 
-@triton.jit  # type: ignore[untyped-decorator]
-def _bwd_block(  # type: ignore[no-untyped-def]
-    DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT: tl.constexpr
-):
-    """(dy, xhat, g = dy * weight) of a block of row ``r64``, in fp32."""
-    x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
-    return dy, xhat, g
-
-
-@triton.jit  # type: ignore[untyped-decorator]
-def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
-    DY,
-    X,
-    W,
-    Mean,
-    Rstd,
-    DRES,
-    DX,
-    DW,
-    DB,
-    stride_dy,
-    stride_x,
-    stride_dres,
-    n_rows,
-    n_cols,
-    rows_per_program,
-    IS_RMS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_DRES: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    DW += pid.to(tl.int64) * n_cols
-    DB += pid.to(tl.int64) * n_cols
-    if SINGLE_BLOCK:
-        cols = tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-        db_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-        row = row_start
-        while row < row_end:
-            r64 = row.to(tl.int64)
-            x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(Rstd + row)
-            xhat = x * rstd if IS_RMS else tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
-            if HAS_WEIGHT:  # the weight is held across rows
-                g = dy * w
-                dw_acc += dy * xhat
-            else:
-                g = dy
-            if HAS_BIAS:
-                db_acc += dy
-            c1 = tl.sum(xhat * g, axis=0) / n_cols
-            if IS_RMS:
-                dx = (g - xhat * c1) * rstd
-            else:
-                c2 = tl.sum(g, axis=0) / n_cols
-                dx = (g - (xhat * c1 + c2)) * rstd
-            if HAS_DRES:
-                dx += tl.load(DRES + r64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            row += 1
-        if HAS_WEIGHT:
-            tl.store(DW + cols, dw_acc, mask=mask)
-        if HAS_BIAS:
-            tl.store(DB + cols, db_acc, mask=mask)
-    else:
-        # Rows longer than a block: two passes per row; the program's partial dW/dB row lives in global memory
-        # (zeroed by the launcher, owned by this program alone).
-        row = row_start
-        while row < row_end:
-            r64 = row.to(tl.int64)
-            rstd = tl.load(Rstd + row)
-            mean = 0.0 if IS_RMS else tl.load(Mean + row)
-            acc1 = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-            start = tl.program_id(0) * 0
-            while start < n_cols:
-                cols = start + tl.arange(0, BLOCK_SIZE)
-                mask = cols < n_cols
-                dy, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
-                acc1 += xhat * g
-                acc2 += g
-                start += BLOCK_SIZE
-            c1 = tl.sum(acc1, axis=0) / n_cols
-            c2 = tl.sum(acc2, axis=0) / n_cols
-            start = tl.program_id(0) * 0
-            while start < n_cols:
-                cols = start + tl.arange(0, BLOCK_SIZE)
-                mask = cols < n_cols
-                dy, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
-                if HAS_WEIGHT:
-                    tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
-                if HAS_BIAS:
-                    tl.store(DB + cols, tl.load(DB + cols, mask=mask, other=0.0) + dy, mask=mask)
-                dx = (g - xhat * c1) * rstd if IS_RMS else (g - (xhat * c1 + c2)) * rstd
-                if HAS_DRES:
-                    dx += tl.load(DRES + r64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
-                start += BLOCK_SIZE
-            row += 1
-
-
-@triton.jit  # type: ignore[untyped-decorator]
-def _sum_partials_kernel(  # type: ignore[no-untyped-def]
-    DW_PART,
-    DB_PART,
-    DW,
-    DB,
-    n_parts,
-    n_cols,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Column sums of the ``[n_parts, n_cols]`` fp32 partials, in a fixed order (deterministic), cast on store."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    start = tl.program_id(0) * 0
-    while start < n_parts:
-        parts = start + tl.arange(0, BLOCK_P)
-        offsets = parts[:, None].to(tl.int64) * n_cols + cols[None, :]
-        mask = (parts < n_parts)[:, None] & col_mask[None, :]
-        if HAS_WEIGHT:
-            dw += tl.sum(tl.load(DW_PART + offsets, mask=mask, other=0.0), axis=0)
-        if HAS_BIAS:
-            db += tl.sum(tl.load(DB_PART + offsets, mask=mask, other=0.0), axis=0)
-        start += BLOCK_P
-    if HAS_WEIGHT:
-        tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_mask)
-    if HAS_BIAS:
-        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_mask)
-
-
 # --- host launchers -------------------------------------------------------------------------------------------
-
-_PARTIAL_BLOCK_P = 32
-_PARTIAL_BLOCK_N = 64
 
 
 def _forward_outputs(
@@ -406,20 +252,6 @@ def _forward_outputs(
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if store_stats else None
     mean = None if is_rms or rstd is None else torch.empty_like(rstd)
     return y, h, mean, rstd
-
-
-def _backward_outputs(
-    x: torch.Tensor, weight: torch.Tensor | None, has_bias: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Empty ``(dx, dweight, dbias)``: the parameter gradients in the weight's dtype, ``None`` where absent.
-
-    dweight and dbias are separate tensors: outputs of a custom op may not alias each other, and each becomes a
-    parameter's ``.grad``."""
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw = torch.empty(x.shape[-1], dtype=param_dtype, device=x.device) if weight is not None else None
-    db = torch.empty(x.shape[-1], dtype=param_dtype, device=x.device) if has_bias else None
-    return dx, dw, db
 
 
 def _norm_forward(
@@ -441,7 +273,9 @@ def _norm_forward(
     r2, _, stride_r = rows_of(residual) if residual is not None else (x2, n_rows, stride_x)
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
-    config = norm_config(n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size())
+    config = norm_config(
+        n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size(), layernorm=not is_rms
+    )
     with on_device(x):
         _norm_fwd_kernel[(n_rows,)](
             x2,
@@ -468,79 +302,6 @@ def _norm_forward(
             num_stages=config.num_stages,
         )
     return y, h, mean, rstd
-
-
-def _norm_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    dres: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor | None,
-    rstd: torch.Tensor,
-    is_rms: bool,
-    has_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` without a weight / bias."""
-    n_cols = x.shape[-1]
-    dx, dw, db = _backward_outputs(x, weight, has_bias)
-    n_params = (weight is not None) + has_bias  # their fp32 partials share one allocation (below)
-    if x.numel() == 0:
-        return dx, None if dw is None else dw.zero_(), None if db is None else db.zero_()
-    x2, n_rows, stride_x = rows_of(x)
-    dy2, _, stride_dy = rows_of(dy)
-    dres2, _, stride_dres = rows_of(dres) if dres is not None else (dy2, n_rows, stride_dy)
-    device = device_info(x.device)
-    config = norm_config(n_cols, x.dtype, device, backward=True, max_block=current_max_block_size())
-    programs = norm_backward_programs(n_rows, device)
-    rows_per_program = -(-n_rows // programs)
-    programs = -(-n_rows // rows_per_program)
-    alloc = torch.empty if config.single_block else torch.zeros
-    partials = alloc((n_params, programs, n_cols), dtype=torch.float32, device=x.device) if n_params else dx
-    dw_partial = partials[0] if dw is not None else dx
-    db_partial = partials[n_params - 1] if db is not None else dx
-    with on_device(x):
-        _norm_bwd_kernel[(programs,)](
-            dy2,
-            x2,
-            weight.contiguous() if weight is not None else x2,
-            mean if mean is not None else rstd,
-            rstd,
-            dres2,
-            dx,
-            dw_partial,
-            db_partial,
-            stride_dy,
-            stride_x,
-            stride_dres,
-            n_rows,
-            n_cols,
-            rows_per_program,
-            IS_RMS=is_rms,
-            HAS_WEIGHT=dw is not None,
-            HAS_BIAS=db is not None,
-            HAS_DRES=dres is not None,
-            SINGLE_BLOCK=config.single_block,
-            BLOCK_SIZE=config.block_size,
-            num_warps=config.num_warps,
-            enable_fp_fusion=True,
-            num_stages=config.num_stages,
-        )
-        if dw is not None or db is not None:
-            _sum_partials_kernel[(triton.cdiv(n_cols, _PARTIAL_BLOCK_N),)](
-                dw_partial,
-                db_partial,
-                dw if dw is not None else db,
-                db if db is not None else dw,
-                programs,
-                n_cols,
-                HAS_WEIGHT=dw is not None,
-                HAS_BIAS=db is not None,
-                BLOCK_P=_PARTIAL_BLOCK_P,
-                BLOCK_N=_PARTIAL_BLOCK_N,
-                num_warps=4,
-                enable_fp_fusion=True,
-            )
-    return dx, dw, db
 
 
 # --- custom ops (torch.compile, CUDA graphs) ------------------------------------------------------------------
@@ -579,36 +340,6 @@ def _norm_fwd_fake(
     return y, _or_empty(h, x), _or_empty(mean, rstd), rstd
 
 
-@torch.library.custom_op("llamatelemetry::triton_norm_bwd", mutates_args=())
-def _norm_bwd_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    dres: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor | None,
-    rstd: torch.Tensor,
-    is_rms: bool,
-    has_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = _norm_backward(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
-    return dx, _or_empty(dw, x), _or_empty(db, x)
-
-
-@_norm_bwd_op.register_fake
-def _norm_bwd_fake(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    dres: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor | None,
-    rstd: torch.Tensor,
-    is_rms: bool,
-    has_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = _backward_outputs(x, weight, has_bias)
-    return dx, _or_empty(dw, x), _or_empty(db, x)
-
-
 def _forward(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -623,22 +354,6 @@ def _forward(
         y, h, mean, rstd = torch.ops.llamatelemetry.triton_norm_fwd(x, residual, weight, bias, eps, is_rms)
         return y, (h if residual is not None else None), (None if is_rms else mean), rstd
     return _norm_forward(x, residual, weight, bias, eps, is_rms, store_stats)
-
-
-def _backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    dres: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor | None,
-    rstd: torch.Tensor,
-    is_rms: bool,
-    has_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    if torch.compiler.is_compiling():
-        dx, dw, db = torch.ops.llamatelemetry.triton_norm_bwd(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
-        return dx, (dw if weight is not None else None), (db if has_bias else None)
-    return _norm_backward(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
 
 
 # --- autograd ---------------------------------------------------------------------------------------------
@@ -675,7 +390,7 @@ class NormFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(normed)
         dres = dh if ctx.residual_dtype is not None else None
-        dx, dw, db = _backward(dy, normed, dres, weight, mean, rstd, ctx.is_rms, ctx.has_bias)
+        dx, dw, db = norm_backward(dy, normed, dres, weight, mean, rstd, ctx.is_rms, ctx.has_bias)
         dresidual = None if ctx.residual_dtype is None else dx.to(ctx.residual_dtype)
         return dx.to(ctx.x_dtype), dresidual, dw, db, None, None
 
@@ -863,92 +578,38 @@ def triton_fused_add_layernorm(
 # --- ahead-of-time builds ----------------------------------------------------------------------------------
 
 
-# (is_rms, has_residual, has_weight, has_bias) of LayerNorm, RMSNorm and their fused residual forms
-_AOT_VARIANTS = {
-    "layernorm": (False, False, True, True),
-    "rmsnorm": (True, False, True, False),
-    "fused_add_rmsnorm": (True, True, True, False),
-    "fused_add_layernorm": (False, True, True, True),
+# name: (is_rms, has_residual, has_bias, what) of LayerNorm, RMSNorm and their fused residual forms (all weighted)
+_VARIANTS = {
+    "layernorm": (False, False, True, "LayerNorm"),
+    "rmsnorm": (True, False, False, "RMSNorm"),
+    "fused_add_rmsnorm": (True, True, False, "residual add + RMSNorm"),
+    "fused_add_layernorm": (False, True, True, "residual add + LayerNorm"),
 }
 
 
 def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     """Every build of this module's kernels as they would be launched on ``device`` in ``dtype``, for the
     representative shapes (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
-    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.aot import KernelBuild, kernel_signature
 
     t = TYPE_NAMES[dtype]
+    types = {**dict.fromkeys(("X", "R", "W", "B", "Y", "H"), f"*{t}"), "Mean": "*fp32", "Rstd": "*fp32"}
+    signature = kernel_signature(_norm_fwd_kernel, {**types, "eps": "fp32"})
     for hidden in HIDDEN_SIZES:
-        config = norm_config(hidden, dtype, device)
-        backward = norm_config(hidden, dtype, device, backward=True)
-        tag = f"{t},N={hidden},BLOCK={config.block_size},{'single' if config.single_block else 'looped'}"
-        for name, (is_rms, residual, weight, bias) in _AOT_VARIANTS.items():
-            signature = {
-                **dict.fromkeys(("X", "R", "W", "B", "Y", "H"), f"*{t}"),
-                "Mean": "*fp32",
-                "Rstd": "*fp32",
-                "stride_x": "i32",
-                "stride_r": "i32",
-                "n_cols": "i32",
-                "eps": "fp32",
-                **dict.fromkeys(
-                    (
-                        "IS_RMS",
-                        "HAS_RESIDUAL",
-                        "HAS_WEIGHT",
-                        "HAS_BIAS",
-                        "STORE_STATS",
-                        "SINGLE_BLOCK",
-                        "BLOCK_SIZE",
-                    ),
-                    "constexpr",
-                ),
-            }
+        for name, (is_rms, residual, bias, _) in _VARIANTS.items():
+            config = norm_config(hidden, dtype, device, layernorm=not is_rms)
+            tag = f"{t},N={hidden},BLOCK={config.block_size},{'single' if config.single_block else 'looped'}"
             yield KernelBuild(
                 f"triton.{name}_fwd[{tag}]",
                 _norm_fwd_kernel,
                 signature,
-                {
-                    "IS_RMS": is_rms,
-                    "HAS_RESIDUAL": residual,
-                    "HAS_WEIGHT": weight,
-                    "HAS_BIAS": bias,
-                    "STORE_STATS": False,
-                    "SINGLE_BLOCK": config.single_block,
-                    "BLOCK_SIZE": config.block_size,
-                },
+                {"IS_RMS": is_rms, "HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": bias}
+                | {"STORE_STATS": False, "SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size},
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
-            signature = {
-                **dict.fromkeys(("DY", "X", "W"), f"*{t}"),
-                "Mean": "*fp32",
-                "Rstd": "*fp32",
-                "DRES": f"*{t}",
-                "DX": f"*{t}",
-                "DW": "*fp32",
-                "DB": "*fp32",
-                **dict.fromkeys(
-                    ("stride_dy", "stride_x", "stride_dres", "n_rows", "n_cols", "rows_per_program"), "i32"
-                ),
-                **dict.fromkeys(
-                    ("IS_RMS", "HAS_WEIGHT", "HAS_BIAS", "HAS_DRES", "SINGLE_BLOCK", "BLOCK_SIZE"), "constexpr"
-                ),
-            }
-            yield KernelBuild(
-                f"triton.{name}_bwd[{tag}]",
-                _norm_bwd_kernel,
-                signature,
-                {
-                    "IS_RMS": is_rms,
-                    "HAS_WEIGHT": weight,
-                    "HAS_BIAS": bias,
-                    "HAS_DRES": residual,
-                    "SINGLE_BLOCK": backward.single_block,
-                    "BLOCK_SIZE": backward.block_size,
-                },
-                num_warps=backward.num_warps,
-                num_stages=backward.num_stages,
+            yield backward_build(
+                device, dtype, hidden, f"triton.{name}_bwd[{tag}]", is_rms=is_rms, residual=residual, bias=bias
             )
 
 
@@ -973,13 +634,12 @@ def _norm_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
 def registry_entries() -> dict[str, BuiltinEntry]:
     """This module's kernels in the registry (``get_kernel(name)``): kernel, default launch config, bounds check."""
     doc = "(X, R, W, B, Y, H, Mean, Rstd, stride_x, stride_r, n_cols, eps, IS_RMS, HAS_RESIDUAL, ...)"
-    variants = {
-        "layernorm": ({"IS_RMS": False}, "LayerNorm"),
-        "rmsnorm": ({"IS_RMS": True}, "RMSNorm"),
-        "fused_add_layernorm": ({"IS_RMS": False, "HAS_RESIDUAL": True}, "residual add + LayerNorm"),
-        "fused_add_rmsnorm": ({"IS_RMS": True, "HAS_RESIDUAL": True}, "residual add + RMSNorm"),
-    }
-    return {
-        name: (_norm_fwd_kernel, KernelConfig(name, 1024, 4, 1, meta=meta, description=f"{what} {doc}"), _norm_bounds)
-        for name, (meta, what) in variants.items()
-    }
+    entries: dict[str, BuiltinEntry] = {}
+    for name, (is_rms, residual, _, what) in _VARIANTS.items():
+        meta = {"IS_RMS": is_rms, **({"HAS_RESIDUAL": True} if residual else {})}
+        entries[name] = (
+            _norm_fwd_kernel,
+            KernelConfig(name, 1024, 4, 1, meta=meta, description=f"{what} {doc}"),
+            _norm_bounds,
+        )
+    return entries

@@ -1,0 +1,351 @@
+"""The backward of :mod:`llamatelemetry_triton.ops.norm` (LayerNorm and RMSNorm, with or without the residual add):
+its kernels, launcher, custom op and ahead-of-time builds. The forward, autograd function and public functions
+are in ``norm.py``, which calls :func:`norm_backward`.
+
+A fixed grid of programs, each owning consecutive rows and accumulating its share of ``dweight``/``dbias`` in
+registers (a partial row per program, summed afterwards in a fixed order), the scheme of Triton's fused LayerNorm
+tutorial and Liger-Kernel::
+
+    xhat = (x - mean) * rstd,  g = dy * weight
+    dx = rstd * (g - xhat * mean(g * xhat) - mean(g))       (RMSNorm: without the last term)
+    dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from llamatelemetry_triton._aot_shapes import TYPE_NAMES
+from llamatelemetry_triton._compat import tl, triton
+from llamatelemetry_triton._dispatch import device_info
+from llamatelemetry_triton._launch import on_device, rows_of
+from llamatelemetry_triton.heuristics import current_max_block_size, norm_backward_programs, norm_config
+
+if TYPE_CHECKING:
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.device import DeviceInfo
+
+__all__ = ["backward_build", "norm_backward"]
+
+
+# --- kernels ----------------------------------------------------------------------------------------------
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _bwd_block(  # type: ignore[no-untyped-def]
+    DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT: tl.constexpr
+):
+    """(dy, xhat, g = dy * weight) of a block of row ``r64``, in fp32."""
+    x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
+    return dy, xhat, g
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    DRES,
+    DX,
+    DW,
+    DB,
+    stride_dy,
+    stride_x,
+    stride_dres,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    IS_RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    DW += pid.to(tl.int64) * n_cols
+    DB += pid.to(tl.int64) * n_cols
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        row = row_start
+        while row < row_end:
+            r64 = row.to(tl.int64)
+            x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(Rstd + row)
+            xhat = x * rstd if IS_RMS else tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+            if HAS_WEIGHT:  # the weight is held across rows
+                g = dy * w
+                dw_acc += dy * xhat
+            else:
+                g = dy
+            if HAS_BIAS:
+                db_acc += dy
+            c1 = tl.sum(xhat * g, axis=0) / n_cols
+            if IS_RMS:
+                dx = (g - xhat * c1) * rstd
+            else:
+                c2 = tl.sum(g, axis=0) / n_cols
+                dx = (g - (xhat * c1 + c2)) * rstd
+            if HAS_DRES:
+                dx += tl.load(DRES + r64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            row += 1
+        if HAS_WEIGHT:
+            tl.store(DW + cols, dw_acc, mask=mask)
+        if HAS_BIAS:
+            tl.store(DB + cols, db_acc, mask=mask)
+    else:
+        # Rows longer than a block: two passes per row; the program's partial dW/dB row lives in global memory
+        # (zeroed by the launcher, owned by this program alone).
+        row = row_start
+        while row < row_end:
+            r64 = row.to(tl.int64)
+            rstd = tl.load(Rstd + row)
+            mean = 0.0 if IS_RMS else tl.load(Mean + row)
+            acc1 = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+            start = tl.program_id(0) * 0
+            while start < n_cols:
+                cols = start + tl.arange(0, BLOCK_SIZE)
+                mask = cols < n_cols
+                dy, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
+                acc1 += xhat * g
+                acc2 += g
+                start += BLOCK_SIZE
+            c1 = tl.sum(acc1, axis=0) / n_cols
+            c2 = tl.sum(acc2, axis=0) / n_cols
+            start = tl.program_id(0) * 0
+            while start < n_cols:
+                cols = start + tl.arange(0, BLOCK_SIZE)
+                mask = cols < n_cols
+                dy, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
+                if HAS_WEIGHT:
+                    tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                if HAS_BIAS:
+                    tl.store(DB + cols, tl.load(DB + cols, mask=mask, other=0.0) + dy, mask=mask)
+                dx = (g - xhat * c1) * rstd if IS_RMS else (g - (xhat * c1 + c2)) * rstd
+                if HAS_DRES:
+                    dx += tl.load(DRES + r64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                start += BLOCK_SIZE
+            row += 1
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _sum_partials_kernel(  # type: ignore[no-untyped-def]
+    DW_PART,
+    DB_PART,
+    DW,
+    DB,
+    n_parts,
+    n_cols,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Column sums of the ``[n_parts, n_cols]`` fp32 partials, in a fixed order (deterministic), cast on store."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    start = tl.program_id(0) * 0
+    while start < n_parts:
+        parts = start + tl.arange(0, BLOCK_P)
+        offsets = parts[:, None].to(tl.int64) * n_cols + cols[None, :]
+        mask = (parts < n_parts)[:, None] & col_mask[None, :]
+        if HAS_WEIGHT:
+            dw += tl.sum(tl.load(DW_PART + offsets, mask=mask, other=0.0), axis=0)
+        if HAS_BIAS:
+            db += tl.sum(tl.load(DB_PART + offsets, mask=mask, other=0.0), axis=0)
+        start += BLOCK_P
+    if HAS_WEIGHT:
+        tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_mask)
+
+
+# --- host launcher --------------------------------------------------------------------------------------------
+
+_PARTIAL_BLOCK_P = 32
+_PARTIAL_BLOCK_N = 64
+
+
+def _backward_outputs(
+    x: torch.Tensor, weight: torch.Tensor | None, has_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Empty ``(dx, dweight, dbias)``: the parameter gradients in the weight's dtype, ``None`` where absent.
+
+    dweight and dbias are separate tensors: outputs of a custom op may not alias each other, and each becomes a
+    parameter's ``.grad``."""
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.empty(x.shape[-1], dtype=param_dtype, device=x.device) if weight is not None else None
+    db = torch.empty(x.shape[-1], dtype=param_dtype, device=x.device) if has_bias else None
+    return dx, dw, db
+
+
+def _norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dres: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` without a weight / bias."""
+    n_cols = x.shape[-1]
+    dx, dw, db = _backward_outputs(x, weight, has_bias)
+    n_params = (weight is not None) + has_bias  # their fp32 partials share one allocation (below)
+    if x.numel() == 0:
+        return dx, None if dw is None else dw.zero_(), None if db is None else db.zero_()
+    x2, n_rows, stride_x = rows_of(x)
+    dy2, _, stride_dy = rows_of(dy)
+    dres2, _, stride_dres = rows_of(dres) if dres is not None else (dy2, n_rows, stride_dy)
+    device = device_info(x.device)
+    config = norm_config(n_cols, x.dtype, device, backward=True, max_block=current_max_block_size())
+    programs = norm_backward_programs(n_rows, device)
+    rows_per_program = -(-n_rows // programs)
+    programs = -(-n_rows // rows_per_program)
+    alloc = torch.empty if config.single_block else torch.zeros
+    partials = alloc((n_params, programs, n_cols), dtype=torch.float32, device=x.device) if n_params else dx
+    dw_partial = partials[0] if dw is not None else dx
+    db_partial = partials[n_params - 1] if db is not None else dx
+    with on_device(x):
+        _norm_bwd_kernel[(programs,)](
+            dy2,
+            x2,
+            weight.contiguous() if weight is not None else x2,
+            mean if mean is not None else rstd,
+            rstd,
+            dres2,
+            dx,
+            dw_partial,
+            db_partial,
+            stride_dy,
+            stride_x,
+            stride_dres,
+            n_rows,
+            n_cols,
+            rows_per_program,
+            IS_RMS=is_rms,
+            HAS_WEIGHT=dw is not None,
+            HAS_BIAS=db is not None,
+            HAS_DRES=dres is not None,
+            SINGLE_BLOCK=config.single_block,
+            BLOCK_SIZE=config.block_size,
+            num_warps=config.num_warps,
+            enable_fp_fusion=True,
+            num_stages=config.num_stages,
+        )
+        if dw is not None or db is not None:
+            _sum_partials_kernel[(triton.cdiv(n_cols, _PARTIAL_BLOCK_N),)](
+                dw_partial,
+                db_partial,
+                dw if dw is not None else db,
+                db if db is not None else dw,
+                programs,
+                n_cols,
+                HAS_WEIGHT=dw is not None,
+                HAS_BIAS=db is not None,
+                BLOCK_P=_PARTIAL_BLOCK_P,
+                BLOCK_N=_PARTIAL_BLOCK_N,
+                num_warps=4,
+                enable_fp_fusion=True,
+            )
+    return dx, dw, db
+
+
+# --- custom op (torch.compile, CUDA graphs) ------------------------------------------------------------------
+# Its outputs are tensors: absent ones travel as empty tensors.
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("llamatelemetry::triton_norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dres: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _norm_backward(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
+    return dx, _or_empty(dw, x), _or_empty(db, x)
+
+
+@_norm_bwd_op.register_fake
+def _norm_bwd_fake(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dres: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _backward_outputs(x, weight, has_bias)
+    return dx, _or_empty(dw, x), _or_empty(db, x)
+
+
+def norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dres: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if torch.compiler.is_compiling():
+        dx, dw, db = torch.ops.llamatelemetry.triton_norm_bwd(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
+        return dx, (dw if weight is not None else None), (db if has_bias else None)
+    return _norm_backward(dy, x, dres, weight, mean, rstd, is_rms, has_bias)
+
+
+# --- ahead-of-time builds ----------------------------------------------------------------------------------
+
+
+def backward_build(
+    device: DeviceInfo, dtype: torch.dtype, hidden: int, name: str, *, is_rms: bool, residual: bool, bias: bool
+) -> KernelBuild:
+    """The build ``name`` of the (weighted) backward at rows of ``hidden`` elements, as launched on ``device`` in
+    ``dtype``: RMSNorm when ``is_rms``, with the residual's gradient added when ``residual``, and a bias."""
+    from llamatelemetry_core.aot import KernelBuild, kernel_signature
+
+    t = TYPE_NAMES[dtype]
+    types = {**dict.fromkeys(("DY", "X", "W", "DRES", "DX"), f"*{t}"), **dict.fromkeys(("Mean", "Rstd"), "*fp32")}
+    config = norm_config(hidden, dtype, device, backward=True)
+    return KernelBuild(
+        name,
+        _norm_bwd_kernel,
+        kernel_signature(_norm_bwd_kernel, {**types, "DW": "*fp32", "DB": "*fp32"}),
+        {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": bias, "HAS_DRES": residual}
+        | {"SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size},
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
