@@ -21,22 +21,27 @@ through fp32 as well).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
 
+from llamatelemetry_core.aot import KernelBuild, kernel_signature
+from llamatelemetry_core.device import DeviceInfo
 from llamatelemetry_core.environment import triton_interpreter_enabled
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_tensorcore.fused_matmul import (
     FusedTiles,
     choose_fused_tiles,
     fused_operands,
+    fused_tiles,
     largest_finite_programs,
     one_launch,
 )
 from llamatelemetry_tensorcore.matmul import product_thresholds
 
-__all__ = ["fused_matmul"]
+__all__ = ["aot_builds", "fused_matmul"]
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -356,3 +361,59 @@ def fused_matmul(
     if c3 is None:
         c.copy_(target.reshape(shape))
     return c
+
+
+# --- ahead-of-time builds (what fused_matmul.kernel_builds yields) -----------------------------------------------
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# (M, N): decode, a few rows, a prefill chunk, squares; between them every tile shape fused_tiles picks
+_AOT_SHAPES = ((1, 4096), (48, 4096), (128, 4096), (1024, 1024), (4096, 4096))
+# The launches' unit strides (row-major A, B and C), which Triton's JIT specializes as constants as well
+_UNIT_STRIDES = ("stride_ak", "stride_bn", "stride_cn")
+
+
+def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles, *, single: bool = False) -> KernelBuild:
+    ptr = "*" + _TRITON_TYPES[in_dtype]
+    types = {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "partial_ptr": "*i32", "half": "i64", "quarter": "i64"}
+    types["eighth"] = "i64"
+    signature = kernel_signature(_scaled_matmul_kernel, types)
+    signature.update(dict.fromkeys(_UNIT_STRIDES, "constexpr"))  # in place: the order stays the kernel's
+    constexprs: dict[str, int | float | bool | str] = {
+        "BLOCK_M": tiles.block_m,
+        "BLOCK_N": tiles.block_n,
+        "BLOCK_K": tiles.block_k,
+        "GROUP_M": tiles.group_m,
+        "REDUCE_BLOCK": tiles.one_launch_block if single else tiles.partials,
+        "ONE_LAUNCH": single,
+        "PIPELINED": True,
+        **dict.fromkeys(_UNIT_STRIDES, 1),
+    }
+    name = (
+        f"tensorcore.fused_matmul[{_TRITON_TYPES[in_dtype]}->fp16,{tiles.block_m}x{tiles.block_n}x{tiles.block_k},"
+        f"w{tiles.num_warps},s{tiles.num_stages}{',one-launch' if single else ''}]"
+    )
+    return KernelBuild(
+        name, _scaled_matmul_kernel, signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages
+    )
+
+
+def _reduction_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
+    ptr = "*" + _TRITON_TYPES[in_dtype]
+    signature = kernel_signature(_largest_finite_kernel, {"a_ptr": ptr, "b_ptr": ptr, "partial_ptr": "*i32"})
+    constexprs: dict[str, int | float | bool | str] = {"BLOCK": tiles.reduce_block, "PIPELINED": True}
+    name = f"tensorcore.largest_finite[{_TRITON_TYPES[in_dtype]},{tiles.reduce_block},w{tiles.reduce_warps}]"
+    return KernelBuild(name, _largest_finite_kernel, signature, constexprs, num_warps=tiles.reduce_warps)
+
+
+def aot_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
+    """The builds on ``device``: the GEMM with the tiles :func:`fused_tiles` picks for decode, prefill and square
+    shapes, from fp32 (and bf16 where the device has it), its one-launch form for a small product, and the
+    reduction."""
+    in_dtypes = [torch.float32, torch.bfloat16] if device.supports_bf16 else [torch.float32]
+    configs = list(dict.fromkeys(fused_tiles(m, n, 1, device) for m, n in _AOT_SHAPES))
+    small = fused_tiles(128, 128, 1, device)  # what one launch takes: A and B of 2^15 elements together
+    for in_dtype in in_dtypes:
+        for tiles in configs:
+            yield _gemm_build(in_dtype, tiles)
+        yield _gemm_build(in_dtype, small, single=True)
+        yield _reduction_build(in_dtype, configs[0])

@@ -293,77 +293,17 @@ MATMUL_OPERATION.register(
 
 # --- ahead-of-time builds (entry point llamatelemetry.kernel_builds: tensorcore) ---------------------------------
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# (M, N): decode, a few rows, a prefill chunk, squares; between them every tile shape fused_tiles picks
-_AOT_SHAPES = ((1, 4096), (48, 4096), (128, 4096), (1024, 1024), (4096, 4096))
-# The launches' unit strides (row-major A, B and C), which Triton's JIT specializes as constants as well
-_UNIT_STRIDES = ("stride_ak", "stride_bn", "stride_cn")
-_GEMM_INTS = (
-    "M",
-    "N",
-    "K",
-    *(f"stride_{t}{d}" for t, dims in (("a", "bmk"), ("b", "bkn"), ("c", "bmn")) for d in dims),
-)
-
-
-def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles, *, single: bool = False) -> KernelBuild:
-    from llamatelemetry_core.aot import KernelBuild
-    from llamatelemetry_tensorcore._fused_kernels import _scaled_matmul_kernel
-
-    ptr = "*" + _TRITON_TYPES[in_dtype]
-    signature = {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "partial_ptr": "*i32"}
-    signature.update({name: "constexpr" if name in _UNIT_STRIDES else "i32" for name in _GEMM_INTS})
-    signature.update({"programs_a": "i32", "programs_b": "i32", "k_bits": "i32"})
-    signature.update({"half": "i64", "quarter": "i64", "eighth": "i64", "a_numel": "i32", "b_numel": "i32"})
-    constexprs: dict[str, int | float | bool | str] = {
-        "BLOCK_M": tiles.block_m,
-        "BLOCK_N": tiles.block_n,
-        "BLOCK_K": tiles.block_k,
-        "GROUP_M": tiles.group_m,
-        "REDUCE_BLOCK": tiles.one_launch_block if single else tiles.partials,
-        "ONE_LAUNCH": single,
-        "PIPELINED": True,
-        **dict.fromkeys(_UNIT_STRIDES, 1),
-    }
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    name = (
-        f"tensorcore.fused_matmul[{_TRITON_TYPES[in_dtype]}->fp16,{tiles.block_m}x{tiles.block_n}x{tiles.block_k},"
-        f"w{tiles.num_warps},s{tiles.num_stages}{',one-launch' if single else ''}]"
-    )
-    return KernelBuild(
-        name, _scaled_matmul_kernel, signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages
-    )
-
-
-def _reduction_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
-    from llamatelemetry_core.aot import KernelBuild
-    from llamatelemetry_tensorcore._fused_kernels import _largest_finite_kernel
-
-    ptr = "*" + _TRITON_TYPES[in_dtype]
-    signature = {"a_ptr": ptr, "b_ptr": ptr, "partial_ptr": "*i32"}
-    signature.update(dict.fromkeys(("a_numel", "b_numel", "a_span", "b_span", "programs_a"), "i32"))
-    constexprs: dict[str, int | float | bool | str] = {"BLOCK": tiles.reduce_block, "PIPELINED": True}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    name = f"tensorcore.largest_finite[{_TRITON_TYPES[in_dtype]},{tiles.reduce_block},w{tiles.reduce_warps}]"
-    return KernelBuild(name, _largest_finite_kernel, signature, constexprs, num_warps=tiles.reduce_warps)
-
 
 def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
-    """The fused path's builds on ``device``: the GEMM with the tiles :func:`fused_tiles` picks for decode,
-    prefill and square shapes, from fp32 (and bf16 where the device has it), its one-launch form for a small
-    product, and the reduction."""
+    """The fused path's builds on ``device`` (listed beside the kernels:
+    :func:`llamatelemetry_tensorcore._fused_kernels.aot_builds`); none without Triton."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return
-    in_dtypes = [torch.float32, torch.bfloat16] if device.supports_bf16 else [torch.float32]
-    configs = list(dict.fromkeys(fused_tiles(m, n, 1, device) for m, n in _AOT_SHAPES))
-    small = fused_tiles(128, 128, 1, device)  # what one launch takes: A and B of 2^15 elements together
-    for in_dtype in in_dtypes:
-        for tiles in configs:
-            yield _gemm_build(in_dtype, tiles)
-        yield _gemm_build(in_dtype, small, single=True)
-        yield _reduction_build(in_dtype, configs[0])
+    from llamatelemetry_tensorcore._fused_kernels import aot_builds
+
+    yield from aot_builds(device)
 
 
 def choose_fused_tiles(m: int, n: int, batch: int, device: torch.device) -> FusedTiles:
