@@ -198,8 +198,8 @@ def _unsupported(a: torch.Tensor, b: torch.Tensor | float) -> str | None:
 
 @triton_errors("add")
 def _add_triton(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
-    if not isinstance(b, torch.Tensor):
-        b = torch.full((), b, dtype=torch.result_type(a, b), device=a.device)
+    if not isinstance(b, torch.Tensor):  # a float a keeps its dtype beside a number (what result_type says)
+        b = torch.full((), b, dtype=a.dtype if a.is_floating_point() else torch.result_type(a, b), device=a.device)
     if needs_autograd(a, b):
         out: torch.Tensor = AddFunction.apply(a, b)  # type: ignore[no-untyped-call]
         return out
@@ -214,7 +214,9 @@ ADD = TritonOperation(
     describe=lambda a, b: described(
         a, b if isinstance(b, torch.Tensor) else None, triton_unsupported=_unsupported(a, b)
     ),
-    traceable=lambda a, b: a.is_cuda and _unsupported(a, b) is None and torch.result_type(a, b) in TRITON_DTYPES,
+    # Not torch.result_type, which Dynamo cannot trace (it returns a dtype): a float ``a`` of the kernel's dtypes
+    # with a number, or two tensors both of them (``_unsupported``), promote to one of those dtypes.
+    traceable=lambda a, b: a.is_cuda and a.dtype in TRITON_DTYPES and _unsupported(a, b) is None,
     aliases=("add",),
 )
 
