@@ -40,3 +40,25 @@ def test_table_and_plot(report: dict[str, object], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     plot_report(report, str(tmp_path / "gains.png"))
     assert (tmp_path / "gains.png").stat().st_size > 1000
+
+
+def test_timing_warms_up_then_takes_the_median() -> None:
+    import torch
+
+    from llamatelemetry_engine import bench
+
+    calls: list[int] = []
+    costs = iter([0.0, 0.0, 0.03, 0.01, 0.02])  # two warm-ups (a compilation would land there), then three runs
+
+    def fn() -> None:
+        calls.append(1)
+        cost = next(costs)
+        if cost:
+            import time
+
+            time.sleep(cost)
+
+    seconds = bench._timed(torch.device("cpu"), fn, 3, warmups=2)
+    assert len(calls) == 5
+    assert 0.015 <= seconds < 0.03  # the median of the three timed runs, not the slowest
+    assert bench.GPU_WARMUPS >= 2  # the prefix cache's second pass compiles its own shapes before timing
