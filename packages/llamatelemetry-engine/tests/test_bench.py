@@ -48,7 +48,7 @@ def test_timing_warms_up_then_takes_the_median() -> None:
     from llamatelemetry_engine import bench
 
     calls: list[int] = []
-    costs = iter([0.0, 0.0, 0.03, 0.01, 0.02])  # two warm-ups (a compilation would land there), then three runs
+    costs = iter([0.0, 0.0, 0.01, 0.05, 0.01, 0.05])  # two warm-ups (a compilation would land there), four runs
 
     def fn() -> None:
         calls.append(1)
@@ -58,7 +58,7 @@ def test_timing_warms_up_then_takes_the_median() -> None:
 
             time.sleep(cost)
 
-    seconds = bench._timed(torch.device("cpu"), fn, 3, warmups=2)
-    assert len(calls) == 5
-    assert 0.015 <= seconds < 0.03  # the median of the three timed runs, not the slowest
+    seconds = bench._timed(torch.device("cpu"), fn, 4, warmups=2)
+    assert len(calls) == 6
+    assert 0.025 <= seconds < 0.045  # the median of the four timed runs (0.03), not the upper middle one (0.05)
     assert bench.GPU_WARMUPS >= 2  # the prefix cache's second pass compiles its own shapes before timing

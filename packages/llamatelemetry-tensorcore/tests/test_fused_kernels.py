@@ -121,6 +121,35 @@ def test_out_batches_strides_and_mixed_dtypes(check_matmul: CheckMatmul) -> None
     _same_specification(got, half, b[0] * 1e4, check_matmul)
 
 
+@pytest.mark.parametrize("launches", [1, 2])
+def test_out_sharing_storage_with_an_input_gets_the_reference_result(launches: int) -> None:
+    # Programs store their tiles while others still read A and B: an aliased out must not be written in place.
+    a, b = _randn(24, 24, seed=30) * 1e5, _randn(24, 24, seed=31)
+    want = matmul_tensor_core(a, b, backend="reference")
+    for which in ("a", "b"):
+        x, y = a.clone(), b.clone()
+        target = x if which == "a" else y
+        got = fused_matmul(x, y, target, launches=launches)
+        assert got is target
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=0, msg=f"out=A@B written into {which}")
+    base = torch.zeros(48, 24, device=DEVICE)
+    base[:24] = a
+    got = fused_matmul(base[:24], b, base[24:])  # another slice of A's storage
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+    assert torch.equal(base[:24], a)
+
+
+def test_spans_beyond_int32_offsets_are_measured_and_one_launch_needs_a_small_grid() -> None:
+    from llamatelemetry_tensorcore.fused_matmul import FUSED_ONE_LAUNCH_MAX_PROGRAMS, one_launch
+
+    wide = torch.empty_strided((2, 3), (2**31, 1), device="meta")  # a row stride past int32 (no memory)
+    assert _fused_kernels._span(wide) == 2**31 + 2 > _fused_kernels._MAX_OFFSET
+    assert _fused_kernels._span(torch.empty(4, 5)) == 19
+    assert _fused_kernels._span(torch.empty(4, 5).t()) == 19
+    assert one_launch(100, 100) and one_launch(100, 100, FUSED_ONE_LAUNCH_MAX_PROGRAMS)
+    assert not one_launch(100, 100, FUSED_ONE_LAUNCH_MAX_PROGRAMS + 1)  # an outer product's thousands of tiles
+
+
 @pytest.mark.parametrize(
     ("a_shape", "b_shape"), [((5, 7), (7, 3)), ((2, 9, 13), (13, 7)), ((3, 9, 13), (3, 13, 7)), ((40, 17), (17, 33))]
 )

@@ -90,10 +90,12 @@ def test_refusals_say_why_and_are_not_warnings(
 
 
 def test_the_threshold_is_inclusive_and_counts_the_batch() -> None:
-    side = round(FUSED_MATMUL_MAX_MNK ** (1 / 3))
-    assert side**3 == FUSED_MATMUL_MAX_MNK
-    at = _reasons("h100", (side, side), (side, side))["fused"]
-    above = _reasons("h100", (2, side, side), (2, side, side))["fused"]
+    m, k, n = 2048, 4096, 11008  # the measured crossover: the constant's own product
+    assert m * k * n == FUSED_MATMUL_MAX_MNK
+    at = _reasons("h100", (m, k), (k, n))["fused"]
+    above = _reasons("h100", (2, m, k), (2, k, n))["fused"]
+    just_above = _reasons("h100", (m + 1, k), (k, n))["fused"]
+    assert just_above is not None and "cuBLAS is faster above" in just_above
     assert above is not None and "cuBLAS is faster above" in above
     assert at is None or isinstance(at, NoticeReason)  # None with Triton, the install notice without
 

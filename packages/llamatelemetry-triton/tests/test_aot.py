@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -73,20 +74,33 @@ def test_t4_builds_use_the_runtime_choice() -> None:
 
 
 _COMPILE_SCRIPT = """
-import json, sys
+import json, os, sys
 from llamatelemetry_core.aot import compile_build
 from llamatelemetry_core.device import simulate_device
 from llamatelemetry_triton import aot
 out = []
-with simulate_device("t4") as t4:
-    builds = list(aot.kernel_builds(t4))
+with simulate_device(os.environ.get("AOT_DEVICE", "t4")) as device:
+    builds = list(aot.kernel_builds(device))
     for prefix in sys.argv[1:]:
         build = next(b for b in builds if b.name.startswith(prefix))
-        r = compile_build(build, t4)
+        r = compile_build(build, device)
         out.append({"name": r.build, "ok": r.ok, "problems": r.problems, "target": r.target,
-                    "smem": r.shared_memory_bytes})
+                    "smem": r.shared_memory_bytes, "spills": r.spill_bytes, "warps": build.num_warps})
 print(json.dumps(out))
 """
+
+
+def _compile(prefixes: list[str], device: str = "t4") -> list[dict[str, Any]]:
+    # In a fresh process with the interpreter off: Triton imported under TRITON_INTERPRET=1 (the cpu-triton
+    # matrix) defines its own reduction helpers as interpreted functions, which the compiler cannot use.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "AOT_DEVICE": device}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, *prefixes], capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reports: list[dict[str, Any]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["name"][: len(p)] for r, p in zip(reports, prefixes, strict=True)] == prefixes
+    return reports
 
 
 def test_representative_builds_compile_for_a_t4_and_fit() -> None:
@@ -98,13 +112,20 @@ def test_representative_builds_compile_for_a_t4_and_fit() -> None:
         "triton.softmax_partial_stats[fp16,32x128256",
         "triton.rope[fp16,D=128,neox",
     ]
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, *prefixes], capture_output=True, text=True, env=env, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    reports = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [r["name"][: len(p)] for r, p in zip(reports, prefixes, strict=True)] == prefixes
-    for report in reports:
+    for report in _compile(prefixes):
         assert report["ok"], report
         assert report["target"] == "sm_75" and report["smem"] <= 64 * 1024
+
+
+@pytest.mark.parametrize("device", ["t4", "h100"])
+def test_the_largest_single_block_norms_hold_their_rows_without_spills(device: str) -> None:
+    # 16384-element rows in 16 warps (every forward variant), and LayerNorm's 8192 in 8: the registers hold them.
+    prefixes = [
+        "triton.fused_add_layernorm_fwd[fp32,N=16384,BLOCK=16384,single]",
+        "triton.fused_add_rmsnorm_fwd[fp16,N=16384,BLOCK=16384,single]",
+        "triton.fused_add_layernorm_fwd[fp16,N=8192,BLOCK=8192,single]",
+    ]
+    reports = _compile(prefixes, device)
+    assert [r["warps"] for r in reports] == [16, 16, 8]
+    for report in reports:
+        assert report["ok"] and report["spills"] == 0, report

@@ -69,6 +69,18 @@ def test_norm_forward_reads_rows_up_to_16384_once(key: str, dtype: torch.dtype) 
     assert not norm_config(16384, dtype, device, backward=True).single_block
 
 
+@pytest.mark.parametrize("key", ["t4", "a100", "h100"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm_forward_keeps_rows_up_to_8192_in_at_most_8_warps(key: str, dtype: torch.dtype) -> None:
+    device = _device(key)
+    for n in (768, 4096, 8192):
+        ln, rms = norm_config(n, dtype, device, layernorm=True), norm_config(n, dtype, device)
+        assert ln.num_warps == min(rms.num_warps, 8) and ln.block_size == rms.block_size
+    assert norm_config(16384, dtype, device, layernorm=True).num_warps == 16  # 8 would need 230-255 registers
+    backward = norm_config(8192, dtype, device, backward=True)
+    assert norm_config(8192, dtype, device, backward=True, layernorm=True) == backward  # forward only
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     n_rows=st.integers(1, 100_000),

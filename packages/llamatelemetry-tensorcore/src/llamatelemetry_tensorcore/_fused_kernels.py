@@ -260,6 +260,19 @@ def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
     tl.store(c_tile, result.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+_MAX_OFFSET = 2**31 - 1  # the largest element offset an int32 index reaches
+
+
+def _span(x: torch.Tensor) -> int:
+    """The largest element offset from ``x``'s data pointer that its elements reach."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride(), strict=True) if size > 0)
+
+
+def _shares_storage(out: torch.Tensor, *inputs: torch.Tensor) -> bool:
+    storage = out.untyped_storage().data_ptr()
+    return any(t.untyped_storage().data_ptr() == storage for t in inputs)
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """``x``'s elements in memory order as one dense span: ``x`` itself when it is contiguous or a transposed
     contiguous tensor (``W.mT``), else a contiguous copy (the largest value does not depend on the order)."""
@@ -279,10 +292,17 @@ def fused_matmul(
     ``2`` force it. Raises :class:`ConfigurationError` for ``1`` when A or B is not dense in memory.
     """
     a, b = a.detach(), b.detach()
+    # The kernels index with int32: a strided view spanning more of its storage than that is read from a copy.
+    a = a if _span(a) <= _MAX_OFFSET else a.contiguous()
+    b = b if _span(b) <= _MAX_OFFSET else b.contiguous()
     operands = fused_operands(a, b)
     tiles: FusedTiles = choose_fused_tiles(operands.m, operands.n, operands.batch, a.device)
     shape = operands.result_shape
-    c = out if out is not None else torch.empty(shape, dtype=a.dtype, device=a.device)
+    # Programs write their tiles while others still read A and B: an `out` sharing storage with either (or too
+    # widely strided for int32 offsets) gets the result copied in at the end instead.
+    direct = out is not None and _span(out) <= _MAX_OFFSET and not _shares_storage(out, a, b)
+    c = out if direct else torch.empty(shape, dtype=a.dtype, device=a.device)
+    assert c is not None
     c3 = operands.view_result(c)
     target = c3 if c3 is not None else torch.empty(operands.batched_shape, dtype=a.dtype, device=a.device)
     a3, b3 = operands.a3, operands.b3
@@ -296,7 +316,9 @@ def fused_matmul(
             "expected A and B dense in memory (contiguous, or transposed contiguous) for one launch, got strides "
             f"{tuple(a.stride())} and {tuple(b.stride())}; pass launches=None or 2"
         )
-    single = dense and (one_launch(a.numel(), b.numel()) if launches is None else launches == 1)
+    grid = (triton.cdiv(operands.m, tiles.block_m) * triton.cdiv(operands.n, tiles.block_n), operands.batch)
+    automatic = one_launch(a.numel(), b.numel(), grid[0] * grid[1])
+    single = dense and (automatic if launches is None else launches == 1)
     if single:
         programs_a = programs_b = 0
         partial = torch.empty(1, dtype=torch.int32, device=a.device)
@@ -321,7 +343,6 @@ def fused_matmul(
             enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
         )
     k_bits, half, quarter, eighth = product_thresholds(operands.k)
-    grid = (triton.cdiv(operands.m, tiles.block_m) * triton.cdiv(operands.n, tiles.block_n), operands.batch)
     _scaled_matmul_kernel[grid](
         a3,
         b3,
@@ -360,6 +381,8 @@ def fused_matmul(
     )
     if c3 is None:
         c.copy_(target.reshape(shape))
+    if out is not None and c is not out:
+        return out.copy_(c)
     return c
 
 

@@ -2,7 +2,7 @@
 
 The ``tensor_core`` path range-scales in separate passes (largest values, exponents, scaled copies of A and B in
 fp16, cuBLAS, unscaling): about 34 kernel launches per fp32 call, a fixed cost that dominates small products
-(1024^3 from fp32 ran at 0.12x of a plain fp32 matmul on an H200). This path computes the same specification
+(1024^3 from fp32 ran at 0.11x of a plain fp32 matmul on an H200). This path computes the same specification
 (:mod:`llamatelemetry_tensorcore.matmul`, steps 1-4) in two launches (:mod:`~llamatelemetry_tensorcore._fused_kernels`):
 one reduction of A and B to their largest finite magnitudes, then one GEMM that derives the exponents, scales
 and rounds its tiles to fp16 in registers, multiplies them on Tensor Cores with fp32 accumulation, rounds the
@@ -45,6 +45,7 @@ __all__ = [
     "FUSED_INTERPRETED_MAX_MNK",
     "FUSED_MATMUL_MAX_MNK",
     "FUSED_ONE_LAUNCH_MAX_ELEMENTS",
+    "FUSED_ONE_LAUNCH_MAX_PROGRAMS",
     "FusedOperands",
     "FusedTiles",
     "choose_fused_tiles",
@@ -58,15 +59,15 @@ __all__ = [
 
 FUSED = "fused"
 
-FUSED_MATMUL_MAX_MNK = 2**36
-"""Largest ``batch * M * N * K`` the fused path is chosen for; larger products take ``tensor_core`` (cuBLAS).
+FUSED_MATMUL_MAX_MNK = 2048 * 4096 * 11008
+"""Largest ``batch * M * N * K`` the fused path is chosen for (about 2^36.4); larger products take ``tensor_core``
+(cuBLAS).
 
 Below it the fused path wins by skipping the range-scaling passes and their launches; above it cuBLAS's fp16
-GEMM, faster than this Triton GEMM on fp32 tiles, pays for them. Initial estimate for an H100/H200: at 4096^3
-(2^36) the separate passes move about 0.6 GB (0.15 ms at 4 TB/s) beside a 0.2 ms cuBLAS product, while the fused
-GEMM, reading fp32 tiles, runs at an estimated 60-70% of cuBLAS. Measured by
-``python benchmarks/tensorcore/check_fused_matmul.py``, which times both paths (forced) over square and skinny
-shapes and prints the crossover it recommends for this constant.
+GEMM, faster than this Triton GEMM on fp32 tiles, pays for them. Measured on an H200 with
+``python benchmarks/tensorcore/check_fused_matmul.py`` (``benchmarks/results/nvidia-h200/tensorcore-fused``):
+the fused path was within 2% of cuBLAS's or faster at every measured product up to ``2048 x 4096 x 11008``
+(4.12x fp32 there, against 3.46x for cuBLAS), and slower at the next, 6144^3.
 """
 
 FUSED_INTERPRETED_MAX_MNK = 2**18
@@ -77,7 +78,13 @@ FUSED_ONE_LAUNCH_MAX_ELEMENTS = 2**15
 """Largest ``A.numel() + B.numel()`` (dense inputs) for which the reduction launch is skipped and every GEMM program
 reduces all of A and B itself. One SM reads about 100-200 GB/s from L2, so 128 KiB of fp32 per program takes
 about a microsecond, less than a launch; beyond that the reduction launch, spread over the GPU, is cheaper.
-An estimate, like :data:`FUSED_MATMUL_MAX_MNK`: ``check_fused_matmul.py`` times the sizes around it."""
+An estimate: ``check_fused_matmul.py`` times the sizes around it.
+
+One launch also needs a small grid (:data:`FUSED_ONE_LAUNCH_MAX_PROGRAMS`): every program re-reads A and B, so
+an outer product of two long vectors, small inputs but thousands of output tiles, takes two launches."""
+
+FUSED_ONE_LAUNCH_MAX_PROGRAMS = 64
+"""Most GEMM programs a one-launch product may have (see :data:`FUSED_ONE_LAUNCH_MAX_ELEMENTS`)."""
 
 _MAX_ELEMENTS = 2**30  # int32 offsets in the kernels, with room for a block past the last element
 _MAX_BATCH = 65535  # the grid's second dimension
@@ -145,9 +152,10 @@ def fused_tiles(m: int, n: int, batch: int, info: DeviceInfo) -> FusedTiles:
     )
 
 
-def one_launch(a_numel: int, b_numel: int) -> bool:
-    """Whether inputs of these sizes are small enough for one launch (see :data:`FUSED_ONE_LAUNCH_MAX_ELEMENTS`)."""
-    return a_numel + b_numel <= FUSED_ONE_LAUNCH_MAX_ELEMENTS
+def one_launch(a_numel: int, b_numel: int, programs: int = 1) -> bool:
+    """Whether inputs of these sizes, multiplied by ``programs`` GEMM programs, are small enough for one launch
+    (see :data:`FUSED_ONE_LAUNCH_MAX_ELEMENTS` and :data:`FUSED_ONE_LAUNCH_MAX_PROGRAMS`)."""
+    return a_numel + b_numel <= FUSED_ONE_LAUNCH_MAX_ELEMENTS and programs <= FUSED_ONE_LAUNCH_MAX_PROGRAMS
 
 
 def largest_finite_programs(numel: int, tiles: FusedTiles) -> tuple[int, int]:
@@ -226,7 +234,7 @@ def _shape_reason(a_shape: tuple[int, ...], b_shape: tuple[int, ...], limit: int
         return f"runs at most {_MAX_BATCH} batches in one launch"
     if math.prod(result) * k > limit:
         where = "cuBLAS is faster above" if limit == FUSED_MATMUL_MAX_MNK else "the interpreter is slower above"
-        return f"chosen for products of batch*M*N*K <= 2^{limit.bit_length() - 1}; {where}"
+        return f"chosen for products of batch*M*N*K <= {limit} (2^{math.log2(limit):.1f}); {where}"
     return None
 
 
@@ -235,16 +243,17 @@ def fused_scope_reason(call: CallSpec) -> str | None:
     if call.dtype != torch.float16:
         return "range-scales for dtype=torch.float16 only (bfloat16 needs no scaling)"
     facts = call.facts_as(MatmulCall)
-    if facts is not None:
-        dtypes = (facts.a_dtype, facts.b_dtype)
-        if dtypes == (torch.float16, torch.float16):
-            return "float16 inputs need no range scaling"
-        if torch.float64 in dtypes:
-            return "takes float32, bfloat16 and float16 inputs, not float64"
-        if torch.bfloat16 in dtypes and not call.device.is_cuda:
-            return QuietReason("the Triton interpreter cannot round to bfloat16 (NumPy has none)")
-        if torch.bfloat16 in dtypes and not call.device.supports_bf16:
-            return f"reads bfloat16 inputs on GPUs with bfloat16 (compute capability >= 8.0), not on {call.device.name}"
+    if facts is None:
+        return "needs the call's input dtypes (MatmulCall facts), which matmul_tensor_core provides"
+    dtypes = (facts.a_dtype, facts.b_dtype)
+    if dtypes == (torch.float16, torch.float16):
+        return "float16 inputs need no range scaling"
+    if torch.float64 in dtypes:
+        return "takes float32, bfloat16 and float16 inputs, not float64"
+    if torch.bfloat16 in dtypes and not call.device.is_cuda:
+        return QuietReason("the Triton interpreter cannot round to bfloat16 (NumPy has none)")
+    if torch.bfloat16 in dtypes and not call.device.supports_bf16:
+        return f"reads bfloat16 inputs on GPUs with bfloat16 (compute capability >= 8.0), not on {call.device.name}"
     if len(call.shapes) >= 2:
         limit = FUSED_MATMUL_MAX_MNK if call.device.is_cuda else FUSED_INTERPRETED_MAX_MNK
         return _shape_reason(call.shapes[0], call.shapes[1], limit)

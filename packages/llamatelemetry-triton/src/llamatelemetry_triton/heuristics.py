@@ -188,7 +188,8 @@ def norm_config(
     The backward holds about seven row-sized fp32 values per element (x, dy, weight, two accumulators, ...), so
     it gets twice the warps of the forward, up to 16, to stay within the registers ptxas allows per thread.
     The LayerNorm forward (``layernorm``) keeps rows of up to 8192 elements in at most 8 warps: its two
-    reductions cross fewer warps (H200, 16384 x 8192 fp16: 89% -> 95% of copy, against 16 warps); at 16384 it
+    reductions cross fewer warps (H200, 16384 x 8192 fp16: 89.0% -> 95.0% of a copy in a sweep of warps,
+    ``benchmarks/results/nvidia-h200/triton/norm-warps-sweep.txt``); at 16384 it
     needs 16 to stay well inside the registers.
     """
     cap = _cap(NORM_BWD_MAX_SINGLE_BLOCK if backward else NORM_MAX_SINGLE_BLOCK, max_block)

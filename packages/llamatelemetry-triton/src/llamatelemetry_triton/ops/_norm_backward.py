@@ -21,13 +21,13 @@ from llamatelemetry_triton._aot_shapes import TYPE_NAMES
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import device_info
 from llamatelemetry_triton._launch import on_device, rows_of
-from llamatelemetry_triton.heuristics import current_max_block_size, norm_backward_programs, norm_config
+from llamatelemetry_triton.heuristics import LaunchConfig, current_max_block_size, norm_backward_programs, norm_config
 
 if TYPE_CHECKING:
     from llamatelemetry_core.aot import KernelBuild
     from llamatelemetry_core.device import DeviceInfo
 
-__all__ = ["backward_build", "norm_backward"]
+__all__ = ["backward_build", "build_name", "norm_backward"]
 
 
 # --- kernels ----------------------------------------------------------------------------------------------
@@ -330,18 +330,26 @@ def norm_backward(
 # --- ahead-of-time builds ----------------------------------------------------------------------------------
 
 
+def build_name(variant: str, direction: str, dtype: torch.dtype, hidden: int, config: LaunchConfig) -> str:
+    """A norm build's name: the variant, ``fwd`` or ``bwd``, and the launch it stands for, e.g.
+    ``triton.rmsnorm_bwd[fp16,N=16384,BLOCK=4096,looped]``."""
+    kind = "single" if config.single_block else "looped"
+    return f"triton.{variant}_{direction}[{TYPE_NAMES[dtype]},N={hidden},BLOCK={config.block_size},{kind}]"
+
+
 def backward_build(
-    device: DeviceInfo, dtype: torch.dtype, hidden: int, name: str, *, is_rms: bool, residual: bool, bias: bool
+    device: DeviceInfo, dtype: torch.dtype, hidden: int, variant: str, *, is_rms: bool, residual: bool, bias: bool
 ) -> KernelBuild:
-    """The build ``name`` of the (weighted) backward at rows of ``hidden`` elements, as launched on ``device`` in
-    ``dtype``: RMSNorm when ``is_rms``, with the residual's gradient added when ``residual``, and a bias."""
+    """The backward build of the (weighted) ``variant`` (``layernorm``, ``fused_add_rmsnorm``, ...) at rows of
+    ``hidden`` elements, as launched on ``device`` in ``dtype``: RMSNorm when ``is_rms``, with the residual's
+    gradient added when ``residual``, and a bias."""
     from llamatelemetry_core.aot import KernelBuild, kernel_signature
 
     t = TYPE_NAMES[dtype]
     types = {**dict.fromkeys(("DY", "X", "W", "DRES", "DX"), f"*{t}"), **dict.fromkeys(("Mean", "Rstd"), "*fp32")}
     config = norm_config(hidden, dtype, device, backward=True)
     return KernelBuild(
-        name,
+        build_name(variant, "bwd", dtype, hidden, config),
         _norm_bwd_kernel,
         kernel_signature(_norm_bwd_kernel, {**types, "DW": "*fp32", "DB": "*fp32"}),
         {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": bias, "HAS_DRES": residual}

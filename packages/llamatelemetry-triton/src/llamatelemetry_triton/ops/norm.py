@@ -42,7 +42,7 @@ from llamatelemetry_triton._dispatch import (
 )
 from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import current_max_block_size, norm_config
-from llamatelemetry_triton.ops._norm_backward import backward_build, norm_backward
+from llamatelemetry_triton.ops._norm_backward import backward_build, build_name, norm_backward
 from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
 if TYPE_CHECKING:
@@ -598,9 +598,8 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     for hidden in HIDDEN_SIZES:
         for name, (is_rms, residual, bias, _) in _VARIANTS.items():
             config = norm_config(hidden, dtype, device, layernorm=not is_rms)
-            tag = f"{t},N={hidden},BLOCK={config.block_size},{'single' if config.single_block else 'looped'}"
             yield KernelBuild(
-                f"triton.{name}_fwd[{tag}]",
+                build_name(name, "fwd", dtype, hidden, config),
                 _norm_fwd_kernel,
                 signature,
                 {"IS_RMS": is_rms, "HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": bias}
@@ -608,9 +607,7 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
-            yield backward_build(
-                device, dtype, hidden, f"triton.{name}_bwd[{tag}]", is_rms=is_rms, residual=residual, bias=bias
-            )
+            yield backward_build(device, dtype, hidden, name, is_rms=is_rms, residual=residual, bias=bias)
 
 
 # --- registry entries ---------------------------------------------------------------------------------------
