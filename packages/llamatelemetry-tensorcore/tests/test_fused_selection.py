@@ -161,3 +161,15 @@ def test_kernel_builds_are_registered_and_follow_the_device() -> None:
     assert t4_names and not any("bf16" in n for n in t4_names)  # a T4 has no bf16
     assert any("bf16" in n for n in h100_names) and any("128x128" in n for n in h100_names)
     assert sum("largest_finite" in n for n in h100_names) == 2
+
+
+def test_a_call_without_facts_is_answered_for_float32_inputs() -> None:
+    # `llamatelemetry doctor` asks about a device with no tensors: the fused path's answer is for fp32 inputs.
+    with simulate_device("h100") as h100:
+        assert fused_scope_reason(CallSpec.for_device(h100)) is None
+        with_facts = CallSpec.for_device(h100, facts=MatmulCall(torch.float16, torch.float16))
+        assert fused_scope_reason(with_facts) == "float16 inputs need no range scaling"
+    with simulate_device("t4") as t4:
+        assert fused_scope_reason(CallSpec.for_device(t4)) is None
+        bf16 = CallSpec.for_device(t4, facts=MatmulCall(torch.bfloat16, torch.float32))
+        assert "bfloat16" in str(fused_scope_reason(bf16))

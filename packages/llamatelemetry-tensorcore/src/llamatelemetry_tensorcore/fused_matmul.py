@@ -242,9 +242,9 @@ def fused_scope_reason(call: CallSpec) -> str | None:
     """Why the fused path does not take ``call`` (``None``: it does); see the module docstring."""
     if call.dtype != torch.float16:
         return "range-scales for dtype=torch.float16 only (bfloat16 needs no scaling)"
-    facts = call.facts_as(MatmulCall)
-    if facts is None:
-        return "needs the call's input dtypes (MatmulCall facts), which matmul_tensor_core provides"
+    # Every call of matmul_tensor_core carries its input dtypes; a call without them is the generic question
+    # `llamatelemetry doctor` asks of a device, answered for the inputs this path exists for (float32).
+    facts = call.facts_as(MatmulCall) or MatmulCall(torch.float32, torch.float32)
     dtypes = (facts.a_dtype, facts.b_dtype)
     if dtypes == (torch.float16, torch.float16):
         return "float16 inputs need no range scaling"
