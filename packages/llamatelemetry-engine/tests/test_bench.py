@@ -42,23 +42,24 @@ def test_table_and_plot(report: dict[str, object], tmp_path: Path) -> None:
     assert (tmp_path / "gains.png").stat().st_size > 1000
 
 
-def test_timing_warms_up_then_takes_the_median() -> None:
+def test_timing_warms_up_then_takes_the_median(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
     import torch
 
     from llamatelemetry_engine import bench
 
-    calls: list[int] = []
-    costs = iter([0.0, 0.0, 0.01, 0.05, 0.01, 0.05])  # two warm-ups (a compilation would land there), four runs
+    # A clock that each call advances by its cost: the figures are exact, whatever the machine's load.
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])  # the module bench reads it from
+    costs = iter([9.0, 9.0, 0.01, 0.05, 0.01, 0.05])  # two slow warm-ups (a compilation lands there), four runs
+    calls: list[float] = []
 
     def fn() -> None:
-        calls.append(1)
-        cost = next(costs)
-        if cost:
-            import time
-
-            time.sleep(cost)
+        calls.append(next(costs))
+        now[0] += calls[-1]
 
     seconds = bench._timed(torch.device("cpu"), fn, 4, warmups=2)
     assert len(calls) == 6
-    assert 0.025 <= seconds < 0.045  # the median of the four timed runs (0.03), not the upper middle one (0.05)
+    assert seconds == pytest.approx(0.03)  # the median of the four timed runs, not the upper middle one (0.05)
     assert bench.GPU_WARMUPS >= 2  # the prefix cache's second pass compiles its own shapes before timing
