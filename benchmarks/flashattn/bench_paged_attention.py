@@ -46,7 +46,7 @@ import triton
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_core.selection import record_selections
 from llamatelemetry_core.testing import bench
-from llamatelemetry_core.testing.bench import device_slug, do_bench_ms, envelope, progress
+from llamatelemetry_core.testing.bench import device_slug, do_bench_ms, envelope, progress, warm_gpu
 from llamatelemetry_flashattn import flash_attention_forward, paged_attention
 from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
 from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles, paged_launch_config
@@ -58,15 +58,6 @@ PREFILL_VS_CONTIGUOUS_MIN = 0.8
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 FP16 = torch.float16
 COPY_BYTES = 1 << 30  # the copy's source buffer: 8x an H200's L2
-
-
-def warm_gpu(seconds: float = 0.5) -> None:
-    a = torch.randn(4096, 4096, device="cuda", dtype=FP16)
-    end = time.time() + seconds
-    while time.time() < end:
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
 
 
 def copy_gbps() -> dict[str, float]:

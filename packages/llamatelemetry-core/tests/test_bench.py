@@ -24,6 +24,7 @@ from llamatelemetry_core.testing.bench import (
     gpu_ms,
     host_us,
     markdown_table,
+    warm_gpu,
 )
 
 
@@ -94,6 +95,9 @@ def _pair(fn: Callable[[], object], launches: int, moved_bytes: int = 0, flops: 
         (lambda fn: _pair(fn, launches=0), "launches to be a positive integer, got 0"),
         (lambda fn: _pair(fn, launches=2, moved_bytes=-1), "moved_bytes to be an integer >= 0, got -1"),
         (lambda fn: _pair(fn, launches=2, flops=-8), "flops to be an integer >= 0, got -8"),
+        (lambda fn: warm_gpu(0), "seconds to be a number > 0, got 0"),
+        (lambda fn: warm_gpu(-0.5), "seconds to be a number > 0, got -0.5"),
+        (lambda fn: warm_gpu(float("nan")), "seconds to be a number > 0, got nan"),
     ],
 )
 def test_gpu_helpers_refuse_bad_arguments_before_any_work(call: Callable[[Calls], object], message: str) -> None:
@@ -114,6 +118,7 @@ def test_gpu_helpers_refuse_bad_arguments_before_any_work(call: Callable[[Calls]
         ("copy_gbps", lambda fn: copy_gbps()),
         ("copy_gbps", lambda fn: copy_gbps(buffer_bytes=1 << 20, kernel=True, time_ms=lambda f: 1.0)),
         ("capture_graph", lambda fn: _pair(fn, launches=2)),
+        ("warm_gpu", lambda fn: warm_gpu(0.01)),
     ],
 )
 def test_gpu_timing_needs_a_gpu(name: str, call: Callable[[Calls], object]) -> None:
@@ -146,6 +151,7 @@ def test_gpu_ms_times_a_kernel_and_a_graph_replay() -> None:
     assert gpu_ms(lambda: x.mul_(1.0), reps=5) > 0
     assert gpu_ms(lambda: x.mul_(1.0), reps=5, graph=True) > 0
     assert gpu_ms(lambda: x.mul_(1.0), reps=5, flush_l2=False) > 0
+    warm_gpu(0.05)
 
 
 @pytest.mark.gpu

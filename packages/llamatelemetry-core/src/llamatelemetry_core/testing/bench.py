@@ -12,7 +12,8 @@ rather than a count). Both replay a captured CUDA graph with ``graph=True``, whi
 serving engine does not pay either; :func:`capture_graph` is that capture (warm-up on a side stream, ``fn``
 captured one or more times back to back), and :class:`CapturedPair` holds a library call and its baseline
 captured that way for the pytest-benchmark suites. :func:`copy_gbps` is the copy-bandwidth ceiling, timed by
-either. Host-side cost (:func:`host_us`) is the best median of several repeats of many calls, in microseconds.
+either; :func:`warm_gpu` brings the clocks up before a series of timings. Host-side cost (:func:`host_us`) is the
+best median of several repeats of many calls, in microseconds.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ __all__ = [
     "host_us",
     "markdown_table",
     "progress",
+    "warm_gpu",
 ]
 
 SCHEMA = "llamatelemetry-benchmark/1"
@@ -133,6 +135,22 @@ def _require_gpu(what: str, advice: str = "run it on a machine with an NVIDIA GP
 def _l2_bytes() -> int:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return int(getattr(props, "L2_cache_size", 0) or 64 * 2**20)
+
+
+def warm_gpu(seconds: float = 0.5) -> None:
+    """Run fp16 matmuls for about ``seconds`` seconds, so that the timings after it start at full clocks (after
+    a long Triton compile, say). Raises :class:`ConfigurationError` when ``seconds`` is not a number > 0, and
+    without a GPU."""
+    given: object = seconds  # checked as the caller may pass it, not as annotated
+    if isinstance(given, bool) or not isinstance(given, int | float) or not given > 0:
+        raise ConfigurationError(f"expected seconds to be a number > 0, got {seconds!r}")
+    _require_gpu("warm_gpu")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    end = time.time() + seconds
+    while time.time() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
 
 
 def capture_graph(
