@@ -95,9 +95,10 @@ def _pair(fn: Callable[[], object], launches: int, moved_bytes: int = 0, flops: 
         (lambda fn: _pair(fn, launches=0), "launches to be a positive integer, got 0"),
         (lambda fn: _pair(fn, launches=2, moved_bytes=-1), "moved_bytes to be an integer >= 0, got -1"),
         (lambda fn: _pair(fn, launches=2, flops=-8), "flops to be an integer >= 0, got -8"),
-        (lambda fn: warm_gpu(0), "seconds to be a number > 0, got 0"),
-        (lambda fn: warm_gpu(-0.5), "seconds to be a number > 0, got -0.5"),
-        (lambda fn: warm_gpu(float("nan")), "seconds to be a number > 0, got nan"),
+        (lambda fn: warm_gpu(0), "seconds to be a finite number > 0, got 0"),
+        (lambda fn: warm_gpu(-0.5), "seconds to be a finite number > 0, got -0.5"),
+        (lambda fn: warm_gpu(float("nan")), "seconds to be a finite number > 0, got nan"),
+        (lambda fn: warm_gpu(float("inf")), "seconds to be a finite number > 0, got inf"),
     ],
 )
 def test_gpu_helpers_refuse_bad_arguments_before_any_work(call: Callable[[Calls], object], message: str) -> None:

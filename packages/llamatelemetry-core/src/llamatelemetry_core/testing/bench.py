@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import math
 import platform
 import re
 import statistics
@@ -139,11 +140,11 @@ def _l2_bytes() -> int:
 
 def warm_gpu(seconds: float = 0.5) -> None:
     """Run fp16 matmuls for about ``seconds`` seconds, so that the timings after it start at full clocks (after
-    a long Triton compile, say). Raises :class:`ConfigurationError` when ``seconds`` is not a number > 0, and
-    without a GPU."""
+    a long Triton compile, say). Raises :class:`ConfigurationError` when ``seconds`` is not a finite number > 0,
+    and without a GPU."""
     given: object = seconds  # checked as the caller may pass it, not as annotated
-    if isinstance(given, bool) or not isinstance(given, int | float) or not given > 0:
-        raise ConfigurationError(f"expected seconds to be a number > 0, got {seconds!r}")
+    if isinstance(given, bool) or not isinstance(given, int | float) or not 0 < given < math.inf:
+        raise ConfigurationError(f"expected seconds to be a finite number > 0, got {seconds!r}")
     _require_gpu("warm_gpu")
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
     end = time.time() + seconds
