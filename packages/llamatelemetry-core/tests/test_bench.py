@@ -17,7 +17,7 @@ from llamatelemetry_core.testing.bench import (
     CapturedPair,
     Report,
     Row,
-    capture_graph,
+    capture_for_timing,
     copy_gbps,
     device_slug,
     do_bench_ms,
@@ -81,10 +81,10 @@ def _pair(fn: Callable[[], object], launches: int, moved_bytes: int = 0, flops: 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda fn: capture_graph(fn, 0), "launches to be a positive integer, got 0"),
-        (lambda fn: capture_graph(fn, True), "launches to be a positive integer, got True"),
-        (lambda fn: capture_graph(fn, 2.0), "launches to be a positive integer, got 2.0"),  # type: ignore[arg-type]
-        (lambda fn: capture_graph(fn, warmup=-1), "warmup to be an integer >= 0, got -1"),
+        (lambda fn: capture_for_timing(fn, 0), "launches to be a positive integer, got 0"),
+        (lambda fn: capture_for_timing(fn, True), "launches to be a positive integer, got True"),
+        (lambda fn: capture_for_timing(fn, 2.0), "launches to be a positive integer, got 2.0"),  # type: ignore[arg-type]
+        (lambda fn: capture_for_timing(fn, warmup=-1), "warmup to be an integer >= 0, got -1"),
         (lambda fn: gpu_ms(fn, reps=0), "reps to be a positive integer, got 0"),
         (lambda fn: gpu_ms(fn, graph=True, warmup=-2), "warmup to be an integer >= 0, got -2"),
         (lambda fn: do_bench_ms(fn, rep_ms=0), "rep_ms to be a positive integer, got 0"),
@@ -114,11 +114,11 @@ def test_gpu_helpers_refuse_bad_arguments_before_any_work(call: Callable[[Calls]
     [
         ("gpu_ms", lambda fn: gpu_ms(fn)),
         ("gpu_ms", lambda fn: gpu_ms(fn, graph=True)),
-        ("capture_graph", lambda fn: capture_graph(fn, 4)),
+        ("capture_for_timing", lambda fn: capture_for_timing(fn, 4)),
         ("do_bench_ms", lambda fn: do_bench_ms(fn, graph=True)),
         ("copy_gbps", lambda fn: copy_gbps()),
         ("copy_gbps", lambda fn: copy_gbps(buffer_bytes=1 << 20, kernel=True, time_ms=lambda f: 1.0)),
-        ("capture_graph", lambda fn: _pair(fn, launches=2)),
+        ("capture_for_timing", lambda fn: _pair(fn, launches=2)),
         ("warm_gpu", lambda fn: warm_gpu(0.01)),
     ],
 )
@@ -156,16 +156,16 @@ def test_gpu_ms_times_a_kernel_and_a_graph_replay() -> None:
 
 
 @pytest.mark.gpu
-def test_capture_graph_holds_every_launch_and_replays_them() -> None:
+def test_capture_for_timing_holds_every_launch_and_replays_them() -> None:
     count = torch.zeros((), device="cuda")
-    graph = capture_graph(lambda: count.add_(1), 4, warmup=2)
+    graph = capture_for_timing(lambda: count.add_(1), 4, warmup=2)
     assert count.item() == 2 + 4  # the warm-ups, then the one replay that checks the graph
     graph.replay()
     torch.cuda.synchronize()
     assert count.item() == 2 + 4 + 4
     side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     with torch.cuda.stream(side):  # captured on the current side stream, as a backward must be
-        capture_graph(lambda: count.add_(1), 1, warmup=0)
+        capture_for_timing(lambda: count.add_(1), 1, warmup=0)
     torch.cuda.synchronize()
     assert count.item() == 2 + 4 + 4 + 1
 

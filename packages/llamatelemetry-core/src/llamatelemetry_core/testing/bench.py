@@ -9,7 +9,7 @@ the table is printed last, ``results.json`` (schema :data:`SCHEMA`) and ``summar
 Timing on a GPU: :func:`gpu_ms` times with CUDA events and flushes the L2 cache before each run;
 :func:`do_bench_ms` is the median of ``triton.testing.do_bench`` (which flushes L2 too, and repeats for a time
 rather than a count). Both replay a captured CUDA graph with ``graph=True``, which removes the launch cost that a
-serving engine does not pay either; :func:`capture_graph` is that capture (warm-up on a side stream, ``fn``
+serving engine does not pay either; :func:`capture_for_timing` is that capture (warm-up on a side stream, ``fn``
 captured one or more times back to back), and :class:`CapturedPair` holds a library call and its baseline
 captured that way for the pytest-benchmark suites. :func:`copy_gbps` is the copy-bandwidth ceiling, timed by
 either; :func:`warm_gpu` brings the clocks up before a series of timings. Host-side cost (:func:`host_us`) is the
@@ -44,7 +44,7 @@ __all__ = [
     "Report",
     "Row",
     "Target",
-    "capture_graph",
+    "capture_for_timing",
     "copy_gbps",
     "device_slug",
     "do_bench_ms",
@@ -154,7 +154,7 @@ def warm_gpu(seconds: float = 0.5) -> None:
         torch.cuda.synchronize()
 
 
-def capture_graph(
+def capture_for_timing(
     fn: Callable[[], object], launches: int = 1, *, warmup: int = 3, stream: torch.cuda.Stream | None = None
 ) -> torch.cuda.CUDAGraph:
     """``fn`` captured ``launches`` times back to back in one CUDA graph, replayed once, ready to time.
@@ -172,7 +172,7 @@ def capture_graph(
     """
     check_positive_int(launches, "launches")
     check_non_negative_int(warmup, "warmup")
-    _require_gpu("capture_graph")
+    _require_gpu("capture_for_timing")
     current = torch.cuda.current_stream()
     if stream is None:
         side = current != torch.cuda.default_stream()
@@ -199,7 +199,7 @@ def gpu_ms(
 
     The L2 cache is flushed before each run (a buffer twice its size is cleared, outside the timed region) unless
     ``flush_l2=False``, for a caller whose work is meant to find its inputs where the previous run left them.
-    ``graph=True`` captures ``fn`` once with :func:`capture_graph` (the warm-up runs there) and times its replay:
+    ``graph=True`` captures ``fn`` once with :func:`capture_for_timing` (the warm-up runs there) and times its replay:
     launch cost is then gone, as in a serving engine's decode step.
 
     Raises :class:`ConfigurationError` when ``reps`` is not an integer >= 1 or ``warmup`` not one >= 0, and
@@ -210,7 +210,7 @@ def gpu_ms(
     _require_gpu("gpu_ms", "time host-side cost with host_us instead")
     run: Callable[[], object] = fn
     if graph:
-        run = capture_graph(fn, warmup=warmup).replay
+        run = capture_for_timing(fn, warmup=warmup).replay
     else:
         for _ in range(warmup):
             fn()
@@ -234,7 +234,7 @@ def do_bench_ms(fn: Callable[[], object], *, graph: bool = False, warmup_ms: int
     """Median time of ``fn`` in milliseconds by ``triton.testing.do_bench``, which flushes the L2 cache before
     each repetition and repeats for about ``rep_ms`` ms after about ``warmup_ms`` ms of warm-up.
 
-    ``graph=True`` times the replay of ``fn`` captured once with :func:`capture_graph`: GPU time alone, no host
+    ``graph=True`` times the replay of ``fn`` captured once with :func:`capture_for_timing`: GPU time alone, no host
     work per call. Otherwise ``fn`` is called once (Triton compiles outside the timing) and then from Python at
     every repetition: where the host takes longer to issue a call than the GPU takes to run it, that is what
     it measures.
@@ -253,7 +253,7 @@ def do_bench_ms(fn: Callable[[], object], *, graph: bool = False, warmup_ms: int
         ) from exc
     run: Callable[[], object] = fn
     if graph:
-        run = capture_graph(fn).replay
+        run = capture_for_timing(fn).replay
     else:
         fn()
         torch.cuda.synchronize()
@@ -297,7 +297,7 @@ def copy_gbps(
 @dataclass(frozen=True)
 class CapturedPair:
     """A library call and its baseline, each captured ``launches`` times back to back in one CUDA graph
-    (:func:`capture_graph`), with what one call moves (``moved_bytes``, read + written) or computes (``flops``):
+    (:func:`capture_for_timing`), with what one call moves (``moved_bytes``, read + written) or computes (``flops``):
     both sides of a pytest-benchmark comparison, built once per case and replayed by each side's benchmark.
 
     ``implementations`` records which implementation each operation of the library's call ran, and
@@ -333,8 +333,8 @@ class CapturedPair:
         check_non_negative_int(flops, "flops")
         return cls(
             group,
-            capture_graph(ours, launches),
-            capture_graph(baseline, launches),
+            capture_for_timing(ours, launches),
+            capture_for_timing(baseline, launches),
             launches,
             baseline_name,
             moved_bytes,
