@@ -1,4 +1,4 @@
-"""The ``fused`` implementation of ``matmul_tensor_core``: the whole specification in one or two Triton launches.
+"""The ``fused`` implementation of ``matmul_tensor_core``: the whole specification in one to three Triton launches.
 
 The ``tensor_core`` path range-scales in separate passes (largest values, exponents, scaled copies of A and B in
 fp16, cuBLAS, unscaling): about 34 kernel launches per fp32 call, a fixed cost that dominates small products
@@ -7,8 +7,9 @@ fp16, cuBLAS, unscaling): about 34 kernel launches per fp32 call, a fixed cost t
 one reduction of A and B to their largest finite magnitudes, then one GEMM that derives the exponents, scales
 and rounds its tiles to fp16 in registers, multiplies them on Tensor Cores with fp32 accumulation, rounds the
 tile to fp16 and unscales it into the output. Small dense inputs take one launch: each GEMM program reduces A
-and B itself. Results equal the reference's except for the order of the fp32
-sums (within the error bound the tests hold cuBLAS to).
+and B itself. A grid of output tiles too small to fill the GPU (few rows) splits K over several programs per
+tile, and a third launch adds their fp32 partial sums, rounds and unscales. Results equal the reference's except
+for the order of the fp32 sums (within the error bound the tests hold cuBLAS to).
 
 Scope (checks refuse anything else with a reason, and the ``tensor_core`` path runs): ``dtype=torch.float16``
 with an input that is not fp16 (fp32, bf16; fp16 with the other one of those); no float64; B of 2 dimensions
