@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from llamatelemetry_core import record_selections
-from llamatelemetry_core.testing.bench import Report, Row, device_slug, gpu_ms, markdown_table, progress
+from llamatelemetry_core.testing.bench import Report, Row, copy_gbps, device_slug, gpu_ms, markdown_table, progress
 from llamatelemetry_tensorcore import matmul_tensor_core
 from llamatelemetry_tensorcore._fused_kernels import fused_matmul
 from llamatelemetry_tensorcore.fused_matmul import (
@@ -212,8 +212,10 @@ def time_paths(
     return measured
 
 
-def short_table(measured: list[tuple[tuple[int, int, int], Timings]]) -> str:
-    """One line per product: what ran, its splits of K, and its time against fp32's, eager and replayed."""
+def short_table(measured: list[tuple[tuple[int, int, int], Timings]], copy: float) -> str:
+    """One line per product: what ran, its splits of K, its time against fp32's, eager and replayed, and the
+    replayed automatic choice's bandwidth in GB/s (A, B and C in fp32 read or written once: the bytes fp32
+    moves; the fused path reads A and B twice) as a share of ``copy`` GB/s, the copy bandwidth of the run."""
 
     def against(ms: float | None, fp32_ms: float) -> str:
         return "-" if ms is None else f"{ms * 1e3:.1f} ({fp32_ms / ms:.2f}x)"
@@ -228,11 +230,16 @@ def short_table(measured: list[tuple[tuple[int, int, int], Timings]]) -> str:
             f"{t.fp32_graph * 1e3:.1f}",
             against(t.auto_graph, t.fp32_graph),
             against(t.unsplit_graph, t.fp32_graph),
+            f"{_gbps(m, k, n, t.auto_graph):.0f} ({_gbps(m, k, n, t.auto_graph) / copy:.0%})",
         ]
         for (m, k, n), t in measured
     ]
     header = ["M x K x N", "chosen", "K splits", "fp32 us", "automatic us", "fp32 graph us", "automatic graph us"]
-    return markdown_table([*header, "unsplit fused graph us"], rows)
+    return markdown_table([*header, "unsplit fused graph us", "automatic graph GB/s (of copy)"], rows)
+
+
+def _gbps(m: int, k: int, n: int, ms: float) -> float:
+    return 4.0 * (m * k + k * n + m * n) / (ms * 1e-3) / 1e9
 
 
 def recommended_threshold(measured: list[tuple[tuple[int, int, int], Timings]]) -> int:
@@ -267,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     if gpu:
         progress("timing")
         measured = time_paths(report, shapes, device)
+        copy = copy_gbps()
+        report.add(Row("copy", "device-to-device copy (read + write)", copy, "GB/s"))
         if args.split_k:  # small products only: no crossover with cuBLAS to find
             status = report.finish(out)
-            table = short_table(measured)
+            table = short_table(measured, copy)
             with (out / "summary.md").open("a", encoding="utf-8") as summary:
                 summary.write(f"\n{table}\n")
             print(f"\n{table}")
@@ -288,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         status = report.finish(out)
-        table = short_table(measured)
+        table = short_table(measured, copy)
         with (out / "summary.md").open("a", encoding="utf-8") as summary:
             summary.write(f"\n{table}\n")
         print(f"\n{table}")
