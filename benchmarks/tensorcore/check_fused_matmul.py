@@ -20,7 +20,8 @@ Usage (from the repository root; no network, no installs; under two minutes on a
    ``torch.matmul`` with TF32 off (the baseline), the cuBLAS range-scaled path (``backend="tensor_core"``), the
    fused path (its launcher called directly, so that it runs above the threshold too; unsplit beside it where
    it splits K) and the automatic choice; then the automatic choice and fp32 replayed from CUDA graphs (GPU
-   time without the host's share), and the unsplit fused path the same way where it splits.
+   time without the host's share), and the unsplit fused path the same way where it splits. With ``--split-k``,
+   also the fused path replayed with K forced into 1, 2, 3, 4, 6, 8, ... 32 ranges: the data to tune the split.
 3. The recommended threshold: the largest measured ``batch*M*N*K`` up to which the fused path is never more
    than 2% slower than the cuBLAS path, against ``FUSED_MATMUL_MAX_MNK`` as set.
 
@@ -51,6 +52,7 @@ from llamatelemetry_tensorcore.fused_matmul import (
     choose_fused_tiles,
     choose_split_k,
     one_launch,
+    split_chunks,
 )
 
 SQUARES = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -212,7 +214,36 @@ def time_paths(
     return measured
 
 
-def short_table(measured: list[tuple[tuple[int, int, int], Timings]], copy: float) -> str:
+SWEPT_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def sweep_splits(report: Report, shapes: list[tuple[int, int, int]], device: torch.device) -> dict[str, str]:
+    """The fused launcher replayed from CUDA graphs with K forced into each of :data:`SWEPT_SPLITS` (as many as the
+    tile depth allows), per shape: the data ``SPLIT_K_PROGRAMS_PER_SM`` and ``SPLIT_K_MIN_CHUNK`` are tuned on.
+    Returns the best count and its time per shape (``"4: 12.3 us"``)."""
+    best: dict[str, str] = {}
+    for m, k, n in shapes:
+        a, b = _inputs(m, k, n, device, seed=2)
+        tiles = choose_fused_tiles(m, n, 1, a.device)
+        counts = dict.fromkeys(split_chunks(k, s, tiles.block_k, m * n).splits for s in SWEPT_SPLITS)
+        times = {}
+        for count in counts:
+
+            def split(x: torch.Tensor = a, y: torch.Tensor = b, splits: int = count) -> torch.Tensor:
+                return fused_matmul(x, y, None, splits=splits)
+
+            times[count] = gpu_ms(split, graph=True, reps=20, warmup=3)
+            report.add(Row(f"{m}x{k}x{n}", f"fused, K in {count} (forced), graph replay", times[count], "ms"))
+        fastest = min(times, key=lambda c: times[c])
+        best[f"{m}x{k}x{n}"] = f"{fastest}: {times[fastest] * 1e3:.1f}"
+        torch.cuda.empty_cache()
+    report.extra["fastest_forced_splits"] = best
+    return best
+
+
+def short_table(
+    measured: list[tuple[tuple[int, int, int], Timings]], copy: float, fastest: dict[str, str] | None = None
+) -> str:
     """One line per product: what ran, its splits of K, its time against fp32's, eager and replayed, and the
     replayed automatic choice's bandwidth in GB/s (A, B and C in fp32 read or written once: the bytes fp32
     moves; the fused path reads A and B twice) as a share of ``copy`` GB/s, the copy bandwidth of the run."""
@@ -232,10 +263,12 @@ def short_table(measured: list[tuple[tuple[int, int, int], Timings]], copy: floa
             against(t.unsplit_graph, t.fp32_graph),
             f"{_gbps(m, k, n, t.auto_graph):.0f} ({_gbps(m, k, n, t.auto_graph) / copy:.0%})",
         ]
+        + ([fastest.get(f"{m}x{k}x{n}", "-")] if fastest is not None else [])
         for (m, k, n), t in measured
     ]
     header = ["M x K x N", "chosen", "K splits", "fp32 us", "automatic us", "fp32 graph us", "automatic graph us"]
-    return markdown_table([*header, "unsplit fused graph us", "automatic graph GB/s (of copy)"], rows)
+    header += ["unsplit fused graph us", "automatic graph GB/s (of copy)"]
+    return markdown_table(header + (["fastest forced split: graph us"] if fastest is not None else []), rows)
 
 
 def _gbps(m: int, k: int, n: int, ms: float) -> float:
@@ -277,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         copy = copy_gbps()
         report.add(Row("copy", "device-to-device copy (read + write)", copy, "GB/s"))
         if args.split_k:  # small products only: no crossover with cuBLAS to find
+            progress("forced splits of K")
+            fastest = sweep_splits(report, shapes, device)
             status = report.finish(out)
-            table = short_table(measured, copy)
+            table = short_table(measured, copy, fastest)
             with (out / "summary.md").open("a", encoding="utf-8") as summary:
                 summary.write(f"\n{table}\n")
             print(f"\n{table}")
