@@ -113,9 +113,10 @@ def test_gradients_on_gpu() -> None:
     torch.testing.assert_close(a.grad, b.detach().sum(1).expand(64, 96), rtol=1e-2, atol=1e-2)
 
 
-def test_capturable_in_a_cuda_graph(check_matmul: CheckMatmul) -> None:
-    a, b = _randn(130, 70, seed=11) * 1e5, _randn(70, 90, seed=12)
-    out = torch.empty(130, 90, device="cuda")
+@pytest.mark.parametrize(("m", "k", "n"), [(130, 70, 90), (1, 4096, 4096)])  # the second splits K (fused)
+def test_capturable_in_a_cuda_graph(check_matmul: CheckMatmul, m: int, k: int, n: int) -> None:
+    a, b = _randn(m, k, seed=11) * 1e5, _randn(k, n, seed=12)
+    out = torch.empty(m, n, device="cuda")
     stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
