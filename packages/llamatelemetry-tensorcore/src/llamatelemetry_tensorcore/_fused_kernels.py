@@ -367,8 +367,8 @@ def fused_matmul(
     """``matmul_tensor_core(a, b, out, dtype=torch.float16)`` for a call the fused path supports (see
     :func:`~llamatelemetry_tensorcore.fused_matmul.fused_scope_reason`), with no host sync.
 
-    Launches: the reduction of A and B to their largest values (skipped for small dense inputs), the GEMM, and
-    for a grid too small to fill the GPU a GEMM split over K followed by the sum of its splits.
+    Launches: the reduction of A and B to their largest values (skipped for small dense inputs), then the GEMM,
+    or, for a grid of output tiles too small to fill the GPU, the GEMM split over K and the sum of its splits.
 
     ``launches`` and ``splits`` are for tests and measurements. ``launches``: ``None`` chooses one launch for
     small dense inputs (:func:`~llamatelemetry_tensorcore.fused_matmul.one_launch`) and two otherwise; ``1`` or

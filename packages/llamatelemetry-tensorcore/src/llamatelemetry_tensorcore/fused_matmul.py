@@ -98,7 +98,9 @@ FUSED_ONE_LAUNCH_MAX_PROGRAMS = 64
 
 SPLIT_K_PROGRAMS_PER_SM = 2
 """Split K while a product has fewer GEMM programs than this many per SM, up to about as many (see
-:func:`split_k`): one program per SM leaves too few loads in flight to stream a long B at the memory's speed."""
+:func:`split_k`): one program per SM leaves too few loads in flight to stream a long B at the memory's speed.
+An estimate, like :data:`SPLIT_K_MIN_CHUNK`: ``check_fused_matmul.py --split-k`` times K forced into 1 to 32
+ranges beside the choice."""
 
 SPLIT_K_MIN_CHUNK = 256
 """Fewest elements of K one split walks (8 steps of a 32-deep tile): shorter walks spend more on the pipeline's
