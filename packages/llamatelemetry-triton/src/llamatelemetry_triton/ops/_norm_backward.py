@@ -300,8 +300,10 @@ def _norm_backward(
     rstd: torch.Tensor,
     is_rms: bool,
     has_bias: bool,
+    config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` without a weight / bias."""
+    """``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` without a weight / bias. ``config`` replaces
+    the launch :func:`norm_config` chooses (benchmarks sweep it); it must cover the row as that one does."""
     n_cols = x.shape[-1]
     dx, dw, db = _backward_outputs(x, weight, has_bias)
     n_params = (weight is not None) + has_bias  # their fp32 partials share one allocation (below)
@@ -311,7 +313,8 @@ def _norm_backward(
     dy2, _, stride_dy = rows_of(dy)
     dres2, _, stride_dres = rows_of(dres) if dres is not None else (dy2, n_rows, stride_dy)
     device = device_info(x.device)
-    config = norm_config(n_cols, x.dtype, device, backward=True, max_block=current_max_block_size())
+    if config is None:
+        config = norm_config(n_cols, x.dtype, device, backward=True, max_block=current_max_block_size())
     programs = norm_backward_programs(n_rows, device)
     rows_per_program = -(-n_rows // programs)
     programs = -(-n_rows // rows_per_program)
