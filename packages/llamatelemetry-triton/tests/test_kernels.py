@@ -38,6 +38,8 @@ from llamatelemetry_triton import (
     triton_softmax,
     triton_swiglu,
 )
+from llamatelemetry_triton._dispatch import device_info
+from llamatelemetry_triton.heuristics import norm_config
 
 pytestmark = pytest.mark.triton
 
@@ -249,6 +251,31 @@ def test_norm_backward_with_optional_parameters_absent(params: str, cap: int | N
             got_out, got_grads = _grads(lambda xl: triton_rmsnorm(xl), [x], 5)
         want_out, want_grads = _grads(lambda xl: rmsnorm_reference(xl), [x], 5)
         assert_close(got_grads[0], want_grads[0], atol=1e-4, rtol=1e-4, name="rmsnorm dx")
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm", "fused_rms", "fused_layer"])
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_norm_backward_of_a_row_too_long_to_hold_reads_it_twice(kind: str, dtype: torch.dtype) -> None:
+    """Rows past 8192 elements (here 8208: a 16384 block, two rows) take the single block that reads them twice."""
+    n = 8208
+    assert norm_config(n, dtype, device_info(torch.device(DEVICE)), backward=True).reread_row
+    gen = torch.Generator().manual_seed(11)
+    x, r = (_random([2, n], dtype, "contiguous", gen) for _ in range(2))
+    w, b = (_random([n], dtype, "contiguous", gen) for _ in range(2))
+    cases: dict[str, tuple[list[torch.Tensor], Callable[..., object], Callable[..., object]]] = {
+        "layernorm": ([x, w, b], triton_layernorm, layernorm_reference),
+        "rmsnorm": ([x, w], triton_rmsnorm, rmsnorm_reference),
+        "fused_rms": ([x, r, w], triton_fused_add_rmsnorm, fused_add_rmsnorm_reference),
+        "fused_layer": ([x, r, w, b], triton_fused_add_layernorm, fused_add_layernorm_reference),
+    }
+    inputs, fast, slow = cases[kind]
+    got_out, got_grads = _grads(fast, inputs, 5)  # type: ignore[arg-type]
+    want_out, want_grads = _grads(slow, inputs, 5)  # type: ignore[arg-type]
+    for got, want in zip(got_out, want_out, strict=True):
+        assert_close(got, want, name=f"{kind} output")
+    for i, (got, want) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert got is not None and want is not None
+        assert_close(got, want, atol=8e-3, rtol=8e-3, name=f"{kind} grad #{i}")
 
 
 @SETTINGS
