@@ -19,30 +19,10 @@ __all__ = ["paged_tile"]
 
 @triton.jit  # type: ignore[untyped-decorator]
 def paged_tile(  # type: ignore[no-untyped-def]
-    acc,
-    l_i,
-    m_i,
-    q,
+    state,
+    ctx,
     n0,
-    pos,
-    seq_len,
-    block_row,
-    KCache,
-    VCache,
-    KScale,
-    VScale,
-    kv_head_offset,
-    scale_head_offset,
-    stride_kv_block,
-    stride_kv_token,
-    stride_scale_block,
-    stride_scale_token,
-    qk_scale,
-    softcap_log2,
-    window_left,
-    window_right,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     PAGE_IDS: tl.constexpr,
@@ -50,7 +30,18 @@ def paged_tile(  # type: ignore[no-untyped-def]
     USE_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """Keys ``n0 .. n0 + BLOCK_N - 1`` into the running (acc, l, m) of every row; MASKED tiles apply bounds."""
+    """Keys ``n0 .. n0 + BLOCK_N - 1`` into the running ``state = (m, l, acc)`` of every row; MASKED tiles apply
+    bounds. ``ctx`` holds what every tile reads, as the kernel packs it: ``(q, block_row, (KCache, VCache, KScale,
+    VScale), (stride_kv_block, stride_kv_token, stride_scale_block, stride_scale_token), (kv_head_offset,
+    scale_head_offset), (pos, seq_len, window_left, window_right), (qk_scale, softcap_log2))``."""
+    m_i, l_i, acc = state
+    q, block_row, cache, strides, head_offsets, visibility, scales = ctx
+    KCache, VCache, KScale, VScale = cache
+    stride_kv_block, stride_kv_token, stride_scale_block, stride_scale_token = strides
+    kv_head_offset, scale_head_offset = head_offsets
+    pos, seq_len, window_left, window_right = visibility
+    qk_scale, softcap_log2 = scales
+    BLOCK_D: tl.constexpr = q.shape[1]  # q is [BLOCK_M, BLOCK_D]
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if PAGE_SIZE % BLOCK_N == 0:
@@ -116,4 +107,4 @@ def paged_tile(  # type: ignore[no-untyped-def]
     if QUANTIZED:
         p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return acc, l_i, m_new
+    return m_new, l_i, acc

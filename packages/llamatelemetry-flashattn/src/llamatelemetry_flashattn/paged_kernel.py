@@ -41,7 +41,7 @@ import triton.language as tl
 from llamatelemetry_core.device import DeviceInfo
 from llamatelemetry_core.environment import triton_interpreter_enabled
 from llamatelemetry_core.kv_layout import PagedKV
-from llamatelemetry_flashattn._attention_tile import kernel_scales, window_bounds
+from llamatelemetry_flashattn._attention_tile import kernel_scales, key_span, phase_span, unmasked_span, window_bounds
 from llamatelemetry_flashattn._paged_tile import paged_tile
 from llamatelemetry_flashattn.paged_merge import merge_splits
 from llamatelemetry_flashattn.paged_tiles import PagedLaunch, choose_paged_tiles, paged_launch_config, uses_page_ids
@@ -138,24 +138,16 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
     q_ptrs = Q + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    # Keys seen by some row of this tile: [lo, hi). Keys seen by every row: [full_lo, full_hi).
-    pos_first = (pid_m * BLOCK_M) // group + offset
-    pos_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1) // group + offset
-    lo = tl.maximum(pos_first - window_left, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(pos_last + window_right + 1, seq_len)
-    full_lo = tl.maximum(pos_last - window_left, 0)
-    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
-    full_hi = tl.minimum(pos_first + window_right + 1, seq_len)
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    lo, hi, full_lo, full_hi = key_span(
+        pid_m, n_rows, group, offset, seq_len, window_left, window_right, BLOCK_M, BLOCK_N
+    )
     if SPLIT_KV:
         # This program's part of [lo, hi): whole tiles, as even as they come.
         tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
         per_split = tl.cdiv(tiles, num_splits) * BLOCK_N
         lo = lo + split * per_split
         hi = tl.minimum(hi, lo + per_split)
-    mid_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
-    mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
+    mid_lo, mid_hi = unmasked_span(lo, hi, full_lo, full_hi)
 
     block_row = BlockTables + seq.to(tl.int64) * stride_bt
     kv_head_offset = kv_head.to(tl.int64) * stride_kv_head
@@ -163,88 +155,29 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    cache = (KCache, VCache, KScale, VScale)
+    strides = (stride_kv_block, stride_kv_token, stride_scale_block, stride_scale_token)
+    visibility = (pos, seq_len, window_left, window_right)
+    ctx = (q, block_row, cache, strides, (kv_head_offset, kv_head), visibility, (qk_scale, softcap_log2))
+    state = (m_i, l_i, acc)
+
     for phase in tl.static_range(3):
-        # phase 0: [lo, mid_lo) masked; 1: [mid_lo, mid_hi) unmasked; 2: [mid_hi, hi) masked.
-        if phase == 0:
-            start = lo
-            end = mid_lo
-        elif phase == 1:
-            start = mid_lo
-            end = mid_hi
-        else:
-            start = mid_hi
-            end = hi
+        start, end = phase_span(phase, lo, mid_lo, mid_hi, hi)
+        MASKED = phase != 1
         if PIPELINED:
             for n0 in range(start, end, BLOCK_N):
-                acc, l_i, m_i = paged_tile(
-                    acc,
-                    l_i,
-                    m_i,
-                    q,
-                    n0,
-                    pos,
-                    seq_len,
-                    block_row,
-                    KCache,
-                    VCache,
-                    KScale,
-                    VScale,
-                    kv_head_offset,
-                    kv_head,
-                    stride_kv_block,
-                    stride_kv_token,
-                    stride_scale_block,
-                    stride_scale_token,
-                    qk_scale,
-                    softcap_log2,
-                    window_left,
-                    window_right,
-                    HEAD_DIM,
-                    BLOCK_D,
-                    BLOCK_N,
-                    PAGE_SIZE,
-                    PAGE_IDS,
-                    QUANTIZED,
-                    USE_SOFTCAP,
-                    phase != 1,
+                state = paged_tile(
+                    state, ctx, n0, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGE_IDS, QUANTIZED, USE_SOFTCAP, MASKED
                 )
         else:
             # Triton 3.6's interpreter cannot take runtime range bounds under NumPy 2.4.
             n0 = start
             while n0 < end:
-                acc, l_i, m_i = paged_tile(
-                    acc,
-                    l_i,
-                    m_i,
-                    q,
-                    n0,
-                    pos,
-                    seq_len,
-                    block_row,
-                    KCache,
-                    VCache,
-                    KScale,
-                    VScale,
-                    kv_head_offset,
-                    kv_head,
-                    stride_kv_block,
-                    stride_kv_token,
-                    stride_scale_block,
-                    stride_scale_token,
-                    qk_scale,
-                    softcap_log2,
-                    window_left,
-                    window_right,
-                    HEAD_DIM,
-                    BLOCK_D,
-                    BLOCK_N,
-                    PAGE_SIZE,
-                    PAGE_IDS,
-                    QUANTIZED,
-                    USE_SOFTCAP,
-                    phase != 1,
+                state = paged_tile(
+                    state, ctx, n0, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGE_IDS, QUANTIZED, USE_SOFTCAP, MASKED
                 )
                 n0 += BLOCK_N
+    m_i, l_i, acc = state
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

@@ -39,7 +39,15 @@ import triton.language as tl
 
 from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_interpreter_enabled
-from llamatelemetry_flashattn._attention_tile import kernel_scales, online_softmax, tile_logits, window_bounds
+from llamatelemetry_flashattn._attention_tile import (
+    kernel_scales,
+    key_span,
+    online_softmax,
+    phase_span,
+    tile_logits,
+    unmasked_span,
+    window_bounds,
+)
 from llamatelemetry_flashattn.tiles import TileConfig, choose_tiles
 
 if TYPE_CHECKING:
@@ -57,26 +65,9 @@ AOT_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _attend_tile(  # type: ignore[no-untyped-def]
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_tile,
-    v_tile,
-    stride_ks,
-    stride_kd,
-    stride_vs,
-    stride_vd,
+    state,
+    ctx,
     n0,
-    offs_n,
-    offs_d,
-    d_ok,
-    pos,
-    kv_len,
-    qk_scale,
-    softcap_log2,
-    window_left,
-    window_right,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -84,13 +75,20 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     MASKED: tl.constexpr,
     BLOCK_POINTERS: tl.constexpr,
 ):
-    """One key/value tile into the running (acc, l, m) of every row; MASKED tiles apply window and bounds.
+    """Keys ``n0 .. n0 + BLOCK_N - 1`` into the running ``state = (m, l, acc, k_tile, v_tile)`` of every row;
+    MASKED tiles apply window and bounds. ``ctx`` holds what every tile reads, as :func:`_attention_fwd_kernel`
+    packs it.
 
     With ``BLOCK_POINTERS``, ``k_tile`` and ``v_tile`` are block pointers at key ``n0`` (K transposed,
-    ``[BLOCK_D, BLOCK_N]``; V ``[BLOCK_N, BLOCK_D]``). Without, they point at key 0 of this KV head and the
-    tile's pointers are formed here, so that the loops carry no pointer tensors. ``d_ok`` marks the real
-    head-dimension columns of a padded ``BLOCK_D``.
+    ``[BLOCK_D, BLOCK_N]``; V ``[BLOCK_N, BLOCK_D]``), advanced here to the next tile. Without, they point at key
+    0 of this KV head and stay there: the tile's pointers are formed here, so that the loops carry no pointer
+    tensors. ``d_ok`` marks the real head-dimension columns of a padded ``BLOCK_D``.
     """
+    m_i, l_i, acc, k_tile, v_tile = state
+    q, offs_n, offs_d, d_ok, strides, visibility, scales = ctx
+    stride_ks, stride_kd, stride_vs, stride_vd = strides
+    pos, kv_len, window_left, window_right = visibility
+    qk_scale, softcap_log2 = scales
     if BLOCK_POINTERS:
         if MASKED:
             k = tl.load(k_tile, boundary_check=(0, 1), padding_option="zero")
@@ -124,7 +122,10 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     )
     p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
+    if BLOCK_POINTERS:
+        k_tile = tl.advance(k_tile, (0, BLOCK_N))
+        v_tile = tl.advance(v_tile, (BLOCK_N, 0))
+    return m_new, l_i, acc, k_tile, v_tile
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -191,34 +192,20 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
     k_base = K + off_b * stride_kb + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_b * stride_vb + off_hk.to(tl.int64) * stride_vh
 
-    # Keys seen by some row of this tile: [lo, hi). Keys seen by every row: [full_lo, full_hi).
-    pos_first = (pid_m * BLOCK_M) // group + offset
-    pos_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1) // group + offset
-    lo = tl.maximum(pos_first - window_left, 0)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(pos_last + window_right + 1, kv_len)
-    full_lo = tl.maximum(pos_last - window_left, 0)
-    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
-    full_hi = tl.minimum(pos_first + window_right + 1, kv_len)
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N
-    mid_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
-    mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
+    lo, hi, full_lo, full_hi = key_span(
+        pid_m, n_rows, group, offset, kv_len, window_left, window_right, BLOCK_M, BLOCK_N
+    )
+    mid_lo, mid_hi = unmasked_span(lo, hi, full_lo, full_hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    strides = (stride_ks, stride_kd, stride_vs, stride_vd)
+    visibility = (pos, kv_len, window_left, window_right)
+    ctx = (q, offs_n, offs_d, d_ok, strides, visibility, (qk_scale, softcap_log2))
 
     for phase in tl.static_range(3):
-        # phase 0: [lo, mid_lo) masked; 1: [mid_lo, mid_hi) unmasked; 2: [mid_hi, hi) masked.
-        if phase == 0:
-            start = lo
-            end = mid_lo
-        elif phase == 1:
-            start = mid_lo
-            end = mid_hi
-        else:
-            start = mid_hi
-            end = hi
+        start, end = phase_span(phase, lo, mid_lo, mid_hi, hi)
         if BLOCK_POINTERS:
             k_tile = tl.make_block_ptr(
                 k_base, (HEAD_DIM, kv_len), (stride_kd, stride_ks), (0, start), (BLOCK_D, BLOCK_N), (0, 1)
@@ -229,74 +216,18 @@ def _attention_fwd_kernel(  # type: ignore[no-untyped-def]
         else:
             k_tile = k_base
             v_tile = v_base
+        state = (m_i, l_i, acc, k_tile, v_tile)
+        MASKED = phase != 1
         if PIPELINED:
             for n0 in range(start, end, BLOCK_N):
-                acc, l_i, m_i = _attend_tile(
-                    acc,
-                    l_i,
-                    m_i,
-                    q,
-                    k_tile,
-                    v_tile,
-                    stride_ks,
-                    stride_kd,
-                    stride_vs,
-                    stride_vd,
-                    n0,
-                    offs_n,
-                    offs_d,
-                    d_ok,
-                    pos,
-                    kv_len,
-                    qk_scale,
-                    softcap_log2,
-                    window_left,
-                    window_right,
-                    HEAD_DIM,
-                    BLOCK_D,
-                    BLOCK_N,
-                    USE_SOFTCAP,
-                    phase != 1,
-                    BLOCK_POINTERS,
-                )
-                if BLOCK_POINTERS:
-                    k_tile = tl.advance(k_tile, (0, BLOCK_N))
-                    v_tile = tl.advance(v_tile, (BLOCK_N, 0))
+                state = _attend_tile(state, ctx, n0, HEAD_DIM, BLOCK_D, BLOCK_N, USE_SOFTCAP, MASKED, BLOCK_POINTERS)
         else:
+            # Triton 3.6's interpreter cannot take runtime range bounds under NumPy 2.4.
             n0 = start
             while n0 < end:
-                acc, l_i, m_i = _attend_tile(
-                    acc,
-                    l_i,
-                    m_i,
-                    q,
-                    k_tile,
-                    v_tile,
-                    stride_ks,
-                    stride_kd,
-                    stride_vs,
-                    stride_vd,
-                    n0,
-                    offs_n,
-                    offs_d,
-                    d_ok,
-                    pos,
-                    kv_len,
-                    qk_scale,
-                    softcap_log2,
-                    window_left,
-                    window_right,
-                    HEAD_DIM,
-                    BLOCK_D,
-                    BLOCK_N,
-                    USE_SOFTCAP,
-                    phase != 1,
-                    BLOCK_POINTERS,
-                )
-                if BLOCK_POINTERS:
-                    k_tile = tl.advance(k_tile, (0, BLOCK_N))
-                    v_tile = tl.advance(v_tile, (BLOCK_N, 0))
+                state = _attend_tile(state, ctx, n0, HEAD_DIM, BLOCK_D, BLOCK_N, USE_SOFTCAP, MASKED, BLOCK_POINTERS)
                 n0 += BLOCK_N
+        m_i, l_i, acc, k_tile, v_tile = state
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
