@@ -3,11 +3,7 @@ unmasked, masked), the logits of a tile (scale, soft cap, window and bounds mask
 and the host-side factors and window bounds they are launched with. Each kernel loads its keys and values its
 own way (strided tensors, or pages through a block table) in its own tile step, which it calls from a ``range``
 loop on a GPU and a ``while`` loop in the interpreter. The helpers are inlined by Triton: the kernels compile to
-the same code as with the steps written out in place.
-
-The paged kernel's tile step (:mod:`._paged_tile`) forms its logits inline, the same way as :func:`tile_logits`:
-called there, the helper changed ptxas's register allocation of two sm_90 builds (a few more local-memory
-spills), while here the SASS of every build stays the same but for instruction order. Keep the two in step."""
+the same code as with the steps written out in place."""
 
 from __future__ import annotations
 

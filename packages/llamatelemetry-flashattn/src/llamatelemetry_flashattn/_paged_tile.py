@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from llamatelemetry_flashattn._attention_tile import online_softmax
+from llamatelemetry_flashattn._attention_tile import online_softmax, tile_logits
 
 __all__ = ["paged_tile"]
 
@@ -90,19 +90,7 @@ def paged_tile(  # type: ignore[no-untyped-def]
             k_scale = tl.load(KScale + scale_ptrs)
             v_scale = tl.load(VScale + scale_ptrs)
         s = s * k_scale[None, :]
-    # The logits as _attention_tile.tile_logits forms them, inline (see that module).
-    if USE_SOFTCAP:  # noqa: SIM108 (a constexpr branch: the other one is not compiled)
-        # softcap * tanh(x), tanh(x) = 2 * sigmoid(2x) - 1, in log2 units for exp2
-        s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * (s * qk_scale)) - 1.0)
-    else:
-        s = s * qk_scale
-    if MASKED:
-        visible = (
-            (cols[None, :] < seq_len)
-            & (cols[None, :] >= pos[:, None] - window_left)
-            & (cols[None, :] <= pos[:, None] + window_right)
-        )
-        s = tl.where(visible, s, float("-inf"))
+    s = tile_logits(s, cols, pos, seq_len, qk_scale, softcap_log2, window_left, window_right, USE_SOFTCAP, MASKED)
     p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
     if QUANTIZED:
         p = p * v_scale[None, :]
