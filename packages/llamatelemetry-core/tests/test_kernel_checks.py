@@ -6,9 +6,15 @@ import torch
 
 from llamatelemetry_core.callspec import CallSpec, Check, is_gate
 from llamatelemetry_core.device import get_device_info, simulate_device
-from llamatelemetry_core.environment import triton_status
-from llamatelemetry_core.kernel_checks import bf16_on_device, kernel_dtypes, triton_checks, triton_runs
-from llamatelemetry_core.selection import Implementation
+from llamatelemetry_core.environment import triton_devices, triton_status
+from llamatelemetry_core.kernel_checks import (
+    bf16_on_device,
+    kernel_dtypes,
+    register_triton_kernel,
+    triton_checks,
+    triton_runs,
+)
+from llamatelemetry_core.selection import Implementation, Operation
 
 
 def _reasons(checks: list[Check], call: CallSpec) -> list[str]:
@@ -66,3 +72,20 @@ def test_triton_checks_gate_first_the_kernels_own_between_and_the_probe_last() -
         assert len(reasons) == 1  # the gate ends the list
     else:
         assert reasons == ["needs compute capability >= 7.5, Tesla V100-SXM2 (simulated) has 7.0", "own reason"]
+
+
+def test_register_triton_kernel_registers_triton_with_the_shared_checks() -> None:
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    def own(call: CallSpec) -> str | None:
+        return None
+
+    op = Operation("tests.kernel_checks_register", reference, replace=True)
+    impl = register_triton_kernel(op, reference, own, priority=7, traced=reference)
+    assert impl.name == "triton" and impl.priority == 7 and impl.traced is reference
+    assert impl.devices is triton_devices
+    assert is_gate(impl.checks[0]) and impl.checks[2] is own and impl.checks[-1] is triton_runs
+    assert [i.name for i in op.implementations] == ["triton", "reference"]
+    x = torch.ones(2)
+    assert torch.equal(op.run((x,), x), x + 1)  # a CPU tensor: the reference (or the interpreter's triton)

@@ -1,12 +1,12 @@
-"""The support checks every Triton implementation of an operation shares, in one place.
+"""The support checks every Triton implementation of an operation shares, and its registration, in one place.
 
 A Triton kernel needs the package (a :func:`~llamatelemetry_core.callspec.requires_module` gate), a GPU of
 compute capability 7.5 or newer, and Triton able to launch on the call's device (:func:`triton_runs`, probed once
 per device); between those it checks what its own kernel supports. :func:`triton_checks` builds that list, in
-that order, so that every operation reports the same reasons the same way::
+that order, so that every operation reports the same reasons the same way; :func:`register_triton_kernel` registers an
+implementation named ``triton`` with them, on the devices Triton runs on in this process::
 
-    OP.register("triton", launch, priority=350, devices=triton_devices,
-                checks=triton_checks(kernel_dtypes(), bf16_on_device, my_head_dim_check))
+    register_triton_kernel(OP, launch, kernel_dtypes(), bf16_on_device, my_head_dim_check, priority=350)
 
 The checks run when an implementation is chosen (once per call key: dispatch remembers the choice), never on
 the hot path of a call whose implementation is known.
@@ -15,12 +15,15 @@ the hot path of a call whose implementation is known.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from llamatelemetry_core.callspec import CallSpec, Check, requires_min_capability, requires_module
 from llamatelemetry_core.device import get_device_info
-from llamatelemetry_core.environment import triton_status
+from llamatelemetry_core.environment import triton_devices, triton_status
+from llamatelemetry_core.selection import Implementation, Operation
 from llamatelemetry_core.validation import dtype_name
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "INTERPRETER_DTYPES",
     "bf16_on_device",
     "kernel_dtypes",
+    "register_triton_kernel",
     "triton_checks",
     "triton_runs",
 ]
@@ -93,3 +97,17 @@ def triton_checks(*checks: Check) -> list[Check]:
         *checks,
         triton_runs,
     ]
+
+
+def register_triton_kernel(
+    op: Operation,
+    fn: Callable[..., Any],
+    *checks: Check,
+    priority: int,
+    traced: Callable[..., Any] | None = None,
+) -> Implementation:
+    """Register ``fn`` as ``op``'s ``triton`` implementation: on :func:`~.environment.triton_devices`, with
+    :func:`triton_checks` around the kernel's own ``checks`` (``traced``: what ``torch.compile`` traces)."""
+    return op.register(
+        "triton", fn, priority=priority, devices=triton_devices, checks=triton_checks(*checks), traced=traced
+    )
