@@ -17,8 +17,9 @@ on request), shape (``--shapes``: 4096x4096, 16384x8192, 4096x16384) and dtype (
    ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True)`` after one forward, for the library,
    PyTorch eager (``F.rms_norm`` / ``F.layer_norm``) and ``torch.compile`` of the library's reference; then the
    library's backward launcher called directly with each swept launch. Where rows are read twice (2-byte rows
-   of 8193-16384 elements) the sweep covers 8, 16 and 32 warps (``--warps``), and for comparison the row held
-   in registers (which spills) and the row looped over in blocks of 4096 (the path before). GB/s count each
+   of 8193-16384 elements) the sweep covers 8, 16 and 32 warps (``--warps``), the first read (the row's two sums)
+   unrolled or looped, and for comparison the row held in registers (which spills) and the row looped over in
+   blocks of 4096 (the path before). GB/s count each
    input read once and each output written once; the ceiling is ``copy_gbps`` measured in the same run.
 
 Writes ``results.json`` and ``summary.md`` under ``benchmarks/results/<gpu-slug>/triton-norm-backward`` and prints
@@ -54,7 +55,7 @@ from llamatelemetry_triton import (
     triton_rmsnorm,
 )
 from llamatelemetry_triton._dispatch import device_info
-from llamatelemetry_triton.heuristics import NORM_LOOP_BLOCK, LaunchConfig, norm_config
+from llamatelemetry_triton.heuristics import NORM_BWD_SUM_BLOCK, NORM_LOOP_BLOCK, LaunchConfig, norm_config
 from llamatelemetry_triton.ops._norm_backward import _norm_backward
 from llamatelemetry_triton.ops.norm import _norm_forward
 
@@ -196,14 +197,23 @@ def _backward_ms(
 
 
 def _sweep(config: LaunchConfig, warps: Sequence[int]) -> dict[str, LaunchConfig]:
-    """The launches to compare with ``config`` (the one chosen): warps of a row read twice, held, looped."""
+    """The launches to compare with ``config`` (the one chosen): where it reads rows twice, its warps, its first
+    read unrolled or looped, the row held in registers instead, and the row looped over (the path before)."""
     if not config.reread_row:
         return {"chosen": config}
-    swept = {f"read twice, {w} warps": dataclasses.replace(config, num_warps=w) for w in warps}
-    swept["held (spills), 16 warps"] = dataclasses.replace(config, num_warps=16, reread_row=False)
+
+    def label(c: LaunchConfig) -> str:
+        return f"read twice, sums {'unrolled' if c.unrolled else 'looped'}, {c.num_warps} warps"
+
+    swept = [dataclasses.replace(config, num_warps=w) for w in warps]
+    swept.append(
+        dataclasses.replace(config, unrolled=0 if config.unrolled else config.block_size // NORM_BWD_SUM_BLOCK)
+    )
+    launches = {label(c): c for c in swept}
+    launches["held (spills), 16 warps"] = dataclasses.replace(config, num_warps=16, reread_row=False, unrolled=0)
     looped = LaunchConfig(NORM_LOOP_BLOCK, 16, 2, single_block=False)
-    swept[f"looped, {looped.block_size} blocks (before)"] = looped
-    return swept
+    launches[f"looped, {looped.block_size} blocks (before)"] = looped
+    return launches
 
 
 @dataclass
@@ -248,7 +258,7 @@ def run_case(
     dy = torch.randn(x.shape, generator=gen, device=device).to(dtype)
     dres = torch.randn(x.shape, generator=gen, device=device).to(normed.dtype) if op.residual else None
     assert rstd is not None
-    chosen = norm_config(cols, dtype, device_info(device), backward=True)
+    chosen = norm_config(cols, dtype, device_info(device), backward=True, layernorm=not op.is_rms)
     launches = _sweep(chosen, warps)
     # Each launch's dx against the chosen one's (the same arithmetic, another reduction order).
     base = _norm_backward(dy, normed, dres, weight, mean, rstd, op.is_rms, op.bias, config=chosen)
