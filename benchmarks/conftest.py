@@ -13,8 +13,9 @@ Without a stored baseline the run says so and is saved as this device's first ba
 baseline itself (``--benchmark-save=baseline...``) is not compared. The decision is printed in the header and
 again at the end of the run.
 
-GPU timing (the ``gpu_bench`` fixture): a call is captured ``launches`` times in one CUDA graph, and each
-benchmark round replays the graph and synchronizes (``benchmark.pedantic``). The recorded time is that of one
+GPU timing (the ``gpu_bench`` fixture): a case is a library call and its PyTorch baseline, each captured
+``launches`` times in one CUDA graph (``llamatelemetry_core.testing.bench.CapturedPair``), and each benchmark
+round replays one side's graph and synchronizes (``benchmark.pedantic``). The recorded time is that of one
 replay, ``launches`` calls back to back with no host work between them; ``extra_info`` holds the time per call,
 the achieved GB/s or TFLOP/s, the share of the device-to-device copy bandwidth measured in the same run, and
 for the library's side the same figures of the PyTorch baseline, which is its own benchmark in the same group,
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,7 +38,7 @@ from llamatelemetry_core.device import real_device_info
 from llamatelemetry_core.recording import record_selections
 from llamatelemetry_core.selection import REFERENCE
 from llamatelemetry_core.testing import assert_close, tolerance_for
-from llamatelemetry_core.testing.bench import copy_gbps, device_slug
+from llamatelemetry_core.testing.bench import CapturedPair, copy_gbps, device_slug, gpu_ms
 
 RESULTS = Path(__file__).parent / "results"
 _DEFAULT_STORAGE = "file://./.benchmarks"
@@ -139,39 +139,10 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 # --- GPU timing --------------------------------------------------------------------------------------------------
 
 
-def capture(fn: Callable[[], object], launches: int) -> torch.cuda.CUDAGraph:
-    """``fn`` warmed up on a side stream (Triton compiles, allocators settle), then captured ``launches`` times
-    back to back in one CUDA graph."""
-    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(launches):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph
-
-
-def event_ms(run: Callable[[], object], reps: int = 20) -> float:
-    """Median GPU time of ``run`` in milliseconds (CUDA events), after two warm-up runs."""
-    for _ in range(2):
-        run()
-    samples = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return float(statistics.median(samples))
+def replay_seconds(graph: torch.cuda.CUDAGraph) -> float:
+    """Median seconds of one replay of ``graph`` (CUDA events, 20 replays after 2, L2 left as the previous replay
+    left it, as between the rounds of ``benchmark.pedantic``)."""
+    return gpu_ms(graph.replay, reps=20, warmup=2, flush_l2=False) * 1e-3
 
 
 def _figures(seconds_per_call: float, moved_bytes: int, flops: int, copy: float) -> dict[str, float]:
@@ -192,37 +163,31 @@ class GpuBench:
         self.benchmark = benchmark
         self.copy = copy
 
-    def replay(
-        self,
-        group: str,
-        graph: torch.cuda.CUDAGraph,
-        launches: int,
-        *,
-        moved_bytes: int = 0,
-        flops: int = 0,
-        baseline: tuple[str, torch.cuda.CUDAGraph, int] | None = None,
-        implementations: dict[str, str] | None = None,
-    ) -> None:
-        """Benchmark replays of ``graph`` (``launches`` calls, each moving ``moved_bytes`` or computing ``flops``);
-        ``baseline``: ``(name, graph, launches)`` of the PyTorch reference, timed here with CUDA events so that
-        this row carries the same-run figures and ratio; ``implementations``: what the library's call dispatched
-        to (:func:`run_recorded`), recorded beside the figures."""
+    def pair(self, case: CapturedPair, *, ours: bool) -> None:
+        """Benchmark replays of one side of ``case``: the library's graph when ``ours``, else the baseline's.
+
+        Each replay runs ``case.launches`` calls, each moving ``case.moved_bytes`` or computing ``case.flops``. The
+        library's row also carries the baseline's figures and the ratio, both graphs timed here again with CUDA
+        events (:func:`replay_seconds`), and what the library's call dispatched to (``case.implementations``, from
+        :func:`run_recorded`)."""
+        graph = case.ours if ours else case.baseline
 
         def run() -> None:
             graph.replay()
             torch.cuda.synchronize()
 
-        info = self._time(group, run, launches, moved_bytes, flops)
-        if baseline is not None and info:
-            name, other, other_launches = baseline
-            theirs = event_ms(other.replay) * 1e-3 / other_launches
-            ours = event_ms(graph.replay) * 1e-3 / launches
-            info["baseline"] = name
+        info = self._time(case.group, run, case.launches, case.moved_bytes, case.flops)
+        if ours and info:
+            theirs = replay_seconds(case.baseline) / case.launches
+            mine = replay_seconds(case.ours) / case.launches
+            info["baseline"] = case.baseline_name
             info["baseline_us_per_call"] = theirs * 1e6
-            info["speedup_vs_baseline"] = theirs / ours
-            info.update({f"baseline_{k}": v for k, v in _figures(theirs, moved_bytes, flops, self.copy).items()})
-        if implementations and info:
-            info["implementations"] = ", ".join(f"{op}={impl}" for op, impl in sorted(implementations.items()))
+            info["speedup_vs_baseline"] = theirs / mine
+            figures = _figures(theirs, case.moved_bytes, case.flops, self.copy)
+            info.update({f"baseline_{k}": v for k, v in figures.items()})
+            if case.implementations:
+                chosen = sorted(case.implementations.items())
+                info["implementations"] = ", ".join(f"{op}={impl}" for op, impl in chosen)
         self.benchmark.extra_info.update(info)
 
     def synchronized(
@@ -274,12 +239,6 @@ def copy_bandwidth() -> float:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     return copy_gbps()
-
-
-@pytest.fixture(scope="session")
-def graph_of() -> Callable[[Callable[[], object], int], torch.cuda.CUDAGraph]:
-    """:func:`capture`: ``graph_of(fn, launches)``, for fixtures that build a case once."""
-    return capture
 
 
 @pytest.fixture

@@ -40,10 +40,9 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
 from llamatelemetry_core.selection import record_selections
-from llamatelemetry_core.testing.bench import device_slug, envelope, progress
+from llamatelemetry_core.testing.bench import device_slug, do_bench_ms, envelope, progress, warm_gpu
 from llamatelemetry_flashattn import attention_backend_report, flash_attention_forward
 from llamatelemetry_flashattn.triton_kernel import launch_config
 
@@ -62,22 +61,8 @@ PREFILL_SHAPES = [
 ]
 
 
-def median_ms(fn: Callable[[], object], rep: int = 100) -> float:
-    return float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
-
-
 def causal_tflops(batch: int, heads: int, seq: int, head_dim: int, ms: float) -> float:
     return 4 * batch * heads * seq * seq * head_dim / 2 / (ms * 1e-3) / 1e12
-
-
-def warm_gpu(seconds: float = 0.5) -> None:
-    """Run matmuls for a while, so that timings start at full clocks (after a long Triton compile, say)."""
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
-    end = time.time() + seconds
-    while time.time() < end:
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
 
 
 def try_bench(fn: Callable[[], object], rep: int = 100) -> tuple[float | None, str | None]:
@@ -86,7 +71,7 @@ def try_bench(fn: Callable[[], object], rep: int = 100) -> tuple[float | None, s
         torch.cuda.synchronize()
     except RuntimeError as exc:  # an SDPA backend that does not take this shape: "No available kernel"
         return None, str(exc).splitlines()[0][:160]
-    return median_ms(fn, rep), None
+    return do_bench_ms(fn, rep_ms=rep), None
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -138,8 +123,8 @@ def bench_prefill(shape: dict[str, Any], results: dict[str, Any]) -> dict[str, A
     times: dict[str, float | None] = {}
     notes: dict[str, str] = {}
     warm_gpu()
-    times["auto"] = median_ms(lambda: flash_attention_forward(q, k, v, causal=True))
-    times["triton"] = median_ms(lambda: flash_attention_forward(q, k, v, causal=True, backend="triton"))
+    times["auto"] = do_bench_ms(lambda: flash_attention_forward(q, k, v, causal=True))
+    times["triton"] = do_bench_ms(lambda: flash_attention_forward(q, k, v, causal=True, backend="triton"))
     for name, backend in SDPA_BACKENDS.items():
         if name == "sdpa_math" and seq > 4096:
             times[name], notes[name] = None, "not run at this length (analytical memory only)"
@@ -218,7 +203,7 @@ def bench_decode(results: dict[str, Any]) -> dict[str, Any]:
     row["triton_max_error"] = max_error(flash_attention_forward(q, k, v, causal=True, backend="triton"), ref)
     row["triton_tiles"] = vars(launch_config(q, k))
     warm_gpu()
-    times: dict[str, float | None] = {"auto": median_ms(lambda: flash_attention_forward(q, k, v, causal=True))}
+    times: dict[str, float | None] = {"auto": do_bench_ms(lambda: flash_attention_forward(q, k, v, causal=True))}
     for name in ("triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"):
         times[name], _ = try_bench(functools.partial(flash_attention_forward, q, k, v, causal=True, backend=name))
     row["ms"] = times
@@ -240,8 +225,8 @@ def bench_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         def flash(q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v) -> torch.Tensor:
             return flash_attention_forward(q, k, v, causal=True)
 
-        eager_ms = median_ms(eager, rep=50)
-        flash_ms = median_ms(flash)
+        eager_ms = do_bench_ms(eager, rep_ms=50)
+        flash_ms = do_bench_ms(flash)
         eager_mem = peak_extra_bytes(eager)
         flash_mem = peak_extra_bytes(flash)
         rows.append(

@@ -42,11 +42,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_core.selection import record_selections
-from llamatelemetry_core.testing.bench import device_slug, envelope, progress
+from llamatelemetry_core.testing import bench
+from llamatelemetry_core.testing.bench import device_slug, do_bench_ms, envelope, progress, warm_gpu
 from llamatelemetry_flashattn import flash_attention_forward, paged_attention
 from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
 from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles, paged_launch_config
@@ -57,32 +57,7 @@ VS_GATHER_SDPA_MIN = 3.0
 PREFILL_VS_CONTIGUOUS_MIN = 0.8
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 FP16 = torch.float16
-
-
-def graph_ms(fn: Callable[[], object]) -> float:
-    """Median GPU time of ``fn`` replayed from a CUDA graph (warmed up and captured on a side stream)."""
-    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
-
-
-def warm_gpu(seconds: float = 0.5) -> None:
-    a = torch.randn(4096, 4096, device="cuda", dtype=FP16)
-    end = time.time() + seconds
-    while time.time() < end:
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
+COPY_BYTES = 1 << 30  # the copy's source buffer: 8x an H200's L2
 
 
 def copy_gbps() -> dict[str, float]:
@@ -92,15 +67,12 @@ def copy_gbps() -> dict[str, float]:
     than the SMs; the same ``copy_`` launched eagerly and an elementwise kernel (``mul(src, 1)``, exact) in a graph
     are measured too. The ceiling (key ``"max"``) is the fastest of the three: the bandwidth kernels can reach.
     """
-    src = torch.randn(1 << 29, device="cuda", dtype=FP16)
-    dst = torch.empty_like(src)
-    moved = 2 * src.numel() * src.element_size()
-    times = {
-        "graph_copy": graph_ms(lambda: dst.copy_(src)),
-        "eager_copy": float(do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")),
-        "graph_kernel_copy": graph_ms(lambda: torch.mul(src, 1.0, out=dst)),
+    replayed = functools.partial(do_bench_ms, graph=True)
+    result = {
+        "graph_copy": bench.copy_gbps(buffer_bytes=COPY_BYTES, time_ms=replayed),
+        "eager_copy": bench.copy_gbps(buffer_bytes=COPY_BYTES, time_ms=do_bench_ms),
+        "graph_kernel_copy": bench.copy_gbps(buffer_bytes=COPY_BYTES, kernel=True, time_ms=replayed),
     }
-    result = {name: moved / (ms * 1e-3) / 1e9 for name, ms in times.items()}
     result["max"] = max(result.values())
     return result
 
@@ -240,7 +212,7 @@ def bench_decode(results: dict[str, Any], copy: float) -> None:
             "kv_bytes": store.kv_bytes(),
         }
         warm_gpu()
-        row["ms"] = graph_ms(store.run)
+        row["ms"] = do_bench_ms(store.run, graph=True)
         row["gbps"] = store.kv_bytes() / (row["ms"] * 1e-3) / 1e9
         row["fraction_of_copy"] = row["gbps"] / copy
         if page_size == 16:
@@ -250,8 +222,10 @@ def bench_decode(results: dict[str, Any], copy: float) -> None:
                 contiguous_out = flash_attention_forward(q4, k, v, causal=True)
             row["contiguous_backend"] = record.last("flash_attention")
             row["contiguous_max_error"] = max_error(contiguous_out.view_as(out), out)
-            row["contiguous_ms"] = graph_ms(functools.partial(flash_attention_forward, q4, k, v, causal=True))
-            row["gather_sdpa_ms"] = graph_ms(gather_then_sdpa(store))
+            row["contiguous_ms"] = do_bench_ms(
+                functools.partial(flash_attention_forward, q4, k, v, causal=True), graph=True
+            )
+            row["gather_sdpa_ms"] = do_bench_ms(gather_then_sdpa(store), graph=True)
             row["vs_contiguous"] = row["contiguous_ms"] / row["ms"]
             row["vs_gather_sdpa"] = row["gather_sdpa_ms"] / row["ms"]
             check(results, "decode page 16: K+V read / copy bandwidth", row["fraction_of_copy"], COPY_FRACTION_MIN)
@@ -264,7 +238,7 @@ def bench_decode(results: dict[str, Any], copy: float) -> None:
             results["int8"] = {
                 "case": f"decode B{batch} ctx{context} page{page_size} int8 KV",
                 "kv_bytes": int8.kv_bytes(),
-                "ms": graph_ms(int8.run),
+                "ms": do_bench_ms(int8.run, graph=True),
                 "fp16_ms": row["ms"],
                 "max_error_vs_fp16_kv": max_error(int8_out, int8.reference(int8.fp16_kv)),
                 "max_error_vs_own_reference": max_error(int8_out, int8.reference()),
@@ -279,7 +253,7 @@ def bench_decode(results: dict[str, Any], copy: float) -> None:
     store = Paged(lens, [1] * batch, 16)
     row = {"case": f"decode B{batch} ragged 128..4096 page16", "seq_lens": lens, "kv_bytes": store.kv_bytes()}
     row["max_error_vs_reference"] = max_error(store.run(), store.reference())
-    row["ms"] = graph_ms(store.run)
+    row["ms"] = do_bench_ms(store.run, graph=True)
     row["gbps"] = store.kv_bytes() / (row["ms"] * 1e-3) / 1e9
     row["fraction_of_copy"] = row["gbps"] / copy
     results["decode"].append(row)
@@ -305,8 +279,8 @@ def bench_prefill(results: dict[str, Any]) -> None:
         "max_error_vs_contiguous": max_error(contiguous_out.reshape_as(out), out),
     }
     warm_gpu()
-    row["ms"] = graph_ms(store.run)
-    row["contiguous_ms"] = graph_ms(lambda: flash_attention_forward(q4, k, v, causal=True))
+    row["ms"] = do_bench_ms(store.run, graph=True)
+    row["contiguous_ms"] = do_bench_ms(lambda: flash_attention_forward(q4, k, v, causal=True), graph=True)
     flops = causal_flops(batch, prefix, new)
     row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
     row["contiguous_tflops"] = flops / (row["contiguous_ms"] * 1e-3) / 1e12
@@ -321,7 +295,7 @@ def sweep_one(store: Paged, want: torch.Tensor, tiles: PagedTiles, splits: int) 
         err = max_error(out, want)
         if err > 2e-2:
             return None, f"wrong result (max error {err:.3g})"
-        return graph_ms(lambda: store.run(PagedLaunch(tiles, splits))), None
+        return do_bench_ms(lambda: store.run(PagedLaunch(tiles, splits)), graph=True), None
     except Exception as exc:  # out of shared memory or registers: reported, not fatal
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 

@@ -25,6 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llamatelemetry_core.testing.bench import CapturedPair
+
 pytestmark = pytest.mark.gpu
 
 FP16 = torch.float16
@@ -128,35 +130,21 @@ CASES: dict[str, Callable[[Callable[..., None]], Case]] = {
 }
 
 
-@dataclass
-class Captured:
-    group: str
-    ours: torch.cuda.CUDAGraph
-    torch_graph: torch.cuda.CUDAGraph
-    case: Case
-    implementations: dict[str, str]
-
-
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request: pytest.FixtureRequest, graph_of: Any, close: Callable[..., None], recorded: Any) -> Captured:
+def case(request: pytest.FixtureRequest, close: Callable[..., None], recorded: Any) -> CapturedPair:
     built = CASES[request.param](close)
     _, chosen = recorded(built.ours)  # which implementation the library chose, and not the reference
-    return Captured(
+    return CapturedPair.capture(
         f"flashattn {request.param} fp16",
-        graph_of(built.ours, built.launches),
-        graph_of(built.torch_call, built.launches),
-        built,
-        chosen,
+        built.ours,
+        built.torch_call,
+        launches=built.launches,
+        moved_bytes=built.moved_bytes,
+        flops=built.flops,
+        implementations=chosen,
     )
 
 
 @pytest.mark.parametrize("side", ["flashattn", "torch"])
-def test_attention(gpu_bench: Any, case: Captured, side: str) -> None:
-    c = case.case
-    figures = {"moved_bytes": c.moved_bytes, "flops": c.flops}
-    if side == "flashattn":
-        baseline = ("torch", case.torch_graph, c.launches)
-        chosen = case.implementations
-        gpu_bench.replay(case.group, case.ours, c.launches, baseline=baseline, implementations=chosen, **figures)
-    else:
-        gpu_bench.replay(case.group, case.torch_graph, c.launches, **figures)
+def test_attention(gpu_bench: Any, case: CapturedPair, side: str) -> None:
+    gpu_bench.pair(case, ours=side == "flashattn")

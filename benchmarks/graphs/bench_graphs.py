@@ -180,6 +180,21 @@ def host_us_per_call(fn: Callable[[], object], *, calls: int = 200, repeats: int
 # --- 1. decoder step: eager, our replay, raw replay ------------------------------------------------------------
 
 
+def raw_torch_graph(model: torch.nn.Module, static_input: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """The baseline exactly as PyTorch's notes write it, by hand (not through a helper): warm up on a side stream,
+    capture ``model(static_input)``; the caller copies each new input into ``static_input`` and replays."""
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model(static_input)
+    torch.cuda.current_stream().wait_stream(side)
+    raw = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(raw):
+        output = model(static_input)
+    return raw, output
+
+
 def bench_decoder_step(model: DecoderStep, device: torch.device, quick: bool) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(1)
     new_x = torch.randn(1, WIDTH, generator=generator).to(device, torch.float16)
@@ -189,16 +204,7 @@ def bench_decoder_step(model: DecoderStep, device: torch.device, quick: bool) ->
     graph = CUDAGraph(GraphCaptureConfig(warmup_iters=3))
     graph.capture(model, inputs=(ours_input,))
 
-    # The raw baseline exactly as PyTorch's notes write it: warm up on a side stream, capture, copy_ + replay.
-    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model(raw_input)
-    torch.cuda.current_stream().wait_stream(side)
-    raw = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(raw):
-        raw_output = model(raw_input)
+    raw, raw_output = raw_torch_graph(model, raw_input)
 
     def raw_call() -> Any:
         raw_input.copy_(new_x)

@@ -40,15 +40,7 @@ def decoder_step() -> dict[str, Any]:
         graph = CUDAGraph(GraphCaptureConfig(warmup_iters=3))
         graph.capture(model, inputs=(new_x.clone(),))
         raw_input = new_x.clone()
-        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model(raw_input)
-        torch.cuda.current_stream().wait_stream(side)
-        raw = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(raw):
-            model(raw_input)
+        raw, _ = bench.raw_torch_graph(model, raw_input)
     return {"model": model, "x": new_x, "graph": graph, "raw": raw, "raw_input": raw_input}
 
 

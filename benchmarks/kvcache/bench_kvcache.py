@@ -29,13 +29,13 @@ Results: ``results.json`` and ``results.md`` in ``--out``; a short table printed
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamatelemetry_core.testing.bench import device_slug, envelope, progress
+from llamatelemetry_core.testing.bench import copy_gbps, device_slug, do_bench_ms, envelope, progress
 from llamatelemetry_kvcache import BlockManager, KVCache, KVCacheConfig, PagedKVCache, dequantize_kv, quantize_kv
 from llamatelemetry_kvcache.metadata import BlockTableBuilder, block_tables_tensor
 from llamatelemetry_kvcache.paged_write import paged_write
@@ -74,41 +74,10 @@ class Report:
     checks: list[Check] = field(default_factory=list)
 
 
-def _bench(fn: Callable[[], object]) -> float:
-    """Median ms of ``fn`` called from Python (host work included)."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def _bench_graph(fn: Callable[[], object]) -> float:
-    """Median ms of ``fn`` captured once in a CUDA graph and replayed (GPU time only)."""
-    import triton.testing
-
-    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
-
-
 def _copy_gbps(nbytes: int) -> float:
-    """Device-to-device copy bandwidth (bytes read + written) at ``nbytes`` moved, measured now."""
-    half = max(nbytes // 2, 1)
-    src = torch.empty(half, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _bench_graph(lambda: dst.copy_(src))
-    return 2 * half / ms / 1e6
+    """Device-to-device copy bandwidth (bytes read + written) at ``nbytes`` moved, measured now the way the kernel
+    beside it is: a CUDA-graph replay timed by ``triton.testing.do_bench``."""
+    return copy_gbps(buffer_bytes=max(nbytes // 2, 1), time_ms=functools.partial(do_bench_ms, graph=True))
 
 
 # --- KVCache.update against context ---------------------------------------------------------------------------
@@ -123,9 +92,9 @@ def bench_update(report: Report) -> None:
     eager, graphed = {}, {}
     for ctx in (16, 4096):
         positions = [ctx] * batch
-        eager[ctx] = _bench(lambda p=positions: cache.update(0, k, v, positions=p))  # type: ignore[misc]
+        eager[ctx] = do_bench_ms(lambda p=positions: cache.update(0, k, v, positions=p))  # type: ignore[misc]
         device_positions = torch.full((batch,), ctx, device="cuda")
-        graphed[ctx] = _bench_graph(lambda p=device_positions: cache.update(0, k, v, positions=p))  # type: ignore[misc]
+        graphed[ctx] = do_bench_ms(lambda p=device_positions: cache.update(0, k, v, positions=p), graph=True)  # type: ignore[misc]
         report.rows.append(
             Row(
                 f"KVCache.update, 1 token x {batch}, context {ctx}",
@@ -302,8 +271,8 @@ def _write_case(report: Report, tokens: int, kv_dtype: torch.dtype) -> None:
     nbytes = 2 * tokens * KV_HEADS * HEAD_DIM * (2 + item) + scales  # K and V read as fp16, written as stored
     copy = _copy_gbps(nbytes)
     # The reference indexes with a boolean mask (a host synchronisation): it is timed eagerly.
-    kernel_ms = _bench_graph(lambda: paged_write(key, value, store, slots, backend="triton"))
-    reference_ms = _bench(lambda: paged_write(key, value, store, slots, backend="reference"))
+    kernel_ms = do_bench_ms(lambda: paged_write(key, value, store, slots, backend="triton"), graph=True)
+    reference_ms = do_bench_ms(lambda: paged_write(key, value, store, slots, backend="reference"))
     gbps = nbytes / kernel_ms / 1e6
     name = str(kv_dtype).removeprefix("torch.")
     report.rows.append(

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import torch
 
+from llamatelemetry_core.testing.bench import CapturedPair
+
 pytestmark = pytest.mark.gpu
 
 FP16 = torch.float16
@@ -38,18 +40,8 @@ def _randn(*shape: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, device="cuda", dtype=FP16, generator=gen)
 
 
-@dataclass
-class Captured:
-    group: str
-    ours: torch.cuda.CUDAGraph
-    torch_graph: torch.cuda.CUDAGraph
-    launches: int
-    moved_bytes: int
-    implementations: dict[str, str]
-
-
 @pytest.fixture(scope="module", params=list(WRITE_TOKENS))
-def write_case(request: pytest.FixtureRequest, graph_of: Any, recorded: Any) -> Captured:
+def write_case(request: pytest.FixtureRequest, recorded: Any) -> CapturedPair:
     from llamatelemetry_core.kv_layout import PagedKV
     from llamatelemetry_kvcache import paged_write
 
@@ -77,17 +69,24 @@ def write_case(request: pytest.FixtureRequest, graph_of: Any, recorded: Any) -> 
     assert torch.equal(flat_k[slots], key) and torch.equal(flat_v[slots], value), "paged_write: wrong slots"
     group = f"kvcache paged-write {request.param} fp16"
     # Read K and V, write them: the slot mapping and the untouched store are not counted.
-    ours_graph, index_copy_graph = graph_of(ours, launches), graph_of(index_copy, launches)
-    return Captured(group, ours_graph, index_copy_graph, launches, 4 * key.nbytes, chosen)
+    return CapturedPair.capture(
+        group,
+        ours,
+        index_copy,
+        launches=launches,
+        baseline_name="index_copy_",
+        moved_bytes=4 * key.nbytes,
+        implementations=chosen,
+    )
 
 
 @pytest.mark.parametrize("side", ["kvcache", "torch"])
-def test_paged_write(gpu_bench: Any, write_case: Captured, side: str) -> None:
-    _bench_pair(gpu_bench, write_case, side, "index_copy_")
+def test_paged_write(gpu_bench: Any, write_case: CapturedPair, side: str) -> None:
+    gpu_bench.pair(write_case, ours=side == "kvcache")
 
 
 @pytest.fixture(scope="module")
-def append_case(graph_of: Any) -> Captured:
+def append_case() -> CapturedPair:
     from llamatelemetry_kvcache import KVCache, KVCacheConfig
 
     launches = 100
@@ -108,34 +107,19 @@ def append_case(graph_of: Any) -> Captured:
 
     ours()
     assert torch.equal(store_k[rows, positions], k[:, 0]) and torch.equal(store_v[rows, positions], v[:, 0])
-    return Captured(
+    return CapturedPair.capture(  # plain indexing: no operation to dispatch, no implementation to record
         "kvcache append decode-step-64 fp16",
-        graph_of(ours, launches),
-        graph_of(index_put, launches),
-        launches,
-        4 * k.nbytes,
-        {},  # plain indexing: no operation to dispatch
+        ours,
+        index_put,
+        launches=launches,
+        baseline_name="index_put_",
+        moved_bytes=4 * k.nbytes,
     )
 
 
 @pytest.mark.parametrize("side", ["kvcache", "torch"])
-def test_append(gpu_bench: Any, append_case: Captured, side: str) -> None:
-    _bench_pair(gpu_bench, append_case, side, "index_put_")
-
-
-def _bench_pair(gpu_bench: Any, case: Captured, side: str, baseline: str) -> None:
-    if side == "kvcache":
-        pair = (baseline, case.torch_graph, case.launches)
-        gpu_bench.replay(
-            case.group,
-            case.ours,
-            case.launches,
-            moved_bytes=case.moved_bytes,
-            baseline=pair,
-            implementations=case.implementations,
-        )
-    else:
-        gpu_bench.replay(case.group, case.torch_graph, case.launches, moved_bytes=case.moved_bytes)
+def test_append(gpu_bench: Any, append_case: CapturedPair, side: str) -> None:
+    gpu_bench.pair(append_case, ours=side == "kvcache")
 
 
 @dataclass

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatelemetry_core.device import get_device_info
-from llamatelemetry_core.testing.bench import device_slug, envelope, progress
+from llamatelemetry_core.testing.bench import device_slug, envelope, gpu_ms, progress
 from llamatelemetry_tensorcore import get_tensor_core_info, matmul_tensor_core, optimize_for_tensor_cores
 
 REQUIRED_RATIO_8192 = 5.0
@@ -52,26 +52,17 @@ GUIDE_MEMORY_SAVING = 0.5
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 10) -> float:
-    """Median of ``repeats`` timings of ``fn`` in milliseconds, after ``warmup`` calls."""
+    """Median of ``repeats`` timings of ``fn`` in milliseconds, after ``warmup`` calls: CUDA events on a GPU (L2
+    not flushed: a model's step finds what the previous one left), the wall clock on a CPU."""
+    if device.type == "cuda":
+        return gpu_ms(fn, reps=repeats, warmup=warmup, flush_l2=False)
     for _ in range(warmup):
         fn()
-    if device.type != "cuda":
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
-    torch.cuda.synchronize(device)
     samples = []
     for _ in range(repeats):
-        began = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        ended = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        began.record()
+        start = time.perf_counter()
         fn()
-        ended.record()
-        ended.synchronize()
-        samples.append(began.elapsed_time(ended))
+        samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
 
 

@@ -12,11 +12,12 @@ fp32 sums (the bound of the package's tests).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
+
+from llamatelemetry_core.testing.bench import CapturedPair
 
 pytestmark = pytest.mark.gpu
 
@@ -40,18 +41,8 @@ def check_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, splits: 
     assert not bool(bad.any()), f"matmul_tensor_core: {int(bad.sum())} of {bad.numel()} elements beyond the bound"
 
 
-@dataclass
-class Captured:
-    group: str
-    ours: torch.cuda.CUDAGraph
-    torch_graph: torch.cuda.CUDAGraph
-    launches: int
-    flops: int
-    implementations: dict[str, str]
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
-def case(request: pytest.FixtureRequest, graph_of: Any, recorded: Any) -> Iterator[Captured]:
+def case(request: pytest.FixtureRequest, recorded: Any) -> Iterator[CapturedPair]:
     from llamatelemetry_tensorcore import matmul_tensor_core
 
     size, dtype, launches = CASES[request.param]
@@ -64,29 +55,19 @@ def case(request: pytest.FixtureRequest, graph_of: Any, recorded: Any) -> Iterat
         check_product(matmul_tensor_core(a, b), a, b)
         ours: Callable[[], object] = lambda: matmul_tensor_core(a, b)
         _, chosen = recorded(ours)  # Tensor Cores, not the reference, are what gets timed
-        yield Captured(
+        yield CapturedPair.capture(
             f"tensorcore matmul {request.param}",
-            graph_of(ours, launches),
-            graph_of(lambda: a @ b, launches),
-            launches,
-            2 * size**3,
-            chosen,
+            ours,
+            lambda: a @ b,
+            launches=launches,
+            baseline_name="torch.matmul",
+            flops=2 * size**3,
+            implementations=chosen,
         )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @pytest.mark.parametrize("side", ["tensorcore", "torch"])
-def test_matmul(gpu_bench: Any, case: Captured, side: str) -> None:
-    if side == "tensorcore":
-        baseline = ("torch.matmul", case.torch_graph, case.launches)
-        gpu_bench.replay(
-            case.group,
-            case.ours,
-            case.launches,
-            flops=case.flops,
-            baseline=baseline,
-            implementations=case.implementations,
-        )
-    else:
-        gpu_bench.replay(case.group, case.torch_graph, case.launches, flops=case.flops)
+def test_matmul(gpu_bench: Any, case: CapturedPair, side: str) -> None:
+    gpu_bench.pair(case, ours=side == "tensorcore")

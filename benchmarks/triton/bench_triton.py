@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamatelemetry_core.testing.bench import device_slug, envelope, progress
+from llamatelemetry_core.testing.bench import device_slug, do_bench_ms, envelope, progress
 
 FP16 = torch.float16
 SHAPES = [(4096, 4096), (16384, 8192), (4096, 16384)]
@@ -75,39 +75,6 @@ class Report:
     max_errors: dict[str, float] = field(default_factory=dict)
 
 
-def _bench(fn: Callable[[], object]) -> float:
-    """Eager time: ``fn`` called from Python at every repetition."""
-    import triton.testing
-
-    fn()  # compile / warm up outside the timed region
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def _bench_graph(fn: Callable[[], object]) -> float:
-    """GPU time: ``fn`` captured once in a CUDA graph (after warm-up), then replayed.
-
-    Captured on the current stream when it is a side stream (a backward must be captured on the stream its
-    forward ran on, which autograd runs it on), else on a new side stream.
-    """
-    import triton.testing
-
-    current = torch.cuda.current_stream()
-    stream = current if current != torch.cuda.default_stream() else torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    current.wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
-
-
 def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
@@ -125,7 +92,7 @@ class Runner:
         progress(f"{case} {shape}: {impl}")
         errors = []
         try:
-            eager_ms: float | None = _bench(fn)
+            eager_ms: float | None = do_bench_ms(fn)
         except Exception as exc:  # a baseline that fails (torch.compile, say) is reported, not fatal
             eager_ms = None
             errors.append(f"eager: {_error(exc)}")
@@ -133,7 +100,7 @@ class Runner:
         ms: float | None = None
         if eager_ms is not None:
             try:
-                ms = _bench_graph(fn)
+                ms = do_bench_ms(fn, graph=True)  # on the current side stream, where a backward runs
             except Exception as exc:
                 errors.append(f"CUDA graph capture: {_error(exc)}")
                 traceback.print_exc(limit=2, file=sys.stderr)

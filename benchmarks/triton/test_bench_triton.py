@@ -20,6 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llamatelemetry_core.testing.bench import CapturedPair
+
 pytestmark = pytest.mark.gpu
 
 FP16 = torch.float16
@@ -152,39 +154,21 @@ CASES: dict[str, Callable[[], Case]] = {
 }
 
 
-@dataclass
-class Captured:
-    group: str
-    ours: torch.cuda.CUDAGraph
-    torch_graph: torch.cuda.CUDAGraph
-    moved_bytes: int
-    implementations: dict[str, str]
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
-def case(request: pytest.FixtureRequest, graph_of: Any, close: Callable[..., None], recorded: Any) -> Captured:
+def case(request: pytest.FixtureRequest, close: Callable[..., None], recorded: Any) -> CapturedPair:
     built = CASES[request.param]()
     built.check(close)
     _, chosen = recorded(built.ours)  # the Triton kernel, not the fallback, is what gets timed
-    return Captured(
+    return CapturedPair.capture(
         f"triton {request.param} fp16",
-        graph_of(built.ours, LAUNCHES),
-        graph_of(built.torch_call, LAUNCHES),
-        built.moved_bytes,
-        chosen,
+        built.ours,
+        built.torch_call,
+        launches=LAUNCHES,
+        moved_bytes=built.moved_bytes,
+        implementations=chosen,
     )
 
 
 @pytest.mark.parametrize("side", ["triton", "torch"])
-def test_triton(gpu_bench: Any, case: Captured, side: str) -> None:
-    if side == "triton":
-        gpu_bench.replay(
-            case.group,
-            case.ours,
-            LAUNCHES,
-            moved_bytes=case.moved_bytes,
-            baseline=("torch", case.torch_graph, LAUNCHES),
-            implementations=case.implementations,
-        )
-    else:
-        gpu_bench.replay(case.group, case.torch_graph, LAUNCHES, moved_bytes=case.moved_bytes)
+def test_triton(gpu_bench: Any, case: CapturedPair, side: str) -> None:
+    gpu_bench.pair(case, ours=side == "triton")

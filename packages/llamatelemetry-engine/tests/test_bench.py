@@ -39,6 +39,18 @@ def test_table_and_plot(report: dict[str, object], tmp_path: Path) -> None:
     assert "FlashAttention" in table and "skipped: needs a CUDA GPU" in table
     pytest.importorskip("matplotlib")
     plot_report(report, str(tmp_path / "gains.png"))
+    assert (tmp_path / "gains.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "gains.png").stat().st_size > 1000
+
+
+def test_plot_shows_a_loss_as_well_as_gains(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [
+        {"title": title, "status": "measured", "gain": gain}
+        for title, gain in (("faster", 36.0), ("slower", 0.5), ("barely", 1.05))
+    ]
+    rows.append({"title": "needs a GPU", "status": "skipped"})
+    plot_report({"device": "test", "rows": rows}, str(tmp_path / "gains.png"))
     assert (tmp_path / "gains.png").stat().st_size > 1000
 
 

@@ -251,3 +251,95 @@ def test_kernel_exponents_equal_the_torch_arithmetic(k: int) -> None:
         f"first of {int(mismatch.sum())} at maxima {maxima_a[mismatch][0].item()!r}, {maxima_b[mismatch][0].item()!r}: "
         f"kernel {out.cpu()[mismatch][0].tolist()}, torch {expected[mismatch][0].tolist()}"
     )
+
+
+class _Launches:
+    """Counts the launches of one kernel of ``_fused_kernels`` (and still launches it)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.kernel, self.grids = getattr(_fused_kernels, name), list[object]()
+        monkeypatch.setattr(_fused_kernels, name, self)
+
+    def __getitem__(self, grid: object) -> object:
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "splits"),
+    [
+        ((1, 70), (70, 5), 3),  # one row, K not a multiple of the tile depth: a short last split
+        ((5, 33), (33, 7), 2),
+        ((1, 97), (97, 1), 5),  # one output element
+        ((3, 9, 37), (3, 37, 7), 2),  # batched
+        ((2, 4, 50), (50, 6), 4),  # A's batch folded into M
+        ((19, 41), (2, 41, 3), 3),  # A broadcast over B's batch (stride 0)
+    ],
+)
+@pytest.mark.parametrize(("scale_a", "scale_b"), [(1.0, 1.0), (1e30, 1e-25), (1e-20, 1e-20)])
+def test_split_k_matches_the_reference(
+    check_matmul: CheckMatmul,
+    monkeypatch: pytest.MonkeyPatch,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    splits: int,
+    scale_a: float,
+    scale_b: float,
+) -> None:
+    split_sums = _Launches(monkeypatch, "_split_sum_kernel")
+    a, b = _randn(*a_shape, seed=sum(a_shape)) * scale_a, _randn(*b_shape, seed=sum(b_shape) + 1) * scale_b
+    got = fused_matmul(a, b, None, splits=splits)
+    assert len(split_sums.grids) == 1  # the product was split, then summed
+    if a.dim() == 3 and b.dim() == 2:  # the same product as A's rows stacked
+        _same_specification(got.reshape(-1, got.shape[-1]), a.reshape(-1, a.shape[-1]), b, check_matmul)
+    else:
+        _same_specification(got, a.expand(*got.shape[:-2], -1, -1) if a.dim() < b.dim() else a, b, check_matmul)
+    unsplit = fused_matmul(a, b, None, splits=1)
+    assert len(split_sums.grids) == 1
+    torch.testing.assert_close(got, unsplit, rtol=2e-3, atol=0)  # only the order of the fp32 sums differs
+
+
+def test_split_k_keeps_inf_and_nan_where_one_program_would(check_matmul: CheckMatmul) -> None:
+    a, b = _randn(6, 90, seed=40) * 1e4, _randn(90, 5, seed=41).abs() + 0.5
+    a[0, 2], a[0, 80] = float("inf"), float("-inf")  # in different splits: inf + -inf is NaN
+    a[1, 3], a[1, 85] = float("inf"), float("inf")  # +inf in two splits stays +inf
+    a[2, 50] = float("nan")
+    a[3, 70] = float("-inf")
+    b[60, 4] = float("nan")
+    got = fused_matmul(a, b, None, splits=3)
+    _same_specification(got, a, b, check_matmul)
+    assert bool(got[0].isnan().all()) and bool((got[1, :4] == float("inf")).all()) and bool(got[2].isnan().all())
+    assert bool(got[:, 4].isnan().all())  # B's NaN reaches its whole column
+    unsplit = fused_matmul(a, b, None, splits=1)
+    assert torch.equal(got.isnan(), unsplit.isnan()) and torch.equal(got[got.isinf()], unsplit[unsplit.isinf()])
+
+
+def test_split_k_writes_strided_and_aliased_outputs(check_matmul: CheckMatmul) -> None:
+    a, b = _randn(9, 45, seed=42) * 1e6, _randn(45, 7, seed=43)
+    want = fused_matmul(a, b, None, splits=2)
+    strided = torch.empty(7, 9, device=DEVICE).t()  # the split sum stores through the output's strides
+    assert fused_matmul(a, b, strided, splits=2) is strided
+    assert torch.equal(strided, want)
+    check_matmul(strided, a, b, torch.float16)
+    square_a, square_b = _randn(20, 20, seed=44) * 1e5, _randn(20, 20, seed=45)
+    reference = matmul_tensor_core(square_a, square_b, backend="reference")
+    x = square_a.clone()
+    assert fused_matmul(x, square_b, x, splits=2) is x  # out is A: read completely before it is written
+    torch.testing.assert_close(x, reference, rtol=2e-3, atol=0)
+
+
+def test_split_k_arguments_and_when_it_does_not_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    split_sums = _Launches(monkeypatch, "_split_sum_kernel")
+    reductions = _Launches(monkeypatch, "_largest_finite_kernel")
+    a, b = _randn(4, 40, seed=46), _randn(40, 3, seed=47)
+    for bad in ({"splits": 0}, {"splits": 2, "launches": 1}):
+        with pytest.raises(ConfigurationError, match="splits"):
+            fused_matmul(a, b, None, **bad)
+    assert not split_sums.grids and not reductions.grids
+    fused_matmul(a, b, None)  # tiny and dense: one launch, and the interpreter never splits by itself
+    assert not split_sums.grids and not reductions.grids
+    fused_matmul(a, b, None, splits=2)  # a split asks for the reduction launch's partial maxima
+    assert len(reductions.grids) == 1 and split_sums.grids == [(1, 1)]
+    short_a, short_b = _randn(4, 16, seed=48), _randn(16, 3, seed=49)  # K within one tile step: nothing to split
+    fused_matmul(short_a, short_b, None, splits=4)
+    assert len(split_sums.grids) == 1

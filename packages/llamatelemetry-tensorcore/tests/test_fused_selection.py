@@ -15,10 +15,15 @@ from llamatelemetry_core import simulate_device
 from llamatelemetry_core.selection import CallSpec, NoticeReason, QuietReason
 from llamatelemetry_tensorcore.fused_matmul import (
     FUSED_MATMUL_MAX_MNK,
+    SPLIT_K_MAX_SPLITS,
+    SPLIT_K_MIN_CHUNK,
+    SPLIT_K_PROGRAMS_PER_SM,
     fused_scope_reason,
     fused_tiles,
     kernel_builds,
     largest_finite_programs,
+    split_chunks,
+    split_k,
 )
 from llamatelemetry_tensorcore.matmul import MATMUL_OPERATION, MatmulCall
 
@@ -161,6 +166,8 @@ def test_kernel_builds_are_registered_and_follow_the_device() -> None:
     assert t4_names and not any("bf16" in n for n in t4_names)  # a T4 has no bf16
     assert any("bf16" in n for n in h100_names) and any("128x128" in n for n in h100_names)
     assert sum("largest_finite" in n for n in h100_names) == 2
+    for names in (t4_names, h100_names):  # decode shapes split K on both: the GEMM's split form and the split sum
+        assert any("split-k" in n for n in names) and any("split_sum" in n for n in names)
 
 
 def test_a_call_without_facts_is_answered_for_float32_inputs() -> None:
@@ -173,3 +180,75 @@ def test_a_call_without_facts_is_answered_for_float32_inputs() -> None:
         assert fused_scope_reason(CallSpec.for_device(t4)) is None
         bf16 = CallSpec.for_device(t4, facts=MatmulCall(torch.bfloat16, torch.float32))
         assert "bfloat16" in str(fused_scope_reason(bf16))
+
+
+def _programs(m: int, n: int, batch: int, block_m: int, block_n: int) -> int:
+    return batch * math.ceil(m / block_m) * math.ceil(n / block_n)
+
+
+@pytest.mark.parametrize(("key", "splits"), [("h100", 3), ("a100", 2), ("t4", 2)])
+def test_a_decode_product_splits_k_until_the_sms_have_two_programs(key: str, splits: int) -> None:
+    with simulate_device(key) as info:
+        tiles = fused_tiles(1, 4096, 1, info)
+        split = split_k(1, 4096, 4096, 1, tiles, info)
+    programs = _programs(1, 4096, 1, tiles.block_m, tiles.block_n)  # 128 of 16 x 32 (64 of 16 x 64 on a T4)
+    assert programs < SPLIT_K_PROGRAMS_PER_SM * info.sm_count <= programs * split.splits
+    assert split.splits == splits and split.chunk % tiles.block_k == 0
+    assert (split.splits - 1) * split.chunk < 4096 <= split.splits * split.chunk
+
+
+@pytest.mark.parametrize(
+    ("key", "m", "k", "n", "batch"),
+    [
+        ("h100", 4096, 4096, 4096, 1),  # thousands of tiles: no split
+        ("h100", 128, 4096, 11008, 4),  # enough tiles with the batch
+        ("h100", 1, 511, 4096, 1),  # K too short for two splits of SPLIT_K_MIN_CHUNK
+        ("t4", 64, 64, 64, 1),
+        ("cpu", 1, 4096, 4096, 1),  # the interpreter has no SMs to fill
+    ],
+)
+def test_no_split_where_the_grid_is_full_k_is_short_or_no_gpu(key: str, m: int, k: int, n: int, batch: int) -> None:
+    with simulate_device(key) as info:
+        assert split_k(m, n, k, batch, fused_tiles(m, n, batch, info), info).splits == 1
+
+
+@given(
+    key=st.sampled_from(["t4", "a100", "h100"]),
+    m=st.integers(1, 4096),
+    n=st.integers(1, 16384),
+    k=st.integers(1, 2**16),
+    batch=st.integers(1, 8),
+)
+@settings(max_examples=300, deadline=None)
+def test_split_k_fills_the_gpu_within_its_limits(key: str, m: int, n: int, k: int, batch: int) -> None:
+    with simulate_device(key) as info:
+        tiles = fused_tiles(m, n, batch, info)
+        split = split_k(m, n, k, batch, tiles, info)
+    programs = _programs(m, n, batch, tiles.block_m, tiles.block_n)
+    wanted = SPLIT_K_PROGRAMS_PER_SM * info.sm_count
+    assert 1 <= split.splits <= SPLIT_K_MAX_SPLITS
+    if split.splits == 1:
+        assert split.chunk == k
+        assert programs >= wanted or k < 2 * SPLIT_K_MIN_CHUNK or batch * m * n * 2 > 2**26
+        return
+    assert programs < wanted and programs * (split.splits - 1) < wanted  # no more splits than it takes
+    assert split.chunk >= SPLIT_K_MIN_CHUNK and split.chunk % tiles.block_k == 0
+    assert (split.splits - 1) * split.chunk < k <= split.splits * split.chunk  # every split has work
+    assert split.splits * batch * m * n <= 2**26
+
+
+@given(
+    k=st.integers(1, 2**20),
+    splits=st.integers(1, 200),
+    block_k=st.sampled_from([16, 32, 64]),
+    outputs=st.integers(1, 2**27),
+)
+@settings(max_examples=300, deadline=None)
+def test_split_chunks_cover_k_in_whole_steps(k: int, splits: int, block_k: int, outputs: int) -> None:
+    split = split_chunks(k, splits, block_k, outputs)
+    assert 1 <= split.splits <= splits
+    assert split.splits * outputs <= 2**26 or split.splits == 1  # the workspace of partial sums stays bounded
+    if split.splits == 1:
+        assert split.chunk == k
+    else:
+        assert split.chunk % block_k == 0 and (split.splits - 1) * split.chunk < k <= split.splits * split.chunk

@@ -46,6 +46,35 @@ def test_small_fp32_products_run_fused(check_matmul: CheckMatmul, m: int, k: int
     torch.testing.assert_close(c, cublas, rtol=2e-3, atol=2e-3 * float(cublas.abs().max()))
 
 
+@pytest.mark.triton
+@pytest.mark.sm75
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 4096, 4096), (4, 4096, 4096), (16, 2048, 8192), (3, 1000, 777)])
+def test_skinny_fp32_products_split_k_where_the_grid_is_small(
+    check_matmul: CheckMatmul, monkeypatch: pytest.MonkeyPatch, m: int, k: int, n: int
+) -> None:
+    from llamatelemetry_tensorcore import _fused_kernels
+    from llamatelemetry_tensorcore.fused_matmul import choose_fused_tiles, choose_split_k
+
+    a, b = _randn(m, k, seed=m) * 1e5, _randn(k, n, seed=n) * 1e-3
+    split = choose_split_k(m, n, k, 1, choose_fused_tiles(m, n, 1, a.device), a.device)
+    if (m, k, n) == (1, 4096, 4096):
+        assert split.splits > 1  # a decode GEMV has fewer output tiles than SMs on every GPU the fused path runs on
+    launches = []
+    split_sum = _fused_kernels._split_sum_kernel
+
+    class _Counted:
+        def __getitem__(self, grid: object) -> object:
+            launches.append(grid)
+            return split_sum[grid]
+
+    monkeypatch.setattr(_fused_kernels, "_split_sum_kernel", _Counted())
+    with record_selections() as rec:
+        c = matmul_tensor_core(a, b, dtype=torch.float16)
+    assert rec.last("matmul_tensor_core") == "fused" and len(launches) == (split.splits > 1)
+    check_matmul(c, a, b, torch.float16)
+    check_matmul(_fused_kernels.fused_matmul(a, b, None, splits=1), a, b, torch.float16)  # and without the split
+
+
 @pytest.mark.sm80
 def test_bf16_numerics(check_matmul: CheckMatmul) -> None:
     a, b = _randn(1023, 777, seed=1) * 1e20, _randn(777, 1001, seed=2)
@@ -84,9 +113,10 @@ def test_gradients_on_gpu() -> None:
     torch.testing.assert_close(a.grad, b.detach().sum(1).expand(64, 96), rtol=1e-2, atol=1e-2)
 
 
-def test_capturable_in_a_cuda_graph(check_matmul: CheckMatmul) -> None:
-    a, b = _randn(130, 70, seed=11) * 1e5, _randn(70, 90, seed=12)
-    out = torch.empty(130, 90, device="cuda")
+@pytest.mark.parametrize(("m", "k", "n"), [(130, 70, 90), (1, 4096, 4096)])  # the second splits K (fused)
+def test_capturable_in_a_cuda_graph(check_matmul: CheckMatmul, m: int, k: int, n: int) -> None:
+    a, b = _randn(m, k, seed=11) * 1e5, _randn(k, n, seed=12)
+    out = torch.empty(m, n, device="cuda")
     stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -310,10 +310,19 @@ def plot_report(report: dict[str, Any], path: str) -> None:
     except ImportError as exc:
         raise ImportError("--plot needs matplotlib: pip install matplotlib") from exc
     rows = [r for r in report["rows"] if r["status"] == "measured" and r["gain"] is not None]
+    gains = [r["gain"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
-    ax.barh([r["title"] for r in rows], [r["gain"] for r in rows], color="#4c72b0")
+    # Gains span 0.5x to 50x: on a log axis a loss points left of 1x and a 1.1x gain stays visible.
+    colors = ["#4c72b0" if g >= 1.0 else "#c44e52" for g in gains]
+    ax.barh([r["title"] for r in rows], [g - 1.0 for g in gains], left=1.0, color=colors)
+    ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("gain over its own baseline (x)")
+    for i, g in enumerate(gains):
+        ax.annotate(f"{g:.2f}x", (g, i), xytext=(4 if g >= 1.0 else -4, 0), textcoords="offset points",
+                    ha="left" if g >= 1.0 else "right", va="center", fontsize=8)  # fmt: skip
+    low, high = min([*gains, 1.0]), max([*gains, 1.0])
+    ax.set_xlim(low / 2, high * 2)
+    ax.set_xlabel("gain over its own baseline (x, log scale; red: slower)")
     ax.set_title(f"llamatelemetry bench: {report['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -12,6 +12,11 @@ for the order of the fp32 sums inside the product:
    :func:`~llamatelemetry_tensorcore.matmul._exponents_from_maxima`), then multiplies tiles of A and B by
    ``2^-eA`` and ``2^-eB``, rounds them to fp16 in registers, accumulates ``tl.dot`` in fp32, rounds the tile to
    fp16 and multiplies it by ``2^(eA+eB)``, stored in the output's dtype.
+3. Split over K (grids too small to fill the GPU): the programs of one output tile each walk a range of K and
+   store their fp32 sums, unrounded, in a workspace ``[splits, batch, M, N]``; :func:`_split_sum_kernel` then adds
+   them in split order (the same order every time: results are reproducible), derives the same exponents from
+   the same partial maxima, rounds the sum to fp16 and unscales it into the output. Only the order of the fp32
+   sums differs from one program per tile, as it already does from the reference.
 
 Powers of two are built from their bits, never by ``exp2``. A scale beyond fp32's exponent range is applied as
 two factors within it, chosen so that the first multiplication is exact and the second rounds once, which is
@@ -21,27 +26,27 @@ through fp32 as well).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from llamatelemetry_core.aot import KernelBuild, kernel_signature
-from llamatelemetry_core.device import DeviceInfo
 from llamatelemetry_core.environment import triton_interpreter_enabled
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_tensorcore.fused_matmul import (
     FusedTiles,
+    SplitK,
     choose_fused_tiles,
+    choose_split_k,
     fused_operands,
-    fused_tiles,
     largest_finite_programs,
     one_launch,
+    split_chunks,
 )
 from llamatelemetry_tensorcore.matmul import product_thresholds
 
-__all__ = ["aot_builds", "fused_matmul"]
+__all__ = ["fused_matmul"]
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -153,6 +158,24 @@ def _scaled_dot(  # type: ignore[no-untyped-def]
 
 
 @triton.jit  # type: ignore[untyped-decorator]
+def _partial_exponents(partial_ptr, programs_a, programs_b, k_bits, half, quarter, eighth, PARTIALS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """``(eA, eB)`` from the partial maxima of the reduction launch (``programs_a`` of A, then ``programs_b`` of B)."""
+    partials = tl.arange(0, PARTIALS)
+    bits_a = tl.max(tl.load(partial_ptr + partials, mask=partials < programs_a, other=0), axis=0)
+    bits_b = tl.max(tl.load(partial_ptr + programs_a + partials, mask=partials < programs_b, other=0), axis=0)
+    return _range_exponents(bits_a, bits_b, k_bits, half, quarter, eighth)
+
+
+@triton.jit
+def _unscaled(total, e_a, e_b):  # type: ignore[no-untyped-def]
+    """Steps 3-4 on a tile's fp32 sums: rounded to fp16, then multiplied by ``2^(eA+eB)`` (in fp32)."""
+    # 2^(eA+eB) as two fp32 factors after a clamp to [-170, 170], beyond which every fp16 value times the power
+    # is 0 or inf in fp32 anyway.
+    e_c = tl.minimum(tl.maximum(e_a + e_b, -170), 170)
+    return total.to(tl.float16).to(tl.float32) * _power_of_two(e_c >> 1) * _power_of_two(e_c - (e_c >> 1))
+
+
+@triton.jit  # type: ignore[untyped-decorator]
 def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
     a_ptr,
     b_ptr,
@@ -170,6 +193,8 @@ def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
     stride_cb,
     stride_cm,
     stride_cn,
+    workspace_ptr,
+    k_chunk,
     programs_a,
     programs_b,
     k_bits,
@@ -184,6 +209,7 @@ def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
     GROUP_M: tl.constexpr,
     REDUCE_BLOCK: tl.constexpr,  # partial maxima read per input, or (ONE_LAUNCH) elements reduced per step
     ONE_LAUNCH: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # program_id(2) walks K[split * k_chunk:][:k_chunk], stores fp32 sums in the workspace
     PIPELINED: tl.constexpr,
 ):
     if ONE_LAUNCH:
@@ -207,20 +233,14 @@ def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
                 offset += REDUCE_BLOCK
         bits_a = tl.max(largest_a, axis=0).to(tl.int32, bitcast=True)
         bits_b = tl.max(largest_b, axis=0).to(tl.int32, bitcast=True)
+        e_a, e_b = _range_exponents(bits_a, bits_b, k_bits, half, quarter, eighth)
     else:
-        partials = tl.arange(0, REDUCE_BLOCK)
-        bits_a = tl.max(tl.load(partial_ptr + partials, mask=partials < programs_a, other=0), axis=0)
-        bits_b = tl.max(tl.load(partial_ptr + programs_a + partials, mask=partials < programs_b, other=0), axis=0)
-    e_a, e_b = _range_exponents(bits_a, bits_b, k_bits, half, quarter, eighth)
-    # 2^-eA and 2^-eB as two fp32 factors each (|eA| reaches 164 for fp32 inputs), 2^(eA+eB) likewise after a
-    # clamp to [-170, 170], beyond which every fp16 value times the power is 0 or inf in fp32 anyway.
+        e_a, e_b = _partial_exponents(partial_ptr, programs_a, programs_b, k_bits, half, quarter, eighth, REDUCE_BLOCK)
+    # 2^-eA and 2^-eB as two fp32 factors each (|eA| reaches 164 for fp32 inputs)
     a_first = _power_of_two((-e_a) >> 1)
     a_second = _power_of_two(-e_a - ((-e_a) >> 1))
     b_first = _power_of_two((-e_b) >> 1)
     b_second = _power_of_two(-e_b - ((-e_b) >> 1))
-    e_c = tl.minimum(tl.maximum(e_a + e_b, -170), 170)
-    c_first = _power_of_two(e_c >> 1)
-    c_second = _power_of_two(e_c - (e_c >> 1))
 
     # grouped order of the output tiles: GROUP_M rows of tiles share the columns of B they read from L2
     pid = tl.program_id(0)
@@ -235,29 +255,84 @@ def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    inner = tl.arange(0, BLOCK_K)
+    if SPLIT_K:
+        k_start = tl.program_id(2) * k_chunk
+        k_end = tl.minimum(K, k_start + k_chunk)
+    else:
+        k_start = 0
+        k_end = K
+    inner = k_start + tl.arange(0, BLOCK_K)
     a_tile = a_ptr + batch * stride_ab + rows[:, None] * stride_am + inner[None, :] * stride_ak
     b_tile = b_ptr + batch * stride_bb + inner[:, None] * stride_bk + cols[None, :] * stride_bn
+    inner = tl.arange(0, BLOCK_K)  # from here on, within the step (masked against what is left of the range)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if PIPELINED:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             acc = _scaled_dot(
-                acc, a_tile, b_tile, rows, cols, inner, K - k0, M, N, a_first, a_second, b_first, b_second
+                acc, a_tile, b_tile, rows, cols, inner, k_end - k0, M, N, a_first, a_second, b_first, b_second
             )
             a_tile += BLOCK_K * stride_ak
             b_tile += BLOCK_K * stride_bk
     else:
-        k0 = 0
-        while k0 < K:
+        k0 = k_start
+        while k0 < k_end:
             acc = _scaled_dot(
-                acc, a_tile, b_tile, rows, cols, inner, K - k0, M, N, a_first, a_second, b_first, b_second
+                acc, a_tile, b_tile, rows, cols, inner, k_end - k0, M, N, a_first, a_second, b_first, b_second
             )
             a_tile += BLOCK_K * stride_ak
             b_tile += BLOCK_K * stride_bk
             k0 += BLOCK_K
-    result = acc.to(tl.float16).to(tl.float32) * c_first * c_second
-    c_tile = c_ptr + batch * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn
-    tl.store(c_tile, result.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+    inside = (rows[:, None] < M) & (cols[None, :] < N)
+    if SPLIT_K:
+        # [splits, batch, M, N], dense: the split-sum launch reads it back (fewer than 2^26 elements: int32)
+        sums = workspace_ptr + ((tl.program_id(2) * tl.num_programs(1) + batch) * M + rows[:, None]) * N
+        tl.store(sums + cols[None, :], acc, mask=inside)
+    else:
+        c_tile = c_ptr + batch * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_tile, _unscaled(acc, e_a, e_b).to(c_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _split_sum_kernel(  # type: ignore[no-untyped-def]
+    workspace_ptr,
+    c_ptr,
+    partial_ptr,
+    M,
+    N,
+    splits,
+    stride_cb,
+    stride_cm,
+    stride_cn,
+    programs_a,
+    programs_b,
+    k_bits,
+    half,
+    quarter,
+    eighth,
+    BLOCK: tl.constexpr,
+    PARTIALS: tl.constexpr,
+    PIPELINED: tl.constexpr,
+):
+    """``C[batch]`` (program_id(1)) from the workspace ``[splits, batch, M, N]`` of fp32 sums: added in split
+    order, rounded to fp16 and unscaled, ``BLOCK`` elements of ``M x N`` per program."""
+    batch = tl.program_id(1)
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = index < M * N
+    sums = workspace_ptr + batch * M * N + index
+    step = tl.num_programs(1) * M * N
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    if PIPELINED:
+        for split in range(splits):
+            total += tl.load(sums + split * step, mask=inside, other=0.0)
+    else:
+        split = 0
+        while split < splits:
+            total += tl.load(sums + split * step, mask=inside, other=0.0)
+            split += 1
+    e_a, e_b = _partial_exponents(partial_ptr, programs_a, programs_b, k_bits, half, quarter, eighth, PARTIALS)
+    row, col = index // N, index % N
+    c = c_ptr + batch * stride_cb + row * stride_cm + col * stride_cn
+    tl.store(c, _unscaled(total, e_a, e_b).to(c_ptr.dtype.element_ty), mask=inside)
 
 
 _MAX_OFFSET = 2**31 - 1  # the largest element offset an int32 index reaches
@@ -282,14 +357,26 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_matmul(
-    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, launches: int | None = None
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor | None,
+    *,
+    launches: int | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """``matmul_tensor_core(a, b, out, dtype=torch.float16)`` for a call the fused path supports (see
     :func:`~llamatelemetry_tensorcore.fused_matmul.fused_scope_reason`), with no host sync.
 
-    ``launches`` (for tests and measurements; the same numbers, bit for bit): ``None`` chooses one launch for
+    Launches: the reduction of A and B to their largest values (skipped for small dense inputs), then the GEMM,
+    or, for a grid of output tiles too small to fill the GPU, the GEMM split over K and the sum of its splits.
+
+    ``launches`` and ``splits`` are for tests and measurements. ``launches``: ``None`` chooses one launch for
     small dense inputs (:func:`~llamatelemetry_tensorcore.fused_matmul.one_launch`) and two otherwise; ``1`` or
-    ``2`` force it. Raises :class:`ConfigurationError` for ``1`` when A or B is not dense in memory.
+    ``2`` force it (the same numbers, bit for bit). ``splits``: ``None`` splits K as
+    :func:`~llamatelemetry_tensorcore.fused_matmul.split_k` chooses (never in one launch); ``1`` never; more
+    splits K into at most that many ranges of whole tile steps (the same numbers but for the order of fp32
+    sums). Raises :class:`ConfigurationError` for ``launches=1`` when A or B is not dense in memory, and for
+    ``launches=1`` with ``splits`` above 1 or ``splits`` below 1.
     """
     a, b = a.detach(), b.detach()
     # The kernels index with int32: a strided view spanning more of its storage than that is read from a copy.
@@ -316,9 +403,21 @@ def fused_matmul(
             "expected A and B dense in memory (contiguous, or transposed contiguous) for one launch, got strides "
             f"{tuple(a.stride())} and {tuple(b.stride())}; pass launches=None or 2"
         )
-    grid = (triton.cdiv(operands.m, tiles.block_m) * triton.cdiv(operands.n, tiles.block_n), operands.batch)
-    automatic = one_launch(a.numel(), b.numel(), grid[0] * grid[1])
-    single = dense and (automatic if launches is None else launches == 1)
+    if splits is not None and (splits < 1 or (splits > 1 and launches == 1)):
+        raise ConfigurationError(
+            f"expected splits >= 1, and 1 (or None) with launches=1 (one launch never splits K), got splits={splits} "
+            f"with launches={launches}"
+        )
+    tiles_mn = triton.cdiv(operands.m, tiles.block_m) * triton.cdiv(operands.n, tiles.block_n)
+    automatic = one_launch(a.numel(), b.numel(), tiles_mn * operands.batch)
+    # splits above 1 ask for the split GEMM, which reads the reduction launch's partial maxima: two launches
+    single = dense and (automatic and (splits or 1) == 1 if launches is None else launches == 1)
+    if single:
+        split = SplitK(1, operands.k)
+    elif splits is None:
+        split = choose_split_k(operands.m, operands.n, operands.k, operands.batch, tiles, a.device)
+    else:
+        split = split_chunks(operands.k, splits, tiles.block_k, math.prod(operands.batched_shape))
     if single:
         programs_a = programs_b = 0
         partial = torch.empty(1, dtype=torch.int32, device=a.device)
@@ -343,7 +442,10 @@ def fused_matmul(
             enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
         )
     k_bits, half, quarter, eighth = product_thresholds(operands.k)
-    _scaled_matmul_kernel[grid](
+    workspace = target
+    if split.splits > 1:
+        workspace = torch.empty((split.splits, *operands.batched_shape), dtype=torch.float32, device=a.device)
+    _scaled_matmul_kernel[(tiles_mn, operands.batch, split.splits)](
         a3,
         b3,
         target,
@@ -360,6 +462,8 @@ def fused_matmul(
         target.stride(0),
         target.stride(1),
         target.stride(2),
+        workspace,
+        split.chunk,
         programs_a,
         programs_b,
         k_bits,
@@ -374,69 +478,38 @@ def fused_matmul(
         GROUP_M=tiles.group_m,
         REDUCE_BLOCK=reduce_block,
         ONE_LAUNCH=single,
+        SPLIT_K=split.splits > 1,
         PIPELINED=not interpreted,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         enable_fp_fusion=True,
     )
+    if split.splits > 1:
+        mn = operands.m * operands.n
+        _split_sum_kernel[(triton.cdiv(mn, tiles.split_sum_block), operands.batch)](
+            workspace,
+            target,
+            partial,
+            operands.m,
+            operands.n,
+            split.splits,
+            target.stride(0),
+            target.stride(1),
+            target.stride(2),
+            programs_a,
+            programs_b,
+            k_bits,
+            half,
+            quarter,
+            eighth,
+            BLOCK=tiles.split_sum_block,
+            PARTIALS=tiles.partials,
+            PIPELINED=not interpreted,
+            num_warps=tiles.split_sum_warps,
+            enable_fp_fusion=True,
+        )
     if c3 is None:
         c.copy_(target.reshape(shape))
     if out is not None and c is not out:
         return out.copy_(c)
     return c
-
-
-# --- ahead-of-time builds (what fused_matmul.kernel_builds yields) -----------------------------------------------
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# (M, N): decode, a few rows, a prefill chunk, squares; between them every tile shape fused_tiles picks
-_AOT_SHAPES = ((1, 4096), (48, 4096), (128, 4096), (1024, 1024), (4096, 4096))
-# The launches' unit strides (row-major A, B and C), which Triton's JIT specializes as constants as well
-_UNIT_STRIDES = ("stride_ak", "stride_bn", "stride_cn")
-
-
-def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles, *, single: bool = False) -> KernelBuild:
-    ptr = "*" + _TRITON_TYPES[in_dtype]
-    types = {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "partial_ptr": "*i32", "half": "i64", "quarter": "i64"}
-    types["eighth"] = "i64"
-    signature = kernel_signature(_scaled_matmul_kernel, types)
-    signature.update(dict.fromkeys(_UNIT_STRIDES, "constexpr"))  # in place: the order stays the kernel's
-    constexprs: dict[str, int | float | bool | str] = {
-        "BLOCK_M": tiles.block_m,
-        "BLOCK_N": tiles.block_n,
-        "BLOCK_K": tiles.block_k,
-        "GROUP_M": tiles.group_m,
-        "REDUCE_BLOCK": tiles.one_launch_block if single else tiles.partials,
-        "ONE_LAUNCH": single,
-        "PIPELINED": True,
-        **dict.fromkeys(_UNIT_STRIDES, 1),
-    }
-    name = (
-        f"tensorcore.fused_matmul[{_TRITON_TYPES[in_dtype]}->fp16,{tiles.block_m}x{tiles.block_n}x{tiles.block_k},"
-        f"w{tiles.num_warps},s{tiles.num_stages}{',one-launch' if single else ''}]"
-    )
-    return KernelBuild(
-        name, _scaled_matmul_kernel, signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages
-    )
-
-
-def _reduction_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
-    ptr = "*" + _TRITON_TYPES[in_dtype]
-    signature = kernel_signature(_largest_finite_kernel, {"a_ptr": ptr, "b_ptr": ptr, "partial_ptr": "*i32"})
-    constexprs: dict[str, int | float | bool | str] = {"BLOCK": tiles.reduce_block, "PIPELINED": True}
-    name = f"tensorcore.largest_finite[{_TRITON_TYPES[in_dtype]},{tiles.reduce_block},w{tiles.reduce_warps}]"
-    return KernelBuild(name, _largest_finite_kernel, signature, constexprs, num_warps=tiles.reduce_warps)
-
-
-def aot_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
-    """The builds on ``device``: the GEMM with the tiles :func:`fused_tiles` picks for decode, prefill and square
-    shapes, from fp32 (and bf16 where the device has it), its one-launch form for a small product, and the
-    reduction."""
-    in_dtypes = [torch.float32, torch.bfloat16] if device.supports_bf16 else [torch.float32]
-    configs = list(dict.fromkeys(fused_tiles(m, n, 1, device) for m, n in _AOT_SHAPES))
-    small = fused_tiles(128, 128, 1, device)  # what one launch takes: A and B of 2^15 elements together
-    for in_dtype in in_dtypes:
-        for tiles in configs:
-            yield _gemm_build(in_dtype, tiles)
-        yield _gemm_build(in_dtype, small, single=True)
-        yield _reduction_build(in_dtype, configs[0])

@@ -1,4 +1,4 @@
-"""The ``fused`` implementation of ``matmul_tensor_core``: the whole specification in one or two Triton launches.
+"""The ``fused`` implementation of ``matmul_tensor_core``: the whole specification in one to three Triton launches.
 
 The ``tensor_core`` path range-scales in separate passes (largest values, exponents, scaled copies of A and B in
 fp16, cuBLAS, unscaling): about 34 kernel launches per fp32 call, a fixed cost that dominates small products
@@ -7,8 +7,9 @@ fp16, cuBLAS, unscaling): about 34 kernel launches per fp32 call, a fixed cost t
 one reduction of A and B to their largest finite magnitudes, then one GEMM that derives the exponents, scales
 and rounds its tiles to fp16 in registers, multiplies them on Tensor Cores with fp32 accumulation, rounds the
 tile to fp16 and unscales it into the output. Small dense inputs take one launch: each GEMM program reduces A
-and B itself. Results equal the reference's except for the order of the fp32
-sums (within the error bound the tests hold cuBLAS to).
+and B itself. A grid of output tiles too small to fill the GPU (few rows) splits K over several programs per
+tile, and a third launch adds their fp32 partial sums, rounds and unscales. Results equal the reference's except
+for the order of the fp32 sums (within the error bound the tests hold cuBLAS to).
 
 Scope (checks refuse anything else with a reason, and the ``tensor_core`` path runs): ``dtype=torch.float16``
 with an input that is not fp16 (fp32, bf16; fp16 with the other one of those); no float64; B of 2 dimensions
@@ -18,8 +19,10 @@ Triton's interpreter on a CPU, without bf16, which NumPy cannot round); and a pr
 :data:`FUSED_MATMUL_MAX_MNK` (:data:`FUSED_INTERPRETED_MAX_MNK` in the interpreter).
 
 Launch heuristics (pure functions of the shape and the device, shared by the launcher and the ahead-of-time
-builds): :func:`fused_tiles`, :func:`largest_finite_programs` and :func:`one_launch` (small dense inputs skip the
-reduction launch: each GEMM program reduces A and B itself).
+builds): :func:`fused_tiles`, :func:`largest_finite_programs`, :func:`one_launch` (small dense inputs skip the
+reduction launch: each GEMM program reduces A and B itself) and :func:`split_k` (a grid of output tiles too small
+to fill the GPU, a decode-shaped ``1 x 4096 x 4096`` product, splits K over several programs per tile, which
+store fp32 partial sums; a third launch adds them in a fixed order, rounds to fp16 and unscales).
 """
 
 from __future__ import annotations
@@ -46,15 +49,22 @@ __all__ = [
     "FUSED_MATMUL_MAX_MNK",
     "FUSED_ONE_LAUNCH_MAX_ELEMENTS",
     "FUSED_ONE_LAUNCH_MAX_PROGRAMS",
+    "SPLIT_K_MAX_SPLITS",
+    "SPLIT_K_MIN_CHUNK",
+    "SPLIT_K_PROGRAMS_PER_SM",
     "FusedOperands",
     "FusedTiles",
+    "SplitK",
     "choose_fused_tiles",
+    "choose_split_k",
     "fused_operands",
     "fused_scope_reason",
     "fused_tiles",
     "kernel_builds",
     "largest_finite_programs",
     "one_launch",
+    "split_chunks",
+    "split_k",
 ]
 
 FUSED = "fused"
@@ -86,6 +96,21 @@ an outer product of two long vectors, small inputs but thousands of output tiles
 FUSED_ONE_LAUNCH_MAX_PROGRAMS = 64
 """Most GEMM programs a one-launch product may have (see :data:`FUSED_ONE_LAUNCH_MAX_ELEMENTS`)."""
 
+SPLIT_K_PROGRAMS_PER_SM = 2
+"""Split K while a product has fewer GEMM programs than this many per SM, up to about as many (see
+:func:`split_k`): one program per SM leaves too few loads in flight to stream a long B at the memory's speed.
+An estimate, like :data:`SPLIT_K_MIN_CHUNK`: ``check_fused_matmul.py --split-k`` times K forced into 1 to 32
+ranges beside the choice."""
+
+SPLIT_K_MIN_CHUNK = 256
+"""Fewest elements of K one split walks (8 steps of a 32-deep tile): shorter walks spend more on the pipeline's
+fill, the partial sums' round trip and the third launch than they save. An estimate; ``check_fused_matmul.py``
+times split and unsplit launches side by side."""
+
+SPLIT_K_MAX_SPLITS = 64
+"""Most splits of K per output tile."""
+
+_SPLIT_WORKSPACE_MAX_ELEMENTS = 2**26  # fp32 partial sums (256 MiB): far below int32 offsets, and bounded memory
 _MAX_ELEMENTS = 2**30  # int32 offsets in the kernels, with room for a block past the last element
 _MAX_BATCH = 65535  # the grid's second dimension
 _PARTIALS = 256  # partial maxima per input: programs of the reduction launch, reduced again by each GEMM program
@@ -107,6 +132,8 @@ class FusedTiles:
     reduce_warps: int
     partials: int = _PARTIALS
     one_launch_block: int = 1024  # elements per step of a GEMM program's own reduction (one launch)
+    split_sum_block: int = 1024  # output elements per program of the split-sum launch (split K)
+    split_sum_warps: int = 4
 
 
 def _pow2_at_least(n: int) -> int:
@@ -165,6 +192,46 @@ def largest_finite_programs(numel: int, tiles: FusedTiles) -> tuple[int, int]:
     programs = min(blocks, tiles.partials)
     span = math.ceil(blocks / programs) * tiles.reduce_block
     return max(1, math.ceil(numel / span)), span
+
+
+@dataclass(frozen=True)
+class SplitK:
+    """How K is divided among the programs of one output tile: ``splits`` consecutive ranges of ``chunk`` elements
+    (a multiple of the tile's depth; the last range takes the rest, never nothing). ``splits == 1``: one program
+    per tile walks all of K (``chunk == K``) and stores the finished tile itself."""
+
+    splits: int
+    chunk: int
+
+
+def split_chunks(k: int, splits: int, block_k: int, outputs: int = 1) -> SplitK:
+    """K divided into at most ``splits`` ranges of whole ``block_k`` steps, none empty: fewer when K is short or
+    when ``splits`` partial sums of ``outputs`` elements (``batch * M * N``) would pass 2^26 fp32 elements."""
+    splits = min(splits, _SPLIT_WORKSPACE_MAX_ELEMENTS // outputs)
+    if splits <= 1 or k <= block_k:
+        return SplitK(1, k)
+    chunk = math.ceil(math.ceil(k / splits) / block_k) * block_k
+    count = math.ceil(k / chunk)
+    return SplitK(count, chunk) if count > 1 else SplitK(1, k)
+
+
+def split_k(m: int, n: int, k: int, batch: int, tiles: FusedTiles, info: DeviceInfo) -> SplitK:
+    """How to split K for a ``[batch, m, k] @ [batch, k, n]`` product launched with ``tiles`` on ``info``.
+
+    A GPU whose grid of output tiles has fewer than :data:`SPLIT_K_PROGRAMS_PER_SM` programs per SM (``1 x 4096
+    x 4096`` on an H100: 128 tiles of 16 x 32 for 132 SMs) gets that many programs in all by splitting K, as
+    long as every split walks at least :data:`SPLIT_K_MIN_CHUNK` elements of K, there are at most
+    :data:`SPLIT_K_MAX_SPLITS`, and the fp32 partial sums (``splits * batch * m * n``) stay within 2^26
+    elements. The Triton interpreter (a CPU) never splits unless told to: it has no SMs to fill.
+    """
+    if not info.is_cuda:
+        return SplitK(1, k)
+    programs = batch * math.ceil(m / tiles.block_m) * math.ceil(n / tiles.block_n)
+    wanted = SPLIT_K_PROGRAMS_PER_SM * info.sm_count
+    if programs >= wanted:
+        return SplitK(1, k)
+    splits = min(math.ceil(wanted / programs), k // SPLIT_K_MIN_CHUNK, SPLIT_K_MAX_SPLITS)
+    return split_chunks(k, splits, tiles.block_k, batch * m * n)
 
 
 @dataclass(frozen=True)
@@ -305,12 +372,12 @@ MATMUL_OPERATION.register(
 
 def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
     """The fused path's builds on ``device`` (listed beside the kernels:
-    :func:`llamatelemetry_tensorcore._fused_kernels.aot_builds`); none without Triton."""
+    :func:`llamatelemetry_tensorcore._fused_aot.aot_builds`); none without Triton."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return
-    from llamatelemetry_tensorcore._fused_kernels import aot_builds
+    from llamatelemetry_tensorcore._fused_aot import aot_builds
 
     yield from aot_builds(device)
 
@@ -318,3 +385,8 @@ def kernel_builds(device: DeviceInfo) -> Iterator[KernelBuild]:
 def choose_fused_tiles(m: int, n: int, batch: int, device: torch.device) -> FusedTiles:
     """:func:`fused_tiles` for a tensor's device (its facts from core's cache: no device query per call)."""
     return fused_tiles(m, n, batch, get_device_info(device, refresh_memory=False))
+
+
+def choose_split_k(m: int, n: int, k: int, batch: int, tiles: FusedTiles, device: torch.device) -> SplitK:
+    """:func:`split_k` for a tensor's device (its facts from core's cache)."""
+    return split_k(m, n, k, batch, tiles, get_device_info(device, refresh_memory=False))

@@ -25,9 +25,10 @@ Implementations (chosen by :mod:`llamatelemetry_core.selection`):
 
 * ``fused`` (CUDA compute capability >= 7.5 with Triton; :mod:`~llamatelemetry_tensorcore.fused_matmul`): steps 1-4
   in two Triton launches (a reduction to the largest values, then one GEMM that scales, rounds, multiplies and
-  unscales its tiles in registers; one launch for small inputs), for fp16 products of non-fp16 inputs up to
-  :data:`~llamatelemetry_tensorcore.fused_matmul.FUSED_MATMUL_MAX_MNK`, where the separate passes of
-  ``tensor_core`` cost more than the product.
+  unscales its tiles in registers; one launch for small inputs; K split over several programs, and a third
+  launch that adds their sums, where the output has too few tiles to fill the GPU), for fp16 products of
+  non-fp16 inputs up to :data:`~llamatelemetry_tensorcore.fused_matmul.FUSED_MATMUL_MAX_MNK`, where the separate
+  passes of ``tensor_core`` cost more than the product.
 * ``tensor_core`` (CUDA, compute capability >= 7.0; bf16 needs >= 8.0): pads the dimensions cuBLAS needs
   aligned with zeros (see :func:`tensor_core_padding`), runs :func:`torch.matmul` in ``dtype``, slices back.
 * ``reference`` (every device): the same numbers from an fp32 matmul of the rounded inputs (a product of two

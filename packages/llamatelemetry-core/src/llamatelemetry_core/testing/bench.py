@@ -6,16 +6,22 @@ run) and :class:`Target` s (a claim checked against a measurement), and ends wit
 the table is printed last, ``results.json`` (schema :data:`SCHEMA`) and ``summary.md`` are written under
 ``benchmarks/results/<slug>/<component>/``, and the exit status is 1 when a target was missed.
 
-Timing on a GPU (:func:`gpu_ms`) flushes the L2 cache between runs (``triton.testing.do_bench`` when Triton is
-installed, the same scheme with CUDA events otherwise) or replays a captured CUDA graph (``graph=True``), which
-removes the launch cost that a serving engine does not pay either. Host-side cost (:func:`host_us`) is the best
-median of several repeats of many calls, in microseconds.
+Timing on a GPU: :func:`gpu_ms` times with CUDA events and flushes the L2 cache before each run;
+:func:`do_bench_ms` is the median of ``triton.testing.do_bench`` (which flushes L2 too, and repeats for a time
+rather than a count). Both replay a captured CUDA graph with ``graph=True``, which removes the launch cost that a
+serving engine does not pay either; :func:`capture_for_timing` is that capture (warm-up on a side stream, ``fn``
+captured one or more times back to back), and :class:`CapturedPair` holds a library call and its baseline
+captured that way for the pytest-benchmark suites. :func:`copy_gbps` is the copy-bandwidth ceiling, timed by
+either; :func:`warm_gpu` brings the clocks up before a series of timings. Host-side cost (:func:`host_us`) is the
+best median of several repeats of many calls, in microseconds.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
+import math
 import platform
 import re
 import statistics
@@ -30,20 +36,25 @@ import torch
 
 from llamatelemetry_core.device import real_device_info
 from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
 
 __all__ = [
     "SCHEMA",
+    "CapturedPair",
     "Report",
     "Row",
     "Target",
+    "capture_for_timing",
     "copy_gbps",
     "device_slug",
+    "do_bench_ms",
     "envelope",
     "environment",
     "gpu_ms",
     "host_us",
     "markdown_table",
     "progress",
+    "warm_gpu",
 ]
 
 SCHEMA = "llamatelemetry-benchmark/1"
@@ -117,38 +128,98 @@ def host_us(fn: Callable[[], object], *, calls: int = 1000, repeats: int = 7) ->
     return best * 1e6
 
 
+def _require_gpu(what: str, advice: str = "run it on a machine with an NVIDIA GPU") -> None:
+    if not torch.cuda.is_available():
+        raise ConfigurationError(f"{what} needs a CUDA device; {advice}")
+
+
 def _l2_bytes() -> int:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return int(getattr(props, "L2_cache_size", 0) or 64 * 2**20)
 
 
-def gpu_ms(fn: Callable[[], object], *, graph: bool = False, reps: int = 50, warmup: int = 5) -> float:
-    """Median GPU time of ``fn`` in milliseconds, with the L2 cache flushed before each run.
+def warm_gpu(seconds: float = 0.5) -> None:
+    """Run fp16 matmuls for about ``seconds`` seconds, so that the timings after it start at full clocks (after
+    a long Triton compile, say). Raises :class:`ConfigurationError` when ``seconds`` is not a finite number > 0,
+    and without a GPU."""
+    given: object = seconds  # checked as the caller may pass it, not as annotated
+    if isinstance(given, bool) or not isinstance(given, int | float) or not 0 < given < math.inf:
+        raise ConfigurationError(f"expected seconds to be a finite number > 0, got {seconds!r}")
+    _require_gpu("warm_gpu")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    end = time.time() + seconds
+    while time.time() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
 
-    ``graph=True`` captures ``fn`` into a CUDA graph once and times its replay (the flush still runs before
-    each replay, outside the graph): launch cost is then gone, as in a serving engine's decode step. Raises
-    :class:`ConfigurationError` without a GPU.
+
+def capture_for_timing(
+    fn: Callable[[], object], launches: int = 1, *, warmup: int = 3, stream: torch.cuda.Stream | None = None
+) -> torch.cuda.CUDAGraph:
+    """``fn`` captured ``launches`` times back to back in one CUDA graph, replayed once, ready to time.
+
+    ``fn`` first runs ``warmup`` times on the capture stream, so that Triton compiles, the caching allocator
+    settles and lazy initialisation happen outside the capture; the device synchronises; ``fn`` is captured
+    ``launches`` times; the graph is replayed once and the device synchronises again, so that a graph that cannot
+    replay fails here rather than in a timing loop. The capture stream is ``stream``, else the current stream when
+    it is a side stream (autograd runs a backward on the stream its forward ran on, so a backward is captured
+    there), else a new side stream (the default stream cannot capture). Every tensor ``fn`` touches must stay alive
+    while the graph is replayed.
+
+    Raises :class:`ConfigurationError` when ``launches`` is not an integer >= 1 or ``warmup`` not one >= 0, and
+    without a GPU.
     """
-    if not torch.cuda.is_available():
-        raise ConfigurationError("gpu_ms needs a CUDA device; time host-side cost with host_us instead")
-    for _ in range(warmup):
-        fn()
+    check_positive_int(launches, "launches")
+    check_non_negative_int(warmup, "warmup")
+    _require_gpu("capture_for_timing")
+    current = torch.cuda.current_stream()
+    if stream is None:
+        side = current != torch.cuda.default_stream()
+        stream = current if side else torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    current.wait_stream(stream)
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def gpu_ms(
+    fn: Callable[[], object], *, graph: bool = False, reps: int = 50, warmup: int = 5, flush_l2: bool = True
+) -> float:
+    """Median GPU time of ``fn`` in milliseconds over ``reps`` runs timed with CUDA events, after ``warmup`` runs.
+
+    The L2 cache is flushed before each run (a buffer twice its size is cleared, outside the timed region) unless
+    ``flush_l2=False``, for a caller whose work is meant to find its inputs where the previous run left them.
+    ``graph=True`` captures ``fn`` once with :func:`capture_for_timing` (the warm-up runs there) and times its replay:
+    launch cost is then gone, as in a serving engine's decode step.
+
+    Raises :class:`ConfigurationError` when ``reps`` is not an integer >= 1 or ``warmup`` not one >= 0, and
+    without a GPU.
+    """
+    check_positive_int(reps, "reps")
+    check_non_negative_int(warmup, "warmup")
+    _require_gpu("gpu_ms", "time host-side cost with host_us instead")
     run: Callable[[], object] = fn
     if graph:
-        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        run = capture_for_timing(fn, warmup=warmup).replay
+    else:
+        for _ in range(warmup):
             fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured):
-            fn()
-        run = captured.replay
-    flush = torch.empty(2 * _l2_bytes(), dtype=torch.int8, device="cuda")
+        torch.cuda.synchronize()
+    flush = torch.empty(2 * _l2_bytes(), dtype=torch.int8, device="cuda") if flush_l2 else None
     samples: list[float] = []
     for _ in range(reps):
-        flush.zero_()
+        if flush is not None:
+            flush.zero_()
         start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         start.record()
@@ -159,16 +230,117 @@ def gpu_ms(fn: Callable[[], object], *, graph: bool = False, reps: int = 50, war
     return statistics.median(samples)
 
 
-def copy_gbps(*, multiple: int = 8) -> float:
-    """The device-to-device copy bandwidth (read + write, GB/s) on a buffer ``multiple`` times the L2 size: the
-    ceiling a memory-bound kernel is compared with, measured in the same run."""
-    if not torch.cuda.is_available():
-        raise ConfigurationError("copy_gbps needs a CUDA device")
-    n = multiple * _l2_bytes()
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+def do_bench_ms(fn: Callable[[], object], *, graph: bool = False, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median time of ``fn`` in milliseconds by ``triton.testing.do_bench``, which flushes the L2 cache before
+    each repetition and repeats for about ``rep_ms`` ms after about ``warmup_ms`` ms of warm-up.
+
+    ``graph=True`` times the replay of ``fn`` captured once with :func:`capture_for_timing`: GPU time alone, no host
+    work per call. Otherwise ``fn`` is called once (Triton compiles outside the timing) and then from Python at
+    every repetition: where the host takes longer to issue a call than the GPU takes to run it, that is what
+    it measures.
+
+    Raises :class:`ConfigurationError` when ``rep_ms`` is not an integer >= 1 or ``warmup_ms`` not one >= 0,
+    without a GPU, and without Triton (:func:`gpu_ms` times with CUDA events alone).
+    """
+    check_positive_int(rep_ms, "rep_ms")
+    check_non_negative_int(warmup_ms, "warmup_ms")
+    _require_gpu("do_bench_ms")
+    try:
+        from triton.testing import do_bench
+    except ImportError as exc:
+        raise ConfigurationError(
+            "do_bench_ms needs Triton (pip install triton); gpu_ms times with CUDA events without it"
+        ) from exc
+    run: Callable[[], object] = fn
+    if graph:
+        run = capture_for_timing(fn).replay
+    else:
+        fn()
+        torch.cuda.synchronize()
+    return float(do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_gbps(
+    *,
+    multiple: int = 8,
+    buffer_bytes: int | None = None,
+    kernel: bool = False,
+    time_ms: Callable[[Callable[[], object]], float] | None = None,
+) -> float:
+    """The device-to-device copy bandwidth in GB/s (bytes read + written, over the time of one copy): the
+    ceiling a memory-bound kernel is compared with, measured in the same run.
+
+    The source buffer holds ``buffer_bytes`` bytes, by default ``multiple`` times the L2 size, so that the copy
+    runs from device memory. ``kernel=True`` copies with an elementwise kernel (an exact fp16 multiply by one)
+    instead of ``copy_``: a ``copy_`` captured in a CUDA graph becomes a memcpy node, which the driver may run on a
+    copy engine slower than the SMs. ``time_ms`` times one copy in milliseconds: by default :func:`gpu_ms` over
+    20 runs (eager, L2 flushed); pass ``functools.partial(do_bench_ms, graph=True)`` to time the copy the way the
+    kernels beside it are timed.
+
+    Raises :class:`ConfigurationError` when ``multiple`` or ``buffer_bytes`` is not an integer >= 1, and without
+    a GPU.
+    """
+    check_positive_int(multiple, "multiple")
+    if buffer_bytes is not None:
+        check_positive_int(buffer_bytes, "buffer_bytes")
+    _require_gpu("copy_gbps")
+    n = buffer_bytes if buffer_bytes is not None else multiple * _l2_bytes()
+    dtype = torch.float16 if kernel else torch.uint8
+    src = torch.empty(max(n // dtype.itemsize, 1), dtype=dtype, device="cuda")
     dst = torch.empty_like(src)
-    ms = gpu_ms(lambda: dst.copy_(src), reps=20)
-    return 2 * n / (ms * 1e-3) / 1e9
+    timer = time_ms if time_ms is not None else functools.partial(gpu_ms, reps=20)
+    copy: Callable[[], object] = (lambda: torch.mul(src, 1.0, out=dst)) if kernel else (lambda: dst.copy_(src))
+    ms = timer(copy)
+    return 2 * src.nbytes / (ms * 1e-3) / 1e9
+
+
+@dataclass(frozen=True)
+class CapturedPair:
+    """A library call and its baseline, each captured ``launches`` times back to back in one CUDA graph
+    (:func:`capture_for_timing`), with what one call moves (``moved_bytes``, read + written) or computes (``flops``):
+    both sides of a pytest-benchmark comparison, built once per case and replayed by each side's benchmark.
+
+    ``implementations`` records which implementation each operation of the library's call ran, and
+    ``baseline_name`` names the baseline in the library's row.
+    """
+
+    group: str
+    ours: torch.cuda.CUDAGraph
+    baseline: torch.cuda.CUDAGraph
+    launches: int
+    baseline_name: str = "torch"
+    moved_bytes: int = 0
+    flops: int = 0
+    implementations: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def capture(
+        cls,
+        group: str,
+        ours: Callable[[], object],
+        baseline: Callable[[], object],
+        *,
+        launches: int,
+        baseline_name: str = "torch",
+        moved_bytes: int = 0,
+        flops: int = 0,
+        implementations: dict[str, str] | None = None,
+    ) -> CapturedPair:
+        """Capture ``ours`` and ``baseline`` ``launches`` times each. Raises :class:`ConfigurationError` when
+        ``launches`` is not an integer >= 1, ``moved_bytes`` or ``flops`` not one >= 0, and without a GPU."""
+        check_positive_int(launches, "launches")
+        check_non_negative_int(moved_bytes, "moved_bytes")
+        check_non_negative_int(flops, "flops")
+        return cls(
+            group,
+            capture_for_timing(ours, launches),
+            capture_for_timing(baseline, launches),
+            launches,
+            baseline_name,
+            moved_bytes,
+            flops,
+            dict(implementations or {}),
+        )
 
 
 @dataclass(frozen=True)
