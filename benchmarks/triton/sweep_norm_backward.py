@@ -14,7 +14,8 @@ on request), shape (``--shapes``: 4096x4096, 16384x8192, 4096x16384) and dtype (
    A case passes at or under 1.0, or under twice PyTorch eager's own score in that dtype.
 2. Timing (``llamatelemetry_core.testing.bench.gpu_ms``: median, L2 flushed, replayed from a CUDA graph, so GPU
    time alone; a call that cannot be captured is timed eagerly and says so): the backward alone, as
-   ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True)`` after one forward, for the library,
+   ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True)`` after one forward made on a side
+   stream (autograd runs the backward there, where the graph captures it), for the library,
    PyTorch eager (``F.rms_norm`` / ``F.layer_norm``) and ``torch.compile`` of the library's reference; then the
    library's backward launcher called directly with each swept launch. Where rows are read twice (2-byte rows
    of 8193-16384 elements) the sweep covers 8, 16 and 32 warps (``--warps``), the first read (the row's two sums)
@@ -131,30 +132,35 @@ def _inputs(op: Op, rows: int, cols: int, dtype: torch.dtype, device: torch.devi
 
 @dataclass
 class Training:
-    """One function's forward and backward on leaf copies of the inputs, with cotangents rounded to the dtype (the
-    same for every function): ``step`` runs both, ``forward`` the forward alone (autograd recording, as in the
-    step); ``grads`` are the gradients of the inputs."""
+    """One forward of a function on leaf copies of the inputs, made on ``stream`` (a side stream on a GPU: autograd
+    runs a backward on its forward's stream, and a CUDA graph can capture there); ``backward`` computes the
+    gradients of the inputs again (``retain_graph``) for cotangents rounded to the dtype, the same for every
+    function; ``grads`` are those gradients."""
 
-    step: Callable[[], object]
-    forward: Callable[[], object]
+    backward: Callable[[], object]
     grads: list[torch.Tensor]
+    stream: torch.cuda.Stream | None
 
 
 def _training(fn: Fn, inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> Training:
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-
-    def outputs() -> list[torch.Tensor]:
+    device = inputs[0].device
+    stream = torch.cuda.Stream() if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
         out = fn(*leaves)
-        return list(out) if isinstance(out, tuple) else [out]
+        outs = list(out) if isinstance(out, tuple) else [out]
+        gen = torch.Generator(device=device).manual_seed(1)
+        cotangents = [torch.randn(o.shape, generator=gen, device=device).to(dtype).to(o.dtype) for o in outs]
 
-    shapes = [(o.shape, o.dtype) for o in outputs()]
-    gen = torch.Generator(device=leaves[0].device).manual_seed(1)
-    cotangents = [torch.randn(shape, generator=gen, device=leaves[0].device).to(dtype).to(d) for shape, d in shapes]
+        def backward() -> tuple[torch.Tensor, ...]:
+            return torch.autograd.grad(outs, leaves, cotangents, retain_graph=True)
 
-    def step() -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(outputs(), leaves, cotangents)
-
-    return Training(step, outputs, [g.detach() for g in step()])
+        grads = [g.detach() for g in backward()]
+    if stream is not None:
+        torch.cuda.current_stream().wait_stream(stream)
+    return Training(backward, grads, stream)
 
 
 def _score(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
@@ -164,15 +170,17 @@ def _score(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
     return float(((got.double() - want64).abs() / (tol.atol + tol.rtol * want64.abs())).max())
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float | None, str]:
-    """GPU ms of ``fn`` replayed from a CUDA graph; eagerly where it cannot be captured; ``None`` where it fails."""
-    try:
-        return gpu_ms(fn, graph=True), ""
-    except Exception as exc:  # a baseline that cannot be captured (torch.compile, say) is timed eagerly
+def _timed(fn: Callable[[], object], stream: torch.cuda.Stream | None = None) -> tuple[float | None, str]:
+    """GPU ms of ``fn`` replayed from a CUDA graph captured on ``stream`` (or a side stream of its own); timed
+    eagerly where it cannot be captured (the note says so); ``None`` where it fails."""
+    with torch.cuda.stream(stream):
         try:
-            return gpu_ms(fn), f"eager calls ({type(exc).__name__} in capture)"
-        except Exception as again:
-            return None, f"failed: {type(again).__name__}: {again}"[:200]
+            return gpu_ms(fn, graph=True), ""
+        except Exception as exc:  # a baseline that cannot be captured (torch.compile, say) is timed eagerly
+            try:
+                return gpu_ms(fn), f"eager calls ({type(exc).__name__} in capture)"
+            except Exception as again:
+                return None, f"failed: {type(again).__name__}: {again}"[:200]
 
 
 def _backward_ms(
@@ -183,17 +191,11 @@ def _backward_ms(
     eager_ms: float | None,
     note: Callable[[float | None, str], str],
 ) -> float | None:
-    """Adds the rows of one implementation (forward + backward, forward, their difference) and returns the
-    backward's ms (``None`` where a timing failed)."""
-    both, how_both = _timed(training.step)
-    forward, how_forward = _timed(training.forward)
-    how = "; ".join(h for h in (how_both, how_forward) if h)
-    report.add(Row(group, f"{name} forward + backward", both or float("nan"), "ms", note=how))
-    report.add(Row(group, f"{name} forward", forward or float("nan"), "ms"))
-    backward = None if both is None or forward is None else both - forward
+    """Adds the row of one implementation's backward and returns its ms (``None`` where timing failed)."""
+    ms, how = _timed(training.backward, training.stream)
     baseline = None if name == "PyTorch eager" else eager_ms
-    report.add(Row(group, f"{name} backward", backward or float("nan"), "ms", baseline, "eager", note(backward, "")))
-    return backward
+    report.add(Row(group, f"{name} backward", ms or float("nan"), "ms", baseline, "eager", note(ms, how)))
+    return ms
 
 
 def _sweep(config: LaunchConfig, warps: Sequence[int]) -> dict[str, LaunchConfig]:
@@ -279,8 +281,6 @@ def run_case(
         gbps = n_bytes / ms / 1e6
         return f"{gbps:.0f} GB/s, {100 * gbps / copy:.1f}% of copy" + (f"; {extra}" if extra else "")
 
-    # Backward time = (forward + backward) - forward, both replayed from CUDA graphs: autograd runs a backward on
-    # the forward's stream, so a backward alone cannot be captured apart from its forward.
     case.eager = _backward_ms(report, group, "PyTorch eager", eager, None, note)
     try:
         compiled = _training(torch.compile(_with_eps(op.reference), dynamic=False), inputs, dtype)
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/<gpu>/...)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
+    torch._functorch.config.donated_buffer = False  # the compiled backward runs again (retain_graph)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     dtypes = [DTYPES[d] for d in args.dtypes.split(",") if gpu or d == "fp16"]  # NumPy has no bfloat16
     warps = [int(w) for w in args.warps.split(",")]
