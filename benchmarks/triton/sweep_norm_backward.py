@@ -12,16 +12,16 @@ on request), shape (``--shapes``: 4096x4096, 16384x8192, 4096x16384) and dtype (
    from each swept launch, against PyTorch's autograd of the fp32 reference on the same inputs, scored as the
    largest ``|got - want| / (atol + rtol |want|)`` with the shared tolerance of the dtype (1.0 is the edge).
    A case passes at or under 1.0, or under twice PyTorch eager's own score in that dtype.
-2. Timing (``llamatelemetry_core.testing.bench.gpu_ms``: median, L2 flushed, replayed from a CUDA graph, so GPU
-   time alone; a call that cannot be captured is timed eagerly and says so): the backward alone, as
-   ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True)`` after one forward made on a side
-   stream (autograd runs the backward there, where the graph captures it), for the library,
-   PyTorch eager (``F.rms_norm`` / ``F.layer_norm``) and ``torch.compile`` of the library's reference; then the
-   library's backward launcher called directly with each swept launch. Where rows are read twice (2-byte rows
-   of 8193-16384 elements) the sweep covers 8, 16 and 32 warps (``--warps``), the first read (the row's two sums)
-   unrolled or looped, and for comparison the row held in registers (which spills) and the row looped over in
-   blocks of 4096 (the path before). GB/s count each
-   input read once and each output written once; the ceiling is ``copy_gbps`` measured in the same run.
+2. Timing (``llamatelemetry_core.testing.bench.gpu_ms``: median, L2 flushed, replayed from a CUDA graph, so GPU time
+   alone; a call that cannot be captured is timed eagerly and says so): the backward alone, as
+   ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True)`` after one forward made on a side stream
+   (autograd runs the backward there, where the graph captures it), for the library, PyTorch eager (``F.rms_norm`` /
+   ``F.layer_norm``) and ``torch.compile`` of the library's reference; then the library's backward launcher called
+   directly with each swept launch. Where rows are read twice (2-byte rows of 8193-16384 elements) the sweep covers
+   8, 16 and 32 warps (``--warps``), the first read (the row's two sums) in blocks of 2048 or 4096, unrolled or
+   looped, and for comparison the row held in registers (which spills) and the row looped over in blocks of 4096
+   (the path before). GB/s count each input read once and each output written once; the ceiling is ``copy_gbps``
+   measured in the same run.
 
 Writes ``results.json`` and ``summary.md`` under ``benchmarks/results/<gpu-slug>/triton-norm-backward`` and prints
 a short table last (one line per case). Exit status 1 when a gradient is wrong, or when the library's backward
@@ -56,7 +56,7 @@ from llamatelemetry_triton import (
     triton_rmsnorm,
 )
 from llamatelemetry_triton._dispatch import device_info
-from llamatelemetry_triton.heuristics import NORM_BWD_SUM_BLOCK, NORM_LOOP_BLOCK, LaunchConfig, norm_config
+from llamatelemetry_triton.heuristics import NORM_LOOP_BLOCK, LaunchConfig, norm_config
 from llamatelemetry_triton.ops._norm_backward import _norm_backward
 from llamatelemetry_triton.ops.norm import _norm_forward
 
@@ -205,12 +205,14 @@ def _sweep(config: LaunchConfig, warps: Sequence[int]) -> dict[str, LaunchConfig
         return {"chosen": config}
 
     def label(c: LaunchConfig) -> str:
-        return f"read twice, sums {'unrolled' if c.unrolled else 'looped'}, {c.num_warps} warps"
+        sums = f"sums in {c.chunk_size}s {'unrolled' if c.unrolled else 'looped'}"
+        return f"read twice, {sums}, {c.num_warps} warps"
+
+    def first_read(chunk: int, unrolled: bool) -> LaunchConfig:
+        return dataclasses.replace(config, chunk_size=chunk, unrolled=config.block_size // chunk if unrolled else 0)
 
     swept = [dataclasses.replace(config, num_warps=w) for w in warps]
-    swept.append(
-        dataclasses.replace(config, unrolled=0 if config.unrolled else config.block_size // NORM_BWD_SUM_BLOCK)
-    )
+    swept += [first_read(chunk, unrolled) for chunk in (2048, 4096) for unrolled in (False, True)]
     launches = {label(c): c for c in swept}
     launches["held (spills), 16 warps"] = dataclasses.replace(config, num_warps=16, reread_row=False, unrolled=0)
     looped = LaunchConfig(NORM_LOOP_BLOCK, 16, 2, single_block=False)

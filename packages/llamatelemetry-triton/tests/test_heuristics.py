@@ -58,7 +58,9 @@ def test_norm_config_covers_the_row_and_fits(
         assert backward and config.single_block and config.block_size > NORM_BWD_MAX_HELD_ROW
         assert dtype.itemsize == 2 and n_cols % 16 == 0
     if config.unrolled:  # a re-read row's first read, in blocks that cover the row
-        assert config.reread_row and config.unrolled * NORM_BWD_SUM_BLOCK == config.block_size
+        assert config.reread_row and config.unrolled * config.chunk_size == config.block_size
+    if config.reread_row:
+        assert config.chunk_size == NORM_BWD_SUM_BLOCK
     if cap is not None:
         assert config.block_size <= cap
     if device.shared_memory_per_block_bytes is not None and not config.single_block:  # loops are pipelined

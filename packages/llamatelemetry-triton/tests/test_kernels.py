@@ -40,7 +40,7 @@ from llamatelemetry_triton import (
     triton_swiglu,
 )
 from llamatelemetry_triton._dispatch import device_info
-from llamatelemetry_triton.heuristics import NORM_BWD_SUM_BLOCK, NORM_LOOP_BLOCK, LaunchConfig, norm_config
+from llamatelemetry_triton.heuristics import NORM_LOOP_BLOCK, LaunchConfig, norm_config
 from llamatelemetry_triton.ops._norm_backward import _norm_backward
 from llamatelemetry_triton.ops.norm import _norm_forward
 
@@ -283,8 +283,9 @@ def test_norm_backward_of_a_row_too_long_to_hold_reads_it_twice(kind: str, dtype
 
 @pytest.mark.parametrize("is_rms", [True, False])
 def test_every_launch_of_a_long_row_backward_gives_the_same_gradients(is_rms: bool) -> None:
-    """The launches a benchmark sweeps at 8208 elements (first read unrolled or looped, the row held, the row
-    looped in blocks) compute the same dx, dweight and dbias as the chosen one, up to the order of the sums."""
+    """The launches a benchmark sweeps at 8208 elements (first read unrolled or looped, in blocks of 2048 or
+    4096; the row held; the row looped in blocks) compute the chosen one's dx, dweight and dbias, up to the
+    order of the sums."""
     n = 8208
     gen = torch.Generator().manual_seed(3)
     x, dy = (_random([2, n], torch.float16, "contiguous", gen) for _ in range(2))
@@ -295,7 +296,8 @@ def test_every_launch_of_a_long_row_backward_gives_the_same_gradients(is_rms: bo
     chosen = norm_config(n, x.dtype, device_info(x.device), backward=True, layernorm=not is_rms)
     assert chosen.reread_row and bool(chosen.unrolled) == is_rms
     launches = [
-        dataclasses.replace(chosen, unrolled=0 if chosen.unrolled else chosen.block_size // NORM_BWD_SUM_BLOCK),
+        dataclasses.replace(chosen, unrolled=0 if chosen.unrolled else chosen.block_size // chosen.chunk_size),
+        dataclasses.replace(chosen, chunk_size=4096, unrolled=4 if chosen.unrolled else 0),
         dataclasses.replace(chosen, reread_row=False, unrolled=0),
         LaunchConfig(NORM_LOOP_BLOCK, 16, 2, single_block=False),
     ]

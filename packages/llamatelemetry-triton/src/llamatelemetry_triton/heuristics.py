@@ -94,9 +94,10 @@ class LaunchConfig:
 
     ``single_block`` is true when a whole row fits in one block (held in registers); ``reread_row`` when such a
     row is read twice rather than held from its first read to its last use (norm backward of long rows), its
-    first read in ``unrolled`` blocks unrolled at compile time (0: a loop at run time);
-    ``splits`` is the number of programs sharing one row (softmax of very long rows); ``programs`` is a fixed
-    grid size where the kernel loops over rows itself (norm backward), else 0.
+    first read in blocks of ``chunk_size``, ``unrolled`` of them unrolled at compile time (0: a loop at run time);
+    ``splits`` is the number of programs sharing one row (softmax of very long rows), each taking ``chunk_size``
+    elements; ``chunk_size`` is also the heads RoPE rotates at once; ``programs`` is a fixed grid size where the
+    kernel loops over rows itself (norm backward), else 0.
     """
 
     block_size: int
@@ -222,7 +223,8 @@ def norm_config(
             # holding a bias accumulator as well, would spill on sm_90, and loops.
             unrolled = block // NORM_BWD_SUM_BLOCK if reread and not layernorm else 0
             warps = min(16, 2 * _warps_for(block, size))
-            return LaunchConfig(block, warps, reread_row=reread, unrolled=unrolled)
+            chunk = NORM_BWD_SUM_BLOCK if reread else 0
+            return LaunchConfig(block, warps, reread_row=reread, unrolled=unrolled, chunk_size=chunk)
     elif block <= _cap(NORM_MAX_SINGLE_BLOCK, max_block):
         warps = _warps_for(block, size)
         if layernorm and block <= NORM_BWD_MAX_HELD_ROW:

@@ -371,7 +371,7 @@ def _norm_backward(
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
             REREAD_ROW=config.reread_row,
-            SUM_BLOCK=NORM_BWD_SUM_BLOCK,
+            SUM_BLOCK=config.chunk_size or NORM_BWD_SUM_BLOCK,
             UNROLLED=config.unrolled,
             num_warps=config.num_warps,
             enable_fp_fusion=True,
@@ -486,7 +486,11 @@ def backward_build(
         kernel_signature(_norm_bwd_kernel, types),
         {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": bias, "HAS_DRES": residual}
         | {"SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size}
-        | {"REREAD_ROW": config.reread_row, "SUM_BLOCK": NORM_BWD_SUM_BLOCK, "UNROLLED": config.unrolled},
+        | {
+            "REREAD_ROW": config.reread_row,
+            "SUM_BLOCK": config.chunk_size or NORM_BWD_SUM_BLOCK,
+            "UNROLLED": config.unrolled,
+        },
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
