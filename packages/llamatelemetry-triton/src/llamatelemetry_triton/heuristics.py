@@ -64,13 +64,15 @@ NORM_BWD_MAX_SINGLE_BLOCK = 16384
 and bias gradient accumulators of the whole row in registers across its rows, reads each row twice (in small
 blocks for the row's two sums, then whole for dx; the second read is served by L1/L2) and holds nothing else
 across rows. At 16384 in 16 warps that fits the 128 registers a 512-thread program may use (sm_75 and sm_90,
-checked ahead of time: no spills, but for a few scalars of the fused LayerNorm on sm_90). fp32 rows stop at
+checked ahead of time: no spills, but for a few registers of the fused LayerNorm on sm_90). fp32 rows stop at
 :data:`NORM_BWD_MAX_HELD_ROW`: their loads alone need twice the registers. Longer rows loop."""
 NORM_BWD_MAX_HELD_ROW = 8192
 """Longest row the norm backward holds in registers from its one read to ``dx`` (weight held too): about seven
 row-sized fp32 values per element. Rows up to :data:`NORM_BWD_MAX_SINGLE_BLOCK` are read twice instead."""
 NORM_BWD_SUM_BLOCK = 2048
-"""Block of a re-read row's first read (its two sums) in the norm backward: 4096 spills LayerNorm on sm_90."""
+"""Block of a re-read row's first read (its two sums) in the norm backward: with 2048, RMSNorm (unrolled), fused
+add + RMSNorm and LayerNorm fit with no spills on sm_75 and sm_90 under Triton 3.6 and 3.9; 4096 spills 8-16
+bytes in some of them."""
 NORM_LOOP_BLOCK = 4096
 """Block of a norm kernel looping over a row longer than its single-block limit."""
 SOFTMAX_MAX_SINGLE_BLOCK = 16384
