@@ -8,6 +8,7 @@ longer than a block are made cheap with a small forced block size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -39,7 +40,9 @@ from llamatelemetry_triton import (
     triton_swiglu,
 )
 from llamatelemetry_triton._dispatch import device_info
-from llamatelemetry_triton.heuristics import norm_config
+from llamatelemetry_triton.heuristics import NORM_LOOP_BLOCK, LaunchConfig, norm_config
+from llamatelemetry_triton.ops._norm_backward import _norm_backward
+from llamatelemetry_triton.ops.norm import _norm_forward
 
 pytestmark = pytest.mark.triton
 
@@ -276,6 +279,35 @@ def test_norm_backward_of_a_row_too_long_to_hold_reads_it_twice(kind: str, dtype
     for i, (got, want) in enumerate(zip(got_grads, want_grads, strict=True)):
         assert got is not None and want is not None
         assert_close(got, want, atol=8e-3, rtol=8e-3, name=f"{kind} grad #{i}")
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_every_launch_of_a_long_row_backward_gives_the_same_gradients(is_rms: bool) -> None:
+    """The launches a benchmark sweeps at 8208 elements (first read unrolled or looped, in blocks of 2048 or
+    4096; the row held; the row looped in blocks) compute the chosen one's dx, dweight and dbias, up to the
+    order of the sums."""
+    n = 8208
+    gen = torch.Generator().manual_seed(3)
+    x, dy = (_random([2, n], torch.float16, "contiguous", gen) for _ in range(2))
+    w, b = (_random([n], torch.float16, "contiguous", gen) for _ in range(2))
+    bias = None if is_rms else b
+    _, _, mean, rstd = _norm_forward(x, None, w, bias, 1e-5, is_rms)
+    assert rstd is not None
+    chosen = norm_config(n, x.dtype, device_info(x.device), backward=True, layernorm=not is_rms)
+    assert chosen.reread_row and bool(chosen.unrolled) == is_rms
+    launches = [
+        dataclasses.replace(chosen, unrolled=0 if chosen.unrolled else chosen.block_size // chosen.chunk_size),
+        dataclasses.replace(chosen, chunk_size=4096, unrolled=4 if chosen.unrolled else 0),
+        dataclasses.replace(chosen, reread_row=False, unrolled=0),
+        LaunchConfig(NORM_LOOP_BLOCK, 16, 2, single_block=False),
+    ]
+    want = _norm_backward(dy, x, None, w, mean, rstd, is_rms, not is_rms, config=chosen)
+    for config in launches:
+        got = _norm_backward(dy, x, None, w, mean, rstd, is_rms, not is_rms, config=config)
+        for i, (g, e) in enumerate(zip(got, want, strict=True)):
+            assert (g is None) == (e is None)
+            if g is not None and e is not None:
+                assert_close(g, e, name=f"{config}: output #{i}")
 
 
 @SETTINGS
