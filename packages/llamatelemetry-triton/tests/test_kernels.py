@@ -40,7 +40,7 @@ from llamatelemetry_triton import (
     triton_swiglu,
 )
 from llamatelemetry_triton._dispatch import device_info
-from llamatelemetry_triton.heuristics import NORM_LOOP_BLOCK, LaunchConfig, norm_config
+from llamatelemetry_triton.heuristics import NORM_BWD_SUM_BLOCK, NORM_LOOP_BLOCK, LaunchConfig, norm_config
 from llamatelemetry_triton.ops._norm_backward import _norm_backward
 from llamatelemetry_triton.ops.norm import _norm_forward
 
@@ -258,10 +258,12 @@ def test_norm_backward_with_optional_parameters_absent(params: str, cap: int | N
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm", "fused_rms", "fused_layer"])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-def test_norm_backward_of_a_row_too_long_to_hold_reads_it_twice(kind: str, dtype: torch.dtype) -> None:
-    """Rows past 8192 elements (here 8208: a 16384 block, two rows) take the single block that reads them twice."""
+def test_norm_backward_of_a_row_past_8192_takes_one_block(kind: str, dtype: torch.dtype) -> None:
+    """Rows past 8192 elements (here 8208: a 16384 block, two rows) take a single block: RMSNorm holds it,
+    LayerNorm reads it twice."""
     n = 8208
-    assert norm_config(n, dtype, device_info(torch.device(DEVICE)), backward=True).reread_row
+    config = norm_config(n, dtype, device_info(torch.device(DEVICE)), backward=True, layernorm="layer" in kind)
+    assert config.single_block and config.reread_row == ("layer" in kind)
     gen = torch.Generator().manual_seed(11)
     x, r = (_random([2, n], dtype, "contiguous", gen) for _ in range(2))
     w, b = (_random([n], dtype, "contiguous", gen) for _ in range(2))
@@ -294,11 +296,14 @@ def test_every_launch_of_a_long_row_backward_gives_the_same_gradients(is_rms: bo
     _, _, mean, rstd = _norm_forward(x, None, w, bias, 1e-5, is_rms)
     assert rstd is not None
     chosen = norm_config(n, x.dtype, device_info(x.device), backward=True, layernorm=not is_rms)
-    assert chosen.reread_row and bool(chosen.unrolled) == is_rms
+    assert chosen.single_block and chosen.reread_row == (not is_rms) and chosen.unrolled == 0
+    reread = dataclasses.replace(chosen, reread_row=True, chunk_size=NORM_BWD_SUM_BLOCK)
     launches = [
-        dataclasses.replace(chosen, unrolled=0 if chosen.unrolled else chosen.block_size // chosen.chunk_size),
-        dataclasses.replace(chosen, chunk_size=4096, unrolled=4 if chosen.unrolled else 0),
-        dataclasses.replace(chosen, reread_row=False, unrolled=0),
+        reread,
+        dataclasses.replace(reread, unrolled=reread.block_size // reread.chunk_size),
+        dataclasses.replace(reread, chunk_size=4096),
+        dataclasses.replace(reread, chunk_size=4096, unrolled=reread.block_size // 4096),
+        dataclasses.replace(chosen, reread_row=False, chunk_size=0),
         LaunchConfig(NORM_LOOP_BLOCK, 16, 2, single_block=False),
     ]
     want = _norm_backward(dy, x, None, w, mean, rstd, is_rms, not is_rms, config=chosen)

@@ -10,11 +10,12 @@ tutorial and Liger-Kernel::
     dx = rstd * (g - xhat * mean(g * xhat) - mean(g))       (RMSNorm: without the last term)
     dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)
 
-A row is taken in one of three ways (:func:`~llamatelemetry_triton.heuristics.norm_config` chooses): held (up to
-8192 elements: the row, the weight and the accumulators in registers, one read); read twice (2-byte rows of up to
-16384 elements, too many registers to hold: only the accumulators stay, the row's two sums come from a first read
-in blocks and dx from a second read of the whole row, served by L1/L2); or looped (longer rows, and fp32 past
-8192: two passes in blocks, the program's partial dweight/dbias row in global memory).
+A row is taken in one of three ways (:func:`~llamatelemetry_triton.heuristics.norm_config` chooses): held (the
+row, the weight and the accumulators in registers, one read: up to 8192 elements, and RMSNorm's 2-byte rows of up
+to 16384, which spill a little but were timed faster than the next way); read twice (LayerNorm's 2-byte rows of
+8193-16384 elements: only the accumulators stay, the row's two sums come from a first read in blocks and dx from
+a second read of the whole row, served by L1/L2); or looped (longer rows, and fp32 past 8192: two passes in
+blocks, the program's partial dweight/dbias row in global memory).
 """
 
 from __future__ import annotations
