@@ -236,3 +236,18 @@ def test_a_full_output_is_reported_once_without_a_traceback() -> None:
         )
     assert proc.returncode == 1
     assert "cannot write the report" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("simulate", [[], ["--simulate", "t4"], ["--simulate", "cpu"]])
+def test_human_output_never_prints_none(
+    simulate: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without package metadata (sources put on the path by hand) the versions come from the modules themselves;
+    # a CPU build of torch has no CUDA or cuDNN version, which is said in words.
+    monkeypatch.setattr("llamatelemetry.cli.distribution_version", lambda name: None)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert main(["doctor", *simulate]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out
+    assert "CPU build: no CUDA, no cuDNN" in out
+    assert "llamatelemetry-core: 0.1.0" in out and "llamatelemetry-triton: 0.1.0 -> " in out
