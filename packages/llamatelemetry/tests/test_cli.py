@@ -170,7 +170,26 @@ def test_the_shipped_measurements_match_benchmarks_results(load_script: Callable
     assert measured_results() == json.loads(module.render()), "run: python scripts/benchmark_summary.py"
     for gpu in measured_results()["gpus"].values():
         for operation in gpu["operations"].values():
-            assert (ROOT / operation["source"]).is_file()
+            for source in operation["source"].split(", "):
+                assert (ROOT / source).is_file()
+
+
+def test_every_measured_operation_of_the_h200_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    # The fused matmul (its first table and the later split-K run) and paged attention were measured there:
+    # doctor must not call them "not measured on this GPU", and the matmul's losses show beside its gains.
+    assert main(["doctor", "--json", "--simulate", "h200"]) == 0
+    h200 = json.loads(capsys.readouterr().out)
+    matmul = h200["operations"]["tensorcore.matmul"]
+    if matmul["selected"] != "fused":
+        pytest.skip("needs the Triton component and Triton installed (the cpu-triton matrix)")
+    measured = matmul["measured"]
+    assert measured["applies"] and measured["device"] == "NVIDIA H200"
+    assert measured["eager_calls"][0] < 1 < measured["gpu_time"][1]
+    assert "tensorcore-fused-split-k/results.json" in measured["source"]
+    shapes = {c["shape"]: c for c in measured["cases"]}
+    assert shapes["1x4096x4096"]["gpu_time"] == 0.34  # the split-K run replaces the first table's 0.25
+    paged = h200["operations"]["flashattn.paged_attention"]["measured"]
+    assert paged["applies"] and paged["gpu_time"][0] > 1
 
 
 def test_environment_variables_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
