@@ -121,11 +121,13 @@ def test_a_documented_name_not_provided_yet_is_an_honest_attribute_error(monkeyp
     assert not hasattr(module, "Later")
     assert getattr(module, "Later", 7) == 7
     assert "BatchConfig" in dir(module)
-    with pytest.raises(NotYetProvidedError) as exc:
+    with pytest.raises(NotYetProvidedError) as caught:
         module.Later  # noqa: B018
-    assert isinstance(exc.value, AttributeError) and isinstance(exc.value, CapabilityError)
-    assert exc.value.name == "Later" and exc.value.obj is module
-    message = str(exc.value)
+    assert caught.value.name == "Later" and caught.value.obj is module
+    error: BaseException = caught.value
+    assert isinstance(error, AttributeError)
+    assert isinstance(error, CapabilityError)
+    message = str(error)
     assert message.startswith(f"{component.documented_path}.Later is documented in the user guide but not implemented")
     assert "upgrade" not in message and "pip install" not in message
     # A name the guide does not document is a plain AttributeError, not a promise.
