@@ -18,6 +18,7 @@ from llamatelemetry._environment import measured_results, outside_tested_ranges
 from llamatelemetry.cli import CPU_SUMMARY, SCHEMA_VERSION, _summary, doctor_report, main
 from llamatelemetry_core.device import real_device_info, simulate_device
 from llamatelemetry_core.environment import SDPA_NOT_PROBED
+from llamatelemetry_core.toolchain import TESTED_RANGES
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -226,6 +227,18 @@ def test_versions_outside_the_declared_ranges_are_reported(monkeypatch: pytest.M
             }
         )
     assert found == expected
+
+
+def test_torch_outside_the_tested_range_is_reported_without_any_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sources on the path by hand: no distribution declares anything, and the tested ranges still apply.
+    monkeypatch.setattr(environment, "_installed_llamatelemetry", list)
+    assert outside_tested_ranges() == []
+    monkeypatch.setitem(TESTED_RANGES, "torch", ">=99")
+    torch_version = importlib.metadata.version("torch")
+    expected = {"distribution": "llamatelemetry-core", "requirement": "torch>=99", "installed": torch_version}
+    assert outside_tested_ranges() == [expected]
+    report = doctor_report()
+    assert report["outside_tested_ranges"] == [expected]
 
 
 def test_help_shows_no_rest_markup(capsys: pytest.CaptureFixture[str]) -> None:
