@@ -4,6 +4,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -283,3 +284,16 @@ def test_human_output_never_prints_none(
     assert "None" not in out
     assert "CPU build: no CUDA, no cuDNN" in out
     assert "llamatelemetry-core: 0.1.0" in out and "llamatelemetry-triton: 0.1.0 -> " in out
+
+
+@pytest.mark.parametrize("simulate", [[], ["--simulate", "t4"], ["--simulate", "a100"], ["--simulate", "cpu"]])
+def test_no_line_says_not_installed_twice(
+    simulate: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # flash-attn absent everywhere (and Triton too in the cpu-fallback matrix): each reason is said once, not
+    # wrapped in another "not installed (...)".
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    assert main(["doctor", *simulate]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        assert re.search(r"not installed[^,;]*not installed", line) is None, line
+        assert "((" not in line and "))" not in line, line
