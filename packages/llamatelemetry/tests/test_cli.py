@@ -297,3 +297,25 @@ def test_no_line_says_not_installed_twice(
     for line in capsys.readouterr().out.splitlines():
         assert re.search(r"not installed[^,;]*not installed", line) is None, line
         assert "((" not in line and "))" not in line, line
+
+
+def test_every_gpu_and_the_driver_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two GPUs and a driver, as collect_env reports them: the driver from nvidia-smi, every GPU by index.
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 550.54.15\necho 550.54.15\n", encoding="utf-8")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert environment.driver_versions()["nvidia_driver"] == "550.54.15"
+    with simulate_device("h100") as h100, simulate_device("a100") as a100:
+        gpus = [{**h100.to_dict(), "index": 0}, {**a100.to_dict(), "index": 1}]
+    monkeypatch.setattr("llamatelemetry.cli.visible_gpus", lambda: gpus)
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [g["index"] for g in report["gpus"]] == [0, 1]
+    assert report["driver"]["nvidia_driver"] == "550.54.15"
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA driver 550.54.15" in out
+    assert "  GPU 0: NVIDIA H100" in out and "  GPU 1: NVIDIA A100" in out
