@@ -64,6 +64,21 @@ def test_small_kernel_fits_every_target(key: str, target: str) -> None:
     assert report.registers_per_thread is not None and 0 < report.registers_per_thread <= 255
 
 
+@pytest.mark.parametrize("key", ["t4", "h100"])
+def test_divisibility_hints_give_the_vector_loads_of_a_real_launch(key: str) -> None:
+    # Triton's launcher specializes aligned pointers and multiples of 16; a build says so with ":16". Without it
+    # the masked copy compiles to scalar loads with an address each: several times the registers.
+    def build(hint: str) -> KernelBuild:
+        types = {"x_ptr": f"*fp16{hint}", "y_ptr": f"*fp16{hint}", "n": f"i32{hint}", "BLOCK": "constexpr"}
+        return KernelBuild(f"copy[fp16{hint}]", copy_kernel, types, {"BLOCK": 2048}, num_warps=1)
+
+    with simulate_device(key) as device:
+        scalar, vector = compile_build(build(""), device), compile_build(build(":16"), device)
+    assert scalar.ok and vector.ok, (scalar.problems, vector.problems)
+    assert scalar.registers_per_thread is not None and vector.registers_per_thread is not None
+    assert 2 * vector.registers_per_thread < scalar.registers_per_thread, (vector, scalar)
+
+
 def test_kernel_over_t4_shared_memory_fails_there_only() -> None:
     build = _transpose_build(128, 256, num_warps=8)  # a 128 KiB fp32 tile goes through shared memory
     with simulate_device("t4") as t4:

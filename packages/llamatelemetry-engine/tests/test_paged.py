@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.selection import BackendFallbackWarning
 from llamatelemetry_engine import (
     LLM,
     PRESETS,
@@ -91,6 +92,41 @@ def test_step_graphs_give_the_eager_tokens_with_chunks_and_mixed_steps(
     many = [prompts[0][:13], prompts[1][:11], prompts[2]]  # chunks of 8 beside decodes, a shared prefix
     assert [c.token_ids for c in graphed.generate(many, params)] == [c.token_ids for c in eager.generate(many, params)]
     assert runner.step_graphs.sizes == [4, 8] and runner.step_graphs.replays > 0
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU emulation of graphs only; with CUDA, capture refuses CPU tensors"
+)
+def test_a_failed_step_graph_capture_warns_once_and_runs_those_steps_eagerly(
+    loaded: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kwargs = {"device": "cpu", "max_model_len": 64, "max_batch_size": 2, "max_num_batched_tokens": 8, "page_size": 4}
+    eager = LLM(loaded, **kwargs)  # type: ignore[arg-type]
+    graphed = LLM(loaded, **kwargs)  # type: ignore[arg-type]
+    runner = graphed.runner
+    runner.step_graphs = StepGraphs(runner, 2, 8, smallest=4)
+    calls = []
+
+    def fail(name: str, *args: object, **kw: object) -> None:
+        calls.append(name)
+        if name == "tokens_4":  # the second graph: the first one was captured and must be dropped
+            raise RuntimeError("operation not permitted when stream is capturing")
+        real(name, *args, **kw)
+
+    real = runner.step_graphs.pool.capture
+    monkeypatch.setattr(runner.step_graphs.pool, "capture", fail)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    many = [prompts[0][:13], prompts[1][:11], prompts[2]]
+    with pytest.warns(BackendFallbackWarning, match="capturing the step graphs failed: RuntimeError") as caught:
+        got = graphed.generate(many, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in eager.generate(many, params)]
+    assert len([w for w in caught if issubclass(w.category, BackendFallbackWarning)]) == 1
+    assert calls == ["tokens_8", "tokens_4"] and runner.step_graphs is None
+
+
+def test_step_graphs_argument_is_checked(loaded: LoadedModel) -> None:
+    with pytest.raises(ConfigurationError, match="expected step_graphs to be True, False or None"):
+        LLM(loaded, device="cpu", step_graphs="yes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("continuous", [True, False])

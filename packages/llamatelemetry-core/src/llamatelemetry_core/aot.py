@@ -65,7 +65,9 @@ class KernelBuild:
     """One launch configuration of one Triton kernel, as the library would launch it on some device.
 
     ``signature`` maps each argument name of the kernel, in order, to a Triton type (``"*fp16"``, ``"i32"``,
-    ``"fp32"``) or ``"constexpr"``; ``constexprs`` gives the value of every constexpr argument.
+    ``"fp32"``) or ``"constexpr"``; a type may end in ``":16"`` (``"*fp16:16"``, ``"i32:16"``) where the launch
+    passes a 16-byte aligned pointer or a multiple of 16, which Triton's launcher specializes on (vector loads);
+    ``constexprs`` gives the value of every constexpr argument.
     ``enable_fp_fusion`` is the launch option of that name: the library's launches pass ``True`` (multiply-adds
     fused, as every Triton release up to 3.9 does by default; 3.10 changes the default), and so does the build.
     """
@@ -219,7 +221,11 @@ def compile_build(build: KernelBuild, device: DeviceInfo) -> CompileReport:
     _check_arguments(build)
     major, minor = device.compute_capability
     cc = major * 10 + minor
-    source = ASTSource(build.kernel, signature=dict(build.signature), constexprs=dict(build.constexprs))
+    # "*fp16:16" / "i32:16" (triton.tools.compile's notation): the argument is divisible by 16, as Triton's launcher
+    # specializes aligned pointers and such integers at run time (vector loads and stores follow from it).
+    types = {name: t.split(":", 1)[0] for name, t in build.signature.items()}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(build.signature.values()) if t.endswith(":16")}
+    source = ASTSource(build.kernel, signature=types, constexprs=dict(build.constexprs), attrs=attrs)
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", cc, 32),

@@ -116,12 +116,12 @@ class _Bench:
         self.vocab = loaded.config.vocab_size
         self.max_len = min(loaded.config.max_position_embeddings, work.long_prompt + work.new_tokens + 16)
 
-    def engine(self, flags: EngineFlags) -> LLM:
+    def engine(self, flags: EngineFlags, step_graphs: bool | None = None) -> LLM:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return LLM(self.loaded, flags=flags, device=self.device, max_model_len=self.max_len,
-                   max_batch_size=max(self.work.batch, 1))  # fmt: skip
+                   max_batch_size=max(self.work.batch, 1), step_graphs=step_graphs)  # fmt: skip
 
     def decode_step_s(self, llm: LLM, batch: int) -> float:
         """Seconds per decode step at ``batch`` (two generate lengths, the difference is decode only)."""
@@ -199,13 +199,16 @@ def _measure(bench: _Bench, name: str) -> dict[str, Any]:
     if name != "engine" and not resolved.active(name):
         return _skipped(name, GPU_ONLY.get(name) or resolved.states[name].reason or "not available here")
     w = bench.work
-    fast, slow = bench.engine(on), bench.engine(off)
+    # Prefills replay step graphs (paged attention) when they fit one, whether FlashAttention is on or not: its
+    # row compares eager prefill steps, where FlashAttention runs.
+    step_graphs = False if name == "flash_attention" else None
+    fast, slow = bench.engine(on, step_graphs), bench.engine(off, step_graphs)
     if name in ("cuda_graphs", "triton_kernels"):
         base, opt = bench.decode_step_s(slow, 1) * 1e3, bench.decode_step_s(fast, 1) * 1e3
         return _row(name, "decode ms/step, batch 1", base, opt, False, _implementation(fast, name))
     if name == "flash_attention":
         (tb, mb), (to, mo) = bench.prefill(slow), bench.prefill(fast)
-        return _row(name, f"prefill ms, {w.long_prompt} tokens", tb * 1e3, to * 1e3, False,
+        return _row(name, f"prefill ms, {w.long_prompt} tokens, eager", tb * 1e3, to * 1e3, False,
                     _implementation(fast, name), memory_baseline=mb, memory_optimized=mo)  # fmt: skip
     if name == "continuous_batching":
         base, opt = bench.offline_tokens_per_s(slow), bench.offline_tokens_per_s(fast)

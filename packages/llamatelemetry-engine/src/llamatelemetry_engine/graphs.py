@@ -29,7 +29,7 @@ from llamatelemetry_graphs import BatchBucketedGraphs, CUDAGraph, GraphPool
 if TYPE_CHECKING:
     from llamatelemetry_engine.runner import ModelRunner
 
-__all__ = ["DecodeGraphs", "StepGraphs", "token_buckets"]
+__all__ = ["DecodeGraphs", "StepGraphCaptureError", "StepGraphs", "token_buckets"]
 
 
 class _PagedStepGraphs:
@@ -122,6 +122,10 @@ class DecodeGraphs(_PagedStepGraphs):
         return out
 
 
+class StepGraphCaptureError(RuntimeError):
+    """Capturing the step graphs failed; the runner then runs steps that carry prompt tokens eagerly."""
+
+
 def token_buckets(max_tokens: int, smallest: int = 64) -> list[int]:
     """Powers of two from ``smallest`` up to the first one >= ``max_tokens``: the token counts of step graphs."""
     sizes = [smallest]
@@ -166,6 +170,16 @@ class StepGraphs(_PagedStepGraphs):
         return next((t for t in self.sizes if t >= total), None)
 
     def _capture(self) -> None:
+        """Capture every token count's graph; on any failure drop what was captured (its memory with it) and
+        raise :class:`StepGraphCaptureError` from the cause."""
+        try:
+            self._capture_all()
+        except Exception as exc:
+            self.graphs.clear()
+            self.pool.clear()
+            raise StepGraphCaptureError(f"capturing the step graphs failed: {type(exc).__name__}: {exc}") from exc
+
+    def _capture_all(self) -> None:
         dev, b, w = self.runner.device, self.batch, self.width
         with torch.inference_mode():
             for size in reversed(self.sizes):

@@ -9,6 +9,13 @@ tutorial and Liger-Kernel::
     xhat = (x - mean) * rstd,  g = dy * weight
     dx = rstd * (g - xhat * mean(g * xhat) - mean(g))       (RMSNorm: without the last term)
     dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)
+
+A row is taken in one of three ways (:func:`~llamatelemetry_triton.heuristics.norm_config` chooses): held (the
+row, the weight and the accumulators in registers, one read: up to 8192 elements, and RMSNorm's 2-byte rows of up
+to 16384, which spill a little but were timed faster than the next way); read twice (LayerNorm's 2-byte rows of
+8193-16384 elements: only the accumulators stay, the row's two sums come from a first read in blocks and dx from
+a second read of the whole row, served by L1/L2); or looped (longer rows, and fp32 past 8192: two passes in
+blocks, the program's partial dweight/dbias row in global memory).
 """
 
 from __future__ import annotations
@@ -21,7 +28,13 @@ from llamatelemetry_triton._aot_shapes import TYPE_NAMES
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import device_info
 from llamatelemetry_triton._launch import on_device, rows_of
-from llamatelemetry_triton.heuristics import LaunchConfig, current_max_block_size, norm_backward_programs, norm_config
+from llamatelemetry_triton.heuristics import (
+    NORM_BWD_SUM_BLOCK,
+    LaunchConfig,
+    current_max_block_size,
+    norm_backward_programs,
+    norm_config,
+)
 
 if TYPE_CHECKING:
     from llamatelemetry_core.aot import KernelBuild
@@ -37,12 +50,104 @@ __all__ = ["backward_build", "build_name", "norm_backward"]
 def _bwd_block(  # type: ignore[no-untyped-def]
     DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT: tl.constexpr
 ):
-    """(dy, xhat, g = dy * weight) of a block of row ``r64``, in fp32."""
+    """(dy, xhat, g = dy * weight) of a block of row ``r64``, in fp32 (``xhat`` zero outside the row)."""
     x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
     g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
     return dy, xhat, g
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _add_pair(a1: tl.tensor, a2: tl.tensor, b1: tl.tensor, b2: tl.tensor):  # type: ignore[no-untyped-def]
+    """Combines two pairs of partial sums (the ``tl.reduce`` of :func:`_row_sums`)."""
+    return a1 + b1, a2 + b2
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _row_sums(  # type: ignore[no-untyped-def]
+    DY,
+    X,
+    W,
+    r64,
+    stride_dy,
+    stride_x,
+    n_cols,
+    mean,
+    rstd,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    UNROLLED: tl.constexpr,
+):
+    """``(mean(xhat * g), mean(g))`` of row ``r64``, read in blocks of ``BLOCK``: ``UNROLLED`` blocks unrolled at
+    compile time (their loads may then be in flight together), or as many as the row needs in a loop (0)."""
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    if UNROLLED:
+        for i in tl.static_range(UNROLLED):
+            cols = i * BLOCK + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            _, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
+            acc1 += xhat * g
+            acc2 += g
+    else:
+        # `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
+        start = tl.program_id(0) * 0
+        while start < n_cols:
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            _, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
+            acc1 += xhat * g
+            acc2 += g
+            start += BLOCK
+    sum1, sum2 = tl.reduce((acc1, acc2), 0, _add_pair)  # one reduction for both: one round of barriers
+    return sum1 / n_cols, sum2 / n_cols
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _store_dx(  # type: ignore[no-untyped-def]
+    DY,
+    X,
+    W,
+    DRES,
+    DX,
+    r64,
+    stride_dy,
+    stride_x,
+    stride_dres,
+    n_cols,
+    cols,
+    mean,
+    rstd,
+    c1,
+    c2,
+    dw,
+    db,
+    IS_RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+):
+    """Writes ``dx`` of a block of row ``r64`` from the row's two sums; returns ``(dw + dy * xhat, db + dy)``, the
+    block's share of ``dweight`` and ``dbias`` added (nothing outside the row, where ``dy`` loads as 0)."""
+    mask = cols < n_cols
+    x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    xhat = (x - mean) * rstd
+    # Accumulated before dx is stored: dy and xhat then die early, which matters at 16384-element blocks.
+    if HAS_WEIGHT:
+        dw += dy * xhat
+        g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = dy
+    if HAS_BIAS:
+        db += dy
+    # dx = rstd * (g - xhat * c1 - c2), written as fused multiply-adds on xhat and g
+    dx = g * rstd - xhat * (c1 * rstd) if IS_RMS else g * rstd - (xhat * (c1 * rstd) + c2 * rstd)
+    if HAS_DRES:
+        dx += tl.load(DRES + r64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    return dw, db
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -68,13 +173,17 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
     HAS_DRES: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    REREAD_ROW: tl.constexpr,
+    SUM_BLOCK: tl.constexpr,
+    UNROLLED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     DW += pid.to(tl.int64) * n_cols
     DB += pid.to(tl.int64) * n_cols
-    if SINGLE_BLOCK:
+    if SINGLE_BLOCK and not REREAD_ROW:
+        # The row stays in registers from its one read to dx; the weight is held across rows.
         cols = tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
         if HAS_WEIGHT:
@@ -88,7 +197,7 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             dy = tl.load(DY + r64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(Rstd + row)
             xhat = x * rstd if IS_RMS else tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
-            if HAS_WEIGHT:  # the weight is held across rows
+            if HAS_WEIGHT:
                 g = dy * w
                 dw_acc += dy * xhat
             else:
@@ -109,6 +218,29 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             tl.store(DW + cols, dw_acc, mask=mask)
         if HAS_BIAS:
             tl.store(DB + cols, db_acc, mask=mask)
+    elif SINGLE_BLOCK:
+        # REREAD_ROW: only the dweight/dbias accumulators stay in registers across rows. Each row is read twice,
+        # in blocks of SUM_BLOCK for its two sums (UNROLLED of them, or a loop), then whole for dx (from L1/L2):
+        # holding the row and the weight as well spills at 16384 elements.
+        cols = tl.arange(0, BLOCK_SIZE)
+        dw_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        row = row_start
+        while row < row_end:
+            r64 = row.to(tl.int64)
+            rstd = tl.load(Rstd + row)
+            mean = 0.0 if IS_RMS else tl.load(Mean + row)
+            c1, c2 = _row_sums(DY, X, W, r64, stride_dy, stride_x, n_cols, mean, rstd, HAS_WEIGHT, SUM_BLOCK, UNROLLED)
+            dw_acc, db_acc = _store_dx(
+                DY, X, W, DRES, DX, r64, stride_dy, stride_x, stride_dres, n_cols, cols, mean, rstd, c1, c2,
+                dw_acc, db_acc, IS_RMS, HAS_WEIGHT, HAS_BIAS, HAS_DRES,
+            )  # fmt: skip
+            row += 1
+        mask = cols < n_cols
+        if HAS_WEIGHT:
+            tl.store(DW + cols, dw_acc, mask=mask)
+        if HAS_BIAS:
+            tl.store(DB + cols, db_acc, mask=mask)
     else:
         # Rows longer than a block: two passes per row; the program's partial dW/dB row lives in global memory
         # (zeroed by the launcher, owned by this program alone).
@@ -117,31 +249,21 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             r64 = row.to(tl.int64)
             rstd = tl.load(Rstd + row)
             mean = 0.0 if IS_RMS else tl.load(Mean + row)
-            acc1 = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+            c1, c2 = _row_sums(DY, X, W, r64, stride_dy, stride_x, n_cols, mean, rstd, HAS_WEIGHT, BLOCK_SIZE, 0)
             start = tl.program_id(0) * 0
             while start < n_cols:
                 cols = start + tl.arange(0, BLOCK_SIZE)
                 mask = cols < n_cols
-                dy, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
-                acc1 += xhat * g
-                acc2 += g
-                start += BLOCK_SIZE
-            c1 = tl.sum(acc1, axis=0) / n_cols
-            c2 = tl.sum(acc2, axis=0) / n_cols
-            start = tl.program_id(0) * 0
-            while start < n_cols:
-                cols = start + tl.arange(0, BLOCK_SIZE)
-                mask = cols < n_cols
-                dy, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
+                dw = tl.load(DW + cols, mask=mask, other=0.0) if HAS_WEIGHT else tl.zeros([BLOCK_SIZE], tl.float32)
+                db = tl.load(DB + cols, mask=mask, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_SIZE], tl.float32)
+                dw, db = _store_dx(
+                    DY, X, W, DRES, DX, r64, stride_dy, stride_x, stride_dres, n_cols, cols, mean, rstd, c1, c2,
+                    dw, db, IS_RMS, HAS_WEIGHT, HAS_BIAS, HAS_DRES,
+                )  # fmt: skip
                 if HAS_WEIGHT:
-                    tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                    tl.store(DW + cols, dw, mask=mask)
                 if HAS_BIAS:
-                    tl.store(DB + cols, tl.load(DB + cols, mask=mask, other=0.0) + dy, mask=mask)
-                dx = (g - xhat * c1) * rstd if IS_RMS else (g - (xhat * c1 + c2)) * rstd
-                if HAS_DRES:
-                    dx += tl.load(DRES + r64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + r64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                    tl.store(DB + cols, db, mask=mask)
                 start += BLOCK_SIZE
             row += 1
 
@@ -209,8 +331,10 @@ def _norm_backward(
     rstd: torch.Tensor,
     is_rms: bool,
     has_bias: bool,
+    config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` without a weight / bias."""
+    """``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` without a weight / bias. ``config`` replaces
+    the launch :func:`norm_config` chooses (benchmarks sweep it); it must cover the row as that one does."""
     n_cols = x.shape[-1]
     dx, dw, db = _backward_outputs(x, weight, has_bias)
     n_params = (weight is not None) + has_bias  # their fp32 partials share one allocation (below)
@@ -220,7 +344,9 @@ def _norm_backward(
     dy2, _, stride_dy = rows_of(dy)
     dres2, _, stride_dres = rows_of(dres) if dres is not None else (dy2, n_rows, stride_dy)
     device = device_info(x.device)
-    config = norm_config(n_cols, x.dtype, device, backward=True, max_block=current_max_block_size())
+    if config is None:
+        block_cap = current_max_block_size()
+        config = norm_config(n_cols, x.dtype, device, backward=True, max_block=block_cap, layernorm=not is_rms)
     programs = norm_backward_programs(n_rows, device)
     rows_per_program = -(-n_rows // programs)
     programs = -(-n_rows // rows_per_program)
@@ -251,6 +377,9 @@ def _norm_backward(
             HAS_DRES=dres is not None,
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
+            REREAD_ROW=config.reread_row,
+            SUM_BLOCK=config.chunk_size or NORM_BWD_SUM_BLOCK,
+            UNROLLED=config.unrolled,
             num_warps=config.num_warps,
             enable_fp_fusion=True,
             num_stages=config.num_stages,
@@ -332,8 +461,9 @@ def norm_backward(
 
 def build_name(variant: str, direction: str, dtype: torch.dtype, hidden: int, config: LaunchConfig) -> str:
     """A norm build's name: the variant, ``fwd`` or ``bwd``, and the launch it stands for, e.g.
-    ``triton.rmsnorm_bwd[fp16,N=16384,BLOCK=4096,looped]``."""
-    kind = "single" if config.single_block else "looped"
+    ``triton.rmsnorm_bwd[fp16,N=16384,BLOCK=16384,reread]`` (``single``: a row in one block, held from its
+    one read; ``reread``: in one block, read twice; ``looped``: in blocks of ``BLOCK``)."""
+    kind = "looped" if not config.single_block else "reread" if config.reread_row else "single"
     return f"triton.{variant}_{direction}[{TYPE_NAMES[dtype]},N={hidden},BLOCK={config.block_size},{kind}]"
 
 
@@ -342,18 +472,32 @@ def backward_build(
 ) -> KernelBuild:
     """The backward build of the (weighted) ``variant`` (``layernorm``, ``fused_add_rmsnorm``, ...) at rows of
     ``hidden`` elements, as launched on ``device`` in ``dtype``: RMSNorm when ``is_rms``, with the residual's
-    gradient added when ``residual``, and a bias."""
+    gradient added when ``residual``, and a bias.
+
+    Contiguous rows of a multiple of 16 elements, as at every representative hidden size: the pointers, the row
+    length and the strides carry the divisibility Triton's launcher specializes on, so the build has the vector
+    loads (and the registers) of the real launch."""
     from llamatelemetry_core.aot import KernelBuild, kernel_signature
 
     t = TYPE_NAMES[dtype]
-    types = {**dict.fromkeys(("DY", "X", "W", "DRES", "DX"), f"*{t}"), **dict.fromkeys(("Mean", "Rstd"), "*fp32")}
-    config = norm_config(hidden, dtype, device, backward=True)
+    pointers = {
+        **dict.fromkeys(("DY", "X", "W", "DRES", "DX"), t),
+        **dict.fromkeys(("Mean", "Rstd", "DW", "DB"), "fp32"),
+    }
+    types = {name: f"*{pt}:16" for name, pt in pointers.items()}
+    types |= dict.fromkeys(("stride_dy", "stride_x", "stride_dres", "n_cols"), "i32:16")
+    config = norm_config(hidden, dtype, device, backward=True, layernorm=not is_rms)
     return KernelBuild(
         build_name(variant, "bwd", dtype, hidden, config),
         _norm_bwd_kernel,
-        kernel_signature(_norm_bwd_kernel, {**types, "DW": "*fp32", "DB": "*fp32"}),
+        kernel_signature(_norm_bwd_kernel, types),
         {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": bias, "HAS_DRES": residual}
-        | {"SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size},
+        | {"SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size}
+        | {
+            "REREAD_ROW": config.reread_row,
+            "SUM_BLOCK": config.chunk_size or NORM_BWD_SUM_BLOCK,
+            "UNROLLED": config.unrolled,
+        },
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
