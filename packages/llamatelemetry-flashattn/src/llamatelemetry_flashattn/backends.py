@@ -58,6 +58,7 @@ from llamatelemetry_core.selection import (
     requires_min_capability,
     requires_module,
 )
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 from llamatelemetry_core.validation import dtype_name
 from llamatelemetry_flashattn._special import propagate_query_nan
 from llamatelemetry_flashattn.reference import attention_reference, normalize_window, visibility_mask
@@ -491,7 +492,9 @@ ATTENTION.register(
     devices={"cuda"},
     checks=[
         _flash_attn_runs_on_this_gpu,
-        requires_module("flash_attn", 'pip install "llamatelemetry-flashattn[flash-attn]"', optional=True),
+        # flash-attn builds against the installed torch (hence no build isolation); this command works whether
+        # llamatelemetry came from a package index or from a clone, where the component's extra cannot resolve.
+        requires_module("flash_attn", "pip install flash-attn --no-build-isolation", optional=True),
         _flash_attn_usable,
         _no_empty_rows,
         requires_dtypes(*_HALF),
@@ -538,7 +541,7 @@ ATTENTION.register(
     devices=triton_devices,
     traced=_triton_traced,
     checks=[
-        requires_module("triton", "pip install triton"),
+        requires_module("triton", TRITON_INSTALL),
         requires_min_capability(7, 5),
         _triton_dtypes,
         _bf16_on_device,

@@ -27,6 +27,7 @@ from llamatelemetry_core.environment import triton_devices, triton_status
 from llamatelemetry_core.interpreter import triton_launch_guard
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_core.selection import CallSpec, Operation, requires_min_capability, requires_module
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 from llamatelemetry_core.validation import dtype_name
 from llamatelemetry_flashattn.paged_reference import paged_attention_reference
 from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM
@@ -192,7 +193,7 @@ PAGED_ATTENTION.register(
     priority=350,
     devices=triton_devices,
     checks=[
-        requires_module("triton", "pip install triton"),
+        requires_module("triton", TRITON_INSTALL),
         requires_min_capability(7, 5),
         _dtypes,
         _bf16_on_device,

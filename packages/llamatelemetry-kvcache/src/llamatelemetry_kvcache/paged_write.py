@@ -23,6 +23,7 @@ from llamatelemetry_core.environment import triton_devices, triton_status
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
 from llamatelemetry_core.selection import CallSpec, Operation, QuietReason, requires_min_capability, requires_module
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 from llamatelemetry_core.validation import check_tensor, dtype_name, format_shape
 from llamatelemetry_kvcache.quant import quantize_kv
 
@@ -144,7 +145,7 @@ PAGED_WRITE.register(
     priority=300,
     devices=triton_devices,
     checks=[
-        requires_module("triton", "pip install triton"),
+        requires_module("triton", TRITON_INSTALL),
         requires_min_capability(7, 5),
         _interpreter_dtypes,
         _fp8_on_device,
