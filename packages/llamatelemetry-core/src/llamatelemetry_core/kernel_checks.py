@@ -24,6 +24,7 @@ from llamatelemetry_core.callspec import CallSpec, Check, requires_min_capabilit
 from llamatelemetry_core.device import get_device_info
 from llamatelemetry_core.environment import triton_devices, triton_status
 from llamatelemetry_core.selection import Implementation, Operation
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 from llamatelemetry_core.validation import dtype_name
 
 __all__ = [
@@ -92,7 +93,7 @@ def triton_checks(*checks: Check) -> list[Check]:
     nothing else is asked without it), compute capability >= 7.5, ``checks`` (the kernel's own), and
     :func:`triton_runs`."""
     return [
-        requires_module("triton", "pip install triton"),
+        requires_module("triton", TRITON_INSTALL),
         requires_min_capability(7, 5),
         *checks,
         triton_runs,

@@ -377,7 +377,9 @@ ATTENTION.register(
     devices={"cuda"},
     checks=[
         _flash_attn_runs_on_this_gpu,
-        requires_module("flash_attn", 'pip install "llamatelemetry-flashattn[flash-attn]"', optional=True),
+        # flash-attn builds against the installed torch (hence no build isolation); this command works whether
+        # llamatelemetry came from a package index or from a clone, where the component's extra cannot resolve.
+        requires_module("flash_attn", "pip install flash-attn --no-build-isolation", optional=True),
         _flash_attn_usable,
         _no_empty_rows,
         requires_dtypes(*_HALF),
