@@ -94,7 +94,59 @@ def _flashattn(path: Path) -> dict[str, dict[str, Any]]:
     return {"flash_attention": _operation("automatic choice", baseline, path, cases)}
 
 
-_READERS = {"triton": _triton, "tensorcore": _tensorcore, "flashattn": _flashattn}
+def _tensorcore_fused(path: Path) -> dict[str, dict[str, Any]]:
+    """``bench_tensorcore``'s fused-path tables: per product, the automatic choice called eagerly and replayed
+    from a CUDA graph, each against fp32 ``torch.matmul`` timed the same way."""
+    rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    by_shape: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        name = str(row["name"])
+        if not name.startswith("automatic (") or row.get("ratio") is None:
+            continue
+        case = by_shape.setdefault(row["group"], {"shape": row["group"], "gpu_time": None, "eager_calls": None})
+        case["gpu_time" if name.endswith("graph replay") else "eager_calls"] = round(row["ratio"], 2)
+    baseline = "torch.matmul in fp32 with TF32 off (fp32 in and out)"
+    if not by_shape:
+        return {}
+    return {"matmul_tensor_core": _operation("automatic choice", baseline, path, list(by_shape.values()))}
+
+
+def _flashattn_paged(path: Path) -> dict[str, dict[str, Any]]:
+    """``bench_paged_attention``'s decode steps against gathering the pages and calling SDPA (both replayed)."""
+    decode = json.loads(path.read_text(encoding="utf-8"))["decode"]
+    cases = [
+        {"shape": row["case"], "gpu_time": round(row["vs_gather_sdpa"], 2), "eager_calls": None}
+        for row in decode
+        if row.get("vs_gather_sdpa")
+    ]
+    baseline = "gathering the pages, then PyTorch's SDPA"
+    return {"paged_attention": _operation("automatic choice", baseline, path, cases)} if cases else {}
+
+
+# Read in this order; a later file's cases of the same operation and implementation replace the earlier ones of
+# the same shape (a newer run of some products: the fused matmul's split-K run after its first table).
+_READERS = {
+    "triton": _triton,
+    "tensorcore": _tensorcore,
+    "tensorcore-fused": _tensorcore_fused,
+    "tensorcore-fused-split-k": _tensorcore_fused,
+    "flashattn": _flashattn,
+    "flashattn-paged": _flashattn_paged,
+}
+
+
+def _merge(operations: dict[str, Any], found: dict[str, dict[str, Any]]) -> None:
+    for name, entry in found.items():
+        earlier = operations.get(name)
+        if earlier is None or earlier["implementation"] != entry["implementation"]:
+            operations[name] = entry
+            continue
+        cases = {c["shape"]: c for c in earlier["cases"]}
+        cases.update({c["shape"]: c for c in entry["cases"]})
+        sources = earlier["source"].split(", ")
+        if entry["source"] not in sources:
+            sources.append(entry["source"])
+        operations[name] = {**earlier, "cases": list(cases.values()), "source": ", ".join(sources)}
 
 
 def _device_name(gpu_dir: Path) -> tuple[str, float | None]:
@@ -104,7 +156,9 @@ def _device_name(gpu_dir: Path) -> tuple[str, float | None]:
             data = json.loads(path.read_text(encoding="utf-8"))
             if "device" in data and isinstance(data["device"], dict):
                 return str(data["device"]["name"]), data["device"].get("memory_gib")
-            return str(data["environment"]["device"]), None
+            if "environment" in data:
+                return str(data["environment"]["device"]), None
+            return str(data["benchmark"]["environment"]["device"]), None
     raise SystemExit(f"benchmark_summary: no results.json under {gpu_dir}")
 
 
@@ -122,7 +176,7 @@ def summary() -> dict[str, Any]:
         for component, read in _READERS.items():
             path = gpu_dir / component / "results.json"
             if path.is_file():
-                operations.update(read(path))
+                _merge(operations, read(path))
         gpus[spec.key] = {"device": name, "results": gpu_dir.relative_to(ROOT).as_posix(), "operations": operations}
     return {"schema_version": SCHEMA_VERSION, "gpus": gpus}
 

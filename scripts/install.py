@@ -17,6 +17,7 @@ third-party packages (torch, Triton, ...) come from the index. Component names a
 from __future__ import annotations
 
 import argparse
+import ast
 import shlex
 import subprocess
 import sys
@@ -25,6 +26,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ROOT / "packages"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+TOOLCHAIN = PACKAGES / "llamatelemetry-core" / "src" / "llamatelemetry_core" / "toolchain.py"
+
+
+def torch_requirement() -> str:
+    """``torch`` with the tested range of ``llamatelemetry_core.toolchain.TESTED_RANGES`` (read, not imported:
+    torch may not be installed yet). Unbounded, the CPU index would serve its newest torch, and the packages'
+    own ``torch`` requirement would then pull a CUDA build from the default index to replace it."""
+    for node in ast.parse(TOOLCHAIN.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "TESTED_RANGES":
+            assert node.value is not None
+            ranges: dict[str, str] = ast.literal_eval(node.value)
+            return f"torch{ranges['torch']}"
+    raise SystemExit(f"install.py: TESTED_RANGES not found in {TOOLCHAIN}")
 
 
 def components() -> list[str]:
@@ -52,7 +66,7 @@ def pip_commands(
     commands: list[list[str]] = []
     if torch_cpu:
         # Before the packages: their "torch" requirement is then already met by the CPU build.
-        commands.append([*pip, "torch", "--index-url", TORCH_CPU_INDEX])
+        commands.append([*pip, torch_requirement(), "--index-url", TORCH_CPU_INDEX])
     targets = [str(PACKAGES / "llamatelemetry-core"), str(PACKAGES / "llamatelemetry")]
     for component, component_extras in sorted(by_component.items()):
         suffix = f"[{','.join(sorted(set(component_extras)))}]" if component_extras else ""

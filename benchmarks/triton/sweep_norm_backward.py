@@ -12,14 +12,16 @@ on request), shape (``--shapes``: 4096x4096, 16384x8192, 4096x16384) and dtype (
    from each swept launch, against PyTorch's autograd of the fp32 reference on the same inputs, scored as the
    largest ``|got - want| / (atol + rtol |want|)`` with the shared tolerance of the dtype (1.0 is the edge).
    A case passes at or under 1.0, or under twice PyTorch eager's own score in that dtype.
-2. Timing (``llamatelemetry_core.testing.bench.gpu_ms``: median, L2 flushed, replayed from a CUDA graph, so GPU
-   time alone; a call that cannot be captured is timed eagerly and says so): the backward alone, as
-   ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True)`` after one forward, for the library,
-   PyTorch eager (``F.rms_norm`` / ``F.layer_norm``) and ``torch.compile`` of the library's reference; then the
-   library's backward launcher called directly with each swept launch. Where rows are read twice (2-byte rows
-   of 8193-16384 elements) the sweep covers 8, 16 and 32 warps (``--warps``), and for comparison the row held
-   in registers (which spills) and the row looped over in blocks of 4096 (the path before). GB/s count each
-   input read once and each output written once; the ceiling is ``copy_gbps`` measured in the same run.
+2. Timing (``llamatelemetry_core.testing.bench.gpu_ms``: median, L2 flushed, replayed from a CUDA graph, so GPU time
+   alone; a call that cannot be captured is timed eagerly and says so): the backward alone, as
+   ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True)`` after one forward made on a side stream
+   (autograd runs the backward there, where the graph captures it), for the library, PyTorch eager (``F.rms_norm`` /
+   ``F.layer_norm``) and ``torch.compile`` of the library's reference; then the library's backward launcher called
+   directly with each swept launch. Where rows are read twice (2-byte rows of 8193-16384 elements) the sweep covers
+   8, 16 and 32 warps (``--warps``), the first read (the row's two sums) in blocks of 2048 or 4096, unrolled or
+   looped, and for comparison the row held in registers (which spills) and the row looped over in blocks of 4096
+   (the path before). GB/s count each input read once and each output written once; the ceiling is ``copy_gbps``
+   measured in the same run.
 
 Writes ``results.json`` and ``summary.md`` under ``benchmarks/results/<gpu-slug>/triton-norm-backward`` and prints
 a short table last (one line per case). Exit status 1 when a gradient is wrong, or when the library's backward
@@ -130,30 +132,35 @@ def _inputs(op: Op, rows: int, cols: int, dtype: torch.dtype, device: torch.devi
 
 @dataclass
 class Training:
-    """One function's forward and backward on leaf copies of the inputs, with cotangents rounded to the dtype (the
-    same for every function): ``step`` runs both, ``forward`` the forward alone (autograd recording, as in the
-    step); ``grads`` are the gradients of the inputs."""
+    """One forward of a function on leaf copies of the inputs, made on ``stream`` (a side stream on a GPU: autograd
+    runs a backward on its forward's stream, and a CUDA graph can capture there); ``backward`` computes the
+    gradients of the inputs again (``retain_graph``) for cotangents rounded to the dtype, the same for every
+    function; ``grads`` are those gradients."""
 
-    step: Callable[[], object]
-    forward: Callable[[], object]
+    backward: Callable[[], object]
     grads: list[torch.Tensor]
+    stream: torch.cuda.Stream | None
 
 
 def _training(fn: Fn, inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> Training:
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-
-    def outputs() -> list[torch.Tensor]:
+    device = inputs[0].device
+    stream = torch.cuda.Stream() if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
         out = fn(*leaves)
-        return list(out) if isinstance(out, tuple) else [out]
+        outs = list(out) if isinstance(out, tuple) else [out]
+        gen = torch.Generator(device=device).manual_seed(1)
+        cotangents = [torch.randn(o.shape, generator=gen, device=device).to(dtype).to(o.dtype) for o in outs]
 
-    shapes = [(o.shape, o.dtype) for o in outputs()]
-    gen = torch.Generator(device=leaves[0].device).manual_seed(1)
-    cotangents = [torch.randn(shape, generator=gen, device=leaves[0].device).to(dtype).to(d) for shape, d in shapes]
+        def backward() -> tuple[torch.Tensor, ...]:
+            return torch.autograd.grad(outs, leaves, cotangents, retain_graph=True)
 
-    def step() -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(outputs(), leaves, cotangents)
-
-    return Training(step, outputs, [g.detach() for g in step()])
+        grads = [g.detach() for g in backward()]
+    if stream is not None:
+        torch.cuda.current_stream().wait_stream(stream)
+    return Training(backward, grads, stream)
 
 
 def _score(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
@@ -163,15 +170,17 @@ def _score(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
     return float(((got.double() - want64).abs() / (tol.atol + tol.rtol * want64.abs())).max())
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float | None, str]:
-    """GPU ms of ``fn`` replayed from a CUDA graph; eagerly where it cannot be captured; ``None`` where it fails."""
-    try:
-        return gpu_ms(fn, graph=True), ""
-    except Exception as exc:  # a baseline that cannot be captured (torch.compile, say) is timed eagerly
+def _timed(fn: Callable[[], object], stream: torch.cuda.Stream | None = None) -> tuple[float | None, str]:
+    """GPU ms of ``fn`` replayed from a CUDA graph captured on ``stream`` (or a side stream of its own); timed
+    eagerly where it cannot be captured (the note says so); ``None`` where it fails."""
+    with torch.cuda.stream(stream):
         try:
-            return gpu_ms(fn), f"eager calls ({type(exc).__name__} in capture)"
-        except Exception as again:
-            return None, f"failed: {type(again).__name__}: {again}"[:200]
+            return gpu_ms(fn, graph=True), ""
+        except Exception as exc:  # a baseline that cannot be captured (torch.compile, say) is timed eagerly
+            try:
+                return gpu_ms(fn), f"eager calls ({type(exc).__name__} in capture)"
+            except Exception as again:
+                return None, f"failed: {type(again).__name__}: {again}"[:200]
 
 
 def _backward_ms(
@@ -182,28 +191,33 @@ def _backward_ms(
     eager_ms: float | None,
     note: Callable[[float | None, str], str],
 ) -> float | None:
-    """Adds the rows of one implementation (forward + backward, forward, their difference) and returns the
-    backward's ms (``None`` where a timing failed)."""
-    both, how_both = _timed(training.step)
-    forward, how_forward = _timed(training.forward)
-    how = "; ".join(h for h in (how_both, how_forward) if h)
-    report.add(Row(group, f"{name} forward + backward", both or float("nan"), "ms", note=how))
-    report.add(Row(group, f"{name} forward", forward or float("nan"), "ms"))
-    backward = None if both is None or forward is None else both - forward
+    """Adds the row of one implementation's backward and returns its ms (``None`` where timing failed)."""
+    ms, how = _timed(training.backward, training.stream)
     baseline = None if name == "PyTorch eager" else eager_ms
-    report.add(Row(group, f"{name} backward", backward or float("nan"), "ms", baseline, "eager", note(backward, "")))
-    return backward
+    report.add(Row(group, f"{name} backward", ms or float("nan"), "ms", baseline, "eager", note(ms, how)))
+    return ms
 
 
 def _sweep(config: LaunchConfig, warps: Sequence[int]) -> dict[str, LaunchConfig]:
-    """The launches to compare with ``config`` (the one chosen): warps of a row read twice, held, looped."""
+    """The launches to compare with ``config`` (the one chosen): where it reads rows twice, its warps, its first
+    read unrolled or looped, the row held in registers instead, and the row looped over (the path before)."""
     if not config.reread_row:
         return {"chosen": config}
-    swept = {f"read twice, {w} warps": dataclasses.replace(config, num_warps=w) for w in warps}
-    swept["held (spills), 16 warps"] = dataclasses.replace(config, num_warps=16, reread_row=False)
+
+    def label(c: LaunchConfig) -> str:
+        sums = f"sums in {c.chunk_size}s {'unrolled' if c.unrolled else 'looped'}"
+        return f"read twice, {sums}, {c.num_warps} warps"
+
+    def first_read(chunk: int, unrolled: bool) -> LaunchConfig:
+        return dataclasses.replace(config, chunk_size=chunk, unrolled=config.block_size // chunk if unrolled else 0)
+
+    swept = [dataclasses.replace(config, num_warps=w) for w in warps]
+    swept += [first_read(chunk, unrolled) for chunk in (2048, 4096) for unrolled in (False, True)]
+    launches = {label(c): c for c in swept}
+    launches["held (spills), 16 warps"] = dataclasses.replace(config, num_warps=16, reread_row=False, unrolled=0)
     looped = LaunchConfig(NORM_LOOP_BLOCK, 16, 2, single_block=False)
-    swept[f"looped, {looped.block_size} blocks (before)"] = looped
-    return swept
+    launches[f"looped, {looped.block_size} blocks (before)"] = looped
+    return launches
 
 
 @dataclass
@@ -248,7 +262,7 @@ def run_case(
     dy = torch.randn(x.shape, generator=gen, device=device).to(dtype)
     dres = torch.randn(x.shape, generator=gen, device=device).to(normed.dtype) if op.residual else None
     assert rstd is not None
-    chosen = norm_config(cols, dtype, device_info(device), backward=True)
+    chosen = norm_config(cols, dtype, device_info(device), backward=True, layernorm=not op.is_rms)
     launches = _sweep(chosen, warps)
     # Each launch's dx against the chosen one's (the same arithmetic, another reduction order).
     base = _norm_backward(dy, normed, dres, weight, mean, rstd, op.is_rms, op.bias, config=chosen)
@@ -269,8 +283,6 @@ def run_case(
         gbps = n_bytes / ms / 1e6
         return f"{gbps:.0f} GB/s, {100 * gbps / copy:.1f}% of copy" + (f"; {extra}" if extra else "")
 
-    # Backward time = (forward + backward) - forward, both replayed from CUDA graphs: autograd runs a backward on
-    # the forward's stream, so a backward alone cannot be captured apart from its forward.
     case.eager = _backward_ms(report, group, "PyTorch eager", eager, None, note)
     try:
         compiled = _training(torch.compile(_with_eps(op.reference), dynamic=False), inputs, dtype)
@@ -322,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/<gpu>/...)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
+    torch._functorch.config.donated_buffer = False  # the compiled backward runs again (retain_graph)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     dtypes = [DTYPES[d] for d in args.dtypes.split(",") if gpu or d == "fp16"]  # NumPy has no bfloat16
     warps = [int(w) for w in args.warps.split(",")]

@@ -213,3 +213,12 @@ def test_messages_say_what_was_expected_and_got() -> None:
         flash_attention_forward(q, q, "v")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="dtype"):
         flash_attention_forward(q.int(), q.int(), q.int())
+
+
+def test_missing_flash_attn_names_a_command_that_works_from_a_clone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The component's own extra cannot resolve from a clone (the packages are not on a package index); the
+    # flash-attn package itself can, the same command doctor gives.
+    monkeypatch.setitem(callspec._module_cache, "flash_attn", False)
+    with simulate_device("a100") as a100:
+        reasons = {c.name: c.reason for c in ATTENTION.explain(_call(a100))}
+    assert reasons["flash_attn"] == "flash_attn is not installed (pip install flash-attn --no-build-isolation)"

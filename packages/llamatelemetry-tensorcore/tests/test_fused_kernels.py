@@ -157,14 +157,14 @@ def test_one_launch_and_two_launches_agree_bit_for_bit(
     a_shape: tuple[int, ...], b_shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     launches: list[object] = []
-    reduction = _fused_kernels._largest_finite_kernel
+    reduction = _fused_kernels.largest_finite_kernel
 
     class _Counted:
         def __getitem__(self, grid: object) -> object:
             launches.append(grid)
             return reduction[grid]
 
-    monkeypatch.setattr(_fused_kernels, "_largest_finite_kernel", _Counted())
+    monkeypatch.setattr(_fused_kernels, "largest_finite_kernel", _Counted())
     a, b = _randn(*a_shape, seed=20) * 1e7, _randn(*b_shape, seed=21) * 1e-9
     a.view(-1)[3] = float("nan")
     b_t = _randn(*b_shape[:-2], b_shape[-1], b_shape[-2], seed=22).mT  # a transposed B is dense too
@@ -286,7 +286,7 @@ def test_split_k_matches_the_reference(
     scale_a: float,
     scale_b: float,
 ) -> None:
-    split_sums = _Launches(monkeypatch, "_split_sum_kernel")
+    split_sums = _Launches(monkeypatch, "split_sum_kernel")
     a, b = _randn(*a_shape, seed=sum(a_shape)) * scale_a, _randn(*b_shape, seed=sum(b_shape) + 1) * scale_b
     got = fused_matmul(a, b, None, splits=splits)
     assert len(split_sums.grids) == 1  # the product was split, then summed
@@ -329,8 +329,8 @@ def test_split_k_writes_strided_and_aliased_outputs(check_matmul: CheckMatmul) -
 
 
 def test_split_k_arguments_and_when_it_does_not_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    split_sums = _Launches(monkeypatch, "_split_sum_kernel")
-    reductions = _Launches(monkeypatch, "_largest_finite_kernel")
+    split_sums = _Launches(monkeypatch, "split_sum_kernel")
+    reductions = _Launches(monkeypatch, "largest_finite_kernel")
     a, b = _randn(4, 40, seed=46), _randn(40, 3, seed=47)
     for bad in ({"splits": 0}, {"splits": 2, "launches": 1}):
         with pytest.raises(ConfigurationError, match="splits"):

@@ -60,14 +60,14 @@ def test_skinny_fp32_products_split_k_where_the_grid_is_small(
     if (m, k, n) == (1, 4096, 4096):
         assert split.splits > 1  # a decode GEMV has fewer output tiles than SMs on every GPU the fused path runs on
     launches = []
-    split_sum = _fused_kernels._split_sum_kernel
+    split_sum = _fused_kernels.split_sum_kernel
 
     class _Counted:
         def __getitem__(self, grid: object) -> object:
             launches.append(grid)
             return split_sum[grid]
 
-    monkeypatch.setattr(_fused_kernels, "_split_sum_kernel", _Counted())
+    monkeypatch.setattr(_fused_kernels, "split_sum_kernel", _Counted())
     with record_selections() as rec:
         c = matmul_tensor_core(a, b, dtype=torch.float16)
     assert rec.last("matmul_tensor_core") == "fused" and len(launches) == (split.splits > 1)

@@ -132,22 +132,25 @@ def test_the_largest_single_block_norms_hold_their_rows_without_spills(device: s
 
 
 @pytest.mark.parametrize("device", ["t4", "h100"])
-def test_the_largest_single_block_norm_backwards_fit_without_spills(device: str) -> None:
-    # 2-byte rows of 16384 read twice in 16 warps, and the largest held rows (8192, fp32). The fused LayerNorm
-    # at 16384 spills a few registers on sm_90 around the row's reduction (20 bytes per thread with Triton 3.9,
-    # stored and reloaded once per row, from L1): at most 48 bytes of stores and loads.
+def test_the_largest_single_block_norm_backwards_and_their_measured_spills(device: str) -> None:
+    # The largest held rows (8192, fp32 too) fit with no spills. At 16384 (2-byte rows) nothing fits: RMSNorm
+    # holds the row in 16 warps and LayerNorm reads it twice in 32, both chosen by timing on an H200 with their
+    # spills (stores + loads per thread, Triton 3.6: RMSNorm 96-136 bytes, LayerNorm 8-128). The bounds keep
+    # those from growing unnoticed.
     t = "bf16" if device == "h100" else "fp16"
-    prefixes = [
-        f"triton.rmsnorm_bwd[{t},N=16384,BLOCK=16384,reread]",
-        "triton.layernorm_bwd[fp16,N=16384,BLOCK=16384,reread]",
-        "triton.fused_add_rmsnorm_bwd[fp16,N=16384,BLOCK=16384,reread]",
+    held = [
         f"triton.layernorm_bwd[{t},N=8192,BLOCK=8192,single]",
         "triton.fused_add_layernorm_bwd[fp32,N=8192,BLOCK=8192,single]",
-        f"triton.fused_add_layernorm_bwd[{t},N=16384,BLOCK=16384,reread]",
     ]
-    reports = _compile(prefixes, device)
-    assert [r["warps"] for r in reports] == [16] * len(prefixes)
+    spilling = {
+        f"triton.rmsnorm_bwd[{t},N=16384,BLOCK=16384,single]": (16, 160),
+        "triton.fused_add_rmsnorm_bwd[fp16,N=16384,BLOCK=16384,single]": (16, 160),
+        "triton.layernorm_bwd[fp16,N=16384,BLOCK=16384,reread]": (32, 96),
+        f"triton.fused_add_layernorm_bwd[{t},N=16384,BLOCK=16384,reread]": (32, 160),
+    }
+    reports = _compile([*held, *spilling], device)
     for report in reports:
         assert report["ok"], report
-    assert [r["spills"] for r in reports[:-1]] == [0] * (len(prefixes) - 1), reports
-    assert reports[-1]["spills"] <= 48, reports[-1]
+    assert [(r["warps"], r["spills"]) for r in reports[: len(held)]] == [(16, 0)] * len(held), reports
+    for report, (warps, most) in zip(reports[len(held) :], spilling.values(), strict=True):
+        assert report["warps"] == warps and report["spills"] <= most, report

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+import llamatelemetry_triton as lt
 from llamatelemetry_core.device import simulate_device
 from llamatelemetry_core.environment import TRITON_INTERPRET_ENV, triton_devices
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
@@ -18,29 +19,6 @@ from llamatelemetry_core.selection import (
     reset_fallback_warnings,
 )
 from llamatelemetry_core.testing import assert_close
-from llamatelemetry_triton import (
-    HAS_TRITON,
-    fused_add_layernorm_reference,
-    fused_add_rmsnorm_reference,
-    geglu_reference,
-    get_kernel,
-    layernorm_reference,
-    list_kernels,
-    rmsnorm_reference,
-    rope_cos_sin,
-    rope_reference,
-    softmax_reference,
-    swiglu_reference,
-    triton_add,
-    triton_fused_add_layernorm,
-    triton_fused_add_rmsnorm,
-    triton_geglu,
-    triton_layernorm,
-    triton_rmsnorm,
-    triton_rope,
-    triton_softmax,
-    triton_swiglu,
-)
 
 OPERATIONS = [
     "add",
@@ -62,29 +40,29 @@ def _calls() -> list[tuple[str, Callable[..., object], Callable[[], object]]]:
     r = torch.randn(3, 5, 12, generator=gen)
     w, b = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
     q, k = torch.randn(2, 5, 4, 8, generator=gen), torch.randn(2, 5, 2, 8, generator=gen)
-    cos, sin = rope_cos_sin(8, 8)
+    cos, sin = lt.rope_cos_sin(8, 8)
     return [
-        ("add", lambda **kw: triton_add(x, w, **kw), lambda: x + w),
-        ("layernorm", lambda **kw: triton_layernorm(x, w, b, **kw), lambda: layernorm_reference(x, w, b)),
-        ("rmsnorm", lambda **kw: triton_rmsnorm(x, w, **kw), lambda: rmsnorm_reference(x, w)),
+        ("add", lambda **kw: lt.triton_add(x, w, **kw), lambda: x + w),
+        ("layernorm", lambda **kw: lt.triton_layernorm(x, w, b, **kw), lambda: lt.layernorm_reference(x, w, b)),
+        ("rmsnorm", lambda **kw: lt.triton_rmsnorm(x, w, **kw), lambda: lt.rmsnorm_reference(x, w)),
         (
             "fused_add_rmsnorm",
-            lambda **kw: triton_fused_add_rmsnorm(x, r, w, **kw),
-            lambda: fused_add_rmsnorm_reference(x, r, w),
+            lambda **kw: lt.triton_fused_add_rmsnorm(x, r, w, **kw),
+            lambda: lt.fused_add_rmsnorm_reference(x, r, w),
         ),
         (
             "fused_add_layernorm",
-            lambda **kw: triton_fused_add_layernorm(x, r, w, b, **kw),
-            lambda: fused_add_layernorm_reference(x, r, w, b),
+            lambda **kw: lt.triton_fused_add_layernorm(x, r, w, b, **kw),
+            lambda: lt.fused_add_layernorm_reference(x, r, w, b),
         ),
-        ("softmax", lambda **kw: triton_softmax(x, 1, **kw), lambda: softmax_reference(x, 1)),
+        ("softmax", lambda **kw: lt.triton_softmax(x, 1, **kw), lambda: lt.softmax_reference(x, 1)),
         (
             "rope",
-            lambda **kw: triton_rope(q.clone(), k.clone(), cos, sin, **kw),
-            lambda: rope_reference(q, k, cos, sin),
+            lambda **kw: lt.triton_rope(q.clone(), k.clone(), cos, sin, **kw),
+            lambda: lt.rope_reference(q, k, cos, sin),
         ),
-        ("swiglu", lambda **kw: triton_swiglu(x, **kw), lambda: swiglu_reference(*x.chunk(2, -1))),
-        ("geglu", lambda **kw: triton_geglu(x, r, **kw), lambda: geglu_reference(x, r)),
+        ("swiglu", lambda **kw: lt.triton_swiglu(x, **kw), lambda: lt.swiglu_reference(*x.chunk(2, -1))),
+        ("geglu", lambda **kw: lt.triton_geglu(x, r, **kw), lambda: lt.geglu_reference(x, r)),
     ]
 
 
@@ -100,10 +78,10 @@ def _check_same(got: object, want: object) -> None:
 
 @pytest.mark.no_triton
 def test_without_triton_nothing_is_registered_and_everything_works() -> None:
-    assert not HAS_TRITON
-    assert list_kernels() == [] and list_kernels(runnable_only=False) == []
+    assert not lt.HAS_TRITON
+    assert lt.list_kernels() == [] and lt.list_kernels(runnable_only=False) == []
     with pytest.raises(KeyError, match="Triton is not installed"):
-        get_kernel("add")
+        lt.get_kernel("add")
     for op, call, reference in _calls():
         with record_selections() as rec:
             got = call()
@@ -129,7 +107,7 @@ def test_reference_path_is_differentiable(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv(TRITON_INTERPRET_ENV, raising=False)
     x = torch.randn(4, 6, requires_grad=True)
     w = torch.randn(6, requires_grad=True)
-    (triton_layernorm(x, w).sum() + triton_softmax(x, 0)[0].sum() + triton_swiglu(x).sum()).backward()  # type: ignore[no-untyped-call]
+    (lt.triton_layernorm(x, w).sum() + lt.triton_softmax(x, 0)[0].sum() + lt.triton_swiglu(x).sum()).backward()  # type: ignore[no-untyped-call]
     assert x.grad is not None and w.grad is not None
 
 
@@ -140,45 +118,45 @@ def test_t4_runs_fp16_in_triton_and_bf16_in_the_reference(op: str) -> None:
         fp16 = {c.name: c.reason for c in operation.explain(CallSpec(device=t4, dtype=torch.float16))}
         bf16 = {c.name: c.reason for c in operation.explain(CallSpec(device=t4, dtype=torch.bfloat16))}
     assert fp16["reference"] is None and bf16["reference"] is None
-    if HAS_TRITON:
+    if lt.HAS_TRITON:
         assert fp16["triton"] is None
     assert bf16["triton"] is not None
     assert "bfloat16 needs compute capability >= 8.0" in bf16["triton"] or "not installed" in bf16["triton"]
     with simulate_device("h100") as h100:
         reasons = {c.name: c.reason for c in operation.explain(CallSpec(device=h100, dtype=torch.bfloat16))}
-    assert (reasons["triton"] is None) == HAS_TRITON
+    assert (reasons["triton"] is None) == lt.HAS_TRITON
 
 
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: triton_layernorm(torch.ones(2, 3), torch.ones(4)), ConfigurationError, r"weight of shape \[3\]"),
-        (lambda: triton_layernorm(torch.ones(2, 3, dtype=torch.int64)), ConfigurationError, "floating-point"),
-        (lambda: triton_layernorm(torch.ones(2, 3), eps=-1.0), ConfigurationError, "eps"),
-        (lambda: triton_layernorm(torch.tensor(1.0)), ConfigurationError, "at least one dimension"),
-        (lambda: triton_rmsnorm([1.0, 2.0]), TypeError, "torch.Tensor"),  # type: ignore[arg-type]
-        (lambda: triton_fused_add_rmsnorm(torch.ones(2, 3), torch.ones(3)), ConfigurationError, "residual"),
-        (lambda: triton_softmax(torch.ones(2, 3), 2), ConfigurationError, r"dim to be an integer in \[-2, 1\]"),
-        (lambda: triton_swiglu(torch.ones(2, 3)), ConfigurationError, "even last dimension"),
-        (lambda: triton_geglu(torch.ones(2, 4), approximate="fast"), ConfigurationError, "'none' or 'tanh'"),
-        (lambda: triton_add("a", torch.ones(1)), TypeError, "torch.Tensor"),  # type: ignore[arg-type]
+        (lambda: lt.triton_layernorm(torch.ones(2, 3), torch.ones(4)), ConfigurationError, r"weight of shape \[3\]"),
+        (lambda: lt.triton_layernorm(torch.ones(2, 3, dtype=torch.int64)), ConfigurationError, "floating-point"),
+        (lambda: lt.triton_layernorm(torch.ones(2, 3), eps=-1.0), ConfigurationError, "eps"),
+        (lambda: lt.triton_layernorm(torch.tensor(1.0)), ConfigurationError, "at least one dimension"),
+        (lambda: lt.triton_rmsnorm([1.0, 2.0]), TypeError, "torch.Tensor"),  # type: ignore[arg-type]
+        (lambda: lt.triton_fused_add_rmsnorm(torch.ones(2, 3), torch.ones(3)), ConfigurationError, "residual"),
+        (lambda: lt.triton_softmax(torch.ones(2, 3), 2), ConfigurationError, r"dim to be an integer in \[-2, 1\]"),
+        (lambda: lt.triton_swiglu(torch.ones(2, 3)), ConfigurationError, "even last dimension"),
+        (lambda: lt.triton_geglu(torch.ones(2, 4), approximate="fast"), ConfigurationError, "'none' or 'tanh'"),
+        (lambda: lt.triton_add("a", torch.ones(1)), TypeError, "torch.Tensor"),  # type: ignore[arg-type]
         (
-            lambda: triton_rope(torch.ones(2, 3, 8), torch.ones(3, 3, 8), *rope_cos_sin(4, 8)),
+            lambda: lt.triton_rope(torch.ones(2, 3, 8), torch.ones(3, 3, 8), *lt.rope_cos_sin(4, 8)),
             ConfigurationError,
             "same leading dimensions",
         ),
         (
-            lambda: triton_rope(torch.ones(5, 2, 8), torch.ones(5, 1, 8), *rope_cos_sin(4, 8)),
+            lambda: lt.triton_rope(torch.ones(5, 2, 8), torch.ones(5, 1, 8), *lt.rope_cos_sin(4, 8)),
             ConfigurationError,
             "at most 4 positions",
         ),
         (
-            lambda: triton_rope(torch.ones(5, 2, 8), torch.ones(5, 1, 8), *rope_cos_sin(4, 8), torch.arange(5)),
+            lambda: lt.triton_rope(torch.ones(5, 2, 8), torch.ones(5, 1, 8), *lt.rope_cos_sin(4, 8), torch.arange(5)),
             ConfigurationError,
             r"positions in \[0, 4\)",
         ),
         (
-            lambda: triton_rope(torch.ones(5, 2, 8), torch.ones(5, 1, 8), *rope_cos_sin(4, 16)),
+            lambda: lt.triton_rope(torch.ones(5, 2, 8), torch.ones(5, 1, 8), *lt.rope_cos_sin(4, 16)),
             ConfigurationError,
             "rotary_dim <= head_dim",
         ),
@@ -195,11 +173,11 @@ def test_add_falls_back_where_the_kernel_does_not_apply() -> None:
     # Integers: torch.add, chosen without a warning; where Triton could run on this device, the skip is recorded.
     with warnings.catch_warnings(), record_selections() as rec:
         warnings.simplefilter("error")
-        assert torch.equal(triton_add(a, a), a + a)
+        assert torch.equal(lt.triton_add(a, a), a + a)
     assert rec.last("add") == "reference"
     if _triton_applies():
         assert "not int64" in dict(rec.selections[-1].skipped)["triton"]
 
 
 def _triton_applies() -> bool:
-    return HAS_TRITON and "cpu" in triton_devices()
+    return lt.HAS_TRITON and "cpu" in triton_devices()

@@ -15,32 +15,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import llamatelemetry_triton as lt
 from llamatelemetry_core.testing.fuzz import TensorSpec, check_call, fuzz_settings, make_tensor, tensor_specs
-from llamatelemetry_triton import (
-    HAS_TRITON,
-    KernelConfig,
-    add_reference,
-    fused_add_layernorm_reference,
-    fused_add_rmsnorm_reference,
-    geglu_reference,
-    get_kernel,
-    layernorm_reference,
-    list_kernels,
-    rmsnorm_reference,
-    rope_cos_sin,
-    rope_reference,
-    softmax_reference,
-    swiglu_reference,
-    triton_add,
-    triton_fused_add_layernorm,
-    triton_fused_add_rmsnorm,
-    triton_geglu,
-    triton_layernorm,
-    triton_rmsnorm,
-    triton_rope,
-    triton_softmax,
-    triton_swiglu,
-)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -71,8 +47,8 @@ def test_add(shape: list[int], spec_a: TensorSpec, spec_b: TensorSpec, alias: bo
     a = _t(shape, spec_a)
     b = a if alias else _t(shape[-1:], spec_b)  # b broadcasts over a's rows
     check_call(
-        lambda: triton_add(a, b),
-        lambda: add_reference(a, b),
+        lambda: lt.triton_add(a, b),
+        lambda: lt.add_reference(a, b),
         arguments=["a", "b"],
         read_only={"a": a, "b": b},
         dtype=torch.result_type(a, b) if torch.result_type(a, b).is_floating_point else None,
@@ -97,8 +73,8 @@ def test_norms(shape: list[int], spec: TensorSpec, affine: str, rms: bool, eps: 
     read_only = {"x": x} | ({"weight": w} if w is not None else {})
     if rms:
         check_call(
-            lambda: triton_rmsnorm(x, w, eps),
-            lambda: rmsnorm_reference(x, w, eps),
+            lambda: lt.triton_rmsnorm(x, w, eps),
+            lambda: lt.rmsnorm_reference(x, w, eps),
             arguments=["x", "weight", "eps"],
             read_only=read_only,
             scale=lambda _: _conditioning(x, w, eps),
@@ -106,8 +82,8 @@ def test_norms(shape: list[int], spec: TensorSpec, affine: str, rms: bool, eps: 
         )
     else:
         check_call(
-            lambda: triton_layernorm(x, w, b, eps),
-            lambda: layernorm_reference(x, w, b, eps),
+            lambda: lt.triton_layernorm(x, w, b, eps),
+            lambda: lt.layernorm_reference(x, w, b, eps),
             arguments=["x", "weight", "bias", "eps"],
             read_only=read_only,
             scale=lambda _: _conditioning(x, w, eps),
@@ -136,16 +112,16 @@ def test_fused_add_norms(shape: list[int], spec_x: TensorSpec, spec_r: TensorSpe
     read_only = {"x": x, "weight": w} | ({"residual": r} if r is not None else {})
     if rms:
         check_call(
-            lambda: triton_fused_add_rmsnorm(x, r, w),  # type: ignore[arg-type]
-            lambda: fused_add_rmsnorm_reference(x, r, w),  # type: ignore[arg-type]
+            lambda: lt.triton_fused_add_rmsnorm(x, r, w),  # type: ignore[arg-type]
+            lambda: lt.fused_add_rmsnorm_reference(x, r, w),  # type: ignore[arg-type]
             arguments=["x", "residual", "weight"],
             read_only=read_only,
             name="fused_add_rmsnorm",
         )
     else:
         check_call(
-            lambda: triton_fused_add_layernorm(x, r, w),  # type: ignore[arg-type]
-            lambda: fused_add_layernorm_reference(x, r, w),  # type: ignore[arg-type]
+            lambda: lt.triton_fused_add_layernorm(x, r, w),  # type: ignore[arg-type]
+            lambda: lt.fused_add_layernorm_reference(x, r, w),  # type: ignore[arg-type]
             arguments=["x", "residual", "weight"],
             read_only=read_only,
             name="fused_add_layernorm",
@@ -161,8 +137,8 @@ def test_fused_add_norms(shape: list[int], spec_x: TensorSpec, spec_r: TensorSpe
 def test_softmax(shape: list[int], spec: TensorSpec, dim: object) -> None:
     x = _t(shape, spec)
     check_call(
-        lambda: triton_softmax(x, dim),  # type: ignore[arg-type]
-        lambda: softmax_reference(x, dim),  # type: ignore[arg-type]
+        lambda: lt.triton_softmax(x, dim),  # type: ignore[arg-type]
+        lambda: lt.softmax_reference(x, dim),  # type: ignore[arg-type]
         arguments=["x", "dim"],
         read_only={"x": x},
         name="softmax",
@@ -190,16 +166,16 @@ def test_glu(shape: list[int], spec_g: TensorSpec, spec_u: TensorSpec, fused: bo
     read_only = {"gate": gate} | ({"up": up} if up is not None else {})
     if gelu is None:
         check_call(
-            lambda: triton_swiglu(gate, up),
-            lambda: swiglu_reference(*halves()),
+            lambda: lt.triton_swiglu(gate, up),
+            lambda: lt.swiglu_reference(*halves()),
             arguments=["gate", "up"],
             read_only=read_only,
             name="swiglu",
         )
     else:
         check_call(
-            lambda: triton_geglu(gate, up, approximate=gelu),
-            lambda: geglu_reference(*halves(), approximate=gelu),
+            lambda: lt.triton_geglu(gate, up, approximate=gelu),
+            lambda: lt.geglu_reference(*halves(), approximate=gelu),
             arguments=["gate", "up", "approximate"],
             read_only=read_only,
             name="geglu",
@@ -262,7 +238,7 @@ def test_rope(
     q, k = _qk(layout, tokens, heads, dim, spec)
     q_ref, k_ref = _qk(layout, tokens, heads, dim, spec)  # the same values: the spec fixes the seed
     tables = check_call(
-        lambda: rope_cos_sin(max_pos, rotary_dim, device=DEVICE), None, arguments=["rotary_dim"], name="rope_cos_sin"
+        lambda: lt.rope_cos_sin(max_pos, rotary_dim, device=DEVICE), None, arguments=["rotary_dim"], name="rope_cos_sin"
     )
     assert tables.raised == bool(rotary_dim % 2)
     if tables.raised:
@@ -279,13 +255,13 @@ def test_rope(
     pos = None if pos is None else pos.to(DEVICE)
 
     def reference() -> tuple[torch.Tensor, torch.Tensor]:
-        rotated_q, rotated_k = rope_reference(q_ref, k_ref, cos, sin, pos, interleaved)
+        rotated_q, rotated_k = lt.rope_reference(q_ref, k_ref, cos, sin, pos, interleaved)
         q_ref.copy_(rotated_q)  # the in-place contract: q written first, then k
         k_ref.copy_(rotated_k)
         return q_ref, k_ref
 
     def call() -> tuple[torch.Tensor, torch.Tensor]:
-        triton_rope(q, k, cos, sin, pos, interleaved=interleaved)
+        lt.triton_rope(q, k, cos, sin, pos, interleaved=interleaved)
         return q, k
 
     read_only = {"cos": cos, "sin": sin} | ({"positions": pos} if pos is not None else {})
@@ -305,17 +281,17 @@ def test_rope(
 )
 def test_registry(n: int, count: int, grid: int, meta: object) -> None:
     check_call(
-        lambda: KernelConfig("x", meta=meta),  # type: ignore[arg-type]
+        lambda: lt.KernelConfig("x", meta=meta),  # type: ignore[arg-type]
         None,
         arguments=["meta"],
         name="KernelConfig",
     )
-    if not HAS_TRITON or "add" not in list_kernels():
+    if not lt.HAS_TRITON or "add" not in lt.list_kernels():
         return
     a = torch.randn(n, device=DEVICE)
     b = torch.randn(n, device=DEVICE)
     out = torch.zeros(n, device=DEVICE)
-    kernel = get_kernel("add")
+    kernel = lt.get_kernel("add")
 
     def launch() -> torch.Tensor:
         kernel.launch(a, b, out, count, grid=(grid,), BLOCK_SIZE=32)

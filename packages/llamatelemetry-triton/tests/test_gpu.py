@@ -8,27 +8,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
+import llamatelemetry_triton as lt
 from llamatelemetry_core.selection import record_selections
 from llamatelemetry_core.testing import assert_close
-from llamatelemetry_triton import (
-    fused_add_rmsnorm_reference,
-    geglu_reference,
-    layernorm_reference,
-    rmsnorm_reference,
-    rope_cos_sin,
-    rope_reference,
-    softmax_reference,
-    swiglu_reference,
-    triton_add,
-    triton_fused_add_layernorm,
-    triton_fused_add_rmsnorm,
-    triton_geglu,
-    triton_layernorm,
-    triton_rmsnorm,
-    triton_rope,
-    triton_softmax,
-    triton_swiglu,
-)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.triton]
 
@@ -50,18 +32,18 @@ def test_norms_match_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> No
     w = torch.randn(n, device="cuda", dtype=dtype)
     b = torch.randn(n, device="cuda", dtype=dtype)
     with record_selections() as rec:
-        y_ln = triton_layernorm(x, w, b)
-        y_rms = triton_rmsnorm(x, w)
-        y_fused, h = triton_fused_add_rmsnorm(x, r, w)
-        y_fused_ln, h_ln = triton_fused_add_layernorm(x, r, w, b)
+        y_ln = lt.triton_layernorm(x, w, b)
+        y_rms = lt.triton_rmsnorm(x, w)
+        y_fused, h = lt.triton_fused_add_rmsnorm(x, r, w)
+        y_fused_ln, h_ln = lt.triton_fused_add_layernorm(x, r, w, b)
     assert set(rec.implementations("layernorm") + rec.implementations("fused_add_rmsnorm")) == {"triton"}
-    assert_close(y_ln, layernorm_reference(x, w, b))
+    assert_close(y_ln, lt.layernorm_reference(x, w, b))
     assert_close(y_ln, torch.nn.functional.layer_norm(x.float(), (n,), w.float(), b.float()).to(dtype))
-    assert_close(y_rms, rmsnorm_reference(x, w))
-    want_y, want_h = fused_add_rmsnorm_reference(x, r, w)
+    assert_close(y_rms, lt.rmsnorm_reference(x, w))
+    want_y, want_h = lt.fused_add_rmsnorm_reference(x, r, w)
     assert torch.equal(h, want_h) and torch.equal(h_ln, want_h)
     assert_close(y_fused, want_y)
-    assert_close(y_fused_ln, layernorm_reference(want_h, w, b))
+    assert_close(y_fused_ln, lt.layernorm_reference(want_h, w, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -74,8 +56,8 @@ def test_norm_backward_matches_autograd(dtype: torch.dtype, shape: tuple[int, in
     b = torch.randn(n, device="cuda", dtype=dtype)
     dy = torch.randn(shape, device="cuda", dtype=dtype)
     cases: list[tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] = [
-        (triton_layernorm, layernorm_reference, (w, b)),
-        (triton_rmsnorm, rmsnorm_reference, (w,)),
+        (lt.triton_layernorm, lt.layernorm_reference, (w, b)),
+        (lt.triton_rmsnorm, lt.rmsnorm_reference, (w,)),
     ]
     for fast, slow, params in cases:
         leaves = [t.clone().requires_grad_(True) for t in (x, *params)]
@@ -96,14 +78,14 @@ def test_norm_backward_matches_autograd(dtype: torch.dtype, shape: tuple[int, in
 def test_softmax_matches_reference(dtype: torch.dtype, shape: tuple[int, ...], dim: int) -> None:
     _skip_unsupported(dtype)
     x = torch.randn(shape, device="cuda", dtype=dtype) * 4
-    y = triton_softmax(x, dim)
-    assert_close(y, softmax_reference(x, dim))
+    y = lt.triton_softmax(x, dim)
+    assert_close(y, lt.softmax_reference(x, dim))
     assert_close(y, torch.softmax(x, dim))
     xg = x.float().requires_grad_(True)
     xr = x.float().requires_grad_(True)
     dy = torch.randn_like(xg)
-    triton_softmax(xg, dim).backward(dy)  # type: ignore[no-untyped-call]
-    softmax_reference(xr, dim).backward(dy)  # type: ignore[no-untyped-call]
+    lt.triton_softmax(xg, dim).backward(dy)  # type: ignore[no-untyped-call]
+    lt.softmax_reference(xr, dim).backward(dy)  # type: ignore[no-untyped-call]
     assert xg.grad is not None and xr.grad is not None
     assert_close(xg.grad, xr.grad, atol=1e-5, rtol=1e-4)
 
@@ -113,28 +95,28 @@ def test_add_glu_rope_match_reference(dtype: torch.dtype) -> None:
     _skip_unsupported(dtype)
     a = torch.randn(4096, 4096, device="cuda", dtype=dtype)
     bias = torch.randn(4096, device="cuda", dtype=dtype)
-    assert torch.equal(triton_add(a, a), a + a)
-    assert torch.equal(triton_add(a, bias), a + bias)
-    assert torch.equal(triton_add(a.t(), bias), a.t() + bias)
+    assert torch.equal(lt.triton_add(a, a), a + a)
+    assert torch.equal(lt.triton_add(a, bias), a + bias)
+    assert torch.equal(lt.triton_add(a.t(), bias), a.t() + bias)
     x = torch.randn(64, 2 * 11008, device="cuda", dtype=dtype)
-    assert_close(triton_swiglu(x), swiglu_reference(*x.chunk(2, -1)))
+    assert_close(lt.triton_swiglu(x), lt.swiglu_reference(*x.chunk(2, -1)))
     gate, up = x.chunk(2, -1)
-    assert_close(triton_geglu(x, approximate="tanh"), geglu_reference(gate, up, "tanh"))
+    assert_close(lt.triton_geglu(x, approximate="tanh"), lt.geglu_reference(gate, up, "tanh"))
     qkv = torch.randn(2, 128, 32 + 2 * 8, 128, device="cuda", dtype=dtype)
     q, k = qkv[:, :, :32], qkv[:, :, 32:40]
-    cos, sin = rope_cos_sin(4096, 128, device="cuda")
+    cos, sin = lt.rope_cos_sin(4096, 128, device="cuda")
     positions = torch.randint(0, 4096, (2, 128), device="cuda")
-    want_q, want_k = rope_reference(q, k, cos, sin, positions)
-    triton_rope(q, k, cos, sin, positions)
+    want_q, want_k = lt.rope_reference(q, k, cos, sin, positions)
+    lt.triton_rope(q, k, cos, sin, positions)
     assert_close(q, want_q)
     assert_close(k, want_k)
 
 
 def test_torch_compile_matches_eager() -> None:
     def block(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        normed, residual = triton_fused_add_rmsnorm(x, r, w)
-        scores = triton_softmax(normed.float(), -1)
-        return triton_add(triton_layernorm(scores.to(x.dtype), w), residual) + triton_swiglu(
+        normed, residual = lt.triton_fused_add_rmsnorm(x, r, w)
+        scores = lt.triton_softmax(normed.float(), -1)
+        return lt.triton_add(lt.triton_layernorm(scores.to(x.dtype), w), residual) + lt.triton_swiglu(
             torch.cat([normed, residual], -1)
         )
 
@@ -158,10 +140,10 @@ def test_custom_ops_are_captured_in_a_cuda_graph() -> None:
     w = torch.randn(4096, device="cuda", dtype=torch.float16)
 
     def step() -> tuple[torch.Tensor, ...]:
-        y, h = triton_fused_add_rmsnorm(x, r, w)  # eager: the launcher directly
+        y, h = lt.triton_fused_add_rmsnorm(x, r, w)  # eager: the launcher directly
         # the registered custom op itself, as a compiled graph calls it
         y_op, h_op, _, _ = torch.ops.llamatelemetry.triton_norm_fwd(x, r, w, None, 1e-6, True)
-        return triton_softmax(y), h, y_op, h_op
+        return lt.triton_softmax(y), h, y_op, h_op
 
     stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     stream.wait_stream(torch.cuda.current_stream())
@@ -175,9 +157,9 @@ def test_custom_ops_are_captured_in_a_cuda_graph() -> None:
     x.copy_(torch.randn_like(x))  # new inputs in the captured buffers
     graph.replay()
     torch.cuda.synchronize()
-    want_y, want_h = fused_add_rmsnorm_reference(x, r, w)
+    want_y, want_h = lt.fused_add_rmsnorm_reference(x, r, w)
     assert_close(h, want_h)
-    assert_close(out, softmax_reference(want_y))
+    assert_close(out, lt.softmax_reference(want_y))
     assert_close(h_op, want_h)
     assert_close(y_op, want_y)
 
@@ -185,6 +167,6 @@ def test_custom_ops_are_captured_in_a_cuda_graph() -> None:
 def test_explicit_triton_backend_on_gpu() -> None:
     x = torch.randn(8, 100, device="cuda")
     with record_selections() as rec:
-        triton_softmax(x, backend="triton")
-        triton_softmax(x, backend="reference")
+        lt.triton_softmax(x, backend="triton")
+        lt.triton_softmax(x, backend="reference")
     assert rec.implementations("softmax") == ["triton", "reference"]

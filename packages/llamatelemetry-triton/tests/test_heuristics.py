@@ -11,6 +11,7 @@ from llamatelemetry_core.device import DeviceInfo, simulate_device
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_triton.heuristics import (
     NORM_BWD_MAX_HELD_ROW,
+    NORM_BWD_SUM_BLOCK,
     SOFTMAX_MAX_SPLITS,
     current_max_block_size,
     elementwise_config,
@@ -42,23 +43,29 @@ def _is_power_of_2(n: int) -> bool:
     key=st.sampled_from(DEVICES),
     backward=st.booleans(),
     cap=st.sampled_from([None, 16, 256]),
+    layernorm=st.booleans(),
 )
 def test_norm_config_covers_the_row_and_fits(
-    n_cols: int, dtype: torch.dtype, key: str, backward: bool, cap: int | None
+    n_cols: int, dtype: torch.dtype, key: str, backward: bool, cap: int | None, layernorm: bool
 ) -> None:
     device = _device(key)
-    config = norm_config(n_cols, dtype, device, backward=backward, max_block=cap)
-    assert _is_power_of_2(config.block_size) and _is_power_of_2(config.num_warps) and config.num_warps <= 16
+    config = norm_config(n_cols, dtype, device, backward=backward, max_block=cap, layernorm=layernorm)
+    assert _is_power_of_2(config.block_size) and _is_power_of_2(config.num_warps)
+    assert config.num_warps <= (32 if config.reread_row else 16)
     assert config.single_block == (config.block_size >= n_cols)
     if config.reread_row:  # only a backward row too long to hold, of 2 bytes, in vector loads
         assert backward and config.single_block and config.block_size > NORM_BWD_MAX_HELD_ROW
         assert dtype.itemsize == 2 and n_cols % 16 == 0
+    if config.unrolled:  # a re-read row's first read, in blocks that cover the row
+        assert config.reread_row and config.unrolled * config.chunk_size == config.block_size
+    if config.reread_row:
+        assert config.chunk_size == NORM_BWD_SUM_BLOCK
     if cap is not None:
         assert config.block_size <= cap
     if device.shared_memory_per_block_bytes is not None and not config.single_block:  # loops are pipelined
         stage_bytes = config.block_size * dtype.itemsize * 2 * config.num_stages
         assert stage_bytes <= device.shared_memory_per_block_bytes // 2
-    assert config == norm_config(n_cols, dtype, device, backward=backward, max_block=cap)  # pure
+    assert config == norm_config(n_cols, dtype, device, backward=backward, max_block=cap, layernorm=layernorm)
 
 
 @pytest.mark.parametrize("key", DEVICES)
@@ -78,12 +85,19 @@ def test_norm_backward_takes_rows_up_to_16384_in_one_block_for_2_byte_dtypes(key
     held = norm_config(8192, dtype, device, backward=True)
     assert held.single_block and not held.reread_row
     for n in (8208, 12288, 16384):
-        config = norm_config(n, dtype, device, backward=True)
-        assert config.single_block == config.reread_row == (dtype.itemsize == 2), (n, config)
-        assert config.block_size == 16384 if config.single_block else config.block_size == 4096
-        assert config.num_warps == 16
+        # 2-byte rows in one block: RMSNorm holds them in 16 warps, LayerNorm reads them twice in 32 (timed).
+        rms, ln = (norm_config(n, dtype, device, backward=True, layernorm=flag) for flag in (False, True))
+        two_bytes = dtype.itemsize == 2
+        assert rms.single_block == ln.single_block == ln.reread_row == two_bytes, (n, rms, ln)
+        assert not rms.reread_row and rms.unrolled == ln.unrolled == 0
+        if two_bytes:
+            assert (rms.block_size, rms.num_warps, ln.block_size, ln.num_warps) == (16384, 16, 16384, 32)
+            assert ln.chunk_size == NORM_BWD_SUM_BLOCK
+        else:
+            assert not rms.single_block and rms.block_size == ln.block_size == 4096
     for n in (16385, 12289):  # too long, or not a multiple of 16 (scalar loads would not fit)
-        assert not norm_config(n, dtype, device, backward=True).single_block
+        for flag in (False, True):
+            assert not norm_config(n, dtype, device, backward=True, layernorm=flag).single_block
 
 
 @pytest.mark.parametrize("key", ["t4", "a100", "h100"])

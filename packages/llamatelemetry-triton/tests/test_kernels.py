@@ -8,6 +8,7 @@ longer than a block are made cheap with a small forced block size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -39,7 +40,9 @@ from llamatelemetry_triton import (
     triton_swiglu,
 )
 from llamatelemetry_triton._dispatch import device_info
-from llamatelemetry_triton.heuristics import norm_config
+from llamatelemetry_triton.heuristics import NORM_BWD_SUM_BLOCK, NORM_LOOP_BLOCK, LaunchConfig, norm_config
+from llamatelemetry_triton.ops._norm_backward import _norm_backward
+from llamatelemetry_triton.ops.norm import _norm_forward
 
 pytestmark = pytest.mark.triton
 
@@ -255,10 +258,12 @@ def test_norm_backward_with_optional_parameters_absent(params: str, cap: int | N
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm", "fused_rms", "fused_layer"])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-def test_norm_backward_of_a_row_too_long_to_hold_reads_it_twice(kind: str, dtype: torch.dtype) -> None:
-    """Rows past 8192 elements (here 8208: a 16384 block, two rows) take the single block that reads them twice."""
+def test_norm_backward_of_a_row_past_8192_takes_one_block(kind: str, dtype: torch.dtype) -> None:
+    """Rows past 8192 elements (here 8208: a 16384 block, two rows) take a single block: RMSNorm holds it,
+    LayerNorm reads it twice."""
     n = 8208
-    assert norm_config(n, dtype, device_info(torch.device(DEVICE)), backward=True).reread_row
+    config = norm_config(n, dtype, device_info(torch.device(DEVICE)), backward=True, layernorm="layer" in kind)
+    assert config.single_block and config.reread_row == ("layer" in kind)
     gen = torch.Generator().manual_seed(11)
     x, r = (_random([2, n], dtype, "contiguous", gen) for _ in range(2))
     w, b = (_random([n], dtype, "contiguous", gen) for _ in range(2))
@@ -276,6 +281,38 @@ def test_norm_backward_of_a_row_too_long_to_hold_reads_it_twice(kind: str, dtype
     for i, (got, want) in enumerate(zip(got_grads, want_grads, strict=True)):
         assert got is not None and want is not None
         assert_close(got, want, atol=8e-3, rtol=8e-3, name=f"{kind} grad #{i}")
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_every_launch_of_a_long_row_backward_gives_the_same_gradients(is_rms: bool) -> None:
+    """The launches a benchmark sweeps at 8208 elements (first read unrolled or looped, in blocks of 2048 or
+    4096; the row held; the row looped in blocks) compute the chosen one's dx, dweight and dbias, up to the
+    order of the sums."""
+    n = 8208
+    gen = torch.Generator().manual_seed(3)
+    x, dy = (_random([2, n], torch.float16, "contiguous", gen) for _ in range(2))
+    w, b = (_random([n], torch.float16, "contiguous", gen) for _ in range(2))
+    bias = None if is_rms else b
+    _, _, mean, rstd = _norm_forward(x, None, w, bias, 1e-5, is_rms)
+    assert rstd is not None
+    chosen = norm_config(n, x.dtype, device_info(x.device), backward=True, layernorm=not is_rms)
+    assert chosen.single_block and chosen.reread_row == (not is_rms) and chosen.unrolled == 0
+    reread = dataclasses.replace(chosen, reread_row=True, chunk_size=NORM_BWD_SUM_BLOCK)
+    launches = [
+        reread,
+        dataclasses.replace(reread, unrolled=reread.block_size // reread.chunk_size),
+        dataclasses.replace(reread, chunk_size=4096),
+        dataclasses.replace(reread, chunk_size=4096, unrolled=reread.block_size // 4096),
+        dataclasses.replace(chosen, reread_row=False, chunk_size=0),
+        LaunchConfig(NORM_LOOP_BLOCK, 16, 2, single_block=False),
+    ]
+    want = _norm_backward(dy, x, None, w, mean, rstd, is_rms, not is_rms, config=chosen)
+    for config in launches:
+        got = _norm_backward(dy, x, None, w, mean, rstd, is_rms, not is_rms, config=config)
+        for i, (g, e) in enumerate(zip(got, want, strict=True)):
+            assert (g is None) == (e is None)
+            if g is not None and e is not None:
+                assert_close(g, e, name=f"{config}: output #{i}")
 
 
 @SETTINGS

@@ -4,6 +4,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from llamatelemetry._environment import measured_results, outside_tested_ranges
 from llamatelemetry.cli import CPU_SUMMARY, SCHEMA_VERSION, _summary, doctor_report, main
 from llamatelemetry_core.device import real_device_info, simulate_device
 from llamatelemetry_core.environment import SDPA_NOT_PROBED
+from llamatelemetry_core.toolchain import TESTED_RANGES
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -170,7 +172,26 @@ def test_the_shipped_measurements_match_benchmarks_results(load_script: Callable
     assert measured_results() == json.loads(module.render()), "run: python scripts/benchmark_summary.py"
     for gpu in measured_results()["gpus"].values():
         for operation in gpu["operations"].values():
-            assert (ROOT / operation["source"]).is_file()
+            for source in operation["source"].split(", "):
+                assert (ROOT / source).is_file()
+
+
+def test_every_measured_operation_of_the_h200_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    # The fused matmul (its first table and the later split-K run) and paged attention were measured there:
+    # doctor must not call them "not measured on this GPU", and the matmul's losses show beside its gains.
+    assert main(["doctor", "--json", "--simulate", "h200"]) == 0
+    h200 = json.loads(capsys.readouterr().out)
+    matmul = h200["operations"]["tensorcore.matmul"]
+    if matmul["selected"] != "fused":
+        pytest.skip("needs the Triton component and Triton installed (the cpu-triton matrix)")
+    measured = matmul["measured"]
+    assert measured["applies"] and measured["device"] == "NVIDIA H200"
+    assert measured["eager_calls"][0] < 1 < measured["gpu_time"][1]
+    assert "tensorcore-fused-split-k/results.json" in measured["source"]
+    shapes = {c["shape"]: c for c in measured["cases"]}
+    assert shapes["1x4096x4096"]["gpu_time"] == 0.34  # the split-K run replaces the first table's 0.25
+    paged = h200["operations"]["flashattn.paged_attention"]["measured"]
+    assert paged["applies"] and paged["gpu_time"][0] > 1
 
 
 def test_environment_variables_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,6 +230,18 @@ def test_versions_outside_the_declared_ranges_are_reported(monkeypatch: pytest.M
     assert found == expected
 
 
+def test_torch_outside_the_tested_range_is_reported_without_any_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sources on the path by hand: no distribution declares anything, and the tested ranges still apply.
+    monkeypatch.setattr(environment, "_installed_llamatelemetry", list)
+    assert outside_tested_ranges() == []
+    monkeypatch.setitem(TESTED_RANGES, "torch", ">=99")
+    torch_version = importlib.metadata.version("torch")
+    expected = {"distribution": "llamatelemetry-core", "requirement": "torch>=99", "installed": torch_version}
+    assert outside_tested_ranges() == [expected]
+    report = doctor_report()
+    assert report["outside_tested_ranges"] == [expected]
+
+
 def test_help_shows_no_rest_markup(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -236,3 +269,53 @@ def test_a_full_output_is_reported_once_without_a_traceback() -> None:
         )
     assert proc.returncode == 1
     assert "cannot write the report" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("simulate", [[], ["--simulate", "t4"], ["--simulate", "cpu"]])
+def test_human_output_never_prints_none(
+    simulate: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without package metadata (sources put on the path by hand) the versions come from the modules themselves;
+    # a CPU build of torch has no CUDA or cuDNN version, which is said in words.
+    monkeypatch.setattr("llamatelemetry.cli.distribution_version", lambda name: None)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert main(["doctor", *simulate]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out
+    assert "CPU build: no CUDA, no cuDNN" in out
+    assert "llamatelemetry-core: 0.1.0" in out and "llamatelemetry-triton: 0.1.0 -> " in out
+
+
+@pytest.mark.parametrize("simulate", [[], ["--simulate", "t4"], ["--simulate", "a100"], ["--simulate", "cpu"]])
+def test_no_line_says_not_installed_twice(
+    simulate: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # flash-attn absent everywhere (and Triton too in the cpu-fallback matrix): each reason is said once, not
+    # wrapped in another "not installed (...)".
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    assert main(["doctor", *simulate]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        assert re.search(r"not installed[^,;]*not installed", line) is None, line
+        assert "((" not in line and "))" not in line, line
+
+
+def test_every_gpu_and_the_driver_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two GPUs and a driver, as collect_env reports them: the driver from nvidia-smi, every GPU by index.
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 550.54.15\necho 550.54.15\n", encoding="utf-8")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert environment.driver_versions()["nvidia_driver"] == "550.54.15"
+    with simulate_device("h100") as h100, simulate_device("a100") as a100:
+        gpus = [{**h100.to_dict(), "index": 0}, {**a100.to_dict(), "index": 1}]
+    monkeypatch.setattr("llamatelemetry.cli.visible_gpus", lambda: gpus)
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [g["index"] for g in report["gpus"]] == [0, 1]
+    assert report["driver"]["nvidia_driver"] == "550.54.15"
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA driver 550.54.15" in out
+    assert "  GPU 0: NVIDIA H100" in out and "  GPU 1: NVIDIA A100" in out

@@ -9,6 +9,8 @@ from types import ModuleType
 
 import pytest
 
+from llamatelemetry_core.toolchain import TESTED_RANGES
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -44,7 +46,9 @@ def test_cpu_torch_first_and_extras_on_their_component(install: ModuleType) -> N
     torch_cpu, packages = install.pip_commands(
         ["graphs"], extras=["flashattn:transformers"], torch_cpu=True, no_deps=False
     )
-    assert torch_cpu[-3:] == ["torch", "--index-url", "https://download.pytorch.org/whl/cpu"]
+    # The CPU build within the tested range: an unbounded torch from the CPU index could be newer than the
+    # packages allow, and their requirement would then fetch a CUDA build from the default index.
+    assert torch_cpu[-3:] == [f"torch{TESTED_RANGES['torch']}", "--index-url", "https://download.pytorch.org/whl/cpu"]
     assert _editable_targets(packages)[2:] == [
         f"{ROOT / 'packages' / 'llamatelemetry-flashattn'}[transformers]",
         str(ROOT / "packages" / "llamatelemetry-graphs"),

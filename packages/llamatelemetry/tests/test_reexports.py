@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 
@@ -13,6 +14,7 @@ from llamatelemetry._components import (
     import_component,
     install_command,
     missing_component,
+    not_yet_provided,
     source_checkout,
 )
 from llamatelemetry_core.errors import CapabilityError
@@ -102,3 +104,33 @@ def test_the_install_hint_fits_the_kind_of_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(install_command.__globals__, "source_checkout", lambda: None)
     assert install_command("triton") == 'pip install "llamatelemetry[triton]"'
     assert COMPONENTS["kvcache"].install == 'pip install "llamatelemetry[kvcache]"'
+
+
+def test_a_documented_name_not_provided_yet_is_an_honest_attribute_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every documented name is provided today; the mechanism stays for the guide's future names. A module whose
+    # __getattr__ answers with not_yet_provided keeps hasattr, getattr's default and dir() working.
+    component = COMPONENTS["batch"]
+    later = dataclasses.replace(component, documented_names=(*component.documented_names, "Later"))
+    monkeypatch.setitem(COMPONENTS, "batch", later)
+    module = importlib.import_module(component.documented_path)
+
+    def module_getattr(name: str) -> object:
+        raise not_yet_provided("batch", name)
+
+    monkeypatch.setattr(module, "__getattr__", module_getattr, raising=False)
+    assert not hasattr(module, "Later")
+    assert getattr(module, "Later", 7) == 7
+    assert "BatchConfig" in dir(module)
+    with pytest.raises(NotYetProvidedError) as caught:
+        module.Later  # noqa: B018
+    assert caught.value.name == "Later" and caught.value.obj is module
+    error: BaseException = caught.value
+    assert isinstance(error, AttributeError)
+    assert isinstance(error, CapabilityError)
+    message = str(error)
+    assert message.startswith(f"{component.documented_path}.Later is documented in the user guide but not implemented")
+    assert "upgrade" not in message and "pip install" not in message
+    # A name the guide does not document is a plain AttributeError, not a promise.
+    with pytest.raises(AttributeError) as plain:
+        module.Never  # noqa: B018
+    assert not isinstance(plain.value, NotYetProvidedError)

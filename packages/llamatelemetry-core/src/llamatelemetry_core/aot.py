@@ -37,6 +37,7 @@ from llamatelemetry_core.build_failures import build_failure_reason
 from llamatelemetry_core.device import DeviceInfo, get_device_info, simulate_device
 from llamatelemetry_core.environment import TRITON_INTERPRET_ENV, triton_interpreter_enabled
 from llamatelemetry_core.errors import CapabilityError, ConfigurationError
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -215,7 +216,7 @@ def compile_build(build: KernelBuild, device: DeviceInfo) -> CompileReport:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
     except ImportError as exc:
-        raise CapabilityError(f"compiling kernels ahead of time needs Triton: pip install triton ({exc})") from exc
+        raise CapabilityError(f"compiling kernels ahead of time needs Triton: {TRITON_INSTALL} ({exc})") from exc
 
     _check_arguments(build)
     major, minor = device.compute_capability

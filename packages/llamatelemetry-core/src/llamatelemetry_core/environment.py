@@ -18,6 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from llamatelemetry_core.device import DeviceInfo, get_device_info
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 
 __all__ = [
     "SDPA_NOT_PROBED",
@@ -78,7 +79,7 @@ def _triton_missing_reason(info: DeviceInfo) -> str:
             "not needed on a CPU: every operation runs its PyTorch reference (Triton runs CPU tensors only in its "
             f"interpreter, {TRITON_INTERPRET_ENV}=1, which is for tests)"
         )
-    return "install it with: pip install triton"
+    return f"install it with: {TRITON_INSTALL}"
 
 
 def triton_devices() -> frozenset[str]:

@@ -21,9 +21,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["TESTED_RANGES", "VersionCheck", "in_range", "untested_versions", "version_checks"]
+__all__ = ["TESTED_RANGES", "TRITON_INSTALL", "VersionCheck", "in_range", "untested_versions", "version_checks"]
 
 TESTED_RANGES: dict[str, str] = {"torch": ">=2.11,<2.16", "triton": ">=3.6,<3.10"}
+TRITON_INSTALL = f'pip install "triton{TESTED_RANGES["triton"]}"'
+"""The command every "Triton is missing" message names: a Triton within the tested range (an unbounded
+``pip install triton`` takes the newest release, which may not compile the kernels)."""
 
 _OPERATORS: dict[str, Callable[[tuple[int, ...], tuple[int, ...]], bool]] = {
     ">=": operator.ge,

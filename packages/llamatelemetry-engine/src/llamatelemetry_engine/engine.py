@@ -116,8 +116,8 @@ class LLM:
         max_num_batched_tokens: the continuous-batching token budget of a step (long prompts are chunked).
         admission_batch: continuous batching admits waiting requests only when this many can start together (or
             all waiting ones can, or nothing runs). Default: ``max_batch_size // 8`` with CUDA graphs on (a step
-            carrying a prompt runs eagerly, many times the cost of a graphed decode step: one such step for
-            several prompts instead of one each), else 1.
+            carrying prompts costs several graphed decode steps, replayed or not: one such step for several
+            prompts instead of one each), else 1.
         step_graphs: with CUDA graphs on, also replay steps that carry prompt tokens beside decodes from graphs
             bucketed by token count (up to ``max_num_batched_tokens``), instead of running them eagerly (an
             eager step of a 1B model costs about 20 ms of host time on an H200, a replayed one about 1.5 ms).

@@ -37,7 +37,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +46,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llamatelemetry_core.device import DeviceInfo, get_device_info
-from llamatelemetry_core.environment import flash_attn_status, sdpa_backend_status, triton_devices, triton_status
+from llamatelemetry_core.environment import flash_attn_status, sdpa_backend_status
 from llamatelemetry_core.errors import BackendUnavailableError
 from llamatelemetry_core.interpreter import triton_launch_guard
+from llamatelemetry_core.kernel_checks import bf16_on_device, kernel_dtypes, register_triton_kernel
 from llamatelemetry_core.selection import (
     CallSpec,
     Check,
@@ -58,7 +59,6 @@ from llamatelemetry_core.selection import (
     requires_min_capability,
     requires_module,
 )
-from llamatelemetry_core.validation import dtype_name
 from llamatelemetry_flashattn._special import propagate_query_nan
 from llamatelemetry_flashattn.reference import attention_reference, normalize_window, visibility_mask
 from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM
@@ -177,12 +177,6 @@ def _no_empty_rows(call: CallSpec) -> str | None:
     return None
 
 
-def _bf16_on_device(call: CallSpec) -> str | None:
-    if call.dtype == torch.bfloat16 and call.device.is_cuda and not call.device.supports_bf16:
-        return f"{call.device.name} has no bf16 support ({call.device.architecture}); use fp16"
-    return None
-
-
 def _forward_only(call: CallSpec) -> str | None:
     return "is forward-only (no backward kernel); inputs require grad" if _facts(call).needs_grad else None
 
@@ -231,28 +225,6 @@ def _flash_attn_softcap(call: CallSpec) -> str | None:
     return None
 
 
-@functools.cache
-def _triton_usable(index: int | None) -> str | None:
-    device = get_device_info(torch.device("cuda", index) if index is not None else "cpu", refresh_memory=False)
-    status = triton_status(device)
-    return None if status.usable else status.reason
-
-
-def _triton_runs(call: CallSpec) -> str | None:
-    if call.device.simulated:
-        return None
-    return _triton_usable(call.device.index if call.device.is_cuda else None)
-
-
-def _triton_dtypes(call: CallSpec) -> str | None:
-    # The interpreter (CPU) computes with NumPy, which has no bfloat16: its bf16 results are garbage.
-    allowed = _HALF if call.device.is_cuda else (torch.float16, torch.float32)
-    if call.dtype is not None and call.dtype not in allowed:
-        names = ", ".join(dtype_name(d) for d in allowed)
-        return f"supports dtypes {{{names}}} on {call.device.kind}, not {dtype_name(call.dtype)}"
-    return None
-
-
 # --- implementations ---------------------------------------------------------------------------------------------
 
 
@@ -276,6 +248,8 @@ _NATIVE_NAN_SDPA = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPB
 
 def _run_sdpa(
     backend: SDPBackend | None,
+    gqa: str,
+    allow_mask: bool,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -283,10 +257,13 @@ def _run_sdpa(
     causal: bool,
     softmax_scale: float | None,
     window_size: tuple[int, int] | None,
+    softcap: float | None,
     dropout_p: float,
-    gqa: str,
-    allow_mask: bool,
 ) -> torch.Tensor:
+    """PyTorch SDPA through ``backend`` (``None``: its own choice, on CPU); grouped KV heads passed natively
+    (``gqa="native"``) or repeated (``"expand"``); ``allow_mask``: the backend takes an explicit mask. Bound to
+    those three with :func:`functools.partial`, it is an implementation (the checks keep softcap away)."""
+    del softcap
     heads, kv_heads = q.shape[2], k.shape[2]
     kwargs: dict[str, Any] = {}
     if heads != kv_heads:
@@ -339,35 +316,6 @@ def _run_sdpa(
     )
 
 
-def _sdpa_impl(backend: SDPBackend | None, gqa: str, allow_mask: bool) -> Callable[..., torch.Tensor]:
-    def run(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool,
-        softmax_scale: float | None,
-        window_size: tuple[int, int] | None,
-        softcap: float | None,
-        dropout_p: float,
-    ) -> torch.Tensor:
-        del softcap  # checks keep softcapped calls away from SDPA
-        return _run_sdpa(
-            backend,
-            q,
-            k,
-            v,
-            causal=causal,
-            softmax_scale=softmax_scale,
-            window_size=window_size,
-            dropout_p=dropout_p,
-            gqa=gqa,
-            allow_mask=allow_mask,
-        )
-
-    return run
-
-
 def _flash_attn_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -394,96 +342,34 @@ def _triton_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    *,
     causal: bool,
     softmax_scale: float | None,
-    window_size: tuple[int, int] | None,
+    window_size: Sequence[int] | None,
     softcap: float | None,
-    dropout_p: float,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
+    """Our Triton kernel; also, as the custom op ``_triton_op``, one graph node for ``torch.compile`` (forward
+    only: the checks route autograd and dropout away). The op hands ``window_size`` over as a list."""
     from llamatelemetry_flashattn.triton_kernel import triton_attention
 
     del dropout_p  # the check keeps dropout away from this kernel
-    with triton_launch_guard(q.device):  # the interpreter runs one launch at a time
-        out = triton_attention(
-            q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap
-        )
-    return propagate_query_nan(
-        q, out, causal=causal, window_size=window_size, kv_len=k.shape[1], native_on_cuda=window_size is None
-    )
-
-
-@torch.library.custom_op("llamatelemetry::flashattn_triton", mutates_args=())
-def _triton_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    softmax_scale: float | None,
-    window_size: list[int] | None,
-    softcap: float | None,
-) -> torch.Tensor:
-    """The Triton kernel as one graph node for ``torch.compile`` (forward only: the checks route autograd away)."""
     window = None if window_size is None else (window_size[0], window_size[1])
-    return _triton_impl(
-        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window, softcap=softcap, dropout_p=0.0
+    with triton_launch_guard(q.device):  # the interpreter runs one launch at a time
+        out = triton_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window, softcap=softcap)
+    return propagate_query_nan(
+        q, out, causal=causal, window_size=window, kv_len=k.shape[1], native_on_cuda=window is None
     )
+
+
+_triton_op = torch.library.custom_op("llamatelemetry::flashattn_triton", mutates_args=())(_triton_impl)
 
 
 @_triton_op.register_fake
-def _(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    softmax_scale: float | None,
-    window_size: list[int] | None,
-    softcap: float | None,
-) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **options: object) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-def _triton_traced(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    softmax_scale: float | None,
-    window_size: tuple[int, int] | None,
-    softcap: float | None,
-    dropout_p: float,
-) -> torch.Tensor:
-    del dropout_p  # the check keeps dropout away from this kernel
-    window = None if window_size is None else [window_size[0], window_size[1]]
-    result: torch.Tensor = _triton_op(q, k, v, causal, softmax_scale, window, softcap)
-    return result
-
-
-def _reference_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    softmax_scale: float | None,
-    window_size: tuple[int, int] | None,
-    softcap: float | None,
-    dropout_p: float,
-) -> torch.Tensor:
-    return attention_reference(
-        q,
-        k,
-        v,
-        causal=causal,
-        softmax_scale=softmax_scale,
-        window_size=window_size,
-        softcap=softcap,
-        dropout_p=dropout_p,
-    )
-
-
-ATTENTION = Operation(OPERATION_NAME, _reference_impl, aliases=("flash_attention",))
+ATTENTION = Operation(OPERATION_NAME, attention_reference, aliases=("flash_attention",))
 ATTENTION.register(
     "flash_attn",
     _flash_attn_impl,
@@ -491,7 +377,9 @@ ATTENTION.register(
     devices={"cuda"},
     checks=[
         _flash_attn_runs_on_this_gpu,
-        requires_module("flash_attn", 'pip install "llamatelemetry-flashattn[flash-attn]"', optional=True),
+        # flash-attn builds against the installed torch (hence no build isolation); this command works whether
+        # llamatelemetry came from a package index or from a clone, where the component's extra cannot resolve.
+        requires_module("flash_attn", "pip install flash-attn --no-build-isolation", optional=True),
         _flash_attn_usable,
         _no_empty_rows,
         requires_dtypes(*_HALF),
@@ -501,7 +389,7 @@ ATTENTION.register(
 )
 ATTENTION.register(
     "sdpa_cudnn",
-    _sdpa_impl(SDPBackend.CUDNN_ATTENTION, gqa="expand", allow_mask=False),
+    functools.partial(_run_sdpa, SDPBackend.CUDNN_ATTENTION, "expand", False),
     priority=400,
     devices={"cuda"},
     checks=[
@@ -518,7 +406,7 @@ ATTENTION.register(
 )
 ATTENTION.register(
     "sdpa_flash",
-    _sdpa_impl(SDPBackend.FLASH_ATTENTION, gqa="native", allow_mask=False),
+    functools.partial(_run_sdpa, SDPBackend.FLASH_ATTENTION, "native", False),
     priority=300,
     devices={"cuda"},
     checks=[
@@ -531,32 +419,26 @@ ATTENTION.register(
         _sdpa_runs("flash"),
     ],
 )
-ATTENTION.register(
-    "triton",
+register_triton_kernel(
+    ATTENTION,
     _triton_impl,
+    kernel_dtypes(),
+    bf16_on_device,
+    _head_dim_check(MAX_HEAD_DIM, multiple=1),
+    _no_dropout,
+    _forward_only,
     priority=350,
-    devices=triton_devices,
-    traced=_triton_traced,
-    checks=[
-        requires_module("triton", "pip install triton"),
-        requires_min_capability(7, 5),
-        _triton_dtypes,
-        _bf16_on_device,
-        _head_dim_check(MAX_HEAD_DIM, multiple=1),
-        _no_dropout,
-        _forward_only,
-        _triton_runs,
-    ],
+    traced=_triton_op,
 )
 ATTENTION.register(
     "sdpa_efficient",
-    _sdpa_impl(SDPBackend.EFFICIENT_ATTENTION, gqa="expand", allow_mask=True),
+    functools.partial(_run_sdpa, SDPBackend.EFFICIENT_ATTENTION, "expand", True),
     priority=100,
     devices={"cuda"},
     checks=[
         requires_min_capability(5, 0),
         requires_dtypes(*_HALF, torch.float32),
-        _bf16_on_device,
+        bf16_on_device,
         _head_dim_check(MAX_HEAD_DIM),
         _no_softcap,
         _no_empty_rows,
@@ -565,7 +447,7 @@ ATTENTION.register(
 )
 ATTENTION.register(
     "sdpa_cpu",
-    _sdpa_impl(None, gqa="native", allow_mask=True),
+    functools.partial(_run_sdpa, None, "native", True),
     priority=50,
     devices={"cpu"},
     checks=[

@@ -158,8 +158,17 @@ def _validate(
     return layout
 
 
-def _call_spec(q: torch.Tensor, layout: PagedKVLayout, batch: int, max_seqlen_q: int, **options: object) -> CallSpec:
-    facts = PagedAttentionCall(
+def _facts(
+    q: torch.Tensor,
+    layout: PagedKVLayout,
+    batch: int,
+    max_seqlen_q: int,
+    causal: bool,
+    window_size: tuple[int, int] | None,
+    softcap: float | None,
+) -> PagedAttentionCall:
+    """What the implementations' checks read of a call (its inputs already checked)."""
+    return PagedAttentionCall(
         batch=batch,
         num_tokens=q.shape[0],
         max_seqlen_q=max_seqlen_q,
@@ -168,11 +177,10 @@ def _call_spec(q: torch.Tensor, layout: PagedKVLayout, batch: int, max_seqlen_q:
         head_dim=layout.head_dim,
         page_size=layout.page_size,
         kv_dtype=layout.dtype,
-        causal=bool(options["causal"]),
-        window_size=options["window_size"],  # type: ignore[arg-type]
-        softcap=options["softcap"],  # type: ignore[arg-type]
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
     )
-    return CallSpec.from_tensors(q, facts=facts)
 
 
 def paged_attention(
@@ -234,14 +242,15 @@ def paged_attention(
     scale = check_softmax_scale(softmax_scale)
     window = check_window_size(window_size)
     cap = check_softcap(softcap)
-    call = _call_spec(q, layout, block_tables.shape[0], max_seqlen_q, causal=causal, window_size=window, softcap=cap)
-    result: torch.Tensor = PAGED_ATTENTION.dispatch(
-        call,
+    facts = _facts(q, layout, block_tables.shape[0], max_seqlen_q, causal, window, cap)
+    result: torch.Tensor = PAGED_ATTENTION.run(
+        (q,),
         q,
         kv,
         block_tables,
         seq_lens,
         cu_seqlens_q,
+        facts=facts,
         backend=backend,
         max_seqlen_q=max_seqlen_q,
         softmax_scale=scale,
@@ -340,13 +349,6 @@ def selected_paged_backend(
 ) -> str:
     """The implementation :func:`paged_attention` would run for these inputs (nothing is computed)."""
     layout = _validate(q, kv, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, None)
-    call = _call_spec(
-        q,
-        layout,
-        block_tables.shape[0],
-        max_seqlen_q,
-        causal=causal,
-        window_size=check_window_size(window_size),
-        softcap=check_softcap(softcap),
-    )
-    return PAGED_ATTENTION.select(call).name
+    window, cap = check_window_size(window_size), check_softcap(softcap)
+    facts = _facts(q, layout, block_tables.shape[0], max_seqlen_q, causal, window, cap)
+    return PAGED_ATTENTION.select(CallSpec.from_tensors(q, facts=facts)).name

@@ -17,17 +17,15 @@ reference dequantizes it.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from llamatelemetry_core.device import DeviceInfo, get_device_info
-from llamatelemetry_core.environment import triton_devices, triton_status
 from llamatelemetry_core.interpreter import triton_launch_guard
-from llamatelemetry_core.kv_layout import PagedKV
-from llamatelemetry_core.selection import CallSpec, Operation, requires_min_capability, requires_module
-from llamatelemetry_core.validation import dtype_name
+from llamatelemetry_core.kernel_checks import bf16_on_device, kernel_dtypes, register_triton_kernel
+from llamatelemetry_core.selection import CallSpec, Operation
 from llamatelemetry_flashattn.paged_reference import paged_attention_reference
 from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM
 
@@ -78,21 +76,6 @@ def kv_dtype_unsupported_reason(device: DeviceInfo, kv_dtype: torch.dtype) -> st
     return None
 
 
-def _dtypes(call: CallSpec) -> str | None:
-    # The interpreter (CPU) computes with NumPy, which has no bfloat16: its bf16 results are garbage.
-    allowed = (torch.float16, torch.bfloat16) if call.device.is_cuda else (torch.float16, torch.float32)
-    if call.dtype is not None and call.dtype not in allowed:
-        names = ", ".join(dtype_name(d) for d in allowed)
-        return f"supports query dtypes {{{names}}} on {call.device.kind}, not {dtype_name(call.dtype)}"
-    return None
-
-
-def _bf16_on_device(call: CallSpec) -> str | None:
-    if call.dtype == torch.bfloat16 and call.device.is_cuda and not call.device.supports_bf16:
-        return f"{call.device.name} has no bf16 support ({call.device.architecture}); use fp16"
-    return None
-
-
 def _kv_dtype(call: CallSpec) -> str | None:
     facts = call.facts_as(PagedAttentionCall)
     kv_dtype = call.dtype if facts is None else facts.kv_dtype
@@ -109,97 +92,30 @@ def _head_dim(call: CallSpec) -> str | None:
     return None if head_dim <= MAX_HEAD_DIM else f"supports head dims <= {MAX_HEAD_DIM}, not {head_dim}"
 
 
-@functools.cache
-def _triton_usable(index: int | None) -> str | None:
-    device = get_device_info(torch.device("cuda", index) if index is not None else "cpu", refresh_memory=False)
-    status = triton_status(device)
-    return None if status.usable else status.reason
-
-
-def _triton_runs(call: CallSpec) -> str | None:
-    if call.device.simulated:
-        return None
-    return _triton_usable(call.device.index if call.device.is_cuda else None)
-
-
-def _triton_impl(
-    q: torch.Tensor,
-    kv: PagedKV,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    *,
-    max_seqlen_q: int,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: tuple[int, int] | None,
-    softcap: float | None,
-    out: torch.Tensor | None,
-) -> torch.Tensor:
+def _triton_impl(q: torch.Tensor, *args: Any, **options: Any) -> torch.Tensor:
+    """:func:`~.paged_kernel.triton_paged_attention`: the arguments of
+    :func:`~llamatelemetry_flashattn.paged_attention`, as it checked them."""
     from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
 
     with triton_launch_guard(q.device):  # the interpreter runs one launch at a time
-        return triton_paged_attention(
-            q,
-            kv,
-            block_tables,
-            seq_lens,
-            cu_seqlens_q,
-            max_seqlen_q=max_seqlen_q,
-            causal=causal,
-            softmax_scale=softmax_scale,
-            window_size=window_size,
-            softcap=softcap,
-            out=out,
-        )
+        return triton_paged_attention(q, *args, **options)
 
 
-def _reference_impl(
-    q: torch.Tensor,
-    kv: PagedKV,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    *,
-    max_seqlen_q: int,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: tuple[int, int] | None,
-    softcap: float | None,
-    out: torch.Tensor | None,
-) -> torch.Tensor:
-    result = paged_attention_reference(
-        q,
-        kv,
-        block_tables,
-        seq_lens,
-        cu_seqlens_q,
-        max_seqlen_q=max_seqlen_q,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=window_size,
-        softcap=softcap,
-    )
-    if out is None:
-        return result
-    return out.copy_(result)
+def _reference_impl(*args: Any, out: torch.Tensor | None, **options: Any) -> torch.Tensor:
+    """:func:`~.paged_reference.paged_attention_reference`, written into ``out`` when one is given."""
+    result = paged_attention_reference(*args, **options)
+    return result if out is None else out.copy_(result)
 
 
 PAGED_ATTENTION = Operation(PAGED_OPERATION_NAME, _reference_impl, aliases=("paged_attention",))
-PAGED_ATTENTION.register(
-    "triton",
+register_triton_kernel(
+    PAGED_ATTENTION,
     _triton_impl,
+    kernel_dtypes(what="query dtypes"),
+    bf16_on_device,
+    _kv_dtype,
+    _head_dim,
     priority=350,
-    devices=triton_devices,
-    checks=[
-        requires_module("triton", "pip install triton"),
-        requires_min_capability(7, 5),
-        _dtypes,
-        _bf16_on_device,
-        _kv_dtype,
-        _head_dim,
-        _triton_runs,
-    ],
 )
 
 

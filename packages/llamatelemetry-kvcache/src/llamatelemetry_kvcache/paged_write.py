@@ -13,16 +13,14 @@ num_kv_heads, head_dim]``, caches ``[num_blocks, page_size, num_kv_heads, head_d
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
-from llamatelemetry_core.device import get_device_info
-from llamatelemetry_core.environment import triton_devices, triton_status
 from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.kernel_checks import register_triton_kernel
 from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
-from llamatelemetry_core.selection import CallSpec, Operation, QuietReason, requires_min_capability, requires_module
+from llamatelemetry_core.selection import CallSpec, Operation, QuietReason
 from llamatelemetry_core.validation import check_tensor, dtype_name, format_shape
 from llamatelemetry_kvcache.quant import quantize_kv
 
@@ -95,19 +93,6 @@ def check_write_inputs(key: object, value: object, cache: PagedKV, slot_mapping:
             )
 
 
-@functools.cache
-def _triton_usable(index: int | None) -> str | None:
-    device = get_device_info(torch.device("cuda", index) if index is not None else "cpu", refresh_memory=False)
-    status = triton_status(device)
-    return None if status.usable else status.reason
-
-
-def _triton_runs(call: CallSpec) -> str | None:
-    if call.device.simulated:
-        return None
-    return _triton_usable(call.device.index if call.device.is_cuda else None)
-
-
 @dataclass(frozen=True)
 class PagedWriteCall:
     """The facts of one paged KV write that implementations check (``CallSpec.facts``): the cache's dtype."""
@@ -138,19 +123,7 @@ def _triton_impl(key: torch.Tensor, value: torch.Tensor, cache: PagedKV, slot_ma
 
 
 PAGED_WRITE = Operation(OPERATION_NAME, paged_write_reference, aliases=("paged_kv_write",))
-PAGED_WRITE.register(
-    "triton",
-    _triton_impl,
-    priority=300,
-    devices=triton_devices,
-    checks=[
-        requires_module("triton", "pip install triton"),
-        requires_min_capability(7, 5),
-        _interpreter_dtypes,
-        _fp8_on_device,
-        _triton_runs,
-    ],
-)
+register_triton_kernel(PAGED_WRITE, _triton_impl, _interpreter_dtypes, _fp8_on_device, priority=300)
 
 
 def paged_write(
@@ -177,8 +150,8 @@ def paged_write(
         )  # fmt: skip
         return
     check_write_inputs(key, value, cache, slot_mapping)
-    call = CallSpec.from_tensors(key, slot_mapping, facts=PagedWriteCall(cache.key_cache.dtype))
-    PAGED_WRITE.dispatch(call, key, value, cache, slot_mapping, backend=backend)
+    facts = PagedWriteCall(cache.key_cache.dtype)
+    PAGED_WRITE.run((key, slot_mapping), key, value, cache, slot_mapping, facts=facts, backend=backend)
 
 
 @torch.library.custom_op(

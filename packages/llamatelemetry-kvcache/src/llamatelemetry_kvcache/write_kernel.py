@@ -171,31 +171,13 @@ def _launch(
         )
 
 
-@torch.library.custom_op(
+_paged_write_op = torch.library.custom_op(
     "llamatelemetry::kvcache_paged_write", mutates_args=("key_cache", "value_cache", "key_scale", "value_scale")
-)
-def _paged_write_op(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    key_scale: torch.Tensor | None,
-    value_scale: torch.Tensor | None,
-    slot_mapping: torch.Tensor,
-) -> None:
-    _launch(key, value, key_cache, value_cache, key_scale, value_scale, slot_mapping)
+)(_launch)
 
 
 @_paged_write_op.register_fake
-def _paged_write_fake(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    key_scale: torch.Tensor | None,
-    value_scale: torch.Tensor | None,
-    slot_mapping: torch.Tensor,
-) -> None:
+def _(*args: object) -> None:
     return None
 
 

@@ -10,7 +10,7 @@ import torch
 
 from llamatelemetry_core.aot import KernelBuild, kernel_signature
 from llamatelemetry_core.device import DeviceInfo
-from llamatelemetry_tensorcore._fused_kernels import _largest_finite_kernel, _scaled_matmul_kernel, _split_sum_kernel
+from llamatelemetry_tensorcore._fused_kernels import largest_finite_kernel, scaled_matmul_kernel, split_sum_kernel
 from llamatelemetry_tensorcore.fused_matmul import FusedTiles, fused_tiles, split_k
 
 __all__ = ["aot_builds"]
@@ -28,7 +28,7 @@ def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles, *, single: bool = Fals
     ptr = "*" + _TRITON_TYPES[in_dtype]
     types = {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "partial_ptr": "*i32", "workspace_ptr": "*fp32"}
     types.update(dict.fromkeys(("half", "quarter", "eighth"), "i64"))
-    signature = kernel_signature(_scaled_matmul_kernel, types)
+    signature = kernel_signature(scaled_matmul_kernel, types)
     signature.update(dict.fromkeys(_UNIT_STRIDES, "constexpr"))  # in place: the order stays the kernel's
     constexprs: _Constexprs = {
         "BLOCK_M": tiles.block_m,
@@ -47,14 +47,14 @@ def _gemm_build(in_dtype: torch.dtype, tiles: FusedTiles, *, single: bool = Fals
         f"w{tiles.num_warps},s{tiles.num_stages}{form}]"
     )
     return KernelBuild(
-        name, _scaled_matmul_kernel, signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages
+        name, scaled_matmul_kernel, signature, constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages
     )
 
 
 def _split_sum_build(out_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
     types = {"workspace_ptr": "*fp32", "c_ptr": "*" + _TRITON_TYPES[out_dtype], "partial_ptr": "*i32"}
     types.update(dict.fromkeys(("half", "quarter", "eighth"), "i64"))
-    signature = kernel_signature(_split_sum_kernel, types)
+    signature = kernel_signature(split_sum_kernel, types)
     signature["stride_cn"] = "constexpr"
     constexprs: _Constexprs = {
         "BLOCK": tiles.split_sum_block,
@@ -63,15 +63,15 @@ def _split_sum_build(out_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
         "stride_cn": 1,
     }
     name = f"tensorcore.split_sum[->{_TRITON_TYPES[out_dtype]},{tiles.split_sum_block},w{tiles.split_sum_warps}]"
-    return KernelBuild(name, _split_sum_kernel, signature, constexprs, num_warps=tiles.split_sum_warps)
+    return KernelBuild(name, split_sum_kernel, signature, constexprs, num_warps=tiles.split_sum_warps)
 
 
 def _reduction_build(in_dtype: torch.dtype, tiles: FusedTiles) -> KernelBuild:
     ptr = "*" + _TRITON_TYPES[in_dtype]
-    signature = kernel_signature(_largest_finite_kernel, {"a_ptr": ptr, "b_ptr": ptr, "partial_ptr": "*i32"})
+    signature = kernel_signature(largest_finite_kernel, {"a_ptr": ptr, "b_ptr": ptr, "partial_ptr": "*i32"})
     constexprs: _Constexprs = {"BLOCK": tiles.reduce_block, "PIPELINED": True}
     name = f"tensorcore.largest_finite[{_TRITON_TYPES[in_dtype]},{tiles.reduce_block},w{tiles.reduce_warps}]"
-    return KernelBuild(name, _largest_finite_kernel, signature, constexprs, num_warps=tiles.reduce_warps)
+    return KernelBuild(name, largest_finite_kernel, signature, constexprs, num_warps=tiles.reduce_warps)
 
 
 def aot_builds(device: DeviceInfo) -> Iterator[KernelBuild]:

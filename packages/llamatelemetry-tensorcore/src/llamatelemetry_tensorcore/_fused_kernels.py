@@ -3,17 +3,17 @@
 What is computed is the specification of :mod:`llamatelemetry_tensorcore.matmul` (steps 1-4), bit for bit except
 for the order of the fp32 sums inside the product:
 
-1. :func:`_largest_finite_kernel` (one launch over A and B): each program reduces a contiguous span of one input to
+1. :func:`largest_finite_kernel` (one launch over A and B): each program reduces a contiguous span of one input to
    its largest finite ``|x|`` and stores it, as the bits of a non-negative fp32 (ordered as integers), in a small
    buffer of partial maxima. No atomics and no zero-filled buffer: the next kernel reduces the partials. For
    small dense inputs this launch is skipped: every GEMM program reduces all of A and B itself.
-2. :func:`_scaled_matmul_kernel`: every program reduces the partial maxima (a few hundred integers, from L2),
+2. :func:`scaled_matmul_kernel`: every program reduces the partial maxima (a few hundred integers, from L2),
    derives ``eA`` and ``eB`` with :func:`_range_exponents` (the integer form of
    :func:`~llamatelemetry_tensorcore.matmul._exponents_from_maxima`), then multiplies tiles of A and B by
    ``2^-eA`` and ``2^-eB``, rounds them to fp16 in registers, accumulates ``tl.dot`` in fp32, rounds the tile to
    fp16 and multiplies it by ``2^(eA+eB)``, stored in the output's dtype.
 3. Split over K (grids too small to fill the GPU): the programs of one output tile each walk a range of K and
-   store their fp32 sums, unrounded, in a workspace ``[splits, batch, M, N]``; :func:`_split_sum_kernel` then adds
+   store their fp32 sums, unrounded, in a workspace ``[splits, batch, M, N]``; :func:`split_sum_kernel` then adds
    them in split order (the same order every time: results are reproducible), derives the same exponents from
    the same partial maxima, rounds the sum to fp16 and unscales it into the output. Only the order of the fp32
    sums differs from one program per tile, as it already does from the reference.
@@ -46,7 +46,7 @@ from llamatelemetry_tensorcore.fused_matmul import (
 )
 from llamatelemetry_tensorcore.matmul import product_thresholds
 
-__all__ = ["fused_matmul"]
+__all__ = ["fused_matmul", "largest_finite_kernel", "scaled_matmul_kernel", "split_sum_kernel"]
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -59,7 +59,7 @@ def _block_largest_finite(x_ptr, start, numel, largest, BLOCK: tl.constexpr):  #
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _largest_finite_kernel(  # type: ignore[no-untyped-def]
+def largest_finite_kernel(  # type: ignore[no-untyped-def]
     a_ptr,
     b_ptr,
     partial_ptr,
@@ -176,7 +176,7 @@ def _unscaled(total, e_a, e_b):  # type: ignore[no-untyped-def]
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
+def scaled_matmul_kernel(  # type: ignore[no-untyped-def]
     a_ptr,
     b_ptr,
     c_ptr,
@@ -293,7 +293,7 @@ def _scaled_matmul_kernel(  # type: ignore[no-untyped-def]
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _split_sum_kernel(  # type: ignore[no-untyped-def]
+def split_sum_kernel(  # type: ignore[no-untyped-def]
     workspace_ptr,
     c_ptr,
     partial_ptr,
@@ -427,7 +427,7 @@ def fused_matmul(
         programs_b, span_b = largest_finite_programs(flat_b.numel(), tiles)
         partial = torch.empty(programs_a + programs_b, dtype=torch.int32, device=a.device)
         reduce_block = tiles.partials
-        _largest_finite_kernel[(programs_a + programs_b,)](
+        largest_finite_kernel[(programs_a + programs_b,)](
             flat_a,
             flat_b,
             partial,
@@ -445,7 +445,7 @@ def fused_matmul(
     workspace = target
     if split.splits > 1:
         workspace = torch.empty((split.splits, *operands.batched_shape), dtype=torch.float32, device=a.device)
-    _scaled_matmul_kernel[(tiles_mn, operands.batch, split.splits)](
+    scaled_matmul_kernel[(tiles_mn, operands.batch, split.splits)](
         a3,
         b3,
         target,
@@ -486,7 +486,7 @@ def fused_matmul(
     )
     if split.splits > 1:
         mn = operands.m * operands.n
-        _split_sum_kernel[(triton.cdiv(mn, tiles.split_sum_block), operands.batch)](
+        split_sum_kernel[(triton.cdiv(mn, tiles.split_sum_block), operands.batch)](
             workspace,
             target,
             partial,

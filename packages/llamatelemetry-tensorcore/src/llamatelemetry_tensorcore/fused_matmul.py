@@ -38,6 +38,7 @@ from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_devices
 from llamatelemetry_core.interpreter import triton_launch_guard
 from llamatelemetry_core.selection import CallSpec, QuietReason, gate, requires_min_capability, requires_module
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 from llamatelemetry_tensorcore.matmul import MATMUL_OPERATION, MatmulCall
 
 if TYPE_CHECKING:
@@ -360,7 +361,7 @@ MATMUL_OPERATION.register(
     devices=triton_devices,
     checks=[
         gate(fused_scope_reason),  # a product out of scope is the library's choice: no notice about Triton
-        requires_module("triton", "pip install triton"),
+        requires_module("triton", TRITON_INSTALL),
         requires_min_capability(7, 5),
     ],
     traced=_fused_traced,

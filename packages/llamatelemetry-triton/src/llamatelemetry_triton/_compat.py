@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamatelemetry_core.toolchain import TRITON_INSTALL
+
 __all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "TritonMissingError", "tl", "triton"]
 
 
@@ -24,7 +26,7 @@ class _MissingKernel:
     def __getitem__(self, grid: object) -> Any:
         raise TritonMissingError(
             f"Triton kernel {self.__name__} cannot run: Triton is not installed ({TRITON_IMPORT_ERROR}); "
-            "install it with: pip install triton"
+            f"install it with: {TRITON_INSTALL}"
         )
 
 

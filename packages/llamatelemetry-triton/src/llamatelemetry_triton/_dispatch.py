@@ -14,6 +14,7 @@ from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.environment import triton_devices
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.selection import CallSpec, Check, Operation, QuietReason, requires_dtypes, requires_module
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 from llamatelemetry_core.traced import traced_name, traced_request
 from llamatelemetry_core.validation import dtype_name, format_shape
 from llamatelemetry_triton._compat import HAS_TRITON, triton
@@ -107,7 +108,7 @@ def register_triton(op: Operation, fn: Callable[..., Any], extra_checks: Sequenc
     A call may carry a :class:`TritonCall` with the reason the kernel does not cover it.
     """
     checks: list[Check] = [
-        requires_module("triton", "pip install triton"),
+        requires_module("triton", TRITON_INSTALL),
         requires_dtypes(*TRITON_DTYPES),
         _bf16_supported,
         _interpreted_bf16,

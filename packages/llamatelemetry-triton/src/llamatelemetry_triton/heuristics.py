@@ -35,6 +35,7 @@ from llamatelemetry_core.errors import ConfigurationError
 __all__ = [
     "NORM_BWD_MAX_HELD_ROW",
     "NORM_BWD_MAX_SINGLE_BLOCK",
+    "NORM_BWD_SUM_BLOCK",
     "NORM_LOOP_BLOCK",
     "NORM_MAX_SINGLE_BLOCK",
     "SOFTMAX_LOOP_BLOCK",
@@ -59,15 +60,20 @@ At 16384 with 16 warps every forward variant fits in the 128 registers a 512-thr
 spills (sm_75 and sm_90, fp16 and fp32, checked with ``cuobjdump -res-usage``), so hidden sizes up to 16384 (a
 405B model's) are read once."""
 NORM_BWD_MAX_SINGLE_BLOCK = 16384
-"""Longest row (elements) the norm backward takes in one block, for 2-byte dtypes: its program keeps the weight
-and bias gradient accumulators of the whole row in registers across its rows, reads each row twice (in small
-blocks for the row's two sums, then whole for dx; the second read is served by L1/L2) and holds nothing else
-across rows. At 16384 in 16 warps that fits the 128 registers a 512-thread program may use (sm_75 and sm_90,
-checked ahead of time: no spills, but for a few scalars of the fused LayerNorm on sm_90). fp32 rows stop at
+"""Longest row (elements) the norm backward takes in one block, for 2-byte dtypes whose rows are a multiple of 16
+(vector loads). Past :data:`NORM_BWD_MAX_HELD_ROW` nothing fits the registers: RMSNorm holds the row anyway in 16
+warps (96-136 bytes of spill stores and loads per thread on sm_75/sm_90), LayerNorm keeps only its weight and
+bias gradient accumulators across rows and reads each row twice in 32 warps (in blocks for the two sums, then
+whole for dx, from L1/L2; 8-128 bytes of spills). Both were the fastest launches an H200 sweep timed at
+4096 x 16384 (``benchmarks/results/nvidia-h200/triton-norm-backward/``). fp32 rows stop at
 :data:`NORM_BWD_MAX_HELD_ROW`: their loads alone need twice the registers. Longer rows loop."""
 NORM_BWD_MAX_HELD_ROW = 8192
-"""Longest row the norm backward holds in registers from its one read to ``dx`` (weight held too): about seven
-row-sized fp32 values per element. Rows up to :data:`NORM_BWD_MAX_SINGLE_BLOCK` are read twice instead."""
+"""Longest row the norm backward holds in registers without spilling, from its one read to ``dx`` (weight held
+too): about seven row-sized fp32 values per element. See :data:`NORM_BWD_MAX_SINGLE_BLOCK` for longer rows."""
+NORM_BWD_SUM_BLOCK = 2048
+"""Block of a re-read row's first read (its two sums) in the norm backward: with 2048, RMSNorm (its first read
+unrolled or not), fused add + RMSNorm and LayerNorm fit with no spills on sm_75 and sm_90 under Triton 3.6 and
+3.9; 4096 spills 8-16 bytes in some of them."""
 NORM_LOOP_BLOCK = 4096
 """Block of a norm kernel looping over a row longer than its single-block limit."""
 SOFTMAX_MAX_SINGLE_BLOCK = 16384
@@ -90,9 +96,11 @@ class LaunchConfig:
     """How one kernel is launched: block size (elements), warps, pipeline stages, and row strategy.
 
     ``single_block`` is true when a whole row fits in one block (held in registers); ``reread_row`` when such a
-    row is read twice rather than held from its first read to its last use (norm backward of long rows);
-    ``splits`` is the number of programs sharing one row (softmax of very long rows); ``programs`` is a fixed
-    grid size where the kernel loops over rows itself (norm backward), else 0.
+    row is read twice rather than held from its first read to its last use (norm backward of long rows), its
+    first read in blocks of ``chunk_size``, ``unrolled`` of them unrolled at compile time (0: a loop at run time);
+    ``splits`` is the number of programs sharing one row (softmax of very long rows), each taking ``chunk_size``
+    elements; ``chunk_size`` is also the heads RoPE rotates at once; ``programs`` is a fixed grid size where the
+    kernel loops over rows itself (norm backward), else 0.
     """
 
     block_size: int
@@ -100,6 +108,7 @@ class LaunchConfig:
     num_stages: int = 1
     single_block: bool = True
     reread_row: bool = False
+    unrolled: int = 0
     splits: int = 1
     chunk_size: int = 0
     programs: int = 0
@@ -200,7 +209,9 @@ def norm_config(
     it gets twice the warps of the forward, up to 16, to stay within the registers ptxas allows per thread.
     Past :data:`NORM_BWD_MAX_HELD_ROW` that no longer fits, and 2-byte rows of up to
     :data:`NORM_BWD_MAX_SINGLE_BLOCK` whose length is a multiple of 16 (vector loads: scalar ones need more
-    registers) are read twice instead (``reread_row``); other rows loop.
+    registers) are taken in one block anyway: RMSNorm holds them in 16 warps although they spill (measured
+    faster than reading them twice), LayerNorm reads them twice in 32 warps (``reread_row``, the first read a loop
+    over blocks of :data:`NORM_BWD_SUM_BLOCK`); other rows loop.
     The LayerNorm forward (``layernorm``) keeps rows of up to 8192 elements in at most 8 warps: its two
     reductions cross fewer warps (H200, 16384 x 8192 fp16: 89.0% -> 95.0% of a copy in a sweep of warps,
     ``benchmarks/results/nvidia-h200/triton/norm-warps-sweep.txt``); at 16384 it
@@ -212,7 +223,15 @@ def norm_config(
         reread = block > NORM_BWD_MAX_HELD_ROW and size <= 2 and n_cols % 16 == 0
         cap = _cap(NORM_BWD_MAX_SINGLE_BLOCK if reread else NORM_BWD_MAX_HELD_ROW, max_block)
         if block <= cap:
-            return LaunchConfig(block, min(16, 2 * _warps_for(block, size)), reread_row=reread)
+            if reread and not layernorm:
+                # RMSNorm holds even these rows, though they spill: H200, 4096 x 16384 fp16, held in 16 warps
+                # 0.133 ms (72% of a copy), read twice 0.231 ms (sweep_norm_backward.py, triton-norm-backward/).
+                return LaunchConfig(block, 16)
+            # LayerNorm reads them twice, in 32 warps (same sweep: 0.216 ms, against 0.255 in 16 and 0.274 held);
+            # the first read loops over blocks of NORM_BWD_SUM_BLOCK (``unrolled`` would unroll it: not timed).
+            warps = 32 if reread else min(16, 2 * _warps_for(block, size))
+            chunk = NORM_BWD_SUM_BLOCK if reread else 0
+            return LaunchConfig(block, warps, reread_row=reread, chunk_size=chunk)
     elif block <= _cap(NORM_MAX_SINGLE_BLOCK, max_block):
         warps = _warps_for(block, size)
         if layernorm and block <= NORM_BWD_MAX_HELD_ROW:

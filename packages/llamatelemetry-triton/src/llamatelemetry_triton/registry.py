@@ -26,6 +26,7 @@ import torch
 from llamatelemetry_core.environment import TRITON_INTERPRET_ENV, triton_interpreter_enabled
 from llamatelemetry_core.errors import CapabilityError, ConfigurationError
 from llamatelemetry_core.interpreter import triton_launch_guard
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 from llamatelemetry_triton._bounds import BoundsCheck
 from llamatelemetry_triton._compat import HAS_TRITON, TRITON_IMPORT_ERROR, triton
 
@@ -218,9 +219,7 @@ _kernels: dict[str, RegisteredKernel] = {}
 
 def _require_triton(what: str) -> None:
     if not HAS_TRITON:
-        raise CapabilityError(
-            f"{what} needs Triton, which is not installed ({TRITON_IMPORT_ERROR}): pip install triton"
-        )
+        raise CapabilityError(f"{what} needs Triton, which is not installed ({TRITON_IMPORT_ERROR}): {TRITON_INSTALL}")
 
 
 def register_kernel(

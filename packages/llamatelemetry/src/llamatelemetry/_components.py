@@ -6,6 +6,8 @@ import importlib
 import importlib.metadata
 import json
 import shlex
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +22,7 @@ __all__ = [
     "install_command",
     "missing_component",
     "not_yet_provided",
+    "reexported",
     "source_checkout",
 ]
 
@@ -193,6 +196,16 @@ def missing_component(extra: str, cause: ImportError) -> ImportError:
         f"install it with: {component.install}",
         name=component.documented_path,
     )
+
+
+def reexported(extra: str, namespace: Mapping[str, object]) -> list[str]:
+    """The ``__all__`` of the documented module behind ``extra``, whose ``namespace`` (its ``globals()``) has
+    imported names of the component: those of the component's ``__all__`` it holds as the component's own
+    objects, in the component's order. The module's import lines are then its one list of names (what type
+    checkers read), and its ``__all__`` cannot drift from them."""
+    component = sys.modules[COMPONENTS[extra].import_name]
+    missing = object()
+    return [name for name in component.__all__ if namespace.get(name, missing) is getattr(component, name)]
 
 
 def import_component(extra: str) -> ModuleType:

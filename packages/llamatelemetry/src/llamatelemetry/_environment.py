@@ -20,6 +20,7 @@ import torch
 
 from llamatelemetry_core.device import real_device_info
 from llamatelemetry_core.environment import distribution_version
+from llamatelemetry_core.toolchain import untested_versions
 
 __all__ = [
     "ENVIRONMENT_VARIABLES",
@@ -104,7 +105,10 @@ def outside_tested_ranges() -> list[dict[str, str]]:
     """Each requirement of an installed llamatelemetry distribution that the installed version does not meet.
 
     Read from each distribution's ``Requires-Dist``; a requirement of an extra counts when its package is
-    installed, one for another platform does not. Entries: ``distribution``, ``requirement``, ``installed``.
+    installed, one for another platform does not. torch and Triton are also checked against core's tested ranges
+    directly (``llamatelemetry_core.toolchain``), which needs no metadata: sources put on the path by hand have
+    none, and "none outside" would then mean "not checked". Entries: ``distribution``, ``requirement``,
+    ``installed``.
     """
     from packaging.requirements import InvalidRequirement, Requirement
     from packaging.version import InvalidVersion, Version
@@ -129,6 +133,11 @@ def outside_tested_ranges() -> list[dict[str, str]]:
             if not ok:
                 name = str(dist.metadata["Name"])
                 found.append({"distribution": name, "requirement": line, "installed": installed})
+    reported = {Requirement(f["requirement"]).name for f in found}
+    for check in untested_versions():
+        if check.package not in reported and check.installed is not None:
+            tested = f"{check.package}{check.tested}"
+            found.append({"distribution": "llamatelemetry-core", "requirement": tested, "installed": check.installed})
     return found
 
 

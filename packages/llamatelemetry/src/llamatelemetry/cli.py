@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+import llamatelemetry_core
 from llamatelemetry import _engine_cli
 from llamatelemetry.__about__ import __version__
 from llamatelemetry._components import COMPONENTS, import_component
@@ -56,8 +57,13 @@ _PYTORCH_IMPLEMENTATIONS = ("reference", "sdpa_cpu")
 
 
 def _components() -> dict[str, dict[str, Any]]:
+    # The version comes from the distribution's metadata, or from the module itself where there is none (the
+    # sources put on the path by hand): a component that imports always has one.
     result: dict[str, dict[str, Any]] = {
-        "llamatelemetry-core": {"version": distribution_version("llamatelemetry-core"), "imports": True},
+        "llamatelemetry-core": {
+            "version": distribution_version("llamatelemetry-core") or llamatelemetry_core.__version__,
+            "imports": True,
+        },
     }
     for extra, component in COMPONENTS.items():
         entry: dict[str, Any] = {
@@ -67,8 +73,10 @@ def _components() -> dict[str, dict[str, Any]]:
             "install": component.install,
         }
         try:
-            import_component(extra)
+            module = import_component(extra)
             entry["imports"] = True
+            if entry["version"] is None:
+                entry["version"] = getattr(module, "__version__", None)
         except ImportError as exc:
             entry["imports"] = False
             entry["reason"] = str(exc)
@@ -258,13 +266,20 @@ def _device_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _torch_build(t: dict[str, Any]) -> str:
+    """torch's CUDA and cuDNN builds, in words (a CPU build has neither)."""
+    if t["cuda"] is None:
+        return "CPU build: no CUDA, no cuDNN"
+    return f"CUDA {t['cuda']}, " + (f"cuDNN {t['cudnn']}" if t["cudnn"] is not None else "no cuDNN")
+
+
 def _human(report: dict[str, Any]) -> str:
     tc = report["tensor_cores"]
     t = report["torch"]
     drv = report["driver"]
     lines = [f"llamatelemetry {report['llamatelemetry']} on Python {report['python']}, {report['platform']}"]
     lines.append(
-        f"torch {t['version']} (CUDA {t['cuda']}, cuDNN {t['cudnn']}, CUDA available: {_yes(t['cuda_available'])}); "
+        f"torch {t['version']} ({_torch_build(t)}, CUDA available: {_yes(t['cuda_available'])}); "
         + (
             f"NVIDIA driver {drv['nvidia_driver'] or '(nvidia-smi not found)'}, CUDA {drv['cuda_driver'] or '?'}"
             if drv["nvidia_driver"] or drv["cuda_driver"]
@@ -299,7 +314,10 @@ def _human(report: dict[str, Any]) -> str:
     lines.append(f"summary: {report['summary']}")
     lines.append("components:")
     for dist, comp in report["components"].items():
-        state = comp["version"] if comp["imports"] else f"not installed; install with: {comp['install']}"
+        if comp["imports"]:
+            state = comp["version"] or "installed (version unknown)"
+        else:
+            state = f"not installed; install with: {comp['install']}"
         where = f" -> {comp['path']}" if "path" in comp else ""
         lines.append(f"  {dist}: {state}{where}")
     outside = report["outside_tested_ranges"]

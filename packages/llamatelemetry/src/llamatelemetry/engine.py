@@ -1,6 +1,7 @@
 """``llamatelemetry.engine``: the Llama-family inference engine (component ``llamatelemetry-engine``)."""
 
 from llamatelemetry._components import missing_component
+from llamatelemetry._components import reexported as _reexported
 
 try:
     from llamatelemetry_engine import LLM as LLM
@@ -10,4 +11,5 @@ try:
 except ImportError as exc:
     raise missing_component("engine", exc) from exc
 
-__all__ = ["LLM", "EngineFlags", "SamplingParams", "load_model"]
+__all__ = _reexported("engine", globals())
+del _reexported

@@ -36,6 +36,7 @@ import torch
 
 from llamatelemetry_core.device import real_device_info
 from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.toolchain import TRITON_INSTALL
 from llamatelemetry_core.validation import check_non_negative_int, check_positive_int
 
 __all__ = [
@@ -249,7 +250,7 @@ def do_bench_ms(fn: Callable[[], object], *, graph: bool = False, warmup_ms: int
         from triton.testing import do_bench
     except ImportError as exc:
         raise ConfigurationError(
-            "do_bench_ms needs Triton (pip install triton); gpu_ms times with CUDA events without it"
+            f"do_bench_ms needs Triton ({TRITON_INSTALL}); gpu_ms times with CUDA events without it"
         ) from exc
     run: Callable[[], object] = fn
     if graph:

@@ -9,6 +9,13 @@ tutorial and Liger-Kernel::
     xhat = (x - mean) * rstd,  g = dy * weight
     dx = rstd * (g - xhat * mean(g * xhat) - mean(g))       (RMSNorm: without the last term)
     dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)
+
+A row is taken in one of three ways (:func:`~llamatelemetry_triton.heuristics.norm_config` chooses): held (the
+row, the weight and the accumulators in registers, one read: up to 8192 elements, and RMSNorm's 2-byte rows of up
+to 16384, which spill a little but were timed faster than the next way); read twice (LayerNorm's 2-byte rows of
+8193-16384 elements: only the accumulators stay, the row's two sums come from a first read in blocks and dx from
+a second read of the whole row, served by L1/L2); or looped (longer rows, and fp32 past 8192: two passes in
+blocks, the program's partial dweight/dbias row in global memory).
 """
 
 from __future__ import annotations
@@ -21,7 +28,13 @@ from llamatelemetry_triton._aot_shapes import TYPE_NAMES
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import device_info
 from llamatelemetry_triton._launch import on_device, rows_of
-from llamatelemetry_triton.heuristics import LaunchConfig, current_max_block_size, norm_backward_programs, norm_config
+from llamatelemetry_triton.heuristics import (
+    NORM_BWD_SUM_BLOCK,
+    LaunchConfig,
+    current_max_block_size,
+    norm_backward_programs,
+    norm_config,
+)
 
 if TYPE_CHECKING:
     from llamatelemetry_core.aot import KernelBuild
@@ -53,20 +66,40 @@ def _add_pair(a1: tl.tensor, a2: tl.tensor, b1: tl.tensor, b2: tl.tensor):  # ty
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _row_sums(  # type: ignore[no-untyped-def]
-    DY, X, W, r64, stride_dy, stride_x, n_cols, mean, rstd, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr
+    DY,
+    X,
+    W,
+    r64,
+    stride_dy,
+    stride_x,
+    n_cols,
+    mean,
+    rstd,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    UNROLLED: tl.constexpr,
 ):
-    """``(mean(xhat * g), mean(g))`` of row ``r64``, read in blocks of ``BLOCK``."""
+    """``(mean(xhat * g), mean(g))`` of row ``r64``, read in blocks of ``BLOCK``: ``UNROLLED`` blocks unrolled at
+    compile time (their loads may then be in flight together), or as many as the row needs in a loop (0)."""
     acc1 = tl.zeros([BLOCK], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    # Loops are `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
-    start = tl.program_id(0) * 0
-    while start < n_cols:
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        _, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
-        acc1 += xhat * g
-        acc2 += g
-        start += BLOCK
+    if UNROLLED:
+        for i in tl.static_range(UNROLLED):
+            cols = i * BLOCK + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            _, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
+            acc1 += xhat * g
+            acc2 += g
+    else:
+        # `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
+        start = tl.program_id(0) * 0
+        while start < n_cols:
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            _, xhat, g = _bwd_block(DY, X, W, r64, stride_dy, stride_x, cols, mask, mean, rstd, HAS_WEIGHT)
+            acc1 += xhat * g
+            acc2 += g
+            start += BLOCK
     sum1, sum2 = tl.reduce((acc1, acc2), 0, _add_pair)  # one reduction for both: one round of barriers
     return sum1 / n_cols, sum2 / n_cols
 
@@ -142,6 +175,7 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
     BLOCK_SIZE: tl.constexpr,
     REREAD_ROW: tl.constexpr,
     SUM_BLOCK: tl.constexpr,
+    UNROLLED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -186,8 +220,8 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             tl.store(DB + cols, db_acc, mask=mask)
     elif SINGLE_BLOCK:
         # REREAD_ROW: only the dweight/dbias accumulators stay in registers across rows. Each row is read twice,
-        # in blocks of SUM_BLOCK for its two sums, then whole for dx (from L1/L2): holding the row and the weight
-        # as well spills at 16384 elements.
+        # in blocks of SUM_BLOCK for its two sums (UNROLLED of them, or a loop), then whole for dx (from L1/L2):
+        # holding the row and the weight as well spills at 16384 elements.
         cols = tl.arange(0, BLOCK_SIZE)
         dw_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
@@ -196,7 +230,7 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             r64 = row.to(tl.int64)
             rstd = tl.load(Rstd + row)
             mean = 0.0 if IS_RMS else tl.load(Mean + row)
-            c1, c2 = _row_sums(DY, X, W, r64, stride_dy, stride_x, n_cols, mean, rstd, HAS_WEIGHT, SUM_BLOCK)
+            c1, c2 = _row_sums(DY, X, W, r64, stride_dy, stride_x, n_cols, mean, rstd, HAS_WEIGHT, SUM_BLOCK, UNROLLED)
             dw_acc, db_acc = _store_dx(
                 DY, X, W, DRES, DX, r64, stride_dy, stride_x, stride_dres, n_cols, cols, mean, rstd, c1, c2,
                 dw_acc, db_acc, IS_RMS, HAS_WEIGHT, HAS_BIAS, HAS_DRES,
@@ -215,7 +249,7 @@ def _norm_bwd_kernel(  # type: ignore[no-untyped-def]
             r64 = row.to(tl.int64)
             rstd = tl.load(Rstd + row)
             mean = 0.0 if IS_RMS else tl.load(Mean + row)
-            c1, c2 = _row_sums(DY, X, W, r64, stride_dy, stride_x, n_cols, mean, rstd, HAS_WEIGHT, BLOCK_SIZE)
+            c1, c2 = _row_sums(DY, X, W, r64, stride_dy, stride_x, n_cols, mean, rstd, HAS_WEIGHT, BLOCK_SIZE, 0)
             start = tl.program_id(0) * 0
             while start < n_cols:
                 cols = start + tl.arange(0, BLOCK_SIZE)
@@ -270,9 +304,6 @@ def _sum_partials_kernel(  # type: ignore[no-untyped-def]
 
 # --- host launcher --------------------------------------------------------------------------------------------
 
-_ROW_SUM_BLOCK = 2048
-"""Block of a re-read row's first read (its two sums): 2048 rather than 4096 keeps LayerNorm at 16384 from
-spilling on sm_90."""
 _PARTIAL_BLOCK_P = 32
 _PARTIAL_BLOCK_N = 64
 
@@ -314,7 +345,8 @@ def _norm_backward(
     dres2, _, stride_dres = rows_of(dres) if dres is not None else (dy2, n_rows, stride_dy)
     device = device_info(x.device)
     if config is None:
-        config = norm_config(n_cols, x.dtype, device, backward=True, max_block=current_max_block_size())
+        block_cap = current_max_block_size()
+        config = norm_config(n_cols, x.dtype, device, backward=True, max_block=block_cap, layernorm=not is_rms)
     programs = norm_backward_programs(n_rows, device)
     rows_per_program = -(-n_rows // programs)
     programs = -(-n_rows // rows_per_program)
@@ -346,7 +378,8 @@ def _norm_backward(
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
             REREAD_ROW=config.reread_row,
-            SUM_BLOCK=_ROW_SUM_BLOCK,
+            SUM_BLOCK=config.chunk_size or NORM_BWD_SUM_BLOCK,
+            UNROLLED=config.unrolled,
             num_warps=config.num_warps,
             enable_fp_fusion=True,
             num_stages=config.num_stages,
@@ -453,14 +486,18 @@ def backward_build(
     }
     types = {name: f"*{pt}:16" for name, pt in pointers.items()}
     types |= dict.fromkeys(("stride_dy", "stride_x", "stride_dres", "n_cols"), "i32:16")
-    config = norm_config(hidden, dtype, device, backward=True)
+    config = norm_config(hidden, dtype, device, backward=True, layernorm=not is_rms)
     return KernelBuild(
         build_name(variant, "bwd", dtype, hidden, config),
         _norm_bwd_kernel,
         kernel_signature(_norm_bwd_kernel, types),
         {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": bias, "HAS_DRES": residual}
         | {"SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size}
-        | {"REREAD_ROW": config.reread_row, "SUM_BLOCK": _ROW_SUM_BLOCK},
+        | {
+            "REREAD_ROW": config.reread_row,
+            "SUM_BLOCK": config.chunk_size or NORM_BWD_SUM_BLOCK,
+            "UNROLLED": config.unrolled,
+        },
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.validation import format_shape
-from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, TYPE_NAMES
+from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, TYPE_NAMES, kernel_build
 from llamatelemetry_triton._bounds import rowwise
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
@@ -76,20 +76,37 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "no
 
 
 @triton.jit  # type: ignore[untyped-decorator]
+def _row_block(n_cols, BLOCK_SIZE: tl.constexpr):  # type: ignore[no-untyped-def]
+    """This program's row (int64, so that row offsets cannot overflow) and block of columns, with its mask."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    return row, cols, cols < n_cols
+
+
+@triton.jit
+def _load_fp32(pointers, mask):  # type: ignore[no-untyped-def]
+    return tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gelu_tanh_argument(g):  # type: ignore[no-untyped-def]
+    """``sqrt(2/pi) (g + 0.044715 g^3)``, whose tanh the tanh-approximated GELU takes (as ``2 sigmoid(2x) - 1``)."""
+    return 0.7978845608028654 * (g + 0.044715 * g * g * g)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
 def _glu_fwd_kernel(  # type: ignore[no-untyped-def]
     G, U, Y, stride_g, stride_u, n_cols, ACTIVATION: tl.constexpr, BLOCK_SIZE: tl.constexpr
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = _row_block(n_cols, BLOCK_SIZE)
+    g = _load_fp32(G + row * stride_g + cols, mask)
+    u = _load_fp32(U + row * stride_u + cols, mask)
     if ACTIVATION == 0:
         a = g * tl.sigmoid(g)
     elif ACTIVATION == 1:
         a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     else:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        inner = _gelu_tanh_argument(g)
         a = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
     tl.store(Y + row * n_cols + cols, (a * u).to(Y.dtype.element_ty), mask=mask)
 
@@ -98,12 +115,10 @@ def _glu_fwd_kernel(  # type: ignore[no-untyped-def]
 def _glu_bwd_kernel(  # type: ignore[no-untyped-def]
     DY, G, U, DG, DU, stride_dy, stride_g, stride_u, n_cols, ACTIVATION: tl.constexpr, BLOCK_SIZE: tl.constexpr
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = _row_block(n_cols, BLOCK_SIZE)
+    dy = _load_fp32(DY + row * stride_dy + cols, mask)
+    g = _load_fp32(G + row * stride_g + cols, mask)
+    u = _load_fp32(U + row * stride_u + cols, mask)
     if ACTIVATION == 0:
         s = tl.sigmoid(g)
         a = g * s
@@ -113,7 +128,7 @@ def _glu_bwd_kernel(  # type: ignore[no-untyped-def]
         a = g * cdf
         da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
     else:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        inner = _gelu_tanh_argument(g)
         t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
         a = 0.5 * g * (1.0 + t)
         da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
@@ -121,26 +136,27 @@ def _glu_bwd_kernel(  # type: ignore[no-untyped-def]
     tl.store(DU + row * n_cols + cols, (dy * a).to(DU.dtype.element_ty), mask=mask)
 
 
-def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
-    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    if gate.numel() == 0:
-        return y
-    (g2, n_rows, stride_g), (u2, _, stride_u) = rows_of(gate), rows_of(up)
+def _launch(kernel: Any, gate: torch.Tensor, n_rows: int, *arguments: object, activation: int) -> None:
+    """Launch ``kernel`` on ``arguments`` and the row length, one program per row of ``gate`` and column block."""
     n_cols = gate.shape[-1]
     config = glu_config(n_cols, gate.dtype, device_info(gate.device), max_block=current_max_block_size())
     with on_device(gate):
-        _glu_fwd_kernel[(n_rows, triton.cdiv(n_cols, config.block_size))](
-            g2,
-            u2,
-            y,
-            stride_g,
-            stride_u,
+        kernel[(n_rows, triton.cdiv(n_cols, config.block_size))](
+            *arguments,
             n_cols,
             ACTIVATION=activation,
             BLOCK_SIZE=config.block_size,
             num_warps=config.num_warps,
             enable_fp_fusion=True,
         )
+
+
+def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if gate.numel() == 0:
+        return y
+    (g2, n_rows, stride_g), (u2, _, stride_u) = rows_of(gate), rows_of(up)
+    _launch(_glu_fwd_kernel, gate, n_rows, g2, u2, y, stride_g, stride_u, activation=activation)
     return y
 
 
@@ -152,24 +168,9 @@ def _glu_backward(
     if gate.numel() == 0:
         return dgate, dup
     (dy2, _, stride_dy), (g2, n_rows, stride_g), (u2, _, stride_u) = rows_of(dy), rows_of(gate), rows_of(up)
-    n_cols = gate.shape[-1]
-    config = glu_config(n_cols, gate.dtype, device_info(gate.device), max_block=current_max_block_size())
-    with on_device(gate):
-        _glu_bwd_kernel[(n_rows, triton.cdiv(n_cols, config.block_size))](
-            dy2,
-            g2,
-            u2,
-            dgate,
-            dup,
-            stride_dy,
-            stride_g,
-            stride_u,
-            n_cols,
-            ACTIVATION=activation,
-            BLOCK_SIZE=config.block_size,
-            num_warps=config.num_warps,
-            enable_fp_fusion=True,
-        )
+    _launch(
+        _glu_bwd_kernel, gate, n_rows, dy2, g2, u2, dgate, dup, stride_dy, stride_g, stride_u, activation=activation
+    )
     return dgate, dup
 
 
@@ -305,37 +306,19 @@ def triton_geglu(
 def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     """Every build of this module's kernels as they would be launched on ``device`` in ``dtype``, for the
     representative shapes (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
-    from llamatelemetry_core.aot import KernelBuild
-
     t = TYPE_NAMES[dtype]
+    types = dict.fromkeys(("G", "U", "Y", "DY", "DG", "DU"), f"*{t}")
     for hidden in HIDDEN_SIZES:
         config = glu_config(hidden, dtype, device)
         for name, activation in (("swiglu", 0), ("geglu", 1), ("geglu_tanh", 2)):
-            tag = f"{t},BLOCK={config.block_size}"
-            yield KernelBuild(
-                f"triton.{name}_fwd[{tag}]",
-                _glu_fwd_kernel,
-                {
-                    **dict.fromkeys(("G", "U", "Y"), f"*{t}"),
-                    **dict.fromkeys(("stride_g", "stride_u", "n_cols"), "i32"),
-                    "ACTIVATION": "constexpr",
-                    "BLOCK_SIZE": "constexpr",
-                },
-                {"ACTIVATION": activation, "BLOCK_SIZE": config.block_size},
-                num_warps=config.num_warps,
-            )
-            yield KernelBuild(
-                f"triton.{name}_bwd[{tag}]",
-                _glu_bwd_kernel,
-                {
-                    **dict.fromkeys(("DY", "G", "U", "DG", "DU"), f"*{t}"),
-                    **dict.fromkeys(("stride_dy", "stride_g", "stride_u", "n_cols"), "i32"),
-                    "ACTIVATION": "constexpr",
-                    "BLOCK_SIZE": "constexpr",
-                },
-                {"ACTIVATION": activation, "BLOCK_SIZE": config.block_size},
-                num_warps=config.num_warps,
-            )
+            for kernel, direction in ((_glu_fwd_kernel, "fwd"), (_glu_bwd_kernel, "bwd")):
+                yield kernel_build(
+                    f"triton.{name}_{direction}[{t},BLOCK={config.block_size}]",
+                    kernel,
+                    types,
+                    {"ACTIVATION": activation, "BLOCK_SIZE": config.block_size},
+                    num_warps=config.num_warps,
+                )
 
 
 # --- registry entries ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.validation import check_non_negative_int, format_shape
-from llamatelemetry_triton._aot_shapes import HEAD_DIMS, TYPE_NAMES
+from llamatelemetry_triton._aot_shapes import HEAD_DIMS, TYPE_NAMES, kernel_build
 from llamatelemetry_triton._bounds import grid_rows, int_argument, require_elements
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
@@ -292,30 +292,9 @@ def _rope_launch(
         )
 
 
-@torch.library.custom_op("llamatelemetry::triton_rope_", mutates_args=("q", "k"))
-def _rope_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor,
-    interleaved: bool,
-    inverse: bool,
-) -> None:
-    _rope_launch(q, k, cos, sin, positions, interleaved, inverse)
-
-
-@_rope_op.register_fake
-def _rope_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor,
-    interleaved: bool,
-    inverse: bool,
-) -> None:
-    return None
+# The launcher is the custom op; it writes q and k in place and returns nothing, so its fake has nothing to build.
+_rope_op = torch.library.custom_op("llamatelemetry::triton_rope_", _rope_launch, mutates_args=("q", "k"))
+_rope_op.register_fake(lambda *_: None)
 
 
 class RopeFunction(torch.autograd.Function):
@@ -470,39 +449,15 @@ def triton_rope(
 def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     """Every build of this module's kernels as they would be launched on ``device`` in ``dtype``, for the
     representative shapes (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
-    from llamatelemetry_core.aot import KernelBuild
-
     t = TYPE_NAMES[dtype]
+    types = {"Q": f"*{t}", "K": f"*{t}", "Cos": "*fp32", "Sin": "*fp32", "Pos": "*i64"}  # strides, counts: i32
     for head_dim in HEAD_DIMS:
         config = rope_config(head_dim // 2, 32, dtype, device)
         for interleaved in (False, True):
-            signature = {
-                "Q": f"*{t}",
-                "K": f"*{t}",
-                "Cos": "*fp32",
-                "Sin": "*fp32",
-                "Pos": "*i64",
-                **dict.fromkeys(
-                    (
-                        "q_stride_t",
-                        "q_stride_h",
-                        "k_stride_t",
-                        "k_stride_h",
-                        "cos_stride",
-                        "sin_stride",
-                        "n_q_heads",
-                        "n_k_heads",
-                        "rotary_half",
-                        "n_positions",
-                    ),
-                    "i32",
-                ),
-                **dict.fromkeys(("INTERLEAVED", "INVERSE", "BLOCK_H", "BLOCK_SIZE"), "constexpr"),
-            }
-            yield KernelBuild(
+            yield kernel_build(
                 f"triton.rope[{t},D={head_dim},{'gptj' if interleaved else 'neox'}]",
                 _rope_kernel,
-                signature,
+                types,
                 {
                     "INTERLEAVED": interleaved,
                     "INVERSE": False,

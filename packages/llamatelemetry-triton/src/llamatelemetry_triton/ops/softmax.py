@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
-from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, ROWS, TYPE_NAMES, VOCAB_SIZE
+from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, ROWS, TYPE_NAMES, VOCAB_SIZE, kernel_build
 from llamatelemetry_triton._bounds import rowwise
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
@@ -35,7 +35,7 @@ from llamatelemetry_triton._dispatch import (
     triton_errors,
 )
 from llamatelemetry_triton._launch import on_device, rows_of
-from llamatelemetry_triton.heuristics import current_max_block_size, next_power_of_2, softmax_config
+from llamatelemetry_triton.heuristics import LaunchConfig, current_max_block_size, next_power_of_2, softmax_config
 from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
 if TYPE_CHECKING:
@@ -67,6 +67,25 @@ def _softmax_fwd_kernel(X, Y, stride_x, n_cols, BLOCK_SIZE: tl.constexpr):  # ty
     tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _combine(m, d):  # type: ignore[no-untyped-def]
+    """The row's ``(max, sum of exp(x - max))`` from per-lane or per-chunk pairs ``(m, d)`` (``d`` relative to
+    ``m``); a part that has seen nothing but -inf has ``d = 0``, and shifting by 0 there avoids ``inf - inf``."""
+    m_row = tl.max(m, axis=0)
+    d_row = tl.sum(d * tl.exp(m - tl.where(m_row == -float("inf"), 0.0, m_row)), axis=0)
+    return m_row, d_row
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _load_grad_and_output(DY, Y, start, n_cols, BLOCK_SIZE: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The block of columns from ``start`` (with its mask) and ``dy``, ``y`` there in fp32 (0 past the row)."""
+    cols = start + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
+    return cols, mask, dy, y
+
+
 @triton.jit  # type: ignore[untyped-decorator]
 def _softmax_partial_stats_kernel(  # type: ignore[no-untyped-def]
     X, M, D, stride_x, n_cols, chunk_size, splits, BLOCK_SIZE: tl.constexpr
@@ -90,8 +109,7 @@ def _softmax_partial_stats_kernel(  # type: ignore[no-untyped-def]
         d = d * tl.exp(m - shift) + tl.exp(x - shift)
         m = m_new
         offset += BLOCK_SIZE
-    m_row = tl.max(m, axis=0)
-    d_row = tl.sum(d * tl.exp(m - tl.where(m_row == -float("inf"), 0.0, m_row)), axis=0)
+    m_row, d_row = _combine(m, d)
     tl.store(M + row * splits + split, m_row)
     tl.store(D + row * splits + split, d_row)
 
@@ -105,8 +123,7 @@ def _softmax_normalize_kernel(  # type: ignore[no-untyped-def]
     parts = tl.arange(0, SPLITS_BLOCK)
     m_parts = tl.load(M + row * splits + parts, mask=parts < splits, other=-float("inf"))
     d_parts = tl.load(D + row * splits + parts, mask=parts < splits, other=0.0)
-    m_row = tl.max(m_parts, axis=0)
-    d_row = tl.sum(d_parts * tl.exp(m_parts - tl.where(m_row == -float("inf"), 0.0, m_row)), axis=0)
+    m_row, d_row = _combine(m_parts, d_parts)
     inv = 1.0 / d_row
     X += row * stride_x
     Y += row * n_cols
@@ -130,34 +147,32 @@ def _softmax_bwd_kernel(  # type: ignore[no-untyped-def]
     Y += row * n_cols
     DX += row * n_cols
     if SINGLE_BLOCK:
-        cols = tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
+        cols, mask, dy, y = _load_grad_and_output(DY, Y, 0, n_cols, BLOCK_SIZE)
         dot = tl.sum(dy * y, axis=0)
         tl.store(DX + cols, (y * (dy - dot)).to(DX.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
         start = tl.program_id(0) * 0
         while start < n_cols:
-            cols = start + tl.arange(0, BLOCK_SIZE)
-            mask = cols < n_cols
-            dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
+            _, _, dy, y = _load_grad_and_output(DY, Y, start, n_cols, BLOCK_SIZE)
             acc += dy * y
             start += BLOCK_SIZE
         dot = tl.sum(acc, axis=0)
         start = tl.program_id(0) * 0
         while start < n_cols:
-            cols = start + tl.arange(0, BLOCK_SIZE)
-            mask = cols < n_cols
-            dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
+            cols, mask, dy, y = _load_grad_and_output(DY, Y, start, n_cols, BLOCK_SIZE)
             tl.store(DX + cols, (y * (dy - dot)).to(DX.dtype.element_ty), mask=mask)
             start += BLOCK_SIZE
 
 
 # --- host launchers -------------------------------------------------------------------------------------------
+
+
+def _launch_config(n_rows: int, like: torch.Tensor) -> LaunchConfig:
+    """How the kernels are launched on ``n_rows`` rows of ``like``'s last dimension, dtype and device."""
+    return softmax_config(
+        n_rows, like.shape[-1], like.dtype, device_info(like.device), max_block=current_max_block_size()
+    )
 
 
 def _softmax_forward(x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +182,7 @@ def _softmax_forward(x: torch.Tensor) -> torch.Tensor:
         return y
     x2, n_rows, stride_x = rows_of(x)
     n_cols = x.shape[-1]
-    config = softmax_config(n_rows, n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size())
+    config = _launch_config(n_rows, x)
     with on_device(x):
         if config.single_block:
             _softmax_fwd_kernel[(n_rows,)](
@@ -213,7 +228,7 @@ def _softmax_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return dx
     dy2, n_rows, stride_dy = rows_of(dy)
     n_cols = dy.shape[-1]
-    config = softmax_config(n_rows, n_cols, y.dtype, device_info(y.device), max_block=current_max_block_size())
+    config = _launch_config(n_rows, y)
     with on_device(y):
         _softmax_bwd_kernel[(n_rows,)](
             dy2,
@@ -315,63 +330,31 @@ def triton_softmax(x: torch.Tensor, dim: int = -1, *, backend: str | None = None
 def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     """Every build of this module's kernels as they would be launched on ``device`` in ``dtype``, for the
     representative shapes (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
-    from llamatelemetry_core.aot import KernelBuild
-
     t = TYPE_NAMES[dtype]
+    types = {**dict.fromkeys(("X", "Y", "DY", "DX"), f"*{t}"), "M": "*fp32", "D": "*fp32"}
     for rows, cols in [*((ROWS, h) for h in HIDDEN_SIZES), (32, VOCAB_SIZE)]:
         config = softmax_config(rows, cols, dtype, device)
         tag = f"{t},{rows}x{cols},BLOCK={config.block_size}"
+        block = {"BLOCK_SIZE": config.block_size}
+        split_tag = f"{tag},splits={config.splits}"
         if config.single_block:
-            yield KernelBuild(
-                f"triton.softmax_fwd[{tag}]",
-                _softmax_fwd_kernel,
-                {"X": f"*{t}", "Y": f"*{t}", "stride_x": "i32", "n_cols": "i32", "BLOCK_SIZE": "constexpr"},
-                {"BLOCK_SIZE": config.block_size},
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-            )
+            kernels = [("softmax_fwd", tag, _softmax_fwd_kernel, block)]
         else:
-            ints = dict.fromkeys(("stride_x", "n_cols", "chunk_size", "splits"), "i32")
-            yield KernelBuild(
-                f"triton.softmax_partial_stats[{tag},splits={config.splits}]",
-                _softmax_partial_stats_kernel,
-                {"X": f"*{t}", "M": "*fp32", "D": "*fp32", **ints, "BLOCK_SIZE": "constexpr"},
-                {"BLOCK_SIZE": config.block_size},
+            splits_block = {"SPLITS_BLOCK": next_power_of_2(config.splits), **block}
+            kernels = [
+                ("softmax_partial_stats", split_tag, _softmax_partial_stats_kernel, block),
+                ("softmax_normalize", split_tag, _softmax_normalize_kernel, splits_block),
+            ]
+        kernels.append(("softmax_bwd", tag, _softmax_bwd_kernel, {"SINGLE_BLOCK": config.single_block, **block}))
+        for name, suffix, kernel, constexprs in kernels:
+            yield kernel_build(
+                f"triton.{name}[{suffix}]",
+                kernel,
+                types,
+                constexprs,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
-            yield KernelBuild(
-                f"triton.softmax_normalize[{tag},splits={config.splits}]",
-                _softmax_normalize_kernel,
-                {
-                    "X": f"*{t}",
-                    "Y": f"*{t}",
-                    "M": "*fp32",
-                    "D": "*fp32",
-                    **ints,
-                    "SPLITS_BLOCK": "constexpr",
-                    "BLOCK_SIZE": "constexpr",
-                },
-                {"SPLITS_BLOCK": next_power_of_2(config.splits), "BLOCK_SIZE": config.block_size},
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-            )
-        yield KernelBuild(
-            f"triton.softmax_bwd[{tag}]",
-            _softmax_bwd_kernel,
-            {
-                "DY": f"*{t}",
-                "Y": f"*{t}",
-                "DX": f"*{t}",
-                "stride_dy": "i32",
-                "n_cols": "i32",
-                "SINGLE_BLOCK": "constexpr",
-                "BLOCK_SIZE": "constexpr",
-            },
-            {"SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size},
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
 
 
 # --- registry entries ---------------------------------------------------------------------------------------

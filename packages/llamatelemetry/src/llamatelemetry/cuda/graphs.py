@@ -1,6 +1,7 @@
 """CUDA graph capture and replay (``pip install "llamatelemetry[graphs]"``): re-exports ``llamatelemetry_graphs``."""
 
 from llamatelemetry._components import missing_component
+from llamatelemetry._components import reexported as _reexported
 
 try:
     from llamatelemetry_graphs import BatchBucketedGraphs as BatchBucketedGraphs
@@ -21,20 +22,5 @@ try:
 except ImportError as exc:
     raise missing_component("graphs", exc) from exc
 
-__all__ = [
-    "BatchBucketedGraphs",
-    "CUDAGraph",
-    "CaptureScope",
-    "GraphCaptureConfig",
-    "GraphCaptureError",
-    "GraphInputError",
-    "GraphMemoryUsage",
-    "GraphPool",
-    "GraphStateError",
-    "GraphedModule",
-    "capture_graph",
-    "clone_outputs",
-    "default_batch_buckets",
-    "enable_cuda_graphs",
-    "replay_graph",
-]
+__all__ = _reexported("graphs", globals())
+del _reexported

@@ -2,6 +2,7 @@
 ``llamatelemetry_tensorcore``."""
 
 from llamatelemetry._components import missing_component
+from llamatelemetry._components import reexported as _reexported
 
 try:
     from llamatelemetry_tensorcore import PRECISION_SENSITIVE as PRECISION_SENSITIVE
@@ -28,26 +29,5 @@ try:
 except ImportError as exc:
     raise missing_component("tensorcore", exc) from exc
 
-__all__ = [
-    "PRECISION_SENSITIVE",
-    "AmpPlan",
-    "MatmulPadding",
-    "ModelPlan",
-    "ReusableAutocast",
-    "TensorCoreConfig",
-    "TensorCorePlan",
-    "TensorCoreWarning",
-    "check_tensor_core_support",
-    "enable_amp",
-    "enable_tensor_cores",
-    "estimated_speedup",
-    "get_tensor_core_info",
-    "matmul_tensor_core",
-    "measure_matmul_speedup",
-    "optimize_for_tensor_cores",
-    "plan_amp",
-    "plan_model",
-    "plan_tensor_cores",
-    "tensor_core_dtypes",
-    "tensor_core_padding",
-]
+__all__ = _reexported("tensorcore", globals())
+del _reexported

@@ -5,6 +5,7 @@ function runs its PyTorch fallback.
 """
 
 from llamatelemetry._components import missing_component
+from llamatelemetry._components import reexported as _reexported
 
 try:
     from llamatelemetry_triton import KernelConfig as KernelConfig
@@ -27,22 +28,5 @@ try:
 except ImportError as exc:
     raise missing_component("triton", exc) from exc
 
-__all__ = [
-    "KernelConfig",
-    "RegisteredKernel",
-    "force_max_block_size",
-    "get_kernel",
-    "list_kernels",
-    "register_kernel",
-    "rope_cos_sin",
-    "triton_add",
-    "triton_fused_add_layernorm",
-    "triton_fused_add_rmsnorm",
-    "triton_geglu",
-    "triton_layernorm",
-    "triton_rmsnorm",
-    "triton_rope",
-    "triton_softmax",
-    "triton_swiglu",
-    "unregister_kernel",
-]
+__all__ = _reexported("triton", globals())
+del _reexported

@@ -4,6 +4,7 @@ Re-exports ``llamatelemetry_batch``.
 """
 
 from llamatelemetry._components import missing_component
+from llamatelemetry._components import reexported as _reexported
 
 try:
     from llamatelemetry_batch import BatchConfig as BatchConfig
@@ -36,32 +37,5 @@ try:
 except ImportError as exc:
     raise missing_component("batch", exc) from exc
 
-__all__ = [
-    "BatchConfig",
-    "BatchInferenceError",
-    "BatchInferenceOptimizer",
-    "BatchInterrupted",
-    "BatchRun",
-    "BatchStats",
-    "BatchedFunction",
-    "CallTimeoutError",
-    "ContinuousBatchingEngine",
-    "FinishReason",
-    "InferenceConnectionError",
-    "InferenceHTTPError",
-    "InferenceResponseError",
-    "InferenceTimeoutError",
-    "OpenAICompatibleClient",
-    "OversizePromptWarning",
-    "RequestHandle",
-    "RequestMetrics",
-    "RequestOutput",
-    "SamplingParams",
-    "Scheduler",
-    "SchedulerConfig",
-    "SimpleBlockManager",
-    "batch_inference_optimized",
-    "batched",
-    "estimate_tokens",
-    "is_transient_error",
-]
+__all__ = _reexported("batch", globals())
+del _reexported

@@ -4,6 +4,7 @@ Re-exports ``llamatelemetry_flashattn``.
 """
 
 from llamatelemetry._components import missing_component
+from llamatelemetry._components import reexported as _reexported
 
 try:
     from llamatelemetry_flashattn import BackendReport as BackendReport
@@ -21,17 +22,5 @@ try:
 except ImportError as exc:
     raise missing_component("flashattn", exc) from exc
 
-__all__ = [
-    "BackendReport",
-    "FlashAttentionConfig",
-    "MemoryEstimate",
-    "attention_backend_report",
-    "attention_reference",
-    "check_flash_attention_available",
-    "disable_flash_attention",
-    "enable_flash_attention",
-    "estimate_inference_memory",
-    "flash_attention_forward",
-    "get_optimal_context_length",
-    "selected_backend",
-]
+__all__ = _reexported("flashattn", globals())
+del _reexported

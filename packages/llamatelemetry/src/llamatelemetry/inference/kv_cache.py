@@ -4,6 +4,7 @@ Re-exports ``llamatelemetry_kvcache``.
 """
 
 from llamatelemetry._components import missing_component
+from llamatelemetry._components import reexported as _reexported
 
 try:
     from llamatelemetry_kvcache import BlockManager as BlockManager
@@ -19,15 +20,5 @@ try:
 except ImportError as exc:
     raise missing_component("kvcache", exc) from exc
 
-__all__ = [
-    "BlockManager",
-    "BlockManagerStats",
-    "KVCache",
-    "KVCacheConfig",
-    "PagedKVCache",
-    "block_tables_tensor",
-    "dequantize_kv",
-    "paged_write",
-    "quantize_kv",
-    "slot_mapping_tensor",
-]
+__all__ = _reexported("kvcache", globals())
+del _reexported
