@@ -28,11 +28,13 @@ class EngineFlags:
       with each layer's q/k/v and gate/up projections merged into one matmul each; off, fp32 with TF32 off and
       the separate projections of transformers.
     * ``triton_kernels``: fused residual + RMSNorm, RoPE and SwiGLU kernels of ``llamatelemetry-triton``.
-    * ``flash_attention``: prefill attention through ``llamatelemetry-flashattn``'s dispatcher.
+    * ``flash_attention``: prefill attention through ``llamatelemetry-flashattn``'s dispatcher, for prefill steps
+      that run eagerly (with CUDA graphs, one that fits a step graph replays it with paged attention instead).
     * ``paged_kv``: the paged KV cache of ``llamatelemetry-kvcache`` read by paged attention; off, one
       contiguous KV tensor per sequence and layer.
     * ``prefix_caching``: reuse the KV blocks of a prompt prefix already computed (needs ``paged_kv``).
-    * ``cuda_graphs``: decode steps replayed from CUDA graphs bucketed by batch size (needs a GPU and
+    * ``cuda_graphs``: decode steps replayed from CUDA graphs bucketed by batch size, and steps that carry
+      prompt tokens from graphs bucketed by token count unless ``LLM(step_graphs=False)`` (needs a GPU and
       ``paged_kv``).
     * ``continuous_batching``: the scheduler of ``llamatelemetry-batch`` admits requests as others finish;
       off, static batches that wait for their longest member.
