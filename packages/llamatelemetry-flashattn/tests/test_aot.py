@@ -13,6 +13,8 @@ from llamatelemetry_core.gpu_specs import GPU_SPECS
 from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM, TileConfig, choose_tiles, padded_head_dim
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
+T4_SPILL_BOUND = 512
+"""Bytes of spill stores and loads per thread a T4 attention build may have (the tiles before: up to 167 KB)."""
 
 
 @pytest.mark.parametrize("key", [s.key for s in GPU_SPECS])
@@ -113,13 +115,38 @@ def test_provider_yields_the_builds_of_every_kernel_module() -> None:
     reason="the kernel calls a jitted helper, which cannot be compiled ahead of time under TRITON_INTERPRET=1 "
     "(run without the interpreter, as the t4 nox session does)",
 )
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_t4_prefill_build_compiles_within_64_kib(head_dim: int) -> None:
+def test_t4_builds_compile_within_64_kib_and_hardly_spill(head_dim: int, decode: bool) -> None:
+    # sm_75 gets no mma.sync from Triton: the dots' operands sit in registers, and tiles that are too large spill
+    # tens of KB per thread (64x32 at d=128 in 4 warps: 58 KB). The T4 tiles keep it to at most 16 bytes with
+    # Triton 3.6 (block pointers) and 128-280 with 3.9 (pointer arithmetic): T4_SPILL_BOUND.
     from llamatelemetry_core.aot import compile_build
     from llamatelemetry_flashattn.triton_kernel import aot_build
 
     with simulate_device("t4") as t4:
-        report = compile_build(aot_build(head_dim, torch.float16, t4), t4)
+        report = compile_build(aot_build(head_dim, torch.float16, t4, decode=decode), t4)
     assert report.ok, report.problems
     assert report.target == "sm_75"
     assert report.shared_memory_bytes <= 64 * 1024 == report.shared_memory_limit_bytes
+    assert report.spill_bytes is not None and report.spill_bytes <= T4_SPILL_BOUND, report
+
+
+@pytest.mark.triton_compiler
+@pytest.mark.skipif(
+    triton_interpreter_enabled(),
+    reason="the kernel calls a jitted helper, which cannot be compiled ahead of time under TRITON_INTERPRET=1 "
+    "(run without the interpreter, as the t4 nox session does)",
+)
+def test_t4_paged_builds_hardly_spill() -> None:
+    # As for the dense kernel: the Turing rows of the paged tile tables fit sm_75's FMA dots in registers (64x64
+    # prefill tiles at d=128 in 4 warps spilled 167 KB per thread, int8 KV more).
+    from llamatelemetry_core.aot import compile_build
+    from llamatelemetry_flashattn import paged_kernel
+
+    with simulate_device("t4") as t4:
+        builds = list(paged_kernel.aot_builds(t4, torch.float16))
+        reports = [compile_build(build, t4) for build in builds]
+    assert len(reports) >= 4 and any("kv=i8" in r.build for r in reports)
+    for report in reports:
+        assert report.ok and report.spill_bytes is not None and report.spill_bytes <= T4_SPILL_BOUND, report

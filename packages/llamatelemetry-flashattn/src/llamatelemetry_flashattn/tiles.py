@@ -7,8 +7,9 @@ keys and values through shared memory, ``num_stages`` deep. Its shared memory is
 
 (K and V stages, the Q tile, the probabilities on their way into the second matmul). The preferred tiles come
 from the device class (Hopper/Ampere datacenter parts opt into 163-227 KiB per block, consumer Ampere/Ada into
-99 KiB, Turing such as the T4 into 64 KiB) and are shrunk until the estimate fits the device; the ahead-of-time
-check (``python -m llamatelemetry_core.aot``) compiles the result and confirms it with the real figure.
+99 KiB, Turing such as the T4 into 64 KiB, with tiles small enough for its FMA dots to fit the registers) and are
+shrunk until the estimate fits the device; the ahead-of-time check (``python -m llamatelemetry_core.aot``) compiles
+the result and confirms it with the real figure.
 
 Rows of a tile are query rows packed with the query heads that share one key/value head (grouped-query
 attention), so a decode step (one query, ``G`` heads per KV head) fills ``G`` rows: ``BLOCK_M`` then shrinks to the
@@ -58,8 +59,12 @@ def _preferred(block_d: int, device: DeviceInfo) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) before fitting, by device class and head width."""
     smem = device.shared_memory_per_block_bytes or 0
     big = device.capability_at_least(8, 0) and smem >= 160 * 1024  # A100, H100, H200, B200
-    if not device.capability_at_least(8, 0):  # Turing and older: no cp.async, 64 KiB
-        return (64, 64, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
+    if not device.capability_at_least(8, 0):
+        # Turing and older: no cp.async, 64 KiB, and Triton (3.6 to 3.9) emits no mma.sync for sm_75, so the
+        # dots run on FMA units with their operands in registers. Compiled for sm_75, 64x32 tiles at d=128 in 4
+        # warps spilled 58 KB per thread; these are the largest tiles that compile with no spills (16 bytes at
+        # d=128), from a sweep of 16/32/64 x 16/32/64 in 4 and 8 warps. Not timed on a T4.
+        return (32, 32, 4, 2) if block_d <= 64 else (32, 32, 8, 2) if block_d <= 128 else (16, 16, 8, 1)
     if block_d <= 64:  # measured on an H100: 64x64 with 4 warps beats 128x64 (4 or 8 warps) and 128x128
         return (64, 64, 4, 3)
     if block_d <= 128:
@@ -85,9 +90,11 @@ def choose_tiles(
         return TileConfig(block_m, 16, block_d, 4, 1)
     block_m, block_n, warps, stages = _preferred(block_d, device)
     if rows_per_program is not None and rows_per_program < block_m:
-        # Decode-like calls: no more rows than there are; fewer warps suffice for the small tile.
+        # Decode-like calls: no more rows than there are; fewer warps suffice for the small tile (on Turing the
+        # FMA dots keep the warps that hold their operands without spilling).
         block_m = max(_MIN_TILE, _next_pow2(rows_per_program))
-        warps = 4
+        if device.capability_at_least(8, 0):
+            warps = 4
     limit = device.shared_memory_per_block_bytes or 48 * 1024
     config = TileConfig(block_m, block_n, block_d, warps, stages)
     while config.shared_memory_estimate(element_size) > limit:
