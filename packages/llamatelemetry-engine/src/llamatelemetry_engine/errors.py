@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from llamatelemetry_core.errors import CapacityError, ConfigurationError
+from llamatelemetry_core.errors import CapabilityError, CapacityError, ConfigurationError
 
-__all__ = ["ModelLoadError", "PromptTooLongError", "RequestTooLargeError"]
+__all__ = ["ModelLoadError", "PromptTooLongError", "RequestTooLargeError", "StepGraphCaptureError"]
 
 
 class ModelLoadError(ConfigurationError):
@@ -17,3 +17,7 @@ class PromptTooLongError(ConfigurationError):
 
 class RequestTooLargeError(CapacityError):
     """A request needs more KV blocks than the whole cache has, so it could never run."""
+
+
+class StepGraphCaptureError(CapabilityError):
+    """Capturing the step graphs failed; the runner then runs steps that carry prompt tokens eagerly."""

@@ -24,12 +24,13 @@ from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_BLOCK, PAD_SLOT
 from llamatelemetry_core.serving import SequenceStep, TokenFeed
 from llamatelemetry_engine.context import PagedStep
+from llamatelemetry_engine.errors import StepGraphCaptureError
 from llamatelemetry_graphs import BatchBucketedGraphs, CUDAGraph, GraphPool
 
 if TYPE_CHECKING:
     from llamatelemetry_engine.runner import ModelRunner
 
-__all__ = ["DecodeGraphs", "StepGraphCaptureError", "StepGraphs", "token_buckets"]
+__all__ = ["DecodeGraphs", "StepGraphs", "token_buckets"]
 
 
 class _PagedStepGraphs:
@@ -120,10 +121,6 @@ class DecodeGraphs(_PagedStepGraphs):
             self.runner.apply_feed(inputs[0], seqs, feed)
         out: torch.Tensor = self.buckets(*inputs, copy=True)
         return out
-
-
-class StepGraphCaptureError(RuntimeError):
-    """Capturing the step graphs failed; the runner then runs steps that carry prompt tokens eagerly."""
 
 
 def token_buckets(max_tokens: int, smallest: int = 64) -> list[int]:

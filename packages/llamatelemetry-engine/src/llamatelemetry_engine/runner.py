@@ -25,7 +25,7 @@ from llamatelemetry_core.selection import BackendFallbackWarning
 from llamatelemetry_core.serving import SequenceStep, StepInput, TokenFeed, check_feed, copy_to_device
 from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.context import ContiguousKVStore, ContiguousStep, PagedStep, StepContext
-from llamatelemetry_engine.errors import PromptTooLongError
+from llamatelemetry_engine.errors import PromptTooLongError, StepGraphCaptureError
 from llamatelemetry_engine.flags import ResolvedFlags
 from llamatelemetry_engine.models import LlamaForCausalLM
 from llamatelemetry_kvcache import BlockManager, PagedKVCache
@@ -145,8 +145,6 @@ class ModelRunner:
         if self.step_graphs is not None:
             size = self.step_graphs.bucket(seqs)
             if size is not None:
-                from llamatelemetry_engine.graphs import StepGraphCaptureError
-
                 try:
                     return _wanted_rows(self.step_graphs.run(seqs, size, feed), seqs)
                 except StepGraphCaptureError as exc:
