@@ -1,8 +1,10 @@
-"""Every test leaves PyTorch's process-wide switches as it found them; the matmul error bound."""
+"""Every test leaves PyTorch's process-wide switches as it found them; the matmul error bound; a counter of the
+fused path's kernel launches."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -53,3 +55,24 @@ def check_low_precision_matmul(
 @pytest.fixture
 def check_matmul() -> Callable[..., None]:
     return check_low_precision_matmul
+
+
+class KernelLaunches:
+    """Counts the launches of one kernel of ``llamatelemetry_tensorcore._fused_kernels`` (and still launches it):
+    ``grids`` holds the grid of each launch."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        from llamatelemetry_tensorcore import _fused_kernels
+
+        self.kernel, self.grids = getattr(_fused_kernels, name), list[object]()
+        monkeypatch.setattr(_fused_kernels, name, self)
+
+    def __getitem__(self, grid: object) -> Any:
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], KernelLaunches]:
+    """``kernel_launches("split_sum_kernel")`` starts counting that kernel's launches for the test."""
+    return lambda name: KernelLaunches(monkeypatch, name)

@@ -6,6 +6,7 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from llamatelemetry_tensorcore._fused_kernels import _range_exponents, fused_mat
 pytestmark = pytest.mark.triton
 
 CheckMatmul = Callable[..., None]
+KernelLaunches = Callable[[str], Any]  # the kernel_launches fixture (conftest.py)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -154,17 +156,9 @@ def test_spans_beyond_int32_offsets_are_measured_and_one_launch_needs_a_small_gr
     ("a_shape", "b_shape"), [((5, 7), (7, 3)), ((2, 9, 13), (13, 7)), ((3, 9, 13), (3, 13, 7)), ((40, 17), (17, 33))]
 )
 def test_one_launch_and_two_launches_agree_bit_for_bit(
-    a_shape: tuple[int, ...], b_shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+    a_shape: tuple[int, ...], b_shape: tuple[int, ...], kernel_launches: KernelLaunches
 ) -> None:
-    launches: list[object] = []
-    reduction = _fused_kernels.largest_finite_kernel
-
-    class _Counted:
-        def __getitem__(self, grid: object) -> object:
-            launches.append(grid)
-            return reduction[grid]
-
-    monkeypatch.setattr(_fused_kernels, "largest_finite_kernel", _Counted())
+    launches = kernel_launches("largest_finite_kernel").grids
     a, b = _randn(*a_shape, seed=20) * 1e7, _randn(*b_shape, seed=21) * 1e-9
     a.view(-1)[3] = float("nan")
     b_t = _randn(*b_shape[:-2], b_shape[-1], b_shape[-2], seed=22).mT  # a transposed B is dense too
@@ -253,18 +247,6 @@ def test_kernel_exponents_equal_the_torch_arithmetic(k: int) -> None:
     )
 
 
-class _Launches:
-    """Counts the launches of one kernel of ``_fused_kernels`` (and still launches it)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-        self.kernel, self.grids = getattr(_fused_kernels, name), list[object]()
-        monkeypatch.setattr(_fused_kernels, name, self)
-
-    def __getitem__(self, grid: object) -> object:
-        self.grids.append(grid)
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize(
     ("a_shape", "b_shape", "splits"),
     [
@@ -279,14 +261,14 @@ class _Launches:
 @pytest.mark.parametrize(("scale_a", "scale_b"), [(1.0, 1.0), (1e30, 1e-25), (1e-20, 1e-20)])
 def test_split_k_matches_the_reference(
     check_matmul: CheckMatmul,
-    monkeypatch: pytest.MonkeyPatch,
+    kernel_launches: KernelLaunches,
     a_shape: tuple[int, ...],
     b_shape: tuple[int, ...],
     splits: int,
     scale_a: float,
     scale_b: float,
 ) -> None:
-    split_sums = _Launches(monkeypatch, "split_sum_kernel")
+    split_sums = kernel_launches("split_sum_kernel")
     a, b = _randn(*a_shape, seed=sum(a_shape)) * scale_a, _randn(*b_shape, seed=sum(b_shape) + 1) * scale_b
     got = fused_matmul(a, b, None, splits=splits)
     assert len(split_sums.grids) == 1  # the product was split, then summed
@@ -328,9 +310,9 @@ def test_split_k_writes_strided_and_aliased_outputs(check_matmul: CheckMatmul) -
     torch.testing.assert_close(x, reference, rtol=2e-3, atol=0)
 
 
-def test_split_k_arguments_and_when_it_does_not_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    split_sums = _Launches(monkeypatch, "split_sum_kernel")
-    reductions = _Launches(monkeypatch, "largest_finite_kernel")
+def test_split_k_arguments_and_when_it_does_not_split(kernel_launches: KernelLaunches) -> None:
+    split_sums = kernel_launches("split_sum_kernel")
+    reductions = kernel_launches("largest_finite_kernel")
     a, b = _randn(4, 40, seed=46), _randn(40, 3, seed=47)
     for bad in ({"splits": 0}, {"splits": 2, "launches": 1}):
         with pytest.raises(ConfigurationError, match="splits"):

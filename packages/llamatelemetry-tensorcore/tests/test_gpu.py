@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from llamatelemetry_tensorcore import enable_tensor_cores, matmul_tensor_core, o
 from llamatelemetry_tensorcore._flags import snapshot_flags
 
 CheckMatmul = Callable[..., None]
+KernelLaunches = Callable[[str], Any]  # the kernel_launches fixture (conftest.py)
 pytestmark = pytest.mark.gpu
 
 
@@ -50,7 +52,7 @@ def test_small_fp32_products_run_fused(check_matmul: CheckMatmul, m: int, k: int
 @pytest.mark.sm75
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 4096, 4096), (4, 4096, 4096), (16, 2048, 8192), (3, 1000, 777)])
 def test_skinny_fp32_products_split_k_where_the_grid_is_small(
-    check_matmul: CheckMatmul, monkeypatch: pytest.MonkeyPatch, m: int, k: int, n: int
+    check_matmul: CheckMatmul, kernel_launches: KernelLaunches, m: int, k: int, n: int
 ) -> None:
     from llamatelemetry_tensorcore import _fused_kernels
     from llamatelemetry_tensorcore.fused_matmul import choose_fused_tiles, choose_split_k
@@ -59,15 +61,7 @@ def test_skinny_fp32_products_split_k_where_the_grid_is_small(
     split = choose_split_k(m, n, k, 1, choose_fused_tiles(m, n, 1, a.device), a.device)
     if (m, k, n) == (1, 4096, 4096):
         assert split.splits > 1  # a decode GEMV has fewer output tiles than SMs on every GPU the fused path runs on
-    launches = []
-    split_sum = _fused_kernels.split_sum_kernel
-
-    class _Counted:
-        def __getitem__(self, grid: object) -> object:
-            launches.append(grid)
-            return split_sum[grid]
-
-    monkeypatch.setattr(_fused_kernels, "split_sum_kernel", _Counted())
+    launches = kernel_launches("split_sum_kernel").grids
     with record_selections() as rec:
         c = matmul_tensor_core(a, b, dtype=torch.float16)
     assert rec.last("matmul_tensor_core") == "fused" and len(launches) == (split.splits > 1)
