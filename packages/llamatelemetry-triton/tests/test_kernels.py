@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -91,6 +92,20 @@ def _grads(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], inputs: l
     cotangents = [torch.randn(o.shape, generator=gen).to(o) for o in outs]
     torch.autograd.backward(list(outs), cotangents)
     return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
+
+
+def _check_against(
+    fast: Callable[..., Any], slow: Callable[..., Any], inputs: list[torch.Tensor], seed: int, kind: str, tol: float
+) -> None:
+    """``fast``'s outputs and input gradients match ``slow``'s (outputs at the dtype's tolerance, gradients at
+    ``tol``), with the same random cotangents."""
+    got_out, got_grads = _grads(fast, inputs, seed)
+    want_out, want_grads = _grads(slow, inputs, seed)
+    for got, want in zip(got_out, want_out, strict=True):
+        assert_close(got, want, name=f"{kind} output")
+    for i, (got, want) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert got is not None and want is not None
+        assert_close(got, want, atol=tol, rtol=tol, name=f"{kind} grad #{i}")
 
 
 shapes = st.tuples(
@@ -274,13 +289,7 @@ def test_norm_backward_of_a_row_past_8192_takes_one_block(kind: str, dtype: torc
         "fused_layer": ([x, r, w, b], triton_fused_add_layernorm, fused_add_layernorm_reference),
     }
     inputs, fast, slow = cases[kind]
-    got_out, got_grads = _grads(fast, inputs, 5)  # type: ignore[arg-type]
-    want_out, want_grads = _grads(slow, inputs, 5)  # type: ignore[arg-type]
-    for got, want in zip(got_out, want_out, strict=True):
-        assert_close(got, want, name=f"{kind} output")
-    for i, (got, want) in enumerate(zip(got_grads, want_grads, strict=True)):
-        assert got is not None and want is not None
-        assert_close(got, want, atol=8e-3, rtol=8e-3, name=f"{kind} grad #{i}")
+    _check_against(fast, slow, inputs, 5, kind, 8e-3)
 
 
 @pytest.mark.parametrize("is_rms", [True, False])
@@ -556,13 +565,7 @@ def test_compiled_training_through_the_custom_ops_matches_the_reference(kind: st
         inputs, fast, slow = [x, r, w], triton_fused_add_rmsnorm, fused_add_rmsnorm_reference
     torch._dynamo.reset()
     compiled = torch.compile(lambda *t: fast(*t, backend="triton"), backend="aot_eager", fullgraph=True)
-    got_out, got_grads = _grads(compiled, inputs, 2)
-    want_out, want_grads = _grads(slow, inputs, 2)
-    for got, want in zip(got_out, want_out, strict=True):
-        assert_close(got, want, name=f"{kind} output")
-    for i, (got, want) in enumerate(zip(got_grads, want_grads, strict=True)):
-        assert got is not None and want is not None
-        assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"{kind} grad #{i}")
+    _check_against(compiled, slow, inputs, 2, kind, 1e-4)
 
 
 @pytest.mark.parametrize("has_bias", [True, False])
