@@ -69,17 +69,17 @@ def test_rope_on_fused_qkv_slices_stays_in_place_and_exact() -> None:
 def test_fused_qkv_slices_are_disjoint_and_a_shifted_view_is_not(tokens: int) -> None:
     # One token is a decode step of batch 1: its views may carry any token stride, and the heads' byte ranges
     # must still decide (a wrong "overlap" costs four extra copies per layer, a wrong "disjoint" a wrong answer).
-    from llamatelemetry_triton.ops.rope import _footprints_may_overlap, _token_view
+    from llamatelemetry_triton.ops._rope_tile import footprints_may_overlap, token_view
 
     qkv = _randn(tokens, (4 + 2 * 2) * 8)
-    q, k = _token_view(qkv[:, :32].view(tokens, 4, 8)), _token_view(qkv[:, 32:48].view(tokens, 2, 8))
+    q, k = token_view(qkv[:, :32].view(tokens, 4, 8)), token_view(qkv[:, 32:48].view(tokens, 2, 8))
     assert q is not None and k is not None
-    assert not _footprints_may_overlap(q, k)
+    assert not footprints_may_overlap(q, k)
     flat = _randn(tokens * 32 + 4)
-    shifted_q = _token_view(flat[: tokens * 32].view(tokens, 4, 8))
-    shifted_k = _token_view(flat[4 : 4 + tokens * 32].view(tokens, 4, 8))
+    shifted_q = token_view(flat[: tokens * 32].view(tokens, 4, 8))
+    shifted_k = token_view(flat[4 : 4 + tokens * 32].view(tokens, 4, 8))
     assert shifted_q is not None and shifted_k is not None
-    assert _footprints_may_overlap(shifted_q, shifted_k)
+    assert footprints_may_overlap(shifted_q, shifted_k)
     cos, sin = rope_cos_sin(8, 8, device=DEVICE)
     one_q, one_k = qkv[:, :32].view(tokens, 4, 8), qkv[:, 32:48].view(tokens, 2, 8)
     want_q, want_k = rope_reference(one_q, one_k, cos, sin)

@@ -44,6 +44,13 @@ from llamatelemetry_triton._dispatch import (
 )
 from llamatelemetry_triton._launch import on_device
 from llamatelemetry_triton.heuristics import rope_config
+from llamatelemetry_triton.ops._rope_tile import (
+    footprints_may_overlap,
+    pair_offsets,
+    rotate_heads,
+    token_angles,
+    token_view,
+)
 from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
 if TYPE_CHECKING:
@@ -139,25 +146,6 @@ def _rope_reference_inplace(
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _rotate_heads(  # type: ignore[no-untyped-def]
-    X, stride_h, n_heads, heads, first, second, d_mask, cos, sin, BLOCK_H: tl.constexpr
-):
-    """Rotate, in place, the feature pairs (first, second) of every head of one token of q or k, BLOCK_H heads
-    at a time."""
-    # Loops are `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
-    h0 = tl.program_id(0) * 0
-    while h0 < n_heads:
-        h = h0 + heads
-        mask = (h[:, None] < n_heads) & d_mask[None, :]
-        base = X + h[:, None] * stride_h
-        x1 = tl.load(base + first[None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + second[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(base + first[None, :], (x1 * cos - x2 * sin).to(X.dtype.element_ty), mask=mask)
-        tl.store(base + second[None, :], (x2 * cos + x1 * sin).to(X.dtype.element_ty), mask=mask)
-        h0 += BLOCK_H
-
-
-@triton.jit  # type: ignore[untyped-decorator]
 def _rope_kernel(  # type: ignore[no-untyped-def]
     Q,
     K,
@@ -180,65 +168,16 @@ def _rope_kernel(  # type: ignore[no-untyped-def]
     BLOCK_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(Pos + token).to(tl.int64)
-    # Never read outside the tables (the host checks where it can): a position out of range sees no feature.
-    # The scalar test goes into the bound rather than into a scalar & block "and", which Triton 3.9's
-    # interpreter turns into an integer mask it then rejects.
-    pos_ok = (pos >= 0) & (pos < n_positions)
     d = tl.arange(0, BLOCK_SIZE)
-    d_mask = d < tl.where(pos_ok, rotary_half, 0)
-    cos = tl.load(Cos + pos * cos_stride + d, mask=d_mask, other=1.0).to(tl.float32)
-    sin = tl.load(Sin + pos * sin_stride + d, mask=d_mask, other=0.0).to(tl.float32)
+    cos, sin, d_mask = token_angles(Cos, Sin, Pos, token, cos_stride, sin_stride, rotary_half, n_positions, d)
     if INVERSE:
         sin = -sin
-    if INTERLEAVED:
-        first = 2 * d
-        second = 2 * d + 1
-    else:
-        first = d
-        second = d + rotary_half
+    first, second = pair_offsets(d, rotary_half, INTERLEAVED)
     heads = tl.arange(0, BLOCK_H)
-    _rotate_heads(Q + token * q_stride_t, q_stride_h, n_q_heads, heads, first, second, d_mask, cos, sin, BLOCK_H)
-    _rotate_heads(K + token * k_stride_t, k_stride_h, n_k_heads, heads, first, second, d_mask, cos, sin, BLOCK_H)
-
-
-def _token_view(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` as ``[tokens, H, D]`` sharing its memory with unit feature stride, or ``None`` if impossible."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return None
-    tokens = math.prod(t.shape[:-2])  # explicit: view(-1, ...) is ambiguous for zero heads
-    try:
-        return t.view(tokens, t.shape[-2], t.shape[-1])
-    except RuntimeError:
-        return None
-
-
-def _footprints_may_overlap(q3: torch.Tensor, k3: torch.Tensor) -> bool:
-    """Whether ``q3`` and ``k3`` (``[tokens, H, D]`` views) may share memory.
-
-    Whole heads count, not only their rotated features: the in-place contract writes all of ``q`` and then all
-    of ``k``, so a feature of ``k`` left unrotated still overwrites a rotated one of ``q`` it shares memory with.
-    Exact for views with one token stride (the slices of a fused QKV projection, whose storage ranges
-    interleave but whose elements do not); any other layout sharing storage is assumed to overlap.
-    """
-    if q3.numel() == 0 or k3.numel() == 0 or not torch._C._overlaps(q3, k3):
-        return False
-    size_q, size_k = q3.element_size(), k3.element_size()
-    span_q = ((q3.shape[1] - 1) * q3.stride(1) + q3.shape[2]) * size_q
-    span_k = ((k3.shape[1] - 1) * k3.stride(1) + k3.shape[2]) * size_k
-    shift = k3.data_ptr() - q3.data_ptr()
-    if q3.shape[0] == 1 and k3.shape[0] == 1:
-        # One token (a decode step of batch 1): the token strides say nothing (a view of one row may carry any),
-        # and the two heads' byte ranges decide.
-        return shift < span_q and shift + span_k > 0
-    step = q3.stride(0) * size_q
-    if q3.stride(0) * size_q != k3.stride(0) * size_k or step <= 0:
-        return True
-    # k's token t' meets q's token t when [0, span_q) and shift + m*step + [0, span_k) intersect, m = t' - t.
-    m_low = (-span_k - shift) // step + 1
-    m_high = -((shift - span_q) // step) - 1
-    tokens = q3.shape[0]
-    return max(m_low, -(tokens - 1)) <= min(m_high, tokens - 1)
+    Q = Q + token * q_stride_t
+    K = K + token * k_stride_t
+    rotate_heads(Q, q_stride_h, n_q_heads, heads, first, second, d_mask, cos, sin, Q, 0, 0, BLOCK_H, False)
+    rotate_heads(K, k_stride_h, n_k_heads, heads, first, second, d_mask, cos, sin, K, 0, 0, BLOCK_H, False)
 
 
 def _rope_launch(
@@ -252,8 +191,8 @@ def _rope_launch(
 ) -> None:
     if q.numel() == 0 and k.numel() == 0:
         return
-    q3, k3 = _token_view(q), _token_view(k)
-    if q3 is None or k3 is None or _footprints_may_overlap(q3, k3):
+    q3, k3 = token_view(q), token_view(k)
+    if q3 is None or k3 is None or footprints_may_overlap(q3, k3):
         # No [tokens, H, D] view, or q and k share memory: rotate private copies and write them back, q first
         # and then k, which is what the reference's two copies do (each rotated once, from the inputs' values).
         q_tmp, k_tmp = q.clone(), k.clone()
