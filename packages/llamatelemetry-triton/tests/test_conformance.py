@@ -7,11 +7,13 @@ from typing import Any
 import torch
 
 import llamatelemetry_triton as lt
+from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
 from llamatelemetry_core.testing.conformance import Conformance, conformance_tests
 from llamatelemetry_triton.ops.add import ADD
 from llamatelemetry_triton.ops.glu import GEGLU, SWIGLU
 from llamatelemetry_triton.ops.norm import FUSED_ADD_RMSNORM, LAYERNORM, RMSNORM
 from llamatelemetry_triton.ops.rope import ROPE
+from llamatelemetry_triton.ops.rope_paged import ROPE_PAGED_WRITE
 from llamatelemetry_triton.ops.softmax import SOFTMAX
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,6 +28,25 @@ def _rope_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device)
     q = torch.randn(2, 7, 3, 8, generator=gen).to(dtype).to(device)
     k = torch.randn(2, 7, 1, 8, generator=gen).to(dtype).to(device)
     return q, k, cos, sin
+
+
+def _rope_paged_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    cos, sin = lt.rope_cos_sin(40, 8, device=device)
+    qkv = torch.randn(5, (3 + 2 * 1) * 8, generator=gen).to(dtype).to(device)
+    q, k, v = (qkv[:, a:b].reshape(5, -1, 8) for a, b in ((0, 24), (24, 32), (32, 40)))
+    positions = torch.randint(0, 40, (5,), generator=gen).to(device)
+    key_cache, value_cache = (torch.randn(3, 4, 1, 8, generator=gen).to(dtype).to(device) for _ in range(2))
+    slots = torch.randperm(12, generator=gen)[:5]
+    slots[1] = PAD_SLOT
+    return q, k, v, cos, sin, positions, key_cache, value_cache, slots.to(device)
+
+
+def _rope_paged_write(*args: Any, backend: str | None = None) -> tuple[torch.Tensor, ...]:
+    """The fused call on the conformance inputs; its result is q, k and the store, all compared."""
+    q, k, v, cos, sin, positions, key_cache, value_cache, slots = args
+    cache = PagedKV(key_cache, value_cache)
+    lt.triton_rope_paged_write(q, k, v, cos, sin, positions, cache, slots, backend=backend)
+    return q, k, key_cache, value_cache
 
 
 SUITES = {
@@ -47,6 +68,7 @@ SUITES = {
     "swiglu": Conformance(SWIGLU, lt.triton_swiglu, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
     "geglu": Conformance(GEGLU, lt.triton_geglu, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
     "rope": Conformance(ROPE, lt.triton_rope, _rope_inputs),
+    "rope_paged_write": Conformance(ROPE_PAGED_WRITE, _rope_paged_write, _rope_paged_inputs),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

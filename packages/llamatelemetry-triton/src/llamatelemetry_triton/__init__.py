@@ -1,4 +1,5 @@
-"""llamatelemetry-triton: Triton kernels (add, layernorm, softmax, RMSNorm, RoPE, SwiGLU) and a kernel registry.
+"""llamatelemetry-triton: Triton kernels (add, layernorm, softmax, RMSNorm, RoPE, RoPE with the paged KV store,
+SwiGLU) and a kernel registry.
 
 Documented import path: ``llamatelemetry.cuda.triton_kernels``. Every function dispatches through a
 :class:`llamatelemetry_core.selection.Operation`: the Triton kernel on CUDA tensors (and on CPU tensors under
@@ -22,6 +23,11 @@ from llamatelemetry_triton.ops.norm import (
     triton_rmsnorm,
 )
 from llamatelemetry_triton.ops.rope import rope_cos_sin, rope_reference, triton_rope
+from llamatelemetry_triton.ops.rope_paged import (
+    rope_paged_write_reference,
+    rope_paged_write_refusal,
+    triton_rope_paged_write,
+)
 from llamatelemetry_triton.ops.softmax import softmax_reference, triton_softmax
 from llamatelemetry_triton.registry import (
     KernelConfig,
@@ -54,6 +60,8 @@ __all__ = [
     "register_kernel",
     "rmsnorm_reference",
     "rope_cos_sin",
+    "rope_paged_write_reference",
+    "rope_paged_write_refusal",
     "rope_reference",
     "softmax_reference",
     "swiglu_reference",
@@ -64,6 +72,7 @@ __all__ = [
     "triton_layernorm",
     "triton_rmsnorm",
     "triton_rope",
+    "triton_rope_paged_write",
     "triton_softmax",
     "triton_swiglu",
     "unregister_kernel",

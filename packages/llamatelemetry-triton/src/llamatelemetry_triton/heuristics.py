@@ -50,6 +50,7 @@ __all__ = [
     "norm_backward_programs",
     "norm_config",
     "rope_config",
+    "rope_store_tile",
     "softmax_config",
 ]
 
@@ -308,3 +309,11 @@ def rope_config(rotary_half: int, num_heads: int, dtype: torch.dtype, device: De
     heads = max(1, min(next_power_of_2(num_heads), max(1, 2048 // block_d)))
     size = _element_size(dtype)
     return LaunchConfig(block_d, _warps_for(block_d * heads * 2, size, high=8), chunk_size=heads)
+
+
+def rope_store_tile(num_kv_heads: int, head_dim: int) -> tuple[int, int]:
+    """``(heads, block_d)`` of the whole heads the rotary cache store copies at once (values, and the features
+    of the keys past the rotary ones): ``block_d`` covers the head, a group keeps near 4096 elements like a
+    rotation group of :func:`rope_config`."""
+    block_d = max(16, next_power_of_2(head_dim))
+    return max(1, min(next_power_of_2(num_kv_heads), 4096 // block_d)), block_d

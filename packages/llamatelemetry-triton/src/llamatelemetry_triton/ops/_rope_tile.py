@@ -12,9 +12,20 @@ import math
 
 import torch
 
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.validation import format_shape
 from llamatelemetry_triton._compat import tl, triton
+from llamatelemetry_triton._dispatch import check_float_tensor
 
-__all__ = ["footprints_may_overlap", "pair_offsets", "rotate_heads", "token_angles", "token_view"]
+__all__ = [
+    "check_rope_args",
+    "footprints_may_overlap",
+    "pair_offsets",
+    "rotate_heads",
+    "token_angles",
+    "token_positions",
+    "token_view",
+]
 
 
 @triton.jit
@@ -85,6 +96,78 @@ def rotate_heads(  # type: ignore[no-untyped-def]
             tl.store(out + first[None, :], y1.to(Out.dtype.element_ty), mask=out_mask)
             tl.store(out + second[None, :], y2.to(Out.dtype.element_ty), mask=out_mask)
         h0 += BLOCK_H
+
+
+def token_positions(q: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """Each token's position, ``positions`` broadcast to ``q.shape[:-2]`` (default: ``arange(S)`` along the
+    dimension before the heads)."""
+    tokens = q.shape[:-2]
+    if positions is None:
+        seq = torch.arange(tokens[-1], device=q.device)
+        return seq.expand(tokens)
+    return positions.to(q.device).expand(tokens)
+
+
+def check_rope_args(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None
+) -> None:
+    """Raise ``TypeError``/:class:`ConfigurationError` unless ``q``, ``k``, the tables and ``positions`` make a
+    rotation :func:`~llamatelemetry_triton.ops.rope.triton_rope` can do in place (no host sync on a GPU)."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_float_tensor(t, name)
+    for name, t in (("q", q), ("k", k)):
+        # (Not while torch.compile traces: Dynamo cannot trace the query; PyTorch refuses in-place writes
+        # through such a view there itself.)
+        if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(t) == 1:
+            raise ConfigurationError(
+                f"expected {name} whose elements each have their own memory (it is rotated in place), got a view "
+                f"of shape {format_shape(t.shape)} and strides {list(t.stride())} in which several elements share "
+                f"one location (an expanded tensor?); pass {name}.contiguous() or {name}.clone()"
+            )
+    if q.dim() < 3 or k.dim() != q.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        raise ConfigurationError(
+            f"expected q [..., H_q, D] and k [..., H_k, D] with the same leading dimensions and D (at least "
+            f"3 dimensions), got q {format_shape(q.shape)} and k {format_shape(k.shape)}"
+        )
+    half = cos.shape[-1] if cos.dim() == 2 else -1
+    if cos.dim() != 2 or sin.shape != cos.shape or not 0 < 2 * half <= q.shape[-1]:
+        raise ConfigurationError(
+            f"expected cos and sin of shape [max_positions, rotary_dim / 2] with rotary_dim <= head_dim "
+            f"{q.shape[-1]}, got cos {format_shape(cos.shape)} and sin {format_shape(sin.shape)}; build them with "
+            "rope_cos_sin(), or pass cos[..., :rotary_dim // 2] of a Hugging Face style table"
+        )
+    devices = {t.device for t in (q, k, cos, sin)}
+    if len(devices) > 1:
+        raise ConfigurationError(f"expected q, k, cos and sin on one device, got {sorted(map(str, devices))}")
+    if positions is not None:
+        given: object = positions  # validated at run time whatever the annotation says
+        if (
+            not isinstance(given, torch.Tensor)
+            or given.is_floating_point()
+            or given.is_complex()
+            or given.dtype == torch.bool
+        ):
+            raise ConfigurationError(f"expected positions to be an integer tensor, got {positions!r:.60}")
+        try:
+            if torch.broadcast_shapes(positions.shape, q.shape[:-2]) != q.shape[:-2]:  # type: ignore[no-untyped-call]
+                raise RuntimeError("positions has more or larger dimensions than the tokens")
+        except RuntimeError:
+            raise ConfigurationError(
+                f"expected positions broadcastable to the token dimensions {format_shape(q.shape[:-2])} of q, "
+                f"got {format_shape(positions.shape)}"
+            ) from None
+        # Checking a GPU tensor would synchronize; a traced graph cannot branch on values.
+        if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
+            low, high = int(positions.min()), int(positions.max())
+            if low < 0 or high >= cos.shape[0]:
+                raise ConfigurationError(
+                    f"expected positions in [0, {cos.shape[0]}) (the rows of cos/sin), got values in [{low}, {high}]; "
+                    "build longer tables with rope_cos_sin()"
+                )
+    elif q.shape[-3] > cos.shape[0]:
+        raise ConfigurationError(
+            f"expected at most {cos.shape[0]} positions (the rows of cos/sin), got a sequence of {q.shape[-3]}"
+        )
 
 
 def token_view(t: torch.Tensor) -> torch.Tensor | None:

@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llamatelemetry_core.errors import ConfigurationError
-from llamatelemetry_core.validation import check_non_negative_int, format_shape
+from llamatelemetry_core.validation import check_non_negative_int
 from llamatelemetry_triton._aot_shapes import HEAD_DIMS, TYPE_NAMES, kernel_build
 from llamatelemetry_triton._bounds import grid_rows, int_argument, require_elements
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
     TritonOperation,
-    check_float_tensor,
     compute_dtype,
     cuda_in_triton_dtypes,
     described,
@@ -45,10 +44,12 @@ from llamatelemetry_triton._dispatch import (
 from llamatelemetry_triton._launch import on_device
 from llamatelemetry_triton.heuristics import rope_config
 from llamatelemetry_triton.ops._rope_tile import (
+    check_rope_args,
     footprints_may_overlap,
     pair_offsets,
     rotate_heads,
     token_angles,
+    token_positions,
     token_view,
 )
 from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
@@ -109,14 +110,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     return torch.cat((out, rest), dim=-1).to(x.dtype)
 
 
-def _token_positions(q: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    tokens = q.shape[:-2]
-    if positions is None:
-        seq = torch.arange(tokens[-1], device=q.device)
-        return seq.expand(tokens)
-    return positions.to(q.device).expand(tokens)
-
-
 def rope_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -126,7 +119,7 @@ def rope_reference(
     interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated copies of ``q`` and ``k`` (the inputs are not modified)."""
-    pos = _token_positions(q, positions).long()
+    pos = token_positions(q, positions).long()
     compute = torch.promote_types(compute_dtype(q), compute_dtype(k))
     c = cos[pos].to(compute).unsqueeze(-2)
     s = sin[pos].to(compute).unsqueeze(-2)
@@ -263,66 +256,6 @@ class RopeFunction(torch.autograd.Function):
         return dq, dk, None, None, None, None
 
 
-def _check_rope_args(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None
-) -> None:
-    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        check_float_tensor(t, name)
-    for name, t in (("q", q), ("k", k)):
-        # (Not while torch.compile traces: Dynamo cannot trace the query; PyTorch refuses in-place writes
-        # through such a view there itself.)
-        if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(t) == 1:
-            raise ConfigurationError(
-                f"expected {name} whose elements each have their own memory (it is rotated in place), got a view "
-                f"of shape {format_shape(t.shape)} and strides {list(t.stride())} in which several elements share "
-                f"one location (an expanded tensor?); pass {name}.contiguous() or {name}.clone()"
-            )
-    if q.dim() < 3 or k.dim() != q.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
-        raise ConfigurationError(
-            f"expected q [..., H_q, D] and k [..., H_k, D] with the same leading dimensions and D (at least "
-            f"3 dimensions), got q {format_shape(q.shape)} and k {format_shape(k.shape)}"
-        )
-    half = cos.shape[-1] if cos.dim() == 2 else -1
-    if cos.dim() != 2 or sin.shape != cos.shape or not 0 < 2 * half <= q.shape[-1]:
-        raise ConfigurationError(
-            f"expected cos and sin of shape [max_positions, rotary_dim / 2] with rotary_dim <= head_dim "
-            f"{q.shape[-1]}, got cos {format_shape(cos.shape)} and sin {format_shape(sin.shape)}; build them with "
-            "rope_cos_sin(), or pass cos[..., :rotary_dim // 2] of a Hugging Face style table"
-        )
-    devices = {t.device for t in (q, k, cos, sin)}
-    if len(devices) > 1:
-        raise ConfigurationError(f"expected q, k, cos and sin on one device, got {sorted(map(str, devices))}")
-    if positions is not None:
-        given: object = positions  # validated at run time whatever the annotation says
-        if (
-            not isinstance(given, torch.Tensor)
-            or given.is_floating_point()
-            or given.is_complex()
-            or given.dtype == torch.bool
-        ):
-            raise ConfigurationError(f"expected positions to be an integer tensor, got {positions!r:.60}")
-        try:
-            if torch.broadcast_shapes(positions.shape, q.shape[:-2]) != q.shape[:-2]:  # type: ignore[no-untyped-call]
-                raise RuntimeError("positions has more or larger dimensions than the tokens")
-        except RuntimeError:
-            raise ConfigurationError(
-                f"expected positions broadcastable to the token dimensions {format_shape(q.shape[:-2])} of q, "
-                f"got {format_shape(positions.shape)}"
-            ) from None
-        # Checking a GPU tensor would synchronize; a traced graph cannot branch on values.
-        if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
-            low, high = int(positions.min()), int(positions.max())
-            if low < 0 or high >= cos.shape[0]:
-                raise ConfigurationError(
-                    f"expected positions in [0, {cos.shape[0]}) (the rows of cos/sin), got values in [{low}, {high}]; "
-                    "build longer tables with rope_cos_sin()"
-                )
-    elif q.shape[-3] > cos.shape[0]:
-        raise ConfigurationError(
-            f"expected at most {cos.shape[0]} positions (the rows of cos/sin), got a sequence of {q.shape[-3]}"
-        )
-
-
 @triton_errors("rope")
 def _rope_triton(
     q: torch.Tensor,
@@ -332,7 +265,7 @@ def _rope_triton(
     positions: torch.Tensor | None,
     interleaved: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    pos = _token_positions(q, positions).contiguous()
+    pos = token_positions(q, positions).contiguous()
     if needs_autograd(q, k):
         q_out, k_out = RopeFunction.apply(q, k, cos, sin, pos, interleaved)  # type: ignore[no-untyped-call]
         return q_out, k_out
@@ -378,7 +311,7 @@ def triton_rope(
     (in-place rules apply: ``q`` and ``k`` must not be leaves that require grad). Positions outside the tables
     leave a token unrotated on GPU (checking would synchronize); on CPU they raise :class:`ConfigurationError`.
     """
-    _check_rope_args(q, k, cos, sin, positions)
+    check_rope_args(q, k, cos, sin, positions)
     return ROPE(q, k, cos, sin, positions, bool(interleaved), backend=backend)  # type: ignore[no-any-return]
 
 
