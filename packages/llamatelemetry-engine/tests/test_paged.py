@@ -226,3 +226,56 @@ def test_warm_up_runs_every_kind_of_step_and_changes_no_answer(
     ]
     with pytest.raises(ConfigurationError, match="warmup"):
         LLM(loaded, warmup=1, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("triton_kernels", [True, False], ids=["fused", "two_calls"])
+def test_rope_and_the_paged_write_are_one_call_with_the_fused_kernels(
+    triton_kernels: bool,
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    hf_reference: Callable[[LoadedModel], torch.nn.Module],
+    greedy: Greedy,
+) -> None:
+    # Each layer of a paged step rotates q and k and stores k and v with one call when the fused kernels are on
+    # (chunked prefill, prefix reuse and decode alike); with them off, the plain rotation and the cache's write.
+    from llamatelemetry_core.environment import triton_interpreter_enabled
+    from llamatelemetry_core.selection import record_selections
+    from llamatelemetry_triton import HAS_TRITON
+
+    expected = [greedy(hf_reference(loaded), p, 4) for p in prompts]
+    flags = EngineFlags() if triton_kernels else EngineFlags().without("triton_kernels")
+    llm = LLM(loaded, flags=flags, device="cpu", max_model_len=64, max_num_batched_tokens=8, page_size=4)
+    with record_selections() as rec:
+        got = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [c.token_ids for c in got] == expected
+    fused = rec.implementations("triton.rope_paged_write")
+    if triton_kernels:
+        kernel = "triton" if HAS_TRITON and triton_interpreter_enabled() else "reference"
+        assert fused and set(fused) == {kernel}
+        assert not rec.implementations("triton.rope") and not rec.implementations("kvcache.paged_write")
+    else:
+        assert not fused and rec.implementations("kvcache.paged_write")
+
+
+def test_a_quantized_store_takes_the_two_calls(loaded: LoadedModel) -> None:
+    # The fused call does not take an int8 store (its scales come from the rotated keys): the step declines,
+    # touching nothing, and the layer rotates and writes through the cache as before.
+    from llamatelemetry_engine.context import PagedStep
+    from llamatelemetry_kvcache import KVCacheConfig, PagedKVCache
+    from llamatelemetry_triton import rope_cos_sin
+
+    config = KVCacheConfig(1, 16, 1, 4, 8, torch.float32, num_kv_heads=2, device="cpu", kv_dtype=torch.int8)
+    cache = PagedKVCache(config, 4)
+    cache.block_manager.allocate(0, [1, 2, 3])
+    slots = cache.slot_mapping([(0, 0, 3)])
+    step = PagedStep(
+        cache, lambda *a, **kw: a[0], slot_mapping=slots, block_tables=torch.zeros(1, 4, dtype=torch.int32),
+        seq_lens=torch.tensor([3], dtype=torch.int32), cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32),
+        max_seqlen_q=3,
+    )  # fmt: skip
+    q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    cos, sin = rope_cos_sin(16, 8)
+    before = (q.clone(), k.clone(), cache.layer(0).key_cache.clone())
+    assert not step.rotate_and_store(0, torch.arange(3), q, k, v, cos, sin)
+    assert torch.equal(q, before[0]) and torch.equal(k, before[1])
+    assert torch.equal(cache.layer(0).key_cache, before[2])

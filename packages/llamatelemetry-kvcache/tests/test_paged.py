@@ -267,6 +267,26 @@ def test_refused_writes_change_nothing_and_name_the_argument() -> None:
         cache.block_tables([0], max_blocks_per_seq=3)  # wider than ceil(8 / 4)
 
 
+def test_prepared_slots_are_zeroed_as_a_write_would_zero_them() -> None:
+    # A kernel storing into layer(i) directly (RoPE fused with the store) finds the blocks a write would find:
+    # CPU storage zeroed up to the last block a slot names, and the blocks past it still untouched.
+    config = KVCacheConfig(1, 24, 2, 2, 4, torch.float32, device="cpu")
+    cache = PagedKVCache(config, 4, num_blocks=6)
+    for layer in range(2):
+        for t in (cache.layer(layer).key_cache, cache.layer(layer).value_cache):
+            t.fill_(float("nan"))  # what uninitialised CPU memory may hold
+    cache.prepare_slots(torch.tensor([PAD_SLOT, PAD_SLOT]))  # padding alone names no block
+    assert cache._zeroed_blocks == 0
+    cache.prepare_slots(torch.tensor([5, PAD_SLOT, 9]))
+    assert cache._zeroed_blocks == 3
+    for layer in range(2):
+        store = cache.layer(layer)
+        assert torch.equal(store.key_cache[:3], torch.zeros(3, 4, 2, 4))
+        assert store.value_cache[3:].isnan().all()
+    cache.prepare_slots(torch.tensor([99]))  # out of range: the kernel's checks refuse it; zeroing stops at the end
+    assert cache._zeroed_blocks == 6
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8], ids=["same", "int8"])
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_paged_write_compiles_fullgraph_and_writes_in_place(

@@ -157,7 +157,12 @@ class _Bench:
 
 
 _OPERATIONS = {
-    "triton_kernels": ("triton.fused_add_rmsnorm", "triton.rope", "triton.swiglu"),
+    "triton_kernels": (
+        "triton.fused_add_rmsnorm",
+        "triton.rope",
+        "triton.rope_paged_write",
+        "triton.swiglu",
+    ),
     "flash_attention": ("flashattn.attention",),
     "paged_kv": ("flashattn.paged_attention",),
 }

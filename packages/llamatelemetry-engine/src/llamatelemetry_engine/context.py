@@ -6,7 +6,9 @@ Two KV stores stand behind the same call, :meth:`StepContext.attend`:
   concatenation (what a plain PyTorch generate loop does), and attends sequence by sequence;
 * :class:`PagedStep` writes the new keys and values into a paged cache (``llamatelemetry-kvcache``) through a
   slot mapping and reads them back with paged attention (``llamatelemetry-flashattn``), every sequence of the
-  step in one call; the layout is core's ``kv_layout``.
+  step in one call; the layout is core's ``kv_layout``. With the fused kernels on, the rotary positions and that
+  write are one launch (:meth:`PagedStep.rotate_and_store`, ``llamatelemetry-triton``'s
+  ``triton_rope_paged_write``), and :meth:`~PagedStep.attend` is told the keys are stored already.
 
 Attention itself is causal, aligned to the end (the ``n`` new queries of a sequence are its last ``n`` tokens),
 grouped-query, with an optional sliding window of ``window`` tokens (the current one included).
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_flashattn import flash_attention_forward
 from llamatelemetry_kvcache import PagedKVCache
+from llamatelemetry_triton import rope_paged_write_refusal, triton_rope_paged_write
 
 __all__ = ["AttentionParams", "ContiguousKVStore", "ContiguousStep", "PagedStep", "StepContext", "attention_plain"]
 
@@ -77,12 +80,34 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: Atten
 
 
 class StepContext(Protocol):
-    """Per-step metadata with the one call every attention layer makes."""
+    """Per-step metadata with the calls every attention layer makes."""
+
+    def rotate_and_store(
+        self,
+        layer_idx: int,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> bool:
+        """Rotate ``q``, ``k`` in place by ``positions`` (tables ``cos``/``sin``) and store ``k``, ``v`` in one
+        call where this store can (``True``); otherwise do nothing and return ``False``."""
+        ...
 
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        params: AttentionParams,
+        *,
+        stored: bool = False,
     ) -> torch.Tensor:
-        """Store the step's ``k, v [tokens, H_kv, D]`` and return attention of ``q [tokens, H, D]``."""
+        """Store the step's ``k, v [tokens, H_kv, D]`` (unless ``stored``: :meth:`rotate_and_store` did) and return
+        attention of ``q [tokens, H, D]``."""
         ...
 
 
@@ -125,9 +150,30 @@ class ContiguousStep:
         self.seq_ids = seq_ids
         self.query_lens = query_lens
 
+    def rotate_and_store(
+        self,
+        layer_idx: int,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> bool:
+        return False  # the store grows by concatenation: nothing to fuse the rotation with
+
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        params: AttentionParams,
+        *,
+        stored: bool = False,
     ) -> torch.Tensor:
+        if stored:
+            raise ConfigurationError("the contiguous store keeps its keys itself; attend() it with stored=False")
         outs = []
         start = 0
         for seq_id, n in zip(self.seq_ids, self.query_lens, strict=True):
@@ -170,11 +216,41 @@ class PagedStep:
         self.max_seqlen_q = max_seqlen_q
         self.query_lens = query_lens
         self.fresh_prefill = fresh_prefill
+        self._fusable: bool | None = None  # decided at the first layer: every layer has the same dtypes and store
+
+    def rotate_and_store(
+        self,
+        layer_idx: int,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> bool:
+        """One launch for the rotation and the write (``triton_rope_paged_write``) unless the store is one it
+        refuses (quantized, or of another dtype), in which case nothing is done and ``False`` returned."""
+        store = self.cache.layer(layer_idx)
+        if self._fusable is None:
+            self._fusable = rope_paged_write_refusal(q, k, v, store) is None
+        if not self._fusable:
+            return False
+        self.cache.prepare_slots(self.slot_mapping)
+        triton_rope_paged_write(q, k, v, cos, sin, positions, store, self.slot_mapping)
+        return True
 
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        params: AttentionParams,
+        *,
+        stored: bool = False,
     ) -> torch.Tensor:
-        self.cache.write(layer_idx, k, v, self.slot_mapping)
+        if not stored:
+            self.cache.write(layer_idx, k, v, self.slot_mapping)
         if params.flash and self.fresh_prefill and self.query_lens is not None:
             outs, start = [], 0
             for n in self.query_lens:

@@ -27,7 +27,9 @@ class EngineFlags:
     * ``tensor_cores``: fp16 weights and activations on a GPU with Tensor Cores (bf16 with ``dtype=bfloat16``),
       with each layer's q/k/v and gate/up projections merged into one matmul each; off, fp32 with TF32 off and
       the separate projections of transformers.
-    * ``triton_kernels``: fused residual + RMSNorm, RoPE and SwiGLU kernels of ``llamatelemetry-triton``.
+    * ``triton_kernels``: fused residual + RMSNorm, RoPE and SwiGLU kernels of ``llamatelemetry-triton``; with
+      ``paged_kv``, RoPE and the paged KV write in one launch (an unquantized store; a quantized one takes the
+      two calls).
     * ``flash_attention``: prefill attention through ``llamatelemetry-flashattn``'s dispatcher, for prefill steps
       that run eagerly (with CUDA graphs, one that fits a step graph replays it with paged attention instead).
     * ``paged_kv``: the paged KV cache of ``llamatelemetry-kvcache`` read by paged attention; off, one

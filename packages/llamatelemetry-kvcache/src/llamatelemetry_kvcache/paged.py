@@ -178,6 +178,17 @@ class PagedKVCache:
             self._zero_blocks_upto(int(slot_mapping.max()) // self.page_size + 1)
         paged_write(keys, values, self._layers[layer_idx], slot_mapping, backend=backend)
 
+    def prepare_slots(self, slot_mapping: torch.Tensor) -> None:
+        """Make the blocks ``slot_mapping`` names ready for a kernel that stores into :meth:`layer` itself (RoPE
+        fused with the store, say) instead of through :meth:`write`.
+
+        CPU storage is zeroed block by block ahead of its first write, which :meth:`write` does on its way; this
+        does the same without writing. A GPU store is zeroed when allocated: nothing to do, and no host sync.
+        Slots are not range-checked here (the kernel's own checks do that).
+        """
+        if self._zeroed_blocks < self.num_blocks and check_tensor(slot_mapping, "slot_mapping").numel():
+            self._zero_blocks_upto(int(slot_mapping.max()) // self.page_size + 1)
+
     def gather(self, seq_id: int, layer_idx: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A sequence's K and V as contiguous tensors in ``config.dtype`` (dequantized).
 

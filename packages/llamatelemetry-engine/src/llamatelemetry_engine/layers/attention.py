@@ -1,7 +1,8 @@
 """Grouped-query self-attention of a Llama-family layer: projections, rotary positions, KV store, attention.
 
 ``q``/``k``/``v`` projections (bias on Qwen2), rotary positions applied to ``q`` and ``k``, then the step
-context stores the new keys and values and computes attention (see :mod:`llamatelemetry_engine.context`), and
+context stores the new keys and values (with the fused kernels and a paged store, rotation and store are one
+launch) and computes attention (see :mod:`llamatelemetry_engine.context`), and
 the output projection. :meth:`Attention.merge_projections` replaces the three input projections by one matmul
 over their concatenated weights (one larger GEMM instead of three small ones: at decode batch sizes the k and v
 projections alone are launch-bound). Tokens of a step are packed: ``[tokens, hidden]`` in, ``[tokens, hidden]`` out.
@@ -68,6 +69,10 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
             k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
             v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary[0](positions, q, k)
-        out = ctx.attend(self.layer_idx, q, k, v, self.params)
+        rotary = self.rotary[0]
+        # With the fused kernels, a paged store rotates and stores in one launch; elsewhere, two calls.
+        stored = rotary.fused and ctx.rotate_and_store(self.layer_idx, positions, q, k, v, rotary.cos, rotary.sin)
+        if not stored:
+            q, k = rotary(positions, q, k)
+        out = ctx.attend(self.layer_idx, q, k, v, self.params, stored=stored)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))  # type: ignore[no-any-return]
