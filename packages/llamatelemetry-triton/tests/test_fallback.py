@@ -12,6 +12,7 @@ import llamatelemetry_triton as lt
 from llamatelemetry_core.device import simulate_device
 from llamatelemetry_core.environment import TRITON_INTERPRET_ENV, triton_devices
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
+from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
 from llamatelemetry_core.selection import (
     CallSpec,
     get_operation,
@@ -28,6 +29,7 @@ OPERATIONS = [
     "fused_add_layernorm",
     "softmax",
     "rope",
+    "rope_paged_write",
     "swiglu",
     "geglu",
 ]
@@ -41,6 +43,14 @@ def _calls() -> list[tuple[str, Callable[..., object], Callable[[], object]]]:
     w, b = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
     q, k = torch.randn(2, 5, 4, 8, generator=gen), torch.randn(2, 5, 2, 8, generator=gen)
     cos, sin = lt.rope_cos_sin(8, 8)
+    v = torch.randn(5, 2, 8, generator=gen)
+    slots, positions = torch.tensor([0, 3, PAD_SLOT, 5, 7]), torch.tensor([7, 0, 3, 1, 6])
+
+    def stored(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], **kw: object) -> tuple[torch.Tensor, ...]:
+        cache = PagedKV(torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8))
+        q2, k2 = fn(q[0].clone(), k[0].clone(), v, cos, sin, positions, cache, slots, **kw)
+        return q2, k2, cache.key_cache, cache.value_cache
+
     return [
         ("add", lambda **kw: lt.triton_add(x, w, **kw), lambda: x + w),
         ("layernorm", lambda **kw: lt.triton_layernorm(x, w, b, **kw), lambda: lt.layernorm_reference(x, w, b)),
@@ -60,6 +70,11 @@ def _calls() -> list[tuple[str, Callable[..., object], Callable[[], object]]]:
             "rope",
             lambda **kw: lt.triton_rope(q.clone(), k.clone(), cos, sin, **kw),
             lambda: lt.rope_reference(q, k, cos, sin),
+        ),
+        (
+            "rope_paged_write",
+            lambda **kw: stored(lt.triton_rope_paged_write, **kw),
+            lambda: stored(lt.rope_paged_write_reference),
         ),
         ("swiglu", lambda **kw: lt.triton_swiglu(x, **kw), lambda: lt.swiglu_reference(*x.chunk(2, -1))),
         ("geglu", lambda **kw: lt.triton_geglu(x, r, **kw), lambda: lt.geglu_reference(x, r)),

@@ -10,6 +10,7 @@ otherwise.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from hypothesis import given
@@ -305,3 +306,79 @@ def test_registry(n: int, count: int, grid: int, meta: object) -> None:
 
     outcome = check_call(launch, reference, arguments=["n_elements"], read_only={"A": a, "B": b}, name="add launch")
     assert outcome.raised == (count > n)
+
+
+@fuzz_settings(ci=12)
+@given(
+    layout=st.sampled_from(["fused_qkv", "separate", "v_is_k"]),
+    tokens=st.integers(0, 4),
+    heads=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    dim=st.sampled_from([4, 6, 8]),
+    rotary=st.sampled_from([None, 2]),
+    spec=tensor_specs(FLOATS, layouts=["contiguous", "transposed", "sliced"]),
+    store=st.sampled_from(["same", "float32", "int8", "wrong_heads"]),
+    slots=st.sampled_from(["distinct", "padding", "out_of_range", "int32"]),
+    seed=st.integers(0, 2**16),
+)
+def test_rope_paged_write(
+    layout: str,
+    tokens: int,
+    heads: tuple[int, int],
+    dim: int,
+    rotary: int | None,
+    spec: TensorSpec,
+    store: str,
+    slots: str,
+    seed: int,
+) -> None:
+    from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
+
+    if slots == "out_of_range" and DEVICE == "cuda":
+        return  # unchecked on a GPU (a check would synchronize): the documented contract is the caller's
+    kv_heads = heads[1]
+    q_heads = heads[0] * kv_heads
+    gen = torch.Generator().manual_seed(seed)
+    page, blocks, max_pos = 2, 5, 6
+
+    def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if layout == "fused_qkv":
+            qkv = _t([tokens, (q_heads + 2 * kv_heads) * dim], spec)
+            a, b = q_heads * dim, (q_heads + kv_heads) * dim
+            return (
+                qkv[:, :a].view(tokens, q_heads, dim),
+                qkv[:, a:b].view(tokens, kv_heads, dim),
+                qkv[:, b:].view(tokens, kv_heads, dim),
+            )
+        q, k = _t([tokens, q_heads, dim], spec), _t([tokens, kv_heads, dim], spec)
+        return q, k, (k if layout == "v_is_k" else _t([tokens, kv_heads, dim], spec))
+
+    kv_dtype = {"same": spec.dtype, "float32": torch.float32, "int8": torch.int8, "wrong_heads": spec.dtype}[store]
+    shape = (blocks, page, kv_heads + (store == "wrong_heads"), dim)
+    noise = [torch.randn(shape, generator=gen).to(kv_dtype).to(DEVICE) for _ in range(2)]
+    scales = [torch.ones(shape[:3], device=DEVICE) for _ in range(2)] if store == "int8" else [None, None]
+    mapping = torch.randperm(blocks * page, generator=gen)[:tokens]
+    if slots == "padding":
+        mapping[::2] = PAD_SLOT
+    elif slots == "out_of_range" and tokens:
+        mapping[-1] = blocks * page
+    mapping = mapping.to(DEVICE, torch.int32 if slots == "int32" else torch.int64)
+    cos, sin = lt.rope_cos_sin(max_pos, rotary or dim, device=DEVICE)
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen).to(DEVICE)
+
+    def run(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = PagedKV(noise[0].clone(), noise[1].clone(), *scales)
+        fn(q, k, v, cos, sin, positions, cache, mapping)
+        return q, k, cache.key_cache, cache.value_cache
+
+    q, k, v = inputs()
+    q_ref, k_ref, v_ref = inputs()  # the same values: the spec fixes the seed
+    read_only = {"cos": cos, "sin": sin, "positions": positions, "slot_mapping": mapping}
+    if layout != "v_is_k":
+        read_only["v"] = v
+    check_call(
+        lambda: run(lt.triton_rope_paged_write, q, k, v),
+        lambda: run(lt.rope_paged_write_reference, q_ref, k_ref, v_ref),
+        arguments=["q", "k", "v", "cos", "sin", "positions", "cache", "store", "slot", "KV storage"],
+        read_only=read_only,
+        name="rope_paged_write",
+    )
