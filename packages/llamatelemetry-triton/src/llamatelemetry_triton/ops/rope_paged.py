@@ -172,8 +172,8 @@ def _rope_paged_write_kernel(  # type: ignore[no-untyped-def]
             rotate_heads(Qt, q_stride_h, n_q_heads, heads, first, second, d_rotated, cos, sin, Qt, 0, 0, BLOCK_H,
                          False)  # fmt: skip
         else:
-            # Every key pair is stored, rotated or not: a position outside the tables (unchecked on a GPU) reads
-            # cos 1, sin 0 and stores the key as it is, as the rotation leaves it.
+            # Every key pair is stored: a position outside the tables (unchecked on a GPU) reads cos 1, sin 0, so
+            # its key is stored unrotated, as triton_rope leaves it (to the bit for finite values).
             Kt = K + token * k_stride_t
             rotate_heads(Kt, k_stride_h, n_kv_heads, heads, first, second, d < rotary_half, cos, sin,
                          KeyCache + row, HEAD_DIM, n_stored, BLOCK_H, True)  # fmt: skip
