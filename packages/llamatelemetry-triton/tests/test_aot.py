@@ -43,6 +43,9 @@ FAMILIES = [
     "geglu_tanh_fwd",
     "geglu_tanh_bwd",
     "rope",
+    "linear",
+    "rmsnorm_linear",
+    "fused_add_rmsnorm_linear",
 ]
 
 
@@ -154,3 +157,15 @@ def test_the_largest_single_block_norm_backwards_and_their_measured_spills(devic
     assert [(r["warps"], r["spills"]) for r in reports[: len(held)]] == [(16, 0)] * len(held), reports
     for report, (warps, most) in zip(reports[len(held) :], spilling.values(), strict=True):
         assert report["warps"] == warps and report["spills"] <= most, report
+
+
+@pytest.mark.parametrize("device", ["t4", "h100"])
+def test_the_few_row_linear_builds_fit_without_spills(device: str) -> None:
+    # One row and the most rows, plain and with the fused add + norm: the tiles stay in registers.
+    with simulate_device(device) as info:
+        names = [b.name for b in provider.kernel_builds(info) if "linear[fp16" in b.name]
+    prefixes = [n for n in names if n.startswith(("triton.linear[", "triton.fused_add_rmsnorm_linear["))]
+    reports = _compile(prefixes, device)
+    assert {r["name"].split("[", 1)[0] for r in reports} == {"triton.linear", "triton.fused_add_rmsnorm_linear"}
+    for report in reports:
+        assert report["ok"] and report["spills"] == 0, report

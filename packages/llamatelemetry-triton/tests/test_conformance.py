@@ -10,6 +10,7 @@ import llamatelemetry_triton as lt
 from llamatelemetry_core.testing.conformance import Conformance, conformance_tests
 from llamatelemetry_triton.ops.add import ADD
 from llamatelemetry_triton.ops.glu import GEGLU, SWIGLU
+from llamatelemetry_triton.ops.linear import FUSED_ADD_RMSNORM_LINEAR, LINEAR, RMSNORM_LINEAR
 from llamatelemetry_triton.ops.norm import FUSED_ADD_RMSNORM, LAYERNORM, RMSNORM
 from llamatelemetry_triton.ops.rope import ROPE
 from llamatelemetry_triton.ops.softmax import SOFTMAX
@@ -26,6 +27,22 @@ def _rope_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device)
     q = torch.randn(2, 7, 3, 8, generator=gen).to(dtype).to(device)
     k = torch.randn(2, 7, 1, 8, generator=gen).to(dtype).to(device)
     return q, k, cos, sin
+
+
+def _linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    x = torch.randn(1, 3, 37, generator=gen).to(dtype).to(device)  # three rows: the few-row kernel takes them
+    weight = (torch.randn(11, 37, generator=gen) * 0.2).to(dtype).to(device)
+    return x, weight, torch.randn(11, generator=gen).to(dtype).to(device)
+
+
+def _norm_linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    x, weight, bias = _linear_inputs(gen, dtype, device)
+    return x, torch.rand(37, generator=gen).to(dtype).to(device), weight, bias
+
+
+def _add_norm_linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    x, norm_weight, weight, bias = _norm_linear_inputs(gen, dtype, device)
+    return x, torch.randn(x.shape, generator=gen).to(dtype).to(device), norm_weight, weight, bias
 
 
 SUITES = {
@@ -47,6 +64,11 @@ SUITES = {
     "swiglu": Conformance(SWIGLU, lt.triton_swiglu, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
     "geglu": Conformance(GEGLU, lt.triton_geglu, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
     "rope": Conformance(ROPE, lt.triton_rope, _rope_inputs),
+    "linear": Conformance(LINEAR, lt.triton_linear, _linear_inputs),
+    "rmsnorm_linear": Conformance(RMSNORM_LINEAR, lt.triton_rmsnorm_linear, _norm_linear_inputs),
+    "fused_add_rmsnorm_linear": Conformance(
+        FUSED_ADD_RMSNORM_LINEAR, lt.triton_fused_add_rmsnorm_linear, _add_norm_linear_inputs
+    ),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,0 +1,601 @@
+"""Linear layers for a few rows (decode), optionally with the residual add and RMSNorm before them fused in.
+
+For ``x [..., K]`` with at most :data:`~llamatelemetry_triton.heuristics.LINEAR_MAX_ROWS` rows, a weight ``W
+[N, K]`` (rows contiguous) and an optional bias ``[N]``::
+
+    linear                   y = x @ W^T (+ bias)
+    rmsnorm + linear         y = linear(rmsnorm(x) * norm_weight)
+    add + rmsnorm + linear   h = x + residual;  y = linear(rmsnorm(h) * norm_weight);  returns (y, h)
+
+``y`` has ``x``'s dtype and is accumulated in fp32; ``h`` has the promoted dtype of ``x`` and ``residual``. The
+normalized row is rounded to ``x``'s dtype before the product, exactly where the unfused composition
+(:func:`~llamatelemetry_triton.triton_fused_add_rmsnorm`, then ``F.linear``) rounds it, so the two agree within
+the dtype's tolerance.
+
+At decode, a linear layer's time is the time to read its weight: a GEMM library tiles for many rows and reads
+the weight at a fraction of the bandwidth when there is one. Here each program owns ``BLOCK_N`` weight rows and
+walks them in ``BLOCK_K`` steps (weights read once, with an evict-first hint since no one reads them again
+this step), multiplying every input row by them on CUDA cores (the GEMV of FlashInfer's and vLLM's decode
+paths). Every program needs the whole input row anyway, so the fused norm costs it one more read of the short
+row from L2 (its sum of squares) instead of a kernel launch and a round trip of the normalized row; program 0
+alone writes ``h``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from llamatelemetry_core.environment import triton_interpreter_enabled
+from llamatelemetry_core.errors import ConfigurationError
+from llamatelemetry_core.validation import dtype_name, format_shape
+from llamatelemetry_triton._aot_shapes import TYPE_NAMES, kernel_build
+from llamatelemetry_triton._bounds import int_argument, require_elements
+from llamatelemetry_triton._compat import tl, triton
+from llamatelemetry_triton._dispatch import (
+    TRITON_DTYPES,
+    TritonOperation,
+    check_float_tensor,
+    check_vector,
+    cuda_in_triton_dtypes,
+    described,
+    device_info,
+    needs_autograd,
+    run_op,
+    triton_errors,
+)
+from llamatelemetry_triton._launch import on_device, rows_of
+from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS, current_max_block_size, linear_config
+from llamatelemetry_triton.ops.norm import fused_add_rmsnorm_reference, rmsnorm_reference
+from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from llamatelemetry_core.aot import KernelBuild
+    from llamatelemetry_core.device import DeviceInfo
+
+__all__ = [
+    "aot_builds",
+    "fused_add_rmsnorm_linear_reference",
+    "linear_reference",
+    "registry_entries",
+    "rmsnorm_linear_reference",
+    "triton_fused_add_rmsnorm_linear",
+    "triton_linear",
+    "triton_rmsnorm_linear",
+]
+
+
+# --- references: the specification, the fallback and the test oracle ---------------------------------------
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: the specification."""
+    return F.linear(x, weight, bias)
+
+
+def rmsnorm_linear_reference(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``F.linear(rmsnorm(x, norm_weight, eps), weight, bias)``, the norm rounded to ``x``'s dtype first."""
+    return F.linear(rmsnorm_reference(x, norm_weight, eps), weight, bias)
+
+
+def fused_add_rmsnorm_linear_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``; returns ``(F.linear(rmsnorm(h) in x's dtype, weight, bias), h)``."""
+    normed, h = fused_add_rmsnorm_reference(x, residual, norm_weight, eps)
+    return F.linear(normed, weight, bias), h
+
+
+# --- kernels ----------------------------------------------------------------------------------------------
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _input_block(  # type: ignore[no-untyped-def]
+    X, R, H, rows, cols, mask, stride_x, stride_r, K, store_h, HAS_RESIDUAL: tl.constexpr
+):
+    """``[BLOCK_M, BLOCK_K]`` of the input rows in fp32: ``x``, or ``h = x + residual`` rounded to ``h``'s dtype
+    (the sum the model keeps), written to ``H`` where ``store_h``."""
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + rows[:, None] * K + cols[None, :], h, mask=mask & store_h)
+        x = h.to(tl.float32)
+    return x
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _sum_squares_step(  # type: ignore[no-untyped-def]
+    acc, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, store_h,
+    HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    cols = k0 + tl.arange(0, BLOCK_K)
+    mask = row_mask[:, None] if EVEN_K else row_mask[:, None] & (cols < K)[None, :]
+    x = _input_block(X, R, H, rows, cols, mask, stride_x, stride_r, K, store_h, HAS_RESIDUAL)
+    return acc + x * x
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _dot_step(  # type: ignore[no-untyped-def]
+    acc, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, K, stride_x, stride_r, stride_w, rstd,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``acc [BLOCK_M, BLOCK_N] += input[:, k0:k0+BLOCK_K] @ W[cols_n, k0:k0+BLOCK_K]^T`` in fp32."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        x_mask = row_mask[:, None]
+        w_mask = n_mask[:, None]
+    else:
+        k_mask = cols < K
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        w_mask = n_mask[:, None] & k_mask[None, :]
+    # The weight is read once per step and never again: evict it first, keep the rows and the norm in L2.
+    w = tl.load(W + cols_n[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+    x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, False, HAS_RESIDUAL)
+    if NORM:
+        nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
+        # Rounded to x's dtype as the norm kernel's output is, before the product.
+        x = (x * rstd[:, None] * nw[None, :]).to(X.dtype.element_ty).to(tl.float32)
+    return acc + tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _linear_kernel(  # type: ignore[no-untyped-def]
+    X,
+    R,
+    NW,
+    W,
+    B,
+    Y,
+    H,
+    M,
+    N,
+    K,
+    stride_x,
+    stride_r,
+    stride_w,
+    eps,
+    NORM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PIPELINED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols_n < N
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORM:
+        # The row's sum of squares (program 0 writes h on the way); every program computes it, from L2.
+        sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        store_h = pid == 0
+        if PIPELINED:
+            for k0 in range(0, K, BLOCK_K):
+                sq = _sum_squares_step(sq, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, store_h,
+                                       HAS_RESIDUAL, EVEN_K, BLOCK_K)  # fmt: skip
+        else:
+            # `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
+            k0 = pid * 0
+            while k0 < K:
+                sq = _sum_squares_step(sq, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, store_h,
+                                       HAS_RESIDUAL, EVEN_K, BLOCK_K)  # fmt: skip
+                k0 += BLOCK_K
+        rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PIPELINED:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _dot_step(acc, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, K, stride_x, stride_r,
+                            stride_w, rstd, NORM, HAS_RESIDUAL, EVEN_K, BLOCK_K)  # fmt: skip
+    else:
+        k0 = pid * 0
+        while k0 < K:
+            acc = _dot_step(acc, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, K, stride_x, stride_r,
+                            stride_w, rstd, NORM, HAS_RESIDUAL, EVEN_K, BLOCK_K)  # fmt: skip
+            k0 += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(B + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        Y + rows[:, None] * N + cols_n[None, :], acc.to(Y.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :]
+    )
+
+
+# --- host launcher ------------------------------------------------------------------------------------------
+
+
+def _outputs(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+    h = None if residual is None else torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
+    return y, h
+
+
+def _linear_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y, h)`` of one launch; ``norm_weight`` ``None`` means no norm (and no residual)."""
+    y, h = _outputs(x, residual, weight)
+    n, k = weight.shape
+    x2, rows, stride_x = rows_of(x)
+    if y.numel() == 0 or k == 0:
+        if k == 0:
+            y.copy_(bias.expand_as(y) if bias is not None else torch.zeros_like(y))
+        if h is not None and residual is not None:
+            torch.add(x, residual, out=h)
+        return y, h
+    r2, _, stride_r = rows_of(residual) if residual is not None else (x2, rows, stride_x)
+    config = linear_config(rows, n, k, x.dtype, device_info(x.device), max_block=current_max_block_size())
+    with on_device(x):
+        _linear_kernel[(triton.cdiv(n, config.block_size),)](
+            x2,
+            r2,
+            norm_weight.contiguous() if norm_weight is not None else x2,
+            weight,
+            bias.contiguous() if bias is not None else weight,
+            y,
+            h if h is not None else y,
+            rows,
+            n,
+            k,
+            stride_x,
+            stride_r,
+            weight.stride(0),
+            eps,
+            NORM=norm_weight is not None,
+            HAS_RESIDUAL=residual is not None,
+            HAS_BIAS=bias is not None,
+            EVEN_K=k % config.chunk_size == 0,
+            PIPELINED=x.is_cuda,
+            BLOCK_M=max(1, 1 << (rows - 1).bit_length()),
+            BLOCK_N=config.block_size,
+            BLOCK_K=config.chunk_size,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            enable_fp_fusion=True,
+        )
+    return y, h
+
+
+# --- custom ops (torch.compile, CUDA graphs) ------------------------------------------------------------------
+
+
+@torch.library.custom_op("llamatelemetry::triton_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear_forward(x, None, None, weight, bias, 0.0)[0]
+
+
+@_linear_op.register_fake
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _outputs(x, None, weight)[0]
+
+
+@torch.library.custom_op("llamatelemetry::triton_rmsnorm_linear", mutates_args=())
+def _rmsnorm_linear_op(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, h = _linear_forward(x, residual, norm_weight, weight, bias, eps)
+    return y, x.new_empty(0) if h is None else h  # a custom op's outputs are tensors: no h travels as empty
+
+
+@_rmsnorm_linear_op.register_fake
+def _rmsnorm_linear_fake(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, h = _outputs(x, residual, weight)
+    return y, x.new_empty(0) if h is None else h
+
+
+def _linear_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear_forward(x, None, None, weight, bias, 0.0)[0]
+
+
+def _rmsnorm_linear_launch(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, h = _linear_forward(x, residual, norm_weight, weight, bias, eps)
+    return y, x.new_empty(0) if h is None else h
+
+
+# --- operations and public functions --------------------------------------------------------------------------
+
+
+def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    check_float_tensor(x, "x")
+    check_float_tensor(weight, "weight")
+    if x.dim() == 0:
+        raise ConfigurationError("expected x of shape [..., K] (at least one dimension), got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ConfigurationError(
+            f"expected weight of shape [N, {x.shape[-1]}] (K = the last dimension of x, shape "
+            f"{format_shape(x.shape)}), got {format_shape(weight.shape)}"
+        )
+    if weight.device != x.device:
+        raise ConfigurationError(f"expected weight on {x.device} like x, got {weight.device}; move it with .to()")
+    if weight.dtype != x.dtype:
+        raise ConfigurationError(
+            f"expected weight in x's dtype {dtype_name(x.dtype)}, got {dtype_name(weight.dtype)}; convert one of them"
+        )
+    if bias is not None:
+        check_vector(bias, weight.shape[0], "bias", x)
+        if bias.dtype != x.dtype:
+            raise ConfigurationError(
+                f"expected bias in x's dtype {dtype_name(x.dtype)}, got {dtype_name(bias.dtype)}; convert it"
+            )
+
+
+def _check_norm_args(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float) -> None:
+    check_float_tensor(norm_weight, "norm_weight")
+    check_vector(norm_weight, x.shape[-1], "norm_weight", x)
+    if residual is not None:
+        check_float_tensor(residual, "residual")
+        if residual.shape != x.shape or residual.device != x.device:
+            raise ConfigurationError(
+                f"expected residual of x's shape {format_shape(x.shape)} on {x.device}, got "
+                f"{format_shape(residual.shape)} on {residual.device}"
+            )
+    given: object = eps  # validated at run time whatever the annotation says
+    if isinstance(given, bool) or not isinstance(given, int | float) or not given >= 0:
+        raise ConfigurationError(f"expected eps to be a number >= 0, got {eps!r}")
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _unsupported(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> str | None:
+    """Why the few-row kernel does not take this call (the reference, ``F.linear``, then runs), or ``None``."""
+    rows = _rows(x)
+    if rows > LINEAR_MAX_ROWS:
+        return (
+            f"x has {rows} rows; the few-row kernel takes at most {LINEAR_MAX_ROWS} (past that a GEMM library's "
+            "tensor-core kernel is faster)"
+        )
+    if weight.dim() == 2 and weight.shape[1] > 1 and weight.stride(1) != 1:
+        return f"the weight's rows are not contiguous (strides {tuple(weight.stride())}); pass weight.contiguous()"
+    for t in (x, weight, *others):
+        if t is not None and t.dtype not in TRITON_DTYPES:
+            return f"a tensor is {dtype_name(t.dtype)}; the kernel takes float16, bfloat16 and float32"
+    if needs_autograd(x, weight, *others):
+        return "an input requires grad; the few-row kernels have no backward (inference only)"
+    return None
+
+
+@triton_errors("linear")
+def _linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out: torch.Tensor = run_op(torch.ops.llamatelemetry.triton_linear, _linear_launch, x, weight, bias)
+    return out
+
+
+@triton_errors("rmsnorm_linear")
+def _rmsnorm_linear_triton(
+    x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    y, _ = run_op(
+        torch.ops.llamatelemetry.triton_rmsnorm_linear,
+        _rmsnorm_linear_launch,
+        x,
+        None,
+        norm_weight,
+        weight,
+        bias,
+        float(eps),
+    )
+    return y  # type: ignore[no-any-return]
+
+
+@triton_errors("fused_add_rmsnorm_linear")
+def _fused_add_rmsnorm_linear_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, h = run_op(
+        torch.ops.llamatelemetry.triton_rmsnorm_linear,
+        _rmsnorm_linear_launch,
+        x,
+        residual,
+        norm_weight,
+        weight,
+        bias,
+        float(eps),
+    )
+    return y, h
+
+
+LINEAR = TritonOperation(
+    "triton.linear",
+    linear_reference,
+    _linear_triton,
+    describe=lambda x, weight, bias: described(x, weight, bias, triton_unsupported=_unsupported(x, weight, bias)),
+    traceable=lambda x, weight, bias: cuda_in_triton_dtypes(x) and _unsupported(x, weight, bias) is None,
+    aliases=("linear",),
+)
+RMSNORM_LINEAR = TritonOperation(
+    "triton.rmsnorm_linear",
+    rmsnorm_linear_reference,
+    _rmsnorm_linear_triton,
+    describe=lambda x, nw, weight, bias, eps: described(
+        x, nw, weight, bias, triton_unsupported=_unsupported(x, weight, nw, bias)
+    ),
+    traceable=lambda x, nw, weight, bias, eps: cuda_in_triton_dtypes(x) and _unsupported(x, weight, nw, bias) is None,
+    aliases=("rmsnorm_linear",),
+)
+FUSED_ADD_RMSNORM_LINEAR = TritonOperation(
+    "triton.fused_add_rmsnorm_linear",
+    fused_add_rmsnorm_linear_reference,
+    _fused_add_rmsnorm_linear_triton,
+    describe=lambda x, r, nw, weight, bias, eps: described(
+        x, r, nw, weight, bias, triton_unsupported=_unsupported(x, weight, r, nw, bias)
+    ),
+    traceable=lambda x, r, nw, weight, bias, eps: (
+        cuda_in_triton_dtypes(x) and _unsupported(x, weight, r, nw, bias) is None
+    ),
+    aliases=("fused_add_rmsnorm_linear",),
+)
+
+
+def triton_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str | None = None
+) -> torch.Tensor:
+    """``x @ weight^T (+ bias)`` for a few rows: ``x [..., K]``, ``weight [N, K]``, ``bias [N]``, one dtype.
+
+    Returns ``[..., N]`` in ``x``'s dtype, accumulated in fp32. The Triton kernel takes calls of at most
+    ``LINEAR_MAX_ROWS`` rows (``llamatelemetry_triton.heuristics``) in fp16, bf16 or fp32 whose weight rows are
+    contiguous and that need no gradient; any other call runs ``F.linear``. Raises :class:`ConfigurationError`
+    for mismatched shapes, devices or dtypes.
+    """
+    _check_linear_args(x, weight, bias)
+    return LINEAR(x, weight, bias, backend=backend)  # type: ignore[no-any-return]
+
+
+def triton_rmsnorm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``linear(rmsnorm(x) * norm_weight, weight, bias)`` in one launch for a few rows.
+
+    ``norm_weight`` is a ``[K]`` vector of any float dtype; the normalized row is rounded to ``x``'s dtype
+    before the product, as :func:`~llamatelemetry_triton.triton_rmsnorm` followed by ``F.linear`` rounds it.
+    Which calls the kernel takes, and what is raised, as :func:`triton_linear`.
+    """
+    _check_linear_args(x, weight, bias)
+    _check_norm_args(x, None, norm_weight, eps)
+    return RMSNORM_LINEAR(x, norm_weight, weight, bias, eps, backend=backend)  # type: ignore[no-any-return]
+
+
+def triton_fused_add_rmsnorm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``, then ``linear(rmsnorm(h) * norm_weight, weight, bias)``; returns ``(y, h)``.
+
+    ``h`` (the promoted dtype of ``x`` and ``residual``) is the residual stream the next layer adds to; ``y``
+    has ``x``'s dtype. Equal, within the dtype's tolerance, to
+    :func:`~llamatelemetry_triton.triton_fused_add_rmsnorm` followed by ``F.linear``. Which calls the kernel
+    takes, and what is raised, as :func:`triton_linear`.
+    """
+    check_float_tensor(residual, "residual")  # required here: None is an error, not "no residual"
+    _check_linear_args(x, weight, bias)
+    _check_norm_args(x, residual, norm_weight, eps)
+    return FUSED_ADD_RMSNORM_LINEAR(x, residual, norm_weight, weight, bias, eps, backend=backend)  # type: ignore[no-any-return]
+
+
+# --- ahead-of-time builds ----------------------------------------------------------------------------------
+
+# Llama-3.2-1B's decode projections (N, K): q/k/v merged, o, gate/up merged, down; and an 8B's q/k/v and down.
+_AOT_SHAPES = ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (6144, 4096), (4096, 14336))
+_AOT_ROWS = (1, 8)
+# name: (NORM, HAS_RESIDUAL)
+_VARIANTS = {"linear": (False, False), "rmsnorm_linear": (True, False), "fused_add_rmsnorm_linear": (True, True)}
+
+
+def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
+    """Every build of this module's kernel as it would be launched on ``device`` in ``dtype`` for the decode
+    shapes of Llama-3.2-1B and 8B at 1 and 8 rows (the ahead-of-time checks, :mod:`llamatelemetry_triton.aot`)."""
+    t = TYPE_NAMES[dtype]
+    types = {**dict.fromkeys(("X", "R", "NW", "W", "B", "Y", "H"), f"*{t}:16"), "eps": "fp32"}
+    types |= dict.fromkeys(("N", "K", "stride_x", "stride_r", "stride_w"), "i32:16")
+    for rows in _AOT_ROWS:
+        for n, k in _AOT_SHAPES:
+            config = linear_config(rows, n, k, dtype, device)
+            for name, (norm, residual) in _VARIANTS.items():
+                yield kernel_build(
+                    f"triton.{name}[{t},M={rows},BLOCK_N={config.block_size},BLOCK_K={config.chunk_size}]",
+                    _linear_kernel,
+                    types,
+                    {"NORM": norm, "HAS_RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": k % config.chunk_size == 0}
+                    | {"PIPELINED": True, "BLOCK_M": rows, "BLOCK_N": config.block_size, "BLOCK_K": config.chunk_size},
+                    num_warps=config.num_warps,
+                    num_stages=config.num_stages,
+                )
+
+
+# --- registry entries ---------------------------------------------------------------------------------------
+
+
+def _linear_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
+    m, n, k = (int_argument(args, name, "linear") for name in ("M", "N", "K"))
+    block_n, block_m = args.get("BLOCK_N"), args.get("BLOCK_M")
+    if not isinstance(block_n, int) or not isinstance(block_m, int) or m > block_m:
+        raise ConfigurationError(
+            f"kernel 'linear': expected BLOCK_M >= M = {m} and BLOCK_N as powers of two, got BLOCK_M={block_m!r}, "
+            f"BLOCK_N={block_n!r}"
+        )
+    if m == 0 or n == 0 or k == 0 or not grid or grid[0] == 0:
+        return
+    n_reached = min(n, grid[0] * block_n)
+    stride_w, stride_x = int_argument(args, "stride_w", "linear"), int_argument(args, "stride_x", "linear")
+    require_elements(args, "W", (n_reached - 1) * stride_w + k, "linear", f"{n_reached} rows of {k}")
+    require_elements(args, "X", (m - 1) * stride_x + k, "linear", f"{m} rows of {k} at stride {stride_x}")
+    require_elements(args, "Y", m * n, "linear", f"{m} rows of {n}")
+    if args.get("HAS_BIAS"):
+        require_elements(args, "B", n, "linear", f"N = {n}")
+    if args.get("NORM"):
+        require_elements(args, "NW", k, "linear", f"K = {k}")
+    if args.get("HAS_RESIDUAL"):
+        stride_r = int_argument(args, "stride_r", "linear")
+        require_elements(args, "R", (m - 1) * stride_r + k, "linear", f"{m} rows of {k} at stride {stride_r}")
+        require_elements(args, "H", m * k, "linear", f"{m} rows of {k}")
+
+
+def registry_entries() -> dict[str, BuiltinEntry]:
+    """This module's kernel in the registry (``get_kernel("linear")``): kernel, default launch config, bounds."""
+    doc = "y = x @ W^T for a few rows; (X, R, NW, W, B, Y, H, M, N, K, stride_x, stride_r, stride_w, eps, ...)"
+    meta = {"NORM": False, "HAS_RESIDUAL": False, "HAS_BIAS": False, "EVEN_K": False, "BLOCK_N": 4, "BLOCK_K": 256}
+    meta["PIPELINED"] = not triton_interpreter_enabled()  # the interpreter runs `while` loops (see the kernel)
+    return {"linear": (_linear_kernel, KernelConfig("linear", 1, 4, 2, meta=meta, description=doc), _linear_bounds)}
