@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatelemetry_engine.layers.attention import merged_linear
-from llamatelemetry_triton import triton_swiglu
+from llamatelemetry_triton import triton_linear, triton_swiglu
 
 __all__ = ["SwiGLUMLP"]
 
@@ -40,3 +40,9 @@ class SwiGLUMLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         act = triton_swiglu(gate, up) if self.fused else F.silu(gate) * up
         return self.down_proj(act)  # type: ignore[no-any-return]
+
+    def forward_projected(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The same from ``gate_up = gate_up_proj(x)`` computed by the caller (fused with the norm before it), for
+        a step of a few tokens: SwiGLU kernel, then ``down_proj`` through the few-row linear kernel."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return triton_linear(triton_swiglu(gate, up), self.down_proj.weight, self.down_proj.bias)

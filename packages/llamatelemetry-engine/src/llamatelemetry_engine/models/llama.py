@@ -4,7 +4,8 @@ Parameter names match transformers' ``LlamaForCausalLM`` (``model.layers.N.self_
 transformers state dict loads as it is. A step's tokens of every sequence are packed into one ``[tokens]``
 vector with their positions; attention finds each sequence's keys through the step context. Each layer is
 ``h = h + attn(norm(h)); h = h + mlp(norm(h))``, with the residual add fused into the next norm when the Triton
-kernels are on.
+kernels are on; for steps of a few tokens (decode) with merged projections, the add and norm are fused into the
+merged q/k/v and gate/up projections, and the o and down projections take the same few-row linear kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.context import StepContext
 from llamatelemetry_engine.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLUMLP
+from llamatelemetry_triton import triton_fused_add_rmsnorm_linear, triton_rmsnorm_linear
+from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS
 
 __all__ = ["DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
 
@@ -30,10 +33,13 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias, fused=fused)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused=fused)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused=fused)
+        self.fused = fused
 
     def forward(
         self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._few_rows(h):
+            return self._forward_few_rows(positions, h, residual, ctx)
         if residual is None:
             residual = h
             x = self.input_layernorm(h)
@@ -42,6 +48,39 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(positions, x, ctx)
         x, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(x), residual
+
+    def _few_rows(self, h: torch.Tensor) -> bool:
+        """Whether this step takes the few-row path: Triton kernels on, projections merged, and at most
+        ``LINEAR_MAX_ROWS`` tokens (decode at small batch; a CUDA graph is captured per batch size, so the choice
+        is fixed per graph)."""
+        return (
+            self.fused
+            and h.shape[0] <= LINEAR_MAX_ROWS
+            and self.self_attn.qkv_proj is not None
+            and self.mlp.gate_up_proj is not None
+        )
+
+    def _forward_few_rows(
+        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each norm runs inside the projection after it (one launch instead of two; the normalized rows never
+        # reach memory); o_proj and down_proj take the few-row kernel too. Same rounding as the unfused path.
+        qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
+        assert qkv_proj is not None and gate_up_proj is not None
+        norm = self.input_layernorm
+        if residual is None:
+            residual = h
+            qkv = triton_rmsnorm_linear(h, norm.weight, qkv_proj.weight, qkv_proj.bias, norm.eps)
+        else:
+            qkv, residual = triton_fused_add_rmsnorm_linear(
+                h, residual, norm.weight, qkv_proj.weight, qkv_proj.bias, norm.eps
+            )
+        h = self.self_attn.forward_projected(positions, qkv, ctx)
+        norm = self.post_attention_layernorm
+        gate_up, residual = triton_fused_add_rmsnorm_linear(
+            h, residual, norm.weight, gate_up_proj.weight, gate_up_proj.bias, norm.eps
+        )
+        return self.mlp.forward_projected(gate_up), residual
 
 
 class LlamaModel(nn.Module):
