@@ -48,7 +48,7 @@ from llamatelemetry_triton._dispatch import (
     triton_errors,
 )
 from llamatelemetry_triton._launch import on_device, rows_of
-from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS, current_max_block_size, linear_config
+from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS, LaunchConfig, current_max_block_size, linear_config
 from llamatelemetry_triton.ops.norm import fused_add_rmsnorm_reference, rmsnorm_reference
 from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
@@ -238,8 +238,10 @@ def _linear_forward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
+    config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(y, h)`` of one launch; ``norm_weight`` ``None`` means no norm (and no residual)."""
+    """``(y, h)`` of one launch; ``norm_weight`` ``None`` means no norm (and no residual). ``config`` (BLOCK_N in
+    ``block_size``, BLOCK_K in ``chunk_size``) replaces the heuristic's choice: for sweeps."""
     y, h = _outputs(x, residual, weight)
     n, k = weight.shape
     x2, rows, stride_x = rows_of(x)
@@ -250,7 +252,8 @@ def _linear_forward(
             torch.add(x, residual, out=h)
         return y, h
     r2, _, stride_r = rows_of(residual) if residual is not None else (x2, rows, stride_x)
-    config = linear_config(rows, n, k, x.dtype, device_info(x.device), max_block=current_max_block_size())
+    if config is None:
+        config = linear_config(rows, n, k, x.dtype, device_info(x.device), max_block=current_max_block_size())
     with on_device(x):
         _linear_kernel[(triton.cdiv(n, config.block_size),)](
             x2,
