@@ -206,3 +206,70 @@ def test_opcheck_of_the_custom_ops(residual: bool) -> None:
         torch.ops.llamatelemetry.triton_rmsnorm_linear.default,
         (a["x"], a["residual"] if residual else None, a["norm_weight"], a["weight"], a["bias"], 1e-6),
     )
+
+
+# --- on a GPU: model sizes, every dtype, CUDA graphs, torch.compile ------------------------------------------
+
+GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _skip_unsupported(dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("bfloat16 needs compute capability >= 8.0")
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize(("n", "k"), [(3072, 2048), (2048, 8192), (16384, 2048), (1001, 1000)])
+def test_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
+    _skip_unsupported(dtype)
+    gen = torch.Generator().manual_seed(n + k + rows)
+    a = _inputs(gen, rows, n, k, dtype, bias=n % 2 == 1)
+    x, r, nw, w, b = a["x"], a["residual"], a["norm_weight"], a["weight"], a["bias"]
+    with record_selections() as rec:
+        y = lt.triton_linear(x, w, b)
+        y_fused, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b)
+        y_first = lt.triton_rmsnorm_linear(x, nw, w, b)
+    assert set(rec.implementations("triton.linear") + rec.implementations("triton.rmsnorm_linear")) == {"triton"}
+    assert rec.implementations("triton.fused_add_rmsnorm_linear") == ["triton"]
+    assert_close(y, F.linear(x, w, b), name="linear", dtype=dtype)
+    normed, want_h = lt.triton_fused_add_rmsnorm(x, r, nw)
+    assert torch.equal(h, want_h)
+    assert_close(y_fused, F.linear(normed, w, b), name="fused vs fused norm + F.linear", dtype=dtype)
+    assert_close(y_first, F.linear(lt.triton_rmsnorm(x, nw), w, b), name="rmsnorm + linear", dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+def test_a_decode_block_is_captured_in_a_cuda_graph_and_compiles() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = _inputs(gen, 2, 3072, 2048, torch.float16, bias=False)
+    x, r, nw, w = a["x"], a["residual"], a["norm_weight"], a["weight"]
+    o = _inputs(gen, 2, 2048, 3072, torch.float16)["weight"]
+
+    def block(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w)
+        return lt.triton_linear(qkv, o), h
+
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compile and warm up outside the capture
+            block(x, r)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, h = block(x, r)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    want_qkv, want_h = lt.fused_add_rmsnorm_linear_reference(x, r, nw, w)
+    assert torch.equal(h, want_h)
+    assert_close(out, F.linear(want_qkv, o), name="captured block", dtype=torch.float16)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    got, got_h = compiled(x, r)
+    assert torch.equal(got_h, want_h)
+    assert_close(got, F.linear(want_qkv, o), name="compiled block", dtype=torch.float16)
