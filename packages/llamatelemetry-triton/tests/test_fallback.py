@@ -30,6 +30,9 @@ OPERATIONS = [
     "rope",
     "swiglu",
     "geglu",
+    "linear",
+    "rmsnorm_linear",
+    "fused_add_rmsnorm_linear",
 ]
 
 
@@ -41,6 +44,7 @@ def _calls() -> list[tuple[str, Callable[..., object], Callable[[], object]]]:
     w, b = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
     q, k = torch.randn(2, 5, 4, 8, generator=gen), torch.randn(2, 5, 2, 8, generator=gen)
     cos, sin = lt.rope_cos_sin(8, 8)
+    lin = torch.randn(7, 12, generator=gen)  # a linear layer's weight, for five rows of x
     return [
         ("add", lambda **kw: lt.triton_add(x, w, **kw), lambda: x + w),
         ("layernorm", lambda **kw: lt.triton_layernorm(x, w, b, **kw), lambda: lt.layernorm_reference(x, w, b)),
@@ -63,6 +67,21 @@ def _calls() -> list[tuple[str, Callable[..., object], Callable[[], object]]]:
         ),
         ("swiglu", lambda **kw: lt.triton_swiglu(x, **kw), lambda: lt.swiglu_reference(*x.chunk(2, -1))),
         ("geglu", lambda **kw: lt.triton_geglu(x, r, **kw), lambda: lt.geglu_reference(x, r)),
+        (
+            "linear",
+            lambda **kw: lt.triton_linear(x[0], lin, b[:7], **kw),
+            lambda: lt.linear_reference(x[0], lin, b[:7]),
+        ),
+        (
+            "rmsnorm_linear",
+            lambda **kw: lt.triton_rmsnorm_linear(x[0], w, lin, **kw),
+            lambda: lt.rmsnorm_linear_reference(x[0], w, lin),
+        ),
+        (
+            "fused_add_rmsnorm_linear",
+            lambda **kw: lt.triton_fused_add_rmsnorm_linear(x[0], r[0], w, lin, **kw),
+            lambda: lt.fused_add_rmsnorm_linear_reference(x[0], r[0], w, lin),
+        ),
     ]
 
 

@@ -157,7 +157,13 @@ class _Bench:
 
 
 _OPERATIONS = {
-    "triton_kernels": ("triton.fused_add_rmsnorm", "triton.rope", "triton.swiglu"),
+    "triton_kernels": (
+        "triton.fused_add_rmsnorm",
+        "triton.rope",
+        "triton.swiglu",
+        "triton.fused_add_rmsnorm_linear",
+        "triton.linear",
+    ),
     "flash_attention": ("flashattn.attention",),
     "paged_kv": ("flashattn.paged_attention",),
 }
