@@ -17,7 +17,8 @@ For each decode projection of Llama-3.2-1B (``--shapes``: q/k/v merged 3072x2048
    (``F.linear``), and for the fused projections the unfused pair (``triton_fused_add_rmsnorm`` then
    ``F.linear``, what the engine ran before). Then the plain kernel with every launch of the sweep (``BLOCK_N``
    2-32, ``BLOCK_K`` 256-1024, 4 or 8 warps, 2-4 stages, tiles of at most 16384 elements, 32768 for one row),
-   and the fused kernel with the chosen launch and with the plain sweep's fastest. GB/s count the weight's bytes;
+   and the fused kernel with the chosen launch and with the plain sweep's fastest; for gate/up also the SwiGLU
+   epilogue (``swiglu=True``) against norm + ``F.linear`` + ``triton_swiglu``. GB/s count the weight's bytes;
    the ceiling is ``copy_gbps`` measured in the same run.
 
 Writes ``results.json`` (every swept launch's time under ``extra``) and ``summary.md`` under
@@ -48,6 +49,7 @@ from llamatelemetry_triton import (
     triton_fused_add_rmsnorm,
     triton_fused_add_rmsnorm_linear,
     triton_linear,
+    triton_swiglu,
 )
 from llamatelemetry_triton._dispatch import device_info
 from llamatelemetry_triton.heuristics import LaunchConfig, linear_config
@@ -102,8 +104,14 @@ class Case:
     unfused_us: float | None = None
     fused_us: float | None = None
     fused_best_us: float | None = None
+    glu_unfused_us: float | None = None
+    glu_fused_us: float | None = None
     score: float = 0.0
     swept: dict[str, float] = field(default_factory=dict)
+
+
+def _glu_unfused(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w: torch.Tensor) -> None:
+    triton_swiglu(F.linear(triton_fused_add_rmsnorm(x, residual, norm_weight, EPS)[0], w))
 
 
 def _each(launch: Callable[..., object], weights: list[torch.Tensor]) -> None:
@@ -144,11 +152,13 @@ def run_case(
         f"{group}: the library ran its Triton kernels ({sorted(map(str, ran))})", float(ran == {"triton"}), 1.0
     )
     want_y, want_h = fused_add_rmsnorm_linear_reference(x, residual, norm_weight, weights[0], eps=EPS)
-    case.score = max(
-        _score(y, F.linear(x.float(), weights[0].float()), dtype),
-        _score(y_fused, want_y, dtype),
-        _score(h, want_h, dtype),
-    )
+    scores = [_score(y, F.linear(x.float(), weights[0].float()), dtype), _score(y_fused, want_y, dtype)]
+    scores.append(_score(h, want_h, dtype))
+    if n % 2 == 0:  # the SwiGLU epilogue, against the reference's projection then SwiGLU
+        y_glu, _ = triton_fused_add_rmsnorm_linear(x, residual, norm_weight, weights[0], eps=EPS, swiglu=True)
+        want_glu, _ = fused_add_rmsnorm_linear_reference(x, residual, norm_weight, weights[0], eps=EPS, swiglu=True)
+        scores.append(_score(y_glu, want_glu, dtype))
+    case.score = max(scores)
     report.check(f"{group}: results within the dtype's tolerance", case.score, 1.0, at_most=True)
     chosen = linear_config(rows, n, k, dtype, device_info(device))
     configs = sweep_configs(rows) if device.type == "cuda" else [dataclasses.replace(chosen, chunk_size=16)]
@@ -202,6 +212,19 @@ def run_case(
         )
         case.fused_best_us = _per_call_us(functools.partial(_each, fused_launch, weights), layers)
         add(f"fused, plain sweep's fastest ({case.best})", case.fused_best_us, case.unfused_us, "unfused pair")
+    if name == "gate_up":
+        case.glu_unfused_us = _per_call_us(
+            functools.partial(_each, functools.partial(_glu_unfused, x, residual, norm_weight), weights), layers
+        )
+        add("unfused: triton_fused_add_rmsnorm + F.linear + triton_swiglu", case.glu_unfused_us, None, None)
+        glu = functools.partial(triton_fused_add_rmsnorm_linear, x, residual, norm_weight, eps=EPS, swiglu=True)
+        case.glu_fused_us = _per_call_us(functools.partial(_each, glu, weights), layers)
+        add(
+            "triton_fused_add_rmsnorm_linear(swiglu=True), chosen",
+            case.glu_fused_us,
+            case.glu_unfused_us,
+            "unfused triple",
+        )
     return case
 
 
@@ -216,9 +239,11 @@ def summary(cases: list[Case]) -> str:
         fused_ratio = None if c.unfused_us is None or c.fused_best_us is None else c.unfused_us / c.fused_best_us
         timings = [_fmt(c.cublas_us), _fmt(c.chosen_us), _fmt(c.best_us), _fmt(ratio), c.best]
         fused = [_fmt(c.unfused_us), _fmt(c.fused_us), _fmt(c.fused_best_us), _fmt(fused_ratio)]
+        fused += [_fmt(c.glu_unfused_us), _fmt(c.glu_fused_us)]
         rows.append([c.name, *timings, *fused, f"{c.score:.2f}"])
     header = ["case", "cuBLAS us", "chosen us", "fastest us", "vs cuBLAS", "fastest launch"]
-    header += ["norm+cuBLAS us", "fused us", "fused fastest us", "vs unfused", "err"]
+    header += ["norm+cuBLAS us", "fused us", "fused fastest us", "vs unfused", "+SwiGLU unfused us", "+SwiGLU fused us"]
+    header += ["err"]
     return markdown_table(header, rows)
 
 

@@ -77,6 +77,26 @@ def test_awkward_shapes_match_the_unfused_composition(n: int, k: int, bias: bool
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("rows", "n", "bias"), [(1, 19, True), (3, 8, False), (8, 21, True)])
+def test_the_swiglu_epilogue_matches_projection_then_swiglu(rows: int, n: int, bias: bool, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(rows * 7 + n)
+    a = _inputs(gen, rows, 2 * n, 45, dtype, bias=bias)  # a merged [2N, K] gate/up weight, gate rows first
+    x, r, nw, w, b = a["x"], a["residual"], a["norm_weight"], a["weight"], a["bias"]
+    with force_max_block_size(16), record_selections() as rec:
+        y = lt.triton_linear(x, w, b, swiglu=True)
+        y_first = lt.triton_rmsnorm_linear(x, nw, w, b, swiglu=True)
+        y_fused, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b, swiglu=True)
+        normed, want_h = lt.triton_fused_add_rmsnorm(x, r, nw)
+        unfused = lt.triton_swiglu(F.linear(normed, w, b))  # what the engine ran before: three launches
+    assert rec.implementations("triton.fused_add_rmsnorm_linear") == ["triton"]
+    assert y.shape == (rows, n) and torch.equal(h, want_h)
+    assert_close(y, lt.swiglu_reference(*F.linear(x, w, b).chunk(2, -1)), name="linear + swiglu", dtype=dtype)
+    assert_close(y_first, lt.rmsnorm_linear_reference(x, nw, w, b, swiglu=True), name="first norm", dtype=dtype)
+    assert_close(y_fused, unfused, name="fused add + norm + gate/up + swiglu", dtype=dtype)
+
+
+@pytest.mark.triton
 def test_strided_rows_leading_dims_and_a_padded_weight() -> None:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 40, generator=gen).to(DEVICE)[..., 3:35]  # [2, 3, 32], rows at stride 40
@@ -171,6 +191,7 @@ def test_the_fused_reference_is_the_unfused_composition() -> None:
         (lambda x, w: lt.triton_rmsnorm_linear(x, torch.ones(16), w, eps=-1.0), "eps to be a number >= 0"),
         (lambda x, w: lt.triton_fused_add_rmsnorm_linear(x, x[:1], torch.ones(16), w), "expected residual of x's"),
         (lambda x, w: lt.triton_linear(x.long(), w), "floating-point tensor"),
+        (lambda x, w: lt.triton_linear(x, w[:5], swiglu=True), "merged .2N, K. gate/up weight"),
         (lambda x, w: lt.triton_linear(x[0, 0], w), "0-d tensor"),
     ],
 )
@@ -201,11 +222,14 @@ def test_empty_inputs_give_empty_or_bias_outputs() -> None:
 def test_opcheck_of_the_custom_ops(residual: bool) -> None:
     gen = torch.Generator().manual_seed(5)
     a = _inputs(gen, 3, 9, 20, torch.float32)
-    Conformance.check_opcheck(torch.ops.llamatelemetry.triton_linear.default, (a["x"], a["weight"], a["bias"]))
-    Conformance.check_opcheck(
-        torch.ops.llamatelemetry.triton_rmsnorm_linear.default,
-        (a["x"], a["residual"] if residual else None, a["norm_weight"], a["weight"], a["bias"], 1e-6),
-    )
+    for swiglu in (False, True):
+        Conformance.check_opcheck(
+            torch.ops.llamatelemetry.triton_linear.default, (a["x"], a["weight"], a["bias"], swiglu)
+        )
+        Conformance.check_opcheck(
+            torch.ops.llamatelemetry.triton_rmsnorm_linear.default,
+            (a["x"], a["residual"] if residual else None, a["norm_weight"], a["weight"], a["bias"], 1e-6, swiglu),
+        )
 
 
 # --- on a GPU: model sizes, every dtype, CUDA graphs, torch.compile ------------------------------------------
@@ -239,6 +263,9 @@ def test_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.dtype) -
     assert torch.equal(h, want_h)
     assert_close(y_fused, F.linear(normed, w, b), name="fused vs fused norm + F.linear", dtype=dtype)
     assert_close(y_first, F.linear(lt.triton_rmsnorm(x, nw), w, b), name="rmsnorm + linear", dtype=dtype)
+    if n % 2 == 0:  # a merged gate/up weight: the SwiGLU epilogue against norm, projection, SwiGLU kernel
+        y_glu, _ = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b, swiglu=True)
+        assert_close(y_glu, lt.triton_swiglu(F.linear(normed, w, b)), name="swiglu epilogue", dtype=dtype)
 
 
 @pytest.mark.gpu

@@ -29,8 +29,8 @@ class EngineFlags:
       the separate projections of transformers.
     * ``triton_kernels``: fused residual + RMSNorm, RoPE and SwiGLU kernels of ``llamatelemetry-triton``; in steps
       of at most ``LINEAR_MAX_ROWS`` tokens (decode) with merged projections, each residual add + RMSNorm runs
-      inside the merged q/k/v or gate/up projection after it, and every projection of the layer takes the
-      few-row linear kernel instead of cuBLAS.
+      inside the merged q/k/v or gate/up projection after it (SwiGLU too, in the gate/up one), and every
+      projection of the layer takes the few-row linear kernel instead of cuBLAS.
     * ``flash_attention``: prefill attention through ``llamatelemetry-flashattn``'s dispatcher, for prefill steps
       that run eagerly (with CUDA graphs, one that fits a step graph replays it with paged attention instead).
     * ``paged_kv``: the paged KV cache of ``llamatelemetry-kvcache`` read by paged attention; off, one

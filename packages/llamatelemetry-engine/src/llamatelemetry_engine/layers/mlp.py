@@ -41,8 +41,7 @@ class SwiGLUMLP(nn.Module):
         act = triton_swiglu(gate, up) if self.fused else F.silu(gate) * up
         return self.down_proj(act)  # type: ignore[no-any-return]
 
-    def forward_projected(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The same from ``gate_up = gate_up_proj(x)`` computed by the caller (fused with the norm before it), for
-        a step of a few tokens: SwiGLU kernel, then ``down_proj`` through the few-row linear kernel."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return triton_linear(triton_swiglu(gate, up), self.down_proj.weight, self.down_proj.bias)
+    def forward_activated(self, act: torch.Tensor) -> torch.Tensor:
+        """``down_proj(act)`` through the few-row linear kernel, for a step of a few tokens whose
+        ``act = silu(gate) * up`` the caller computed (fused with the norm and the gate/up projection)."""
+        return triton_linear(act, self.down_proj.weight, self.down_proj.bias)

@@ -5,7 +5,8 @@ transformers state dict loads as it is. A step's tokens of every sequence are pa
 vector with their positions; attention finds each sequence's keys through the step context. Each layer is
 ``h = h + attn(norm(h)); h = h + mlp(norm(h))``, with the residual add fused into the next norm when the Triton
 kernels are on; for steps of a few tokens (decode) with merged projections, the add and norm are fused into the
-merged q/k/v and gate/up projections, and the o and down projections take the same few-row linear kernel.
+merged q/k/v and gate/up projections (SwiGLU too, into the latter), and the o and down projections take the same
+few-row linear kernel.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class DecoderLayer(nn.Module):
         self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Each norm runs inside the projection after it (one launch instead of two; the normalized rows never
-        # reach memory); o_proj and down_proj take the few-row kernel too. Same rounding as the unfused path.
+        # reach memory), SwiGLU inside the gate/up projection; o_proj and down_proj take the few-row kernel too.
+        # Same roundings as the unfused path.
         qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         assert qkv_proj is not None and gate_up_proj is not None
         norm = self.input_layernorm
@@ -77,10 +79,10 @@ class DecoderLayer(nn.Module):
             )
         h = self.self_attn.forward_projected(positions, qkv, ctx)
         norm = self.post_attention_layernorm
-        gate_up, residual = triton_fused_add_rmsnorm_linear(
-            h, residual, norm.weight, gate_up_proj.weight, gate_up_proj.bias, norm.eps
+        act, residual = triton_fused_add_rmsnorm_linear(
+            h, residual, norm.weight, gate_up_proj.weight, gate_up_proj.bias, norm.eps, swiglu=True
         )
-        return self.mlp.forward_projected(gate_up), residual
+        return self.mlp.forward_activated(act), residual
 
 
 class LlamaModel(nn.Module):

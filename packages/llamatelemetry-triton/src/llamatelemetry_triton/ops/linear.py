@@ -6,6 +6,7 @@ For ``x [..., K]`` with at most :data:`~llamatelemetry_triton.heuristics.LINEAR_
     linear                   y = x @ W^T (+ bias)
     rmsnorm + linear         y = linear(rmsnorm(x) * norm_weight)
     add + rmsnorm + linear   h = x + residual;  y = linear(rmsnorm(h) * norm_weight);  returns (y, h)
+    swiglu=True              W = [W_gate; W_up] ([2N, K]): y = silu(x @ W_gate^T) * (x @ W_up^T), [..., N]
 
 ``y`` has ``x``'s dtype and is accumulated in fp32; ``h`` has the promoted dtype of ``x`` and ``residual``. The
 normalized row is rounded to ``x``'s dtype before the product, exactly where the unfused composition
@@ -18,7 +19,9 @@ walks them in ``BLOCK_K`` steps (weights read once, with an evict-first hint sin
 this step), multiplying every input row by them on CUDA cores (the GEMV of FlashInfer's and vLLM's decode
 paths). Every program needs the whole input row anyway, so the fused norm costs it one more read of the short
 row from L2 (its sum of squares) instead of a kernel launch and a round trip of the normalized row; program 0
-alone writes ``h``.
+alone writes ``h``. With the SwiGLU epilogue a program reads the gate rows and the matching up rows of a merged
+gate/up weight and writes ``silu(gate) * up`` (gate and up rounded to ``x``'s dtype first, as the projection's
+output is): the activation's launch and the ``[..., 2N]`` intermediate are gone.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from llamatelemetry_triton._dispatch import (
 )
 from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS, LaunchConfig, current_max_block_size, linear_config
+from llamatelemetry_triton.ops.glu import swiglu_reference
 from llamatelemetry_triton.ops.norm import fused_add_rmsnorm_reference, rmsnorm_reference
 from llamatelemetry_triton.registry import BuiltinEntry, KernelConfig
 
@@ -73,9 +77,13 @@ __all__ = [
 # --- references: the specification, the fallback and the test oracle ---------------------------------------
 
 
-def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: the specification."""
-    return F.linear(x, weight, bias)
+def linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, the specification; with ``swiglu``, ``silu(gate) * up`` of its two halves
+    (gate first), each in ``x``'s dtype as the projection returns them."""
+    y = F.linear(x, weight, bias)
+    return swiglu_reference(*y.chunk(2, dim=-1)) if swiglu else y
 
 
 def rmsnorm_linear_reference(
@@ -84,9 +92,11 @@ def rmsnorm_linear_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     eps: float = 1e-6,
+    swiglu: bool = False,
 ) -> torch.Tensor:
-    """``F.linear(rmsnorm(x, norm_weight, eps), weight, bias)``, the norm rounded to ``x``'s dtype first."""
-    return F.linear(rmsnorm_reference(x, norm_weight, eps), weight, bias)
+    """``linear_reference(rmsnorm(x, norm_weight, eps), weight, bias, swiglu)``, the norm rounded to ``x``'s dtype
+    first."""
+    return linear_reference(rmsnorm_reference(x, norm_weight, eps), weight, bias, swiglu)
 
 
 def fused_add_rmsnorm_linear_reference(
@@ -96,10 +106,11 @@ def fused_add_rmsnorm_linear_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     eps: float = 1e-6,
+    swiglu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + residual``; returns ``(F.linear(rmsnorm(h) in x's dtype, weight, bias), h)``."""
+    """``h = x + residual``; returns ``(linear_reference(rmsnorm(h) in x's dtype, weight, bias, swiglu), h)``."""
     normed, h = fused_add_rmsnorm_reference(x, residual, norm_weight, eps)
-    return F.linear(normed, weight, bias), h
+    return linear_reference(normed, weight, bias, swiglu), h
 
 
 # --- kernels ----------------------------------------------------------------------------------------------
@@ -133,10 +144,12 @@ def _sum_squares_step(  # type: ignore[no-untyped-def]
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _dot_step(  # type: ignore[no-untyped-def]
-    acc, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, K, stride_x, stride_r, stride_w, rstd,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    acc, acc_up, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, N, K, stride_x, stride_r, stride_w, rstd,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """``acc [BLOCK_M, BLOCK_N] += input[:, k0:k0+BLOCK_K] @ W[cols_n, k0:k0+BLOCK_K]^T`` in fp32."""
+    """``acc [BLOCK_M, BLOCK_N] += input[:, k0:k0+BLOCK_K] @ W[cols_n, k0:k0+BLOCK_K]^T`` in fp32; with ``SWIGLU``
+    also ``acc_up`` from the matching up rows ``cols_n + N``."""
     cols = k0 + tl.arange(0, BLOCK_K)
     if EVEN_K:
         x_mask = row_mask[:, None]
@@ -152,7 +165,14 @@ def _dot_step(  # type: ignore[no-untyped-def]
         nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
         # Rounded to x's dtype as the norm kernel's output is, before the product.
         x = (x * rstd[:, None] * nw[None, :]).to(X.dtype.element_ty).to(tl.float32)
-    return acc + tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if SWIGLU:
+        up_rows = cols_n + N
+        w_up = tl.load(
+            W + up_rows[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first"
+        )
+        acc_up += tl.sum(x[:, None, :] * w_up.to(tl.float32)[None, :, :], axis=2)
+    return acc, acc_up
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -174,6 +194,7 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SWIGLU: tl.constexpr,
     EVEN_K: tl.constexpr,
     PIPELINED: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -203,18 +224,28 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
                 k0 += BLOCK_K
         rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWIGLU:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc_up = tl.zeros([1, 1], dtype=tl.float32)  # unused
     if PIPELINED:
         for k0 in range(0, K, BLOCK_K):
-            acc = _dot_step(acc, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, K, stride_x, stride_r,
-                            stride_w, rstd, NORM, HAS_RESIDUAL, EVEN_K, BLOCK_K)  # fmt: skip
+            acc, acc_up = _dot_step(acc, acc_up, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, N, K, stride_x,
+                                    stride_r, stride_w, rstd, NORM, HAS_RESIDUAL, SWIGLU, EVEN_K, BLOCK_K)  # fmt: skip
     else:
         k0 = pid * 0
         while k0 < K:
-            acc = _dot_step(acc, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, K, stride_x, stride_r,
-                            stride_w, rstd, NORM, HAS_RESIDUAL, EVEN_K, BLOCK_K)  # fmt: skip
+            acc, acc_up = _dot_step(acc, acc_up, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, N, K, stride_x,
+                                    stride_r, stride_w, rstd, NORM, HAS_RESIDUAL, SWIGLU, EVEN_K, BLOCK_K)  # fmt: skip
             k0 += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(B + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        if HAS_BIAS:
+            acc_up += tl.load(B + N + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        # gate and up rounded to the output dtype, as the projection's output is before the SwiGLU kernel reads it
+        gate = acc.to(Y.dtype.element_ty).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * acc_up.to(Y.dtype.element_ty).to(tl.float32)
     tl.store(
         Y + rows[:, None] * N + cols_n[None, :], acc.to(Y.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :]
     )
@@ -224,9 +255,10 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
 
 
 def _outputs(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, swiglu: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     h = None if residual is None else torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
     return y, h
 
@@ -238,24 +270,28 @@ def _linear_forward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
+    swiglu: bool = False,
     config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(y, h)`` of one launch; ``norm_weight`` ``None`` means no norm (and no residual). ``config`` (BLOCK_N in
-    ``block_size``, BLOCK_K in ``chunk_size``) replaces the heuristic's choice: for sweeps."""
-    y, h = _outputs(x, residual, weight)
-    n, k = weight.shape
+    """``(y, h)`` of one launch; ``norm_weight`` ``None`` means no norm (and no residual). ``config`` (weight rows
+    per program in ``block_size``, BLOCK_K in ``chunk_size``) replaces the heuristic's choice: for sweeps."""
+    y, h = _outputs(x, residual, weight, swiglu)
+    rows_w, k = weight.shape
     x2, rows, stride_x = rows_of(x)
     if y.numel() == 0 or k == 0:
-        if k == 0:
-            y.copy_(bias.expand_as(y) if bias is not None else torch.zeros_like(y))
         if h is not None and residual is not None:
             torch.add(x, residual, out=h)
+        if k == 0:  # no products: the bias alone (through the activation)
+            y.copy_(linear_reference(x, weight, bias, swiglu=swiglu))
         return y, h
     r2, _, stride_r = rows_of(residual) if residual is not None else (x2, rows, stride_x)
     if config is None:
-        config = linear_config(rows, n, k, x.dtype, device_info(x.device), max_block=current_max_block_size())
+        config = linear_config(rows, rows_w, k, x.dtype, device_info(x.device), max_block=current_max_block_size())
+    n = y.shape[-1]
+    # With SwiGLU a program reads BLOCK_N gate rows and the BLOCK_N up rows that match them.
+    block_n = max(1, config.block_size // 2) if swiglu else config.block_size
     with on_device(x):
-        _linear_kernel[(triton.cdiv(n, config.block_size),)](
+        _linear_kernel[(triton.cdiv(n, block_n),)](
             x2,
             r2,
             norm_weight.contiguous() if norm_weight is not None else x2,
@@ -273,10 +309,11 @@ def _linear_forward(
             NORM=norm_weight is not None,
             HAS_RESIDUAL=residual is not None,
             HAS_BIAS=bias is not None,
+            SWIGLU=swiglu,
             EVEN_K=k % config.chunk_size == 0,
             PIPELINED=x.is_cuda,
             BLOCK_M=max(1, 1 << (rows - 1).bit_length()),
-            BLOCK_N=config.block_size,
+            BLOCK_N=block_n,
             BLOCK_K=config.chunk_size,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
@@ -289,13 +326,13 @@ def _linear_forward(
 
 
 @torch.library.custom_op("llamatelemetry::triton_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _linear_forward(x, None, None, weight, bias, 0.0)[0]
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    return _linear_forward(x, None, None, weight, bias, 0.0, swiglu)[0]
 
 
 @_linear_op.register_fake
-def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _outputs(x, None, weight)[0]
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    return _outputs(x, None, weight, swiglu)[0]
 
 
 @torch.library.custom_op("llamatelemetry::triton_rmsnorm_linear", mutates_args=())
@@ -306,9 +343,9 @@ def _rmsnorm_linear_op(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
+    swiglu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, h = _linear_forward(x, residual, norm_weight, weight, bias, eps)
-    return y, x.new_empty(0) if h is None else h  # a custom op's outputs are tensors: no h travels as empty
+    return _rmsnorm_linear_launch(x, residual, norm_weight, weight, bias, eps, swiglu)
 
 
 @_rmsnorm_linear_op.register_fake
@@ -319,13 +356,14 @@ def _rmsnorm_linear_fake(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
+    swiglu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, h = _outputs(x, residual, weight)
+    y, h = _outputs(x, residual, weight, swiglu)
     return y, x.new_empty(0) if h is None else h
 
 
-def _linear_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _linear_forward(x, None, None, weight, bias, 0.0)[0]
+def _linear_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    return _linear_forward(x, None, None, weight, bias, 0.0, swiglu)[0]
 
 
 def _rmsnorm_linear_launch(
@@ -335,15 +373,16 @@ def _rmsnorm_linear_launch(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
+    swiglu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, h = _linear_forward(x, residual, norm_weight, weight, bias, eps)
-    return y, x.new_empty(0) if h is None else h
+    y, h = _linear_forward(x, residual, norm_weight, weight, bias, eps, swiglu)
+    return y, x.new_empty(0) if h is None else h  # a custom op's outputs are tensors: no h travels as empty
 
 
 # --- operations and public functions --------------------------------------------------------------------------
 
 
-def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> None:
     check_float_tensor(x, "x")
     check_float_tensor(weight, "weight")
     if x.dim() == 0:
@@ -352,6 +391,11 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ConfigurationError(
             f"expected weight of shape [N, {x.shape[-1]}] (K = the last dimension of x, shape "
             f"{format_shape(x.shape)}), got {format_shape(weight.shape)}"
+        )
+    if swiglu and weight.shape[0] % 2:
+        raise ConfigurationError(
+            f"expected a merged [2N, K] gate/up weight (gate rows first) with swiglu=True, got "
+            f"{format_shape(weight.shape)}: an odd number of rows"
         )
     if weight.device != x.device:
         raise ConfigurationError(f"expected weight on {x.device} like x, got {weight.device}; move it with .to()")
@@ -405,25 +449,22 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | 
 
 
 @triton_errors("linear")
-def _linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out: torch.Tensor = run_op(torch.ops.llamatelemetry.triton_linear, _linear_launch, x, weight, bias)
+def _linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    out: torch.Tensor = run_op(torch.ops.llamatelemetry.triton_linear, _linear_launch, x, weight, bias, swiglu)
     return out
 
 
 @triton_errors("rmsnorm_linear")
 def _rmsnorm_linear_triton(
-    x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    swiglu: bool,
 ) -> torch.Tensor:
-    y, _ = run_op(
-        torch.ops.llamatelemetry.triton_rmsnorm_linear,
-        _rmsnorm_linear_launch,
-        x,
-        None,
-        norm_weight,
-        weight,
-        bias,
-        float(eps),
-    )
+    op = torch.ops.llamatelemetry.triton_rmsnorm_linear
+    y, _ = run_op(op, _rmsnorm_linear_launch, x, None, norm_weight, weight, bias, float(eps), swiglu)
     return y  # type: ignore[no-any-return]
 
 
@@ -435,17 +476,10 @@ def _fused_add_rmsnorm_linear_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
+    swiglu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, h = run_op(
-        torch.ops.llamatelemetry.triton_rmsnorm_linear,
-        _rmsnorm_linear_launch,
-        x,
-        residual,
-        norm_weight,
-        weight,
-        bias,
-        float(eps),
-    )
+    op = torch.ops.llamatelemetry.triton_rmsnorm_linear
+    y, h = run_op(op, _rmsnorm_linear_launch, x, residual, norm_weight, weight, bias, float(eps), swiglu)
     return y, h
 
 
@@ -453,28 +487,30 @@ LINEAR = TritonOperation(
     "triton.linear",
     linear_reference,
     _linear_triton,
-    describe=lambda x, weight, bias: described(x, weight, bias, triton_unsupported=_unsupported(x, weight, bias)),
-    traceable=lambda x, weight, bias: cuda_in_triton_dtypes(x) and _unsupported(x, weight, bias) is None,
+    describe=lambda x, weight, bias, swiglu: described(
+        x, weight, bias, triton_unsupported=_unsupported(x, weight, bias)
+    ),
+    traceable=lambda x, weight, bias, swiglu: cuda_in_triton_dtypes(x) and _unsupported(x, weight, bias) is None,
     aliases=("linear",),
 )
 RMSNORM_LINEAR = TritonOperation(
     "triton.rmsnorm_linear",
     rmsnorm_linear_reference,
     _rmsnorm_linear_triton,
-    describe=lambda x, nw, weight, bias, eps: described(
+    describe=lambda x, nw, weight, bias, eps, swiglu: described(
         x, nw, weight, bias, triton_unsupported=_unsupported(x, weight, nw, bias)
     ),
-    traceable=lambda x, nw, weight, bias, eps: cuda_in_triton_dtypes(x) and _unsupported(x, weight, nw, bias) is None,
+    traceable=lambda x, nw, weight, bias, *_: cuda_in_triton_dtypes(x) and _unsupported(x, weight, nw, bias) is None,
     aliases=("rmsnorm_linear",),
 )
 FUSED_ADD_RMSNORM_LINEAR = TritonOperation(
     "triton.fused_add_rmsnorm_linear",
     fused_add_rmsnorm_linear_reference,
     _fused_add_rmsnorm_linear_triton,
-    describe=lambda x, r, nw, weight, bias, eps: described(
+    describe=lambda x, r, nw, weight, bias, eps, swiglu: described(
         x, r, nw, weight, bias, triton_unsupported=_unsupported(x, weight, r, nw, bias)
     ),
-    traceable=lambda x, r, nw, weight, bias, eps: (
+    traceable=lambda x, r, nw, weight, bias, *_: (
         cuda_in_triton_dtypes(x) and _unsupported(x, weight, r, nw, bias) is None
     ),
     aliases=("fused_add_rmsnorm_linear",),
@@ -482,17 +518,25 @@ FUSED_ADD_RMSNORM_LINEAR = TritonOperation(
 
 
 def triton_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    swiglu: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """``x @ weight^T (+ bias)`` for a few rows: ``x [..., K]``, ``weight [N, K]``, ``bias [N]``, one dtype.
 
-    Returns ``[..., N]`` in ``x``'s dtype, accumulated in fp32. The Triton kernel takes calls of at most
-    ``LINEAR_MAX_ROWS`` rows (``llamatelemetry_triton.heuristics``) in fp16, bf16 or fp32 whose weight rows are
-    contiguous and that need no gradient; any other call runs ``F.linear``. Raises :class:`ConfigurationError`
+    Returns ``[..., N]`` in ``x``'s dtype, accumulated in fp32. With ``swiglu=True`` the weight is a merged
+    ``[2N, K]`` gate/up projection (gate rows first) and the result is ``silu(gate) * up``, ``[..., N]``, each
+    half rounded to ``x``'s dtype first as the projection's output would be (no SwiGLU launch, no ``[..., 2N]``
+    intermediate). The Triton kernel takes calls of at most ``LINEAR_MAX_ROWS`` rows
+    (``llamatelemetry_triton.heuristics``) in fp16, bf16 or fp32 whose weight rows are contiguous and that need
+    no gradient; any other call runs ``F.linear`` (and the SwiGLU reference). Raises :class:`ConfigurationError`
     for mismatched shapes, devices or dtypes.
     """
-    _check_linear_args(x, weight, bias)
-    return LINEAR(x, weight, bias, backend=backend)  # type: ignore[no-any-return]
+    _check_linear_args(x, weight, bias, swiglu)
+    return LINEAR(x, weight, bias, bool(swiglu), backend=backend)  # type: ignore[no-any-return]
 
 
 def triton_rmsnorm_linear(
@@ -502,17 +546,18 @@ def triton_rmsnorm_linear(
     bias: torch.Tensor | None = None,
     eps: float = 1e-6,
     *,
+    swiglu: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """``linear(rmsnorm(x) * norm_weight, weight, bias)`` in one launch for a few rows.
 
     ``norm_weight`` is a ``[K]`` vector of any float dtype; the normalized row is rounded to ``x``'s dtype
     before the product, as :func:`~llamatelemetry_triton.triton_rmsnorm` followed by ``F.linear`` rounds it.
-    Which calls the kernel takes, and what is raised, as :func:`triton_linear`.
+    ``swiglu``, which calls the kernel takes, and what is raised, as :func:`triton_linear`.
     """
-    _check_linear_args(x, weight, bias)
+    _check_linear_args(x, weight, bias, swiglu)
     _check_norm_args(x, None, norm_weight, eps)
-    return RMSNORM_LINEAR(x, norm_weight, weight, bias, eps, backend=backend)  # type: ignore[no-any-return]
+    return RMSNORM_LINEAR(x, norm_weight, weight, bias, eps, bool(swiglu), backend=backend)  # type: ignore[no-any-return]
 
 
 def triton_fused_add_rmsnorm_linear(
@@ -523,28 +568,36 @@ def triton_fused_add_rmsnorm_linear(
     bias: torch.Tensor | None = None,
     eps: float = 1e-6,
     *,
+    swiglu: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual``, then ``linear(rmsnorm(h) * norm_weight, weight, bias)``; returns ``(y, h)``.
 
     ``h`` (the promoted dtype of ``x`` and ``residual``) is the residual stream the next layer adds to; ``y``
     has ``x``'s dtype. Equal, within the dtype's tolerance, to
-    :func:`~llamatelemetry_triton.triton_fused_add_rmsnorm` followed by ``F.linear``. Which calls the kernel
-    takes, and what is raised, as :func:`triton_linear`.
+    :func:`~llamatelemetry_triton.triton_fused_add_rmsnorm` followed by ``F.linear`` (and, with ``swiglu=True``,
+    :func:`~llamatelemetry_triton.triton_swiglu` of its two halves). Which calls the kernel takes, and what is
+    raised, as :func:`triton_linear`.
     """
     check_float_tensor(residual, "residual")  # required here: None is an error, not "no residual"
-    _check_linear_args(x, weight, bias)
+    _check_linear_args(x, weight, bias, swiglu)
     _check_norm_args(x, residual, norm_weight, eps)
-    return FUSED_ADD_RMSNORM_LINEAR(x, residual, norm_weight, weight, bias, eps, backend=backend)  # type: ignore[no-any-return]
+    return FUSED_ADD_RMSNORM_LINEAR(x, residual, norm_weight, weight, bias, eps, bool(swiglu), backend=backend)  # type: ignore[no-any-return]
 
 
 # --- ahead-of-time builds ----------------------------------------------------------------------------------
 
 # Llama-3.2-1B's decode projections (N, K): q/k/v merged, o, gate/up merged, down; and an 8B's q/k/v and down.
 _AOT_SHAPES = ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (6144, 4096), (4096, 14336))
+_AOT_GATE_UP = ((16384, 2048), (28672, 4096))  # merged gate/up of 1B and 8B: the SwiGLU epilogue's builds
 _AOT_ROWS = (1, 8)
-# name: (NORM, HAS_RESIDUAL)
-_VARIANTS = {"linear": (False, False), "rmsnorm_linear": (True, False), "fused_add_rmsnorm_linear": (True, True)}
+# name: (NORM, HAS_RESIDUAL, SWIGLU)
+_VARIANTS = {
+    "linear": (False, False, False),
+    "rmsnorm_linear": (True, False, False),
+    "fused_add_rmsnorm_linear": (True, True, False),
+    "fused_add_rmsnorm_linear_swiglu": (True, True, True),
+}
 
 
 def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
@@ -554,15 +607,18 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     types = {**dict.fromkeys(("X", "R", "NW", "W", "B", "Y", "H"), f"*{t}:16"), "eps": "fp32"}
     types |= dict.fromkeys(("N", "K", "stride_x", "stride_r", "stride_w"), "i32:16")
     for rows in _AOT_ROWS:
-        for n, k in _AOT_SHAPES:
-            config = linear_config(rows, n, k, dtype, device)
-            for name, (norm, residual) in _VARIANTS.items():
+        for name, (norm, residual, swiglu) in _VARIANTS.items():
+            for n, k in _AOT_GATE_UP if swiglu else _AOT_SHAPES:
+                config = linear_config(rows, n, k, dtype, device)
+                block_n = max(1, config.block_size // 2) if swiglu else config.block_size
+                flags = {"NORM": norm, "HAS_RESIDUAL": residual, "HAS_BIAS": False, "SWIGLU": swiglu}
                 yield kernel_build(
-                    f"triton.{name}[{t},M={rows},BLOCK_N={config.block_size},BLOCK_K={config.chunk_size}]",
+                    f"triton.{name}[{t},M={rows},BLOCK_N={block_n},BLOCK_K={config.chunk_size}]",
                     _linear_kernel,
                     types,
-                    {"NORM": norm, "HAS_RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": k % config.chunk_size == 0}
-                    | {"PIPELINED": True, "BLOCK_M": rows, "BLOCK_N": config.block_size, "BLOCK_K": config.chunk_size},
+                    flags
+                    | {"EVEN_K": k % config.chunk_size == 0, "PIPELINED": True}
+                    | {"BLOCK_M": rows, "BLOCK_N": block_n, "BLOCK_K": config.chunk_size},
                     num_warps=config.num_warps,
                     num_stages=config.num_stages,
                 )
@@ -581,13 +637,14 @@ def _linear_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
         )
     if m == 0 or n == 0 or k == 0 or not grid or grid[0] == 0:
         return
-    n_reached = min(n, grid[0] * block_n)
+    halves = 2 if args.get("SWIGLU") else 1  # gate rows, then as many up rows
+    n_reached = min(n, grid[0] * block_n) + (halves - 1) * n
     stride_w, stride_x = int_argument(args, "stride_w", "linear"), int_argument(args, "stride_x", "linear")
     require_elements(args, "W", (n_reached - 1) * stride_w + k, "linear", f"{n_reached} rows of {k}")
     require_elements(args, "X", (m - 1) * stride_x + k, "linear", f"{m} rows of {k} at stride {stride_x}")
     require_elements(args, "Y", m * n, "linear", f"{m} rows of {n}")
     if args.get("HAS_BIAS"):
-        require_elements(args, "B", n, "linear", f"N = {n}")
+        require_elements(args, "B", halves * n, "linear", f"{halves} x N = {n}")
     if args.get("NORM"):
         require_elements(args, "NW", k, "linear", f"K = {k}")
     if args.get("HAS_RESIDUAL"):
@@ -599,6 +656,7 @@ def _linear_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
 def registry_entries() -> dict[str, BuiltinEntry]:
     """This module's kernel in the registry (``get_kernel("linear")``): kernel, default launch config, bounds."""
     doc = "y = x @ W^T for a few rows; (X, R, NW, W, B, Y, H, M, N, K, stride_x, stride_r, stride_w, eps, ...)"
-    meta = {"NORM": False, "HAS_RESIDUAL": False, "HAS_BIAS": False, "EVEN_K": False, "BLOCK_N": 4, "BLOCK_K": 256}
+    meta: dict[str, int | bool] = {"NORM": False, "HAS_RESIDUAL": False, "HAS_BIAS": False, "SWIGLU": False}
+    meta |= {"EVEN_K": False, "BLOCK_N": 4, "BLOCK_K": 256}
     meta["PIPELINED"] = not triton_interpreter_enabled()  # the interpreter runs `while` loops (see the kernel)
     return {"linear": (_linear_kernel, KernelConfig("linear", 1, 4, 2, meta=meta, description=doc), _linear_bounds)}
