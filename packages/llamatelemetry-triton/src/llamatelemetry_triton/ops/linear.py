@@ -16,8 +16,8 @@ the dtype's tolerance.
 At decode, a linear layer's time is the time to read its weight: a GEMM library tiles for many rows and reads
 the weight at a fraction of the bandwidth when there is one. Here each program owns ``BLOCK_N`` weight rows and
 walks them in ``BLOCK_K`` steps (weights read once, with an evict-first hint since no one reads them again
-this step), multiplying every input row by them on CUDA cores (the GEMV of FlashInfer's and vLLM's decode
-paths). Every program needs the whole input row anyway, so the fused norm costs it one more read of the short
+this step), multiplying every input row by them on CUDA cores: a GEMV, whose time is the weight's bytes over
+the memory bandwidth when enough programs are in flight. Every program needs the whole input row anyway, so the fused norm costs it one more read of the short
 row from L2 (its sum of squares) instead of a kernel launch and a round trip of the normalized row; program 0
 alone writes ``h``. With the SwiGLU epilogue a program reads the gate rows and the matching up rows of a merged
 gate/up weight and writes ``silu(gate) * up`` (gate and up rounded to ``x``'s dtype first, as the projection's
