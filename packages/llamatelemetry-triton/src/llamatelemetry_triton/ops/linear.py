@@ -17,11 +17,12 @@ At decode, a linear layer's time is the time to read its weight: a GEMM library 
 the weight at a fraction of the bandwidth when there is one. Here each program owns ``BLOCK_N`` weight rows and
 walks them in ``BLOCK_K`` steps (weights read once, with an evict-first hint since no one reads them again
 this step), multiplying every input row by them on CUDA cores: a GEMV, whose time is the weight's bytes over
-the memory bandwidth when enough programs are in flight. Every program needs the whole input row anyway, so the fused norm costs it one more read of the short
-row from L2 (its sum of squares) instead of a kernel launch and a round trip of the normalized row; program 0
-alone writes ``h``. With the SwiGLU epilogue a program reads the gate rows and the matching up rows of a merged
-gate/up weight and writes ``silu(gate) * up`` (gate and up rounded to ``x``'s dtype first, as the projection's
-output is): the activation's launch and the ``[..., 2N]`` intermediate are gone.
+the memory bandwidth when enough programs are in flight. Every program needs the whole input row anyway, so the
+fused norm costs it one more read of the short row from L2 (its sum of squares) instead of a kernel launch and a
+round trip of the normalized row; program 0 alone writes ``h``. With the SwiGLU epilogue a program reads the
+gate rows and the matching up rows of a merged gate/up weight and writes ``silu(gate) * up`` (gate and up rounded
+to ``x``'s dtype first, as the projection's output is): the activation's launch and the ``[..., 2N]``
+intermediate are gone.
 """
 
 from __future__ import annotations
@@ -118,15 +119,16 @@ def fused_add_rmsnorm_linear_reference(
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _input_block(  # type: ignore[no-untyped-def]
-    X, R, H, rows, cols, mask, stride_x, stride_r, K, store_h, HAS_RESIDUAL: tl.constexpr
+    X, R, H, rows, cols, mask, stride_x, stride_r, K, store_h, HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constexpr
 ):
     """``[BLOCK_M, BLOCK_K]`` of the input rows in fp32: ``x``, or ``h = x + residual`` rounded to ``h``'s dtype
-    (the sum the model keeps), written to ``H`` where ``store_h``."""
+    (the sum the model keeps), written to ``H`` when ``STORE_H`` by the program where ``store_h``."""
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = (x + r).to(H.dtype.element_ty)
-        tl.store(H + rows[:, None] * K + cols[None, :], h, mask=mask & store_h)
+        if STORE_H:
+            tl.store(H + rows[:, None] * K + cols[None, :], h, mask=mask & store_h)
         x = h.to(tl.float32)
     return x
 
@@ -138,7 +140,7 @@ def _sum_squares_step(  # type: ignore[no-untyped-def]
 ):  # fmt: skip
     cols = k0 + tl.arange(0, BLOCK_K)
     mask = row_mask[:, None] if EVEN_K else row_mask[:, None] & (cols < K)[None, :]
-    x = _input_block(X, R, H, rows, cols, mask, stride_x, stride_r, K, store_h, HAS_RESIDUAL)
+    x = _input_block(X, R, H, rows, cols, mask, stride_x, stride_r, K, store_h, HAS_RESIDUAL, True)
     return acc + x * x
 
 
@@ -160,7 +162,7 @@ def _dot_step(  # type: ignore[no-untyped-def]
         w_mask = n_mask[:, None] & k_mask[None, :]
     # The weight is read once per step and never again: evict it first, keep the rows and the norm in L2.
     w = tl.load(W + cols_n[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-    x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, False, HAS_RESIDUAL)
+    x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, False, HAS_RESIDUAL, False)
     if NORM:
         nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
         # Rounded to x's dtype as the norm kernel's output is, before the product.
