@@ -105,6 +105,33 @@ def test_rope_with_zero_query_heads_rotates_k() -> None:
     assert_close(k, want_k)
 
 
+def test_rope_reference_leaves_positions_outside_the_tables_unrotated() -> None:
+    cos, sin = rope_cos_sin(6, 8, device=DEVICE)
+    q, k = _randn(4, 2, 8), _randn(4, 1, 8, seed=1)
+    positions = torch.tensor([0, 6, -1, 5], device=DEVICE)
+    got_q, got_k = rope_reference(q, k, cos, sin, positions)
+    want_q, want_k = rope_reference(q, k, cos, sin, positions.clamp(0, 5))
+    for got, want, given in ((got_q, want_q, q), (got_k, want_k, k)):
+        assert_close(got[[0, 3]], want[[0, 3]])
+        assert torch.equal(got[[1, 2]], given[[1, 2]])
+    empty_cos, empty_sin = rope_cos_sin(0, 8, device=DEVICE)
+    got_q, _ = rope_reference(q, k, empty_cos, empty_sin, positions)
+    assert torch.equal(got_q, q)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="positions on a GPU are not checked on the host (CPU ones are refused)")
+def test_rope_on_a_gpu_leaves_positions_outside_the_tables_unrotated_like_its_reference() -> None:
+    cos, sin = rope_cos_sin(6, 8, device=DEVICE)
+    positions = torch.tensor([0, 6, -1, 5], device=DEVICE)
+    for dtype in (torch.float16, torch.float32, torch.float64):  # the kernel, and the reference path (float64)
+        q, k = _randn(4, 2, 8, dtype=dtype), _randn(4, 1, 8, dtype=dtype, seed=1)
+        want_q, want_k = rope_reference(q, k, cos, sin, positions)
+        triton_rope(q, k, cos, sin, positions)
+        assert_close(q, want_q)
+        assert_close(k, want_k)
+    torch.cuda.synchronize()  # no device-side assert left behind
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "match"),
     [

@@ -110,6 +110,15 @@ def _token_positions(q: torch.Tensor, positions: torch.Tensor | None) -> torch.T
     return positions.to(q.device).expand(tokens)
 
 
+def _table_rows(table: torch.Tensor, pos: torch.Tensor, fill: float) -> torch.Tensor:
+    """``table[pos]``, with ``fill`` in the rows of positions outside the table (``[*pos.shape, table.shape[1]]``)."""
+    inside = (pos >= 0) & (pos < table.shape[0])
+    if table.shape[0] == 0:
+        return torch.full((*pos.shape, table.shape[1]), fill, dtype=table.dtype, device=table.device)
+    rows = table[torch.where(inside, pos, 0)]
+    return torch.where(inside.unsqueeze(-1), rows, torch.full((), fill, dtype=table.dtype, device=table.device))
+
+
 def rope_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,11 +127,16 @@ def rope_reference(
     positions: torch.Tensor | None = None,
     interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated copies of ``q`` and ``k`` (the inputs are not modified)."""
+    """Rotated copies of ``q`` and ``k`` (the inputs are not modified).
+
+    A position outside the tables leaves its token as it is, as in the kernel (:func:`triton_rope` refuses such
+    positions when they are on the CPU; on a GPU, checking them would synchronize): the tables are never indexed
+    out of range, which on a GPU would be a device-side assert that ends the process's CUDA context.
+    """
     pos = _token_positions(q, positions).long()
     compute = torch.promote_types(compute_dtype(q), compute_dtype(k))
-    c = cos[pos].to(compute).unsqueeze(-2)
-    s = sin[pos].to(compute).unsqueeze(-2)
+    c = _table_rows(cos, pos, 1.0).to(compute).unsqueeze(-2)
+    s = _table_rows(sin, pos, 0.0).to(compute).unsqueeze(-2)
     return _rotate(q, c, s, interleaved), _rotate(k, c, s, interleaved)
 
 
