@@ -119,28 +119,28 @@ def fused_add_rmsnorm_linear_reference(
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _input_block(  # type: ignore[no-untyped-def]
-    X, R, H, rows, cols, mask, stride_x, stride_r, K, store_h, HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constexpr
+    X, R, H, rows, cols, mask, stride_x, stride_r, K, h_rows, HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constexpr
 ):
     """``[BLOCK_M, BLOCK_K]`` of the input rows in fp32: ``x``, or ``h = x + residual`` rounded to ``h``'s dtype
-    (the sum the model keeps), written to ``H`` when ``STORE_H`` by the program where ``store_h``."""
+    (the sum the model keeps), its first ``h_rows`` rows written to ``H`` when ``STORE_H``."""
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = (x + r).to(H.dtype.element_ty)
         if STORE_H:
-            tl.store(H + rows[:, None] * K + cols[None, :], h, mask=mask & store_h)
+            tl.store(H + rows[:, None] * K + cols[None, :], h, mask=mask & (rows < h_rows)[:, None])
         x = h.to(tl.float32)
     return x
 
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _sum_squares_step(  # type: ignore[no-untyped-def]
-    acc, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, store_h,
+    acc, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, h_rows,
     HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     cols = k0 + tl.arange(0, BLOCK_K)
     mask = row_mask[:, None] if EVEN_K else row_mask[:, None] & (cols < K)[None, :]
-    x = _input_block(X, R, H, rows, cols, mask, stride_x, stride_r, K, store_h, HAS_RESIDUAL, True)
+    x = _input_block(X, R, H, rows, cols, mask, stride_x, stride_r, K, h_rows, HAS_RESIDUAL, True)
     return acc + x * x
 
 
@@ -162,7 +162,7 @@ def _dot_step(  # type: ignore[no-untyped-def]
         w_mask = n_mask[:, None] & k_mask[None, :]
     # The weight is read once per step and never again: evict it first, keep the rows and the norm in L2.
     w = tl.load(W + cols_n[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-    x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, False, HAS_RESIDUAL, False)
+    x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, 0, HAS_RESIDUAL, False)
     if NORM:
         nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
         # Rounded to x's dtype as the norm kernel's output is, before the product.
@@ -212,16 +212,16 @@ def _linear_kernel(  # type: ignore[no-untyped-def]
     if NORM:
         # The row's sum of squares (program 0 writes h on the way); every program computes it, from L2.
         sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        store_h = pid == 0
+        h_rows = tl.where(pid == 0, M, 0)  # program 0 writes h; the others' rows mask is empty
         if PIPELINED:
             for k0 in range(0, K, BLOCK_K):
-                sq = _sum_squares_step(sq, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, store_h,
+                sq = _sum_squares_step(sq, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, h_rows,
                                        HAS_RESIDUAL, EVEN_K, BLOCK_K)  # fmt: skip
         else:
             # `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
             k0 = pid * 0
             while k0 < K:
-                sq = _sum_squares_step(sq, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, store_h,
+                sq = _sum_squares_step(sq, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, h_rows,
                                        HAS_RESIDUAL, EVEN_K, BLOCK_K)  # fmt: skip
                 k0 += BLOCK_K
         rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)
