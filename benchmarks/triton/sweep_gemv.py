@@ -55,7 +55,7 @@ from llamatelemetry_triton import (
 )
 from llamatelemetry_triton._dispatch import device_info
 from llamatelemetry_triton.heuristics import LaunchConfig, linear_config
-from llamatelemetry_triton.ops.linear import _linear_forward
+from llamatelemetry_triton.ops._linear_kernel import linear_forward
 
 SHAPES = "qkv=3072x2048,o=2048x2048,gate_up=16384x2048,down=2048x8192"
 FUSED = ("qkv", "gate_up")  # the projections that follow a norm
@@ -179,7 +179,7 @@ def run_case(
     configs = swept(rows) if device.type == "cuda" else [dataclasses.replace(chosen, chunk_size=16)]
     worst = 0.0
     for config in configs:
-        got, _ = _linear_forward(x, None, None, weights[0], None, 0.0, config=config)
+        got, _ = linear_forward(x, None, None, weights[0], None, 0.0, config=config)
         worst = max(worst, _score(got, y, dtype))
     report.check(f"{group}: every swept launch agrees with the chosen one", worst, 1.0, at_most=True)
     n_bytes = n * k * weights[0].element_size()
@@ -204,7 +204,7 @@ def run_case(
     add(f"triton_linear, chosen ({label(chosen)})", case.chosen_us, case.cublas_us, "cuBLAS")
     best_config = chosen
     for config in configs:  # (on CPU, the one launch checked above, run untimed)
-        launch = functools.partial(_linear_forward, x, None, None, bias=None, eps=0.0, config=config)
+        launch = functools.partial(linear_forward, x, None, None, bias=None, eps=0.0, config=config)
         us = _per_call_us(functools.partial(_each, launch, weights), layers)
         if us is None:
             continue
@@ -222,7 +222,7 @@ def run_case(
         )
         add("triton_fused_add_rmsnorm_linear, chosen", case.fused_us, case.unfused_us, "unfused pair")
         fused_launch = functools.partial(
-            _linear_forward, x, residual, norm_weight, bias=None, eps=EPS, config=best_config
+            linear_forward, x, residual, norm_weight, bias=None, eps=EPS, config=best_config
         )
         case.fused_best_us = _per_call_us(functools.partial(_each, fused_launch, weights), layers)
         add(f"fused, plain sweep's fastest ({case.best})", case.fused_best_us, case.unfused_us, "unfused pair")
