@@ -29,6 +29,13 @@ _OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swiglu": lambda x: lt.triton_swiglu(x, x.flip(-1)),
     "geglu": lambda x: lt.triton_geglu(x, x.flip(-1)),
     "rope": _rope,
+    # Three rows (the few-row kernels take them), and twelve (refused: F.linear in the graph).
+    "linear": lambda x: lt.triton_linear(x[0, :3, 0], _W.expand(5, 16).contiguous()),
+    "linear_many_rows": lambda x: lt.triton_linear(x, _W.expand(5, 16).contiguous()),
+    "fused_add_rmsnorm_linear": lambda x: lt.triton_fused_add_rmsnorm_linear(x[0, :3, 0], x[0, :3, 1], _W, x[0, :5, 1])[
+        0
+    ],
+    "rmsnorm_linear": lambda x: lt.triton_rmsnorm_linear(x[0, :2, 0], _W, x[0, :5, 1]),
 }
 
 

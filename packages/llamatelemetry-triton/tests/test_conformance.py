@@ -11,6 +11,7 @@ from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
 from llamatelemetry_core.testing.conformance import Conformance, conformance_tests
 from llamatelemetry_triton.ops.add import ADD
 from llamatelemetry_triton.ops.glu import GEGLU, SWIGLU
+from llamatelemetry_triton.ops.linear import FUSED_ADD_RMSNORM_LINEAR, LINEAR, RMSNORM_LINEAR
 from llamatelemetry_triton.ops.norm import FUSED_ADD_RMSNORM, LAYERNORM, RMSNORM
 from llamatelemetry_triton.ops.rope import ROPE
 from llamatelemetry_triton.ops.rope_paged import ROPE_PAGED_WRITE
@@ -49,6 +50,22 @@ def _rope_paged_write(*args: Any, backend: str | None = None) -> tuple[torch.Ten
     return q, k, key_cache, value_cache
 
 
+def _linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    x = torch.randn(1, 3, 37, generator=gen).to(dtype).to(device)  # three rows: the few-row kernel takes them
+    weight = (torch.randn(11, 37, generator=gen) * 0.2).to(dtype).to(device)
+    return x, weight, torch.randn(11, generator=gen).to(dtype).to(device)
+
+
+def _norm_linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    x, weight, bias = _linear_inputs(gen, dtype, device)
+    return x, torch.rand(37, generator=gen).to(dtype).to(device), weight, bias
+
+
+def _add_norm_linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    x, norm_weight, weight, bias = _norm_linear_inputs(gen, dtype, device)
+    return x, torch.randn(x.shape, generator=gen).to(dtype).to(device), norm_weight, weight, bias
+
+
 SUITES = {
     "softmax": Conformance(SOFTMAX, lt.triton_softmax, lambda g, d, dev: (_rows(g, d, dev),)),
     "add": Conformance(ADD, lt.triton_add, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
@@ -69,6 +86,11 @@ SUITES = {
     "geglu": Conformance(GEGLU, lt.triton_geglu, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
     "rope": Conformance(ROPE, lt.triton_rope, _rope_inputs),
     "rope_paged_write": Conformance(ROPE_PAGED_WRITE, _rope_paged_write, _rope_paged_inputs),
+    "linear": Conformance(LINEAR, lt.triton_linear, _linear_inputs),
+    "rmsnorm_linear": Conformance(RMSNORM_LINEAR, lt.triton_rmsnorm_linear, _norm_linear_inputs),
+    "fused_add_rmsnorm_linear": Conformance(
+        FUSED_ADD_RMSNORM_LINEAR, lt.triton_fused_add_rmsnorm_linear, _add_norm_linear_inputs
+    ),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -32,6 +32,9 @@ OPERATIONS = [
     "rope_paged_write",
     "swiglu",
     "geglu",
+    "linear",
+    "rmsnorm_linear",
+    "fused_add_rmsnorm_linear",
 ]
 
 
@@ -51,6 +54,7 @@ def _calls() -> list[tuple[str, Callable[..., object], Callable[[], object]]]:
         q2, k2 = fn(q[0].clone(), k[0].clone(), v, cos, sin, positions, cache, slots, **kw)
         return q2, k2, cache.key_cache, cache.value_cache
 
+    lin = torch.randn(7, 12, generator=gen)  # a linear layer's weight, for five rows of x
     return [
         ("add", lambda **kw: lt.triton_add(x, w, **kw), lambda: x + w),
         ("layernorm", lambda **kw: lt.triton_layernorm(x, w, b, **kw), lambda: lt.layernorm_reference(x, w, b)),
@@ -78,6 +82,21 @@ def _calls() -> list[tuple[str, Callable[..., object], Callable[[], object]]]:
         ),
         ("swiglu", lambda **kw: lt.triton_swiglu(x, **kw), lambda: lt.swiglu_reference(*x.chunk(2, -1))),
         ("geglu", lambda **kw: lt.triton_geglu(x, r, **kw), lambda: lt.geglu_reference(x, r)),
+        (
+            "linear",
+            lambda **kw: lt.triton_linear(x[0], lin, b[:7], **kw),
+            lambda: lt.linear_reference(x[0], lin, b[:7]),
+        ),
+        (
+            "rmsnorm_linear",
+            lambda **kw: lt.triton_rmsnorm_linear(x[0], w, lin, **kw),
+            lambda: lt.rmsnorm_linear_reference(x[0], w, lin),
+        ),
+        (
+            "fused_add_rmsnorm_linear",
+            lambda **kw: lt.triton_fused_add_rmsnorm_linear(x[0], r[0], w, lin, **kw),
+            lambda: lt.fused_add_rmsnorm_linear_reference(x[0], r[0], w, lin),
+        ),
     ]
 
 

@@ -10,6 +10,7 @@ otherwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -381,4 +382,65 @@ def test_rope_paged_write(
         arguments=["q", "k", "v", "cos", "sin", "positions", "cache", "store", "slot", "KV storage"],
         read_only=read_only,
         name="rope_paged_write",
+    )
+
+
+def _magnitude(a: torch.Tensor, w: torch.Tensor) -> float:
+    """max(|a| @ |w|^T) over finite inputs, in fp64: the size a linear layer's rounding errors scale with."""
+    a64 = torch.nan_to_num(a.detach().double().cpu(), nan=0.0, posinf=0.0, neginf=0.0).abs()
+    w64 = torch.nan_to_num(w.detach().double().cpu(), nan=0.0, posinf=0.0, neginf=0.0).abs()
+    product = a64 @ w64.T
+    return float(product.max()) if product.numel() else 0.0
+
+
+@fuzz_settings(ci=12)
+@given(
+    rows=st.integers(1, 10),
+    k=st.integers(1, 20),
+    n=st.integers(1, 6),
+    spec_x=tensor_specs(FLOATS),
+    spec_w=tensor_specs(FLOATS, special_weight=0.1),
+    bias=st.booleans(),
+    variant=st.sampled_from(["linear", "rmsnorm", "fused_add_rmsnorm"]),
+    swiglu=st.booleans(),
+)
+def test_linear(
+    rows: int,
+    k: int,
+    n: int,
+    spec_x: TensorSpec,
+    spec_w: TensorSpec,
+    bias: bool,
+    variant: str,
+    swiglu: bool,
+) -> None:
+    x = _t([rows, k], spec_x)
+    residual = _t([rows, k], TensorSpec(spec_x.dtype, seed=spec_x.seed + 1))
+    w = _t([2 * n if swiglu else n, k], spec_w)
+    b = _t([w.shape[0]], TensorSpec(spec_w.dtype, seed=spec_w.seed + 1)) if bias else None
+    nw = _t([k], TensorSpec(torch.float32, seed=spec_w.seed + 2))
+    read_only = {"x": x, "weight": w} | ({"bias": b} if b is not None else {})
+    call: Callable[[], object]
+    reference: Callable[[], object]
+    if variant == "linear":
+        normed = x
+        call = lambda: lt.triton_linear(x, w, b, swiglu=swiglu)
+        reference = lambda: lt.linear_reference(x, w, b, swiglu=swiglu)
+    elif variant == "rmsnorm":
+        normed = lt.rmsnorm_reference(x, nw)
+        call = lambda: lt.triton_rmsnorm_linear(x, nw, w, b, swiglu=swiglu)
+        reference = lambda: lt.rmsnorm_linear_reference(x, nw, w, b, swiglu=swiglu)
+    else:
+        normed = lt.fused_add_rmsnorm_reference(x, residual, nw)[0]
+        read_only["residual"] = residual
+        call = lambda: lt.triton_fused_add_rmsnorm_linear(x, residual, nw, w, b, swiglu=swiglu)
+        reference = lambda: lt.fused_add_rmsnorm_linear_reference(x, residual, nw, w, b, swiglu=swiglu)
+    check_call(
+        call,
+        reference,
+        arguments=["x", "weight", "bias", "norm_weight", "residual"],
+        read_only=read_only,
+        dtype=x.dtype,
+        scale=lambda _: 1.0 + _magnitude(normed, w) * (2.0 if swiglu else 1.0),
+        name=f"{variant}_linear" + ("_swiglu" if swiglu else ""),
     )

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from llamatelemetry_core.device import DeviceInfo, simulate_device
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_triton.heuristics import (
+    LINEAR_MAX_ROWS,
+    LINEAR_TABLES,
     NORM_BWD_MAX_HELD_ROW,
     NORM_BWD_SUM_BLOCK,
     SOFTMAX_MAX_SPLITS,
@@ -17,6 +19,8 @@ from llamatelemetry_triton.heuristics import (
     elementwise_config,
     force_max_block_size,
     glu_config,
+    linear_config,
+    linear_device_class,
     next_power_of_2,
     norm_config,
     rope_config,
@@ -173,3 +177,40 @@ def test_force_max_block_size_is_scoped_and_validated() -> None:
 
 def test_next_power_of_2() -> None:
     assert [next_power_of_2(n) for n in (0, 1, 2, 3, 768, 1024, 1025)] == [1, 1, 2, 4, 1024, 1024, 2048]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, LINEAR_MAX_ROWS),
+    n=st.integers(1, 200_000),
+    k=st.integers(1, 30_000),
+    dtype=st.sampled_from(DTYPES),
+    key=st.sampled_from(DEVICES),
+    cap=st.sampled_from([None, 16, 256]),
+)
+def test_linear_config_stays_in_its_table_row(
+    rows: int, n: int, k: int, dtype: torch.dtype, key: str, cap: int | None
+) -> None:
+    device = _device(key)
+    table = LINEAR_TABLES[linear_device_class(device)]
+    config = linear_config(rows, n, k, dtype, device, max_block=cap)
+    block_n, block_k = config.block_size, config.chunk_size
+    assert _is_power_of_2(block_n) and _is_power_of_2(block_k)
+    assert 16 <= block_k <= max(16, min(table.block_k, cap or table.block_k, next_power_of_2(k)))
+    assert block_n <= table.max_block_n
+    assert block_n == 1 or next_power_of_2(rows) * block_n * block_k <= table.max_tile
+    # Wider programs only while the grid still gives every SM its programs.
+    assert block_n == 1 or -(-n // block_n) >= table.programs_per_sm * device.sm_count
+    assert (config.num_warps, config.num_stages) == (table.num_warps, table.num_stages)
+
+
+def test_linear_device_classes() -> None:
+    assert [linear_device_class(_device(key)) for key in ("t4", "a100", "h100", "cpu")] == [
+        "sm75",
+        "sm80",
+        "sm90",
+        "cpu",
+    ]
+    # Llama-3.2-1B's q/k/v at one row on an H100: the prototype's region (BLOCK_N 2-32, BLOCK_K 256-1024).
+    config = linear_config(1, 3072, 2048, torch.float16, _device("h100"))
+    assert 2 <= config.block_size <= 32 and 256 <= config.chunk_size <= 1024

@@ -21,6 +21,7 @@ BUILTINS = {
     "fused_add_rmsnorm",
     "geglu",
     "layernorm",
+    "linear",
     "rmsnorm",
     "rope",
     "softmax",

@@ -1,5 +1,5 @@
 """llamatelemetry-triton: Triton kernels (add, layernorm, softmax, RMSNorm, RoPE, RoPE with the paged KV store,
-SwiGLU) and a kernel registry.
+SwiGLU, few-row linear layers with the residual add and RMSNorm fused in) and a kernel registry.
 
 Documented import path: ``llamatelemetry.cuda.triton_kernels``. Every function dispatches through a
 :class:`llamatelemetry_core.selection.Operation`: the Triton kernel on CUDA tensors (and on CPU tensors under
@@ -12,6 +12,14 @@ from llamatelemetry_triton._compat import HAS_TRITON
 from llamatelemetry_triton.heuristics import LaunchConfig, force_max_block_size
 from llamatelemetry_triton.ops.add import add_reference, triton_add
 from llamatelemetry_triton.ops.glu import geglu_reference, swiglu_reference, triton_geglu, triton_swiglu
+from llamatelemetry_triton.ops.linear import (
+    fused_add_rmsnorm_linear_reference,
+    linear_reference,
+    rmsnorm_linear_reference,
+    triton_fused_add_rmsnorm_linear,
+    triton_linear,
+    triton_rmsnorm_linear,
+)
 from llamatelemetry_triton.ops.norm import (
     fused_add_layernorm_reference,
     fused_add_rmsnorm_reference,
@@ -52,12 +60,15 @@ __all__ = [
     "add_reference",
     "force_max_block_size",
     "fused_add_layernorm_reference",
+    "fused_add_rmsnorm_linear_reference",
     "fused_add_rmsnorm_reference",
     "geglu_reference",
     "get_kernel",
     "layernorm_reference",
+    "linear_reference",
     "list_kernels",
     "register_kernel",
+    "rmsnorm_linear_reference",
     "rmsnorm_reference",
     "rope_cos_sin",
     "rope_paged_write_reference",
@@ -68,9 +79,12 @@ __all__ = [
     "triton_add",
     "triton_fused_add_layernorm",
     "triton_fused_add_rmsnorm",
+    "triton_fused_add_rmsnorm_linear",
     "triton_geglu",
     "triton_layernorm",
+    "triton_linear",
     "triton_rmsnorm",
+    "triton_rmsnorm_linear",
     "triton_rope",
     "triton_rope_paged_write",
     "triton_softmax",

@@ -33,6 +33,8 @@ from llamatelemetry_core.device import DeviceInfo
 from llamatelemetry_core.errors import ConfigurationError
 
 __all__ = [
+    "LINEAR_MAX_ROWS",
+    "LINEAR_TABLES",
     "NORM_BWD_MAX_HELD_ROW",
     "NORM_BWD_MAX_SINGLE_BLOCK",
     "NORM_BWD_SUM_BLOCK",
@@ -42,10 +44,13 @@ __all__ = [
     "SOFTMAX_MAX_SINGLE_BLOCK",
     "SOFTMAX_MAX_SPLITS",
     "LaunchConfig",
+    "LinearTable",
     "current_max_block_size",
     "elementwise_config",
     "force_max_block_size",
     "glu_config",
+    "linear_config",
+    "linear_device_class",
     "next_power_of_2",
     "norm_backward_programs",
     "norm_config",
@@ -317,3 +322,77 @@ def rope_store_tile(num_kv_heads: int, head_dim: int) -> tuple[int, int]:
     rotation group of :func:`rope_config`."""
     block_d = max(16, next_power_of_2(head_dim))
     return max(1, min(next_power_of_2(num_kv_heads), 4096 // block_d)), block_d
+
+
+LINEAR_MAX_ROWS = 8
+"""Most rows (tokens) the few-row linear kernels take. Each program reads its slice of the weight once and
+multiplies every row by it on CUDA cores, so the weight's bytes bound the time only while the rows are few; past
+this, cuBLAS's tensor-core GEMM is faster and the call runs ``F.linear``."""
+
+
+@dataclass(frozen=True)
+class LinearTable:
+    """The few-row linear launch region of one device class: the weight block the loop over ``K`` reads
+    (``block_k`` elements of each of ``block_n`` weight rows), the largest tile ``rows x block_n x block_k``
+    (in fp32 registers), and the programs per SM the grid aims at (enough weight rows in flight to cover the
+    memory latency)."""
+
+    block_k: int
+    max_tile: int
+    max_block_n: int
+    programs_per_sm: int
+    num_warps: int
+    num_stages: int
+
+
+LINEAR_TABLES: dict[str, LinearTable] = {
+    # H100/H200: benchmarks/triton/sweep_gemv.py on an H200 (benchmarks/results/nvidia-h200/triton-gemv), one row
+    # at Llama-3.2-1B's shapes: the fastest launches read BLOCK_K=1024 with 4 warps, BLOCK_N=2 for q/k/v (3072
+    # rows), o and down (2048) and 8 for gate/up (16384; 2-3 stages alike). Six programs per SM gives those
+    # BLOCK_N values on 132 SMs (2 for 2048 to 3072 weight rows); the previous row (BLOCK_K 512,
+    # four programs per SM) was 6-40% slower.
+    "sm90": LinearTable(block_k=1024, max_tile=16384, max_block_n=8, programs_per_sm=6, num_warps=4, num_stages=2),
+    # Ampere/Ada: less shared memory and bandwidth per SM; smaller stages.
+    "sm80": LinearTable(block_k=512, max_tile=8192, max_block_n=32, programs_per_sm=4, num_warps=4, num_stages=2),
+    # T4: 64 KiB of shared memory per block and 40 SMs; Triton emits FMA loops there, short blocks keep
+    # registers free.
+    "sm75": LinearTable(block_k=256, max_tile=4096, max_block_n=16, programs_per_sm=4, num_warps=4, num_stages=2),
+    # The interpreter (CPU tensors): few, wide programs, since each program costs Python time.
+    "cpu": LinearTable(block_k=256, max_tile=1 << 20, max_block_n=32, programs_per_sm=1, num_warps=4, num_stages=1),
+}
+
+
+def linear_device_class(device: DeviceInfo) -> str:
+    """The key of :data:`LINEAR_TABLES` for ``device``: ``sm90`` from compute capability 9.0 on, ``sm80`` from
+    8.0, ``sm75`` below, ``cpu`` for the CPU."""
+    if device.compute_capability is None:
+        return "cpu"
+    if device.compute_capability >= (9, 0):
+        return "sm90"
+    return "sm80" if device.compute_capability >= (8, 0) else "sm75"
+
+
+@_memoized
+def linear_config(
+    rows: int, n: int, k: int, dtype: torch.dtype, device: DeviceInfo, *, max_block: int | None = None
+) -> LaunchConfig:
+    """The few-row linear ``[rows, k] @ [n, k]^T`` (``rows <= LINEAR_MAX_ROWS``): ``block_size`` is BLOCK_N (weight
+    rows per program), ``chunk_size`` BLOCK_K (the step of the loop over ``k``), from the device's
+    :data:`LINEAR_TABLES` row.
+
+    BLOCK_N is the largest power of two up to the table's that still gives ``programs_per_sm`` programs per SM
+    and keeps ``rows x BLOCK_N x BLOCK_K`` within the tile bound; BLOCK_K is the table's, shortened to ``k``
+    (and to ``max_block``, the cap of :func:`force_max_block_size`).
+    """
+    table = LINEAR_TABLES[linear_device_class(device)]
+    block_m = next_power_of_2(rows)
+    block_k = max(16, min(_cap(table.block_k, max_block), next_power_of_2(k)))
+    target = table.programs_per_sm * device.sm_count
+    block_n = 1
+    while (
+        block_n < table.max_block_n
+        and -(-n // (2 * block_n)) >= target
+        and block_m * 2 * block_n * block_k <= table.max_tile
+    ):
+        block_n *= 2
+    return LaunchConfig(block_n, table.num_warps, table.num_stages, single_block=block_k >= k, chunk_size=block_k)

@@ -18,9 +18,12 @@ try:
     from llamatelemetry_triton import triton_add as triton_add
     from llamatelemetry_triton import triton_fused_add_layernorm as triton_fused_add_layernorm
     from llamatelemetry_triton import triton_fused_add_rmsnorm as triton_fused_add_rmsnorm
+    from llamatelemetry_triton import triton_fused_add_rmsnorm_linear as triton_fused_add_rmsnorm_linear
     from llamatelemetry_triton import triton_geglu as triton_geglu
     from llamatelemetry_triton import triton_layernorm as triton_layernorm
+    from llamatelemetry_triton import triton_linear as triton_linear
     from llamatelemetry_triton import triton_rmsnorm as triton_rmsnorm
+    from llamatelemetry_triton import triton_rmsnorm_linear as triton_rmsnorm_linear
     from llamatelemetry_triton import triton_rope as triton_rope
     from llamatelemetry_triton import triton_softmax as triton_softmax
     from llamatelemetry_triton import triton_swiglu as triton_swiglu

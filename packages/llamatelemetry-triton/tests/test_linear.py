@@ -1,0 +1,308 @@
+"""The few-row linear kernels (plain, with RMSNorm, with the residual add and RMSNorm) against their references.
+
+The kernel tests run where Triton executes kernels (the interpreter on CPU tensors, or a GPU); tiny shapes, with
+a small forced block so that rows longer than a block and ragged last blocks are exercised. Argument checks and
+the cases the kernel refuses (which then run ``F.linear``) are tested in every matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llamatelemetry_triton as lt
+from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
+from llamatelemetry_core.selection import record_selections
+from llamatelemetry_core.testing import assert_close
+from llamatelemetry_core.testing.conformance import Conformance
+from llamatelemetry_triton import HAS_TRITON, force_max_block_size
+from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bfloat16 runs the reference under the interpreter (NumPy has no bfloat16): its kernels are compared on GPUs.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _inputs(
+    gen: torch.Generator, rows: int, n: int, k: int, dtype: torch.dtype, *, bias: bool = True
+) -> dict[str, Any]:
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+    return {
+        "x": randn(rows, k),
+        "residual": randn(rows, k),
+        "norm_weight": (torch.rand(k, generator=gen) + 0.5).to(dtype).to(DEVICE),
+        "weight": randn(n, k, scale=k**-0.5),
+        "bias": randn(n) if bias else None,
+    }
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", range(1, LINEAR_MAX_ROWS + 1))
+def test_every_row_count_matches_the_reference(rows: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    a = _inputs(gen, rows, 37, 45, dtype)  # K = 45: two full blocks of 16 and a ragged one
+    x, r, nw, w, b = a["x"], a["residual"], a["norm_weight"], a["weight"], a["bias"]
+    with force_max_block_size(16), record_selections() as rec:
+        y = lt.triton_linear(x, w, b)
+        y_norm = lt.triton_rmsnorm_linear(x, nw, w, b)
+        y_fused, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b)
+    for name in ("linear", "rmsnorm_linear", "fused_add_rmsnorm_linear"):
+        assert rec.implementations(f"triton.{name}") == ["triton"], rec.selections
+    assert_close(y, F.linear(x, w, b), name="linear", dtype=dtype)
+    assert_close(y_norm, lt.rmsnorm_linear_reference(x, nw, w, b), name="rmsnorm + linear", dtype=dtype)
+    want_y, want_h = lt.fused_add_rmsnorm_linear_reference(x, r, nw, w, b)
+    assert torch.equal(h, want_h), "h is x + residual rounded once, written whole"
+    assert_close(y_fused, want_y, name="add + rmsnorm + linear", dtype=dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n", "k", "bias"), [(1, 1, True), (5, 16, False), (33, 17, True), (70, 64, False)])
+def test_awkward_shapes_match_the_unfused_composition(n: int, k: int, bias: bool, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n * 100 + k)
+    a = _inputs(gen, 3, n, k, dtype, bias=bias)
+    x, r, nw, w, b = a["x"], a["residual"], a["norm_weight"], a["weight"], a["bias"]
+    with force_max_block_size(16):
+        y, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b, eps=1e-5)
+        normed, want_h = lt.triton_fused_add_rmsnorm(x, r, nw, eps=1e-5)
+    assert y.shape == (3, n) and y.dtype == dtype
+    assert torch.equal(h, want_h)
+    assert_close(y, F.linear(normed, w, b), name="fused vs fused norm then F.linear", dtype=dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("rows", "n", "bias"), [(1, 19, True), (3, 8, False), (8, 21, True)])
+def test_the_swiglu_epilogue_matches_projection_then_swiglu(rows: int, n: int, bias: bool, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(rows * 7 + n)
+    a = _inputs(gen, rows, 2 * n, 45, dtype, bias=bias)  # a merged [2N, K] gate/up weight, gate rows first
+    x, r, nw, w, b = a["x"], a["residual"], a["norm_weight"], a["weight"], a["bias"]
+    with force_max_block_size(16), record_selections() as rec:
+        y = lt.triton_linear(x, w, b, swiglu=True)
+        y_first = lt.triton_rmsnorm_linear(x, nw, w, b, swiglu=True)
+        y_fused, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b, swiglu=True)
+        normed, want_h = lt.triton_fused_add_rmsnorm(x, r, nw)
+        unfused = lt.triton_swiglu(F.linear(normed, w, b))  # what the engine ran before: three launches
+    assert rec.implementations("triton.fused_add_rmsnorm_linear") == ["triton"]
+    assert y.shape == (rows, n) and torch.equal(h, want_h)
+    assert_close(y, lt.swiglu_reference(*F.linear(x, w, b).chunk(2, -1)), name="linear + swiglu", dtype=dtype)
+    assert_close(y_first, lt.rmsnorm_linear_reference(x, nw, w, b, swiglu=True), name="first norm", dtype=dtype)
+    assert_close(y_fused, unfused, name="fused add + norm + gate/up + swiglu", dtype=dtype)
+
+
+@pytest.mark.triton
+def test_strided_rows_leading_dims_and_a_padded_weight() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 40, generator=gen).to(DEVICE)[..., 3:35]  # [2, 3, 32], rows at stride 40
+    r = torch.randn(2, 3, 32, generator=gen).to(DEVICE)
+    padded = torch.randn(19, 48, generator=gen).to(DEVICE)
+    w = padded[:, :32]  # rows of 32 at stride 48: contiguous rows, padded
+    nw = torch.rand(32, generator=gen).to(DEVICE)
+    with force_max_block_size(16), record_selections() as rec:
+        y = lt.triton_linear(x, w)
+        y_fused, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w)
+    assert rec.implementations("triton.linear") == ["triton"]
+    assert y.shape == (2, 3, 19) and h.shape == (2, 3, 32)
+    assert_close(y, F.linear(x, w), name="strided linear", dtype=torch.float32)
+    want_y, want_h = lt.fused_add_rmsnorm_linear_reference(x, r, nw, w)
+    assert_close(y_fused, want_y, name="strided fused", dtype=torch.float32)
+    assert torch.equal(h, want_h)
+
+
+@pytest.mark.triton
+def test_mixed_residual_dtype_keeps_the_promoted_stream() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 24, generator=gen).half().to(DEVICE)
+    r = torch.randn(2, 24, generator=gen).to(DEVICE)  # fp32 residual stream, fp16 activations
+    w = (torch.randn(10, 24, generator=gen) * 0.2).half().to(DEVICE)
+    nw = torch.rand(24, generator=gen).to(DEVICE)
+    with force_max_block_size(16):
+        y, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w)
+    want_y, want_h = lt.fused_add_rmsnorm_linear_reference(x, r, nw, w)
+    assert h.dtype == torch.float32 and y.dtype == torch.float16
+    assert torch.equal(h, want_h)
+    assert_close(y, want_y, name="mixed residual", dtype=torch.float16)
+
+
+@pytest.mark.triton
+def test_registry_launch_is_bounds_checked() -> None:
+    kernel = lt.get_kernel("linear")
+    x, w, y = torch.randn(2, 32), torch.randn(8, 32), torch.empty(2, 8)
+    x, w, y = x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
+    args = (x, x, x, w, w, y, y, 2, 8, 32, 32, 32, 32, 1e-6)
+    kernel.launch(*args, grid=(2,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16, EVEN_K=True)
+    assert_close(y, F.linear(x, w), name="registry linear", dtype=torch.float32)
+    with pytest.raises(ConfigurationError, match="reaches 320 elements of W"):
+        kernel.launch(*args[:8], 10, *args[9:], grid=(3,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16)
+
+
+# --- refusals and argument checks (every matrix) ----------------------------------------------------------
+
+
+def _small(rows: int = 2, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(rows)
+    return torch.randn(rows, 16, generator=gen).to(DEVICE, dtype), torch.randn(6, 16, generator=gen).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: (*_small(LINEAR_MAX_ROWS + 1), None), f"at most {LINEAR_MAX_ROWS}"),
+        (lambda: (_small()[0], torch.randn(16, 6, device=DEVICE).t(), None), "rows are not contiguous"),
+        (lambda: (_small()[0].requires_grad_(), _small()[1], None), "no backward"),
+    ],
+    ids=["too_many_rows", "column_major_weight", "needs_grad"],
+)
+def test_refused_calls_run_f_linear_and_say_why(make: Any, reason: str) -> None:
+    x, w, b = make()
+    with record_selections() as rec:
+        y = lt.triton_linear(x, w, b)
+    assert rec.implementations("triton.linear") == ["reference"]
+    assert_close(y.detach(), F.linear(x, w, b).detach(), name="refused linear", dtype=torch.float32)
+    if HAS_TRITON:
+        with pytest.raises(BackendUnavailableError, match=reason):
+            lt.triton_linear(x, w, b, backend="triton")
+
+
+def test_the_fused_reference_is_the_unfused_composition() -> None:
+    gen = torch.Generator().manual_seed(9)
+    a = _inputs(gen, 12, 7, 20, torch.float32)  # 12 rows: refused, the reference runs
+    x, r, nw, w, b = a["x"], a["residual"], a["norm_weight"], a["weight"], a["bias"]
+    y, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b)
+    normed, want_h = lt.fused_add_rmsnorm_reference(x, r, nw)
+    assert torch.equal(h, want_h) and torch.equal(y, F.linear(normed, w, b))
+    assert torch.equal(lt.triton_rmsnorm_linear(x, nw, w), F.linear(lt.rmsnorm_reference(x, nw), w))
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda x, w: lt.triton_linear(x, w[:, :8]), r"expected weight of shape \[N, 16\]"),
+        (lambda x, w: lt.triton_linear(x, w.half()), "expected weight in x's dtype float32"),
+        (lambda x, w: lt.triton_linear(x, w, torch.zeros(5)), r"expected bias of shape \[6\]"),
+        (lambda x, w: lt.triton_linear(x, w, torch.zeros(6).half()), "expected bias in x's dtype"),
+        (lambda x, w: lt.triton_rmsnorm_linear(x, torch.ones(15), w), r"expected norm_weight of shape \[16\]"),
+        (lambda x, w: lt.triton_rmsnorm_linear(x, torch.ones(16), w, eps=-1.0), "eps to be a number >= 0"),
+        (lambda x, w: lt.triton_fused_add_rmsnorm_linear(x, x[:1], torch.ones(16), w), "expected residual of x's"),
+        (lambda x, w: lt.triton_linear(x.long(), w), "floating-point tensor"),
+        (lambda x, w: lt.triton_linear(x, w[:5], swiglu=True), "merged .2N, K. gate/up weight"),
+        (lambda x, w: lt.triton_linear(x[0, 0], w), "0-d tensor"),
+    ],
+)
+def test_bad_arguments_raise_actionable_errors(call: Any, match: str) -> None:
+    x, w = _small()
+    with pytest.raises(ConfigurationError, match=match):
+        call(x, w)
+
+
+def test_residual_none_is_an_error_for_the_fused_form() -> None:
+    x, w = _small()
+    with pytest.raises(TypeError, match="residual"):
+        lt.triton_fused_add_rmsnorm_linear(x, None, torch.ones(16), w)  # type: ignore[arg-type]
+
+
+def test_empty_inputs_give_empty_or_bias_outputs() -> None:
+    x, w = torch.randn(0, 16), torch.randn(6, 16)
+    assert lt.triton_linear(x, w).shape == (0, 6)
+    b = torch.randn(3)
+    assert torch.equal(lt.triton_linear(torch.randn(2, 0), torch.randn(3, 0), b), b.expand(2, 3))
+
+
+# --- the custom ops (torch.compile, CUDA graphs) ----------------------------------------------------------
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck_of_the_custom_ops(residual: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    a = _inputs(gen, 3, 9, 20, torch.float32)
+    for swiglu in (False, True):
+        Conformance.check_opcheck(
+            torch.ops.llamatelemetry.triton_linear.default, (a["x"], a["weight"], a["bias"], swiglu)
+        )
+        Conformance.check_opcheck(
+            torch.ops.llamatelemetry.triton_rmsnorm_linear.default,
+            (a["x"], a["residual"] if residual else None, a["norm_weight"], a["weight"], a["bias"], 1e-6, swiglu),
+        )
+
+
+# --- on a GPU: model sizes, every dtype, CUDA graphs, torch.compile ------------------------------------------
+
+GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _linear64(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` in float64, rounded to ``x``'s dtype: at K = 8192 two fp32 summation orders (cuBLAS's and the
+    kernel's) can differ by more than the fp32 tolerance, while each is well within it of the exact sum."""
+    return F.linear(x.double(), w.double(), None if b is None else b.double()).to(x.dtype)
+
+
+def _skip_unsupported(dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("bfloat16 needs compute capability >= 8.0")
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize(("n", "k"), [(3072, 2048), (2048, 8192), (16384, 2048), (1001, 1000)])
+def test_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
+    _skip_unsupported(dtype)
+    gen = torch.Generator().manual_seed(n + k + rows)
+    a = _inputs(gen, rows, n, k, dtype, bias=n % 2 == 1)
+    x, r, nw, w, b = a["x"], a["residual"], a["norm_weight"], a["weight"], a["bias"]
+    with record_selections() as rec:
+        y = lt.triton_linear(x, w, b)
+        y_fused, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b)
+        y_first = lt.triton_rmsnorm_linear(x, nw, w, b)
+    assert set(rec.implementations("triton.linear") + rec.implementations("triton.rmsnorm_linear")) == {"triton"}
+    assert rec.implementations("triton.fused_add_rmsnorm_linear") == ["triton"]
+    assert_close(y, _linear64(x, w, b), name="linear", dtype=dtype)
+    normed, want_h = lt.triton_fused_add_rmsnorm(x, r, nw)
+    assert torch.equal(h, want_h)
+    assert_close(y_fused, _linear64(normed, w, b), name="fused vs fused norm + F.linear", dtype=dtype)
+    assert_close(y_first, _linear64(lt.triton_rmsnorm(x, nw), w, b), name="rmsnorm + linear", dtype=dtype)
+    if n % 2 == 0:  # a merged gate/up weight: the SwiGLU epilogue against norm, projection, SwiGLU kernel
+        y_glu, _ = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b, swiglu=True)
+        assert_close(y_glu, lt.triton_swiglu(_linear64(normed, w, b)), name="swiglu epilogue", dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+def test_a_decode_block_is_captured_in_a_cuda_graph_and_compiles() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = _inputs(gen, 2, 3072, 2048, torch.float16, bias=False)
+    x, r, nw, w = a["x"], a["residual"], a["norm_weight"], a["weight"]
+    o = _inputs(gen, 2, 2048, 3072, torch.float16)["weight"]
+
+    def block(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w)
+        return lt.triton_linear(qkv, o), h
+
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compile and warm up outside the capture
+            block(x, r)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, h = block(x, r)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    want_qkv, want_h = lt.fused_add_rmsnorm_linear_reference(x, r, nw, w)
+    assert torch.equal(h, want_h)
+    assert_close(out, F.linear(want_qkv, o), name="captured block", dtype=torch.float16)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    got, got_h = compiled(x, r)
+    assert torch.equal(got_h, want_h)
+    assert_close(got, F.linear(want_qkv, o), name="compiled block", dtype=torch.float16)
