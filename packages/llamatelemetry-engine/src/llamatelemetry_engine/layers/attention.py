@@ -93,8 +93,13 @@ class Attention(nn.Module):
         few_rows: bool,
     ) -> torch.Tensor:
         tokens = q.shape[0]
-        q, k = self.rotary[0](positions, q, k)
-        out = ctx.attend(self.layer_idx, q, k, v, self.params).reshape(tokens, self.num_heads * self.head_dim)
+        rotary = self.rotary[0]
+        # With the fused kernels, a paged store rotates and stores in one launch; elsewhere, two calls.
+        stored = rotary.fused and ctx.rotate_and_store(self.layer_idx, positions, q, k, v, rotary.cos, rotary.sin)
+        if not stored:
+            q, k = rotary(positions, q, k)
+        out = ctx.attend(self.layer_idx, q, k, v, self.params, stored=stored)
+        out = out.reshape(tokens, self.num_heads * self.head_dim)
         if few_rows:
             return triton_linear(out, self.o_proj.weight, self.o_proj.bias)
         return self.o_proj(out)  # type: ignore[no-any-return]
