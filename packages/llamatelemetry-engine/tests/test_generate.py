@@ -8,7 +8,6 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from llamatelemetry_core.selection import record_selections
 from llamatelemetry_engine import FLAG_NAMES, LLM, PRESETS, EngineFlags, SamplingParams, random_weights
 from llamatelemetry_engine.loader import LoadedModel
 from llamatelemetry_engine.models import DecoderLayer
@@ -105,37 +104,3 @@ def test_generation_stops_at_end_of_sequence(prompts: list[list[int]]) -> None:
     stop = free[3]
     got = llm.generate([prompts[0]], SamplingParams(max_tokens=NEW_TOKENS, stop_token_ids=(stop,)))[0]
     assert got.token_ids == free[: free.index(stop) + 1] and got.finish_reason == "stop"
-
-
-@pytest.mark.parametrize("triton_kernels", [True, False])
-def test_few_token_steps_fuse_the_norms_into_the_merged_projections(
-    triton_kernels: bool,
-    prompts: list[list[int]],
-    hf_reference: Callable[[LoadedModel], torch.nn.Module],
-    greedy: Greedy,
-) -> None:
-    # One-token steps (batch-1 decode) with merged projections run the norm before attention inside the q/k/v
-    # projection and q/k/v, o and down through the few-row linear op; steps of more tokens (two sequences at once)
-    # and the Triton flag off keep the unfused path.
-    loaded = random_weights(TINY, seed=5)
-    expected = [greedy(hf_reference(loaded), p, NEW_TOKENS) for p in prompts[:2]]
-    flags = EngineFlags() if triton_kernels else EngineFlags().without("triton_kernels")
-    llm = LLM(loaded, flags=flags, device="cpu")
-    llm.model.merge_projections()
-    with record_selections() as rec:
-        got = [llm.generate([p], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0] for p in prompts[:2]]
-    assert [c.token_ids for c in got] == expected
-    fused = rec.implementations("triton.fused_add_rmsnorm_linear")
-    first = rec.implementations("triton.rmsnorm_linear")
-    plain = rec.implementations("triton.linear")
-    layers = TINY.num_layers
-    if triton_kernels:
-        # Every decode step: the first layer's norm + q/k/v, the other layers' add + norm + q/k/v; o and down.
-        steps = len(first)
-        assert steps >= 2 * (NEW_TOKENS - 1) and len(fused) == steps * (layers - 1) and len(plain) == 2 * layers * steps
-    else:
-        assert fused == first == plain == []
-    with record_selections() as rec:
-        together = llm.generate(prompts[:2], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
-    assert [c.token_ids for c in together] == expected
-    assert rec.implementations("triton.rmsnorm_linear") == rec.implementations("triton.linear") == []

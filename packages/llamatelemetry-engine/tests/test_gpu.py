@@ -12,7 +12,6 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from llamatelemetry_core.selection import record_selections
 from llamatelemetry_core.serving import SequenceStep, StepInput
 from llamatelemetry_engine import LLM, PRESETS, EngineFlags, SamplingParams, random_weights
 from llamatelemetry_engine.loader import LoadedModel
@@ -87,28 +86,3 @@ def test_fp32_engine_gives_the_transformers_tokens(
     assert (llm.runner.step_graphs is not None) == step_graphs
     if step_graphs:
         assert llm.runner.step_graphs.replays > 0
-
-
-def test_decode_with_the_few_row_kernels_gives_the_transformers_tokens(
-    hf_reference: Callable[[LoadedModel], torch.nn.Module],
-) -> None:
-    # fp32 with merged projections: batch-1 decode steps (CUDA graphs) run the norm before attention inside the
-    # q/k/v projection and q/k/v, o and down on the few-row kernel.
-    loaded = random_weights(CONFIG, seed=23)
-    hf = hf_reference(loaded).to("cuda")
-    gen = torch.Generator().manual_seed(6)
-    prompts = [torch.randint(3, CONFIG.vocab_size, (n,), generator=gen).tolist() for n in (33, 7, 90)]
-    expected = []
-    for p in prompts:
-        ids = torch.tensor([p], device="cuda")
-        out = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)  # type: ignore[operator]
-        expected.append(out[0, len(p) :].tolist())
-    # No warm-up: it would capture graphs around the separate projections that merge_projections then frees.
-    llm = LLM(loaded, flags=EngineFlags().without("tensor_cores"), device="cuda", max_model_len=256, warmup=False)
-    llm.model.merge_projections()  # what the engine does with Tensor Cores on
-    with record_selections() as rec:
-        got = [llm.generate([p], SamplingParams(max_tokens=12, ignore_eos=True))[0] for p in prompts]
-    assert [c.token_ids for c in got] == expected
-    assert "triton" in rec.implementations("triton.fused_add_rmsnorm_linear")
-    assert "triton" in rec.implementations("triton.linear")
-    assert llm.runner.graphs is not None and llm.runner.graphs.buckets.replays > 0

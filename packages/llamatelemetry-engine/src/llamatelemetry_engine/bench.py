@@ -162,8 +162,6 @@ _OPERATIONS = {
         "triton.rope",
         "triton.rope_paged_write",
         "triton.swiglu",
-        "triton.fused_add_rmsnorm_linear",
-        "triton.linear",
     ),
     "flash_attention": ("flashattn.attention",),
     "paged_kv": ("flashattn.paged_attention",),

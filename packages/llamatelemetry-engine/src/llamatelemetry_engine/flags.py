@@ -29,9 +29,7 @@ class EngineFlags:
       the separate projections of transformers.
     * ``triton_kernels``: fused residual + RMSNorm, RoPE and SwiGLU kernels of ``llamatelemetry-triton``; with
       ``paged_kv``, RoPE and the paged KV write in one launch (an unquantized store; a quantized one takes the
-      two calls); in one-token steps (batch-1 decode) with merged projections, the residual add + RMSNorm runs
-      inside the merged q/k/v projection, and the q/k/v, o and down projections take the few-row linear kernel
-      instead of cuBLAS (measured faster there on an H200; gate/up stays on cuBLAS, which was faster).
+      two calls).
     * ``flash_attention``: prefill attention through ``llamatelemetry-flashattn``'s dispatcher, for prefill steps
       that run eagerly (with CUDA graphs, one that fits a step graph replays it with paged attention instead).
     * ``paged_kv``: the paged KV cache of ``llamatelemetry-kvcache`` read by paged attention; off, one

@@ -16,7 +16,6 @@ from torch import nn
 from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.context import AttentionParams, StepContext
 from llamatelemetry_engine.layers.rotary import RotaryEmbedding
-from llamatelemetry_triton import triton_linear
 
 __all__ = ["Attention", "merged_linear"]
 
@@ -58,48 +57,22 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """``[tokens, hidden]`` normalized states in, the attention output (after ``o_proj``) out."""
-        if self.qkv_proj is not None:
-            return self._attend(positions, self.qkv_proj(x), ctx, few_rows=False)
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        return self._attend_heads(positions, q, k, v, ctx, few_rows=False)
-
-    def forward_projected(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """The same from ``qkv = qkv_proj(x)`` computed by the caller (fused with the norm before it), for a step
-        of a few tokens: ``o_proj`` then runs ``llamatelemetry-triton``'s few-row linear kernel."""
-        return self._attend(positions, qkv, ctx, few_rows=True)
-
-    def _attend(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: StepContext, *, few_rows: bool) -> torch.Tensor:
-        tokens = qkv.shape[0]
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        qf, kf, vf = torch.split(qkv, [q_size, kv_size, kv_size], dim=-1)
-        q = qf.view(tokens, self.num_heads, self.head_dim)
-        k = kf.view(tokens, self.num_kv_heads, self.head_dim)
-        v = vf.view(tokens, self.num_kv_heads, self.head_dim)
-        return self._attend_heads(positions, q, k, v, ctx, few_rows=few_rows)
-
-    def _attend_heads(
-        self,
-        positions: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        ctx: StepContext,
-        *,
-        few_rows: bool,
-    ) -> torch.Tensor:
-        tokens = q.shape[0]
+        if self.qkv_proj is not None:
+            q_size = self.num_heads * self.head_dim
+            kv_size = self.num_kv_heads * self.head_dim
+            qf, kf, vf = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
+            q = qf.view(tokens, self.num_heads, self.head_dim)
+            k = kf.view(tokens, self.num_kv_heads, self.head_dim)
+            v = vf.view(tokens, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         rotary = self.rotary[0]
         # With the fused kernels, a paged store rotates and stores in one launch; elsewhere, two calls.
         stored = rotary.fused and ctx.rotate_and_store(self.layer_idx, positions, q, k, v, rotary.cos, rotary.sin)
         if not stored:
             q, k = rotary(positions, q, k)
         out = ctx.attend(self.layer_idx, q, k, v, self.params, stored=stored)
-        out = out.reshape(tokens, self.num_heads * self.head_dim)
-        if few_rows:
-            return triton_linear(out, self.o_proj.weight, self.o_proj.bias)
-        return self.o_proj(out)  # type: ignore[no-any-return]
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))  # type: ignore[no-any-return]

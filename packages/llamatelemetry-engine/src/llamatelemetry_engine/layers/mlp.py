@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatelemetry_engine.layers.attention import merged_linear
-from llamatelemetry_triton import triton_linear, triton_swiglu
+from llamatelemetry_triton import triton_swiglu
 
 __all__ = ["SwiGLUMLP"]
 
@@ -40,8 +40,3 @@ class SwiGLUMLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         act = triton_swiglu(gate, up) if self.fused else F.silu(gate) * up
         return self.down_proj(act)  # type: ignore[no-any-return]
-
-    def forward_activated(self, act: torch.Tensor) -> torch.Tensor:
-        """``down_proj(act)`` through the few-row linear kernel, for a step of a few tokens whose
-        ``act = silu(gate) * up`` the caller computed (fused with the norm and the gate/up projection)."""
-        return triton_linear(act, self.down_proj.weight, self.down_proj.bias)

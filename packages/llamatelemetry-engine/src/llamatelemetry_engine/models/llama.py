@@ -4,9 +4,7 @@ Parameter names match transformers' ``LlamaForCausalLM`` (``model.layers.N.self_
 transformers state dict loads as it is. A step's tokens of every sequence are packed into one ``[tokens]``
 vector with their positions; attention finds each sequence's keys through the step context. Each layer is
 ``h = h + attn(norm(h)); h = h + mlp(norm(h))``, with the residual add fused into the next norm when the Triton
-kernels are on; in one-token steps (batch-1 decode) with merged projections, the add and norm before attention are
-fused into the merged q/k/v projection, and the q/k/v, o and down projections take the few-row linear kernel of
-``llamatelemetry-triton`` instead of cuBLAS (see :data:`FEW_ROW_TOKENS`).
+kernels are on.
 """
 
 from __future__ import annotations
@@ -17,16 +15,8 @@ from torch import nn
 from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.context import StepContext
 from llamatelemetry_engine.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLUMLP
-from llamatelemetry_triton import triton_fused_add_rmsnorm_linear, triton_rmsnorm_linear, triton_swiglu
 
-__all__ = ["FEW_ROW_TOKENS", "DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
-
-FEW_ROW_TOKENS = 1
-"""Steps of at most this many tokens take the few-row linear kernel for the q/k/v (with the norm fused in), o
-and down projections. Measured on an H200 at Llama-3.2-1B's shapes (``benchmarks/triton/sweep_gemv.py``,
-fp16, graph-replayed, 16 layers): at one row the kernel beat cuBLAS for q/k/v with the norm (7.5 against
-8.6 us), o (5.1 against 6.6) and down (13.5 against 14.2), and lost for gate/up (19.7 against 18.6, 24.3 against
-23.6 with SwiGLU fused), which stays on cuBLAS; at four rows it lost everywhere (0.53x to 0.92x)."""
+__all__ = ["DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
 
 
 class DecoderLayer(nn.Module):
@@ -40,13 +30,10 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias, fused=fused)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused=fused)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused=fused)
-        self.fused = fused
 
     def forward(
         self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._few_rows(h):
-            return self._forward_few_rows(positions, h, residual, ctx)
         if residual is None:
             residual = h
             x = self.input_layernorm(h)
@@ -55,38 +42,6 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(positions, x, ctx)
         x, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(x), residual
-
-    def _few_rows(self, h: torch.Tensor) -> bool:
-        """Whether this step takes the few-row path: Triton kernels on, projections merged, and at most
-        :data:`FEW_ROW_TOKENS` tokens (batch-1 decode; a CUDA graph is captured per batch size, so the choice is
-        fixed per graph)."""
-        return (
-            self.fused
-            and h.shape[0] <= FEW_ROW_TOKENS
-            and self.self_attn.qkv_proj is not None
-            and self.mlp.gate_up_proj is not None
-        )
-
-    def _forward_few_rows(
-        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The norm before attention runs inside the q/k/v projection (one launch instead of two; the normalized
-        # row never reaches memory); o_proj and down_proj take the few-row kernel too; gate/up stays on cuBLAS
-        # (FEW_ROW_TOKENS says why). Same roundings as the unfused path.
-        qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
-        assert qkv_proj is not None and gate_up_proj is not None
-        norm = self.input_layernorm
-        if residual is None:
-            residual = h
-            qkv = triton_rmsnorm_linear(h, norm.weight, qkv_proj.weight, qkv_proj.bias, norm.eps)
-        else:
-            qkv, residual = triton_fused_add_rmsnorm_linear(
-                h, residual, norm.weight, qkv_proj.weight, qkv_proj.bias, norm.eps
-            )
-        h = self.self_attn.forward_projected(positions, qkv, ctx)
-        x, residual = self.post_attention_layernorm(h, residual)
-        gate, up = gate_up_proj(x).chunk(2, dim=-1)
-        return self.mlp.forward_activated(triton_swiglu(gate, up)), residual
 
 
 class LlamaModel(nn.Module):
