@@ -16,7 +16,7 @@ For each decode projection of Llama-3.2-1B (``--shapes``: q/k/v merged 3072x2048
    is made once per layer on ``--layers`` (16) distinct weights, as a decode step makes them, so the weights come
    from device memory; the time per call is the total over the layers. Baselines of the same run: cuBLAS
    (``F.linear``), and for the fused projections the unfused pair (``triton_fused_add_rmsnorm`` then
-   ``F.linear``, what the engine ran before). Then the plain kernel with every launch of the sweep (``BLOCK_N``
+   ``F.linear``, what the engine runs). Then the plain kernel with every launch of the sweep (``BLOCK_N``
    2-32, ``BLOCK_K`` 256-1024, 4 or 8 warps, 2-4 stages, tiles of at most 16384 elements, 32768 for one row),
    and the fused kernel with the chosen launch and with the plain sweep's fastest; for gate/up also the SwiGLU
    epilogue (``swiglu=True``) against norm + ``F.linear`` + ``triton_swiglu``. GB/s count the weight's bytes;
@@ -71,7 +71,7 @@ def _score(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def sweep_configs(rows: int, warps: Sequence[int] = (4, 8), stages: Sequence[int] = (2, 3, 4)) -> list[LaunchConfig]:
-    """The launches swept at ``rows`` rows: the prototype's region, tiles bounded so the registers hold them."""
+    """The launches swept at ``rows`` rows: BLOCK_N 2-32, BLOCK_K 256-1024, tiles bounded so the registers hold them."""
     block_m = 1 << (rows - 1).bit_length()
     bound = 32768 if rows == 1 else 16384
     configs = []

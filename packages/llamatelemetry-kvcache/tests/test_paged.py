@@ -98,7 +98,7 @@ def test_triton_write_takes_strided_inputs() -> None:
     expected = _clone(store)
     both = torch.randn(3, 2, 2, 8, device=KERNEL_DEVICE)  # K and V interleaved: non-contiguous token stride
     key, value = both[:, 0], both[:, 1]
-    slots = torch.tensor([5, 6, 15], device=KERNEL_DEVICE)
+    slots = torch.tensor([[5, 99], [6, 99], [15, 99]], device=KERNEL_DEVICE)[:, 0]  # a column: stride 2
     paged_write_reference(key, value, expected, slots)
     paged_write(key, value, store, slots, backend="triton")
     _assert_same(store, expected)

@@ -211,6 +211,6 @@ def test_linear_device_classes() -> None:
         "sm90",
         "cpu",
     ]
-    # Llama-3.2-1B's q/k/v at one row on an H100: the prototype's region (BLOCK_N 2-32, BLOCK_K 256-1024).
+    # Llama-3.2-1B's q/k/v at one row on an H100: the swept region (BLOCK_N 2-32, BLOCK_K 256-1024).
     config = linear_config(1, 3072, 2048, torch.float16, _device("h100"))
     assert 2 <= config.block_size <= 32 and 256 <= config.chunk_size <= 1024

@@ -88,7 +88,7 @@ def test_the_swiglu_epilogue_matches_projection_then_swiglu(rows: int, n: int, b
         y_first = lt.triton_rmsnorm_linear(x, nw, w, b, swiglu=True)
         y_fused, h = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b, swiglu=True)
         normed, want_h = lt.triton_fused_add_rmsnorm(x, r, nw)
-        unfused = lt.triton_swiglu(F.linear(normed, w, b))  # what the engine ran before: three launches
+        unfused = lt.triton_swiglu(F.linear(normed, w, b))  # what the engine runs: three launches
     assert rec.implementations("triton.fused_add_rmsnorm_linear") == ["triton"]
     assert y.shape == (rows, n) and torch.equal(h, want_h)
     assert_close(y, lt.swiglu_reference(*F.linear(x, w, b).chunk(2, -1)), name="linear + swiglu", dtype=dtype)

@@ -24,6 +24,7 @@ BUILTINS = {
     "linear",
     "rmsnorm",
     "rope",
+    "rope_paged_write",
     "softmax",
     "swiglu",
 }

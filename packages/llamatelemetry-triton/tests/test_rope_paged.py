@@ -129,6 +129,20 @@ def test_rounds_exactly_as_triton_rope_and_stores_what_it_rotated(name: str, dty
     _check_same(args, (q, k, v, cos, sin, positions, cache, slots), dtype, exact=True)
 
 
+def test_a_strided_slot_mapping_is_read_slot_by_slot() -> None:
+    # A column of a wider tensor (stride 2): each token's own slot, not its neighbour's.
+    case = CASES["gqa3_d128_odd_tokens"]
+    args = _step(case, torch.float32, seed=11)
+    slots = args[7]
+    wide = torch.stack([slots, torch.full_like(slots, 10**6)], dim=1)
+    strided = (*args[:7], wide[:, 0])
+    assert strided[7].stride() == (2,)
+    want = _clone(args)
+    lt.rope_paged_write_reference(*want)
+    lt.triton_rope_paged_write(*strided)
+    _check_same(strided, (*want[:7], wide[:, 0]), torch.float32, exact=False)
+
+
 def test_a_step_of_padding_alone_rotates_and_stores_nothing() -> None:
     args = _step(Case(4, 2, 1, 64, 64, 16, padded=4), torch.float32, seed=1)
     before = _clone(args)

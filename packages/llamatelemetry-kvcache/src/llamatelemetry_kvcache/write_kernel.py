@@ -122,7 +122,9 @@ def triton_paged_write(key: torch.Tensor, value: torch.Tensor, cache: PagedKV, s
     While ``torch.compile`` traces, the launch goes through the custom op ``llamatelemetry::kvcache_paged_write``
     (which declares what it mutates); eagerly it launches directly, sparing the dispatcher's overhead.
     """
-    args = (key, value, cache.key_cache, cache.value_cache, cache.key_scale, cache.value_scale, slot_mapping)
+    # The kernel reads one slot per token at unit stride (a no-op for a contiguous mapping).
+    slots = slot_mapping.contiguous()
+    args = (key, value, cache.key_cache, cache.value_cache, cache.key_scale, cache.value_scale, slots)
     if torch.compiler.is_compiling():
         torch.ops.llamatelemetry.kvcache_paged_write(*args)
     else:

@@ -129,9 +129,10 @@ def rope_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated copies of ``q`` and ``k`` (the inputs are not modified).
 
-    A position outside the tables leaves its token as it is, as in the kernel (:func:`triton_rope` refuses such
-    positions when they are on the CPU; on a GPU, checking them would synchronize): the tables are never indexed
-    out of range, which on a GPU would be a device-side assert that ends the process's CUDA context.
+    A position outside the tables leaves its token unrotated (equal in value for finite inputs), as in the kernel
+    (:func:`triton_rope` refuses such positions when they are on the CPU; on a GPU, checking them would
+    synchronize): the tables are never indexed out of range, which on a GPU would be a device-side assert that ends
+    the process's CUDA context.
     """
     pos = token_positions(q, positions).long()
     compute = torch.promote_types(compute_dtype(q), compute_dtype(k))

@@ -173,7 +173,7 @@ def _rope_paged_write_kernel(  # type: ignore[no-untyped-def]
                          False)  # fmt: skip
         else:
             # Every key pair is stored: a position outside the tables (unchecked on a GPU) reads cos 1, sin 0, so
-            # its key is stored unrotated, as triton_rope leaves it (to the bit for finite values).
+            # its key is stored unrotated, as triton_rope leaves it (equal in value for finite inputs).
             Kt = K + token * k_stride_t
             rotate_heads(Kt, k_stride_h, n_kv_heads, heads, first, second, d < rotary_half, cos, sin,
                          KeyCache + row, HEAD_DIM, n_stored, BLOCK_H, True)  # fmt: skip
@@ -242,7 +242,8 @@ def _triton(
     interleaved: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pos = token_positions(q, positions).contiguous()
-    args = (q, k, v, cos, sin, pos, key_cache, value_cache, slot_mapping, interleaved)
+    # The kernel reads one slot per token at unit stride (a no-op for the engine's contiguous mapping).
+    args = (q, k, v, cos, sin, pos, key_cache, value_cache, slot_mapping.contiguous(), interleaved)
     run_op(torch.ops.llamatelemetry.triton_rope_paged_write_, _launch, *args)
     return q, k
 
@@ -262,11 +263,13 @@ def rope_paged_write_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     one whose dtype is not that of ``q``, ``k`` and ``v``. No host sync; what to do instead is to rotate with
     ``triton_rope`` and store with the cache's write."""
     kv_dtype = cache.key_cache.dtype
-    if cache.key_scale is not None or cache.value_scale is not None or kv_dtype not in _STORE_DTYPES:
+    if cache.key_scale is not None or cache.value_scale is not None:
         return (
             f"the store is {dtype_name(kv_dtype)} with scales: a quantized store takes scales computed from the "
             "rotated keys, which the cache's own write computes"
         )
+    if kv_dtype not in _STORE_DTYPES:
+        return f"the store is {dtype_name(kv_dtype)}; the kernel stores float16, bfloat16 and float32"
     dtypes = {q.dtype, k.dtype, v.dtype}
     if dtypes != {kv_dtype}:
         names = ", ".join(sorted(dtype_name(d) for d in dtypes))
