@@ -118,43 +118,6 @@ def fused_add_rmsnorm_linear_reference(
 # --- custom ops (torch.compile, CUDA graphs) ------------------------------------------------------------------
 
 
-@torch.library.custom_op("llamatelemetry::triton_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
-    return linear_forward(x, None, None, weight, bias, 0.0, swiglu)[0]
-
-
-@_linear_op.register_fake
-def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
-    return linear_outputs(x, None, weight, swiglu)[0]
-
-
-@torch.library.custom_op("llamatelemetry::triton_rmsnorm_linear", mutates_args=())
-def _rmsnorm_linear_op(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-    swiglu: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rmsnorm_linear_launch(x, residual, norm_weight, weight, bias, eps, swiglu)
-
-
-@_rmsnorm_linear_op.register_fake
-def _rmsnorm_linear_fake(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-    swiglu: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    y, h = linear_outputs(x, residual, weight, swiglu)
-    return y, x.new_empty(0) if h is None else h
-
-
 def _linear_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
     return linear_forward(x, None, None, weight, bias, 0.0, swiglu)[0]
 
@@ -170,6 +133,32 @@ def _rmsnorm_linear_launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, h = linear_forward(x, residual, norm_weight, weight, bias, eps, swiglu)
     return y, x.new_empty(0) if h is None else h  # a custom op's outputs are tensors: no h travels as empty
+
+
+# The launchers are the custom ops that torch.compile and CUDA graphs see (results in new tensors).
+_linear_op = torch.library.custom_op("llamatelemetry::triton_linear", _linear_launch, mutates_args=())
+_rmsnorm_linear_op = torch.library.custom_op(
+    "llamatelemetry::triton_rmsnorm_linear", _rmsnorm_linear_launch, mutates_args=()
+)
+
+
+@_linear_op.register_fake
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    return linear_outputs(x, None, weight, swiglu)[0]
+
+
+@_rmsnorm_linear_op.register_fake
+def _rmsnorm_linear_fake(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    swiglu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, h = linear_outputs(x, residual, weight, swiglu)
+    return y, x.new_empty(0) if h is None else h
 
 
 # --- operations and public functions --------------------------------------------------------------------------
