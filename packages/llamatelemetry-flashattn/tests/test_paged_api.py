@@ -192,6 +192,42 @@ def test_decode_tiles_are_small_and_prefill_tiles_large() -> None:
         assert choose_paged_tiles(128, torch.float16, torch.float16, t4).block_m <= 64
 
 
+def test_short_key_ranges_take_their_own_decode_tiles() -> None:
+    from llamatelemetry_flashattn.paged_tiles import SHORT_KEY_RANGE, paged_launch_config
+
+    with simulate_device("h100") as h100:
+
+        def decode(head_dim: int, max_kv_len: int | None) -> tuple[int, int, bool]:
+            t = choose_paged_tiles(
+                head_dim, torch.float16, torch.float16, h100, rows_per_program=4, max_kv_len=max_kv_len
+            )
+            return t.block_n, t.num_stages, t.page_ids
+
+        long_range = decode(64, None)
+        assert decode(64, SHORT_KEY_RANGE + 16) == long_range == (128, 2, True)
+        assert decode(64, SHORT_KEY_RANGE) == decode(64, 16) == (64, 1, True)
+        # Rows without a short-range entry keep their long-range tiles; prefill never reads the short table.
+        assert decode(128, 256) == decode(128, None)
+        prefill = choose_paged_tiles(64, torch.float16, torch.float16, h100, max_kv_len=256)
+        assert prefill == choose_paged_tiles(64, torch.float16, torch.float16, h100)
+        with pytest.raises(ValueError, match="max_kv_len"):
+            choose_paged_tiles(64, torch.float16, torch.float16, h100, rows_per_program=4, max_kv_len=-1)
+        # The launch reads the bound from the block table's width: 32 pages of 16 keys is short, 33 is not.
+        q = torch.empty(3, 32, 64, dtype=torch.float16)
+        kv = PagedKV(torch.empty(80, 16, 8, 64, dtype=torch.float16), torch.empty(80, 16, 8, 64, dtype=torch.float16))
+        short = paged_launch_config(q, kv, torch.zeros(3, 32, dtype=torch.int32), 1, device=h100)
+        wide = paged_launch_config(q, kv, torch.zeros(3, 33, dtype=torch.int32), 1, device=h100)
+        assert (short.tiles.block_n, short.tiles.num_stages) == (64, 1)
+        assert (wide.tiles.block_n, wide.tiles.num_stages) == (128, 2)
+        # Splits of one sequence's 8 programs (132 SMs want 17 parts): one tile of keys per part on the short range
+        # (512 keys / 64: 8 parts), 256 keys per part on the long one (528 keys: 2 parts).
+        one = torch.zeros(1, 32, dtype=torch.int32)
+        assert paged_launch_config(q[:1], kv, one, 1, device=h100).num_splits == 8
+        assert paged_launch_config(q[:1], kv, torch.zeros(1, 33, dtype=torch.int32), 1, device=h100).num_splits == 2
+        with pytest.raises(ValueError, match="min_tokens_per_split"):
+            choose_num_splits(8, 512, h100, min_tokens_per_split=0)
+
+
 @given(
     programs=st.integers(1, 5000),
     max_kv_len=st.integers(1, 1 << 20),

@@ -10,7 +10,10 @@ Its shared memory is about::
 
 Decode (a handful of rows per program) is memory-bound: the smallest tensor-core row tile (16), 4 warps, wide key
 tiles where shared memory allows. A chunk of prefill is compute-bound. Both read one table per device class
-(``_DECODE``, ``_PREFILL``), so a measured sweep changes one row. A T4 (Turing) allows 64 KiB per block:
+(``_DECODE``, ``_PREFILL``), so a measured sweep changes one row. Decode over short key ranges (the block table
+bounds every sequence at :data:`SHORT_KEY_RANGE` keys or fewer) reads ``_DECODE_SHORT`` where it has a row: with
+a handful of tiles per program there is no loop worth pipelining, and smaller tiles leave room for more programs
+per multiprocessor. A T4 (Turing) allows 64 KiB per block:
 preferences shrink until the estimate fits, and the AOT check (``python -m llamatelemetry_core.aot --device
 t4``) compiles the result and confirms it.
 
@@ -34,6 +37,7 @@ __all__ = [
     "MAX_SPLITS",
     "MERGE_BLOCK_S",
     "MIN_TOKENS_PER_SPLIT",
+    "SHORT_KEY_RANGE",
     "SPLIT_TARGET_PROGRAMS_PER_SM",
     "PagedLaunch",
     "PagedTiles",
@@ -51,10 +55,13 @@ MAX_SPLITS = 32
 MERGE_BLOCK_S = 32
 """Lanes of the merge kernel: one power of two >= ``MAX_SPLITS`` for every split count (one compiled kernel)."""
 MIN_TOKENS_PER_SPLIT = 256
-"""A split reads at least this many keys, so that its partial result costs less to merge than it saved."""
+"""A split reads at least this many keys, so that its partial result costs less to merge than it saved (short-range
+decode with its own tiles: one tile of keys)."""
 SPLIT_TARGET_PROGRAMS_PER_SM = 1.0
 """Splits are added until there are this many programs per multiprocessor (none when there already are)."""
 _DECODE_ROWS = 64
+SHORT_KEY_RANGE = 512
+"""Decode whose block table bounds every sequence at this many keys or fewer reads ``_DECODE_SHORT`` first."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,10 @@ def _element_size(dtype: torch.dtype) -> int:
 # shared-memory reasoning (:func:`choose_paged_tiles` shrinks any row that does not fit). ``page_ids`` selects the
 # kernel's one-block-id-per-page address path when a tile spans several whole pages.
 _DECODE: dict[tuple[str, int], tuple[int, int, int, bool]] = {
-    ("hopper", 64): (128, 4, 3, False),
+    # Head dim 64, measured on an H200 (32 query / 8 KV heads, page 16, contexts 1024-4096, batch 4-64): 128 keys,
+    # 2 stages, one block id per page was the best or within 1% of it everywhere (batch 64, context 1024: 48.7 us
+    # against 58.3 for the earlier 3 stages without ids); 64-key tiles took 1.1-1.3x at contexts >= 2048.
+    ("hopper", 64): (128, 4, 2, True),
     ("hopper", 128): (128, 4, 4, True),
     ("hopper", 256): (32, 4, 3, False),
     ("ampere", 64): (128, 4, 3, False),
@@ -110,6 +120,13 @@ _DECODE: dict[tuple[str, int], tuple[int, int, int, bool]] = {
     ("turing", 64): (64, 8, 2, False),
     ("turing", 128): (32, 8, 2, False),
     ("turing", 256): (16, 8, 1, False),
+}
+# Key ranges of at most SHORT_KEY_RANGE (the engine's decode at max_model_len 512). Measured on an H200, head dim 64,
+# context 192 in a table of 512 keys: 64 keys, 1 stage, ids took 16.3 us at batch 64 against 23.5 for the long-range
+# row of the time (128 keys, 3 stages, no ids), the best of 48 tile configurations; at batch 1 and 8 it was within
+# 5% of the best (whole engine decode, Llama-3.2-1B shape: +1.6% at batch 1, +1.2% at 8, +4.5% at 64).
+_DECODE_SHORT: dict[tuple[str, int], tuple[int, int, int, bool]] = {
+    ("hopper", 64): (64, 4, 1, True),
 }
 _PREFILL: dict[tuple[str, int], tuple[int, int, int, int, bool]] = {
     ("hopper", 64): (64, 64, 4, 3, False),
@@ -137,12 +154,27 @@ def device_class(device: DeviceInfo) -> str:
     return "hopper" if device.capability_at_least(9, 0) else "ampere"
 
 
-def _preferred(block_d: int, rows: int | None, device: DeviceInfo) -> PagedTiles:
-    """The table's launch for this device class, head width and rows, before fitting to shared memory."""
-    width = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-    key = (device_class(device), width)
+def _table_key(block_d: int, device: DeviceInfo) -> tuple[str, int]:
+    return device_class(device), 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def _short_decode(block_d: int, rows: int | None, device: DeviceInfo, max_kv_len: int | None) -> bool:
+    """Whether a launch reads ``_DECODE_SHORT``: decode rows, a short key range and a row for this device/head."""
+    return (
+        rows is not None
+        and rows <= _DECODE_ROWS
+        and max_kv_len is not None
+        and max_kv_len <= SHORT_KEY_RANGE
+        and _table_key(block_d, device) in _DECODE_SHORT
+    )
+
+
+def _preferred(block_d: int, rows: int | None, device: DeviceInfo, max_kv_len: int | None) -> PagedTiles:
+    """The table's launch for this device class, head width, rows and key range, before fitting to shared memory."""
+    key = _table_key(block_d, device)
     if rows is not None and rows <= _DECODE_ROWS:
-        block_n, warps, stages, page_ids = _DECODE[key]
+        short = _short_decode(block_d, rows, device, max_kv_len)
+        block_n, warps, stages, page_ids = _DECODE_SHORT[key] if short else _DECODE[key]
         return PagedTiles(max(_MIN_TILE, _next_pow2(rows)), block_n, block_d, warps, stages, page_ids)
     block_m, block_n, warps, stages, page_ids = _PREFILL[key]
     return PagedTiles(block_m, block_n, block_d, warps, stages, page_ids)
@@ -155,12 +187,14 @@ def choose_paged_tiles(
     device: DeviceInfo,
     *,
     rows_per_program: int | None = None,
+    max_kv_len: int | None = None,
 ) -> PagedTiles:
     """The tiles the paged kernel uses on ``device``.
 
     ``rows_per_program`` is ``max_seqlen_q * num_heads / num_kv_heads`` (the packed rows of one sequence and KV
-    head); ``None`` means "many" (prefill). A CPU device (the Triton interpreter) gets 16-wide tiles: exact
-    everywhere, and the interpreter's time grows with tile size.
+    head); ``None`` means "many" (prefill). ``max_kv_len`` bounds every sequence's keys (the block table's width
+    times the page size; ``None``: unknown, taken as long). A CPU device (the Triton interpreter) gets 16-wide
+    tiles: exact everywhere, and the interpreter's time grows with tile size.
     """
     if not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"expected 0 < head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
@@ -168,7 +202,9 @@ def choose_paged_tiles(
     if not device.is_cuda:
         block_m = 16 if rows_per_program is None else max(_MIN_TILE, min(32, _next_pow2(rows_per_program)))
         return PagedTiles(block_m, 16, block_d, 4, 1)
-    tiles = _preferred(block_d, rows_per_program, device)
+    if max_kv_len is not None and max_kv_len < 0:
+        raise ValueError(f"expected max_kv_len >= 0 or None, got {max_kv_len}")
+    tiles = _preferred(block_d, rows_per_program, device, max_kv_len)
     q_size, kv_size = _element_size(q_dtype), _element_size(kv_dtype)
     limit = device.shared_memory_per_block_bytes or 48 * 1024
     while tiles.shared_memory_estimate(q_size, kv_size) > limit:
@@ -192,19 +228,24 @@ def uses_page_ids(tiles: PagedTiles, page_size: int) -> bool:
     return tiles.page_ids and page_size < tiles.block_n and tiles.block_n % page_size == 0
 
 
-def choose_num_splits(programs: int, max_kv_len: int, device: DeviceInfo) -> int:
+def choose_num_splits(
+    programs: int, max_kv_len: int, device: DeviceInfo, *, min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT
+) -> int:
     """How many parts each program's keys are cut into (1: no split-KV); see the module docstring.
 
     ``programs`` is ``batch * num_kv_heads * row_tiles``; ``max_kv_len`` an upper bound of every sequence's
-    length known on the host (``block_tables.shape[1] * page_size``).
+    length known on the host (``block_tables.shape[1] * page_size``); a split reads at least
+    ``min_tokens_per_split`` keys (a positive count).
     """
+    if min_tokens_per_split < 1:
+        raise ValueError(f"expected min_tokens_per_split >= 1, got {min_tokens_per_split}")
     if not device.is_cuda or programs <= 0:
         return 1
     target = int(device.sm_count * SPLIT_TARGET_PROGRAMS_PER_SM)
     if programs >= target:
         return 1
     wanted = -(-target // programs)
-    by_length = max(1, max_kv_len // MIN_TOKENS_PER_SPLIT)
+    by_length = max(1, max_kv_len // min_tokens_per_split)
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
@@ -230,9 +271,17 @@ def paged_launch_config(
     _, page_size, kv_heads, _ = kv.key_cache.shape
     group = heads // kv_heads
     rows = max(1, max_seqlen_q) * group
-    tiles = choose_paged_tiles(head_dim, q.dtype, kv.key_cache.dtype, info, rows_per_program=rows)
+    max_kv_len = block_tables.shape[1] * page_size
+    tiles = choose_paged_tiles(
+        head_dim, q.dtype, kv.key_cache.dtype, info, rows_per_program=rows, max_kv_len=max_kv_len
+    )
     programs = block_tables.shape[0] * kv_heads * -(-rows // tiles.block_m)
-    splits = choose_num_splits(programs, block_tables.shape[1] * page_size, info)
+    # Short-range decode splits down to one tile per part (H200, head dim 64, context 192 of 512: 8 splits at
+    # batch 1 made the whole engine's decode 1.6% faster than the 2 that 256 keys per split allow).
+    short = _short_decode(tiles.block_d, rows, info, max_kv_len)
+    splits = choose_num_splits(
+        programs, max_kv_len, info, min_tokens_per_split=tiles.block_n if short else MIN_TOKENS_PER_SPLIT
+    )
     return PagedLaunch(tiles, splits)
 
 
