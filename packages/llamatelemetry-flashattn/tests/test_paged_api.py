@@ -176,10 +176,13 @@ def test_tiles_fit_every_known_gpu(key: str) -> None:
         for head_dim in (64, 80, 128, 256, 24):
             for kv_dtype in kv_dtypes:
                 for rows in (None, 1, 4, 8, 37, 64, 65, 4096):
-                    tiles = choose_paged_tiles(head_dim, torch.float16, kv_dtype, device, rows_per_program=rows)
-                    kv_size = torch.empty((), dtype=kv_dtype).element_size()
-                    assert tiles.shared_memory_estimate(2, kv_size) <= limit, (key, head_dim, rows, tiles)
-                    assert tiles.block_d >= head_dim and min(tiles.block_m, tiles.block_n) >= 16
+                    for max_kv_len in (None, 512):  # the long-range tables and the short-range one
+                        tiles = choose_paged_tiles(
+                            head_dim, torch.float16, kv_dtype, device, rows_per_program=rows, max_kv_len=max_kv_len
+                        )
+                        kv_size = torch.empty((), dtype=kv_dtype).element_size()
+                        assert tiles.shared_memory_estimate(2, kv_size) <= limit, (key, head_dim, rows, tiles)
+                        assert tiles.block_d >= head_dim and min(tiles.block_m, tiles.block_n) >= 16
 
 
 def test_decode_tiles_are_small_and_prefill_tiles_large() -> None:
@@ -232,15 +235,19 @@ def test_short_key_ranges_take_their_own_decode_tiles() -> None:
     programs=st.integers(1, 5000),
     max_kv_len=st.integers(1, 1 << 20),
     key=st.sampled_from([s.key for s in GPU_SPECS]),
+    min_tokens=st.sampled_from([16, 64, 256]),
 )
-def test_split_count_properties(programs: int, max_kv_len: int, key: str) -> None:
+def test_split_count_properties(programs: int, max_kv_len: int, key: str, min_tokens: int) -> None:
     with simulate_device(key) as device:
         splits = choose_num_splits(programs, max_kv_len, device)
-    assert 1 <= splits <= MAX_SPLITS
+        given_min = choose_num_splits(programs, max_kv_len, device, min_tokens_per_split=min_tokens)
+    assert 1 <= splits <= MAX_SPLITS and 1 <= given_min <= MAX_SPLITS
     if programs >= device.sm_count:
-        assert splits == 1  # the GPU is already full
+        assert splits == given_min == 1  # the GPU is already full
     if splits > 1:
         assert max_kv_len // splits >= 256  # every part still reads a useful number of keys
+    if given_min > 1:
+        assert max_kv_len // given_min >= min_tokens
     assert choose_num_splits(programs, max_kv_len, get_device_info("cpu")) == 1
 
 

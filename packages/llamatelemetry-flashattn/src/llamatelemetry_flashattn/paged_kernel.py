@@ -312,7 +312,8 @@ def aot_build(
     head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, device: DeviceInfo, *, kind: str
 ) -> KernelBuild:
     """The attention kernel's build for ``kind`` in ``("decode", "decode-split", "prefill")`` on ``device``, with
-    pages of ``AOT_PAGE_SIZE`` tokens and the tiles :func:`triton_paged_attention` would launch."""
+    pages of ``AOT_PAGE_SIZE`` tokens and the tiles :func:`triton_paged_attention` would launch for a long key range
+    (short-range decode tiles, Hopper's at head dim 64, are smaller than the builds here and have none)."""
     from llamatelemetry_core.aot import KernelBuild, kernel_signature
 
     rows = None if kind == "prefill" else _AOT_DECODE_ROWS

@@ -103,9 +103,10 @@ def _element_size(dtype: torch.dtype) -> int:
 # shared-memory reasoning (:func:`choose_paged_tiles` shrinks any row that does not fit). ``page_ids`` selects the
 # kernel's one-block-id-per-page address path when a tile spans several whole pages.
 _DECODE: dict[tuple[str, int], tuple[int, int, int, bool]] = {
-    # Head dim 64, measured on an H200 (32 query / 8 KV heads, page 16, contexts 1024-4096, batch 4-64): 128 keys,
-    # 2 stages, one block id per page was the best or within 1% of it everywhere (batch 64, context 1024: 48.7 us
-    # against 58.3 for the earlier 3 stages without ids); 64-key tiles took 1.1-1.3x at contexts >= 2048.
+    # Head dim 64, measured on an H200 (32 query / 8 KV heads, page 16, contexts 1024-4096, batch 4-64;
+    # benchmarks/flashattn/sweep_paged_decode.py): 128 keys, 2 stages, one block id per page was the best or within
+    # 1% of it everywhere (batch 64, context 1024: 49.0 us against 58.1 for the earlier 3 stages with an id per
+    # key); 64-key tiles took 1.1-1.3x at contexts >= 2048.
     ("hopper", 64): (128, 4, 2, True),
     ("hopper", 128): (128, 4, 4, True),
     ("hopper", 256): (32, 4, 3, False),
@@ -122,9 +123,10 @@ _DECODE: dict[tuple[str, int], tuple[int, int, int, bool]] = {
     ("turing", 256): (16, 8, 1, False),
 }
 # Key ranges of at most SHORT_KEY_RANGE (the engine's decode at max_model_len 512). Measured on an H200, head dim 64,
-# context 192 in a table of 512 keys: 64 keys, 1 stage, ids took 16.3 us at batch 64 against 23.5 for the long-range
-# row of the time (128 keys, 3 stages, no ids), the best of 48 tile configurations; at batch 1 and 8 it was within
-# 5% of the best (whole engine decode, Llama-3.2-1B shape: +1.6% at batch 1, +1.2% at 8, +4.5% at 64).
+# context 192 in a table of 512 keys (same script): 64 keys, 1 stage, ids took 16.5 us at batch 64 against 22.2 for
+# the earlier row (128 keys, 3 stages, an id per key), the best of 48 tile configurations; at batch 1 and 8 it was
+# within 1.05x of the best. Whole engine decode, Llama-3.2-1B shape: these tiles +5.5% at batch 64 (none at 1 and
+# 8); splitting to one tile per part (paged_launch_config) then +1.6% at batch 1 and +0.6% at 8.
 _DECODE_SHORT: dict[tuple[str, int], tuple[int, int, int, bool]] = {
     ("hopper", 64): (64, 4, 1, True),
 }
@@ -199,11 +201,11 @@ def choose_paged_tiles(
     if not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"expected 0 < head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
     block_d = padded_head_dim(head_dim)
+    if max_kv_len is not None and max_kv_len < 0:
+        raise ValueError(f"expected max_kv_len >= 0 or None, got {max_kv_len}")
     if not device.is_cuda:
         block_m = 16 if rows_per_program is None else max(_MIN_TILE, min(32, _next_pow2(rows_per_program)))
         return PagedTiles(block_m, 16, block_d, 4, 1)
-    if max_kv_len is not None and max_kv_len < 0:
-        raise ValueError(f"expected max_kv_len >= 0 or None, got {max_kv_len}")
     tiles = _preferred(block_d, rows_per_program, device, max_kv_len)
     q_size, kv_size = _element_size(q_dtype), _element_size(kv_dtype)
     limit = device.shared_memory_per_block_bytes or 48 * 1024
