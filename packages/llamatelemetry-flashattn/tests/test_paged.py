@@ -520,6 +520,42 @@ def test_gpu_one_block_id_per_page(
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int8], ids=["fp16", "int8"])
+def test_gpu_head_dim_64_decode_launches(kv_dtype: torch.dtype, rng: torch.Generator) -> None:
+    """Hopper's head-dim-64 decode rows (64-key single-stage tiles split one tile per part for short key ranges,
+    128-key 2-stage tiles for long ones, one block id per page), forced on any GPU they fit, and the automatic
+    launch, on ragged sequences of one query each."""
+    from llamatelemetry_core.device import get_device_info
+    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
+    from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles
+
+    store = make_store(
+        rng, [192, 1, 77, 500], [1, 1, 1, 1], heads=32, kv_heads=8, head_dim=64, dtype=torch.float16, kv_dtype=kv_dtype
+    )
+    cuda = store.to("cuda")
+    limit = get_device_info().shared_memory_per_block_bytes or 0
+    launches: list[PagedLaunch | None] = [None]
+    for tiles, splits in (((64, 1), (1, 8)), ((128, 2), (1, 3))):
+        t = PagedTiles(16, tiles[0], 64, 4, tiles[1], page_ids=True)
+        if t.shared_memory_estimate(2, kv_dtype.itemsize) <= limit:
+            launches += [PagedLaunch(t, n) for n in splits]
+    want = oracle(store, causal=True)
+    tol = tolerance(torch.float16)
+    for launch in launches:
+        out = triton_paged_attention(
+            cuda.q,
+            cuda.kv,
+            cuda.block_tables,
+            cuda.seq_lens,
+            cuda.cu_seqlens_q,
+            max_seqlen_q=cuda.max_seqlen_q,
+            causal=True,
+            launch=launch,
+        )
+        assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name=f"{kv_dtype}/{launch}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kv_name", ["int8", "fp8"])
 def test_gpu_quantized_kv(kv_name: str, dtype: torch.dtype, rng: torch.Generator) -> None:
