@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -22,6 +23,9 @@ from llamatelemetry_core.kv_layout import PAD_BLOCK, PagedKV
 from llamatelemetry_core.selection import record_selections
 from llamatelemetry_core.testing import Tolerance, assert_close, tolerance_for
 from llamatelemetry_flashattn import attention_reference, flash_attention_forward, paged_attention, paged_decode
+
+if TYPE_CHECKING:
+    from llamatelemetry_flashattn.paged_tiles import PagedLaunch
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 # The CPU tests run the Triton kernels on CPU tensors, which only the interpreter can (the cpu-triton matrix);
@@ -161,6 +165,22 @@ def run(store: Store, backend: str | None, **options: object) -> torch.Tensor:
     )
 
 
+def launched(store: Store, launch: PagedLaunch | None, **options: object) -> torch.Tensor:
+    """The Triton kernels on ``store``'s step with a forced ``launch`` (``None``: the library's own choice)."""
+    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
+
+    return triton_paged_attention(
+        store.q,
+        store.kv,
+        store.block_tables,
+        store.seq_lens,
+        store.cu_seqlens_q,
+        max_seqlen_q=store.max_seqlen_q,
+        launch=launch,
+        **options,  # type: ignore[arg-type]
+    )
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -235,23 +255,13 @@ def test_triton_matches_the_reference(case: Case, rng: torch.Generator) -> None:
 @interpreted
 @pytest.mark.parametrize("splits", [2, 3, 5])
 def test_split_kv_merges_to_the_same_result(splits: int, rng: torch.Generator) -> None:
-    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
     from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles
 
     # Sequence lengths that leave some parts empty (3 keys over 5 parts), a padding sequence, and a window.
     store = make_store(rng, [70, 3, 0, 41], [1, 1, 1, 2], heads=4, kv_heads=2)
     launch = PagedLaunch(PagedTiles(16, 16, 64, 4, 1), splits)
     for options in ({"causal": True}, {"causal": True, "window_size": (20, -1), "softcap": 5.0}):
-        out = triton_paged_attention(
-            store.q,
-            store.kv,
-            store.block_tables,
-            store.seq_lens,
-            store.cu_seqlens_q,
-            max_seqlen_q=2,
-            launch=launch,
-            **options,
-        )
+        out = launched(store, launch, **options)
         tol = tolerance(torch.float32)
         assert_close(out, oracle(store, **options), atol=tol.atol, rtol=tol.rtol, name=f"split{splits}/{options}")
 
@@ -261,7 +271,6 @@ def test_split_kv_merges_to_the_same_result(splits: int, rng: torch.Generator) -
 @pytest.mark.parametrize("kv_name", ["fp32", "int8"])
 def test_one_block_id_per_page_is_exact(page_size: int, kv_name: str, rng: torch.Generator) -> None:
     """The per-page address path (tiles spanning whole pages) computes what the per-key path and reference do."""
-    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
     from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles, uses_page_ids
 
     kv_dtype = torch.int8 if kv_name == "int8" else torch.float32
@@ -270,16 +279,7 @@ def test_one_block_id_per_page_is_exact(page_size: int, kv_name: str, rng: torch
     tiles = PagedTiles(16, 16, 64, 4, 1, page_ids=True)
     assert uses_page_ids(tiles, page_size)
     for splits, options in ((1, {"causal": True}), (3, {"causal": True, "window_size": (9, -1), "softcap": 5.0})):
-        out = triton_paged_attention(
-            store.q,
-            store.kv,
-            store.block_tables,
-            store.seq_lens,
-            store.cu_seqlens_q,
-            max_seqlen_q=3,
-            launch=PagedLaunch(tiles, splits),
-            **options,
-        )
+        out = launched(store, PagedLaunch(tiles, splits), **options)
         tol = tolerance(torch.float32)
         want = oracle(store, **options)
         assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name=f"page-ids/p{page_size}/{kv_name}/{options}")
@@ -453,7 +453,6 @@ def test_gpu_kernel_matches_the_reference(case: Case, dtype: torch.dtype, rng: t
 def test_gpu_each_devices_tiles_and_forced_splits(device_key: str, rows: int | None, rng: torch.Generator) -> None:
     """The tiles chosen for a T4 (and A100, H100), with and without split-KV, on whatever GPU is here."""
     from llamatelemetry_core.device import get_device_info, simulate_device
-    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
     from llamatelemetry_flashattn.paged_tiles import PagedLaunch, choose_paged_tiles
 
     store = make_store(rng, [700, 33, 1, 1024], [1, 5, 1, 40], heads=8, kv_heads=2, head_dim=128, dtype=torch.float16)
@@ -463,17 +462,7 @@ def test_gpu_each_devices_tiles_and_forced_splits(device_key: str, rows: int | N
     if tiles.shared_memory_estimate(2, 2) > (get_device_info().shared_memory_per_block_bytes or 0):
         pytest.skip(f"{device_key}'s tiles need more shared memory than this GPU has")
     for splits in (1, 4, 7):
-        out = triton_paged_attention(
-            cuda.q,
-            cuda.kv,
-            cuda.block_tables,
-            cuda.seq_lens,
-            cuda.cu_seqlens_q,
-            max_seqlen_q=cuda.max_seqlen_q,
-            causal=True,
-            window_size=(300, -1),
-            launch=PagedLaunch(tiles, splits),
-        )
+        out = launched(cuda, PagedLaunch(tiles, splits), causal=True, window_size=(300, -1))
         tol = tolerance(torch.float16)
         want = oracle(store, causal=True, window_size=(300, -1))
         assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name=f"{device_key}/{rows}/splits={splits}")
@@ -487,7 +476,6 @@ def test_gpu_one_block_id_per_page(
 ) -> None:
     """The per-page address path at the sizes the benchmark sweeps, page 16, with and without split-KV."""
     from llamatelemetry_core.device import get_device_info
-    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
     from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles
 
     tiles = PagedTiles(*shape[:2], 128, *shape[2:], page_ids=True)
@@ -505,16 +493,7 @@ def test_gpu_one_block_id_per_page(
     )
     cuda = store.to("cuda")
     for splits in (1, 4):
-        out = triton_paged_attention(
-            cuda.q,
-            cuda.kv,
-            cuda.block_tables,
-            cuda.seq_lens,
-            cuda.cu_seqlens_q,
-            max_seqlen_q=cuda.max_seqlen_q,
-            causal=True,
-            launch=PagedLaunch(tiles, splits),
-        )
+        out = launched(cuda, PagedLaunch(tiles, splits), causal=True)
         tol = tolerance(torch.float16)
         assert_close(out, oracle(store, causal=True), atol=tol.atol, rtol=tol.rtol, name=f"{shape}/splits={splits}")
 
@@ -526,7 +505,6 @@ def test_gpu_head_dim_64_decode_launches(kv_dtype: torch.dtype, rng: torch.Gener
     128-key 2-stage tiles for long ones, one block id per page), forced on any GPU they fit, and the automatic
     launch, on ragged sequences of one query each."""
     from llamatelemetry_core.device import get_device_info
-    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
     from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles
 
     store = make_store(
@@ -542,16 +520,7 @@ def test_gpu_head_dim_64_decode_launches(kv_dtype: torch.dtype, rng: torch.Gener
     want = oracle(store, causal=True)
     tol = tolerance(torch.float16)
     for launch in launches:
-        out = triton_paged_attention(
-            cuda.q,
-            cuda.kv,
-            cuda.block_tables,
-            cuda.seq_lens,
-            cuda.cu_seqlens_q,
-            max_seqlen_q=cuda.max_seqlen_q,
-            causal=True,
-            launch=launch,
-        )
+        out = launched(cuda, launch, causal=True)
         assert_close(out, want, atol=tol.atol, rtol=tol.rtol, name=f"{kv_dtype}/{launch}")
 
 
@@ -640,7 +609,6 @@ def test_triton_on_random_layouts(
     data: st.DataObject, page_size: int, group: int, splits: int, left: int, softcap: float | None
 ) -> None:
     """Property: any page size (powers of two or not), grouping, split count and window match the reference."""
-    from llamatelemetry_flashattn.paged_kernel import triton_paged_attention
     from llamatelemetry_flashattn.paged_tiles import PagedLaunch, PagedTiles
 
     batch = data.draw(st.integers(1, 3))
@@ -656,17 +624,8 @@ def test_triton_on_random_layouts(
         head_dim=16,
     )
     window = None if left < 0 else (left, -1)
-    out = triton_paged_attention(
-        store.q,
-        store.kv,
-        store.block_tables,
-        store.seq_lens,
-        store.cu_seqlens_q,
-        max_seqlen_q=store.max_seqlen_q,
-        causal=True,
-        window_size=window,
-        softcap=softcap,
-        launch=PagedLaunch(PagedTiles(16, 16, 16, 4, 1), splits),
+    out = launched(
+        store, PagedLaunch(PagedTiles(16, 16, 16, 4, 1), splits), causal=True, window_size=window, softcap=softcap
     )
     tol = tolerance(torch.float32)
     want = oracle(store, causal=True, window_size=window, softcap=softcap)
