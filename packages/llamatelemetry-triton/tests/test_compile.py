@@ -36,6 +36,7 @@ _OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         0
     ],
     "rmsnorm_linear": lambda x: lt.triton_rmsnorm_linear(x[0, :2, 0], _W, x[0, :5, 1]),
+    "swiglu_linear": lambda x: lt.triton_swiglu_linear(x[0, :2].reshape(2, 32), x[0, :5, 1]),
 }
 
 

@@ -11,7 +11,7 @@ from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
 from llamatelemetry_core.testing.conformance import Conformance, conformance_tests
 from llamatelemetry_triton.ops.add import ADD
 from llamatelemetry_triton.ops.glu import GEGLU, SWIGLU
-from llamatelemetry_triton.ops.linear import FUSED_ADD_RMSNORM_LINEAR, LINEAR, RMSNORM_LINEAR
+from llamatelemetry_triton.ops.linear import FUSED_ADD_RMSNORM_LINEAR, LINEAR, RMSNORM_LINEAR, SWIGLU_LINEAR
 from llamatelemetry_triton.ops.norm import FUSED_ADD_RMSNORM, LAYERNORM, RMSNORM
 from llamatelemetry_triton.ops.rope import ROPE
 from llamatelemetry_triton.ops.rope_paged import ROPE_PAGED_WRITE
@@ -61,6 +61,11 @@ def _norm_linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.
     return x, torch.rand(37, generator=gen).to(dtype).to(device), weight, bias
 
 
+def _swiglu_linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    _, weight, bias = _linear_inputs(gen, dtype, device)
+    return torch.randn(3, 2 * weight.shape[1], generator=gen).to(dtype).to(device), weight, bias
+
+
 def _add_norm_linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
     x, norm_weight, weight, bias = _norm_linear_inputs(gen, dtype, device)
     return x, torch.randn(x.shape, generator=gen).to(dtype).to(device), norm_weight, weight, bias
@@ -88,6 +93,7 @@ SUITES = {
     "rope_paged_write": Conformance(ROPE_PAGED_WRITE, _rope_paged_write, _rope_paged_inputs),
     "linear": Conformance(LINEAR, lt.triton_linear, _linear_inputs),
     "rmsnorm_linear": Conformance(RMSNORM_LINEAR, lt.triton_rmsnorm_linear, _norm_linear_inputs),
+    "swiglu_linear": Conformance(SWIGLU_LINEAR, lt.triton_swiglu_linear, _swiglu_linear_inputs),
     "fused_add_rmsnorm_linear": Conformance(
         FUSED_ADD_RMSNORM_LINEAR, lt.triton_fused_add_rmsnorm_linear, _add_norm_linear_inputs
     ),

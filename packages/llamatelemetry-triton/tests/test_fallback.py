@@ -88,6 +88,11 @@ def _calls() -> list[tuple[str, Callable[..., object], Callable[[], object]]]:
             lambda: lt.linear_reference(x[0], lin, b[:7]),
         ),
         (
+            "swiglu_linear",
+            lambda **kw: lt.triton_swiglu_linear(torch.cat([x[0], r[0]], -1), lin, **kw),
+            lambda: lt.swiglu_linear_reference(torch.cat([x[0], r[0]], -1), lin),
+        ),
+        (
             "rmsnorm_linear",
             lambda **kw: lt.triton_rmsnorm_linear(x[0], w, lin, **kw),
             lambda: lt.rmsnorm_linear_reference(x[0], w, lin),

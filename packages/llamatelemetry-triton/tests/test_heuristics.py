@@ -211,6 +211,8 @@ def test_linear_device_classes() -> None:
         "sm90",
         "cpu",
     ]
-    # Llama-3.2-1B's q/k/v at one row on an H100: the swept region (BLOCK_N 2-32, BLOCK_K 256-1024).
-    config = linear_config(1, 3072, 2048, torch.float16, _device("h100"))
-    assert 2 <= config.block_size <= 32 and 256 <= config.chunk_size <= 1024
+    # Llama-3.2-1B's decode projections at one row on an H100: the in-graph sweep's fastest launch for every one
+    # of them (BLOCK_N 4, BLOCK_K 2048 or the whole row, 4 warps, 2 stages).
+    for n, k in ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)):
+        config = linear_config(1, n, k, torch.float16, _device("h100"))
+        assert (config.block_size, config.chunk_size, config.num_warps, config.num_stages) == (4, 2048, 4, 2)

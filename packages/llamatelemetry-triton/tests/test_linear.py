@@ -1,4 +1,5 @@
-"""The few-row linear kernels (plain, with RMSNorm, with the residual add and RMSNorm) against their references.
+"""The few-row linear kernels (plain, with RMSNorm, with the residual add and RMSNorm, with SwiGLU in front)
+against their references.
 
 The kernel tests run where Triton executes kernels (the interpreter on CPU tensors, or a GPU); tiny shapes, with
 a small forced block so that rows longer than a block and ragged last blocks are exercised. Argument checks and
@@ -94,6 +95,31 @@ def test_the_swiglu_epilogue_matches_projection_then_swiglu(rows: int, n: int, b
     assert_close(y, lt.swiglu_reference(*F.linear(x, w, b).chunk(2, -1)), name="linear + swiglu", dtype=dtype)
     assert_close(y_first, lt.rmsnorm_linear_reference(x, nw, w, b, swiglu=True), name="first norm", dtype=dtype)
     assert_close(y_fused, unfused, name="fused add + norm + gate/up + swiglu", dtype=dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("rows", "n", "k", "bias"), [(1, 19, 45, True), (2, 8, 32, False), (8, 21, 37, True)])
+def test_the_swiglu_prologue_matches_swiglu_then_projection(
+    rows: int, n: int, k: int, bias: bool, dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(rows * 11 + n + k)
+    a = _inputs(gen, rows, n, k, dtype, bias=bias)
+    gate_up = (torch.randn(rows, 2 * k, generator=gen) * 2).to(dtype).to(DEVICE)  # [gate | up], as a merged projection
+    w, b = a["weight"], a["bias"]
+    with force_max_block_size(16), record_selections() as rec:
+        y = lt.triton_swiglu_linear(gate_up, w, b)
+        unfused = F.linear(lt.triton_swiglu(gate_up), w, b)  # what an MLP runs unfused: two launches
+    assert rec.implementations("triton.swiglu_linear") == ["triton"]
+    assert y.shape == (rows, n) and y.dtype == dtype
+    assert_close(y, lt.swiglu_linear_reference(gate_up, w, b), name="swiglu + linear", dtype=dtype)
+    assert_close(y, unfused, name="swiglu kernel, then F.linear", dtype=dtype)
+    # Leading dimensions and gate/up rows that are a strided view (every other row of a wider buffer).
+    wide = torch.zeros(rows, 2, 2 * k, dtype=dtype, device=DEVICE)
+    wide[:, 0] = gate_up
+    with force_max_block_size(16):
+        y_view = lt.triton_swiglu_linear(wide[:, 0].unsqueeze(0), w, b)
+    assert y_view.shape == (1, rows, n) and torch.equal(y_view[0], y)
 
 
 @pytest.mark.triton
@@ -194,6 +220,10 @@ def test_the_fused_reference_is_the_unfused_composition() -> None:
         (lambda x, w: lt.triton_linear(x.long(), w), "floating-point tensor"),
         (lambda x, w: lt.triton_linear(x, w[:5], swiglu=True), "merged .2N, K. gate/up weight"),
         (lambda x, w: lt.triton_linear(x[0, 0], w), "0-d tensor"),
+        (lambda x, w: lt.triton_swiglu_linear(x, w), r"expected gate_up of shape \[\.\.\., 2K\]"),
+        (lambda x, w: lt.triton_swiglu_linear(x[..., :16].repeat(1, 1, 2), w.half()), "expected weight in x's dtype"),
+        (lambda x, w: lt.triton_swiglu_linear(x.repeat(1, 1, 2), w, torch.zeros(5)), r"expected bias of shape \[6\]"),
+        (lambda x, w: lt.triton_swiglu_linear(x[0, 0], w), "0-d tensor"),
     ],
 )
 def test_bad_arguments_raise_actionable_errors(call: Any, match: str) -> None:
@@ -211,6 +241,7 @@ def test_residual_none_is_an_error_for_the_fused_form() -> None:
 def test_empty_inputs_give_empty_or_bias_outputs() -> None:
     x, w = torch.randn(0, 16), torch.randn(6, 16)
     assert lt.triton_linear(x, w).shape == (0, 6)
+    assert lt.triton_swiglu_linear(torch.randn(0, 32), w).shape == (0, 6)
     b = torch.randn(3)
     assert torch.equal(lt.triton_linear(torch.randn(2, 0), torch.randn(3, 0), b), b.expand(2, 3))
 
@@ -231,6 +262,10 @@ def test_opcheck_of_the_custom_ops(residual: bool) -> None:
             torch.ops.llamatelemetry.triton_rmsnorm_linear.default,
             (a["x"], a["residual"] if residual else None, a["norm_weight"], a["weight"], a["bias"], 1e-6, swiglu),
         )
+    gate_up = torch.randn(3, 40, generator=gen).to(DEVICE)
+    Conformance.check_opcheck(
+        torch.ops.llamatelemetry.triton_swiglu_linear.default, (gate_up, a["weight"], a["bias"] if residual else None)
+    )
 
 
 # --- on a GPU: model sizes, every dtype, CUDA graphs, torch.compile ------------------------------------------
@@ -273,6 +308,12 @@ def test_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.dtype) -
     if n % 2 == 0:  # a merged gate/up weight: the SwiGLU epilogue against norm, projection, SwiGLU kernel
         y_glu, _ = lt.triton_fused_add_rmsnorm_linear(x, r, nw, w, b, swiglu=True)
         assert_close(y_glu, lt.triton_swiglu(_linear64(normed, w, b)), name="swiglu epilogue", dtype=dtype)
+    # The SwiGLU prologue: this weight as a down projection of a [gate | up] input twice its K.
+    gate_up = (torch.randn(rows, 2 * k, generator=gen) * 2).to(dtype).to(DEVICE)
+    with record_selections() as rec:
+        y_down = lt.triton_swiglu_linear(gate_up, w, b)
+    assert rec.implementations("triton.swiglu_linear") == ["triton"]
+    assert_close(y_down, _linear64(lt.triton_swiglu(gate_up), w, b), name="swiglu prologue", dtype=dtype)
 
 
 @pytest.mark.gpu

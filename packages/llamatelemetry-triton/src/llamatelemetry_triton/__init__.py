@@ -1,5 +1,5 @@
 """llamatelemetry-triton: Triton kernels (add, layernorm, softmax, RMSNorm, RoPE, RoPE with the paged KV store,
-SwiGLU, few-row linear layers with the residual add and RMSNorm fused in) and a kernel registry.
+SwiGLU, few-row linear layers with the residual add and RMSNorm or SwiGLU fused in) and a kernel registry.
 
 Documented import path: ``llamatelemetry.cuda.triton_kernels``. Every function dispatches through a
 :class:`llamatelemetry_core.selection.Operation`: the Triton kernel on CUDA tensors (and on CPU tensors under
@@ -16,9 +16,11 @@ from llamatelemetry_triton.ops.linear import (
     fused_add_rmsnorm_linear_reference,
     linear_reference,
     rmsnorm_linear_reference,
+    swiglu_linear_reference,
     triton_fused_add_rmsnorm_linear,
     triton_linear,
     triton_rmsnorm_linear,
+    triton_swiglu_linear,
 )
 from llamatelemetry_triton.ops.norm import (
     fused_add_layernorm_reference,
@@ -75,6 +77,7 @@ __all__ = [
     "rope_paged_write_refusal",
     "rope_reference",
     "softmax_reference",
+    "swiglu_linear_reference",
     "swiglu_reference",
     "triton_add",
     "triton_fused_add_layernorm",
@@ -89,5 +92,6 @@ __all__ = [
     "triton_rope_paged_write",
     "triton_softmax",
     "triton_swiglu",
+    "triton_swiglu_linear",
     "unregister_kernel",
 ]

@@ -346,12 +346,14 @@ class LinearTable:
 
 
 LINEAR_TABLES: dict[str, LinearTable] = {
-    # H100/H200: benchmarks/triton/sweep_gemv.py on an H200 (benchmarks/results/nvidia-h200/triton-gemv), one row
-    # at Llama-3.2-1B's shapes: the fastest launches read BLOCK_K=1024 with 4 warps, BLOCK_N=2 for q/k/v (3072
-    # rows), o and down (2048) and 8 for gate/up (16384; 2-3 stages alike). Six programs per SM gives those
-    # BLOCK_N values on 132 SMs (2 for 2048 to 3072 weight rows); the previous row (BLOCK_K 512,
-    # four programs per SM) was 6-40% slower.
-    "sm90": LinearTable(block_k=1024, max_tile=16384, max_block_n=8, programs_per_sm=6, num_warps=4, num_stages=2),
+    # H100/H200: one row at Llama-3.2-1B's shapes, each launch timed inside a CUDA graph over 16 layers' weights
+    # (as a decode step runs them; benchmarks/results/nvidia-h200/engine/gemv-in-graph.md): BLOCK_N=4,
+    # BLOCK_K=2048 was the fastest of 24 launches (BLOCK_N 2-16, BLOCK_K 1024-4096, 4 or 8 warps) for q/k/v with
+    # the norm (7.0 us), o (4.9 us) and gate/up with the norm (21.0 us) with 4 warps, and for down with the SwiGLU
+    # prologue with 8 (13.4 us; 13.6 with 4). Three programs per SM gives BLOCK_N=4 from 2048 weight rows on 132
+    # SMs. The previous row (BLOCK_K 1024, BLOCK_N 2, six programs per SM) came from an eager sweep with the L2
+    # flushed (benchmarks/triton/sweep_gemv.py).
+    "sm90": LinearTable(block_k=2048, max_tile=16384, max_block_n=4, programs_per_sm=3, num_warps=4, num_stages=2),
     # Ampere/Ada: less shared memory and bandwidth per SM; smaller stages.
     "sm80": LinearTable(block_k=512, max_tile=8192, max_block_n=32, programs_per_sm=4, num_warps=4, num_stages=2),
     # T4: 64 KiB of shared memory per block and 40 SMs; Triton emits FMA loops there, short blocks keep

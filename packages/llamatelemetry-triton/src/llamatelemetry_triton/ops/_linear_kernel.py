@@ -27,11 +27,28 @@ __all__ = ["linear_forward", "linear_kernel", "linear_outputs"]
 
 @triton.jit  # type: ignore[untyped-decorator]
 def _input_block(  # type: ignore[no-untyped-def]
-    X, R, H, rows, cols, mask, stride_x, stride_r, K, h_rows, HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constexpr
+    X,
+    R,
+    H,
+    rows,
+    cols,
+    mask,
+    stride_x,
+    stride_r,
+    K,
+    h_rows,
+    HAS_RESIDUAL: tl.constexpr,
+    STORE_H: tl.constexpr,
+    GLU_IN: tl.constexpr = False,
 ):
     """``[BLOCK_M, BLOCK_K]`` of the input rows in fp32: ``x``, or ``h = x + residual`` rounded to ``h``'s dtype
-    (the sum the model keeps), its first ``h_rows`` rows written to ``H`` when ``STORE_H``."""
+    (the sum the model keeps), its first ``h_rows`` rows written to ``H`` when ``STORE_H``; with ``GLU_IN`` the
+    rows are ``[gate | up]`` (``2K`` wide) and the block is ``silu(gate) * up`` rounded to ``X``'s dtype, as the
+    SwiGLU kernel writes it."""
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GLU_IN:
+        u = tl.load(X + rows[:, None] * stride_x + K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = (x * tl.sigmoid(x) * u).to(X.dtype.element_ty).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = (x + r).to(H.dtype.element_ty)
@@ -56,7 +73,7 @@ def _sum_squares_step(  # type: ignore[no-untyped-def]
 def _dot_step(  # type: ignore[no-untyped-def]
     acc, acc_up, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, N, K, stride_x, stride_r, stride_w, rstd,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, GLU_IN: tl.constexpr = False,
 ):  # fmt: skip
     """``acc [BLOCK_M, BLOCK_N] += input[:, k0:k0+BLOCK_K] @ W[cols_n, k0:k0+BLOCK_K]^T`` in fp32; with ``SWIGLU``
     also ``acc_up`` from the matching up rows ``cols_n + N``."""
@@ -70,7 +87,7 @@ def _dot_step(  # type: ignore[no-untyped-def]
         w_mask = n_mask[:, None] & k_mask[None, :]
     # The weight is read once per step and never again: evict it first, keep the rows and the norm in L2.
     w = tl.load(W + cols_n[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-    x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, 0, HAS_RESIDUAL, False)
+    x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, 0, HAS_RESIDUAL, False, GLU_IN)
     if NORM:
         nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
         # Rounded to x's dtype as the norm kernel's output is, before the product.
@@ -110,6 +127,7 @@ def linear_kernel(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GLU_IN: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -141,12 +159,14 @@ def linear_kernel(  # type: ignore[no-untyped-def]
     if PIPELINED:
         for k0 in range(0, K, BLOCK_K):
             acc, acc_up = _dot_step(acc, acc_up, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, N, K, stride_x,
-                                    stride_r, stride_w, rstd, NORM, HAS_RESIDUAL, SWIGLU, EVEN_K, BLOCK_K)  # fmt: skip
+                                    stride_r, stride_w, rstd, NORM, HAS_RESIDUAL, SWIGLU, EVEN_K, BLOCK_K,
+                                    GLU_IN)  # fmt: skip
     else:
         k0 = pid * 0
         while k0 < K:
             acc, acc_up = _dot_step(acc, acc_up, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, N, K, stride_x,
-                                    stride_r, stride_w, rstd, NORM, HAS_RESIDUAL, SWIGLU, EVEN_K, BLOCK_K)  # fmt: skip
+                                    stride_r, stride_w, rstd, NORM, HAS_RESIDUAL, SWIGLU, EVEN_K, BLOCK_K,
+                                    GLU_IN)  # fmt: skip
             k0 += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(B + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -182,6 +202,7 @@ def linear_forward(
     eps: float,
     swiglu: bool = False,
     config: LaunchConfig | None = None,
+    glu_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(y, h)`` of one launch; ``norm_weight`` ``None`` means no norm (and no residual). ``config`` (weight rows
     per program in ``block_size``, BLOCK_K in ``chunk_size``) replaces the heuristic's choice: for sweeps."""
@@ -223,6 +244,7 @@ def linear_forward(
             SWIGLU=swiglu,
             EVEN_K=k % config.chunk_size == 0,
             PIPELINED=x.is_cuda,
+            GLU_IN=glu_input,
             BLOCK_M=max(1, 1 << (rows - 1).bit_length()),
             BLOCK_N=block_n,
             BLOCK_K=config.chunk_size,

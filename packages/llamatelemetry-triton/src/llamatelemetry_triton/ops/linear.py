@@ -7,6 +7,7 @@ For ``x [..., K]`` with at most :data:`~llamatelemetry_triton.heuristics.LINEAR_
     rmsnorm + linear         y = linear(rmsnorm(x) * norm_weight)
     add + rmsnorm + linear   h = x + residual;  y = linear(rmsnorm(h) * norm_weight);  returns (y, h)
     swiglu=True              W = [W_gate; W_up] ([2N, K]): y = silu(x @ W_gate^T) * (x @ W_up^T), [..., N]
+    swiglu + linear          x = [gate | up] ([..., 2K]): y = (silu(gate) * up) @ W^T (+ bias)   (an MLP's down)
 
 ``y`` has ``x``'s dtype and is accumulated in fp32; ``h`` has the promoted dtype of ``x`` and ``residual``. The
 normalized row is rounded to ``x``'s dtype before the product, exactly where the unfused composition
@@ -22,7 +23,9 @@ fused norm costs it one more read of the short row from L2 (its sum of squares) 
 round trip of the normalized row; program 0 alone writes ``h``. With the SwiGLU epilogue a program reads the
 gate rows and the matching up rows of a merged gate/up weight and writes ``silu(gate) * up`` (gate and up rounded
 to ``x``'s dtype first, as the projection's output is): the activation's launch and the ``[..., 2N]``
-intermediate are gone.
+intermediate are gone. :func:`triton_swiglu_linear` puts the activation on the other side, in front of the
+down projection: each program computes ``silu(gate) * up`` of the input block it is about to multiply (rounded
+to the dtype, as the SwiGLU kernel's output is), so the activation's launch and its ``[..., K]`` output go.
 
 The kernel and its launcher are in ``_linear_kernel.py``; here are the references, the custom ops, the
 operations and public functions, the ahead-of-time builds and the registry entry.
@@ -70,9 +73,11 @@ __all__ = [
     "linear_reference",
     "registry_entries",
     "rmsnorm_linear_reference",
+    "swiglu_linear_reference",
     "triton_fused_add_rmsnorm_linear",
     "triton_linear",
     "triton_rmsnorm_linear",
+    "triton_swiglu_linear",
 ]
 
 
@@ -115,6 +120,14 @@ def fused_add_rmsnorm_linear_reference(
     return linear_reference(normed, weight, bias, swiglu), h
 
 
+def swiglu_linear_reference(
+    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(silu(gate) * up, weight, bias)`` with ``gate, up`` the halves of ``gate_up`` (gate first), the
+    activation rounded to ``gate_up``'s dtype first as :func:`~llamatelemetry_triton.triton_swiglu` returns it."""
+    return F.linear(swiglu_reference(*gate_up.chunk(2, dim=-1)), weight, bias)
+
+
 # --- custom ops (torch.compile, CUDA graphs) ------------------------------------------------------------------
 
 
@@ -135,11 +148,25 @@ def _rmsnorm_linear_launch(
     return y, x.new_empty(0) if h is None else h  # a custom op's outputs are tensors: no h travels as empty
 
 
+def _swiglu_linear_launch(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return linear_forward(gate_up, None, None, weight, bias, 0.0, glu_input=True)[0]
+
+
 # The launchers are the custom ops that torch.compile and CUDA graphs see (results in new tensors).
 _linear_op = torch.library.custom_op("llamatelemetry::triton_linear", _linear_launch, mutates_args=())
 _rmsnorm_linear_op = torch.library.custom_op(
     "llamatelemetry::triton_rmsnorm_linear", _rmsnorm_linear_launch, mutates_args=()
 )
+
+
+_swiglu_linear_op = torch.library.custom_op(
+    "llamatelemetry::triton_swiglu_linear", _swiglu_linear_launch, mutates_args=()
+)
+
+
+@_swiglu_linear_op.register_fake
+def _swiglu_linear_fake(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return linear_outputs(gate_up, None, weight, False)[0]
 
 
 @_linear_op.register_fake
@@ -193,6 +220,21 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             )
 
 
+def _check_swiglu_linear_args(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    check_float_tensor(gate_up, "gate_up")
+    check_float_tensor(weight, "weight")
+    if gate_up.dim() == 0:
+        raise ConfigurationError("expected gate_up of shape [..., 2K] (at least one dimension), got a 0-d tensor")
+    if weight.dim() != 2 or 2 * weight.shape[1] != gate_up.shape[-1]:
+        raise ConfigurationError(
+            f"expected gate_up of shape [..., 2K] (gate then up) for a weight [N, K]: got gate_up "
+            f"{format_shape(gate_up.shape)} and weight {format_shape(weight.shape)}; the weight's K must be half of "
+            "gate_up's last dimension"
+        )
+    # The same device, dtype and bias checks as a plain linear of the activation [..., K].
+    _check_linear_args(gate_up[..., : weight.shape[1]], weight, bias, False)
+
+
 def _check_norm_args(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float) -> None:
     check_float_tensor(norm_weight, "norm_weight")
     check_vector(norm_weight, x.shape[-1], "norm_weight", x)
@@ -236,6 +278,13 @@ def _linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out
 
 
+@triton_errors("swiglu_linear")
+def _swiglu_linear_triton(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    op = torch.ops.llamatelemetry.triton_swiglu_linear
+    out: torch.Tensor = run_op(op, _swiglu_linear_launch, gate_up, weight, bias)
+    return out
+
+
 @triton_errors("rmsnorm_linear")
 def _rmsnorm_linear_triton(
     x: torch.Tensor,
@@ -274,6 +323,18 @@ LINEAR = TritonOperation(
     ),
     traceable=lambda x, weight, bias, swiglu: cuda_in_triton_dtypes(x) and _unsupported(x, weight, bias) is None,
     aliases=("linear",),
+)
+SWIGLU_LINEAR = TritonOperation(
+    "triton.swiglu_linear",
+    swiglu_linear_reference,
+    _swiglu_linear_triton,
+    describe=lambda gate_up, weight, bias: described(
+        gate_up, weight, bias, triton_unsupported=_unsupported(gate_up, weight, bias)
+    ),
+    traceable=lambda gate_up, weight, bias: (
+        cuda_in_triton_dtypes(gate_up) and _unsupported(gate_up, weight, bias) is None
+    ),
+    aliases=("swiglu_linear",),
 )
 RMSNORM_LINEAR = TritonOperation(
     "triton.rmsnorm_linear",
@@ -319,6 +380,26 @@ def triton_linear(
     """
     _check_linear_args(x, weight, bias, swiglu)
     return LINEAR(x, weight, bias, bool(swiglu), backend=backend)  # type: ignore[no-any-return]
+
+
+def triton_swiglu_linear(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``(silu(gate) * up) @ weight^T (+ bias)`` for a few rows, ``gate, up`` the halves of ``gate_up [..., 2K]``
+    (gate first) and ``weight [N, K]``: an MLP's activation and down projection in one launch.
+
+    Returns ``[..., N]`` in ``gate_up``'s dtype, accumulated in fp32; the activation is rounded to that dtype
+    before the product, as :func:`~llamatelemetry_triton.triton_swiglu` followed by ``F.linear`` rounds it. Which
+    calls the kernel takes as :func:`triton_linear` (any other call runs the SwiGLU reference and ``F.linear``).
+    Raises :class:`ConfigurationError` when ``gate_up``'s last dimension is not twice the weight's, and for
+    mismatched devices or dtypes.
+    """
+    _check_swiglu_linear_args(gate_up, weight, bias)
+    return SWIGLU_LINEAR(gate_up, weight, bias, backend=backend)  # type: ignore[no-any-return]
 
 
 def triton_rmsnorm_linear(
@@ -372,13 +453,15 @@ def triton_fused_add_rmsnorm_linear(
 # Llama-3.2-1B's decode projections (N, K): q/k/v merged, o, gate/up merged, down; and an 8B's q/k/v and down.
 _AOT_SHAPES = ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (6144, 4096), (4096, 14336))
 _AOT_GATE_UP = ((16384, 2048), (28672, 4096))  # merged gate/up of 1B and 8B: the SwiGLU epilogue's builds
+_AOT_DOWN = ((2048, 8192), (4096, 14336))  # down projections of 1B and 8B: the SwiGLU prologue's builds
 _AOT_ROWS = (1, 8)
-# name: (NORM, HAS_RESIDUAL, SWIGLU)
+# name: (NORM, HAS_RESIDUAL, SWIGLU, GLU_IN)
 _VARIANTS = {
-    "linear": (False, False, False),
-    "rmsnorm_linear": (True, False, False),
-    "fused_add_rmsnorm_linear": (True, True, False),
-    "fused_add_rmsnorm_linear_swiglu": (True, True, True),
+    "linear": (False, False, False, False),
+    "rmsnorm_linear": (True, False, False, False),
+    "fused_add_rmsnorm_linear": (True, True, False, False),
+    "fused_add_rmsnorm_linear_swiglu": (True, True, True, False),
+    "swiglu_linear": (False, False, False, True),
 }
 
 
@@ -389,11 +472,12 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     types = {**dict.fromkeys(("X", "R", "NW", "W", "B", "Y", "H"), f"*{t}:16"), "eps": "fp32"}
     types |= dict.fromkeys(("N", "K", "stride_x", "stride_r", "stride_w"), "i32:16")
     for rows in _AOT_ROWS:
-        for name, (norm, residual, swiglu) in _VARIANTS.items():
-            for n, k in _AOT_GATE_UP if swiglu else _AOT_SHAPES:
+        for name, (norm, residual, swiglu, glu_in) in _VARIANTS.items():
+            for n, k in _AOT_GATE_UP if swiglu else _AOT_DOWN if glu_in else _AOT_SHAPES:
                 config = linear_config(rows, n, k, dtype, device)
                 block_n = max(1, config.block_size // 2) if swiglu else config.block_size
                 flags = {"NORM": norm, "HAS_RESIDUAL": residual, "HAS_BIAS": False, "SWIGLU": swiglu}
+                flags["GLU_IN"] = glu_in
                 yield kernel_build(
                     f"triton.{name}[{t},M={rows},BLOCK_N={block_n},BLOCK_K={config.chunk_size}]",
                     linear_kernel,
@@ -423,7 +507,8 @@ def _linear_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
     n_reached = min(n, grid[0] * block_n) + (halves - 1) * n
     stride_w, stride_x = int_argument(args, "stride_w", "linear"), int_argument(args, "stride_x", "linear")
     require_elements(args, "W", (n_reached - 1) * stride_w + k, "linear", f"{n_reached} rows of {k}")
-    require_elements(args, "X", (m - 1) * stride_x + k, "linear", f"{m} rows of {k} at stride {stride_x}")
+    width = 2 * k if args.get("GLU_IN") else k  # [gate | up] rows with the SwiGLU prologue
+    require_elements(args, "X", (m - 1) * stride_x + width, "linear", f"{m} rows of {width} at stride {stride_x}")
     require_elements(args, "Y", m * n, "linear", f"{m} rows of {n}")
     if args.get("HAS_BIAS"):
         require_elements(args, "B", halves * n, "linear", f"{halves} x N = {n}")
@@ -439,6 +524,7 @@ def registry_entries() -> dict[str, BuiltinEntry]:
     """This module's kernel in the registry (``get_kernel("linear")``): kernel, default launch config, bounds."""
     doc = "y = x @ W^T for a few rows; (X, R, NW, W, B, Y, H, M, N, K, stride_x, stride_r, stride_w, eps, ...)"
     meta: dict[str, int | bool] = {"NORM": False, "HAS_RESIDUAL": False, "HAS_BIAS": False, "SWIGLU": False}
+    meta["GLU_IN"] = False
     meta |= {"EVEN_K": False, "BLOCK_N": 4, "BLOCK_K": 256}
     meta["PIPELINED"] = not triton_interpreter_enabled()  # the interpreter runs `while` loops (see the kernel)
     return {"linear": (linear_kernel, KernelConfig("linear", 1, 4, 2, meta=meta, description=doc), _linear_bounds)}

@@ -27,6 +27,7 @@ try:
     from llamatelemetry_triton import triton_rope as triton_rope
     from llamatelemetry_triton import triton_softmax as triton_softmax
     from llamatelemetry_triton import triton_swiglu as triton_swiglu
+    from llamatelemetry_triton import triton_swiglu_linear as triton_swiglu_linear
     from llamatelemetry_triton import unregister_kernel as unregister_kernel
 except ImportError as exc:
     raise missing_component("triton", exc) from exc
