@@ -8,9 +8,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from llamatelemetry_core.selection import record_selections
 from llamatelemetry_engine import FLAG_NAMES, LLM, PRESETS, EngineFlags, SamplingParams, random_weights
 from llamatelemetry_engine.loader import LoadedModel
 from llamatelemetry_engine.models import DecoderLayer
+from llamatelemetry_engine.models.llama import FEW_ROW_TOKENS
 
 Greedy = Callable[[torch.nn.Module, list[int], int], list[int]]
 # Under Triton's interpreter every fused kernel runs in Python: fewer tokens there.
@@ -70,6 +72,31 @@ def test_merged_projections_keep_the_transformers_tokens(
     assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")
     got = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     assert [c.token_ids for c in got] == expected
+
+
+@pytest.mark.parametrize("arch", ["llama_mha_bias_llama3", "qwen2"])
+def test_the_few_row_projections_keep_the_transformers_tokens(
+    arch: str, prompts: list[list[int]], hf_reference: Callable[[LoadedModel], torch.nn.Module], greedy: Greedy
+) -> None:
+    # On a GPU, one-token steps run the merged projections through the few-row kernels (norms and
+    # SwiGLU fused in); a CPU does not, so the path is switched on here by hand, for every layer.
+    loaded = random_weights(ARCHS[arch], seed=5)
+    reference = hf_reference(loaded)
+    llm = LLM(loaded, device="cpu")
+    llm.model.merge_projections()
+    for layer in llm.model.model.layers:
+        assert isinstance(layer, DecoderLayer) and layer.few_row_tokens == FEW_ROW_TOKENS
+        layer.few_row_devices = ("cpu",)
+    single = prompts[:1]  # one sequence: every decode step has one token
+    with record_selections() as rec:
+        got = llm.generate(single, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [c.token_ids for c in got] == [greedy(reference, p, NEW_TOKENS) for p in single]
+    for op in ("triton.rmsnorm_linear", "triton.fused_add_rmsnorm_linear", "triton.linear", "triton.swiglu_linear"):
+        assert rec.implementations(op), f"{op} never ran"
+    # Three sequences decode three tokens per step: past FEW_ROW_TOKENS, the usual path (and the same tokens).
+    with record_selections() as rec:
+        got = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [c.token_ids for c in got] == [greedy(reference, p, NEW_TOKENS) for p in prompts]
 
 
 @pytest.mark.parametrize("name", sorted(FLAG_SETS))

@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_engine.config import ModelConfig
 from llamatelemetry_engine.context import AttentionParams, StepContext
 from llamatelemetry_engine.layers.rotary import RotaryEmbedding
+from llamatelemetry_triton import triton_linear
 
 __all__ = ["Attention", "merged_linear"]
 
@@ -56,16 +58,30 @@ class Attention(nn.Module):
         self.qkv_proj = merged_linear(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        ctx: StepContext,
+        *,
+        projected: torch.Tensor | None = None,
+        few_rows: bool = False,
+    ) -> torch.Tensor:
+        """Attention of the step's tokens ``x [tokens, hidden]``. ``projected``: the merged q/k/v projection of
+        ``x``, already computed (the few-row path fuses the norm into it); ``few_rows``: the output projection
+        through the few-row linear kernel of ``llamatelemetry-triton`` instead of ``nn.Linear``."""
         tokens = x.shape[0]
         if self.qkv_proj is not None:
             q_size = self.num_heads * self.head_dim
             kv_size = self.num_kv_heads * self.head_dim
-            qf, kf, vf = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
+            qkv = self.qkv_proj(x) if projected is None else projected
+            qf, kf, vf = qkv.split((q_size, kv_size, kv_size), dim=-1)
             q = qf.view(tokens, self.num_heads, self.head_dim)
             k = kf.view(tokens, self.num_kv_heads, self.head_dim)
             v = vf.view(tokens, self.num_kv_heads, self.head_dim)
         else:
+            if projected is not None:
+                raise ConfigurationError("a projected q/k/v needs the merged projection: call merge_projections()")
             q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
             k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
             v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
@@ -75,4 +91,7 @@ class Attention(nn.Module):
         if not stored:
             q, k = rotary(positions, q, k)
         out = ctx.attend(self.layer_idx, q, k, v, self.params, stored=stored)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))  # type: ignore[no-any-return]
+        out = out.reshape(tokens, self.num_heads * self.head_dim)
+        if few_rows:
+            return triton_linear(out, self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(out)  # type: ignore[no-any-return]
