@@ -384,11 +384,16 @@ def linear_config(
 
     BLOCK_N is the largest power of two up to the table's that still gives ``programs_per_sm`` programs per SM
     and keeps ``rows x BLOCK_N x BLOCK_K`` within the tile bound; BLOCK_K is the table's, shortened to ``k``
-    (and to ``max_block``, the cap of :func:`force_max_block_size`).
+    (and to ``max_block``, the cap of :func:`force_max_block_size`), and halved while ``rows x BLOCK_K`` (rows
+    rounded up to a power of two) exceeds half the tile bound.
     """
     table = LINEAR_TABLES[linear_device_class(device)]
     block_m = next_power_of_2(rows)
     block_k = max(16, min(_cap(table.block_k, max_block), next_power_of_2(k)))
+    # The input tile (rows x BLOCK_K, fp32) shares the registers with the weight's: at most half the tile bound
+    # (sm_90 at 8 rows and BLOCK_K 2048 spilled 80 bytes per thread under Triton 3.6; at 1024, none).
+    while block_k > 16 and block_m * block_k > table.max_tile // 2:
+        block_k //= 2
     target = table.programs_per_sm * device.sm_count
     block_n = 1
     while (
