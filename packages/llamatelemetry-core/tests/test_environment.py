@@ -7,10 +7,12 @@ import torch
 
 from llamatelemetry_core.device import get_device_info, simulate_device
 from llamatelemetry_core.environment import (
+    PDL_ENV,
     SDPA_NOT_PROBED,
     TRITON_INTERPRET_ENV,
     distribution_version,
     flash_attn_status,
+    programmatic_launch,
     sdpa_backend_status,
     triton_devices,
     triton_interpreter_enabled,
@@ -24,6 +26,19 @@ def test_interpreter_flag_controls_triton_devices(monkeypatch: pytest.MonkeyPatc
     assert triton_interpreter_enabled() and triton_devices() == {"cuda", "cpu"}
     monkeypatch.setenv(TRITON_INTERPRET_ENV, "0")
     assert not triton_interpreter_enabled() and triton_devices() == {"cuda"}
+
+
+def test_programmatic_launch_only_for_hopper_gpus_and_never_when_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PDL_ENV, raising=False)
+    assert not programmatic_launch(torch.ones(2))  # a CPU tensor: no grid dependency control to use
+    monkeypatch.setenv(TRITON_INTERPRET_ENV, "1")
+    assert not programmatic_launch(torch.ones(2))
+    monkeypatch.delenv(TRITON_INTERPRET_ENV)
+    if torch.cuda.is_available():
+        t = torch.ones(2, device="cuda")
+        assert programmatic_launch(t) == (torch.cuda.get_device_capability() >= (9, 0))
+        monkeypatch.setenv(PDL_ENV, "0")
+        assert not programmatic_launch(t)
 
 
 @pytest.mark.no_triton

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from llamatelemetry_core.environment import PDL_ENV
 from llamatelemetry_core.serving import SequenceStep, StepInput
 from llamatelemetry_engine import LLM, PRESETS, EngineFlags, SamplingParams, random_weights
 from llamatelemetry_engine.loader import LoadedModel
@@ -86,3 +87,36 @@ def test_fp32_engine_gives_the_transformers_tokens(
     assert (llm.runner.step_graphs is not None) == step_graphs
     if step_graphs:
         assert llm.runner.step_graphs.replays > 0
+
+
+def _decode_logits(loaded: LoadedModel, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    llm = LLM(loaded, device="cuda", max_model_len=256, max_batch_size=4)
+    runner, bm = llm.runner, llm.runner.block_manager
+    assert bm is not None
+    bm.allocate(1, prompt)
+    logits = runner.step(StepInput((SequenceStep(1, tuple(prompt), 0, tuple(bm.block_table(1))),)))
+    out, seq = [logits[0].clone()], list(prompt)
+    for _ in range(steps):  # one token per step: the few-row kernels, replayed from a CUDA graph
+        token = int(logits[0].argmax())
+        bm.append(1, [token])
+        seq.append(token)
+        logits = runner.step(StepInput((SequenceStep(1, (token,), len(seq) - 1, tuple(bm.block_table(1))),)))
+        out.append(logits[0].clone())
+    assert runner.graphs is not None and runner.graphs.buckets.replays >= steps
+    bm.free(1)
+    return out
+
+
+def test_programmatic_dependent_launch_changes_no_logit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On Hopper and later the Triton kernels launch with PDL (each may start while the one before finishes and
+    # waits for it before reading); the same steps with PDL off must give the same logits, bit for bit.
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    loaded = random_weights(CONFIG, seed=4)
+    prompt = torch.randint(3, CONFIG.vocab_size, (40,), generator=torch.Generator().manual_seed(8)).tolist()
+    with_pdl = _decode_logits(loaded, prompt, 6)
+    monkeypatch.setenv(PDL_ENV, "0")
+    without = _decode_logits(loaded, prompt, 6)
+    assert len(with_pdl) == len(without) == 7
+    for a, b in zip(with_pdl, without, strict=True):
+        assert torch.equal(a, b)

@@ -21,11 +21,13 @@ from llamatelemetry_core.device import DeviceInfo, get_device_info
 from llamatelemetry_core.toolchain import TRITON_INSTALL
 
 __all__ = [
+    "PDL_ENV",
     "SDPA_NOT_PROBED",
     "TRITON_INTERPRET_ENV",
     "PackageStatus",
     "distribution_version",
     "flash_attn_status",
+    "programmatic_launch",
     "sdpa_backend_status",
     "tf32_matmul_enabled",
     "triton_devices",
@@ -34,6 +36,9 @@ __all__ = [
 ]
 
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
+PDL_ENV = "LLAMATELEMETRY_PDL"
+"""Set to ``0`` to launch every Triton kernel without programmatic dependent launch (see
+:func:`programmatic_launch`)."""
 SDPA_NOT_PROBED = "not probed (simulated)"
 """What :func:`sdpa_backend_status` says of every backend on a simulated device, where nothing can run."""
 _FLASH_ATTN_MIN_CAPABILITY = (8, 0)
@@ -61,6 +66,24 @@ def distribution_version(distribution: str) -> str | None:
 def triton_interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors, slowly, in Python."""
     return os.environ.get(TRITON_INTERPRET_ENV, "").strip().lower() in {"1", "true", "on", "yes"}
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def programmatic_launch(t: torch.Tensor) -> bool:
+    """Whether the kernels that take ``t`` launch with programmatic dependent launch (PDL): on CUDA tensors of a
+    GPU of compute capability 9.0 or newer (Hopper on), outside Triton's interpreter, unless ``PDL_ENV`` is ``0``.
+
+    A kernel launched so may start while the kernel before it in the stream finishes; it waits for that kernel's
+    completion (``griddepcontrol.wait``) before it reads anything, and lets the next kernel start once its main
+    loop is done. Inside a CUDA graph this overlaps each launch with the tail of the kernel before it.
+    """
+    if not t.is_cuda or triton_interpreter_enabled() or os.environ.get(PDL_ENV, "").strip() == "0":
+        return False
+    return _pdl_capable(t.get_device())
 
 
 @functools.cache

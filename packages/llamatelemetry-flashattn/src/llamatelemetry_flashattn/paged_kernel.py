@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from llamatelemetry_core.device import DeviceInfo
-from llamatelemetry_core.environment import triton_interpreter_enabled
+from llamatelemetry_core.environment import programmatic_launch, triton_interpreter_enabled
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_flashattn._attention_tile import kernel_scales, key_span, phase_span, unmasked_span, window_bounds
 from llamatelemetry_flashattn._paged_tile import paged_tile
@@ -110,7 +111,10 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
     QUANTIZED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     PIPELINED: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:  # launched as a dependent: wait for the kernel before (it writes q and the cache)
+        gdc_wait()
     pid_bh = tl.program_id(0)
     # Heavier (later, under causal masking) row tiles first, so the last wave is made of short programs.
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -178,6 +182,8 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]
                 )
                 n0 += BLOCK_N
     m_i, l_i, acc = state
+    if USE_PDL:  # the keys are read: the next kernel may start
+        gdc_launch_dependents()
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -237,6 +243,7 @@ def triton_paged_attention(
     else:
         partial, lse = out, out  # never dereferenced without SPLIT_KV
     row_tiles = triton.cdiv(min(max_seqlen_q, num_tokens) * group, tiles.block_m)
+    pdl = programmatic_launch(q)
     grid = (batch * kv_heads, row_tiles, splits)
     _paged_attention_kernel[grid](
         q,
@@ -281,6 +288,8 @@ def triton_paged_attention(
         QUANTIZED=quantized,
         USE_SOFTCAP=softcap is not None,
         PIPELINED=not triton_interpreter_enabled(),
+        USE_PDL=pdl,
+        launch_pdl=pdl,
         num_warps=tiles.num_warps,
         enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
         num_stages=tiles.num_stages,
@@ -338,6 +347,7 @@ def aot_build(
         "QUANTIZED": quantized,
         "USE_SOFTCAP": False,
         "PIPELINED": True,
+        "USE_PDL": False,  # grid dependency control is sm_90 on; the launch is the same
     }
     ids = ",page-ids" if tiles.page_ids else ""
     name = (

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from llamatelemetry_core.device import DeviceInfo
+from llamatelemetry_core.environment import programmatic_launch
 from llamatelemetry_flashattn.paged_tiles import MERGE_BLOCK_S, merge_warps
 from llamatelemetry_flashattn.tiles import padded_head_dim
 
@@ -42,8 +44,12 @@ def _merge_splits_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """One (token, head): the partial outputs weighted by exp2(lse_s - max lse), normalised; zeros if none saw a key."""
+    if USE_PDL:  # launched as a dependent: wait for the attention kernel's parts, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
@@ -69,6 +75,7 @@ def merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, he
     """
     num_splits, num_tokens, heads, _ = partial.shape
     block_d = padded_head_dim(head_dim)
+    pdl = programmatic_launch(out)
     _merge_splits_kernel[(num_tokens, heads)](
         partial,
         lse,
@@ -86,6 +93,8 @@ def merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, he
         # One width for every split count (masked lanes load nothing): a kernel per power of two would be
         # compiled whenever a longer context first asks for more splits.
         BLOCK_S=MERGE_BLOCK_S,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
         num_warps=merge_warps(block_d),
         enable_fp_fusion=True,  # the default up to Triton 3.9; 3.10 turns it off
     )
@@ -109,6 +118,7 @@ def aot_build(head_dim: int, dtype: torch.dtype) -> KernelBuild:
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d,
         "BLOCK_S": MERGE_BLOCK_S,
+        "USE_PDL": False,  # grid dependency control is sm_90 on; the launch is the same
     }
     name = f"flashattn.paged_merge[{_TRITON_DTYPES[dtype]},d={head_dim}]"
     return KernelBuild(name, _merge_splits_kernel, signature, constexprs, num_warps=merge_warps(block_d), num_stages=1)

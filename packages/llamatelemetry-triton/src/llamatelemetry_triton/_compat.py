@@ -11,7 +11,15 @@ from typing import Any
 
 from llamatelemetry_core.toolchain import TRITON_INSTALL
 
-__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "TritonMissingError", "tl", "triton"]
+__all__ = [
+    "HAS_TRITON",
+    "TRITON_IMPORT_ERROR",
+    "TritonMissingError",
+    "gdc_launch_dependents",
+    "gdc_wait",
+    "tl",
+    "triton",
+]
 
 
 class TritonMissingError(ImportError):
@@ -47,15 +55,22 @@ class _MissingTriton:
 
 triton: Any
 tl: Any
+# Grid dependency control (programmatic dependent launch, sm_90 on), called by kernels under a USE_PDL constexpr.
+gdc_wait: Any
+gdc_launch_dependents: Any
 TRITON_IMPORT_ERROR: str | None
 try:
     import triton as _triton
     import triton.language as _tl
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
 except ImportError as exc:
     triton = tl = _MissingTriton()
+    gdc_wait = gdc_launch_dependents = None
     TRITON_IMPORT_ERROR = str(exc)
 else:
     triton, tl = _triton, _tl
+    gdc_wait, gdc_launch_dependents = _gdc_wait, _gdc_launch_dependents
     TRITON_IMPORT_ERROR = None
 
 HAS_TRITON: bool = TRITON_IMPORT_ERROR is None

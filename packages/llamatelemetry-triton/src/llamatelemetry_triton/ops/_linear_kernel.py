@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llamatelemetry_triton._compat import tl, triton
+from llamatelemetry_core.environment import programmatic_launch
+from llamatelemetry_triton._compat import gdc_launch_dependents, gdc_wait, tl, triton
 from llamatelemetry_triton._dispatch import device_info
 from llamatelemetry_triton._launch import on_device, rows_of
 from llamatelemetry_triton.heuristics import LaunchConfig, current_max_block_size, linear_config
@@ -128,7 +129,10 @@ def linear_kernel(  # type: ignore[no-untyped-def]
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GLU_IN: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:  # launched as a dependent: wait for the kernel before (it may write the input rows)
+        gdc_wait()
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -168,6 +172,8 @@ def linear_kernel(  # type: ignore[no-untyped-def]
                                     stride_r, stride_w, rstd, NORM, HAS_RESIDUAL, SWIGLU, EVEN_K, BLOCK_K,
                                     GLU_IN)  # fmt: skip
             k0 += BLOCK_K
+    if USE_PDL:  # the weight is read: the next kernel may start
+        gdc_launch_dependents()
     if HAS_BIAS:
         acc += tl.load(B + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if SWIGLU:
@@ -222,6 +228,7 @@ def linear_forward(
     n = y.shape[-1]
     # With SwiGLU a program reads BLOCK_N gate rows and the BLOCK_N up rows that match them.
     block_n = max(1, config.block_size // 2) if swiglu else config.block_size
+    pdl = programmatic_launch(x)
     with on_device(x):
         linear_kernel[(triton.cdiv(n, block_n),)](
             x2,
@@ -245,11 +252,13 @@ def linear_forward(
             EVEN_K=k % config.chunk_size == 0,
             PIPELINED=x.is_cuda,
             GLU_IN=glu_input,
+            USE_PDL=pdl,
             BLOCK_M=max(1, 1 << (rows - 1).bit_length()),
             BLOCK_N=block_n,
             BLOCK_K=config.chunk_size,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
             enable_fp_fusion=True,
+            launch_pdl=pdl,
         )
     return y, h

@@ -477,7 +477,7 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
                 config = linear_config(rows, n, k, dtype, device)
                 block_n = max(1, config.block_size // 2) if swiglu else config.block_size
                 flags = {"NORM": norm, "HAS_RESIDUAL": residual, "HAS_BIAS": False, "SWIGLU": swiglu}
-                flags["GLU_IN"] = glu_in
+                flags |= {"GLU_IN": glu_in, "USE_PDL": False}  # no grid dependency control: the same launch
                 yield kernel_build(
                     f"triton.{name}[{t},M={rows},BLOCK_N={block_n},BLOCK_K={config.chunk_size}]",
                     linear_kernel,

@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llamatelemetry_core.environment import programmatic_launch
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
 from llamatelemetry_core.validation import dtype_name, format_shape
 from llamatelemetry_triton._aot_shapes import HEAD_DIMS, TYPE_NAMES, kernel_build
 from llamatelemetry_triton._bounds import grid_rows, int_argument, require_elements
-from llamatelemetry_triton._compat import tl, triton
+from llamatelemetry_triton._compat import gdc_launch_dependents, gdc_wait, tl, triton
 from llamatelemetry_triton._dispatch import (
     TritonOperation,
     cuda_in_triton_dtypes,
@@ -150,7 +151,11 @@ def _rope_paged_write_kernel(  # type: ignore[no-untyped-def]
     BLOCK_SIZE: tl.constexpr,
     BLOCK_HV: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:  # launched as a dependent: wait for the kernel before (it writes q, k and v)
+        gdc_wait()
+        gdc_launch_dependents()  # nothing long here: the next kernel may start and wait for this one
     token = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)  # 0: the query heads, 1: the key heads, 2: the value heads
     slot = tl.load(SlotMapping + token)
@@ -204,6 +209,7 @@ def _launch(
     rotary_half = cos.shape[-1]
     config = rope_config(rotary_half, max(n_q_heads, n_kv_heads), q.dtype, device_info(q.device))
     block_hv, block_d = rope_store_tile(n_kv_heads, head_dim)
+    pdl = programmatic_launch(q)
     with on_device(q):
         _rope_paged_write_kernel[(tokens, 3)](
             q, k, v, key_cache, value_cache, cos2, sin2, positions, slot_mapping,
@@ -216,7 +222,9 @@ def _launch(
             BLOCK_SIZE=config.block_size,
             BLOCK_HV=block_hv,
             BLOCK_D=block_d,
+            USE_PDL=pdl,
             num_warps=config.num_warps,
+            launch_pdl=pdl,
             enable_fp_fusion=True,  # as the rope kernel: the same fused multiply-adds, the same rounding
         )  # fmt: skip
 
@@ -443,6 +451,7 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
                 "BLOCK_SIZE": config.block_size,
                 "BLOCK_HV": block_hv,
                 "BLOCK_D": block_d,
+                "USE_PDL": False,  # grid dependency control is sm_90 on; the launch is the same
             },
             num_warps=config.num_warps,
         )
