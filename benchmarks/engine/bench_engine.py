@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--engine-only", action="store_true", help="decode throughput of the engine alone (no baselines, no serving)"
     )
+    parser.add_argument(
+        "--decode-only", action="store_true", help="the decode section with transformers beside it (decode_only.json)"
+    )
     parser.add_argument("--online-only", action="store_true", help="the online section alone (its own JSON file)")
     parser.add_argument("--offline-only", action="store_true", help="the offline section alone (its own JSON file)")
     args = parser.parse_args(argv)
@@ -321,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         results["decode"].append(row)
         save()
         print(f"decode batch {batch}: {row}", flush=True)
-    if args.engine_only:
-        save("engine_only.json")
+    if args.engine_only or args.decode_only:
+        save("engine_only.json" if args.engine_only else "decode_only.json")
         return 0
     results["offline"] = offline_section(loaded, 64 if args.quick else 256)
     save()
