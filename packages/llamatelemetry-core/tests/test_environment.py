@@ -12,6 +12,7 @@ from llamatelemetry_core.environment import (
     TRITON_INTERPRET_ENV,
     distribution_version,
     flash_attn_status,
+    pdl_capable,
     programmatic_launch,
     sdpa_backend_status,
     triton_devices,
@@ -31,14 +32,19 @@ def test_interpreter_flag_controls_triton_devices(monkeypatch: pytest.MonkeyPatc
 def test_programmatic_launch_only_for_hopper_gpus_and_never_when_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PDL_ENV, raising=False)
     assert not programmatic_launch(torch.ones(2))  # a CPU tensor: no grid dependency control to use
-    monkeypatch.setenv(TRITON_INTERPRET_ENV, "1")
-    assert not programmatic_launch(torch.ones(2))
-    monkeypatch.delenv(TRITON_INTERPRET_ENV)
+    for key, capable in (("t4", False), ("a100", False), ("h100", True)):
+        with simulate_device(key) as info:
+            assert pdl_capable(info) is capable, key  # what the ahead-of-time builds compile
     if torch.cuda.is_available():
         t = torch.ones(2, device="cuda")
+        monkeypatch.delenv(TRITON_INTERPRET_ENV, raising=False)
         assert programmatic_launch(t) == (torch.cuda.get_device_capability() >= (9, 0))
-        monkeypatch.setenv(PDL_ENV, "0")
+        monkeypatch.setenv(TRITON_INTERPRET_ENV, "1")
         assert not programmatic_launch(t)
+        monkeypatch.delenv(TRITON_INTERPRET_ENV)
+        for off in ("0", "false", "OFF", "no"):
+            monkeypatch.setenv(PDL_ENV, off)
+            assert not programmatic_launch(t), off
 
 
 @pytest.mark.no_triton

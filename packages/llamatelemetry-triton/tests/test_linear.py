@@ -166,6 +166,15 @@ def test_registry_launch_is_bounds_checked() -> None:
     assert_close(y, F.linear(x, w), name="registry linear", dtype=torch.float32)
     with pytest.raises(ConfigurationError, match="reaches 320 elements of W"):
         kernel.launch(*args[:8], 10, *args[9:], grid=(3,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16)
+    # The SwiGLU prologue reads [gate | up] rows twice K wide, and takes no norm, residual or epilogue with it.
+    with pytest.raises(ConfigurationError, match="reaches"):
+        kernel.launch(*args, grid=(2,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16, EVEN_K=True, GLU_IN=True)
+    with pytest.raises(ConfigurationError, match=r"GLU_IN \(a \[gate \| up\] input\) cannot be combined with NORM"):
+        kernel.launch(*args, grid=(2,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16, EVEN_K=True, GLU_IN=True, NORM=True)
+    gate_up = torch.randn(2, 64).to(DEVICE)
+    kernel.launch(gate_up, *args[1:10], 64, *args[11:], grid=(2,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16, EVEN_K=True,
+                  GLU_IN=True)  # fmt: skip
+    assert_close(y, lt.swiglu_linear_reference(gate_up, w), name="registry swiglu + linear", dtype=torch.float32)
 
 
 # --- refusals and argument checks (every matrix) ----------------------------------------------------------

@@ -27,6 +27,7 @@ __all__ = [
     "PackageStatus",
     "distribution_version",
     "flash_attn_status",
+    "pdl_capable",
     "programmatic_launch",
     "sdpa_backend_status",
     "tf32_matmul_enabled",
@@ -37,8 +38,10 @@ __all__ = [
 
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
 PDL_ENV = "LLAMATELEMETRY_PDL"
-"""Set to ``0`` to launch every Triton kernel without programmatic dependent launch (see
-:func:`programmatic_launch`)."""
+"""Set to ``0`` (or ``false``, ``off``, ``no``) to launch every Triton kernel without programmatic dependent launch
+(see :func:`programmatic_launch`)."""
+_PDL_MIN_CAPABILITY = (9, 0)
+_OFF = {"0", "false", "off", "no"}
 SDPA_NOT_PROBED = "not probed (simulated)"
 """What :func:`sdpa_backend_status` says of every backend on a simulated device, where nothing can run."""
 _FLASH_ATTN_MIN_CAPABILITY = (8, 0)
@@ -68,22 +71,29 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get(TRITON_INTERPRET_ENV, "").strip().lower() in {"1", "true", "on", "yes"}
 
 
+def pdl_capable(device: DeviceInfo) -> bool:
+    """Whether ``device`` has grid dependency control (compute capability 9.0 on): the kernels' ahead-of-time
+    builds for it are compiled as :func:`programmatic_launch` launches them there."""
+    return device.compute_capability is not None and device.compute_capability >= _PDL_MIN_CAPABILITY
+
+
 @functools.cache
-def _pdl_capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+def _pdl_capable_index(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= _PDL_MIN_CAPABILITY
 
 
 def programmatic_launch(t: torch.Tensor) -> bool:
     """Whether the kernels that take ``t`` launch with programmatic dependent launch (PDL): on CUDA tensors of a
-    GPU of compute capability 9.0 or newer (Hopper on), outside Triton's interpreter, unless ``PDL_ENV`` is ``0``.
+    GPU of compute capability 9.0 or newer (Hopper on), outside Triton's interpreter, unless ``PDL_ENV`` is off.
 
     A kernel launched so may start while the kernel before it in the stream finishes; it waits for that kernel's
     completion (``griddepcontrol.wait``) before it reads anything, and lets the next kernel start once its main
-    loop is done. Inside a CUDA graph this overlaps each launch with the tail of the kernel before it.
+    loop is done. Inside a CUDA graph this overlaps each launch with the tail of the kernel before it. The
+    variable is read at each launch: a CUDA graph keeps the launches it captured.
     """
-    if not t.is_cuda or triton_interpreter_enabled() or os.environ.get(PDL_ENV, "").strip() == "0":
+    if not t.is_cuda or triton_interpreter_enabled() or os.environ.get(PDL_ENV, "").strip().lower() in _OFF:
         return False
-    return _pdl_capable(t.get_device())
+    return _pdl_capable_index(t.get_device())
 
 
 @functools.cache

@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from llamatelemetry_core.device import DeviceInfo
-from llamatelemetry_core.environment import programmatic_launch, triton_interpreter_enabled
+from llamatelemetry_core.environment import pdl_capable, programmatic_launch, triton_interpreter_enabled
 from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_flashattn._attention_tile import kernel_scales, key_span, phase_span, unmasked_span, window_bounds
 from llamatelemetry_flashattn._paged_tile import paged_tile
@@ -347,7 +347,7 @@ def aot_build(
         "QUANTIZED": quantized,
         "USE_SOFTCAP": False,
         "PIPELINED": True,
-        "USE_PDL": False,  # grid dependency control is sm_90 on; the launch is the same
+        "USE_PDL": pdl_capable(device),  # as programmatic_launch launches it
     }
     ids = ",page-ids" if tiles.page_ids else ""
     name = (

@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from llamatelemetry_core.device import DeviceInfo
-from llamatelemetry_core.environment import programmatic_launch
+from llamatelemetry_core.environment import pdl_capable, programmatic_launch
 from llamatelemetry_flashattn.paged_tiles import MERGE_BLOCK_S, merge_warps
 from llamatelemetry_flashattn.tiles import padded_head_dim
 
@@ -107,8 +107,9 @@ AOT_HEAD_DIMS = (64, 128, 256)
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def aot_build(head_dim: int, dtype: torch.dtype) -> KernelBuild:
-    """The merge kernel's build for ``head_dim`` writing ``dtype`` (the same on every device)."""
+def aot_build(head_dim: int, dtype: torch.dtype, *, pdl: bool = False) -> KernelBuild:
+    """The merge kernel's build for ``head_dim`` writing ``dtype``; ``pdl``: with grid dependency control, as it is
+    launched on compute capability 9.0 and later (otherwise the same on every device)."""
     from llamatelemetry_core.aot import KernelBuild, kernel_signature
 
     block_d = padded_head_dim(head_dim)
@@ -118,7 +119,7 @@ def aot_build(head_dim: int, dtype: torch.dtype) -> KernelBuild:
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d,
         "BLOCK_S": MERGE_BLOCK_S,
-        "USE_PDL": False,  # grid dependency control is sm_90 on; the launch is the same
+        "USE_PDL": pdl,
     }
     name = f"flashattn.paged_merge[{_TRITON_DTYPES[dtype]},d={head_dim}]"
     return KernelBuild(name, _merge_splits_kernel, signature, constexprs, num_warps=merge_warps(block_d), num_stages=1)
@@ -129,4 +130,4 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     on the output dtype: one set of builds bounds them all); nothing for other dtypes."""
     if dtype == torch.float16:
         for head_dim in AOT_HEAD_DIMS:
-            yield aot_build(head_dim, dtype)
+            yield aot_build(head_dim, dtype, pdl=pdl_capable(device))

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from llamatelemetry_core.environment import triton_interpreter_enabled
+from llamatelemetry_core.environment import pdl_capable, triton_interpreter_enabled
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.validation import dtype_name, format_shape
 from llamatelemetry_triton._aot_shapes import TYPE_NAMES, kernel_build
@@ -477,7 +477,7 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
                 config = linear_config(rows, n, k, dtype, device)
                 block_n = max(1, config.block_size // 2) if swiglu else config.block_size
                 flags = {"NORM": norm, "HAS_RESIDUAL": residual, "HAS_BIAS": False, "SWIGLU": swiglu}
-                flags |= {"GLU_IN": glu_in, "USE_PDL": False}  # no grid dependency control: the same launch
+                flags |= {"GLU_IN": glu_in, "USE_PDL": pdl_capable(device)}  # as programmatic_launch launches it
                 yield kernel_build(
                     f"triton.{name}[{t},M={rows},BLOCK_N={block_n},BLOCK_K={config.chunk_size}]",
                     linear_kernel,
@@ -500,6 +500,11 @@ def _linear_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
         raise ConfigurationError(
             f"kernel 'linear': expected BLOCK_M >= M = {m} and BLOCK_N as powers of two, got BLOCK_M={block_m!r}, "
             f"BLOCK_N={block_n!r}"
+        )
+    if args.get("GLU_IN") and (args.get("NORM") or args.get("HAS_RESIDUAL") or args.get("SWIGLU")):
+        raise ConfigurationError(
+            "kernel 'linear': GLU_IN (a [gate | up] input) cannot be combined with NORM, HAS_RESIDUAL or SWIGLU; "
+            "launch it with those False"
         )
     if m == 0 or n == 0 or k == 0 or not grid or grid[0] == 0:
         return

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llamatelemetry_core.environment import programmatic_launch
+from llamatelemetry_core.environment import pdl_capable, programmatic_launch
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
 from llamatelemetry_core.validation import dtype_name, format_shape
@@ -451,7 +451,7 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
                 "BLOCK_SIZE": config.block_size,
                 "BLOCK_HV": block_hv,
                 "BLOCK_D": block_d,
-                "USE_PDL": False,  # grid dependency control is sm_90 on; the launch is the same
+                "USE_PDL": pdl_capable(device),  # as programmatic_launch launches it
             },
             num_warps=config.num_warps,
         )
