@@ -100,6 +100,7 @@ def test_the_few_row_projections_keep_the_transformers_tokens(
     with record_selections() as rec:
         got = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     assert [c.token_ids for c in got] == [greedy(reference, p, NEW_TOKENS) for p in prompts]
+    assert not rec.implementations("triton.swiglu_linear") and rec.implementations("triton.swiglu")
 
 
 @pytest.mark.parametrize("name", sorted(FLAG_SETS))

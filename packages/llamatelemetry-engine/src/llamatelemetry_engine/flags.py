@@ -29,8 +29,8 @@ class EngineFlags:
       the separate projections of transformers.
     * ``triton_kernels``: fused residual + RMSNorm, RoPE and SwiGLU kernels of ``llamatelemetry-triton``; with
       ``paged_kv``, RoPE and the paged KV write in one launch (an unquantized store; a quantized one takes the
-      two calls); on a GPU with merged projections, one-token steps run the projections as few-row
-      kernels with the norms and SwiGLU fused in.
+      two calls); on a Hopper GPU (compute capability 9.x) with merged projections, one-token steps run the
+      projections as few-row kernels with the norms and SwiGLU fused in.
     * ``flash_attention``: prefill attention through ``llamatelemetry-flashattn``'s dispatcher, for prefill steps
       that run eagerly (with CUDA graphs, one that fits a step graph replays it with paged attention instead).
     * ``paged_kv``: the paged KV cache of ``llamatelemetry-kvcache`` read by paged attention; off, one

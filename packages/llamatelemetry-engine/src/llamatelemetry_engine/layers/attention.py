@@ -67,9 +67,10 @@ class Attention(nn.Module):
         projected: torch.Tensor | None = None,
         few_rows: bool = False,
     ) -> torch.Tensor:
-        """Attention of the step's tokens ``x [tokens, hidden]``. ``projected``: the merged q/k/v projection of
-        ``x``, already computed (the few-row path fuses the norm into it); ``few_rows``: the output projection
-        through the few-row linear kernel of ``llamatelemetry-triton`` instead of ``nn.Linear``."""
+        """Attention of the step's tokens ``x [tokens, hidden]`` (the normalized hidden states). ``projected``: the
+        merged q/k/v projection, already computed by the caller (the few-row path fuses the residual add and the
+        norm into it); ``x`` then only gives the token count. ``few_rows``: the output projection through the
+        few-row linear kernel of ``llamatelemetry-triton`` instead of ``nn.Linear``."""
         tokens = x.shape[0]
         if self.qkv_proj is not None:
             q_size = self.num_heads * self.head_dim

@@ -6,15 +6,18 @@ vector with their positions; attention finds each sequence's keys through the st
 ``h = h + attn(norm(h)); h = h + mlp(norm(h))``, with the residual add fused into the next norm when the Triton
 kernels are on.
 
-With the Triton kernels on a GPU, a step of at most :data:`FEW_ROW_TOKENS` tokens (batch-1 decode) runs each
-layer's projections through ``llamatelemetry-triton``'s few-row linear kernels (GEMVs) instead of
-cuBLAS, with the residual add and RMSNorm fused into the q/k/v and gate/up projections and SwiGLU into the down
-projection: four launches for the layer's matmuls, norms and activation where there were seven (H200, Llama-3.2-1B
-shape, batch 1: 971 decode tokens/s against 918, ``benchmarks/results/nvidia-h200/engine/gemv-in-graph.md``).
+With the Triton kernels on a Hopper GPU (compute capability 9.x, where they were measured; the launch rows of
+other GPUs are not), a step of at most :data:`FEW_ROW_TOKENS` tokens (batch-1 decode) runs each layer's
+projections through ``llamatelemetry-triton``'s few-row linear kernels (GEMVs) instead of cuBLAS, with the
+residual add and RMSNorm fused into the q/k/v and gate/up projections and SwiGLU into the down projection: four
+launches for the layer's matmuls, norms and activation where there were seven (H200, Llama-3.2-1B shape, batch 1:
+971 decode tokens/s against 918, ``benchmarks/results/nvidia-h200/engine/gemv-in-graph.md``).
 Each fused kernel rounds where the unfused composition rounds.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -34,7 +37,15 @@ __all__ = ["FEW_ROW_TOKENS", "DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
 FEW_ROW_TOKENS = 1
 """Most tokens in a step whose projections run the few-row kernels. Measured inside CUDA graphs on an H200 at
 Llama-3.2-1B's shapes, per layer: at 1 row the four kernels took 46.5 us against 54.3 us for the unfused launches;
-at 2 rows 59.1 against 54.4 us (gate/up with the norm 27.8 against 20.8 us), at 4 rows every one of them lost."""
+at 2 rows 59.1 against 54.4 us (gate/up with the norm 27.8 against 20.8 us); at 4 rows the launches the table
+picks (BLOCK_N 2) lost for every projection (0.28x to 0.89x)."""
+
+
+@functools.cache
+def _few_row_gpu(index: int) -> bool:
+    """Whether CUDA device ``index`` takes the few-row path: Hopper (compute capability 9.x), where its launches
+    were swept and beat cuBLAS; the launch rows of other GPUs are unmeasured."""
+    return torch.cuda.get_device_capability(index)[0] == 9
 
 
 class DecoderLayer(nn.Module):
@@ -55,6 +66,7 @@ class DecoderLayer(nn.Module):
         return (
             0 < h.shape[0] <= self.few_row_tokens
             and h.device.type in self.few_row_devices
+            and (not h.is_cuda or _few_row_gpu(h.get_device()))
             and self.self_attn.qkv_proj is not None
             and self.mlp.gate_up_proj is not None
         )
