@@ -167,7 +167,7 @@ def report(rows: list[dict[str, Any]], eng: dict[str, Any]) -> str:
         "(`benchmarks/engine/sweep_few_row.py`). Baseline: what the engine runs without the kernel (the fused "
         "norm kernel + cuBLAS; cuBLAS; the SwiGLU kernel + cuBLAS).",
         "",
-        "| case | rows | baseline us | chosen launch | chosen us | vs baseline | fastest of 24 | fastest us |",
+        "| case | rows | baseline us | chosen launch | chosen us | vs baseline | fastest of 24 at one row | its us |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
