@@ -351,8 +351,8 @@ LINEAR_TABLES: dict[str, LinearTable] = {
     # BLOCK_K=2048 was the fastest of 24 launches (BLOCK_N 2-16, BLOCK_K 1024-4096, 4 or 8 warps) for q/k/v with
     # the norm (7.0 us), o (4.9 us) and gate/up with the norm (21.0 us) with 4 warps, and for down with the SwiGLU
     # prologue with 8 (13.4 us; 13.6 with 4). Three programs per SM gives BLOCK_N=4 from 2048 weight rows on 132
-    # SMs. The previous row (BLOCK_K 1024, BLOCK_N 2, six programs per SM) came from an eager sweep with the L2
-    # flushed (benchmarks/triton/sweep_gemv.py).
+    # SMs. The previous row (BLOCK_K 1024, BLOCK_N 2, six programs per SM) came from benchmarks/triton/sweep_gemv.py,
+    # timed the same way but swept only up to BLOCK_K 1024.
     "sm90": LinearTable(block_k=2048, max_tile=16384, max_block_n=4, programs_per_sm=3, num_warps=4, num_stages=2),
     # Ampere/Ada: less shared memory and bandwidth per SM; smaller stages.
     "sm80": LinearTable(block_k=512, max_tile=8192, max_block_n=32, programs_per_sm=4, num_warps=4, num_stages=2),
