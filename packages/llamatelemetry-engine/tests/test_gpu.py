@@ -48,9 +48,10 @@ def test_prefill_and_decode_logits_match_transformers(
     assert bm is not None
     bm.allocate(1, prompt)
     logits = runner.step(StepInput((SequenceStep(1, tuple(prompt), 0, tuple(bm.block_table(1))),)))
+    assert logits.dtype == torch.float16  # the model's dtype: the samplers widen what they need
     with torch.no_grad():
         ref = hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
-    torch.testing.assert_close(logits[0], ref, atol=ATOL * ref.abs().max().item(), rtol=RTOL)
+    torch.testing.assert_close(logits[0].float(), ref, atol=ATOL * ref.abs().max().item(), rtol=RTOL)
     seq = list(prompt)
     for _ in range(6):  # decode steps: paged attention, from a CUDA graph
         token = int(logits[0].argmax())
@@ -58,9 +59,10 @@ def test_prefill_and_decode_logits_match_transformers(
         seq.append(token)
         step = SequenceStep(1, (token,), len(seq) - 1, tuple(bm.block_table(1)))
         logits = runner.step(StepInput((step,)))
+        assert logits.dtype == torch.float16
         with torch.no_grad():
             ref = hf(torch.tensor([seq], device="cuda")).logits[0, -1].float()
-        torch.testing.assert_close(logits[0], ref, atol=ATOL * ref.abs().max().item(), rtol=RTOL)
+        torch.testing.assert_close(logits[0].float(), ref, atol=ATOL * ref.abs().max().item(), rtol=RTOL)
     assert runner.graphs is not None and runner.graphs.buckets.replays >= 6
     bm.free(1)
 

@@ -52,8 +52,8 @@ class _PagedStepGraphs:
         max_seqlen_q: int,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """fp32 logits of the step's tokens (of ``rows`` only, when given); ``metadata`` is ``(slot_mapping,
-        block_tables, seq_lens, cu_seqlens_q)``."""
+        """Logits of the step's tokens in the model's dtype (of ``rows`` only, when given); ``metadata`` is
+        ``(slot_mapping, block_tables, seq_lens, cu_seqlens_q)``."""
         slot_mapping, block_tables, seq_lens, cu_seqlens_q = metadata
         ctx = PagedStep(
             self.cache,
@@ -67,7 +67,7 @@ class _PagedStepGraphs:
         hidden = self.runner.model(input_ids, positions, ctx)
         if rows is not None:
             hidden = hidden.index_select(0, rows)
-        return self.runner.model.logits(hidden).float()
+        return self.runner.model.logits(hidden)
 
 
 class DecodeGraphs(_PagedStepGraphs):

@@ -1,4 +1,4 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k and top-p on fp32 logits."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k and top-p, on logits of any float dtype (in fp32)."""
 
 from __future__ import annotations
 
