@@ -61,6 +61,8 @@ def category(name: str) -> str:
         ("xmma", "matmul"),
         ("sm90", "matmul"),
         ("splitk", "matmul"),
+        ("linear_kernel", "matmul"),  # llamatelemetry-triton's few-row and small-M projections
+        ("small_m", "matmul"),
         ("embedding", "embedding"),
         ("index", "embedding"),
         ("copy", "copy/cast"),

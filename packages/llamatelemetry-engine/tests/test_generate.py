@@ -12,8 +12,9 @@ from llamatelemetry_core.selection import record_selections
 from llamatelemetry_engine import FLAG_NAMES, LLM, PRESETS, EngineFlags, SamplingParams, random_weights
 from llamatelemetry_engine.loader import LoadedModel
 from llamatelemetry_engine.models import DecoderLayer
-from llamatelemetry_engine.models.llama import FEW_ROW_TOKENS
+from llamatelemetry_engine.models.llama import FEW_ROW_TOKENS, SMALL_M_TOKENS
 from llamatelemetry_triton import HAS_TRITON
+from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS
 
 Greedy = Callable[[torch.nn.Module, list[int], int], list[int]]
 # Under Triton's interpreter every fused kernel runs in Python: fewer tokens there.
@@ -101,6 +102,32 @@ def test_the_few_row_projections_keep_the_transformers_tokens(
         got = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     assert [c.token_ids for c in got] == [greedy(reference, p, NEW_TOKENS) for p in prompts]
     assert not rec.implementations("triton.swiglu_linear") and rec.implementations("triton.swiglu")
+
+
+def test_the_small_m_projections_keep_the_transformers_tokens(
+    hf_reference: Callable[[LoadedModel], torch.nn.Module], greedy: Greedy
+) -> None:
+    # On a Hopper GPU, steps of LINEAR_MAX_ROWS + 1 to SMALL_M_TOKENS tokens run the merged projections through
+    # triton_linear (its small-M kernel, SwiGLU fused into gate/up); forced on here for every layer. In fp32 on a
+    # CPU the op runs its reference: the path's composition must keep transformers' tokens (the kernel itself is
+    # checked against the reference in llamatelemetry-triton's tests).
+    loaded = random_weights(ARCHS["llama_mha_bias_llama3"], seed=6)
+    reference = hf_reference(loaded)
+    llm = LLM(loaded, device="cpu")
+    llm.model.merge_projections()
+    for layer in llm.model.model.layers:
+        assert isinstance(layer, DecoderLayer) and layer.small_m_tokens == (SMALL_M_TOKENS if HAS_TRITON else 0)
+        layer.small_m_tokens, layer.few_row_devices = SMALL_M_TOKENS, ("cpu",)
+    many = [list(range(3 + i, 10 + 2 * i)) for i in range(LINEAR_MAX_ROWS + 2)]  # decode steps of 10 tokens
+    with record_selections() as rec:
+        got = llm.generate(many, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert [c.token_ids for c in got] == [greedy(reference, p, 3) for p in many]
+    # Two decode steps of ten tokens (the first token comes from the prefill): q/k/v, o, gate/up with the SwiGLU
+    # epilogue and down through triton_linear in every layer; the prefill steps (over SMALL_M_TOKENS tokens, or
+    # chunked) take the usual path with its SwiGLU kernel.
+    layers = len(llm.model.model.layers)
+    assert len(rec.implementations("triton.linear")) == 4 * layers * 2
+    assert len(rec.implementations("triton.swiglu")) < 2 * layers
 
 
 @pytest.mark.parametrize("name", sorted(FLAG_SETS))

@@ -20,7 +20,9 @@ from llamatelemetry_core.selection import record_selections
 from llamatelemetry_core.testing import assert_close
 from llamatelemetry_core.testing.conformance import Conformance
 from llamatelemetry_triton import HAS_TRITON, force_max_block_size
-from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS
+from llamatelemetry_triton._dispatch import device_info
+from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS, SMALL_M_MAX_ROWS, LaunchConfig, small_m_config
+from llamatelemetry_triton.ops._linear_kernel import linear_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bfloat16 runs the reference under the interpreter (NumPy has no bfloat16): its kernels are compared on GPUs.
@@ -122,6 +124,73 @@ def test_the_swiglu_prologue_matches_swiglu_then_projection(
     assert y_view.shape == (1, rows, n) and torch.equal(y_view[0], y)
 
 
+def _small_m_expected(rows: int, n: int, k: int, swiglu: bool, dtype: torch.dtype) -> str:
+    """The implementation a small-M call selects here: the kernel where a launch is measured, else F.linear."""
+    config = small_m_config(rows, n, k, swiglu, dtype, device_info(torch.device(DEVICE)))
+    return "triton" if HAS_TRITON and config is not None else "reference"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []), ids=str)
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "bias", "swiglu"),
+    [(9, 40, 96, False, False), (33, 24, 200, True, False), (64, 48, 64, True, True), (17, 19, 150, False, True),
+     (64, 70, 700, True, False)],
+)  # fmt: skip
+def test_small_m_rows_match_the_reference(
+    rows: int, n: int, k: int, bias: bool, swiglu: bool, dtype: torch.dtype
+) -> None:
+    # Past LINEAR_MAX_ROWS rows the Tensor Core kernel takes plain and SwiGLU-epilogue calls (where measured); a
+    # ragged K (200, 150) and N (19, 70), and a long K (700 >= 4N: the split launch), against F.linear.
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    inp = _inputs(gen, rows, 2 * n if swiglu else n, k, dtype, bias=bias)
+    x, w, b = inp["x"], inp["weight"], inp["bias"]
+    with record_selections() as rec:
+        y = lt.triton_linear(x, w, b, swiglu=swiglu)
+    assert rec.implementations("triton.linear") == [_small_m_expected(rows, n, k, swiglu, dtype)]
+    full = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+    if swiglu:
+        gate, up = full.float().chunk(2, dim=-1)
+        full = (F.silu(gate) * up).to(dtype)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    assert_close(y, full, name="small-M linear", dtype=dtype)
+    assert torch.equal(lt.triton_linear(x, w, b, swiglu=swiglu), y)  # the same bits again
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_small_m_split_k_sums_the_partials_in_order(splits: int) -> None:
+    # Each split writes an fp32 partial; the last program of a column block sums them in split order, so the
+    # result is the same bits on every run, and equals F.linear within fp16's tolerance. K = 150 leaves the last
+    # split short (and empty past three splits of 64, which the launch drops).
+    gen = torch.Generator().manual_seed(splits)
+    inp = _inputs(gen, 12, 37, 150, torch.float16)
+    x, w, b = inp["x"], inp["weight"], inp["bias"]
+    config = LaunchConfig(16, 4, 1, splits=splits, chunk_size=32)
+    first, _ = linear_forward(x, None, None, w, b, 0.0, config=config)
+    again, _ = linear_forward(x, None, None, w, b, 0.0, config=config)
+    assert torch.equal(first, again)
+    assert_close(first, F.linear(x.float(), w.float(), b.float()).half(), name="split-K linear", dtype=torch.float16)
+
+
+def test_small_m_configs_only_where_measured() -> None:
+    from llamatelemetry_core.device import DeviceInfo, simulate_device
+
+    def device(key: str) -> DeviceInfo:
+        with simulate_device(key) as info:
+            return info
+
+    hopper = small_m_config(64, 2048, 8192, False, torch.float16, device("h200"))
+    assert hopper is not None and hopper.splits == 2 and hopper.block_size == 32  # the down projection's launch
+    gate_up = small_m_config(64, 8192, 2048, True, torch.bfloat16, device("h100"))
+    assert gate_up is not None and gate_up.splits == 1 and gate_up.block_size == 64
+    for key in ("t4", "a100", "l4", "rtx4090", "b200"):  # unmeasured there: F.linear (cuBLAS) runs
+        assert small_m_config(64, 2048, 2048, False, torch.float16, device(key)) is None, key
+    assert small_m_config(64, 2048, 2048, False, torch.float32, device("h200")) is None  # no TF32 behind fp32
+    assert small_m_config(64, 2048, 2048, False, torch.bfloat16, device("cpu")) is None  # the interpreter's bf16
+    assert small_m_config(64, 2048, 2048, False, torch.float16, device("cpu")) is not None
+
+
 @pytest.mark.triton
 def test_strided_rows_leading_dims_and_a_padded_weight() -> None:
     gen = torch.Generator().manual_seed(3)
@@ -189,10 +258,11 @@ def _small(rows: int = 2, dtype: torch.dtype = torch.float32) -> tuple[torch.Ten
     ("make", "reason"),
     [
         (lambda: (*_small(LINEAR_MAX_ROWS + 1), None), f"at most {LINEAR_MAX_ROWS}"),
+        (lambda: (*_small(SMALL_M_MAX_ROWS + 1, torch.float16), None), f"at most {SMALL_M_MAX_ROWS}"),
         (lambda: (_small()[0], torch.randn(16, 6).t(), None), "rows are not contiguous"),
         (lambda: (_small()[0].requires_grad_(), _small()[1], None), "no backward"),
     ],
-    ids=["too_many_rows", "column_major_weight", "needs_grad"],
+    ids=["too_many_rows", "past_the_small_m_kernel", "column_major_weight", "needs_grad"],
 )
 def test_refused_calls_run_f_linear_and_say_why(make: Any, reason: str) -> None:
     x, w, b = make()
@@ -323,6 +393,36 @@ def test_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.dtype) -
         y_down = lt.triton_swiglu_linear(gate_up, w, b)
     assert rec.implementations("triton.swiglu_linear") == ["triton"]
     assert_close(y_down, _linear64(lt.triton_swiglu(gate_up), w, b), name="swiglu prologue", dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [9, 40, 64])
+@pytest.mark.parametrize(("n", "k"), [(3072, 2048), (2048, 8192), (16384, 2048), (1001, 1000)])
+def test_small_m_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
+    # Past LINEAR_MAX_ROWS: the small-M kernel on Hopper in fp16/bf16 (q/k/v, the split down projection, gate/up
+    # with the SwiGLU epilogue, a ragged shape), F.linear elsewhere; both against float64, and replayed from a
+    # CUDA graph (the split's counts are zeroed inside it) to the same bits.
+    _skip_unsupported(dtype)
+    gen = torch.Generator().manual_seed(n + k + rows)
+    a = _inputs(gen, rows, n, k, dtype, bias=n % 2 == 1)
+    x, w, b = a["x"], a["weight"], a["bias"]
+    with record_selections() as rec:
+        y = lt.triton_linear(x, w, b)
+    assert rec.implementations("triton.linear") == [_small_m_expected(rows, n, k, False, dtype)]
+    assert_close(y, _linear64(x, w, b), name="small-M linear", dtype=dtype)
+    if n % 2 == 0:  # a merged gate/up weight: the SwiGLU epilogue against the projection, then the SwiGLU kernel
+        y_glu = lt.triton_linear(x, w, b, swiglu=True)
+        assert_close(y_glu, lt.triton_swiglu(_linear64(x, w, b)), name="small-M swiglu epilogue", dtype=dtype)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lt.triton_linear(x, w, b)
+    for _ in range(2):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, y)
 
 
 @pytest.mark.gpu

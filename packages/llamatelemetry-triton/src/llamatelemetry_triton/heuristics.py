@@ -40,6 +40,8 @@ __all__ = [
     "NORM_BWD_SUM_BLOCK",
     "NORM_LOOP_BLOCK",
     "NORM_MAX_SINGLE_BLOCK",
+    "SMALL_M_DEVICE_CLASSES",
+    "SMALL_M_MAX_ROWS",
     "SOFTMAX_LOOP_BLOCK",
     "SOFTMAX_MAX_SINGLE_BLOCK",
     "SOFTMAX_MAX_SPLITS",
@@ -56,6 +58,7 @@ __all__ = [
     "norm_config",
     "rope_config",
     "rope_store_tile",
+    "small_m_config",
     "softmax_config",
 ]
 
@@ -92,7 +95,7 @@ _ELEMENTWISE_WARPS = 8
 _BYTES_PER_THREAD = 32
 
 _MEMO_LIMIT = 4096
-_F = TypeVar("_F", bound=Callable[..., "LaunchConfig"])
+_F = TypeVar("_F", bound=Callable[..., "LaunchConfig | None"])
 
 _max_block: contextvars.ContextVar[int | None] = contextvars.ContextVar("llamatelemetry_max_block", default=None)
 
@@ -127,10 +130,10 @@ def _memoized(fn: _F) -> _F:
     kept alive beside the answer, so a key is never reused by another object. The cache is dropped when it
     reaches ``_MEMO_LIMIT`` entries (shapes that vary without bound, such as softmax row counts).
     """
-    cache: dict[tuple[Any, ...], tuple[tuple[Any, ...], LaunchConfig]] = {}
+    cache: dict[tuple[Any, ...], tuple[tuple[Any, ...], LaunchConfig | None]] = {}
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> LaunchConfig:
+    def wrapper(*args: Any, **kwargs: Any) -> LaunchConfig | None:
         key = (*(id(a) if isinstance(a, DeviceInfo) else a for a in args), *kwargs.items())
         hit = cache.get(key)
         if hit is not None:
@@ -403,3 +406,50 @@ def linear_config(
     ):
         block_n *= 2
     return LaunchConfig(block_n, table.num_warps, table.num_stages, single_block=block_k >= k, chunk_size=block_k)
+
+
+SMALL_M_MAX_ROWS = 64
+"""Most rows the small-M linear kernel (Tensor Cores, all rows in one tile) takes past :data:`LINEAR_MAX_ROWS`;
+more rows run ``F.linear``."""
+
+SMALL_M_DEVICE_CLASSES = ("sm90", "cpu")
+"""Where the small-M kernel is chosen (:func:`linear_device_class`): Hopper (compute capability 9.x only), where
+its launches were measured, and the interpreter (CPU tensors, the same launches). Elsewhere more than
+:data:`LINEAR_MAX_ROWS` rows run ``F.linear``: no launch of it has been timed against cuBLAS there."""
+
+
+@_memoized
+def small_m_config(
+    rows: int, n: int, k: int, swiglu: bool, dtype: torch.dtype, device: DeviceInfo
+) -> LaunchConfig | None:
+    """The small-M linear ``[rows, k] @ [n, k]^T`` (``LINEAR_MAX_ROWS < rows <= SMALL_M_MAX_ROWS``; ``n`` output
+    columns, halves of a ``[2n, k]`` gate/up weight with ``swiglu``): ``block_size`` is BLOCK_N, ``chunk_size``
+    BLOCK_K, ``splits`` the split of ``k``; ``None`` on a device class outside :data:`SMALL_M_DEVICE_CLASSES`, for
+    a dtype other than fp16/bf16 (fp32 products there would run as TF32), and for bf16 in the interpreter.
+
+    From an H200 at 64 rows and Llama-3.2-1B's shapes, each launch timed inside a CUDA graph over 16 layers'
+    weights with programmatic dependent launch (``benchmarks/results/nvidia-h200/engine/summary.md``), of
+    BLOCK_N 16-128, BLOCK_K 64-256, 1-8 splits and 3-6 stages: q/k/v (3072 x 2048) BLOCK_N 32 (7.30 us against
+    cuBLAS's 7.36), o (2048 x 2048) BLOCK_N 16 (6.33 against 6.87), gate/up with SwiGLU (2 x 8192 x 2048) BLOCK_N
+    64 and 4 stages (19.15 against 24.31 for cuBLAS and the SwiGLU kernel), down (2048 x 8192) BLOCK_N 32 in two
+    splits (15.38 against 15.10); BLOCK_K 128, 6 stages elsewhere. The rules: SwiGLU takes the gate/up launch;
+    ``k >= 4n`` (a long reduction over few columns) the down launch; ``n <= 2048`` the o launch; else q/k/v's.
+    """
+    device_class = linear_device_class(device)
+    if device_class not in SMALL_M_DEVICE_CLASSES or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if device.compute_capability is not None and device.compute_capability[0] != 9:
+        return None  # "sm90" also covers Blackwell (10.x and up), where no launch of it has been timed
+    if device_class == "cpu" and dtype == torch.bfloat16:
+        return None  # NumPy has no bfloat16: the interpreter's bf16 products are garbage (Triton 3.6)
+    if swiglu:
+        block_n, stages, splits = 64, 4, 1
+    elif k >= 4 * n:
+        block_n, stages, splits = 32, 6, 2
+    elif n <= 2048:
+        block_n, stages, splits = 16, 6, 1
+    else:
+        block_n, stages, splits = 32, 6, 1
+    block_k = max(16, min(128, next_power_of_2(k)))
+    block_n = max(16, min(block_n, next_power_of_2(n)))
+    return LaunchConfig(block_n, 4, stages, single_block=block_k >= k, splits=splits, chunk_size=block_k)

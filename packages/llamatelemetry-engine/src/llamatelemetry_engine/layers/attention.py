@@ -69,8 +69,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attention of the step's tokens ``x [tokens, hidden]`` (the normalized hidden states). ``projected``: the
         merged q/k/v projection, already computed by the caller (the few-row path fuses the residual add and the
-        norm into it); ``x`` then only gives the token count. ``few_rows``: the output projection through the
-        few-row linear kernel of ``llamatelemetry-triton`` instead of ``nn.Linear``."""
+        norm into it); ``x`` then only gives the token count. ``few_rows``: the output projection through
+        ``llamatelemetry-triton``'s ``triton_linear`` (its few-row or small-M kernel) instead of ``nn.Linear``."""
         tokens = x.shape[0]
         if self.qkv_proj is not None:
             q_size = self.num_heads * self.head_dim

@@ -12,7 +12,11 @@ projections through ``llamatelemetry-triton``'s few-row linear kernels (GEMVs) i
 residual add and RMSNorm fused into the q/k/v and gate/up projections and SwiGLU into the down projection: four
 launches for the layer's matmuls, norms and activation where there were seven (H200, Llama-3.2-1B shape, batch 1:
 971 decode tokens/s against 918, ``benchmarks/results/nvidia-h200/engine/gemv-in-graph.md``).
-Each fused kernel rounds where the unfused composition rounds.
+Each fused kernel rounds where the unfused composition rounds. Steps of more than ``LINEAR_MAX_ROWS`` and at
+most :data:`SMALL_M_TOKENS` tokens (batched decode) there run the projections through
+:func:`~llamatelemetry_triton.triton_linear`'s small-M kernel (Tensor Cores, programmatic dependent launch) with
+SwiGLU fused into gate/up, the norms as usual: eight launches for a layer's matmuls, norms and activation where
+cuBLAS took ten (with its split-K reduction and the SwiGLU kernel).
 """
 
 from __future__ import annotations
@@ -28,17 +32,25 @@ from llamatelemetry_engine.layers import Attention, RMSNorm, RotaryEmbedding, Sw
 from llamatelemetry_triton import (
     HAS_TRITON,
     triton_fused_add_rmsnorm_linear,
+    triton_linear,
     triton_rmsnorm_linear,
     triton_swiglu_linear,
 )
+from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS, SMALL_M_MAX_ROWS
 
-__all__ = ["FEW_ROW_TOKENS", "DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
+__all__ = ["FEW_ROW_TOKENS", "SMALL_M_TOKENS", "DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
 
 FEW_ROW_TOKENS = 1
 """Most tokens in a step whose projections run the few-row kernels. Measured inside CUDA graphs on an H200 at
 Llama-3.2-1B's shapes, per layer: at 1 row the four kernels took 46.5 us against 54.3 us for the unfused launches;
 at 2 rows 59.1 against 54.4 us (gate/up with the norm 27.8 against 20.8 us); at 4 rows the launches the table
 picks (BLOCK_N 2) lost for every projection (0.28x to 0.89x)."""
+
+
+SMALL_M_TOKENS = SMALL_M_MAX_ROWS
+"""Most tokens in a step whose projections run the small-M kernel (steps of more than ``LINEAR_MAX_ROWS`` tokens;
+fewer keep cuBLAS, which beat the few-row kernels at 2 and 4 rows). H200, Llama-3.2-1B shape, decode at batch 64:
+50,991 tokens/s against 48,556 with cuBLAS in the same process, the same greedy tokens."""
 
 
 @functools.cache
@@ -60,7 +72,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused=fused)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused=fused)
         self.few_row_tokens = FEW_ROW_TOKENS if fused and HAS_TRITON else 0
-        self.few_row_devices: tuple[str, ...] = ("cuda",)  # the kernels are GPU GEMVs (tests add "cpu")
+        self.small_m_tokens = SMALL_M_TOKENS if fused and HAS_TRITON else 0
+        self.few_row_devices: tuple[str, ...] = ("cuda",)  # both paths' kernels are for GPUs (tests add "cpu")
 
     def _few_rows(self, h: torch.Tensor) -> bool:
         return (
@@ -70,6 +83,32 @@ class DecoderLayer(nn.Module):
             and self.self_attn.qkv_proj is not None
             and self.mlp.gate_up_proj is not None
         )
+
+    def _small_m(self, h: torch.Tensor) -> bool:
+        return (
+            LINEAR_MAX_ROWS < h.shape[0] <= self.small_m_tokens
+            and h.device.type in self.few_row_devices
+            and (not h.is_cuda or _few_row_gpu(h.get_device()))
+            and self.self_attn.qkv_proj is not None
+            and self.mlp.gate_up_proj is not None
+        )
+
+    def _forward_small_m(
+        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, mlp = self.self_attn, self.mlp
+        qkv_proj, gate_up_proj = attn.qkv_proj, mlp.gate_up_proj
+        assert qkv_proj is not None and gate_up_proj is not None  # checked by _small_m
+        if residual is None:
+            residual = h
+            x = self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        qkv = triton_linear(x, qkv_proj.weight, qkv_proj.bias)
+        h = attn(positions, x, ctx, projected=qkv, few_rows=True)
+        x, residual = self.post_attention_layernorm(h, residual)
+        act = triton_linear(x, gate_up_proj.weight, gate_up_proj.bias, swiglu=True)
+        return triton_linear(act, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
     def _forward_few_rows(
         self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
@@ -96,6 +135,8 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._few_rows(h):
             return self._forward_few_rows(positions, h, residual, ctx)
+        if self._small_m(h):
+            return self._forward_small_m(positions, h, residual, ctx)
         if residual is None:
             residual = h
             x = self.input_layernorm(h)

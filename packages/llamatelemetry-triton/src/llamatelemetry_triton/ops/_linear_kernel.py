@@ -6,6 +6,13 @@ One program per ``BLOCK_N`` output columns: it computes the rows' sum of squares
 (program 0 writing ``h`` on the way), then walks its weight rows (and, with SwiGLU, the matching up rows) in
 ``BLOCK_K`` steps, normalizing each block of the input rows as it goes; fp32 throughout, rounded where the
 unfused composition rounds.
+
+Past :data:`~llamatelemetry_triton.heuristics.LINEAR_MAX_ROWS` rows (up to
+:data:`~llamatelemetry_triton.heuristics.SMALL_M_MAX_ROWS`, fp16/bf16, the plain and SwiGLU-epilogue forms) the
+products go to the Tensor Cores: :func:`small_m_kernel`, one program per ``BLOCK_N`` output columns and split of
+``K``, all rows in one ``BLOCK_M`` tile. With ``SPLIT_K`` splits each program writes its fp32 partial, and the
+last program of a column block to arrive (an atomic count) sums the partials in split order and writes the
+result: deterministic, whatever order the programs finish in.
 """
 
 from __future__ import annotations
@@ -14,13 +21,20 @@ import torch
 import torch.nn.functional as F
 
 from llamatelemetry_core.environment import programmatic_launch
+from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_triton._compat import gdc_launch_dependents, gdc_wait, tl, triton
 from llamatelemetry_triton._dispatch import device_info
 from llamatelemetry_triton._launch import on_device, rows_of
-from llamatelemetry_triton.heuristics import LaunchConfig, current_max_block_size, linear_config
+from llamatelemetry_triton.heuristics import (
+    LINEAR_MAX_ROWS,
+    LaunchConfig,
+    current_max_block_size,
+    linear_config,
+    small_m_config,
+)
 from llamatelemetry_triton.ops.glu import swiglu_reference
 
-__all__ = ["linear_forward", "linear_kernel", "linear_outputs"]
+__all__ = ["linear_forward", "linear_kernel", "linear_outputs", "small_m_kernel", "small_m_launch"]
 
 
 # --- kernels ----------------------------------------------------------------------------------------------
@@ -187,6 +201,117 @@ def linear_kernel(  # type: ignore[no-untyped-def]
     )
 
 
+@triton.jit  # type: ignore[untyped-decorator]
+def _mma_step(  # type: ignore[no-untyped-def]
+    acc, acc_up, X, W, rows, row_mask, cols_n, n_mask, k0, N, K, stride_x, stride_w,
+    SWIGLU: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``acc [BLOCK_M, BLOCK_N] += x[:, k0:k0+BLOCK_K] @ W[cols_n, k0:k0+BLOCK_K]^T`` on the Tensor Cores (fp32
+    accumulation); with ``SWIGLU`` also ``acc_up`` from the up rows ``cols_n + N``."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        x_mask = row_mask[:, None]
+        w_mask = n_mask[:, None]
+    else:
+        k_mask = cols < K
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        w_mask = n_mask[:, None] & k_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=x_mask, other=0.0)
+    # The weight is read once and never again this step: evict it first, keep the rows in L2 for the others.
+    w = tl.load(W + cols_n[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+    acc = tl.dot(x, tl.trans(w), acc)
+    if SWIGLU:
+        w_up = tl.load(
+            W + (cols_n + N)[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first"
+        )
+        acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+    return acc, acc_up
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _small_m_store(  # type: ignore[no-untyped-def]
+    acc, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr
+):
+    """The epilogue of :func:`small_m_kernel`: bias, SwiGLU (gate and up rounded to the output dtype first, as
+    the projection's output is), the store."""
+    if HAS_BIAS:
+        acc += tl.load(B + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        if HAS_BIAS:
+            acc_up += tl.load(B + N + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        gate = acc.to(Y.dtype.element_ty).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * acc_up.to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + offsets, acc.to(Y.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def small_m_kernel(  # type: ignore[no-untyped-def]
+    X,
+    W,
+    B,
+    Y,
+    P,
+    C,
+    M,
+    N,
+    K,
+    k_split,
+    stride_x,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PIPELINED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+):
+    """``Y [M, N] = X [M, K] @ W[:N]^T (+ B)`` (with ``SWIGLU``: ``silu(gate) * up`` of ``W = [W_gate; W_up]``)
+    for ``M <= BLOCK_M``: program ``(n, s)`` multiplies every row by weight rows ``n * BLOCK_N...`` over ``K``'s
+    split ``s`` (``k_split`` long, a multiple of ``BLOCK_K``). With ``SPLIT_K > 1`` (not with ``SWIGLU``), ``P``
+    holds ``SPLIT_K`` fp32 partials ``[M, N]`` and ``C`` one zeroed int32 count per column block."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols_n < N
+    if USE_PDL:  # launched as a dependent: wait for the kernel before (it may write the input rows)
+        gdc_wait()
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PIPELINED:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            acc, acc_up = _mma_step(acc, acc_up, X, W, rows, row_mask, cols_n, n_mask, k0, N, K, stride_x, stride_w,
+                                    SWIGLU, EVEN_K, BLOCK_K)  # fmt: skip
+    else:
+        # `while`, not `range()`: Triton 3.6's interpreter cannot take runtime range() bounds under NumPy 2.4.
+        k0 = k_lo
+        while k0 < k_hi:
+            acc, acc_up = _mma_step(acc, acc_up, X, W, rows, row_mask, cols_n, n_mask, k0, N, K, stride_x, stride_w,
+                                    SWIGLU, EVEN_K, BLOCK_K)  # fmt: skip
+            k0 += BLOCK_K
+    if USE_PDL:  # the weight is read: the next kernel may start
+        gdc_launch_dependents()
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    offsets = rows[:, None] * N + cols_n[None, :]
+    if SPLIT_K > 1:
+        tl.store(P + pid_k.to(tl.int64) * M * N + offsets, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the count is released
+        arrived = tl.atomic_add(C + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last split of this column block: sum the partials in split order
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(P + s * M * N + offsets, mask=out_mask, other=0.0, cache_modifier=".cg")
+            _small_m_store(total, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, False)
+    else:
+        _small_m_store(acc, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, SWIGLU)
+
+
 # --- host launcher ------------------------------------------------------------------------------------------
 
 
@@ -221,6 +346,13 @@ def linear_forward(
         if k == 0:  # no products: the bias alone (through the activation)
             full = F.linear(x, weight, bias)
             y.copy_(swiglu_reference(*full.chunk(2, dim=-1)) if swiglu else full)
+        return y, h
+    if rows > LINEAR_MAX_ROWS:
+        if residual is not None or norm_weight is not None or glu_input:
+            raise ConfigurationError(
+                f"the small-M kernel (more than {LINEAR_MAX_ROWS} rows) takes the plain and SwiGLU-epilogue forms only"
+            )
+        _small_m_forward(x2, rows, stride_x, weight, bias, y, swiglu, config)
         return y, h
     r2, _, stride_r = rows_of(residual) if residual is not None else (x2, rows, stride_x)
     if config is None:
@@ -262,3 +394,67 @@ def linear_forward(
             launch_pdl=pdl,
         )
     return y, h
+
+
+def small_m_launch(k: int, config: LaunchConfig) -> tuple[int, int]:
+    """``(k_split, splits)`` of a small-M launch: each split ``k_split`` long (a multiple of BLOCK_K), as many
+    splits as it takes to cover ``k`` (at most ``config.splits``)."""
+    block_k = config.chunk_size
+    k_split = triton.cdiv(triton.cdiv(k, max(1, config.splits)), block_k) * block_k
+    return k_split, triton.cdiv(k, k_split)
+
+
+def _small_m_forward(
+    x2: torch.Tensor,
+    rows: int,
+    stride_x: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    swiglu: bool,
+    config: LaunchConfig | None,
+) -> None:
+    """One :func:`small_m_kernel` launch writing ``y``; ``config`` (BLOCK_N in ``block_size``, BLOCK_K in
+    ``chunk_size``, K splits in ``splits``) replaces the heuristic's choice."""
+    n, k = y.shape[-1], weight.shape[1]
+    if config is None:
+        config = small_m_config(rows, n, k, swiglu, x2.dtype, device_info(x2.device))
+        if config is None:
+            raise ConfigurationError(f"no small-M launch is measured for {x2.device} in {x2.dtype}")
+    k_split, splits = small_m_launch(k, config)
+    if swiglu and splits > 1:
+        raise ConfigurationError("the SwiGLU epilogue needs whole rows of K: launch it with splits=1")
+    block_n = config.block_size
+    if splits > 1:
+        partials = torch.empty((splits, rows, n), dtype=torch.float32, device=x2.device)
+        counts = torch.zeros(triton.cdiv(n, block_n), dtype=torch.int32, device=x2.device)
+    else:
+        partials = counts = y
+    pdl = programmatic_launch(x2)
+    with on_device(x2):
+        small_m_kernel[(triton.cdiv(n, block_n), splits)](
+            x2,
+            weight,
+            bias.contiguous() if bias is not None else weight,
+            y,
+            partials,
+            counts,
+            rows,
+            n,
+            k,
+            k_split,
+            stride_x,
+            weight.stride(0),
+            HAS_BIAS=bias is not None,
+            SWIGLU=swiglu,
+            SPLIT_K=splits,
+            EVEN_K=k % config.chunk_size == 0,
+            PIPELINED=x2.is_cuda,
+            BLOCK_M=max(16, 1 << (rows - 1).bit_length()),
+            BLOCK_N=block_n,
+            BLOCK_K=config.chunk_size,
+            USE_PDL=pdl,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            launch_pdl=pdl,
+        )
