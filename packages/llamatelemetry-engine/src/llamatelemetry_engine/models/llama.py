@@ -85,10 +85,12 @@ class DecoderLayer(nn.Module):
         )
 
     def _small_m(self, h: torch.Tensor) -> bool:
+        # On a GPU only in fp16/bf16: the kernel refuses fp32 (its products would be TF32), and the path's F.linear
+        # fallback with the SwiGLU reference would be slower than the usual path.
         return (
             LINEAR_MAX_ROWS < h.shape[0] <= self.small_m_tokens
             and h.device.type in self.few_row_devices
-            and (not h.is_cuda or _few_row_gpu(h.get_device()))
+            and (not h.is_cuda or (_few_row_gpu(h.get_device()) and h.dtype in (torch.float16, torch.bfloat16)))
             and self.self_attn.qkv_proj is not None
             and self.mlp.gate_up_proj is not None
         )
