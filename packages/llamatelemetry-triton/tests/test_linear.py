@@ -160,9 +160,11 @@ def test_small_m_rows_match_the_reference(
 @pytest.mark.triton
 @pytest.mark.parametrize("splits", [2, 3, 5])
 def test_small_m_split_k_sums_the_partials_in_order(splits: int) -> None:
-    # Each split writes an fp32 partial; the last program of a column block sums them in split order, so the
-    # result is the same bits on every run, and equals F.linear within fp16's tolerance. K = 150 leaves the last
-    # split short (two splits of 96 elements, three of 64, five of 32: BLOCK_K multiples, never an empty one).
+    # Each split writes an fp32 partial; the last program of a column block to count itself in sums them all in
+    # split order: a count that never reached the last split, or a sum that missed a partial, fails the comparison
+    # with F.linear. K = 150 leaves the last split short (two splits of 96 elements, three of 64, five of 32:
+    # BLOCK_K multiples, never an empty one). The interpreter runs programs one after another, so whichever order
+    # they finish in on a GPU is checked there (the model-size test replays a split launch from a CUDA graph).
     gen = torch.Generator().manual_seed(splits)
     inp = _inputs(gen, 12, 37, 150, torch.float16)
     x, w, b = inp["x"], inp["weight"], inp["bias"]

@@ -330,7 +330,8 @@ def rope_store_tile(num_kv_heads: int, head_dim: int) -> tuple[int, int]:
 LINEAR_MAX_ROWS = 8
 """Most rows (tokens) the few-row linear kernels take. Each program reads its slice of the weight once and
 multiplies every row by it on CUDA cores, so the weight's bytes bound the time only while the rows are few; past
-this, cuBLAS's tensor-core GEMM is faster and the call runs ``F.linear``."""
+this a Tensor Core kernel is faster: the small-M kernel (up to :data:`SMALL_M_MAX_ROWS` rows, the plain and SwiGLU
+forms, where :func:`small_m_config` has a launch), else ``F.linear``."""
 
 
 @dataclass(frozen=True)

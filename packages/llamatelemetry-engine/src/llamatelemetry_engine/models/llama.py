@@ -15,8 +15,9 @@ launches for the layer's matmuls, norms and activation where there were seven (H
 Each fused kernel rounds where the unfused composition rounds. Steps of more than ``LINEAR_MAX_ROWS`` and at
 most :data:`SMALL_M_TOKENS` tokens (batched decode) there run the projections through
 :func:`~llamatelemetry_triton.triton_linear`'s small-M kernel (Tensor Cores, programmatic dependent launch) with
-SwiGLU fused into gate/up, the norms as usual: eight launches for a layer's matmuls, norms and activation where
-cuBLAS took ten (with its split-K reduction and the SwiGLU kernel).
+SwiGLU fused into gate/up, the norms as usual: seven launches for a layer's matmuls, norms and activation (with
+the zero-fill of the down projection's split counts) where cuBLAS took eight (with its split-K reduction and the
+SwiGLU kernel).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ picks (BLOCK_N 2) lost for every projection (0.28x to 0.89x)."""
 SMALL_M_TOKENS = SMALL_M_MAX_ROWS
 """Most tokens in a step whose projections run the small-M kernel (steps of more than ``LINEAR_MAX_ROWS`` tokens;
 fewer keep cuBLAS, which beat the few-row kernels at 2 and 4 rows). H200, Llama-3.2-1B shape, decode at batch 64:
-50,991 tokens/s against 48,556 with cuBLAS in the same process, the same greedy tokens."""
+49,969 tokens/s against 47,598 with cuBLAS in the same process (``benchmarks/engine/ab_small_m.py``), the same greedy
+tokens."""
 
 
 @functools.cache

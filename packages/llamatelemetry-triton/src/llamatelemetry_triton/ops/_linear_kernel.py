@@ -306,7 +306,7 @@ def small_m_kernel(  # type: ignore[no-untyped-def]
         if arrived == SPLIT_K - 1:  # the last split of this column block: sum the partials in split order
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
-                total += tl.load(P + s * M * N + offsets, mask=out_mask, other=0.0, cache_modifier=".cg")
+                total += tl.load(P + s * M.to(tl.int64) * N + offsets, mask=out_mask, other=0.0, cache_modifier=".cg")
             _small_m_store(total, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, False)
     else:
         _small_m_store(acc, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, SWIGLU)
@@ -456,5 +456,6 @@ def _small_m_forward(
             USE_PDL=pdl,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
+            enable_fp_fusion=True,
             launch_pdl=pdl,
         )
