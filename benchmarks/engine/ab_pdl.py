@@ -14,20 +14,16 @@ compared. Writes ``pdl.md`` and ``pdl.json`` into DIR (default ``benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import copy_bandwidth, engine_decode, step_bytes
+from bench_engine import copy_bandwidth, interleaved_decode_ab, step_bytes, write_ab
 
 from llamatelemetry_core.environment import PDL_ENV
-from llamatelemetry_core.testing.bench import device_slug
 from llamatelemetry_engine import LLM, PRESETS, SamplingParams, random_weights
 
 BATCHES = (1, 64)
@@ -44,49 +40,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
     bandwidth = copy_bandwidth()
-    rates: dict[str, dict[int, list[float]]] = {v: {b: [] for b in BATCHES} for v in VARIANTS}
-    tokens: dict[str, list[list[int]]] = {}
-    for run in range(args.runs):
-        for variant, env in VARIANTS.items():
-            os.environ[PDL_ENV] = env
-            llm = LLM(loaded, device="cuda", max_model_len=512, max_batch_size=64)
-            for batch in BATCHES:
-                rates[variant][batch].append(engine_decode(llm, batch, 128, 128)["decode_tokens_per_s"])
-                print(run, variant, batch, f"{rates[variant][batch][-1]:.0f} tok/s", flush=True)
-            if run == 0:
-                prompts = [list(range(100 + i, 164 + i)) for i in range(5)]
-                params = SamplingParams(max_tokens=32, ignore_eos=True)
-                together = llm.generate(prompts, params)
-                alone = llm.generate(prompts[:1], params)
-                tokens[variant] = [list(c.token_ids) for c in together] + [list(alone[0].token_ids)]
-            del llm
-            torch.cuda.empty_cache()
-    os.environ.pop(PDL_ENV, None)
-    same = len({json.dumps(t) for t in tokens.values()}) == 1
+
+    def build(variant: str) -> LLM:
+        os.environ[PDL_ENV] = VARIANTS[variant]
+        return LLM(loaded, device="cuda", max_model_len=512, max_batch_size=64)
+
+    def greedy(llm: LLM) -> list[list[int]]:
+        prompts = [list(range(100 + i, 164 + i)) for i in range(5)]
+        params = SamplingParams(max_tokens=32, ignore_eos=True)
+        together = llm.generate(prompts, params)
+        alone = llm.generate(prompts[:1], params)
+        return [list(c.token_ids) for c in together] + [list(alone[0].token_ids)]
+
+    try:
+        rates, same = interleaved_decode_ab(build, list(VARIANTS), BATCHES, args.runs, greedy)
+    finally:
+        os.environ.pop(PDL_ENV, None)
     roofline = {b: bandwidth / step_bytes(loaded, b, 128 + 64) * b for b in BATCHES}
-    lines = [
-        f"# PDL in the engine's decode on {torch.cuda.get_device_name()} (torch {torch.__version__})",
-        "",
-        f"`benchmarks/engine/ab_pdl.py`: Llama-3.2-1B shape, fp16, prompt 128, 128 new tokens; copy "
-        f"{bandwidth / 1e9:.0f} GB/s; {args.runs} interleaved runs per variant in one process.",
-        "",
-        "| variant | batch | decode tok/s (median) | of roofline | runs |",
-        "|---|---|---|---|---|",
-    ]
-    for variant in VARIANTS:
-        for b in BATCHES:
-            values = rates[variant][b]
-            m = statistics.median(values)
-            lines.append(f"| {variant} | {b} | {m:,.0f} | {m / roofline[b]:.1%} | "
-                         f"{', '.join(f'{v:.0f}' for v in values)} |")  # fmt: skip
-    lines += ["", f"Same greedy tokens (32 from five prompts together and one alone) with and without: {same}."]
-    text = "\n".join(lines) + "\n"
-    out_dir = args.out or Path(__file__).resolve().parents[1] / "results" / device_slug() / "engine"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"copy_gb_s": bandwidth / 1e9, "roofline_tokens_per_s": roofline,
-                              "decode_tokens_per_s": rates, "same_greedy_tokens": same}  # fmt: skip
-    (out_dir / "pdl.md").write_text(text, encoding="utf-8")
-    (out_dir / "pdl.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    title = "PDL in the engine's decode"
+    note = "32 from five prompts together and one alone"
+    text = write_ab("pdl", title, "ab_pdl.py", args.out, bandwidth, rates, roofline, same, note)
     print(text)
     return 0 if same else 1
 

@@ -15,8 +15,7 @@ interleaved, in one process; then the greedy tokens of both (sixteen prompts tog
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import copy_bandwidth, engine_decode, step_bytes
+from bench_engine import copy_bandwidth, interleaved_decode_ab, step_bytes, write_ab
 
-from llamatelemetry_core.testing.bench import device_slug
 from llamatelemetry_engine import LLM, PRESETS, SamplingParams, random_weights
 from llamatelemetry_engine.models import DecoderLayer
 
@@ -53,45 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
     bandwidth = copy_bandwidth()
-    rates: dict[str, dict[int, list[float]]] = {v: {b: [] for b in BATCHES} for v in VARIANTS}
-    tokens: dict[str, list[list[int]]] = {}
-    for run in range(args.runs):
-        for variant in VARIANTS:
-            llm = build(loaded, variant)
-            for batch in BATCHES:
-                rates[variant][batch].append(engine_decode(llm, batch, 128, 128)["decode_tokens_per_s"])
-                print(run, variant, batch, f"{rates[variant][batch][-1]:.0f} tok/s", flush=True)
-            if run == 0:
-                prompts = [list(range(100 + i, 164 + i)) for i in range(16)]
-                done = llm.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
-                tokens[variant] = [list(c.token_ids) for c in done]
-            del llm
-            torch.cuda.empty_cache()
-    same = len({json.dumps(t) for t in tokens.values()}) == 1
+
+    def greedy(llm: LLM) -> list[list[int]]:
+        prompts = [list(range(100 + i, 164 + i)) for i in range(16)]
+        return [list(c.token_ids) for c in llm.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))]
+
+    rates, same = interleaved_decode_ab(functools.partial(build, loaded), VARIANTS, BATCHES, args.runs, greedy)
     roofline = {b: bandwidth / step_bytes(loaded, b, 128 + 64) * b for b in BATCHES}
-    lines = [
-        f"# Small-M projections in the engine's decode on {torch.cuda.get_device_name()} (torch {torch.__version__})",
-        "",
-        f"`benchmarks/engine/ab_small_m.py`: Llama-3.2-1B shape, fp16, prompt 128, 128 new tokens; copy "
-        f"{bandwidth / 1e9:.0f} GB/s; {args.runs} interleaved runs per variant in one process.",
-        "",
-        "| variant | batch | decode tok/s (median) | of roofline | runs |",
-        "|---|---|---|---|---|",
-    ]
-    for variant in VARIANTS:
-        for b in BATCHES:
-            values = rates[variant][b]
-            m = statistics.median(values)
-            lines.append(f"| {variant} | {b} | {m:,.0f} | {m / roofline[b]:.1%} | "
-                         f"{', '.join(f'{v:.0f}' for v in values)} |")  # fmt: skip
-    lines += ["", f"Same greedy tokens (32 from sixteen prompts together) with and without: {same}."]
-    text = "\n".join(lines) + "\n"
-    out_dir = args.out or Path(__file__).resolve().parents[1] / "results" / device_slug() / "engine"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"copy_gb_s": bandwidth / 1e9, "roofline_tokens_per_s": roofline,
-                              "decode_tokens_per_s": rates, "same_greedy_tokens": same}  # fmt: skip
-    (out_dir / "small-m.md").write_text(text, encoding="utf-8")
-    (out_dir / "small-m.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    title = "Small-M projections in the engine's decode"
+    note = "32 from sixteen prompts together"
+    text = write_ab("small-m", title, "ab_small_m.py", args.out, bandwidth, rates, roofline, same, note)
     print(text)
     return 0 if same else 1
 

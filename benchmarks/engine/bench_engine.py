@@ -33,9 +33,10 @@ import gc
 import json
 import platform
 import random
+import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,70 @@ def engine_decode(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> dic
         "decode_tokens_per_s": batch * (new_tokens - 1) / (full - one),
         "prefill_s": one,
     }
+
+
+def interleaved_decode_ab(
+    build: Callable[[str], LLM],
+    variants: Sequence[str],
+    batches: Sequence[int],
+    runs: int,
+    greedy: Callable[[LLM], list[list[int]]],
+) -> tuple[dict[str, dict[int, list[float]]], bool]:
+    """Decode tok/s (prompt 128, 128 new tokens, :func:`engine_decode`) of each engine variant (``build(name)``)
+    at each batch size, ``runs`` rounds with the variants interleaved in one process; and whether ``greedy`` (run
+    in the first round) gave every variant the same tokens."""
+    rates: dict[str, dict[int, list[float]]] = {v: {b: [] for b in batches} for v in variants}
+    tokens: dict[str, list[list[int]]] = {}
+    for run in range(runs):
+        for variant in variants:
+            llm = build(variant)
+            for batch in batches:
+                rates[variant][batch].append(engine_decode(llm, batch, 128, 128)["decode_tokens_per_s"])
+                print(run, variant, batch, f"{rates[variant][batch][-1]:.0f} tok/s", flush=True)
+            if run == 0:
+                tokens[variant] = greedy(llm)
+            del llm
+            torch.cuda.empty_cache()
+    return rates, len({json.dumps(t) for t in tokens.values()}) == 1
+
+
+def write_ab(
+    stem: str,
+    title: str,
+    script: str,
+    out: Path | None,
+    bandwidth: float,
+    rates: dict[str, dict[int, list[float]]],
+    roofline: dict[int, float],
+    same: bool,
+    tokens_note: str,
+) -> str:
+    """Write the A/B of :func:`interleaved_decode_ab` as ``{stem}.md`` and ``{stem}.json`` into ``out`` (default
+    ``benchmarks/results/<gpu-slug>/engine``); return the Markdown."""
+    runs = len(next(iter(next(iter(rates.values())).values())))
+    lines = [
+        f"# {title} on {torch.cuda.get_device_name()} (torch {torch.__version__})",
+        "",
+        f"`benchmarks/engine/{script}`: Llama-3.2-1B shape, fp16, prompt 128, 128 new tokens; copy "
+        f"{bandwidth / 1e9:.0f} GB/s; {runs} interleaved runs per variant in one process.",
+        "",
+        "| variant | batch | decode tok/s (median) | of roofline | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, by_batch in rates.items():
+        for batch, values in by_batch.items():
+            m = statistics.median(values)
+            every = ", ".join(f"{v:.0f}" for v in values)
+            lines.append(f"| {variant} | {batch} | {m:,.0f} | {m / roofline[batch]:.1%} | {every} |")
+    lines += ["", f"Same greedy tokens ({tokens_note}) with and without: {same}."]
+    text = "\n".join(lines) + "\n"
+    out_dir = out or Path(__file__).resolve().parents[1] / "results" / device_slug() / "engine"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"copy_gb_s": bandwidth / 1e9, "roofline_tokens_per_s": roofline, "decode_tokens_per_s": rates,
+              "same_greedy_tokens": same}  # fmt: skip
+    (out_dir / f"{stem}.md").write_text(text, encoding="utf-8")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return text
 
 
 def transformers_decode(loaded: LoadedModel, batch: int, prompt_len: int, new_tokens: int, static: bool) -> float:

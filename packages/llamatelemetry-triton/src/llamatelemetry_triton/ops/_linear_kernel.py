@@ -74,6 +74,20 @@ def _input_block(  # type: ignore[no-untyped-def]
 
 
 @triton.jit  # type: ignore[untyped-decorator]
+def _tile_masks(row_mask, n_mask, cols, K, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The masks of an input block ``[rows, cols]`` and a weight block ``[cols_n, cols]``: rows (and weight rows)
+    alone when every block of ``K`` is whole, else the columns past ``K`` too."""
+    if EVEN_K:
+        x_mask = row_mask[:, None]
+        w_mask = n_mask[:, None]
+    else:
+        k_mask = cols < K
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        w_mask = n_mask[:, None] & k_mask[None, :]
+    return x_mask, w_mask
+
+
+@triton.jit  # type: ignore[untyped-decorator]
 def _sum_squares_step(  # type: ignore[no-untyped-def]
     acc, X, R, H, rows, row_mask, k0, K, stride_x, stride_r, h_rows,
     HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -93,13 +107,7 @@ def _dot_step(  # type: ignore[no-untyped-def]
     """``acc [BLOCK_M, BLOCK_N] += input[:, k0:k0+BLOCK_K] @ W[cols_n, k0:k0+BLOCK_K]^T`` in fp32; with ``SWIGLU``
     also ``acc_up`` from the matching up rows ``cols_n + N``."""
     cols = k0 + tl.arange(0, BLOCK_K)
-    if EVEN_K:
-        x_mask = row_mask[:, None]
-        w_mask = n_mask[:, None]
-    else:
-        k_mask = cols < K
-        x_mask = row_mask[:, None] & k_mask[None, :]
-        w_mask = n_mask[:, None] & k_mask[None, :]
+    x_mask, w_mask = _tile_masks(row_mask, n_mask, cols, K, EVEN_K)
     # The weight is read once per step and never again: evict it first, keep the rows and the norm in L2.
     w = tl.load(W + cols_n[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
     x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, 0, HAS_RESIDUAL, False, GLU_IN)
@@ -115,6 +123,22 @@ def _dot_step(  # type: ignore[no-untyped-def]
         )
         acc_up += tl.sum(x[:, None, :] * w_up.to(tl.float32)[None, :, :], axis=2)
     return acc, acc_up
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _store_rows(  # type: ignore[no-untyped-def]
+    acc, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr
+):
+    """The epilogue of both kernels: bias, SwiGLU (gate and up rounded to the output dtype first, as the
+    projection's output is before the SwiGLU kernel reads it), the store at ``offsets``."""
+    if HAS_BIAS:
+        acc += tl.load(B + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        if HAS_BIAS:
+            acc_up += tl.load(B + N + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        gate = acc.to(Y.dtype.element_ty).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * acc_up.to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + offsets, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -188,17 +212,8 @@ def linear_kernel(  # type: ignore[no-untyped-def]
             k0 += BLOCK_K
     if USE_PDL:  # the weight is read: the next kernel may start
         gdc_launch_dependents()
-    if HAS_BIAS:
-        acc += tl.load(B + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        if HAS_BIAS:
-            acc_up += tl.load(B + N + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        # gate and up rounded to the output dtype, as the projection's output is before the SwiGLU kernel reads it
-        gate = acc.to(Y.dtype.element_ty).to(tl.float32)
-        acc = gate * tl.sigmoid(gate) * acc_up.to(Y.dtype.element_ty).to(tl.float32)
-    tl.store(
-        Y + rows[:, None] * N + cols_n[None, :], acc.to(Y.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :]
-    )
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    _store_rows(acc, acc_up, B, Y, rows[:, None] * N + cols_n[None, :], cols_n, n_mask, out_mask, N, HAS_BIAS, SWIGLU)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -209,13 +224,7 @@ def _mma_step(  # type: ignore[no-untyped-def]
     """``acc [BLOCK_M, BLOCK_N] += x[:, k0:k0+BLOCK_K] @ W[cols_n, k0:k0+BLOCK_K]^T`` on the Tensor Cores (fp32
     accumulation); with ``SWIGLU`` also ``acc_up`` from the up rows ``cols_n + N``."""
     cols = k0 + tl.arange(0, BLOCK_K)
-    if EVEN_K:
-        x_mask = row_mask[:, None]
-        w_mask = n_mask[:, None]
-    else:
-        k_mask = cols < K
-        x_mask = row_mask[:, None] & k_mask[None, :]
-        w_mask = n_mask[:, None] & k_mask[None, :]
+    x_mask, w_mask = _tile_masks(row_mask, n_mask, cols, K, EVEN_K)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=x_mask, other=0.0)
     # The weight is read once and never again this step: evict it first, keep the rows in L2 for the others.
     w = tl.load(W + cols_n[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
@@ -226,22 +235,6 @@ def _mma_step(  # type: ignore[no-untyped-def]
         )
         acc_up = tl.dot(x, tl.trans(w_up), acc_up)
     return acc, acc_up
-
-
-@triton.jit  # type: ignore[untyped-decorator]
-def _small_m_store(  # type: ignore[no-untyped-def]
-    acc, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr
-):
-    """The epilogue of :func:`small_m_kernel`: bias, SwiGLU (gate and up rounded to the output dtype first, as
-    the projection's output is), the store."""
-    if HAS_BIAS:
-        acc += tl.load(B + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        if HAS_BIAS:
-            acc_up += tl.load(B + N + cols_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        gate = acc.to(Y.dtype.element_ty).to(tl.float32)
-        acc = gate * tl.sigmoid(gate) * acc_up.to(Y.dtype.element_ty).to(tl.float32)
-    tl.store(Y + offsets, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -307,9 +300,9 @@ def small_m_kernel(  # type: ignore[no-untyped-def]
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(P + s * M.to(tl.int64) * N + offsets, mask=out_mask, other=0.0, cache_modifier=".cg")
-            _small_m_store(total, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, False)
+            _store_rows(total, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, False)
     else:
-        _small_m_store(acc, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, SWIGLU)
+        _store_rows(acc, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, SWIGLU)
 
 
 # --- host launcher ------------------------------------------------------------------------------------------
