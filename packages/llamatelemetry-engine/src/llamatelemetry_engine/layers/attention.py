@@ -69,14 +69,21 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attention of the step's tokens ``x [tokens, hidden]`` (the normalized hidden states). ``projected``: the
         merged q/k/v projection, already computed by the caller (the few-row path fuses the residual add and the
-        norm into it); ``x`` then only gives the token count. ``few_rows``: the output projection through
-        ``llamatelemetry-triton``'s ``triton_linear`` (its few-row or small-M kernel) instead of ``nn.Linear``."""
+        norm into it); ``x`` then only gives the token count. ``few_rows``: the merged q/k/v projection (when not
+        ``projected``) and the output projection through ``llamatelemetry-triton``'s ``triton_linear`` (its few-row
+        or small-M kernel) instead of ``nn.Linear``."""
         tokens = x.shape[0]
         if self.qkv_proj is not None:
             q_size = self.num_heads * self.head_dim
             kv_size = self.num_kv_heads * self.head_dim
-            qkv = self.qkv_proj(x) if projected is None else projected
-            qf, kf, vf = qkv.split((q_size, kv_size, kv_size), dim=-1)
+            qkv: torch.Tensor
+            if projected is not None:
+                qkv = projected
+            elif few_rows:
+                qkv = triton_linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+            else:
+                qkv = self.qkv_proj(x)
+            qf, kf, vf = torch.split(qkv, [q_size, kv_size, kv_size], dim=-1)
             q = qf.view(tokens, self.num_heads, self.head_dim)
             k = kf.view(tokens, self.num_kv_heads, self.head_dim)
             v = vf.view(tokens, self.num_kv_heads, self.head_dim)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamatelemetry_engine.layers.attention import merged_linear
-from llamatelemetry_triton import triton_swiglu
+from llamatelemetry_triton import triton_linear, triton_swiglu
 
 __all__ = ["SwiGLUMLP"]
 
@@ -33,7 +33,12 @@ class SwiGLUMLP(nn.Module):
         self.gate_up_proj = merged_linear(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, few_rows: bool = False) -> torch.Tensor:
+        """``few_rows`` (with merged projections): gate/up with SwiGLU fused in, then down, through
+        ``llamatelemetry-triton``'s ``triton_linear`` (its few-row or small-M kernel) instead of ``nn.Linear``."""
+        if few_rows and self.gate_up_proj is not None:
+            act = triton_linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias, swiglu=True)
+            return triton_linear(act, self.down_proj.weight, self.down_proj.bias)
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:

@@ -33,7 +33,6 @@ from llamatelemetry_engine.layers import Attention, RMSNorm, RotaryEmbedding, Sw
 from llamatelemetry_triton import (
     HAS_TRITON,
     triton_fused_add_rmsnorm_linear,
-    triton_linear,
     triton_rmsnorm_linear,
     triton_swiglu_linear,
 )
@@ -77,42 +76,27 @@ class DecoderLayer(nn.Module):
         self.small_m_tokens = SMALL_M_TOKENS if fused and HAS_TRITON else 0
         self.few_row_devices: tuple[str, ...] = ("cuda",)  # both paths' kernels are for GPUs (tests add "cpu")
 
-    def _few_rows(self, h: torch.Tensor) -> bool:
+    def _triton_projections(self, h: torch.Tensor) -> bool:
+        """What both Triton projection paths need: merged projections, on a device they are for (on a GPU, Hopper,
+        where their launches were measured)."""
         return (
-            0 < h.shape[0] <= self.few_row_tokens
-            and h.device.type in self.few_row_devices
+            h.device.type in self.few_row_devices
             and (not h.is_cuda or _few_row_gpu(h.get_device()))
             and self.self_attn.qkv_proj is not None
             and self.mlp.gate_up_proj is not None
         )
+
+    def _few_rows(self, h: torch.Tensor) -> bool:
+        return 0 < h.shape[0] <= self.few_row_tokens and self._triton_projections(h)
 
     def _small_m(self, h: torch.Tensor) -> bool:
         # On a GPU only in fp16/bf16: the kernel refuses fp32 (its products would be TF32), and the path's F.linear
         # fallback with the SwiGLU reference would be slower than the usual path.
         return (
             LINEAR_MAX_ROWS < h.shape[0] <= self.small_m_tokens
-            and h.device.type in self.few_row_devices
-            and (not h.is_cuda or (_few_row_gpu(h.get_device()) and h.dtype in (torch.float16, torch.bfloat16)))
-            and self.self_attn.qkv_proj is not None
-            and self.mlp.gate_up_proj is not None
+            and (not h.is_cuda or h.dtype in (torch.float16, torch.bfloat16))
+            and self._triton_projections(h)
         )
-
-    def _forward_small_m(
-        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        attn, mlp = self.self_attn, self.mlp
-        qkv_proj, gate_up_proj = attn.qkv_proj, mlp.gate_up_proj
-        assert qkv_proj is not None and gate_up_proj is not None  # checked by _small_m
-        if residual is None:
-            residual = h
-            x = self.input_layernorm(h)
-        else:
-            x, residual = self.input_layernorm(h, residual)
-        qkv = triton_linear(x, qkv_proj.weight, qkv_proj.bias)
-        h = attn(positions, x, ctx, projected=qkv, few_rows=True)
-        x, residual = self.post_attention_layernorm(h, residual)
-        act = triton_linear(x, gate_up_proj.weight, gate_up_proj.bias, swiglu=True)
-        return triton_linear(act, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
     def _forward_few_rows(
         self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
@@ -139,16 +123,15 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._few_rows(h):
             return self._forward_few_rows(positions, h, residual, ctx)
-        if self._small_m(h):
-            return self._forward_small_m(positions, h, residual, ctx)
+        small_m = self._small_m(h)  # the projections through triton_linear's small-M kernel, SwiGLU fused in
         if residual is None:
             residual = h
             x = self.input_layernorm(h)
         else:
             x, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(positions, x, ctx)
+        h = self.self_attn(positions, x, ctx, few_rows=small_m)
         x, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, few_rows=small_m), residual
 
 
 class LlamaModel(nn.Module):
