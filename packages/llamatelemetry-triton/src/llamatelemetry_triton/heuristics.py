@@ -40,7 +40,6 @@ __all__ = [
     "NORM_BWD_SUM_BLOCK",
     "NORM_LOOP_BLOCK",
     "NORM_MAX_SINGLE_BLOCK",
-    "SMALL_M_DEVICE_CLASSES",
     "SMALL_M_MAX_ROWS",
     "SOFTMAX_LOOP_BLOCK",
     "SOFTMAX_MAX_SINGLE_BLOCK",
@@ -413,11 +412,6 @@ SMALL_M_MAX_ROWS = 64
 """Most rows the small-M linear kernel (Tensor Cores, all rows in one tile) takes past :data:`LINEAR_MAX_ROWS`;
 more rows run ``F.linear``."""
 
-SMALL_M_DEVICE_CLASSES = ("sm90", "cpu")
-"""Where the small-M kernel is chosen (:func:`linear_device_class`): Hopper (compute capability 9.x only), where
-its launches were measured, and the interpreter (CPU tensors, the same launches). Elsewhere more than
-:data:`LINEAR_MAX_ROWS` rows run ``F.linear``: no launch of it has been timed against cuBLAS there."""
-
 
 @_memoized
 def small_m_config(
@@ -425,8 +419,10 @@ def small_m_config(
 ) -> LaunchConfig | None:
     """The small-M linear ``[rows, k] @ [n, k]^T`` (``LINEAR_MAX_ROWS < rows <= SMALL_M_MAX_ROWS``; ``n`` output
     columns, halves of a ``[2n, k]`` gate/up weight with ``swiglu``): ``block_size`` is BLOCK_N, ``chunk_size``
-    BLOCK_K, ``splits`` the split of ``k``; ``None`` on a device class outside :data:`SMALL_M_DEVICE_CLASSES`, for
-    a dtype other than fp16/bf16 (fp32 products there would run as TF32), and for bf16 in the interpreter.
+    BLOCK_K, ``splits`` the split of ``k``. Chosen on Hopper (compute capability 9.x), where its launches were
+    measured, and in the interpreter (CPU tensors, the same launches); ``None`` elsewhere (no launch of it has
+    been timed against cuBLAS there: ``F.linear`` runs), for a dtype other than fp16/bf16 (fp32 products there
+    would run as TF32), and for bf16 in the interpreter.
 
     From an H200 at 64 rows and Llama-3.2-1B's shapes, each launch timed inside a CUDA graph over 16 layers'
     weights with programmatic dependent launch (``benchmarks/results/nvidia-h200/engine/summary.md``), of
@@ -436,12 +432,10 @@ def small_m_config(
     splits (15.38 against 15.10); BLOCK_K 128, 6 stages elsewhere. The rules: SwiGLU takes the gate/up launch;
     ``k >= 4n`` (a long reduction over few columns) the down launch; ``n <= 2048`` the o launch; else q/k/v's.
     """
-    device_class = linear_device_class(device)
-    if device_class not in SMALL_M_DEVICE_CLASSES or dtype not in (torch.float16, torch.bfloat16):
+    cc = device.compute_capability
+    if (cc is not None and cc[0] != 9) or dtype not in (torch.float16, torch.bfloat16):
         return None
-    if device.compute_capability is not None and device.compute_capability[0] != 9:
-        return None  # "sm90" also covers Blackwell (10.x and up), where no launch of it has been timed
-    if device_class == "cpu" and dtype == torch.bfloat16:
+    if cc is None and dtype == torch.bfloat16:
         return None  # NumPy has no bfloat16: the interpreter's bf16 products are garbage (Triton 3.6)
     if swiglu:
         block_n, stages, splits = 64, 4, 1

@@ -536,7 +536,7 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
 def _small_m_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
     """The small-M kernel's builds at Llama-3.2-1B's and 8B's projections, 64 rows, where it is chosen."""
     t = TYPE_NAMES[dtype]
-    types = {**dict.fromkeys(("X", "W", "B", "Y"), f"*{t}:16")}
+    types = dict.fromkeys(("X", "W", "B", "Y"), f"*{t}:16")
     types |= dict.fromkeys(("N", "K", "k_split", "stride_x", "stride_w"), "i32:16")
     rows = SMALL_M_MAX_ROWS
     for swiglu, shapes in ((False, _AOT_SHAPES), (True, _AOT_GATE_UP)):
