@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import copy_bandwidth, interleaved_decode_ab, step_bytes, write_ab
 
-from llamatelemetry_core.environment import PDL_ENV
+from llamatelemetry_core.environment import PDL_ENV, reload_launch_env
 from llamatelemetry_engine import LLM, PRESETS, SamplingParams, random_weights
 
 BATCHES = (1, 64)
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def build(variant: str) -> LLM:
         os.environ[PDL_ENV] = VARIANTS[variant]
+        reload_launch_env()  # read once per process otherwise
         return LLM(loaded, device="cuda", max_model_len=512, max_batch_size=64)
 
     def greedy(llm: LLM) -> list[list[int]]:
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         rates, same = interleaved_decode_ab(build, list(VARIANTS), BATCHES, args.runs, greedy)
     finally:
         os.environ.pop(PDL_ENV, None)
+        reload_launch_env()
     roofline = {b: bandwidth / step_bytes(loaded, b, 128 + 64) * b for b in BATCHES}
     title = "PDL in the engine's decode"
     note = "32 from five prompts together and one alone"

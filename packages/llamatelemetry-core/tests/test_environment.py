@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from llamatelemetry_core.environment import (
     flash_attn_status,
     pdl_capable,
     programmatic_launch,
+    reload_launch_env,
     sdpa_backend_status,
     triton_devices,
     triton_interpreter_enabled,
@@ -31,6 +33,7 @@ def test_interpreter_flag_controls_triton_devices(monkeypatch: pytest.MonkeyPatc
 
 def test_programmatic_launch_only_for_hopper_gpus_and_never_when_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PDL_ENV, raising=False)
+    reload_launch_env()
     assert not programmatic_launch(torch.ones(2))  # a CPU tensor: no grid dependency control to use
     for key, capable in (("t4", False), ("a100", False), ("h100", True)):
         with simulate_device(key) as info:
@@ -38,13 +41,50 @@ def test_programmatic_launch_only_for_hopper_gpus_and_never_when_switched_off(mo
     if torch.cuda.is_available():
         t = torch.ones(2, device="cuda")
         monkeypatch.delenv(TRITON_INTERPRET_ENV, raising=False)
+        reload_launch_env()
         assert programmatic_launch(t) == (torch.cuda.get_device_capability() >= (9, 0))
         monkeypatch.setenv(TRITON_INTERPRET_ENV, "1")
+        reload_launch_env()
         assert not programmatic_launch(t)
         monkeypatch.delenv(TRITON_INTERPRET_ENV)
         for off in ("0", "false", "OFF", "no"):
             monkeypatch.setenv(PDL_ENV, off)
+            reload_launch_env()
             assert not programmatic_launch(t), off
+    reload_launch_env()  # the variables as they were once monkeypatch restores them
+
+
+def test_the_launch_variables_are_read_once_until_reloaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read at the first launch that asks and remembered (a launch pays no environment lookup), read again after
+    # reload_launch_env, which reset_selection_cache (reload_environment) calls. A stand-in for a CUDA tensor on
+    # a Hopper GPU, so that this runs on any machine.
+    import llamatelemetry_core.environment as environment
+    from llamatelemetry_core.selection import reset_selection_cache
+
+    monkeypatch.setattr(environment, "_pdl_capable_index", lambda index: True)
+    hopper_tensor: Any = _CudaLike()
+    monkeypatch.setenv(PDL_ENV, "0")
+    reload_launch_env()
+    assert not programmatic_launch(hopper_tensor)
+    monkeypatch.setenv(PDL_ENV, "1")
+    assert not programmatic_launch(hopper_tensor)  # the value read first, until reloaded
+    reset_selection_cache()
+    assert programmatic_launch(hopper_tensor)
+    monkeypatch.setenv(PDL_ENV, "off")
+    assert programmatic_launch(hopper_tensor)
+    reload_launch_env()
+    assert not programmatic_launch(hopper_tensor)
+    monkeypatch.undo()
+    reload_launch_env()
+
+
+class _CudaLike:
+    """What programmatic_launch reads of a tensor: that it is on a CUDA device, and which."""
+
+    is_cuda = True
+
+    def get_device(self) -> int:
+        return 0
 
 
 @pytest.mark.no_triton

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from llamatelemetry_core.environment import PDL_ENV, programmatic_launch
+from llamatelemetry_core.environment import PDL_ENV, programmatic_launch, reload_launch_env
 from llamatelemetry_core.serving import SequenceStep, StepInput
 from llamatelemetry_engine import LLM, PRESETS, EngineFlags, SamplingParams, random_weights
 from llamatelemetry_engine.loader import LoadedModel
@@ -117,10 +117,17 @@ def test_programmatic_dependent_launch_changes_no_logit(monkeypatch: pytest.Monk
     loaded = random_weights(CONFIG, seed=4)
     prompt = torch.randint(3, CONFIG.vocab_size, (40,), generator=torch.Generator().manual_seed(8)).tolist()
     monkeypatch.delenv(PDL_ENV, raising=False)
+    reload_launch_env()  # the variable is read once: read it again after each change
     assert programmatic_launch(torch.ones(1, device="cuda"))  # the first run does launch with PDL
     with_pdl = _decode_logits(loaded, prompt, 6)
     monkeypatch.setenv(PDL_ENV, "0")
-    without = _decode_logits(loaded, prompt, 6)
+    reload_launch_env()
+    try:
+        assert not programmatic_launch(torch.ones(1, device="cuda"))
+        without = _decode_logits(loaded, prompt, 6)
+    finally:
+        monkeypatch.delenv(PDL_ENV)
+        reload_launch_env()
     assert len(with_pdl) == len(without) == 7
     for a, b in zip(with_pdl, without, strict=True):
         assert torch.equal(a, b)

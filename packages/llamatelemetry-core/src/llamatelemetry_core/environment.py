@@ -29,6 +29,7 @@ __all__ = [
     "flash_attn_status",
     "pdl_capable",
     "programmatic_launch",
+    "reload_launch_env",
     "sdpa_backend_status",
     "tf32_matmul_enabled",
     "triton_devices",
@@ -89,11 +90,25 @@ def programmatic_launch(t: torch.Tensor) -> bool:
     A kernel launched so may start while the kernel before it in the stream finishes; it waits for that kernel's
     completion (``griddepcontrol.wait``) before it reads anything, and lets the next kernel start once its main
     loop is done. Inside a CUDA graph this overlaps each launch with the tail of the kernel before it. The
-    variable is read at each launch: a CUDA graph keeps the launches it captured.
+    variables are read at the first launch and again after :func:`reload_launch_env` (which
+    :func:`~llamatelemetry_core.selection.reset_selection_cache` calls); a CUDA graph keeps the launches it
+    captured.
     """
-    if not t.is_cuda or triton_interpreter_enabled() or os.environ.get(PDL_ENV, "").strip().lower() in _OFF:
+    if not t.is_cuda:
         return False
-    return _pdl_capable_index(t.get_device())
+    allowed = _launch_env[0]
+    if allowed is None:
+        allowed = not triton_interpreter_enabled() and os.environ.get(PDL_ENV, "").strip().lower() not in _OFF
+        _launch_env[0] = allowed
+    return allowed and _pdl_capable_index(t.get_device())
+
+
+_launch_env: list[bool | None] = [None]  # PDL allowed by TRITON_INTERPRET and PDL_ENV, read once
+
+
+def reload_launch_env() -> None:
+    """Read ``PDL_ENV`` and ``TRITON_INTERPRET`` again at the next :func:`programmatic_launch`."""
+    _launch_env[0] = None
 
 
 @functools.cache

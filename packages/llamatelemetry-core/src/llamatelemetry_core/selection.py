@@ -86,6 +86,7 @@ from llamatelemetry_core.callspec import (
     selection_key,
 )
 from llamatelemetry_core.device import get_device_info, reload_simulation_env
+from llamatelemetry_core.environment import reload_launch_env
 from llamatelemetry_core.errors import BackendUnavailableError, ConfigurationError
 from llamatelemetry_core.recording import (
     Selection,
@@ -220,10 +221,11 @@ def reset_selection_cache() -> None:
     """Forget every remembered choice of implementation and read ``LLAMATELEMETRY_BACKEND`` (and
     ``LLAMATELEMETRY_SIMULATE_DEVICE``) again.
 
-    Call it after changing the variable (or anything a support check reads) in a running process; tests that
-    set the variable call it.
+    Call it after changing the variable (or anything a support check reads, or ``LLAMATELEMETRY_PDL``) in a
+    running process; tests that set the variable call it.
     """
     reload_simulation_env()
+    reload_launch_env()
     with _registry_lock:
         _env[0] = None
         ops = list(_operations.values())
