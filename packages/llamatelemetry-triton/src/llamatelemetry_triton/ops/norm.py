@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llamatelemetry_core.environment import pdl_capable, programmatic_launch
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_core.validation import format_shape
 from llamatelemetry_triton._aot_shapes import HIDDEN_SIZES, TYPE_NAMES
 from llamatelemetry_triton._bounds import grid_rows, int_argument, require_elements, rowwise
-from llamatelemetry_triton._compat import tl, triton
+from llamatelemetry_triton._compat import gdc_launch_dependents, gdc_wait, tl, triton
 from llamatelemetry_triton._dispatch import (
     TRITON_DTYPES,
     TritonOperation,
@@ -161,7 +162,10 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
     STORE_STATS: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:  # launched as a dependent: wait for the kernel before (it writes x or the residual)
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
     Y += row * n_cols
@@ -177,6 +181,8 @@ def _norm_fwd_kernel(  # type: ignore[no-untyped-def]
         if HAS_WEIGHT and not HAS_BIAS:
             w = tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         x = _add_residual(x, R, H, cols, mask, HAS_RESIDUAL, True)
+        if USE_PDL:  # the row is read: the next kernel may start (it waits for this one to finish)
+            gdc_launch_dependents()
         if IS_RMS:
             xc = x
         else:
@@ -276,6 +282,7 @@ def _norm_forward(
     config = norm_config(
         n_cols, x.dtype, device_info(x.device), max_block=current_max_block_size(), layernorm=not is_rms
     )
+    pdl = programmatic_launch(x)
     with on_device(x):
         _norm_fwd_kernel[(n_rows,)](
             x2,
@@ -297,9 +304,11 @@ def _norm_forward(
             STORE_STATS=store_stats,
             SINGLE_BLOCK=config.single_block,
             BLOCK_SIZE=config.block_size,
+            USE_PDL=pdl,
             num_warps=config.num_warps,
             enable_fp_fusion=True,
             num_stages=config.num_stages,
+            launch_pdl=pdl,
         )
     return y, h, mean, rstd
 
@@ -603,7 +612,8 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
                 _norm_fwd_kernel,
                 signature,
                 {"IS_RMS": is_rms, "HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": bias}
-                | {"STORE_STATS": False, "SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size},
+                | {"STORE_STATS": False, "SINGLE_BLOCK": config.single_block, "BLOCK_SIZE": config.block_size}
+                | {"USE_PDL": pdl_capable(device)},  # as programmatic_launch launches it
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
