@@ -196,6 +196,16 @@ def test_linear_config_stays_in_its_table_row(
     config = linear_config(rows, n, k, dtype, device, max_block=cap)
     block_n, block_k = config.block_size, config.chunk_size
     assert _is_power_of_2(block_n) and _is_power_of_2(block_k)
+    whole_k = max(16, next_power_of_2(k))
+    hoisted = next_power_of_2(rows) * whole_k <= table.hoist_elements and (cap is None or cap >= whole_k)
+    assert (config.programs > 0) == hoisted
+    if hoisted:  # a persistent grid; each program holds its input rows whole, K in one block
+        assert (block_n, block_k) == (table.hoist_block_n, whole_k)
+        assert next_power_of_2(rows) * block_n * block_k <= table.max_tile
+        wide = block_k > 4096
+        per_sm = table.hoist_programs_per_sm // 2 if wide else table.hoist_programs_per_sm
+        assert config.programs == per_sm * device.sm_count and config.num_warps == (8 if wide else 4)
+        return
     assert 16 <= block_k <= max(16, min(table.block_k, cap or table.block_k, next_power_of_2(k)))
     assert block_n <= table.max_block_n
     assert block_n == 1 or next_power_of_2(rows) * block_n * block_k <= table.max_tile
@@ -211,8 +221,18 @@ def test_linear_device_classes() -> None:
         "sm90",
         "cpu",
     ]
-    # Llama-3.2-1B's decode projections at one row on an H100: the in-graph sweep's fastest BLOCK_N and BLOCK_K
-    # for every one of them (4 and 2048), with 4 warps (down's fastest had 8, 1.5% ahead), 2 stages.
+    # Llama-3.2-1B's decode projections at one row on an H100: the in-graph sweep's fastest launches, persistent
+    # (two weight rows per block, the next block's loaded ahead), K whole: 528 programs of 4 warps at K = 2048,
+    # 264 of 8 warps for down's K = 8192.
+    h100 = _device("h100")
     for n, k in ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)):
-        config = linear_config(1, n, k, torch.float16, _device("h100"))
-        assert (config.block_size, config.chunk_size, config.num_warps, config.num_stages) == (4, 2048, 4, 2)
+        config = linear_config(1, n, k, torch.float16, h100)
+        wide = k > 4096
+        assert (config.block_size, config.chunk_size, config.num_warps) == (2, k, 8 if wide else 4)
+        assert config.programs == (2 if wide else 4) * h100.sm_count
+    # Eight rows of K = 2048 do not fit in one program's registers: the loop over K, a program per block.
+    config = linear_config(8, 3072, 2048, torch.float16, h100)
+    assert config.programs == 0 and config.chunk_size < 2048
+    # No persistent launch where none was timed: the T4 and A100 rows loop over K.
+    for key in ("t4", "a100"):
+        assert linear_config(1, 2048, 2048, torch.float16, _device(key)).programs == 0

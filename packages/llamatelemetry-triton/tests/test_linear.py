@@ -175,6 +175,40 @@ def test_small_m_split_k_sums_the_partials_in_order(splits: int) -> None:
     assert_close(first, F.linear(x.float(), w.float(), b.float()).half(), name="split-K linear", dtype=torch.float16)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize(("rows", "k", "programs"), [(1, 45, 3), (3, 64, 3), (2, 64, 9)])
+def test_persistent_programs_cover_every_column_block(rows: int, k: int, programs: int) -> None:
+    # Fewer programs than column blocks: each program reads (and normalizes) its input rows once, then walks
+    # blocks p, p + G, ... loading each block's weight while multiplying the one before. N = 37 in blocks of 4 is
+    # ten blocks, the last ragged: three programs take four, three and three; nine take two and one. Every form
+    # against its reference, ragged K (45) and whole (64).
+    gen = torch.Generator().manual_seed(rows * 100 + k + programs)
+    a = _inputs(gen, rows, 74, k, torch.float16)  # 74 rows: a plain [74, K] weight or a [2 x 37, K] gate/up one
+    x, r, nw, w, b = a["x"], a["residual"], a["norm_weight"], a["weight"], a["bias"]
+    assert b is not None
+    gate_up = (torch.randn(rows, 2 * k, generator=gen) * 2).half().to(DEVICE)
+    config = LaunchConfig(4, 4, 1, chunk_size=64, programs=programs)
+    y, _ = linear_forward(x, None, None, w, b, 0.0, config=config)
+    assert_close(y, F.linear(x, w, b), name="linear", dtype=torch.float16)
+    y_fused, h = linear_forward(x, r, nw, w, b, 1e-5, config=config)
+    want_y, want_h = lt.fused_add_rmsnorm_linear_reference(x, r, nw, w, b, eps=1e-5)
+    assert h is not None and torch.equal(h, want_h)
+    assert_close(y_fused, want_y, name="add + rmsnorm + linear", dtype=torch.float16)
+    y_glu, _ = linear_forward(x, r, nw, w, b, 1e-5, swiglu=True, config=config)
+    want_glu, _ = lt.fused_add_rmsnorm_linear_reference(x, r, nw, w, b, eps=1e-5, swiglu=True)
+    assert_close(y_glu, want_glu, name="add + rmsnorm + gate/up + swiglu", dtype=torch.float16)
+    down, down_b = w[:37], b[:37]
+    y_down, _ = linear_forward(gate_up, None, None, down, down_b, 0.0, config=config, glu_input=True)
+    want_down = lt.swiglu_linear_reference(gate_up, down, down_b)
+    assert_close(y_down, want_down, name="swiglu + linear", dtype=torch.float16)
+
+
+def test_a_persistent_launch_needs_k_in_one_block() -> None:
+    x, w = torch.randn(1, 100), torch.randn(40, 100)
+    with pytest.raises(ConfigurationError, match=r"BLOCK_K \(chunk_size\) >= K = 100, got 64"):
+        linear_forward(x, None, None, w, None, 0.0, config=LaunchConfig(4, 4, 1, chunk_size=64, programs=3))
+
+
 def test_small_m_configs_only_where_measured() -> None:
     from llamatelemetry_core.device import DeviceInfo, simulate_device
 

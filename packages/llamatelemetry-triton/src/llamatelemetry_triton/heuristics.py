@@ -108,7 +108,7 @@ class LaunchConfig:
     first read in blocks of ``chunk_size``, ``unrolled`` of them unrolled at compile time (0: a loop at run time);
     ``splits`` is the number of programs sharing one row (softmax of very long rows), each taking ``chunk_size``
     elements; ``chunk_size`` is also the heads RoPE rotates at once; ``programs`` is a fixed grid size where the
-    kernel loops over rows itself (norm backward), else 0.
+    kernel loops over rows or blocks itself (norm backward, the few-row linear kernel), else 0.
     """
 
     block_size: int
@@ -338,7 +338,13 @@ class LinearTable:
     """The few-row linear launch region of one device class: the weight block the loop over ``K`` reads
     (``block_k`` elements of each of ``block_n`` weight rows), the largest tile ``rows x block_n x block_k``
     (in fp32 registers), and the programs per SM the grid aims at (enough weight rows in flight to cover the
-    memory latency)."""
+    memory latency).
+
+    ``hoist_elements`` (0: never) is the largest input block, ``rows x K`` rounded up to powers of two, that a
+    program holds in registers while it walks several column blocks (``hoist_block_n`` weight rows each, the
+    next block's weight loaded before the current one's product): a persistent grid of ``hoist_programs_per_sm``
+    programs per SM (half as many past ``K`` = 4096, where the program's warps double).
+    """
 
     block_k: int
     max_tile: int
@@ -346,17 +352,31 @@ class LinearTable:
     programs_per_sm: int
     num_warps: int
     num_stages: int
+    hoist_elements: int = 0
+    hoist_block_n: int = 2
+    hoist_programs_per_sm: int = 4
 
 
 LINEAR_TABLES: dict[str, LinearTable] = {
     # H100/H200: one row at Llama-3.2-1B's shapes, each launch timed inside a CUDA graph over 16 layers' weights
-    # (as a decode step runs them; benchmarks/results/nvidia-h200/engine/gemv-in-graph.md): BLOCK_N=4,
+    # (as a decode step runs them; gemv-in-graph.md in its first version): BLOCK_N=4,
     # BLOCK_K=2048 was the fastest of 24 launches (BLOCK_N 2-16, BLOCK_K 1024-4096, 4 or 8 warps) for q/k/v with
     # the norm (7.0 us), o (4.9 us) and gate/up with the norm (21.0 us) with 4 warps, and for down with the SwiGLU
     # prologue with 8 (13.4 us; 13.6 with 4). Three programs per SM gives BLOCK_N=4 from 2048 weight rows on 132
     # SMs. The previous row (BLOCK_K 1024, BLOCK_N 2, six programs per SM) came from benchmarks/triton/sweep_gemv.py,
     # timed the same way but swept only up to BLOCK_K 1024.
-    "sm90": LinearTable(block_k=2048, max_tile=16384, max_block_n=4, programs_per_sm=3, num_warps=4, num_stages=2),
+    #
+    # Persistent launches (``hoist_elements``), each program reading and normalizing its input rows once and walking
+    # column blocks of two weight rows with the next block's weight loaded ahead, then beat those at one row, timed
+    # the same way (gemv-in-graph.md of 2026-12-02, third session; 42 launches per projection): q/k/v with the norm
+    # 6.60 us, o 4.47, gate/up with the norm 21.08 (the fastest, 4 weight rows and 8 warps, 20.40), down with the SwiGLU
+    # prologue, its whole K = 8192 held by 8 warps in 264 programs, 11.89. In an earlier sweep the same day the
+    # launch above took 7.00, 5.31, 20.13 and 14.60 us against 6.61, 5.00, 19.96 and 12.72; engine decode at
+    # batch 1 went from 993 to 1,056 tokens/s. At four rows they beat the launches above 1.1-2.1x. K = 4096 (an
+    # 8B's hidden size) is unmeasured: 4 warps there, which compile without spills (8 spilled 48 bytes with the norm).
+    "sm90": LinearTable(
+        block_k=2048, max_tile=16384, max_block_n=4, programs_per_sm=3, num_warps=4, num_stages=2, hoist_elements=8192
+    ),
     # Ampere/Ada: less shared memory and bandwidth per SM; smaller stages.
     "sm80": LinearTable(block_k=512, max_tile=8192, max_block_n=32, programs_per_sm=4, num_warps=4, num_stages=2),
     # T4: 64 KiB of shared memory per block and 40 SMs; Triton emits FMA loops there, short blocks keep
@@ -392,6 +412,18 @@ def linear_config(
     """
     table = LINEAR_TABLES[linear_device_class(device)]
     block_m = next_power_of_2(rows)
+    whole_k = max(16, next_power_of_2(k))
+    if 0 < block_m * whole_k <= table.hoist_elements and whole_k <= _cap(whole_k, max_block):
+        wide = whole_k > 4096  # a long input row: twice the warps to hold it, half the programs
+        per_sm = max(1, table.hoist_programs_per_sm // 2) if wide else table.hoist_programs_per_sm
+        return LaunchConfig(
+            table.hoist_block_n,
+            8 if wide else 4,
+            1,
+            single_block=True,
+            chunk_size=whole_k,
+            programs=per_sm * device.sm_count,
+        )
     block_k = max(16, min(_cap(table.block_k, max_block), next_power_of_2(k)))
     # The input tile (rows x BLOCK_K, fp32) shares the registers with the weight's: at most half the tile bound
     # (sm_90 at 8 rows and BLOCK_K 2048 spilled 80 bytes per thread under Triton 3.6; at 1024, none).

@@ -520,6 +520,8 @@ def aot_builds(device: DeviceInfo, dtype: torch.dtype) -> Iterator[KernelBuild]:
                 block_n = max(1, config.block_size // 2) if swiglu else config.block_size
                 flags = {"NORM": norm, "HAS_RESIDUAL": residual, "HAS_BIAS": False, "SWIGLU": swiglu}
                 flags |= {"GLU_IN": glu_in, "USE_PDL": pdl_capable(device)}  # as programmatic_launch launches it
+                persistent = 0 < config.programs < -(-(n // 2 if swiglu else n) // block_n)  # as linear_forward
+                flags["PERSISTENT"] = persistent
                 yield kernel_build(
                     f"triton.{name}[{t},M={rows},BLOCK_N={block_n},BLOCK_K={config.chunk_size}]",
                     linear_kernel,
@@ -579,7 +581,9 @@ def _linear_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
     if m == 0 or n == 0 or k == 0 or not grid or grid[0] == 0:
         return
     halves = 2 if args.get("SWIGLU") else 1  # gate rows, then as many up rows
-    n_reached = min(n, grid[0] * block_n) + (halves - 1) * n
+    # A persistent launch's programs walk every column block, whatever the grid.
+    covered = n if args.get("PERSISTENT") else min(n, grid[0] * block_n)
+    n_reached = covered + (halves - 1) * n
     stride_w, stride_x = int_argument(args, "stride_w", "linear"), int_argument(args, "stride_x", "linear")
     require_elements(args, "W", (n_reached - 1) * stride_w + k, "linear", f"{n_reached} rows of {k}")
     width = 2 * k if args.get("GLU_IN") else k  # [gate | up] rows with the SwiGLU prologue
