@@ -8,8 +8,10 @@ Usage (no network; from the repository root):
    engine runs without it, both timed as a decode step runs them: 16 layers' distinct weights (so no weight is
    found in L2) called back to back inside one CUDA graph, median replay time per layer. q/k/v and gate/up with
    the residual add and RMSNorm fused in against the fused norm kernel + cuBLAS; o against cuBLAS; down with the
-   SwiGLU prologue against the SwiGLU kernel + cuBLAS. 24 launches each (BLOCK_N 2-16, BLOCK_K 1024-4096, 4 or 8
-   warps) at one row, the launch the heuristic picks, and the fastest at one row again at 2 and 4 rows.
+   SwiGLU prologue against the SwiGLU kernel + cuBLAS. 42 launches each at one row: 24 with a program per
+   column block looping over K (BLOCK_N 2-16, BLOCK_K 1024-4096, 4 or 8 warps) and 18 persistent ones holding
+   the whole K (BLOCK_N 1-4, 132-528 programs, 4 or 8 warps); the launch the heuristic picks, and the fastest at
+   one row again at 2 and 4 rows.
 2. The engine at batch 1 (prompt 128, 128 new tokens, ``engine_decode`` of ``bench_engine.py``): few-row path
    on (the default) against off (every layer's ``few_row_tokens`` set to 0), three runs each, interleaved, with
    the greedy tokens of both compared.
@@ -53,15 +55,21 @@ def per_layer_us(fn: Callable[[], object]) -> float:
     return gpu_ms(fn, graph=True, reps=30, warmup=3) * 1e3 / LAYERS
 
 
-def launches() -> list[LaunchConfig]:
-    return [
+def launches(k: int) -> list[LaunchConfig]:
+    looped = [
         LaunchConfig(block_size=bn, num_warps=warps, num_stages=2, chunk_size=bk)
         for bn, bk, warps in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))
     ]
+    persistent = [
+        LaunchConfig(block_size=bn, num_warps=warps, num_stages=1, chunk_size=k, programs=programs)
+        for bn, programs, warps in itertools.product((1, 2, 4), (132, 264, 528), (4, 8))
+    ]
+    return looped + persistent
 
 
 def label(c: LaunchConfig) -> str:
-    return f"BLOCK_N={c.block_size} BLOCK_K={c.chunk_size} warps={c.num_warps}"
+    grid = f" programs={c.programs}" if c.programs else ""
+    return f"BLOCK_N={c.block_size} BLOCK_K={c.chunk_size} warps={c.num_warps}{grid}"
 
 
 def kernels(rows_table: list[dict[str, Any]]) -> None:
@@ -117,7 +125,7 @@ def kernels(rows_table: list[dict[str, Any]]) -> None:
     fastest: dict[str, LaunchConfig] = {}
     for name, (triton_call, baseline) in cases(1).items():
         base = per_layer_us(baseline)
-        swept = sorted((per_layer_us(triton_call(c)), label(c), c) for c in launches())
+        swept = sorted((per_layer_us(triton_call(c)), label(c), c) for c in launches(shapes[name][1]))
         chosen = linear_config(1, *shapes[name], torch.float16, info)
         chosen_us = per_layer_us(triton_call(chosen))
         fastest[name] = swept[0][2]
@@ -167,7 +175,7 @@ def report(rows: list[dict[str, Any]], eng: dict[str, Any]) -> str:
         "(`benchmarks/engine/sweep_few_row.py`). Baseline: what the engine runs without the kernel (the fused "
         "norm kernel + cuBLAS; cuBLAS; the SwiGLU kernel + cuBLAS).",
         "",
-        "| case | rows | baseline us | chosen launch | chosen us | vs baseline | fastest of 24 at one row | its us |",
+        "| case | rows | baseline us | chosen launch | chosen us | vs baseline | fastest of 42 at one row | its us |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
