@@ -244,13 +244,7 @@ def linear_kernel(  # type: ignore[no-untyped-def]
                                            HAS_RESIDUAL, EVEN_K, BLOCK_K)  # fmt: skip
                     k0 += BLOCK_K
             rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)
-        cols_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = cols_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if SWIGLU:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
-            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        else:
-            acc_up = tl.zeros([1, 1], dtype=tl.float32)  # unused
+        cols_n, n_mask, acc, acc_up = _block_start(pid, N, SWIGLU, BLOCK_M, BLOCK_N)
         if PIPELINED:
             for k0 in range(0, K, BLOCK_K):
                 acc, acc_up = _dot_step(acc, acc_up, X, R, H, NW, W, rows, row_mask, cols_n, n_mask, k0, N, K,
@@ -263,9 +257,7 @@ def linear_kernel(  # type: ignore[no-untyped-def]
                                         stride_x, stride_r, stride_w, rstd, NORM, HAS_RESIDUAL, SWIGLU, EVEN_K,
                                         BLOCK_K, GLU_IN)  # fmt: skip
                 k0 += BLOCK_K
-        out_mask = row_mask[:, None] & n_mask[None, :]
-        _store_rows(acc, acc_up, B, Y, rows[:, None] * N + cols_n[None, :], cols_n, n_mask, out_mask, N, HAS_BIAS,
-                    SWIGLU)  # fmt: skip
+        _store_block(acc, acc_up, B, Y, rows, row_mask, cols_n, n_mask, N, HAS_BIAS, SWIGLU)
     if USE_PDL:  # the weight is read: the next kernel may start
         gdc_launch_dependents()
 
@@ -287,14 +279,29 @@ def _hoisted_block(  # type: ignore[no-untyped-def]
     HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Column block ``b`` from an input block ``x`` covering ``K`` and its weight tiles: product and store."""
+    cols_n, n_mask, acc, acc_up = _block_start(b, N, SWIGLU, BLOCK_M, BLOCK_N)
+    acc, acc_up = _tiles_product(acc, acc_up, x, w, w_up, SWIGLU)
+    _store_block(acc, acc_up, B, Y, rows, row_mask, cols_n, n_mask, N, HAS_BIAS, SWIGLU)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _block_start(b, N, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Column block ``b``'s output columns, their mask, and zeroed accumulators (the up one a placeholder
+    without ``SWIGLU``)."""
     cols_n = b.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = cols_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if SWIGLU:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc_up = tl.zeros([1, 1], dtype=tl.float32)  # unused
-    acc, acc_up = _tiles_product(acc, acc_up, x, w, w_up, SWIGLU)
+    return cols_n, cols_n < N, acc, acc_up
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _store_block(  # type: ignore[no-untyped-def]
+    acc, acc_up, B, Y, rows, row_mask, cols_n, n_mask, N, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr
+):
+    """:func:`_store_rows` of a few-row block: the rows of ``Y [M, N]`` at columns ``cols_n``."""
     out_mask = row_mask[:, None] & n_mask[None, :]
     _store_rows(acc, acc_up, B, Y, rows[:, None] * N + cols_n[None, :], cols_n, n_mask, out_mask, N, HAS_BIAS, SWIGLU)
 
