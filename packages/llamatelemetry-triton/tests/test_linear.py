@@ -280,6 +280,12 @@ def test_registry_launch_is_bounds_checked() -> None:
     kernel.launch(gate_up, *args[1:10], 64, *args[11:], grid=(2,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16, EVEN_K=True,
                   GLU_IN=True)  # fmt: skip
     assert_close(y, lt.swiglu_linear_reference(gate_up, w), name="registry swiglu + linear", dtype=torch.float32)
+    # A persistent launch: one program walks both column blocks; K must fit one BLOCK_K (the rows are held whole).
+    y.zero_()
+    kernel.launch(*args, grid=(1,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=32, EVEN_K=True, PERSISTENT=True)
+    assert_close(y, F.linear(x, w), name="registry persistent linear", dtype=torch.float32)
+    with pytest.raises(ConfigurationError, match=r"expected BLOCK_K >= K = 32, got BLOCK_K=16"):
+        kernel.launch(*args, grid=(1,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16, EVEN_K=True, PERSISTENT=True)
 
 
 # --- refusals and argument checks (every matrix) ----------------------------------------------------------

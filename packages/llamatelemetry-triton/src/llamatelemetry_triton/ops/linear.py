@@ -578,6 +578,12 @@ def _linear_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
             "kernel 'linear': GLU_IN (a [gate | up] input) cannot be combined with NORM, HAS_RESIDUAL or SWIGLU; "
             "launch it with those False"
         )
+    block_k = args.get("BLOCK_K")
+    if args.get("PERSISTENT") and (not isinstance(block_k, int) or block_k < k):
+        raise ConfigurationError(
+            f"kernel 'linear': PERSISTENT holds each program's input rows whole: expected BLOCK_K >= K = {k}, got "
+            f"BLOCK_K={block_k!r}; launch it with a BLOCK_K covering K, or PERSISTENT=False"
+        )
     if m == 0 or n == 0 or k == 0 or not grid or grid[0] == 0:
         return
     halves = 2 if args.get("SWIGLU") else 1  # gate rows, then as many up rows
