@@ -7,11 +7,11 @@ vector with their positions; attention finds each sequence's keys through the st
 kernels are on.
 
 With the Triton kernels on a Hopper GPU (compute capability 9.x, where they were measured; the launch rows of
-other GPUs are not), a step of at most :data:`FEW_ROW_TOKENS` tokens (batch-1 decode) runs each layer's
+other GPUs are not), a step of at most :data:`FEW_ROW_TOKENS` tokens (decode at batch 1 and 2) runs each layer's
 projections through ``llamatelemetry-triton``'s few-row linear kernels (GEMVs) instead of cuBLAS, with the
 residual add and RMSNorm fused into the q/k/v and gate/up projections and SwiGLU into the down projection: four
 launches for the layer's matmuls, norms and activation where there were seven (H200, Llama-3.2-1B shape, batch 1:
-971 decode tokens/s against 918, ``benchmarks/results/nvidia-h200/engine/gemv-in-graph.md``).
+1,037 decode tokens/s against 889, ``benchmarks/results/nvidia-h200/engine/gemv-in-graph.md``).
 Each fused kernel rounds where the unfused composition rounds. Steps of more than ``LINEAR_MAX_ROWS`` and at
 most :data:`SMALL_M_TOKENS` tokens (batched decode) there run the projections through
 :func:`~llamatelemetry_triton.triton_linear`'s small-M kernel (Tensor Cores, programmatic dependent launch) with
@@ -40,11 +40,12 @@ from llamatelemetry_triton.heuristics import LINEAR_MAX_ROWS, SMALL_M_MAX_ROWS
 
 __all__ = ["FEW_ROW_TOKENS", "SMALL_M_TOKENS", "DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
 
-FEW_ROW_TOKENS = 1
+FEW_ROW_TOKENS = 2
 """Most tokens in a step whose projections run the few-row kernels. Measured inside CUDA graphs on an H200 at
-Llama-3.2-1B's shapes, per layer: at 1 row the four kernels took 46.5 us against 54.3 us for the unfused launches;
-at 2 rows 59.1 against 54.4 us (gate/up with the norm 27.8 against 20.8 us); at 4 rows the launches the table
-picks (BLOCK_N 2) lost for every projection (0.28x to 0.89x)."""
+Llama-3.2-1B's shapes with the persistent launches, per layer (``gemv-in-graph.md``): at 1 row the four kernels
+took 44.0 us against 55.1 us for the unfused launches, at 2 rows 51.5 against 55.1 (gate/up with the norm 22.3
+against 21.2), at 4 rows 106.3 against 55.5. Engine decode at batch 2: 1,912 tokens/s against 1,846 with the path
+off at two tokens (three interleaved runs in one process, the same greedy tokens); batch 1 unchanged."""
 
 
 SMALL_M_TOKENS = SMALL_M_MAX_ROWS
