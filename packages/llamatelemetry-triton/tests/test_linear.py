@@ -203,6 +203,7 @@ def test_persistent_programs_cover_every_column_block(rows: int, k: int, program
     assert_close(y_down, want_down, name="swiglu + linear", dtype=torch.float16)
 
 
+@pytest.mark.triton
 def test_a_persistent_launch_needs_k_in_one_block() -> None:
     x, w = torch.randn(1, 100), torch.randn(40, 100)
     with pytest.raises(ConfigurationError, match=r"BLOCK_K \(chunk_size\) >= K = 100, got 64"):
