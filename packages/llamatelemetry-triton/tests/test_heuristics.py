@@ -197,13 +197,17 @@ def test_linear_config_stays_in_its_table_row(
     block_n, block_k = config.block_size, config.chunk_size
     assert _is_power_of_2(block_n) and _is_power_of_2(block_k)
     whole_k = max(16, next_power_of_2(k))
-    hoisted = next_power_of_2(rows) * whole_k <= table.hoist_elements and (cap is None or cap >= whole_k)
+    wide = whole_k > 4096
+    per_sm = table.hoist_programs_per_sm // 2 if wide else table.hoist_programs_per_sm
+    hoisted = (
+        next_power_of_2(rows) * whole_k <= table.hoist_elements
+        and (cap is None or cap >= whole_k)
+        and -(-n // table.hoist_block_n) > per_sm * device.sm_count  # a grid smaller than the blocks
+    )
     assert (config.programs > 0) == hoisted
     if hoisted:  # a persistent grid; each program holds its input rows whole, K in one block
         assert (block_n, block_k) == (table.hoist_block_n, whole_k)
         assert next_power_of_2(rows) * block_n * block_k <= table.max_tile
-        wide = block_k > 4096
-        per_sm = table.hoist_programs_per_sm // 2 if wide else table.hoist_programs_per_sm
         assert config.programs == per_sm * device.sm_count and config.num_warps == (8 if wide else 4)
         return
     assert 16 <= block_k <= max(16, min(table.block_k, cap or table.block_k, next_power_of_2(k)))
@@ -233,6 +237,9 @@ def test_linear_device_classes() -> None:
     # Eight rows of K = 2048 do not fit in one program's registers: the loop over K, a program per block.
     config = linear_config(8, 3072, 2048, torch.float16, h100)
     assert config.programs == 0 and config.chunk_size < 2048
+    # Fewer column blocks than programs (SmolLM2's merged q/k/v, 960 rows: 480 blocks of 2 for 528 programs):
+    # the loop over K, a program per block.
+    assert linear_config(1, 960, 576, torch.float16, h100).programs == 0
     # No persistent launch where none was timed: the T4 and A100 rows loop over K.
     for key in ("t4", "a100"):
         assert linear_config(1, 2048, 2048, torch.float16, _device(key)).programs == 0

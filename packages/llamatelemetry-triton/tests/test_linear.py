@@ -176,18 +176,20 @@ def test_small_m_split_k_sums_the_partials_in_order(splits: int) -> None:
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize(("rows", "k", "programs"), [(1, 45, 3), (3, 64, 3), (2, 64, 9)])
-def test_persistent_programs_cover_every_column_block(rows: int, k: int, programs: int) -> None:
+@pytest.mark.parametrize(("rows", "k", "programs", "block_n"), [(1, 45, 3, 4), (3, 64, 3, 4), (2, 64, 9, 2)])
+def test_persistent_programs_cover_every_column_block(rows: int, k: int, programs: int, block_n: int) -> None:
     # Fewer programs than column blocks: each program reads (and normalizes) its input rows once, then walks
-    # blocks p, p + G, ... loading each block's weight while multiplying the one before. N = 37 in blocks of 4 is
-    # ten blocks, the last ragged: three programs take four, three and three; nine take two and one. Every form
-    # against its reference, ragged K (45) and whole (64).
+    # blocks p, p + G, ... loading each block's weight while multiplying the one before. The plain and fused forms
+    # have 74 output columns, the down projection 37 and the SwiGLU epilogue 37 in blocks of block_n / 2 (one or
+    # two gate rows with their up rows): 10 to 37 blocks, the last ragged, over 3 or 9 programs. Every form against
+    # its reference, ragged K (45) and whole (64).
+    assert programs < -(-37 // block_n)  # persistent in every form: fewer programs than blocks
     gen = torch.Generator().manual_seed(rows * 100 + k + programs)
     a = _inputs(gen, rows, 74, k, torch.float16)  # 74 rows: a plain [74, K] weight or a [2 x 37, K] gate/up one
     x, r, nw, w, b = a["x"], a["residual"], a["norm_weight"], a["weight"], a["bias"]
     assert b is not None
     gate_up = (torch.randn(rows, 2 * k, generator=gen) * 2).half().to(DEVICE)
-    config = LaunchConfig(4, 4, 1, chunk_size=64, programs=programs)
+    config = LaunchConfig(block_n, 4, 1, chunk_size=64, programs=programs)
     y, _ = linear_forward(x, None, None, w, b, 0.0, config=config)
     assert_close(y, F.linear(x, w, b), name="linear", dtype=torch.float16)
     y_fused, h = linear_forward(x, r, nw, w, b, 1e-5, config=config)
@@ -287,6 +289,11 @@ def test_registry_launch_is_bounds_checked() -> None:
     assert_close(y, F.linear(x, w), name="registry persistent linear", dtype=torch.float32)
     with pytest.raises(ConfigurationError, match=r"expected BLOCK_K >= K = 32, got BLOCK_K=16"):
         kernel.launch(*args, grid=(1,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16, EVEN_K=True, PERSISTENT=True)
+    # Flags the kernel would obey into a wrong result: no column mask on a ragged K, h never written.
+    with pytest.raises(ConfigurationError, match=r"K = 32 to be a multiple of BLOCK_K = 64"):
+        kernel.launch(*args, grid=(1,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=64, EVEN_K=True, PERSISTENT=True)
+    with pytest.raises(ConfigurationError, match=r"HAS_RESIDUAL .* comes with the norm"):
+        kernel.launch(*args, grid=(2,), BLOCK_M=2, BLOCK_N=4, BLOCK_K=16, HAS_RESIDUAL=True)
 
 
 # --- refusals and argument checks (every matrix) ----------------------------------------------------------

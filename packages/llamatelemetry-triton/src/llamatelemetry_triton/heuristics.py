@@ -372,7 +372,8 @@ LINEAR_TABLES: dict[str, LinearTable] = {
     # 6.60 us, o 4.47, gate/up with the norm 21.08 (the fastest, 4 weight rows and 8 warps, 20.40), down with the SwiGLU
     # prologue, its whole K = 8192 held by 8 warps in 264 programs, 11.89. In an earlier sweep the same day the
     # launch above took 7.00, 5.31, 20.13 and 14.60 us against 6.61, 5.00, 19.96 and 12.72; engine decode at
-    # batch 1 went from 993 to 1,056 tokens/s. At four rows they beat the launches above 1.1-2.1x. K = 4096 (an
+    # batch 1 went from 993 to 1,056 tokens/s. At four rows they beat the launches above 1.1-1.9x for q/k/v, o and
+    # gate/up (summary.md of that session; cuBLAS beats both for q/k/v and gate/up). K = 4096 (an
     # 8B's hidden size) is unmeasured: 4 warps there, which compile without spills (8 spilled 48 bytes with the norm).
     "sm90": LinearTable(
         block_k=2048, max_tile=16384, max_block_n=4, programs_per_sm=3, num_warps=4, num_stages=2, hoist_elements=8192
@@ -413,9 +414,14 @@ def linear_config(
     table = LINEAR_TABLES[linear_device_class(device)]
     block_m = next_power_of_2(rows)
     whole_k = max(16, next_power_of_2(k))
-    if 0 < block_m * whole_k <= table.hoist_elements and whole_k <= _cap(whole_k, max_block):
-        wide = whole_k > 4096  # a long input row: twice the warps to hold it, half the programs
-        per_sm = max(1, table.hoist_programs_per_sm // 2) if wide else table.hoist_programs_per_sm
+    wide = whole_k > 4096  # a long input row: twice the warps to hold it, half the programs
+    per_sm = max(1, table.hoist_programs_per_sm // 2) if wide else table.hoist_programs_per_sm
+    blocks = -(-n // table.hoist_block_n)  # column blocks (with SwiGLU: gate rows, each with its up rows)
+    if (
+        0 < block_m * whole_k <= table.hoist_elements
+        and whole_k <= _cap(whole_k, max_block)
+        and blocks > per_sm * device.sm_count  # fewer programs than blocks: else the loop over K below
+    ):
         return LaunchConfig(
             table.hoist_block_n,
             8 if wide else 4,

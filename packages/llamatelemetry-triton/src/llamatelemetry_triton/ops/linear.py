@@ -584,6 +584,16 @@ def _linear_bounds(args: Mapping[str, Any], grid: tuple[int, ...]) -> None:
             f"kernel 'linear': PERSISTENT holds each program's input rows whole: expected BLOCK_K >= K = {k}, got "
             f"BLOCK_K={block_k!r}; launch it with a BLOCK_K covering K, or PERSISTENT=False"
         )
+    if args.get("EVEN_K") and isinstance(block_k, int) and block_k > 0 and k % block_k:
+        raise ConfigurationError(
+            f"kernel 'linear': EVEN_K skips the column mask: expected K = {k} to be a multiple of BLOCK_K = {block_k}; "
+            "launch it with EVEN_K=False"
+        )
+    if args.get("HAS_RESIDUAL") and not args.get("NORM"):
+        raise ConfigurationError(
+            "kernel 'linear': HAS_RESIDUAL (h = x + residual) comes with the norm that writes h: launch it with "
+            "NORM=True, or add the residual first"
+        )
     if m == 0 or n == 0 or k == 0 or not grid or grid[0] == 0:
         return
     halves = 2 if args.get("SWIGLU") else 1  # gate rows, then as many up rows
