@@ -62,6 +62,7 @@ def test_the_launch_variables_are_read_once_until_reloaded(monkeypatch: pytest.M
     from llamatelemetry_core.selection import reset_selection_cache
 
     monkeypatch.setattr(environment, "_pdl_capable_index", lambda index: True)
+    monkeypatch.delenv(TRITON_INTERPRET_ENV, raising=False)  # the interpreter never launches with PDL
     hopper_tensor: Any = _CudaLike()
     monkeypatch.setenv(PDL_ENV, "0")
     reload_launch_env()
