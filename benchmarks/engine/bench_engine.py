@@ -15,7 +15,8 @@ tied embeddings), fp16; the GPU machine has no network, and speed does not depen
    decode-only rate (difference of a 128-token and a 1-token run) that the roofline bounds.
 2. Offline throughput on nano-vllm's workload shape: 256 requests, prompt and output lengths uniform in
    100..1024 (seed 0): continuous batching against static batching (fixed batches that wait for their longest
-   member), same maximum batch size; output tokens/s. Target: >= 2x. Also continuous batching with
+   member), same maximum batch size; output tokens/s. Target: >= 2x. Beside them, the ratio the two schedules
+   would reach with every decode step at the memory roofline (:func:`offline_floor`). Also continuous batching with
    ``LLM(step_graphs=False)``: steps that carry prompt tokens run eagerly instead of replaying graphs, as they
    do by default.
 3. Online latency: requests arriving as a Poisson stream (seed 0) into the continuous-batching engine running
@@ -190,11 +191,59 @@ def transformers_decode(loaded: LoadedModel, batch: int, prompt_len: int, new_to
     return batch * new_tokens / seconds
 
 
+def offline_lengths(count: int) -> list[tuple[int, int]]:
+    """(prompt, output) lengths of nano-vllm's workload: uniform in 100..1024, seed 0."""
+    rng = random.Random(0)
+    return [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(count)]
+
+
+def offline_floor(
+    step_seconds: Callable[[list[int]], float], lengths: Sequence[tuple[int, int]], max_batch: int
+) -> dict[str, Any]:
+    """Decode time of each schedule when every step costs ``step_seconds(contexts)`` (the running sequences'
+    context lengths): the floor the measured ratio is judged against. A request's first token comes from its
+    prompt step, so it takes ``output - 1`` decode steps (prompt steps are the same work in every schedule and
+    are left out).
+
+    * ``continuous``: ``max_batch`` slots, a finished request's slot taken by the next one in order at once;
+    * ``static``: batches of ``max_batch`` in order, each until its longest member finishes, finished members
+      dropped from the steps (what :class:`~llamatelemetry_engine.static_batching.StaticBatchEngine` runs);
+    * ``static_padded``: the same batches with finished members kept in every step (the classic form, as a
+      padded ``generate`` call runs them).
+    """
+    times = {"continuous": 0.0, "static": 0.0, "static_padded": 0.0}
+    steps = dict.fromkeys(times, 0)
+    for start in range(0, len(lengths), max_batch):
+        batch = lengths[start : start + max_batch]
+        for s in range(1, max(o for _, o in batch)):
+            times["static"] += step_seconds([p + s for p, o in batch if s < o])
+            times["static_padded"] += step_seconds([p + s for p, _ in batch])
+            steps["static"] += 1
+    steps["static_padded"] = steps["static"]
+    waiting = list(lengths)
+    running: list[list[int]] = []  # [prompt, output, tokens so far]
+    while waiting or running:
+        while waiting and len(running) < max_batch:
+            p, o = waiting.pop(0)
+            running.append([p, o, 1])
+        running = [r for r in running if r[2] < r[1]]
+        if running:
+            times["continuous"] += step_seconds([p + n for p, _, n in running])
+            steps["continuous"] += 1
+            for r in running:
+                r[2] += 1
+    return {
+        "seconds": times,
+        "steps": steps,
+        "ratio": times["static"] / times["continuous"],
+        "ratio_padded": times["static_padded"] / times["continuous"],
+    }
+
+
 def offline(
     loaded: LoadedModel, continuous: bool, max_batch: int, count: int, step_graphs: bool | None = None
 ) -> dict[str, Any]:
-    rng = random.Random(0)
-    lengths = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(count)]
+    lengths = offline_lengths(count)
     vocab = loaded.config.vocab_size
     ps = [prompts(1, n, vocab, seed=i)[0] for i, (n, _) in enumerate(lengths)]
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in lengths]
@@ -208,9 +257,15 @@ def offline(
     return out
 
 
-def offline_section(loaded: LoadedModel, count: int) -> dict[str, Any]:
-    """Continuous against static batching at a maximum batch of 64, and continuous with eager prompt steps."""
+def offline_section(loaded: LoadedModel, count: int, bandwidth: float) -> dict[str, Any]:
+    """Continuous against static batching at a maximum batch of 64, and continuous with eager prompt steps; beside
+    them, :func:`offline_floor` with steps at the memory roofline (``bandwidth``: bytes per second)."""
+
+    def roofline_step(contexts: list[int]) -> float:
+        return step_bytes(loaded, len(contexts), sum(contexts) / len(contexts)) / bandwidth
+
     section: dict[str, Any] = {
+        "floor": offline_floor(roofline_step, offline_lengths(count), 64),
         "continuous": offline(loaded, True, 64, count),
         "static": offline(loaded, False, 64, count),
         "continuous_eager_prompt_steps": offline(loaded, True, 64, count, step_graphs=False),
@@ -306,6 +361,12 @@ def summary(results: dict[str, Any]) -> str:
     lines.append(
         f"continuous {cont:,.0f} tok/s, static {stat:,.0f} tok/s: {off['ratio']:.2f}x (target {CONTINUOUS_TARGET}x)"
     )
+    if "floor" in off:
+        floor = off["floor"]
+        lines.append(
+            f"at the memory roofline (decode steps only) the schedules' ratio is {floor['ratio']:.2f}x against these "
+            f"static batches and {floor['ratio_padded']:.2f}x against padded ones (finished members kept in the step)"
+        )
     if "continuous_eager_prompt_steps" in off:
         eager = off["continuous_eager_prompt_steps"]["output_tokens_per_s"]
         lines.append(f"continuous without step graphs (LLM(step_graphs=False)) {eager:,.0f} tok/s: {eager / stat:.2f}x")
@@ -360,12 +421,14 @@ def main(argv: list[str] | None = None) -> int:
         save("online_only.json")
         return 0
     if args.offline_only:
-        results["offline"] = offline_section(loaded, 64 if args.quick else 256)
+        results["offline"] = offline_section(loaded, 64 if args.quick else 256, bandwidth)
         save("offline_only.json")
         off = results["offline"]
         print(f"offline: continuous {off['continuous']['output_tokens_per_s']:,.0f} tok/s, static "
               f"{off['static']['output_tokens_per_s']:,.0f} tok/s: {off['ratio']:.2f}x; continuous with eager prompt "
-              f"steps {off['continuous_eager_prompt_steps']['output_tokens_per_s']:,.0f} tok/s")  # fmt: skip
+              f"steps {off['continuous_eager_prompt_steps']['output_tokens_per_s']:,.0f} tok/s; at the memory "
+              f"roofline {off['floor']['ratio']:.2f}x (padded static batches "
+              f"{off['floor']['ratio_padded']:.2f}x)")  # fmt: skip
         return 0
     for batch in (1, 64):
         llm = LLM(loaded, device="cuda", max_model_len=512, max_batch_size=64)
@@ -392,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine_only or args.decode_only:
         save("engine_only.json" if args.engine_only else "decode_only.json")
         return 0
-    results["offline"] = offline_section(loaded, 64 if args.quick else 256)
+    results["offline"] = offline_section(loaded, 64 if args.quick else 256, bandwidth)
     save()
     results["online"] = online(loaded, rate=8.0, count=32 if args.quick else 128, max_batch=64)
     save()
