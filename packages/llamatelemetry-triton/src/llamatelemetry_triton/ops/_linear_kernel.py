@@ -77,17 +77,18 @@ def _input_block(  # type: ignore[no-untyped-def]
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _tile_masks(row_mask, n_mask, cols, K, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
-    """The masks of an input block ``[rows, cols]`` and a weight block ``[cols_n, cols]``: rows (and weight rows)
-    alone when every block of ``K`` is whole, else the columns past ``K`` too."""
-    if EVEN_K:
-        x_mask = row_mask[:, None]
-        w_mask = n_mask[:, None]
-    else:
-        k_mask = cols < K
-        x_mask = row_mask[:, None] & k_mask[None, :]
-        w_mask = n_mask[:, None] & k_mask[None, :]
-    return x_mask, w_mask
+def _block_mask(row_mask, cols, K, EVEN_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The mask of a block ``[rows, cols]`` (input rows or weight rows): the rows alone when every block of ``K`` is
+    whole, else the columns past ``K`` too."""
+    return row_mask[:, None] if EVEN_K else row_mask[:, None] & (cols < K)[None, :]
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _normalized(x, NW, cols, K, rstd, dtype: tl.constexpr):  # type: ignore[no-untyped-def]
+    """RMSNorm of an fp32 input block ``x [rows, cols]`` with its rows' ``rstd`` and the norm weight at ``cols``,
+    rounded to the input's ``dtype`` as the norm kernel's output is, before any product."""
+    nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return (x * rstd[:, None] * nw[None, :]).to(dtype).to(tl.float32)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -96,7 +97,7 @@ def _sum_squares_step(  # type: ignore[no-untyped-def]
     HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     cols = k0 + tl.arange(0, BLOCK_K)
-    mask = row_mask[:, None] if EVEN_K else row_mask[:, None] & (cols < K)[None, :]
+    mask = _block_mask(row_mask, cols, K, EVEN_K)
     x = _input_block(X, R, H, rows, cols, mask, stride_x, stride_r, K, h_rows, HAS_RESIDUAL, True)
     return acc + x * x
 
@@ -136,13 +137,11 @@ def _dot_step(  # type: ignore[no-untyped-def]
     """``acc [BLOCK_M, BLOCK_N] += input[:, k0:k0+BLOCK_K] @ W[cols_n, k0:k0+BLOCK_K]^T`` in fp32; with ``SWIGLU``
     also ``acc_up`` from the matching up rows ``cols_n + N``."""
     cols = k0 + tl.arange(0, BLOCK_K)
-    x_mask, w_mask = _tile_masks(row_mask, n_mask, cols, K, EVEN_K)
-    w, w_up = _weight_tiles(W, cols, cols_n, w_mask, N, stride_w, SWIGLU)
+    w, w_up = _weight_tiles(W, cols, cols_n, _block_mask(n_mask, cols, K, EVEN_K), N, stride_w, SWIGLU)
+    x_mask = _block_mask(row_mask, cols, K, EVEN_K)
     x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, 0, HAS_RESIDUAL, False, GLU_IN)
     if NORM:
-        nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
-        # Rounded to x's dtype as the norm kernel's output is, before the product.
-        x = (x * rstd[:, None] * nw[None, :]).to(X.dtype.element_ty).to(tl.float32)
+        x = _normalized(x, NW, cols, K, rstd, X.dtype.element_ty)
     return _tiles_product(acc, acc_up, x, w, w_up, SWIGLU)
 
 
@@ -209,12 +208,11 @@ def linear_kernel(  # type: ignore[no-untyped-def]
         # (no kernel writes the weight) was tried: 1,061 against 1,059 tokens/s at batch 1, within the spread.
         w, w_up = _block_weight(W, cols, pid, N, K, stride_w, SWIGLU, EVEN_K, BLOCK_N)
         # One input block for every column block of this program: read, summed and normalized once.
-        x_mask = row_mask[:, None] if EVEN_K else row_mask[:, None] & (cols < K)[None, :]
+        x_mask = _block_mask(row_mask, cols, K, EVEN_K)
         x = _input_block(X, R, H, rows, cols, x_mask, stride_x, stride_r, K, h_rows, HAS_RESIDUAL, True, GLU_IN)
         if NORM:
             rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)
-            nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
-            x = (x * rstd[:, None] * nw[None, :]).to(X.dtype.element_ty).to(tl.float32)
+            x = _normalized(x, NW, cols, K, rstd, X.dtype.element_ty)
         if PIPELINED:
             for b in range(pid, n_blocks, step):
                 w, w_up = _prefetched_block(x, w, w_up, W, B, Y, rows, row_mask, cols, b, step, N, K, stride_w,
@@ -268,9 +266,7 @@ def _block_weight(  # type: ignore[no-untyped-def]
 ):
     """:func:`_weight_tiles` of column block ``b`` over the columns ``cols`` (nothing read past the last block)."""
     cols_n = b.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = cols_n < N
-    w_mask = n_mask[:, None] if EVEN_K else n_mask[:, None] & (cols < K)[None, :]
-    return _weight_tiles(W, cols, cols_n, w_mask, N, stride_w, SWIGLU)
+    return _weight_tiles(W, cols, cols_n, _block_mask(cols_n < N, cols, K, EVEN_K), N, stride_w, SWIGLU)
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -327,15 +323,10 @@ def _mma_step(  # type: ignore[no-untyped-def]
     """``acc [BLOCK_M, BLOCK_N] += x[:, k0:k0+BLOCK_K] @ W[cols_n, k0:k0+BLOCK_K]^T`` on the Tensor Cores (fp32
     accumulation); with ``SWIGLU`` also ``acc_up`` from the up rows ``cols_n + N``."""
     cols = k0 + tl.arange(0, BLOCK_K)
-    x_mask, w_mask = _tile_masks(row_mask, n_mask, cols, K, EVEN_K)
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=x_mask, other=0.0)
-    # The weight is read once and never again this step: evict it first, keep the rows in L2 for the others.
-    w = tl.load(W + cols_n[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=_block_mask(row_mask, cols, K, EVEN_K), other=0.0)
+    w, w_up = _weight_tiles(W, cols, cols_n, _block_mask(n_mask, cols, K, EVEN_K), N, stride_w, SWIGLU)
     acc = tl.dot(x, tl.trans(w), acc)
     if SWIGLU:
-        w_up = tl.load(
-            W + (cols_n + N)[:, None] * stride_w + cols[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first"
-        )
         acc_up = tl.dot(x, tl.trans(w_up), acc_up)
     return acc, acc_up
 
