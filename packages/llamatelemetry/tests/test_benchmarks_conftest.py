@@ -79,6 +79,9 @@ def _run(
     project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, sleep: float, *args: str, subprocess: bool = False
 ) -> pytest.RunResult:
     monkeypatch.setenv("BENCH_SLEEP", str(sleep))
+    # The inner run is a plain pytest run even when this test runs on a pytest-xdist worker (the CPU matrices):
+    # pytest-benchmark takes the worker's variable as its own and would time nothing and save nothing.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     options = ("-p", "no:cacheprovider", f"--benchmark-storage=file://{project.path / 'store'}", *args)
     # pytest-benchmark reports a regression by raising from the terminal summary: a separate process, as on the
     # command line, where it ends the run with a non-zero status.
