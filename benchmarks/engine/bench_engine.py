@@ -18,9 +18,11 @@ tied embeddings), fp16; the GPU machine has no network, and speed does not depen
    member), same maximum batch size; output tokens/s. Target: >= 2x. Each schedule runs the workload once untimed
    (a fresh machine compiles kernels and captures graphs then), then ``OFFLINE_RUNS`` times timed: the best is
    reported. Beside them, the ratio the two schedules would reach with every decode step at the memory roofline
-   (:func:`offline_floor`). Also continuous batching with
-   ``LLM(step_graphs=False)``: steps that carry prompt tokens run eagerly instead of replaying graphs, as they
-   do by default.
+   (:func:`offline_floor`). Static batching reads each step's tokens back before it plans the next step, while the
+   continuous engine overlaps that host work with the model (``LLM(overlap=True)``, the default on a GPU): the
+   section also runs continuous batching with ``overlap=False``, the schedules compared alone. Also continuous
+   batching with ``LLM(step_graphs=False)``: steps that carry prompt tokens run eagerly instead of replaying
+   graphs, as they do by default.
 3. Online latency: requests arriving as a Poisson stream (seed 0) into the continuous-batching engine running
    in a background thread; time to first token and inter-token latency percentiles.
 
@@ -246,7 +248,12 @@ OFFLINE_RUNS = 2  # timed passes per schedule after the warm-up pass; the best i
 
 
 def offline(
-    loaded: LoadedModel, continuous: bool, max_batch: int, count: int, step_graphs: bool | None = None
+    loaded: LoadedModel,
+    continuous: bool,
+    max_batch: int,
+    count: int,
+    step_graphs: bool | None = None,
+    overlap: bool | None = None,
 ) -> dict[str, Any]:
     lengths = offline_lengths(count)
     vocab = loaded.config.vocab_size
@@ -254,7 +261,7 @@ def offline(
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in lengths]
     flags = EngineFlags() if continuous else EngineFlags().without("continuous_batching")
     llm = LLM(loaded, flags=flags, device="cuda", max_model_len=2100, max_batch_size=max_batch,
-              max_num_batched_tokens=8192, step_graphs=step_graphs)  # fmt: skip
+              max_num_batched_tokens=8192, step_graphs=step_graphs, overlap=overlap)  # fmt: skip
     # Warm-up: the whole workload once, so that every kernel shape, autotuning choice and step graph it needs
     # exists before the clock starts (a fresh machine compiles them during the first pass).
     llm.generate(ps, params)
@@ -277,8 +284,11 @@ def offline_section(loaded: LoadedModel, count: int, bandwidth: float) -> dict[s
         "continuous": offline(loaded, True, 64, count),
         "static": offline(loaded, False, 64, count),
         "continuous_eager_prompt_steps": offline(loaded, True, 64, count, step_graphs=False),
+        "continuous_no_overlap": offline(loaded, True, 64, count, overlap=False),
     }
-    section["ratio"] = section["continuous"]["output_tokens_per_s"] / section["static"]["output_tokens_per_s"]
+    static = section["static"]["output_tokens_per_s"]
+    section["ratio"] = section["continuous"]["output_tokens_per_s"] / static
+    section["ratio_no_overlap"] = section["continuous_no_overlap"]["output_tokens_per_s"] / static
     return section
 
 
@@ -375,6 +385,9 @@ def summary(results: dict[str, Any]) -> str:
             f"at the memory roofline (decode steps only) the schedules' ratio is {floor['ratio']:.2f}x against these "
             f"static batches and {floor['ratio_padded']:.2f}x against padded ones (finished members kept in the step)"
         )
+    if "continuous_no_overlap" in off:
+        plain = off["continuous_no_overlap"]["output_tokens_per_s"]
+        lines.append(f"continuous without host overlap (LLM(overlap=False)) {plain:,.0f} tok/s: {plain / stat:.2f}x")
     if "continuous_eager_prompt_steps" in off:
         eager = off["continuous_eager_prompt_steps"]["output_tokens_per_s"]
         lines.append(f"continuous without step graphs (LLM(step_graphs=False)) {eager:,.0f} tok/s: {eager / stat:.2f}x")
@@ -437,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
               f"steps {off['continuous_eager_prompt_steps']['output_tokens_per_s']:,.0f} tok/s; at the memory "
               f"roofline {off['floor']['ratio']:.2f}x (padded static batches "
               f"{off['floor']['ratio_padded']:.2f}x)")  # fmt: skip
-        for name in ("continuous", "static", "continuous_eager_prompt_steps"):
+        print(f"  continuous without host overlap (LLM(overlap=False): each step's tokens read back before the next "
+              f"is planned, as static batching does) {off['continuous_no_overlap']['output_tokens_per_s']:,.0f} "
+              f"tok/s: {off['ratio_no_overlap']:.2f}x static")  # fmt: skip
+        for name in ("continuous", "static", "continuous_eager_prompt_steps", "continuous_no_overlap"):
             print(f"  {name}: timed runs {', '.join(f'{t:.2f}' for t in off[name]['seconds_runs'])} s; "
                   f"{off['floor']['steps'].get(name, '-')} decode steps in the schedule")  # fmt: skip
         return 0
