@@ -244,6 +244,27 @@ def offline_floor(
     }
 
 
+def offline_requests(loaded: LoadedModel, count: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """The first ``count`` requests of the offline workload: prompts of :func:`offline_lengths` and their
+    sampling parameters (greedy, exactly the output length: end-of-sequence ignored)."""
+    lengths = offline_lengths(count)
+    ps = [prompts(1, n, loaded.config.vocab_size, seed=i)[0] for i, (n, _) in enumerate(lengths)]
+    return ps, [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in lengths]
+
+
+def offline_llm(
+    loaded: LoadedModel,
+    continuous: bool,
+    max_batch: int,
+    step_graphs: bool | None = None,
+    overlap: bool | None = None,
+) -> LLM:
+    """The engine the offline workload runs on: continuous or static batching, everything else as by default."""
+    flags = EngineFlags() if continuous else EngineFlags().without("continuous_batching")
+    return LLM(loaded, flags=flags, device="cuda", max_model_len=2100, max_batch_size=max_batch,
+               max_num_batched_tokens=8192, step_graphs=step_graphs, overlap=overlap)  # fmt: skip
+
+
 OFFLINE_RUNS = 2  # timed passes per schedule after the warm-up pass; the best is reported, every one recorded
 
 
@@ -255,26 +276,22 @@ def offline(
     step_graphs: bool | None = None,
     overlap: bool | None = None,
 ) -> dict[str, Any]:
-    lengths = offline_lengths(count)
-    vocab = loaded.config.vocab_size
-    ps = [prompts(1, n, vocab, seed=i)[0] for i, (n, _) in enumerate(lengths)]
-    params = [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in lengths]
-    flags = EngineFlags() if continuous else EngineFlags().without("continuous_batching")
-    llm = LLM(loaded, flags=flags, device="cuda", max_model_len=2100, max_batch_size=max_batch,
-              max_num_batched_tokens=8192, step_graphs=step_graphs, overlap=overlap)  # fmt: skip
+    ps, params = offline_requests(loaded, count)
+    llm = offline_llm(loaded, continuous, max_batch, step_graphs=step_graphs, overlap=overlap)
     # Warm-up: the whole workload once, so that every kernel shape, autotuning choice and step graph it needs
     # exists before the clock starts (a fresh machine compiles them during the first pass).
     llm.generate(ps, params)
     runs = [timed(lambda: llm.generate(ps, params)) for _ in range(OFFLINE_RUNS)]
     seconds = min(runs)
-    tokens = sum(m for _, m in lengths)
+    tokens = sum(p.max_tokens for p in params)
     return {"output_tokens": tokens, "seconds": seconds, "seconds_runs": runs, "admission_batch": llm.admission_batch,
             "output_tokens_per_s": tokens / seconds}  # fmt: skip
 
 
 def offline_section(loaded: LoadedModel, count: int, bandwidth: float) -> dict[str, Any]:
-    """Continuous against static batching at a maximum batch of 64, and continuous with eager prompt steps; beside
-    them, :func:`offline_floor` with steps at the memory roofline (``bandwidth``: bytes per second)."""
+    """Continuous against static batching at a maximum batch of 64, and continuous with eager prompt steps and
+    without host overlap; beside them, :func:`offline_floor` with steps at the memory roofline (``bandwidth``:
+    bytes per second)."""
 
     def roofline_step(contexts: list[int]) -> float:
         return step_bytes(loaded, len(contexts), sum(contexts) / len(contexts)) / bandwidth

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -24,13 +23,13 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as be
 
-from llamatelemetry_engine import LLM, PRESETS, EngineFlags, SamplingParams, random_weights
+from llamatelemetry_engine import PRESETS, SamplingParams, random_weights
+from llamatelemetry_engine.loader import LoadedModel
 
 
-def profile_schedule(loaded: Any, continuous: bool, ps: list[list[int]], params: list[SamplingParams]) -> None:
+def profile_schedule(loaded: LoadedModel, continuous: bool, ps: list[list[int]], params: list[SamplingParams]) -> None:
     """Print one schedule's wall time, busy share and heaviest kernels."""
-    flags = EngineFlags() if continuous else EngineFlags().without("continuous_batching")
-    llm = LLM(loaded, flags=flags, device="cuda", max_model_len=2100, max_batch_size=64, max_num_batched_tokens=8192)
+    llm = be.offline_llm(loaded, continuous, 64)
     llm.generate(ps, params)
     wall = be.timed(lambda: llm.generate(ps, params))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -52,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print("profile_offline: needs a CUDA GPU", file=sys.stderr)
         return 2
     loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
-    lengths = be.offline_lengths(args.requests)
-    vocab = loaded.config.vocab_size
-    ps = [be.prompts(1, n, vocab, seed=i)[0] for i, (n, _) in enumerate(lengths)]
-    params = [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in lengths]
+    ps, params = be.offline_requests(loaded, args.requests)
     for name in ("continuous", "static"):
         profile_schedule(loaded, name == "continuous", ps, params)
         be.free_memory()
