@@ -1,16 +1,57 @@
-"""Shared fixtures of the llamatelemetry-engine tests: transformers reference models on the same weights."""
+"""Shared fixtures of the llamatelemetry-engine tests: transformers reference models on the same weights.
+
+Under Triton's interpreter (the cpu-triton matrices) a whole model through the Triton kernels takes seconds per
+step, so there the kernels run only in the tests marked ``kernel_paths``: those whose subject is the path through
+the kernels (every architecture, the few-row and small-M projections, the fused RoPE and paged write, chunked
+prefill over cached prefixes, the fuzzed comparison with plain PyTorch). Every other engine test is about the
+engine's own logic (scheduling, graphs, warm-up, flags, merged weights) and runs there with
+``LLAMATELEMETRY_BACKEND=reference``, still with Triton installed, so that the engine takes the paths it takes
+beside Triton. The kernels themselves are checked against their references in each component's tests, and the
+GPU matrix runs every engine test through them. ``LLAMATELEMETRY_BACKEND`` set by the caller is left as it is;
+``LLAMATELEMETRY_ENGINE_TESTS=kernels`` runs every engine test through the kernels under the interpreter too.
+"""
 
 from __future__ import annotations
 
+import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
+from llamatelemetry_core.environment import triton_interpreter_enabled
+from llamatelemetry_core.selection import BACKEND_ENV, REFERENCE, reload_environment
 from llamatelemetry_engine import LoadedModel, ModelConfig
 
 ReferenceFactory = Callable[[LoadedModel], torch.nn.Module]
+ALL_KERNELS_ENV = "LLAMATELEMETRY_ENGINE_TESTS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "kernel_paths: the test's subject is the path through the Triton kernels; under Triton's interpreter it "
+        "runs them, where other engine tests run the PyTorch references (see the engine's tests/conftest.py)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _references_under_the_interpreter(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under the interpreter, an engine test not marked ``kernel_paths`` runs every op's reference."""
+    if (
+        not triton_interpreter_enabled()
+        or request.node.get_closest_marker("kernel_paths") is not None
+        or os.environ.get(BACKEND_ENV, "").strip()
+        or os.environ.get(ALL_KERNELS_ENV, "").strip() == "kernels"
+    ):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(BACKEND_ENV, REFERENCE)
+        reload_environment()
+        yield
+    reload_environment()
 
 
 @pytest.fixture

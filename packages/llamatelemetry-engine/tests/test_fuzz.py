@@ -56,6 +56,7 @@ def _plain_greedy(engines: dict[str, LLM], prompt: list[int], max_tokens: int) -
     return engines["off"].generate([prompt], params)[0].token_ids
 
 
+@pytest.mark.kernel_paths
 @fuzz_settings(ci=5)
 @given(
     lengths=st.lists(st.integers(1, 12), min_size=1, max_size=3),

@@ -45,6 +45,7 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (9, 3, 17)]
 
 
+@pytest.mark.kernel_paths
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_every_architecture_matches_transformers(
     arch: str, prompts: list[list[int]], hf_reference: Callable[[LoadedModel], torch.nn.Module], greedy: Greedy
@@ -76,6 +77,7 @@ def test_merged_projections_keep_the_transformers_tokens(
     assert [c.token_ids for c in got] == expected
 
 
+@pytest.mark.kernel_paths
 @pytest.mark.parametrize("arch", ["llama_mha_bias_llama3", "qwen2"])
 def test_the_few_row_projections_keep_the_transformers_tokens(
     arch: str, prompts: list[list[int]], hf_reference: Callable[[LoadedModel], torch.nn.Module], greedy: Greedy
@@ -110,6 +112,7 @@ def test_the_few_row_projections_keep_the_transformers_tokens(
     assert not rec.implementations("triton.swiglu_linear") and rec.implementations("triton.swiglu")
 
 
+@pytest.mark.kernel_paths
 def test_the_small_m_projections_keep_the_transformers_tokens(
     hf_reference: Callable[[LoadedModel], torch.nn.Module], greedy: Greedy
 ) -> None:

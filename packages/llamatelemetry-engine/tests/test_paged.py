@@ -36,7 +36,8 @@ def prompts() -> list[list[int]]:
     return [[*shared, 7, 8], shared[:20], torch.randint(3, 250, (5,), generator=gen).tolist()]
 
 
-@pytest.mark.parametrize("continuous", [True, False])
+# Prefill chunks over cached prefix blocks through the kernels: once, with continuous batching.
+@pytest.mark.parametrize("continuous", [pytest.param(True, marks=pytest.mark.kernel_paths), False])
 def test_chunked_prefill_and_prefix_reuse_keep_the_tokens(
     continuous: bool,
     loaded: LoadedModel,
@@ -228,6 +229,7 @@ def test_warm_up_runs_every_kind_of_step_and_changes_no_answer(
         LLM(loaded, warmup=1, **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.kernel_paths
 @pytest.mark.parametrize("triton_kernels", [True, False], ids=["fused", "two_calls"])
 def test_rope_and_the_paged_write_are_one_call_with_the_fused_kernels(
     triton_kernels: bool,
