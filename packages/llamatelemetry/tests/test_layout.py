@@ -30,6 +30,16 @@ pytestmark = pytest.mark.skipif(
 # The engine composes every component (it is above them all, below the meta-package only).
 
 
+def _noxfile_constant(name: str) -> object:
+    """A module-level constant of the noxfile, read without importing it (nox may not be installed)."""
+    for node in ast.parse((ROOT / "noxfile.py").read_text(encoding="utf-8")).body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            assert isinstance(node, ast.Assign)
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{name} not found in noxfile.py")
+
+
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     names: set[str] = set()
@@ -123,6 +133,8 @@ def test_each_distribution_is_complete_and_versioned(package_dir: Path) -> None:
     assert (package_dir / "CHANGELOG.md").exists() and (package_dir / "README.md").exists()
     assert list((package_dir / "tests").glob("test_*.py")), "every package has tests"
     assert meta["build-system"]["build-backend"] == "hatchling.build"
+    # nox installs this backend once per session for the editable installs (no isolated build environments).
+    assert meta["build-system"]["requires"] == [_noxfile_constant("BUILD_BACKEND")]
     assert meta["tool"]["hatch"]["version"]["path"] == f"src/{import_name}/__about__.py"
     about = (src / "__about__.py").read_text(encoding="utf-8")
     version = re.search(r'__version__ = "([^"]+)"', about)
