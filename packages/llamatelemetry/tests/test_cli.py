@@ -318,4 +318,8 @@ def test_every_gpu_and_the_driver_are_reported(
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "NVIDIA driver 550.54.15" in out
-    assert "  GPU 0: NVIDIA H100" in out and "  GPU 1: NVIDIA A100" in out
+    if torch.cuda.is_available():  # the current GPU (the real one, index 0) has its own line; the others follow
+        assert f"GPU 0: {torch.cuda.get_device_name(0)}" in out
+        assert "other GPUs of this machine:\n  GPU 1: NVIDIA A100" in out and "GPU 0: NVIDIA H100" not in out
+    else:
+        assert "  GPU 0: NVIDIA H100" in out and "  GPU 1: NVIDIA A100" in out
