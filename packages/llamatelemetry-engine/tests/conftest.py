@@ -6,8 +6,8 @@ the kernels (every architecture, the few-row and small-M projections, the fused 
 prefill over cached prefixes, the fuzzed comparison with plain PyTorch). Every other engine test is about the
 engine's own logic (scheduling, graphs, warm-up, flags, merged weights) and runs there with
 ``LLAMATELEMETRY_BACKEND=reference``, still with Triton installed, so that the engine takes the paths it takes
-beside Triton. The kernels themselves are checked against their references in each component's tests, and the
-GPU matrix runs every engine test through them. ``LLAMATELEMETRY_BACKEND`` set by the caller is left as it is;
+beside Triton. The kernels themselves are checked against their references in each component's tests, and on
+a GPU every engine test runs them. ``LLAMATELEMETRY_BACKEND`` set by the caller is left as it is;
 ``LLAMATELEMETRY_ENGINE_TESTS=kernels`` runs every engine test through the kernels under the interpreter too.
 """
 
