@@ -93,8 +93,14 @@ def _needs(package: str) -> list[str]:
 
 def _install(session: nox.Session, *args: str) -> None:
     """``pip install`` in the session without byte-compiling every installed module (torch and transformers have
-    thousands): Python compiles what a run imports, once. Measured with a warm pip cache: torch 45 s -> 17 s,
-    the test tools with transformers 53 s -> 29 s."""
+    thousands; measured with a warm pip cache: torch 45 s -> 17 s, the test tools with transformers 53 s -> 29 s).
+
+    Python then compiles what a run imports, once: the session's commands keep their bytecode in a cache inside
+    the session's environment (``PYTHONPYCACHEPREFIX``), written even where ``PYTHONDONTWRITEBYTECODE`` is set, as
+    it is on CI machines; otherwise every process (each pytest worker, each subprocess a test starts) would compile
+    torch's modules again. The checkout gets no ``__pycache__`` from it."""
+    session.env["PYTHONDONTWRITEBYTECODE"] = ""  # empty is unset for Python
+    session.env["PYTHONPYCACHEPREFIX"] = str(Path(session.bin).parent / "pycache")
     session.install("--no-compile", *args)
 
 
