@@ -33,9 +33,7 @@ pytestmark = pytest.mark.skipif(
 def _noxfile_constant(name: str) -> object:
     """A module-level constant of the noxfile, read without importing it (nox may not be installed)."""
     for node in ast.parse((ROOT / "noxfile.py").read_text(encoding="utf-8")).body:
-        targets = node.targets if isinstance(node, ast.Assign) else []
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            assert isinstance(node, ast.Assign)
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
             return ast.literal_eval(node.value)
     raise AssertionError(f"{name} not found in noxfile.py")
 
