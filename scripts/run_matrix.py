@@ -55,6 +55,23 @@ def discover_packages(packages_dir: Path | None = None) -> dict[str, str]:
 
 PACKAGES = discover_packages()
 
+KERNEL_BUILDS_GROUP = "llamatelemetry.kernel_builds"
+
+
+def kernel_packages(packages_dir: Path | None = None) -> list[str]:
+    """The packages that carry Triton kernels: those whose ``pyproject.toml`` registers kernel builds (the
+    ``llamatelemetry.kernel_builds`` entry point that ahead-of-time compilation reads), in :data:`PACKAGES` order.
+
+    These are where a Triton release changes behaviour; the packages above them call their public operations."""
+    base = packages_dir if packages_dir is not None else ROOT / "packages"
+    found = []
+    for name, folder in discover_packages(base).items():
+        project = tomllib.loads((base / folder / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+        if KERNEL_BUILDS_GROUP in project.get("entry-points", {}):
+            found.append(name)
+    return found
+
+
 MATRICES = ("cpu-fallback", "cpu-triton", "cpu-compile", "gpu")
 
 

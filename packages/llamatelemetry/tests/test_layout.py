@@ -8,6 +8,7 @@ import importlib.metadata
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -199,6 +200,26 @@ def test_meta_extras_use_normalized_names_and_the_components_own_extras() -> Non
         assert extras[extra] == [f"llamatelemetry-flashattn[{extra}]>=0.1,<0.2"]
 
 
+def _run_matrix() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module("run_matrix")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_every_package_with_triton_kernels_is_a_kernel_package() -> None:
+    # The newest-Triton matrix and the t4 sessions cover the kernel packages only: a package that defines a
+    # Triton kernel must register its builds, or it would drop out of both.
+    jitted = sorted(
+        name
+        for name, folder in _run_matrix().PACKAGES.items()
+        if any("triton.jit" in f.read_text(encoding="utf-8") for f in (PACKAGES / folder / "src").rglob("*.py"))
+    )
+    assert jitted, "no package defines a Triton kernel: the scan is wrong"
+    assert sorted(_run_matrix().kernel_packages()) == jitted
+
+
 def test_a_new_package_from_the_template_is_discovered(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -211,6 +232,10 @@ def test_a_new_package_from_the_template_is_discovered(tmp_path: Path) -> None:
     (tmp_path / "_notes").mkdir()
     assert run_matrix.discover_packages(tmp_path) == {"demo": "llamatelemetry-demo"}
     made = tmp_path / "llamatelemetry-demo"
+    assert run_matrix.kernel_packages(tmp_path) == []  # until it registers kernel builds
+    with (made / "pyproject.toml").open("a", encoding="utf-8") as f:
+        f.write('\n[project.entry-points."llamatelemetry.kernel_builds"]\ndemo = "llamatelemetry_demo:builds"\n')
+    assert run_matrix.kernel_packages(tmp_path) == ["demo"]
     project = tomllib.loads((made / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert _declared(made) == {"llamatelemetry_core"}
     for requirement in project["dependencies"]:
