@@ -6,10 +6,10 @@
 
 Test matrices: ``cpu-fallback`` (Triton absent: every operation runs its PyTorch fallback), ``cpu-triton``
 (Triton installed and ``TRITON_INTERPRET=1``: kernels run in the interpreter on CPU tensors), ``cpu-triton-latest``
-(the same with the newest Triton the package index serves; ``package='all'`` there means the packages that carry
-Triton kernels, see ``KERNEL_PACKAGES``), ``gpu`` (a real GPU). On a GPU machine without nox or
-network: ``python scripts/run_matrix.py gpu --in-place``. The CPU matrices run their tests in parallel
-(pytest-xdist, up to four workers; ``-- -n 0`` runs them in one process).
+(the same with the newest Triton the package index serves; beside the pinned torch, ``package='all'`` there
+means the packages that carry Triton kernels, see ``KERNEL_PACKAGES``), ``gpu`` (a real GPU). On a GPU machine
+without nox or network: ``python scripts/run_matrix.py gpu --in-place``. The CPU matrices run their tests in
+parallel (pytest-xdist, up to four workers; ``-- -n 0`` runs them in one process).
 
 Toolchains: the pinned CPU sessions install PyTorch as ``LLAMATELEMETRY_TORCH`` (default ``torch==2.13.0``) and
 Triton as ``LLAMATELEMETRY_TRITON`` (default ``triton==3.6.0``, the oldest supported Triton). The ``latest``
@@ -42,8 +42,10 @@ nox.options.sessions = []  # name sessions or a tag explicitly: nox -t cpu
 ROOT = Path(__file__).parent
 COMPONENTS = [p for p in PACKAGES if p not in ("core", "meta")]  # derived from packages/, like PACKAGES
 # The packages that register Triton kernel builds: what ``t4`` compiles, and what ``all`` tests with the newest
-# Triton. A Triton release changes how kernels compile and interpret; the packages above them (batch, graphs,
-# the engine, the meta-package) and the docs call public operations, and run in the pinned cpu-triton matrix.
+# Triton beside the pinned torch. A Triton release changes how kernels compile and interpret; the packages above
+# them (batch, graphs, the engine, the meta-package) and the docs call public operations, and run in the pinned
+# cpu-triton matrix. With a newer torch as well (``LLAMATELEMETRY_TORCH_LATEST``, as the GitHub workflow sets
+# it), ``all`` is every package: a torch release reaches all of them.
 KERNEL_PACKAGES = kernel_packages()
 TORCH_CPU = os.environ.get("LLAMATELEMETRY_TORCH", "torch==2.13.0")
 TRITON_CPU = os.environ.get("LLAMATELEMETRY_TRITON", "triton==3.6.0")
@@ -177,7 +179,8 @@ def lint(session: nox.Session) -> None:
 def tests(session: nox.Session, package: str, matrix: str) -> None:
     """One package's tests (or ``all``) in one matrix: cpu-fallback, cpu-triton, cpu-triton-latest or gpu."""
     _install_torch(session, matrix)
-    tested = KERNEL_PACKAGES if package == "all" and matrix == "cpu-triton-latest" else None
+    latest_triton_only = matrix == "cpu-triton-latest" and TORCH_LATEST == TORCH_CPU
+    tested = KERNEL_PACKAGES if package == "all" and latest_triton_only else None
     packages = tested if tested is not None else _needs(package)
     _install(session, *TEST_TOOLS, *(extra for p in packages for extra in TEST_EXTRAS.get(p, [])))
     if "engine" in packages:
