@@ -98,7 +98,7 @@ class PagedKVLayout:
 
     def bytes_per_token(self) -> int:
         """Bytes one token takes in K and V together, scales included."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize
         per_head = self.head_dim * itemsize + (4 if self.quantized else 0)
         return 2 * self.num_kv_heads * per_head
 

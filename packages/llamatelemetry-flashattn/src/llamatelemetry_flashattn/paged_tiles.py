@@ -90,7 +90,7 @@ def _next_pow2(n: int) -> int:
 
 
 def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 # The launch preferences, one row per (device class, phase, widest head dim): (BLOCK_N, num_warps, num_stages,

@@ -84,7 +84,7 @@ def choose_tiles(
     if not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"expected 0 < head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
     block_d = padded_head_dim(head_dim)
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = dtype.itemsize
     if not device.is_cuda:
         block_m = 16 if rows_per_program is None else max(_MIN_TILE, min(32, _next_pow2(rows_per_program)))
         return TileConfig(block_m, 16, block_d, 4, 1)

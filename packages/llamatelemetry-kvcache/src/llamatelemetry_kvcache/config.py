@@ -142,7 +142,7 @@ class KVCacheConfig:
 
     def bytes_per_token(self) -> int:
         """Bytes one token takes in K and V of one layer, scales included."""
-        itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
+        itemsize = self.kv_dtype.itemsize
         per_head = self.head_dim * itemsize + (_SCALE_BYTES if self.quantized else 0)
         return 2 * self.num_kv_heads * per_head
 

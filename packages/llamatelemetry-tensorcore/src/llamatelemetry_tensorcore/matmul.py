@@ -108,7 +108,7 @@ def tensor_core_padding(info: DeviceInfo, m: int, n: int, k: int, dtype: torch.d
     """
     if not info.is_cuda or not info.has_tensor_cores:
         return MatmulPadding()
-    align = max(1, _ALIGNMENT_BYTES // torch.empty((), dtype=dtype).element_size())
+    align = max(1, _ALIGNMENT_BYTES // dtype.itemsize)
 
     def up(size: int) -> int:
         return -size % align
