@@ -1,8 +1,8 @@
 """Where the host time of an eager call goes on a GPU machine: public operations at tiny shapes, where the GPU
-finishes before Python has issued the next call, so the wall time per call is the host's.
+finishes before Python has issued the next call, so the time per call is the host's.
 
-For each case: microseconds per call from Python (a loop of calls, one synchronize at the end), the same work
-replayed from a CUDA graph (GPU time), the native torch call it stands for, and a bare Triton launch of an empty
+For each case: microseconds per call from Python (``host_us`` of ``llamatelemetry_core.testing.bench``), the same
+work replayed from a CUDA graph (GPU time), the native torch call it stands for, and a bare Triton launch of an empty
 kernel (the floor of any Triton launch from Python on this host). Then a cProfile of the eager loop per case, by
 own time: what the library adds, what Triton's launcher adds.
 
@@ -16,21 +16,20 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llamatelemetry_core.testing.bench import gpu_ms, progress
+from llamatelemetry_core.testing.bench import gpu_ms, host_us, progress
 from llamatelemetry_flashattn import flash_attention_forward
 from llamatelemetry_tensorcore import matmul_tensor_core
 from llamatelemetry_tensorcore._fused_kernels import fused_matmul
 from llamatelemetry_triton import triton_layernorm, triton_linear, triton_rmsnorm
 from llamatelemetry_triton._compat import tl, triton
 
-CALLS = 2000
+CALLS = 1000
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -38,18 +37,6 @@ def _empty_kernel(x_ptr, y_ptr, n, eps, BLOCK: tl.constexpr):  # type: ignore[no
     pid = tl.program_id(0)
     if pid < 0:  # never: the launch is the subject
         tl.store(y_ptr + n, tl.load(x_ptr) * eps)
-
-
-def per_call_us(fn: Callable[[], object], calls: int = CALLS) -> float:
-    """Wall microseconds per call over ``calls`` calls from Python, synchronized once at the end (after warm-up)."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def profile(fn: Callable[[], object], top: int = 14, calls: int = 500) -> str:
@@ -109,9 +96,9 @@ def main() -> int:
     profiles = []
     for name, fn, native in cases(device):
         progress(name)
-        eager = per_call_us(fn)
+        eager = host_us(fn, calls=CALLS)
         graph = gpu_ms(fn, graph=True, reps=20) * 1e3
-        native_us = per_call_us(native) if native is not None else float("nan")
+        native_us = host_us(native, calls=CALLS) if native is not None else float("nan")
         rows.append(f"| {name} | {eager:.1f} | {graph:.1f} | {native_us:.1f} |")
         profiles.append(f"== {name}: {eager:.1f} us per eager call\n{profile(fn)}")
     title = (
@@ -121,8 +108,9 @@ def main() -> int:
         [
             f"# {title}",
             "",
-            f"Wall us per call over {CALLS} calls from Python (one synchronize at the end); GPU us: the same call "
-            "replayed from a CUDA graph; native: the torch call it stands for, timed the same way.",
+            f"Host us per call from Python (core's host_us: the lowest of 7 means over {CALLS} calls; the GPU work "
+            "is shorter, so the queue never fills); GPU us: the same call replayed from a CUDA graph; native: the "
+            "torch call it stands for, timed the same way.",
             "",
             "| case | eager us/call | GPU us (graph) | native torch us/call |",
             "|---|---|---|---|",
