@@ -211,13 +211,14 @@ def _run_matrix() -> ModuleType:
 def test_every_package_with_triton_kernels_is_a_kernel_package() -> None:
     # The newest-Triton matrix and the t4 sessions cover the kernel packages only: a package that defines a
     # Triton kernel must register its builds, or it would drop out of both.
+    run_matrix = _run_matrix()
     jitted = sorted(
         name
-        for name, folder in _run_matrix().PACKAGES.items()
+        for name, folder in run_matrix.PACKAGES.items()
         if any("triton.jit" in f.read_text(encoding="utf-8") for f in (PACKAGES / folder / "src").rglob("*.py"))
     )
     assert jitted, "no package defines a Triton kernel: the scan is wrong"
-    assert sorted(_run_matrix().kernel_packages()) == jitted
+    assert sorted(run_matrix.kernel_packages()) == jitted
 
 
 def test_a_new_package_from_the_template_is_discovered(tmp_path: Path) -> None:
