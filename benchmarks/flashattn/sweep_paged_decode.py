@@ -12,8 +12,10 @@ shuffled across the pool, one query per sequence. Cases:
   ``max_model_len=512``), batch 1, 8 and 64; 48 tile configurations (16 rows x 32/64/128 keys, 2-8 warps, 1-4
   stages, with and without one block id per page) x 1-8 splits;
 * long key ranges: batch 4 and 32 at context 4096, batch 8 at 2048, batch 64 at 1024 (tables exactly as wide as
-  the context); 64- and 128-key tiles in 4 warps, 1-4 stages, one block id per page, and the table's row before
-  2026-12-01 (128 keys, 3 stages, an id per key), with the library's split count.
+  the context), and the offline workload's shape: batch 32 and 64 with lengths uniform in 100..2048 (seed 0) in a
+  table of 2112 keys; 64- and 128-key tiles in 4 warps, 1-6 stages (5 and 6 are the first that double-buffer K
+  and V, see ``paged_tiles``), one block id per page, and the table's row before 2026-12-01 (128 keys, 3 stages,
+  an id per key), with the library's split count.
 
 Every launch writes into an output filled with NaN and is checked against the PyTorch reference (computed in
 fp32, rounded to fp16) before it is timed; a NaN or a row left unwritten counts as wrong. Times:
@@ -48,6 +50,8 @@ FP16 = torch.float16
 CHOSEN_WITHIN = 1.10
 """The library's launch may take at most this multiple of the best swept launch's time in every case."""
 MAX_ERROR = 2e-2
+MIXED_MIN = 100
+"""The shortest sequence of a mixed-length case."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,14 @@ class Case:
     context: int
     table_pages: int
     short: bool
+    mixed: bool = False
+    """Lengths uniform in ``MIXED_MIN..context`` (seeded) instead of ``context`` for every sequence."""
+
+    def lengths(self) -> list[int]:
+        if not self.mixed:
+            return [self.context] * self.batch
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(MIXED_MIN, self.context + 1, (self.batch,), generator=gen).tolist()
 
 
 CASES = [
@@ -67,6 +79,8 @@ CASES = [
     Case("long b32 ctx4096", 32, 4096, 256, False),
     Case("long b8 ctx2048", 8, 2048, 128, False),
     Case("long b64 ctx1024", 64, 1024, 64, False),
+    Case("mixed b32 100..2048", 32, 2048, 132, False, mixed=True),
+    Case("mixed b64 100..2048", 64, 2048, 132, False, mixed=True),
 ]
 SHORT_SPLITS = {1: (1, 2, 4, 8), 8: (1, 2, 4), 64: (1, 2)}
 
@@ -76,10 +90,11 @@ class Store:
 
     def __init__(self, case: Case, seed: int = 0) -> None:
         gen = torch.Generator(device="cuda").manual_seed(seed)
-        per_seq = -(-case.context // PAGE)
-        if per_seq > case.table_pages:
-            raise ValueError(f"{case.name}: {per_seq} pages per sequence do not fit a table of {case.table_pages}")
-        blocks = case.batch * per_seq + 1
+        lengths = case.lengths()
+        pages = [-(-n // PAGE) for n in lengths]
+        if max(pages) > case.table_pages:
+            raise ValueError(f"{case.name}: {max(pages)} pages per sequence do not fit a table of {case.table_pages}")
+        blocks = sum(pages) + 1
         shape = (blocks, PAGE, KV_HEADS, HEAD_DIM)
         self.kv = PagedKV(
             torch.randn(shape, device="cuda", dtype=FP16, generator=gen),
@@ -87,8 +102,11 @@ class Store:
         )
         order = torch.randperm(blocks, device="cuda", generator=gen).to(torch.int32)
         self.block_tables = torch.zeros(case.batch, case.table_pages, dtype=torch.int32, device="cuda")
-        self.block_tables[:, :per_seq] = order[: case.batch * per_seq].view(case.batch, per_seq)
-        self.seq_lens = torch.full((case.batch,), case.context, dtype=torch.int32, device="cuda")
+        start = 0
+        for i, n in enumerate(pages):
+            self.block_tables[i, :n] = order[start : start + n]
+            start += n
+        self.seq_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
         self.cu_seqlens_q = torch.arange(case.batch + 1, dtype=torch.int32, device="cuda")
         self.q = torch.randn(case.batch, HEADS, HEAD_DIM, device="cuda", dtype=FP16, generator=gen)
         self.out = torch.empty_like(self.q)
@@ -128,7 +146,7 @@ def candidates(case: Case, chosen: PagedLaunch) -> list[PagedLaunch]:
                     launches += [PagedLaunch(tiles, s) for s in SHORT_SPLITS[case.batch]]
     else:
         for block_n in (64, 128):
-            for stages in (1, 2, 3, 4):
+            for stages in (1, 2, 3, 4, 5, 6):
                 launches.append(PagedLaunch(PagedTiles(16, block_n, HEAD_DIM, 4, stages, True), chosen.num_splits))
         launches.append(PagedLaunch(PagedTiles(16, 128, HEAD_DIM, 4, 3, False), chosen.num_splits))
     unique: list[PagedLaunch] = []

@@ -231,6 +231,43 @@ def test_short_key_ranges_take_their_own_decode_tiles() -> None:
             choose_num_splits(8, 512, h100, min_tokens_per_split=0)
 
 
+def test_long_decode_with_few_programs_double_buffers_its_tiles() -> None:
+    from llamatelemetry_flashattn.paged_tiles import (
+        DEEP_PIPELINE_MIN_TILES,
+        DEEP_PIPELINE_PROGRAMS_PER_SM,
+        paged_launch_config,
+    )
+
+    def launch(batch: int, pages: int, kv_dtype: torch.dtype = torch.float16, key: str = "h100") -> tuple[int, int]:
+        with simulate_device(key) as device:
+            q = torch.empty(batch, 32, 64, dtype=torch.float16)  # 32 query heads over 8 KV heads of 64
+            shape = (batch * pages + 1, 16, 8, 64)
+            kv = PagedKV(torch.empty(shape, dtype=kv_dtype), torch.empty(shape, dtype=kv_dtype))
+            if kv_dtype != torch.float16:
+                scales = torch.empty(shape[:3], dtype=torch.float32)
+                kv = PagedKV(kv.key_cache, kv.value_cache, scales, scales.clone())
+            chosen = paged_launch_config(q, kv, torch.zeros(batch, pages, dtype=torch.int32), 1, device=device)
+            return chosen.tiles.num_stages, chosen.num_splits
+
+    # An H100 has 132 SMs and 8 programs per sequence: batches 17..32 run 136..256 unsplit programs (under 2 per
+    # SM) and take the stages that double-buffer K and V; 33 and more keep 2 stages.
+    assert (DEEP_PIPELINE_PROGRAMS_PER_SM, DEEP_PIPELINE_MIN_TILES) == (2.0, 4)
+    assert launch(32, 132) == (5, 1)
+    assert launch(17, 132) == (5, 1)
+    assert launch(33, 132) == (2, 1)
+    assert launch(64, 132) == (2, 1)
+    # Split launches count their splits: batch 4 at 4096 keys (5 splits of 819, 160 programs) goes deep; one
+    # sequence in 2112 keys (8 splits of 264: under 4 tiles of 128 each) does not.
+    assert launch(4, 256) == (5, 5)
+    assert launch(1, 132) == (2, 8)
+    # Short ranges keep their own tiles; quantized storage (not measured deep) and other devices keep the table's.
+    assert launch(32, 32) == (1, 1)
+    assert launch(32, 132, torch.int8) == (2, 1)
+    with simulate_device("a100") as a100:
+        table = choose_paged_tiles(64, torch.float16, torch.float16, a100, rows_per_program=4).num_stages
+    assert launch(32, 132, key="a100")[0] == table
+
+
 @given(
     programs=st.integers(1, 5000),
     max_kv_len=st.integers(1, 1 << 20),

@@ -1,12 +1,17 @@
 """Launch shape of the paged attention kernel: tiles and KV splits, pure functions of shapes and the device.
 
 One program of :mod:`.paged_kernel` owns ``BLOCK_M`` packed rows (queries x the query heads of one KV head) of
-one sequence and walks ``BLOCK_N`` keys at a time through that sequence's pages, ``num_stages`` tiles in flight.
-Its shared memory is about::
+one sequence and walks ``BLOCK_N`` keys at a time through that sequence's pages. Its shared memory is at most::
 
     num_stages * 2 * BLOCK_N * BLOCK_D * kv_size       (K and V tiles as stored, in flight)
   + 2 * BLOCK_N * BLOCK_D * q_size                      (quantized storage: the tiles converted for the dot)
   + BLOCK_M * BLOCK_D * q_size + BLOCK_M * BLOCK_N * q_size   (the queries, the probabilities)
+
+That bound is what the fitting loop of :func:`choose_paged_tiles` checks; Triton buffers fewer tiles than
+``num_stages``, since the tile's block ids are a load the K and V addresses depend on. Under Triton 3.6 (head dim
+64, 128-key tiles, compiled for sm_90) 2 to 4 stages keep one K and one V buffer, whose next tile is loaded only
+once the current one is used; 5 and 6 stages keep two, so the next tile loads while the current one is computed;
+7 keep three. 1 stage loads straight into registers.
 
 Decode (a handful of rows per program) is memory-bound: the smallest tensor-core row tile (16), 4 warps, wide key
 tiles where shared memory allows. A chunk of prefill is compute-bound. Both read one table per device class
@@ -34,6 +39,8 @@ from llamatelemetry_core.kv_layout import PagedKV
 from llamatelemetry_flashattn.tiles import MAX_HEAD_DIM, padded_head_dim
 
 __all__ = [
+    "DEEP_PIPELINE_MIN_TILES",
+    "DEEP_PIPELINE_PROGRAMS_PER_SM",
     "MAX_SPLITS",
     "MERGE_BLOCK_S",
     "MIN_TOKENS_PER_SPLIT",
@@ -102,7 +109,7 @@ _DECODE: dict[tuple[str, int], tuple[int, int, int, bool]] = {
     # Head dim 64, measured on an H200 (32 query / 8 KV heads, page 16, contexts 1024-4096, batch 4-64;
     # benchmarks/flashattn/sweep_paged_decode.py): 128 keys, 2 stages, one block id per page was the best or within
     # 1% of it everywhere (batch 64, context 1024: 49.0 us against 58.1 for the earlier 3 stages with an id per
-    # key); 64-key tiles took 1.1-1.3x at contexts >= 2048.
+    # key); 64-key tiles took 1.1-1.3x at contexts >= 2048. Launches with few programs per SM read _DECODE_DEEP.
     ("hopper", 64): (128, 4, 2, True),
     ("hopper", 128): (128, 4, 4, True),
     ("hopper", 256): (32, 4, 3, False),
@@ -126,6 +133,27 @@ _DECODE: dict[tuple[str, int], tuple[int, int, int, bool]] = {
 _DECODE_SHORT: dict[tuple[str, int], tuple[int, int, int, bool]] = {
     ("hopper", 64): (64, 4, 1, True),
 }
+# Long-range decode with fewer than DEEP_PIPELINE_PROGRAMS_PER_SM programs (splits included) per multiprocessor,
+# each split spanning at least DEEP_PIPELINE_MIN_TILES tiles by the table's bound: the stages that double-buffer K
+# and V (see the module docstring). At 4 programs per SM (registers and shared memory allow 4 with one buffer, 3
+# with two) the others' loads hide each program's latency; with 2 or fewer, each program has to overlap its own
+# loads, which takes a loop of several tiles. Measured on an H200 (benchmarks/flashattn/sweep_paged_decode.py),
+# head dim 64, 32 query / 8 KV heads, pages of 16, 128-key tiles, 5 stages against 2: batch 32 with lengths
+# uniform in 100..2048 in a table of 2112 keys (256 programs) 39.4 against 45.8 us; batch 32 at context 4096
+# 80.3 against 87.5; batch 4 at 4096 in 5 splits (160 programs) 24.2 against 27.2; batch 8 at 2048 in 3 splits
+# (192) 24.5 against 25.9; each within 1.01x of the best of 12 launches. Batch 64 (512 programs) keeps 2 stages:
+# 59.9 against 65.4 us with mixed lengths, 48.1 against 58.1 at context 1024. One sequence of 1024 keys in a
+# table of 2112 (8 splits of 264 keys by the bound, one tile each in fact) took 11.2 us with 2 stages against 12.0
+# or more with 5 in a scratch sweep of the same kernel.
+_DECODE_DEEP: dict[tuple[str, int], int] = {
+    ("hopper", 64): 5,
+}
+DEEP_PIPELINE_PROGRAMS_PER_SM = 2.0
+"""Long-range decode with fewer programs than this per multiprocessor (splits included), each split at least
+``DEEP_PIPELINE_MIN_TILES`` tiles long by the table's bound and K and V stored in q's dtype, reads
+``_DECODE_DEEP``."""
+DEEP_PIPELINE_MIN_TILES = 4
+"""Tiles of keys each split spans, by the block table's bound, before deeper pipelining pays."""
 _PREFILL: dict[tuple[str, int], tuple[int, int, int, int, bool]] = {
     ("hopper", 64): (64, 64, 4, 3, False),
     ("hopper", 128): (128, 64, 4, 3, True),  # H200 sweep: 0.2445 ms, best of 14 prefill configurations
@@ -280,6 +308,19 @@ def paged_launch_config(
     splits = choose_num_splits(
         programs, max_kv_len, info, min_tokens_per_split=tiles.block_n if short else MIN_TOKENS_PER_SPLIT
     )
+    deep = _DECODE_DEEP.get(_table_key(tiles.block_d, info))
+    if (
+        deep is not None
+        and not short
+        and rows <= _DECODE_ROWS
+        and programs * splits < DEEP_PIPELINE_PROGRAMS_PER_SM * info.sm_count
+        and max_kv_len // splits >= DEEP_PIPELINE_MIN_TILES * tiles.block_n
+        and kv.key_cache.dtype == q.dtype  # measured with K and V stored in q's dtype only
+    ):
+        deeper = PagedTiles(tiles.block_m, tiles.block_n, tiles.block_d, tiles.num_warps, deep, tiles.page_ids)
+        limit = info.shared_memory_per_block_bytes or 48 * 1024
+        if deeper.shared_memory_estimate(q.dtype.itemsize, kv.key_cache.dtype.itemsize) <= limit:
+            tiles = deeper
     return PagedLaunch(tiles, splits)
 
 
