@@ -238,15 +238,18 @@ def test_long_decode_with_few_programs_double_buffers_its_tiles() -> None:
         paged_launch_config,
     )
 
-    def launch(batch: int, pages: int, kv_dtype: torch.dtype = torch.float16, key: str = "h100") -> tuple[int, int]:
+    def launch(
+        batch: int, pages: int, kv_dtype: torch.dtype = torch.float16, key: str = "h100", queries: int = 1
+    ) -> tuple[int, int]:
         with simulate_device(key) as device:
-            q = torch.empty(batch, 32, 64, dtype=torch.float16)  # 32 query heads over 8 KV heads of 64
+            q = torch.empty(batch * queries, 32, 64, dtype=torch.float16)  # 32 query heads over 8 KV heads of 64
             shape = (batch * pages + 1, 16, 8, 64)
             kv = PagedKV(torch.empty(shape, dtype=kv_dtype), torch.empty(shape, dtype=kv_dtype))
             if kv_dtype != torch.float16:
                 scales = torch.empty(shape[:3], dtype=torch.float32)
                 kv = PagedKV(kv.key_cache, kv.value_cache, scales, scales.clone())
-            chosen = paged_launch_config(q, kv, torch.zeros(batch, pages, dtype=torch.int32), 1, device=device)
+            table = torch.zeros(batch, pages, dtype=torch.int32)
+            chosen = paged_launch_config(q, kv, table, queries, device=device)
             return chosen.tiles.num_stages, chosen.num_splits
 
     # An H100 has 132 SMs and 8 programs per sequence: batches 17..32 run 136..256 unsplit programs (under 2 per
@@ -260,6 +263,9 @@ def test_long_decode_with_few_programs_double_buffers_its_tiles() -> None:
     # sequence in 2112 keys (8 splits of 264: under 4 tiles of 128 each) does not.
     assert launch(4, 256) == (5, 5)
     assert launch(1, 132) == (2, 8)
+    # Measured with one row tile of 16 only: 4 queries per sequence (16 rows) go deep, 8 (32 rows) do not.
+    assert launch(32, 132, queries=4) == (5, 1)
+    assert launch(32, 132, queries=8) == (2, 1)
     # Short ranges keep their own tiles; quantized storage (not measured deep) and other devices keep the table's.
     assert launch(32, 32) == (1, 1)
     assert launch(32, 132, torch.int8) == (2, 1)
