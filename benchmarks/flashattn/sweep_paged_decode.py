@@ -86,7 +86,8 @@ SHORT_SPLITS = {1: (1, 2, 4, 8), 8: (1, 2, 4), 64: (1, 2)}
 
 
 class Store:
-    """``batch`` sequences of ``context`` tokens in shuffled pages, a table ``table_pages`` wide, one query each."""
+    """``batch`` sequences of ``case.lengths()`` tokens in shuffled pages, a table ``table_pages`` wide, one query
+    each."""
 
     def __init__(self, case: Case, seed: int = 0) -> None:
         gen = torch.Generator(device="cuda").manual_seed(seed)

@@ -137,14 +137,16 @@ _DECODE_SHORT: dict[tuple[str, int], tuple[int, int, int, bool]] = {
 # each split spanning at least DEEP_PIPELINE_MIN_TILES tiles by the table's bound: the stages that double-buffer K
 # and V (see the module docstring). At 4 programs per SM (registers and shared memory allow 4 with one buffer, 3
 # with two) the others' loads hide each program's latency; with 2 or fewer, each program has to overlap its own
-# loads, which takes a loop of several tiles. Measured on an H200 (benchmarks/flashattn/sweep_paged_decode.py),
+# loads, which takes a loop of several tiles. Measured on an H200 with Triton 3.6 (benchmarks/flashattn/
+# sweep_paged_decode.py; other Triton versions may buffer differently, and the sweep checks the choice), fp16,
 # head dim 64, 32 query / 8 KV heads, pages of 16, 128-key tiles, 5 stages against 2: batch 32 with lengths
-# uniform in 100..2048 in a table of 2112 keys (256 programs) 39.4 against 45.8 us; batch 32 at context 4096
-# 80.3 against 87.5; batch 4 at 4096 in 5 splits (160 programs) 24.2 against 27.2; batch 8 at 2048 in 3 splits
-# (192) 24.5 against 25.9; each within 1.01x of the best of 12 launches. Batch 64 (512 programs) keeps 2 stages:
-# 59.9 against 65.4 us with mixed lengths, 48.1 against 58.1 at context 1024. One sequence of 1024 keys in a
+# uniform in 100..2048 in a table of 2112 keys (256 programs) 38.1 against 45.7 us; batch 32 at context 4096
+# 80.4 against 87.3; batch 4 at 4096 in 5 splits (160 programs) 24.2 against 27.6; batch 8 at 2048 in 3 splits
+# (192) 24.7 against 25.7; each within 1.03x of the best of 13 launches. Batch 64 (512 programs) keeps 2 stages:
+# 60.3 against 65.5 us with mixed lengths, 48.2 against 57.9 at context 1024. One sequence of 1024 keys in a
 # table of 2112 (8 splits of 264 keys by the bound, one tile each in fact) took 11.2 us with 2 stages against 12.0
-# or more with 5 in a scratch sweep of the same kernel.
+# or more with 5 in a scratch sweep of the same kernel. The row serves head dims up to 64 and every device of
+# the "hopper" class (sm_90 and later); only the H200 at 64 was measured.
 _DECODE_DEEP: dict[tuple[str, int], int] = {
     ("hopper", 64): 5,
 }
@@ -312,7 +314,7 @@ def paged_launch_config(
     if (
         deep is not None
         and not short
-        and tiles.block_m == _MIN_TILE  # measured with one row tile of 16 (a query or two per sequence)
+        and tiles.block_m == _MIN_TILE  # measured with one row tile of 16 (up to 16 queries x query heads per KV head)
         and programs * splits < DEEP_PIPELINE_PROGRAMS_PER_SM * info.sm_count
         and max_kv_len // splits >= DEEP_PIPELINE_MIN_TILES * tiles.block_n
         and kv.key_cache.dtype == q.dtype  # measured with K and V stored in q's dtype only
