@@ -314,7 +314,7 @@ def paged_launch_config(
     if (
         deep is not None
         and not short
-        and tiles.block_m == _MIN_TILE  # measured with one row tile of 16 (up to 16 queries x query heads per KV head)
+        and tiles.block_m == _MIN_TILE  # measured with one row tile of 16 (queries x query heads per KV head <= 16)
         and programs * splits < DEEP_PIPELINE_PROGRAMS_PER_SM * info.sm_count
         and max_kv_len // splits >= DEEP_PIPELINE_MIN_TILES * tiles.block_n
         and kv.key_cache.dtype == q.dtype  # measured with K and V stored in q's dtype only
