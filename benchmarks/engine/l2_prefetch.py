@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from llamatelemetry_core.testing.bench import copy_gbps, gpu_ms, progress
+from llamatelemetry_core.testing.bench import copy_gbps, gpu_ms, markdown_table, progress
 from llamatelemetry_triton._compat import tl, triton
 from llamatelemetry_triton.ops._linear_kernel import linear_forward
 
@@ -135,13 +135,14 @@ def main() -> int:
         f"Per layer, median of three interleaved rounds of 16-layer graph replays; copy {copy:.0f} GB/s; the "
         f"layer's weight bytes at that bandwidth: {floor_us:.2f} us.",
         "",
-        "| rows | variant | us per layer | vs cold | weight bytes at copy bandwidth |",
-        "|---|---|---|---|---|",
     ]
-    for rows, t in results.items():
-        for name, us in t.items():
-            lines.append(f"| {rows} | {name} | {us:.2f} | {t['cold'] / us:.3f}x | {floor_us / us:.1%} |")
-    table = "\n".join(lines)
+    header = ["rows", "variant", "us per layer", "vs cold", "weight bytes at copy bandwidth"]
+    cells = [
+        [str(rows), name, f"{us:.2f}", f"{t['cold'] / us:.3f}x", f"{floor_us / us:.1%}"]
+        for rows, t in results.items()
+        for name, us in t.items()
+    ]
+    table = "\n".join([*lines, markdown_table(header, cells)])
     print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
