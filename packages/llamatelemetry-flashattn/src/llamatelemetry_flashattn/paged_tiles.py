@@ -30,7 +30,7 @@ width bounds every sequence's length), never from ``seq_lens``, so a call stays 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -90,6 +90,10 @@ class PagedTiles:
         converted = 2 * self.block_n * self.block_d * q_size if kv_size < q_size else 0
         rows = (self.block_m * self.block_d + self.block_m * self.block_n) * q_size
         return stored + converted + rows
+
+    def fits(self, q_size: int, kv_size: int, device: DeviceInfo) -> bool:
+        """Whether :meth:`shared_memory_estimate` fits ``device``'s shared memory per block (48 KiB if unknown)."""
+        return self.shared_memory_estimate(q_size, kv_size) <= (device.shared_memory_per_block_bytes or 48 * 1024)
 
 
 def _next_pow2(n: int) -> int:
@@ -234,8 +238,7 @@ def choose_paged_tiles(
         return PagedTiles(block_m, 16, block_d, 4, 1)
     tiles = _preferred(block_d, rows_per_program, device, max_kv_len)
     q_size, kv_size = q_dtype.itemsize, kv_dtype.itemsize
-    limit = device.shared_memory_per_block_bytes or 48 * 1024
-    while tiles.shared_memory_estimate(q_size, kv_size) > limit:
+    while not tiles.fits(q_size, kv_size, device):
         m, n, s = tiles.block_m, tiles.block_n, tiles.num_stages
         if s > 2 or (s > 1 and n <= 32):
             s -= 1
@@ -319,9 +322,8 @@ def paged_launch_config(
         and max_kv_len // splits >= DEEP_PIPELINE_MIN_TILES * tiles.block_n
         and kv.key_cache.dtype == q.dtype  # measured with K and V stored in q's dtype only
     ):
-        deeper = PagedTiles(tiles.block_m, tiles.block_n, tiles.block_d, tiles.num_warps, deep, tiles.page_ids)
-        limit = info.shared_memory_per_block_bytes or 48 * 1024
-        if deeper.shared_memory_estimate(q.dtype.itemsize, kv.key_cache.dtype.itemsize) <= limit:
+        deeper = replace(tiles, num_stages=deep)
+        if deeper.fits(q.dtype.itemsize, kv.key_cache.dtype.itemsize, info):
             tiles = deeper
     return PagedLaunch(tiles, splits)
 
