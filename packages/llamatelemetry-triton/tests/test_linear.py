@@ -176,6 +176,26 @@ def test_small_m_split_k_sums_the_partials_in_order(splits: int) -> None:
 
 
 @pytest.mark.triton
+def test_split_k_launches_leave_their_counts_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last split of each column block sets its count back to zero, so launches in order share one buffer of
+    # counts with no fill between them (on a GPU, per stream or per captured graph; the interpreter gets fresh
+    # zeros, so the buffer is shared here by hand). Launches of 2, 3 and 5 splits over 3 and 2 column blocks, one
+    # after another on one buffer: a count left behind would make the next launch's last split sum too early (or
+    # never), and the comparison with F.linear fails.
+    from llamatelemetry_triton.ops import _linear_kernel
+
+    shared = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(_linear_kernel, "split_counters", lambda device, blocks: shared)
+    gen = torch.Generator().manual_seed(7)
+    for splits, n in ((2, 37), (3, 20), (5, 37), (2, 37)):
+        inp = _inputs(gen, 12, n, 150, torch.float16)
+        x, w, b = inp["x"], inp["weight"], inp["bias"]
+        y, _ = linear_forward(x, None, None, w, b, 0.0, config=LaunchConfig(16, 4, 1, splits=splits, chunk_size=32))
+        assert_close(y, F.linear(x.float(), w.float(), b.float()).half(), name="split-K linear", dtype=torch.float16)
+        assert not shared.any(), f"counts left after a launch of {splits} splits: {shared.tolist()}"
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize(("rows", "k", "programs", "block_n"), [(1, 45, 3, 4), (3, 64, 3, 4), (2, 64, 9, 2)])
 def test_persistent_programs_cover_every_column_block(rows: int, k: int, programs: int, block_n: int) -> None:
     # Fewer programs than column blocks: each program reads (and normalizes) its input rows once, then walks
@@ -453,7 +473,7 @@ def test_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.dtype) -
 def test_small_m_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
     # Past LINEAR_MAX_ROWS: the small-M kernel on Hopper in fp16/bf16 (q/k/v, the split down projection, gate/up
     # with the SwiGLU epilogue, a ragged shape), F.linear elsewhere; both against float64, and replayed from a
-    # CUDA graph (the split's counts are zeroed inside it) to the same bits.
+    # CUDA graph (its own counts, zero-filled at the start of each replay) to the same bits.
     _skip_unsupported(dtype)
     gen = torch.Generator().manual_seed(n + k + rows)
     a = _inputs(gen, rows, n, k, dtype, bias=n % 2 == 1)
@@ -473,6 +493,47 @@ def test_small_m_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+def test_split_counts_are_kept_per_stream_and_per_captured_graph() -> None:
+    # The down projection's split launch (64 x 8192 -> 2048 on Hopper): eager launches on one stream reuse that
+    # stream's counts; two graphs captured on one stream get a buffer each (so the two may replay at once on two
+    # streams), released with the graph. Every result equals the first eager one, bit for bit.
+    from llamatelemetry_triton.ops import _linear_kernel
+
+    if small_m_config(64, 2048, 8192, False, torch.float16, device_info(torch.device("cuda"))) is None:
+        pytest.skip("the small-M kernel runs on Hopper only")
+    gen = torch.Generator().manual_seed(3)
+    a = _inputs(gen, 64, 2048, 8192, torch.float16, bias=False)
+    x, w = a["x"], a["weight"]
+    want = lt.triton_linear(x, w)
+    assert torch.equal(lt.triton_linear(x, w), want)
+    counts = _linear_kernel.split_counters(x.device, 1)
+    assert counts is _linear_kernel.split_counters(x.device, 1)  # this stream's buffer, kept
+    torch.cuda.synchronize()
+    assert not counts.any()
+    graphs, outs = [], []
+    for _ in range(2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append(lt.triton_linear(x, w))
+            assert _linear_kernel._capturing_graph() is not None, "this torch cannot name the capturing graph"
+        graphs.append(graph)
+    assert len(_linear_kernel._GRAPH_COUNTERS) >= 2
+    streams = [torch.cuda.Stream() for _ in graphs]  # type: ignore[no-untyped-call]
+    for _ in range(3):
+        for graph, stream, out in zip(graphs, streams, outs, strict=True):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out.zero_()
+                graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(out, want) for out in outs)
+    before = len(_linear_kernel._GRAPH_COUNTERS)
+    del graphs, graph
+    assert len(_linear_kernel._GRAPH_COUNTERS) <= before - 2
 
 
 @pytest.mark.gpu

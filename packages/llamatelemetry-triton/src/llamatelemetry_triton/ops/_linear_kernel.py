@@ -15,10 +15,13 @@ Past :data:`~llamatelemetry_triton.heuristics.LINEAR_MAX_ROWS` rows (up to
 products go to the Tensor Cores: :func:`small_m_kernel`, one program per ``BLOCK_N`` output columns and split of
 ``K``, all rows in one ``BLOCK_M`` tile. With ``SPLIT_K`` splits each program writes its fp32 partial, and the
 last program of a column block to arrive (an atomic count) sums the partials in split order and writes the
-result: deterministic, whatever order the programs finish in.
+result: deterministic, whatever order the programs finish in. That program also sets its count back to zero, so
+the counts (:func:`split_counters`) are kept between launches instead of zero-filled before each one.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +40,7 @@ from llamatelemetry_triton.heuristics import (
 )
 from llamatelemetry_triton.ops.glu import swiglu_reference
 
-__all__ = ["linear_forward", "linear_kernel", "linear_outputs", "small_m_kernel", "small_m_launch"]
+__all__ = ["linear_forward", "linear_kernel", "linear_outputs", "small_m_kernel", "small_m_launch", "split_counters"]
 
 
 # --- kernels ----------------------------------------------------------------------------------------------
@@ -358,7 +361,8 @@ def small_m_kernel(  # type: ignore[no-untyped-def]
     """``Y [M, N] = X [M, K] @ W[:N]^T (+ B)`` (with ``SWIGLU``: ``silu(gate) * up`` of ``W = [W_gate; W_up]``)
     for ``M <= BLOCK_M``: program ``(n, s)`` multiplies every row by weight rows ``n * BLOCK_N...`` over ``K``'s
     split ``s`` (``k_split`` long, a multiple of ``BLOCK_K``). With ``SPLIT_K > 1`` (not with ``SWIGLU``), ``P``
-    holds ``SPLIT_K`` fp32 partials ``[M, N]`` and ``C`` one zeroed int32 count per column block."""
+    holds ``SPLIT_K`` fp32 partials ``[M, N]`` and ``C`` one int32 count per column block, zero at the start;
+    the last split of each block to arrive sets its count back to zero."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -395,6 +399,7 @@ def small_m_kernel(  # type: ignore[no-untyped-def]
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(P + s * M.to(tl.int64) * N + offsets, mask=out_mask, other=0.0, cache_modifier=".cg")
             _store_rows(total, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, False)
+            tl.store(C + pid_n, 0)  # every split has arrived: the count is zero again for the next launch
     else:
         _store_rows(acc, acc_up, B, Y, offsets, cols_n, n_mask, out_mask, N, HAS_BIAS, SWIGLU)
 
@@ -491,6 +496,58 @@ def linear_forward(
     return y, h
 
 
+_MIN_COUNTERS = 256  # counts kept per stream or graph: room for 256 column blocks before the buffer grows
+_STREAM_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_GRAPH_COUNTERS: weakref.WeakKeyDictionary[object, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def _capturing_graph() -> object | None:
+    """The CUDA graph the current stream is capturing into, as an object that can be weakly referenced; ``None``
+    where this torch cannot say which graph it is."""
+    current = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
+    if current is None:
+        return None
+    try:
+        graph: object = current()
+        weakref.ref(graph)
+    except (RuntimeError, TypeError):
+        return None
+    return graph
+
+
+def split_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """At least ``blocks`` int32 counts on ``device``, all zero for the next split-K launch of
+    :func:`small_m_kernel`, which leaves them zero again (the last split of each column block resets its count).
+
+    A launch then needs no zero-fill of its own: one kernel fewer per launch, and nothing between the projections
+    that would break their programmatic dependent launch chain. Counts are shared only by launches that run in
+    order: per CUDA stream, and, while a stream captures a CUDA graph, per graph (their own buffer, zero-filled
+    once at the start of every replay, released with the graph). Where the capturing graph cannot be identified,
+    and on a CPU (Triton's interpreter), every launch gets fresh zeros.
+    """
+    if device.type != "cuda":
+        return torch.zeros(blocks, dtype=torch.int32, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        graph = _capturing_graph()
+        if graph is None:
+            return torch.zeros(blocks, dtype=torch.int32, device=device)
+        counters = _GRAPH_COUNTERS.get(graph)
+        if counters is None or counters.numel() < blocks:
+            counters = _GRAPH_COUNTERS[graph] = _zeroed_counters(device, blocks)
+        return counters
+    stream = torch.cuda.current_stream(device)
+    key = (stream.device_index, stream.stream_id)
+    counters = _STREAM_COUNTERS.get(key)
+    if counters is None or counters.numel() < blocks:
+        counters = _STREAM_COUNTERS[key] = _zeroed_counters(device, blocks)
+    return counters
+
+
+def _zeroed_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    # A smaller buffer given up for this one is released in stream order: launches queued before still read it.
+    return torch.zeros(max(blocks, _MIN_COUNTERS), dtype=torch.int32, device=device)
+
+
 def small_m_launch(k: int, config: LaunchConfig) -> tuple[int, int]:
     """``(k_split, splits)`` of a small-M launch: each split ``k_split`` long (a multiple of BLOCK_K), as many
     splits as it takes to cover ``k`` (at most ``config.splits``)."""
@@ -522,7 +579,7 @@ def _small_m_forward(
     block_n = config.block_size
     if splits > 1:
         partials = torch.empty((splits, rows, n), dtype=torch.float32, device=x2.device)
-        counts = torch.zeros(triton.cdiv(n, block_n), dtype=torch.int32, device=x2.device)
+        counts = split_counters(x2.device, triton.cdiv(n, block_n))
     else:
         partials = counts = y
     pdl = programmatic_launch(x2)
