@@ -257,3 +257,27 @@ def test_cpu_tensors_and_grad_run_eagerly_on_a_gpu_machine(rng: torch.Generator)
     graphed(x.cuda())  # grad mode on and parameters require grad
     assert graphed.stats.eager_calls == {"cpu tensor": 1, "requires grad": 1}
     assert graphed.num_graphs == 0
+
+
+def test_a_capture_declares_its_graph_to_core_while_it_records() -> None:
+    # Kernels that keep per-graph state (the split-K counts of llamatelemetry-triton) ask core which graph a
+    # launch is recorded into; a capture of this package answers for every torch release.
+    from llamatelemetry_core.capture import capturing_graph
+
+    seen: list[object | None] = []
+    x = torch.ones(4, device="cuda")
+
+    def step() -> torch.Tensor:
+        seen.append(capturing_graph())
+        return x * 2
+
+    graph = CUDAGraph()
+    graph.capture(step)  # warm-up calls first (not capturing: None), then the recorded one
+    assert isinstance(seen[-1], torch.cuda.CUDAGraph) and all(s is None for s in seen[:-1])
+    assert capturing_graph() is None  # not capturing any more
+    pool = GraphPool()
+    pool.capture("a", step)
+    first = seen[-1]
+    pool.capture("b", step)
+    assert isinstance(first, torch.cuda.CUDAGraph) and isinstance(seen[-1], torch.cuda.CUDAGraph)
+    assert seen[-1] is not first  # a graph each, in one pool

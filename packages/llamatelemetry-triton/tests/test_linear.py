@@ -8,6 +8,7 @@ the cases the kernel refuses (which then run ``F.linear``) are tested in every m
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -499,8 +500,11 @@ def test_small_m_model_sizes_on_the_gpu(n: int, k: int, rows: int, dtype: torch.
 @pytest.mark.triton
 def test_split_counts_are_kept_per_stream_and_per_captured_graph() -> None:
     # The down projection's split launch (64 x 8192 -> 2048 on Hopper): eager launches on one stream reuse that
-    # stream's counts; two graphs captured on one stream get a buffer each (so the two may replay at once on two
-    # streams), released with the graph. Every result equals the first eager one, bit for bit.
+    # stream's counts; two graphs captured through llamatelemetry-graphs (which names its graph to core on every
+    # torch) get a buffer each, so the two may replay at once on two streams, and the buffers go with the graphs.
+    # A plain torch.cuda.graph capture gets its own buffer where torch can name the graph, else fresh zeros per
+    # launch. Every result equals the first eager one, bit for bit.
+    from llamatelemetry_graphs import CUDAGraph
     from llamatelemetry_triton.ops import _linear_kernel
 
     if small_m_config(64, 2048, 8192, False, torch.float16, device_info(torch.device("cuda"))) is None:
@@ -514,26 +518,28 @@ def test_split_counts_are_kept_per_stream_and_per_captured_graph() -> None:
     assert counts is _linear_kernel.split_counters(x.device, 1)  # this stream's buffer, kept
     torch.cuda.synchronize()
     assert not counts.any()
-    graphs, outs = [], []
-    for _ in range(2):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs.append(lt.triton_linear(x, w))
-            assert _linear_kernel._capturing_graph() is not None, "this torch cannot name the capturing graph"
-        graphs.append(graph)
-    assert len(_linear_kernel._GRAPH_COUNTERS) >= 2
+    before = len(_linear_kernel._GRAPH_COUNTERS)
+    graphs = [CUDAGraph(), CUDAGraph()]
+    for graph in graphs:
+        graph.capture(lambda: lt.triton_linear(x, w))
+    assert len(_linear_kernel._GRAPH_COUNTERS) == before + 2
+    plain = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(plain):
+        plain_out = lt.triton_linear(x, w)
     streams = [torch.cuda.Stream() for _ in graphs]  # type: ignore[no-untyped-call]
     for _ in range(3):
-        for graph, stream, out in zip(graphs, streams, outs, strict=True):
+        outs = []
+        for graph, stream in zip(graphs, streams, strict=True):
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                out.zero_()
-                graph.replay()
+                outs.append(graph.replay().clone())
+        plain_out.zero_()
+        plain.replay()
         torch.cuda.synchronize()
-        assert all(torch.equal(out, want) for out in outs)
-    before = len(_linear_kernel._GRAPH_COUNTERS)
-    del graphs, graph
-    assert len(_linear_kernel._GRAPH_COUNTERS) <= before - 2
+        assert all(torch.equal(out, want) for out in outs) and torch.equal(plain_out, want)
+    del graphs, graph, plain
+    gc.collect()
+    assert len(_linear_kernel._GRAPH_COUNTERS) == before
 
 
 @pytest.mark.gpu

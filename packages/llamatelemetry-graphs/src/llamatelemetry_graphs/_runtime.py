@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 
+from llamatelemetry_core.capture import declare_capture
 from llamatelemetry_graphs.config import CaptureErrorMode, PoolHandle
 from llamatelemetry_graphs.errors import capture_error, explain_capture_error
 
@@ -127,7 +128,7 @@ def recording(
     device are restored, whatever happened inside. An error that breaks a capture rule is re-raised as a
     :class:`~llamatelemetry_graphs.errors.GraphCaptureError`; any other error is re-raised unchanged.
     """
-    with marking_capture(), capture_lock, torch.cuda.device(device):
+    with marking_capture(), capture_lock, torch.cuda.device(device), declare_capture(graph):
         index = torch.cuda.current_device()
         # Pending work on other streams must not become part of (or race with) the capture.
         torch.cuda.synchronize()

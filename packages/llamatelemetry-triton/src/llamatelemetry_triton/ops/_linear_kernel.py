@@ -26,6 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from llamatelemetry_core.capture import capturing_graph
 from llamatelemetry_core.environment import programmatic_launch
 from llamatelemetry_core.errors import ConfigurationError
 from llamatelemetry_triton._compat import gdc_launch_dependents, gdc_wait, tl, triton
@@ -501,20 +502,6 @@ _STREAM_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 _GRAPH_COUNTERS: weakref.WeakKeyDictionary[object, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
-def _capturing_graph() -> object | None:
-    """The CUDA graph the current stream is capturing into, as an object that can be weakly referenced; ``None``
-    where this torch cannot say which graph it is."""
-    current = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
-    if current is None:
-        return None
-    try:
-        graph: object = current()
-        weakref.ref(graph)
-    except (RuntimeError, TypeError):
-        return None
-    return graph
-
-
 def split_counters(device: torch.device, blocks: int) -> torch.Tensor:
     """At least ``blocks`` int32 counts on ``device``, all zero for the next split-K launch of
     :func:`small_m_kernel`, which leaves them zero again (the last split of each column block resets its count).
@@ -522,13 +509,14 @@ def split_counters(device: torch.device, blocks: int) -> torch.Tensor:
     A launch then needs no zero-fill of its own: one kernel fewer per launch, and nothing between the projections
     that would break their programmatic dependent launch chain. Counts are shared only by launches that run in
     order: per CUDA stream, and, while a stream captures a CUDA graph, per graph (their own buffer, zero-filled
-    once at the start of every replay, released with the graph). Where the capturing graph cannot be identified,
-    and on a CPU (Triton's interpreter), every launch gets fresh zeros.
+    once at the start of every replay, released with the graph). Where the capturing graph cannot be identified
+    (:func:`llamatelemetry_core.capture.capturing_graph`: a capture made outside ``llamatelemetry-graphs`` on a
+    torch before 2.12), and on a CPU (Triton's interpreter), every launch gets fresh zeros.
     """
     if device.type != "cuda":
         return torch.zeros(blocks, dtype=torch.int32, device=device)
     if torch.cuda.is_current_stream_capturing():
-        graph = _capturing_graph()
+        graph = capturing_graph()
         if graph is None:
             return torch.zeros(blocks, dtype=torch.int32, device=device)
         counters = _GRAPH_COUNTERS.get(graph)
