@@ -22,6 +22,7 @@ def _rope(x: torch.Tensor) -> torch.Tensor:
 
 _OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "add": lambda x: lt.triton_add(x, x),
+    "argmax": lambda x: lt.triton_argmax(x),
     "softmax": lambda x: lt.triton_softmax(x),
     "rmsnorm": lambda x: lt.triton_rmsnorm(x, _W),
     "layernorm": lambda x: lt.triton_layernorm(x, _W, _W - 1),

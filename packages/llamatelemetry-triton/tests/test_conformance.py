@@ -10,6 +10,7 @@ import llamatelemetry_triton as lt
 from llamatelemetry_core.kv_layout import PAD_SLOT, PagedKV
 from llamatelemetry_core.testing.conformance import Conformance, conformance_tests
 from llamatelemetry_triton.ops.add import ADD
+from llamatelemetry_triton.ops.argmax import ARGMAX
 from llamatelemetry_triton.ops.glu import GEGLU, SWIGLU
 from llamatelemetry_triton.ops.linear import FUSED_ADD_RMSNORM_LINEAR, LINEAR, RMSNORM_LINEAR, SWIGLU_LINEAR
 from llamatelemetry_triton.ops.norm import FUSED_ADD_RMSNORM, LAYERNORM, RMSNORM
@@ -73,6 +74,7 @@ def _add_norm_linear_inputs(gen: torch.Generator, dtype: torch.dtype, device: to
 
 SUITES = {
     "softmax": Conformance(SOFTMAX, lt.triton_softmax, lambda g, d, dev: (_rows(g, d, dev),)),
+    "argmax": Conformance(ARGMAX, lt.triton_argmax, lambda g, d, dev: (_rows(g, d, dev),)),
     "add": Conformance(ADD, lt.triton_add, lambda g, d, dev: (_rows(g, d, dev), _rows(g, d, dev))),
     "rmsnorm": Conformance(
         RMSNORM, lt.triton_rmsnorm, lambda g, d, dev: (_rows(g, d, dev), torch.rand(37, generator=g).to(d).to(dev))

@@ -23,6 +23,7 @@ from llamatelemetry_core.testing import assert_close
 
 OPERATIONS = [
     "add",
+    "argmax",
     "layernorm",
     "rmsnorm",
     "fused_add_rmsnorm",
@@ -57,6 +58,7 @@ def _calls() -> list[tuple[str, Callable[..., object], Callable[[], object]]]:
     lin = torch.randn(7, 12, generator=gen)  # a linear layer's weight, for five rows of x
     return [
         ("add", lambda **kw: lt.triton_add(x, w, **kw), lambda: x + w),
+        ("argmax", lambda **kw: lt.triton_argmax(x, **kw), lambda: x.argmax(-1)),
         ("layernorm", lambda **kw: lt.triton_layernorm(x, w, b, **kw), lambda: lt.layernorm_reference(x, w, b)),
         ("rmsnorm", lambda **kw: lt.triton_rmsnorm(x, w, **kw), lambda: lt.rmsnorm_reference(x, w)),
         (

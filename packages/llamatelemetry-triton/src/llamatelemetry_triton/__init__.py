@@ -1,5 +1,6 @@
 """llamatelemetry-triton: Triton kernels (add, layernorm, softmax, RMSNorm, RoPE, RoPE with the paged KV store,
-SwiGLU, few-row linear layers with the residual add and RMSNorm or SwiGLU fused in) and a kernel registry.
+SwiGLU, few-row linear layers with the residual add and RMSNorm or SwiGLU fused in, the arg-max of greedy decoding)
+and a kernel registry.
 
 Documented import path: ``llamatelemetry.cuda.triton_kernels``. Every function dispatches through a
 :class:`llamatelemetry_core.selection.Operation`: the Triton kernel on CUDA tensors (and on CPU tensors under
@@ -11,6 +12,7 @@ from llamatelemetry_triton.__about__ import __version__
 from llamatelemetry_triton._compat import HAS_TRITON
 from llamatelemetry_triton.heuristics import LaunchConfig, force_max_block_size
 from llamatelemetry_triton.ops.add import add_reference, triton_add
+from llamatelemetry_triton.ops.argmax import argmax_reference, triton_argmax
 from llamatelemetry_triton.ops.glu import geglu_reference, swiglu_reference, triton_geglu, triton_swiglu
 from llamatelemetry_triton.ops.linear import (
     fused_add_rmsnorm_linear_reference,
@@ -60,6 +62,7 @@ __all__ = [
     "RegisteredKernel",
     "__version__",
     "add_reference",
+    "argmax_reference",
     "force_max_block_size",
     "fused_add_layernorm_reference",
     "fused_add_rmsnorm_linear_reference",
@@ -80,6 +83,7 @@ __all__ = [
     "swiglu_linear_reference",
     "swiglu_reference",
     "triton_add",
+    "triton_argmax",
     "triton_fused_add_layernorm",
     "triton_fused_add_rmsnorm",
     "triton_fused_add_rmsnorm_linear",

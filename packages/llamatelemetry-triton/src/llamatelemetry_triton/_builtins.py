@@ -3,12 +3,12 @@ module lists its own (``registry_entries``)."""
 
 from __future__ import annotations
 
-from llamatelemetry_triton.ops import add, glu, linear, norm, rope, rope_paged, softmax
+from llamatelemetry_triton.ops import add, argmax, glu, linear, norm, rope, rope_paged, softmax
 from llamatelemetry_triton.registry import register_kernel
 
 __all__ = ["register_builtin_kernels"]
 
-_OPERATION_MODULES = (add, norm, softmax, rope, glu, rope_paged, linear)
+_OPERATION_MODULES = (add, norm, softmax, argmax, rope, glu, rope_paged, linear)
 
 
 def register_builtin_kernels() -> None:

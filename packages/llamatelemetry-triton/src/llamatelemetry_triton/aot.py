@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamatelemetry_triton._aot_shapes import HEAD_DIMS, HIDDEN_SIZES, VOCAB_SIZE
-from llamatelemetry_triton.ops import add, glu, linear, norm, rope, rope_paged, softmax
+from llamatelemetry_triton.ops import add, argmax, glu, linear, norm, rope, rope_paged, softmax
 
 if TYPE_CHECKING:
     from llamatelemetry_core.aot import KernelBuild
@@ -25,7 +25,16 @@ if TYPE_CHECKING:
 
 __all__ = ["HEAD_DIMS", "HIDDEN_SIZES", "VOCAB_SIZE", "kernel_builds"]
 
-_OPERATION_MODULES = (add, norm, softmax, glu, rope, rope_paged, linear)  # each yields its own builds (aot_builds)
+_OPERATION_MODULES = (
+    add,
+    norm,
+    softmax,
+    argmax,
+    glu,
+    rope,
+    rope_paged,
+    linear,
+)  # each yields its own builds (aot_builds)
 
 
 def _dtypes(device: DeviceInfo) -> list[torch.dtype]:

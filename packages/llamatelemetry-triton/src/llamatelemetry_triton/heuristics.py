@@ -33,6 +33,8 @@ from llamatelemetry_core.device import DeviceInfo
 from llamatelemetry_core.errors import ConfigurationError
 
 __all__ = [
+    "ARGMAX_BLOCK",
+    "ARGMAX_PROGRAMS_PER_SM",
     "LINEAR_MAX_ROWS",
     "LINEAR_TABLES",
     "NORM_BWD_MAX_HELD_ROW",
@@ -46,6 +48,7 @@ __all__ = [
     "SOFTMAX_MAX_SPLITS",
     "LaunchConfig",
     "LinearTable",
+    "argmax_config",
     "current_max_block_size",
     "elementwise_config",
     "force_max_block_size",
@@ -280,6 +283,36 @@ def softmax_config(
     chunk = -(-blocks_per_row // splits) * loop_block
     splits = -(-n_cols // chunk)
     return LaunchConfig(loop_block, warps, stages, single_block=False, splits=splits, chunk_size=chunk)
+
+
+ARGMAX_BLOCK = 2048
+"""Elements of a row an arg-max program reads per step (eight warps: 8 bytes of fp16 per thread)."""
+
+ARGMAX_PROGRAMS_PER_SM = 4
+"""Programs an arg-max aims for per SM: a row is cut into chunks (each at least four blocks) until the rows'
+chunks reach that many, so that one row of 128256 logits is read by a dozen SMs rather than one.
+
+Both constants from an H200 (``benchmarks/triton/bench_argmax.py --sweep``, 1 to 256 rows of 49152 and 128256
+fp16 logits, blocks of 1024-4096 on 4 or 8 warps, 1, 2 or 4 programs per SM): 2048 on 8 warps with 4 per SM was
+the fastest from 32 rows on (2-5% ahead of 2 per SM), and within 4% of the fastest (1024 elements) below."""
+
+_ARGMAX_INTERPRETED_SPLITS = 3  # the interpreter (no SMs to fill) still cuts rows, so both launches are tested
+
+
+@_memoized
+def argmax_config(n_rows: int, n_cols: int, device: DeviceInfo, *, max_block: int | None = None) -> LaunchConfig:
+    """The arg-max of ``n_rows`` rows of ``n_cols``: ``block_size`` elements per step, ``splits`` chunks of
+    ``chunk_size`` elements (a whole number of blocks) per row; one chunk stores the row's index itself."""
+    block = max(16, min(_cap(ARGMAX_BLOCK, max_block), next_power_of_2(n_cols)))
+    blocks = -(-n_cols // block)
+    if device.is_cuda:
+        wanted = -(-ARGMAX_PROGRAMS_PER_SM * device.sm_count // max(n_rows, 1))
+        splits = max(1, min(wanted, blocks // 4))
+    else:
+        splits = max(1, min(_ARGMAX_INTERPRETED_SPLITS, blocks))
+    chunk = -(-blocks // splits) * block
+    warps = max(1, min(8, block // 256))
+    return LaunchConfig(block, warps, 3, single_block=False, splits=-(-n_cols // chunk), chunk_size=chunk)
 
 
 @_memoized

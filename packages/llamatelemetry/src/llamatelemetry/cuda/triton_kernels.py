@@ -16,6 +16,7 @@ try:
     from llamatelemetry_triton import register_kernel as register_kernel
     from llamatelemetry_triton import rope_cos_sin as rope_cos_sin
     from llamatelemetry_triton import triton_add as triton_add
+    from llamatelemetry_triton import triton_argmax as triton_argmax
     from llamatelemetry_triton import triton_fused_add_layernorm as triton_fused_add_layernorm
     from llamatelemetry_triton import triton_fused_add_rmsnorm as triton_fused_add_rmsnorm
     from llamatelemetry_triton import triton_fused_add_rmsnorm_linear as triton_fused_add_rmsnorm_linear
