@@ -339,3 +339,41 @@ def test_outputs_finished_by_a_failing_step_come_back_from_the_next_one() -> Non
     outputs = engine.step()
     assert [o.finish_reason for o in outputs][:1] == [FinishReason.STOP]
     assert list(outputs[0].output_token_ids) == [stop]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_tokens_come_from_the_models_argmax(overlap: bool) -> None:
+    # A model with an argmax method picks the greedy tokens (the overlapped step samples on the device, the plain
+    # one reads back at once: both paths). This argmax picks the token after torch's choice, so every greedy
+    # output shows it ran.
+    calls: list[int] = []
+
+    def shifted(logits: torch.Tensor) -> torch.Tensor:
+        calls.append(logits.shape[0])
+        return (logits.argmax(dim=-1) + 1) % logits.shape[-1]
+
+    plain = HashDecoder(page_size=4, num_blocks=32, token_feed=True)
+    model = HashDecoder(page_size=4, num_blocks=32, token_feed=True)
+    model.argmax = shifted  # type: ignore[attr-defined]
+    prompts = [[1, 2, 3], [4, 5]]
+    greedy = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    want = [list(o.output_token_ids) for o in _run(plain, prompts, greedy, overlap=False)]
+    got = [list(o.output_token_ids) for o in _run(model, prompts, greedy, overlap=overlap)]
+    assert calls and got != want
+    for prompt, out in zip(prompts, got, strict=True):  # each token is the shifted choice after its own history
+        seq = list(prompt)
+        for token in out:
+            assert token == (plain.expected_greedy(seq, 1)[0] + 1) % 97
+            seq.append(token)
+
+
+def _run(model: HashDecoder, prompts: list[list[int]], params: SamplingParams, *, overlap: bool) -> list[RequestOutput]:
+    engine = ContinuousBatchingEngine(model, SimpleBlockManager(32, 4), overlap=overlap)
+    return engine.generate(prompts, params)
+
+
+def test_an_argmax_that_is_not_callable_is_refused() -> None:
+    model = HashDecoder()
+    model.argmax = 3  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="argmax to be a method"):
+        ContinuousBatchingEngine(model)

@@ -171,3 +171,17 @@ def test_generation_stops_at_end_of_sequence(prompts: list[list[int]]) -> None:
     stop = free[3]
     got = llm.generate([prompts[0]], SamplingParams(max_tokens=NEW_TOKENS, stop_token_ids=(stop,)))[0]
     assert got.token_ids == free[: free.index(stop) + 1] and got.finish_reason == "stop"
+
+
+def test_greedy_tokens_are_picked_by_the_triton_argmax_when_the_kernels_are_on(prompts: list[list[int]]) -> None:
+    # The runner hands the serving engine its argmax: llamatelemetry-triton's with the Triton kernels on (its
+    # kernel where Triton runs, else its reference), torch.argmax with them off; the tokens are the same.
+    loaded = random_weights(TINY, seed=5)
+    outputs = {}
+    for name, flags in (("on", EngineFlags()), ("off", EngineFlags().without("triton_kernels"))):
+        llm = LLM(loaded, flags=flags, device="cpu")
+        with record_selections() as rec:
+            got = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+        outputs[name] = [c.token_ids for c in got]
+        assert bool(rec.implementations("triton.argmax")) == (name == "on"), name
+    assert outputs["on"] == outputs["off"]

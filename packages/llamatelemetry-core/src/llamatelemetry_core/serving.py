@@ -293,6 +293,10 @@ class DecoderModel(Protocol):
         checks): it then takes the tokens named by ``batch.feed`` from the device (:class:`TokenFeed`), which
         lets an engine launch a step before the previous step's tokens have reached the host. Without it, an
         engine hands over real tokens only.
+
+        A model may also have a method ``argmax(logits) -> torch.Tensor`` (not part of the checks either): an
+        engine then picks greedy tokens with it instead of ``torch.argmax(logits, dim=-1)``. It must return the
+        same int64 indices (the first of equal maxima, NaN above every number), on the logits' device.
         """
         ...
 

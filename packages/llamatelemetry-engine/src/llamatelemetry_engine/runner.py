@@ -29,6 +29,7 @@ from llamatelemetry_engine.errors import PromptTooLongError, StepGraphCaptureErr
 from llamatelemetry_engine.flags import ResolvedFlags
 from llamatelemetry_engine.models import LlamaForCausalLM
 from llamatelemetry_kvcache import BlockManager, PagedKVCache
+from llamatelemetry_triton import triton_argmax
 
 __all__ = ["ModelRunner"]
 
@@ -111,6 +112,14 @@ class ModelRunner:
     def block_manager(self) -> BlockManager | None:
         """The paged cache's block manager (``None`` without the paged KV cache)."""
         return self.cache.block_manager if self.cache is not None else None
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy tokens of ``logits`` rows, ``torch.argmax(logits, dim=-1)``: with the Triton kernels on,
+        through ``llamatelemetry-triton``'s arg-max (the same indices; it cuts a vocabulary-long row over many SMs
+        where ``torch.argmax`` reads it with one block)."""
+        if self.flags.active("triton_kernels"):
+            return triton_argmax(logits)
+        return torch.argmax(logits, dim=-1)
 
     def release(self, seq_id: int) -> None:
         """Forget a sequence's contiguous KV (paged blocks are freed through the block manager) and its cached

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +69,18 @@ def _real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> list[int]:
-    """One token id per row of ``logits`` (``[rows, vocab]``, any float dtype; computed in fp32)."""
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    *,
+    argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[int]:
+    """One token id per row of ``logits`` (``[rows, vocab]``, any float dtype; computed in fp32); greedy rows by
+    ``argmax`` (``None``: ``torch.argmax(logits, dim=-1)``)."""
     if params.greedy:
-        return [int(t) for t in logits.argmax(dim=-1).tolist()]
+        chosen = logits.argmax(dim=-1) if argmax is None else argmax(logits)
+        return [int(t) for t in chosen.tolist()]
     # Relative to each row's maximum (a +inf logit becomes 0, not inf - inf = NaN), over a temperature floored at
     # float32's smallest normal number: a smaller one divided by zero, and its limit is the arg-max anyway.
     scores = logits.float()

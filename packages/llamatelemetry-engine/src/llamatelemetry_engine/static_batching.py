@@ -138,7 +138,7 @@ class StaticBatchEngine:
             while True:
                 logits = self.model.step(StepInput(tuple(steps)))
                 if all(r.params.greedy for r in running):  # one argmax and one device-to-host copy per step
-                    tokens = sample(logits, running[0].params)
+                    tokens = sample(logits, running[0].params, argmax=getattr(self.model, "argmax", None))
                 else:
                     tokens = [
                         sample(logits[i : i + 1], r.params, generators.get(r.request_id))[0]

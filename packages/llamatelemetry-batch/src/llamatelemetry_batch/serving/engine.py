@@ -116,6 +116,13 @@ class ContinuousBatchingEngine:
                 f"overlap=True needs a block manager with replace_last_tokens (stand-in tokens are replaced once "
                 f"read back); {type(block_manager).__name__} has none: pass overlap=False"
             )
+        argmax = getattr(model, "argmax", None)
+        if argmax is not None and not callable(argmax):
+            raise ConfigurationError(
+                f"expected the model's argmax to be a method (logits -> greedy token ids, see "
+                f"llamatelemetry_core.serving.DecoderModel), got {type(argmax).__name__}"
+            )
+        self._argmax = argmax
         self.overlap = overlap
         self._pendings: deque[_PendingTokens] = deque()  # steps whose tokens are still on the device, oldest first
         self._to_accept: deque[tuple[Sequence, int, int, float]] = deque()  # read back, not handed out yet
@@ -302,7 +309,8 @@ class ContinuousBatchingEngine:
     def _defer(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Sample on the device, start the copy back to the host, and append a stand-in token to each request."""
         self._ensure_generators(seqs, logits.device)
-        tokens = sample_token_tensor(logits, [s.params for s in seqs], [s.generator for s in seqs], [()] * len(seqs))
+        params, generators = [s.params for s in seqs], [s.generator for s in seqs]
+        tokens = sample_token_tensor(logits, params, generators, [()] * len(seqs), argmax=self._argmax)
         if tokens.device.type == "cuda":
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
@@ -416,6 +424,7 @@ class ContinuousBatchingEngine:
             [s.params for s in seqs],
             [s.generator for s in seqs],
             [s.token_ids if s.params.repetition_penalty != 1.0 else () for s in seqs],
+            argmax=self._argmax,
         )
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens, strict=True):

@@ -14,7 +14,7 @@ positive logit is divided by the penalty and a negative one multiplied by it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -112,14 +112,25 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+ArgMax = Callable[[torch.Tensor], torch.Tensor]
+"""``torch.argmax(logits, dim=-1)`` or an equal computation (the same indices, ties and NaN included): the greedy
+choice, which a model may provide (see :class:`~llamatelemetry_core.serving.DecoderModel`)."""
+
+
+def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
 def sample_next_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     histories: Sequence[Sequence[int]],
+    *,
+    argmax: ArgMax | None = None,
 ) -> list[int]:
     """Pick the next token of every row of ``logits`` (:func:`sample_token_tensor`, read back to the host)."""
-    return [int(t) for t in sample_token_tensor(logits, params, generators, histories).tolist()]
+    return [int(t) for t in sample_token_tensor(logits, params, generators, histories, argmax=argmax).tolist()]
 
 
 def sample_token_tensor(
@@ -127,6 +138,8 @@ def sample_token_tensor(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     histories: Sequence[Sequence[int]],
+    *,
+    argmax: ArgMax | None = None,
 ) -> torch.Tensor:
     """Pick the next token of every row of ``logits``, as an int64 tensor on ``logits.device``: nothing waits for
     the device unless a repetition penalty needs a history on it (the sampled tokens are read back later).
@@ -136,6 +149,7 @@ def sample_token_tensor(
         params: the ``n`` requests' sampling parameters.
         generators: the ``n`` requests' generators on ``logits.device`` (``None``: torch's global generator).
         histories: the ``n`` requests' prompt and output tokens so far (read only with a repetition penalty).
+        argmax: the greedy choice of a row (``None``: ``torch.argmax(logits, dim=-1)``).
 
     Returns:
         The ``n`` chosen token ids ``[n]``.
@@ -168,7 +182,7 @@ def sample_token_tensor(
             big = torch.finfo(torch.float32).max
             logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty).clamp(-big, big)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-    chosen = logits.argmax(dim=-1)
+    chosen = (argmax or _torch_argmax)(logits)
     if not sampled_rows:  # all greedy, the common serving case: one arg-max
         return chosen
     index = _on(sampled_rows, torch.long, logits.device)
