@@ -25,16 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = ["HEAD_DIMS", "HIDDEN_SIZES", "VOCAB_SIZE", "kernel_builds"]
 
-_OPERATION_MODULES = (
-    add,
-    norm,
-    softmax,
-    argmax,
-    glu,
-    rope,
-    rope_paged,
-    linear,
-)  # each yields its own builds (aot_builds)
+# each yields its own builds (aot_builds)
+_OPERATION_MODULES = (add, norm, softmax, argmax, glu, rope, rope_paged, linear)
 
 
 def _dtypes(device: DeviceInfo) -> list[torch.dtype]:

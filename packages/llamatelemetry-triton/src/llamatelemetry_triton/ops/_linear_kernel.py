@@ -511,7 +511,8 @@ def split_counters(device: torch.device, blocks: int) -> torch.Tensor:
     order: per CUDA stream, and, while a stream captures a CUDA graph, per graph (their own buffer, zero-filled
     once at the start of every replay, released with the graph). Where the capturing graph cannot be identified
     (:func:`llamatelemetry_core.capture.capturing_graph`: a capture made outside ``llamatelemetry-graphs`` on a
-    torch before 2.12), and on a CPU (Triton's interpreter), every launch gets fresh zeros.
+    torch without ``CUDAGraph.get_currently_capturing_graph``, such as 2.11), and on a CPU (Triton's
+    interpreter), every launch gets fresh zeros.
     """
     if device.type != "cuda":
         return torch.zeros(blocks, dtype=torch.int32, device=device)
