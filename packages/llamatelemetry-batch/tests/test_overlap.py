@@ -357,8 +357,8 @@ def test_greedy_tokens_come_from_the_models_argmax(overlap: bool) -> None:
     model.argmax = shifted  # type: ignore[attr-defined]
     prompts = [[1, 2, 3], [4, 5]]
     greedy = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    want = [list(o.output_token_ids) for o in _run(plain, prompts, greedy, overlap=False)]
-    got = [list(o.output_token_ids) for o in _run(model, prompts, greedy, overlap=overlap)]
+    want = [list(o.output_token_ids) for o in _generate(plain, prompts, greedy, overlap=False)]
+    got = [list(o.output_token_ids) for o in _generate(model, prompts, greedy, overlap=overlap)]
     assert calls and got != want
     for prompt, out in zip(prompts, got, strict=True):  # each token is the shifted choice after its own history
         seq = list(prompt)
@@ -367,7 +367,9 @@ def test_greedy_tokens_come_from_the_models_argmax(overlap: bool) -> None:
             seq.append(token)
 
 
-def _run(model: HashDecoder, prompts: list[list[int]], params: SamplingParams, *, overlap: bool) -> list[RequestOutput]:
+def _generate(
+    model: HashDecoder, prompts: list[list[int]], params: SamplingParams, *, overlap: bool
+) -> list[RequestOutput]:
     engine = ContinuousBatchingEngine(model, SimpleBlockManager(32, 4), overlap=overlap)
     return engine.generate(prompts, params)
 

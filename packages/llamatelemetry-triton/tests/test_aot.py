@@ -36,6 +36,8 @@ FAMILIES = [
     "softmax_partial_stats",
     "softmax_normalize",
     "softmax_bwd",
+    "argmax_chunk",
+    "argmax_combine",
     "swiglu_fwd",
     "swiglu_bwd",
     "geglu_fwd",
