@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import copy_bandwidth, interleaved_decode_ab, step_bytes, write_ab
+from bench_engine import copy_bandwidth, interleaved_decode_ab, sixteen_prompts_greedy, step_bytes, write_ab
 
-from llamatelemetry_engine import LLM, PRESETS, SamplingParams, random_weights
+from llamatelemetry_engine import LLM, PRESETS, random_weights
 from llamatelemetry_engine.models import DecoderLayer
 
 BATCHES = (16, 32, 64)
@@ -52,11 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
     bandwidth = copy_bandwidth()
 
-    def greedy(llm: LLM) -> list[list[int]]:
-        prompts = [list(range(100 + i, 164 + i)) for i in range(16)]
-        return [list(c.token_ids) for c in llm.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))]
-
-    rates, same = interleaved_decode_ab(functools.partial(build, loaded), VARIANTS, BATCHES, args.runs, greedy)
+    rates, same = interleaved_decode_ab(
+        functools.partial(build, loaded), VARIANTS, BATCHES, args.runs, sixteen_prompts_greedy
+    )
     roofline = {b: bandwidth / step_bytes(loaded, b, 128 + 64) * b for b in BATCHES}
     title = "Small-M projections in the engine's decode"
     note = "32 from sixteen prompts together"

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import copy_bandwidth, interleaved_decode_ab, step_bytes, write_ab
+from bench_engine import copy_bandwidth, interleaved_decode_ab, sixteen_prompts_greedy, step_bytes, write_ab
 
-from llamatelemetry_engine import LLM, PRESETS, SamplingParams, random_weights
+from llamatelemetry_engine import LLM, PRESETS, random_weights
 from llamatelemetry_engine.runner import ModelRunner
 from llamatelemetry_triton.ops import _linear_kernel
 
@@ -76,12 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
     bandwidth = copy_bandwidth()
 
-    def greedy(llm: LLM) -> list[list[int]]:
-        prompts = [list(range(100 + i, 164 + i)) for i in range(16)]
-        return [list(c.token_ids) for c in llm.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))]
-
     try:
-        rates, same = interleaved_decode_ab(functools.partial(build, loaded), VARIANTS, BATCHES, args.runs, greedy)
+        rates, same = interleaved_decode_ab(
+            functools.partial(build, loaded), VARIANTS, BATCHES, args.runs, sixteen_prompts_greedy
+        )
     finally:
         _use(VARIANTS[0])  # the library's own launches again
     roofline = {b: bandwidth / step_bytes(loaded, b, 128 + 64) * b for b in BATCHES}

@@ -131,6 +131,13 @@ def interleaved_decode_ab(
     return rates, len({json.dumps(t) for t in tokens.values()}) == 1
 
 
+def sixteen_prompts_greedy(llm: LLM) -> list[list[int]]:
+    """The greedy tokens of sixteen 64-token prompts decoded together, 32 each: what an A/B compares across its
+    variants (:func:`interleaved_decode_ab`'s ``greedy``)."""
+    prompts = [list(range(100 + i, 164 + i)) for i in range(16)]
+    return [list(c.token_ids) for c in llm.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))]
+
+
 def write_ab(
     stem: str,
     title: str,
