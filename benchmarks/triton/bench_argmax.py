@@ -15,6 +15,7 @@ Results under ``benchmarks/results/<gpu-slug>/triton-argmax/``; the table is pri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import torch
 
 from llamatelemetry_core.testing.bench import Report, Row, copy_gbps, do_bench_ms, warm_gpu
 from llamatelemetry_triton import triton_argmax
-from llamatelemetry_triton.heuristics import LaunchConfig
+from llamatelemetry_triton._dispatch import device_info
+from llamatelemetry_triton.heuristics import LaunchConfig, argmax_config
 from llamatelemetry_triton.ops import argmax as argmax_module
 
 VOCABS = (49152, 128256)
@@ -52,12 +54,9 @@ def _check() -> None:
 
 
 def _config(rows: int, vocab: int, block: int, warps: int, per_sm: int) -> LaunchConfig:
-    """The launch ``argmax_config`` would choose with these constants."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    blocks = -(-vocab // block)
-    splits = max(1, min(-(-per_sm * sms // rows), blocks // 4))
-    chunk = -(-blocks // splits) * block
-    return LaunchConfig(block, warps, 3, single_block=False, splits=-(-vocab // chunk), chunk_size=chunk)
+    """The launch ``argmax_config`` chooses with these constants, on ``warps`` warps."""
+    chosen = argmax_config(rows, vocab, device_info(torch.device("cuda")), block=block, programs_per_sm=per_sm)
+    return dataclasses.replace(chosen, num_warps=warps)
 
 
 def _forced_us(x: torch.Tensor, config: LaunchConfig) -> float:

@@ -300,13 +300,22 @@ _ARGMAX_INTERPRETED_SPLITS = 3  # the interpreter (no SMs to fill) still cuts ro
 
 
 @_memoized
-def argmax_config(n_rows: int, n_cols: int, device: DeviceInfo, *, max_block: int | None = None) -> LaunchConfig:
+def argmax_config(
+    n_rows: int,
+    n_cols: int,
+    device: DeviceInfo,
+    *,
+    max_block: int | None = None,
+    block: int = ARGMAX_BLOCK,
+    programs_per_sm: int = ARGMAX_PROGRAMS_PER_SM,
+) -> LaunchConfig:
     """The arg-max of ``n_rows`` rows of ``n_cols``: ``block_size`` elements per step, ``splits`` chunks of
-    ``chunk_size`` elements (a whole number of blocks) per row; one chunk stores the row's index itself."""
-    block = max(16, min(_cap(ARGMAX_BLOCK, max_block), next_power_of_2(n_cols)))
+    ``chunk_size`` elements (a whole number of blocks) per row; one chunk stores the row's index itself.
+    ``block`` and ``programs_per_sm`` replace the module's constants (for sweeps)."""
+    block = max(16, min(_cap(block, max_block), next_power_of_2(n_cols)))
     blocks = -(-n_cols // block)
     if device.is_cuda:
-        wanted = -(-ARGMAX_PROGRAMS_PER_SM * device.sm_count // max(n_rows, 1))
+        wanted = -(-programs_per_sm * device.sm_count // max(n_rows, 1))
         splits = max(1, min(wanted, blocks // 4))
     else:
         splits = max(1, min(_ARGMAX_INTERPRETED_SPLITS, blocks))
