@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import copy_bandwidth, interleaved_decode_ab, step_bytes, write_ab
+from bench_engine import decode_ab
 
 from llamatelemetry_core.environment import PDL_ENV, reload_launch_env
-from llamatelemetry_engine import LLM, PRESETS, SamplingParams, random_weights
+from llamatelemetry_engine import LLM, SamplingParams
+from llamatelemetry_engine.loader import LoadedModel
 
 BATCHES = (1, 64)
 VARIANTS = {"PDL (default)": "1", "no PDL": "0"}
@@ -38,10 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         print("ab_pdl: needs a CUDA GPU of compute capability 9.0 or newer", file=sys.stderr)
         return 2
-    loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
-    bandwidth = copy_bandwidth()
 
-    def build(variant: str) -> LLM:
+    def build(loaded: LoadedModel, variant: str) -> LLM:
         os.environ[PDL_ENV] = VARIANTS[variant]
         reload_launch_env()  # read once per process otherwise
         return LLM(loaded, device="cuda", max_model_len=512, max_batch_size=64)
@@ -53,17 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         alone = llm.generate(prompts[:1], params)
         return [list(c.token_ids) for c in together] + [list(alone[0].token_ids)]
 
+    report = ("pdl", "PDL in the engine's decode", "ab_pdl.py", args.out)
+    note = "32 from five prompts together and one alone"
     try:
-        rates, same = interleaved_decode_ab(build, list(VARIANTS), BATCHES, args.runs, greedy)
+        return decode_ab(build, list(VARIANTS), BATCHES, args.runs, report, greedy, note)
     finally:
         os.environ.pop(PDL_ENV, None)
         reload_launch_env()
-    roofline = {b: bandwidth / step_bytes(loaded, b, 128 + 64) * b for b in BATCHES}
-    title = "PDL in the engine's decode"
-    note = "32 from five prompts together and one alone"
-    text = write_ab("pdl", title, "ab_pdl.py", args.out, bandwidth, rates, roofline, same, note)
-    print(text)
-    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ interleaved, in one process; then the greedy tokens of both (sixteen prompts tog
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import copy_bandwidth, interleaved_decode_ab, sixteen_prompts_greedy, step_bytes, write_ab
+from bench_engine import decode_ab
 
-from llamatelemetry_engine import LLM, PRESETS, random_weights
+from llamatelemetry_engine import LLM
 from llamatelemetry_engine.models import DecoderLayer
 
 BATCHES = (16, 32, 64)
@@ -49,18 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("ab_small_m: needs a Hopper GPU (compute capability 9.x), where the small-M kernel runs", file=sys.stderr)
         return 2
-    loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
-    bandwidth = copy_bandwidth()
-
-    rates, same = interleaved_decode_ab(
-        functools.partial(build, loaded), VARIANTS, BATCHES, args.runs, sixteen_prompts_greedy
-    )
-    roofline = {b: bandwidth / step_bytes(loaded, b, 128 + 64) * b for b in BATCHES}
-    title = "Small-M projections in the engine's decode"
-    note = "32 from sixteen prompts together"
-    text = write_ab("small-m", title, "ab_small_m.py", args.out, bandwidth, rates, roofline, same, note)
-    print(text)
-    return 0 if same else 1
+    report = ("small-m", "Small-M projections in the engine's decode", "ab_small_m.py", args.out)
+    return decode_ab(build, VARIANTS, BATCHES, args.runs, report)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Then the greedy tokens of every variant (sixteen prompts together) are compared.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import copy_bandwidth, interleaved_decode_ab, sixteen_prompts_greedy, step_bytes, write_ab
+from bench_engine import decode_ab
 
-from llamatelemetry_engine import LLM, PRESETS, random_weights
+from llamatelemetry_engine import LLM
 from llamatelemetry_engine.runner import ModelRunner
 from llamatelemetry_triton.ops import _linear_kernel
 
@@ -73,21 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("ab_step_launches: needs a GPU", file=sys.stderr)
         return 2
-    loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
-    bandwidth = copy_bandwidth()
-
+    title = "Split-K counts kept zero, and the Triton arg-max, in the engine's decode"
     try:
-        rates, same = interleaved_decode_ab(
-            functools.partial(build, loaded), VARIANTS, BATCHES, args.runs, sixteen_prompts_greedy
-        )
+        return decode_ab(build, VARIANTS, BATCHES, args.runs, ("step-launches", title, "ab_step_launches.py", args.out))
     finally:
         _use(VARIANTS[0])  # the library's own launches again
-    roofline = {b: bandwidth / step_bytes(loaded, b, 128 + 64) * b for b in BATCHES}
-    title = "Split-K counts kept zero, and the Triton arg-max, in the engine's decode"
-    note = "32 from sixteen prompts together"
-    text = write_ab("step-launches", title, "ab_step_launches.py", args.out, bandwidth, rates, roofline, same, note)
-    print(text)
-    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -138,6 +138,27 @@ def sixteen_prompts_greedy(llm: LLM) -> list[list[int]]:
     return [list(c.token_ids) for c in llm.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))]
 
 
+def decode_ab(
+    build: Callable[[LoadedModel, str], LLM],
+    variants: Sequence[str],
+    batches: Sequence[int],
+    runs: int,
+    report: tuple[str, str, str, Path | None],
+    greedy: Callable[[LLM], list[list[int]]] = sixteen_prompts_greedy,
+    tokens_note: str = "32 from sixteen prompts together",
+) -> int:
+    """An A/B script's run: :func:`interleaved_decode_ab` of ``build(loaded, variant)`` on random weights of
+    Llama-3.2-1B's shape (fp16), against the roofline at context 192, written by :func:`write_ab` (``report`` is
+    its ``(stem, title, script, out)``) and printed. Returns 0 when every variant gave the same greedy tokens."""
+    loaded = random_weights(PRESETS["llama-3.2-1b"], seed=0, dtype=torch.float16)
+    bandwidth = copy_bandwidth()
+    rates, same = interleaved_decode_ab(functools.partial(build, loaded), variants, batches, runs, greedy)
+    roofline = {b: bandwidth / step_bytes(loaded, b, 128 + 64) * b for b in batches}
+    stem, title, script, out = report
+    print(write_ab(stem, title, script, out, bandwidth, rates, roofline, same, tokens_note))
+    return 0 if same else 1
+
+
 def write_ab(
     stem: str,
     title: str,
